@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: Apache-2.0
+// The public ops: validate the arguments once, then dispatch by device to the CPU kernel or the GPU
+// kernel. A GPU tensor in a build without GPU kernels is an error that says so; there is no silent
+// fallback to the CPU.
+#include "tidal/ops.h"
+
+#include "ops/checks.h"
+#include "ops/kernels.h"
+
+namespace tidal::ops {
+namespace {
+
+// Calls the CPU or GPU kernel for `device`; `op` names the op in errors.
+template <typename CpuFn, typename GpuFn>
+void dispatch(const char* op, Device device, CpuFn&& cpu_fn, [[maybe_unused]] GpuFn&& gpu_fn) {
+  switch (device.type) {
+    case DeviceType::kCPU:
+      cpu_fn();
+      return;
+    case DeviceType::kCUDA:
+#if TIDAL_WITH_CUDA
+      gpu_fn();
+      return;
+#else
+      throw Error(std::string(op) + ": the tensors are on " + device_name(device) +
+                  " but this build of tidal has no CUDA kernels (tidal.build_info()['cuda'] is False)");
+#endif
+    case DeviceType::kROCM:
+      throw Error(std::string(op) + ": the tensors are on " + device_name(device) +
+                  " but this build of tidal has no HIP kernels (tidal.build_info()['hip'] is False)");
+  }
+}
+
+}  // namespace
+
+void rms_norm(TensorView out, TensorView x, TensorView weight, float eps, Stream stream) {
+  detail::check_rows(x, "x");
+  detail::check_rows(out, "out");
+  detail::check_like(out, "out", x, "x");
+  detail::check_norm_weight(weight, x);
+  detail::check_eps(eps);
+  if (x.size(0) == 0) return;
+  dispatch(
+      "rms_norm", x.device, [&] { cpu::rms_norm(out, x, weight, eps, stream); },
+      [&] { gpu::rms_norm(out, x, weight, eps, stream); });
+}
+
+void fused_add_rms_norm(TensorView out, TensorView residual_out, TensorView x, TensorView residual,
+                        TensorView weight, float eps, Stream stream) {
+  detail::check_rows(x, "x");
+  detail::check_rows(residual, "residual");
+  detail::check_rows(out, "out");
+  detail::check_rows(residual_out, "residual_out");
+  detail::check_like(residual, "residual", x, "x");
+  detail::check_like(out, "out", x, "x");
+  detail::check_like(residual_out, "residual_out", x, "x");
+  detail::check_norm_weight(weight, x);
+  detail::check_eps(eps);
+  TIDAL_CHECK(!detail::overlaps(out, residual_out), "out and residual_out overlap in memory; pass distinct "
+              "tensors (in place, x and residual must be distinct)");
+  if (x.size(0) == 0) return;
+  dispatch(
+      "fused_add_rms_norm", x.device,
+      [&] { cpu::fused_add_rms_norm(out, residual_out, x, residual, weight, eps, stream); },
+      [&] { gpu::fused_add_rms_norm(out, residual_out, x, residual, weight, eps, stream); });
+}
+
+}  // namespace tidal::ops

@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: Apache-2.0
+// Shared pieces of the GPU kernels: the runtime error check that throws tidal::CudaError, a device
+// guard for launches, 16-byte vector loads and stores, warp and per-row block sums, and the dtype
+// dispatch used by launchers. CUDA and HIP alike (names come from vendor.h).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <type_traits>
+
+#include "cuda/vendor.h"
+#include "tidal/status.h"
+#include "tidal/tensor_view.h"
+
+/// Throws tidal::CudaError with the failing expression, the runtime's error string and file:line.
+#define TIDAL_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                           \
+    const cudaError_t tidal_err_ = (expr);                                                       \
+    if (tidal_err_ != cudaSuccess) {                                                             \
+      TIDAL_THROW_(::tidal::CudaError, #expr, " failed: ", cudaGetErrorString(tidal_err_));      \
+    }                                                                                            \
+  } while (0)
+
+/// Runs the statements in __VA_ARGS__ with `T` bound to the element type of `dtype` (float32,
+/// float16 or bfloat16); any other dtype throws std::invalid_argument naming it. Launchers only.
+#define TIDAL_DISPATCH_FLOAT(dtype, T, ...)                                                      \
+  do {                                                                                           \
+    switch (dtype) {                                                                             \
+      case ::tidal::DType::kFloat32: { using T = float; __VA_ARGS__; break; }                    \
+      case ::tidal::DType::kFloat16: { using T = ::tidal::gpu::half_t; __VA_ARGS__; break; }     \
+      case ::tidal::DType::kBFloat16: { using T = ::tidal::gpu::bf16_t; __VA_ARGS__; break; }    \
+      default:                                                                                   \
+        TIDAL_THROW_(std::invalid_argument, "dtype=", ::tidal::dtype_name(dtype),                \
+                     " is not supported; expected float32, float16 or bfloat16");                \
+    }                                                                                            \
+  } while (0)
+
+namespace tidal::gpu {
+
+/// Makes `device` current for the scope of a launch and restores the caller's device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    TIDAL_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ == device) {
+      previous_ = -1;
+    } else {
+      TIDAL_CUDA_CHECK(cudaSetDevice(device));
+    }
+  }
+  // NOTE(tidal): a destructor must not throw; a failure to switch back shows up at the next check.
+  ~DeviceGuard() {
+    if (previous_ >= 0) (void)cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+inline bool is_aligned(const void* ptr, std::uintptr_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
+}
+
+/// kN consecutive elements moved as one access; 16 bytes (a single LDG.128/STG.128) when
+/// kN * sizeof(T) == 16, in which case the address must be 16-byte aligned.
+template <typename T, int kN>
+struct alignas(sizeof(T) * kN) Vec {
+  T v[kN];
+};
+
+template <typename T, int kN>
+__device__ __forceinline__ Vec<T, kN> load_vec(const T* ptr) {
+  return *reinterpret_cast<const Vec<T, kN>*>(ptr);
+}
+
+/// load_vec through the read-only path; only for memory that no thread of the kernel writes.
+template <typename T, int kN>
+__device__ __forceinline__ Vec<T, kN> load_vec_readonly(const T* ptr) {
+  if constexpr (sizeof(Vec<T, kN>) == 16) {
+    const uint4 raw = TIDAL_LDG(reinterpret_cast<const uint4*>(ptr));
+    Vec<T, kN> out;
+    *reinterpret_cast<uint4*>(&out) = raw;
+    return out;
+  } else {
+    return load_vec<T, kN>(ptr);
+  }
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, kN>& value) {
+  *reinterpret_cast<Vec<T, kN>*>(ptr) = value;
+}
+
+/// Element j of v in fp32. NOTE(tidal): bf16 is the top half of an fp32, so it is widened with bit
+/// operations on the packed word; through cvt.f32.bf16, ptxas unpacked every cached element into a
+/// register of its own (64 instead of 40 registers for rms_norm<bf16>, halving blocks per SM).
+template <typename T, int kN>
+__device__ __forceinline__ float element_to_float(const Vec<T, kN>& vec, int j) {
+  if constexpr (std::is_same_v<T, bf16_t> && kN % 2 == 0) {
+    uint32_t word;
+    memcpy(&word, &vec.v[j & ~1], sizeof(word));
+    return __uint_as_float(j % 2 == 0 ? word << 16 : word & 0xffff0000u);
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    uint16_t bits;
+    memcpy(&bits, &vec.v[j], sizeof(bits));
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  } else {
+    return to_float(vec.v[j]);
+  }
+}
+
+/// Sum over aligned groups of `width` lanes (a power of two <= kWarpSize); every lane of a group
+/// gets the same bits. All lanes of the warp must call it.
+__device__ __forceinline__ float warp_sum(float value, int width = kWarpSize) {
+  for (int mask = width / 2; mask > 0; mask /= 2) value += TIDAL_SHFL_XOR(value, mask);
+  return value;
+}
+
+/// Most warps a block can hold (1024 threads); the size of block_row_sum's scratch.
+inline constexpr int kMaxWarpsPerBlock = 1024 / kWarpSize;
+
+/// Sum of `value` over the blockDim.x threads of each row (threadIdx.y) of the block, returned to
+/// all of them. blockDim.x is a power of two <= kWarpSize or a multiple of kWarpSize. Every thread
+/// of the block must call it: for blockDim.x > kWarpSize it synchronises the block (twice, so the
+/// scratch may be reused by the next call).
+__device__ __forceinline__ float block_row_sum(float value, float* scratch /* [kMaxWarpsPerBlock] */) {
+  if (blockDim.x <= kWarpSize) return warp_sum(value, blockDim.x);
+  value = warp_sum(value);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warps_per_row = blockDim.x / kWarpSize;
+  const int first_warp = threadIdx.y * warps_per_row;
+  if (lane == 0) scratch[first_warp + threadIdx.x / kWarpSize] = value;
+  __syncthreads();
+  value = warp_sum(lane < warps_per_row ? scratch[first_warp + lane] : 0.0f);
+  __syncthreads();
+  return value;
+}
+
+}  // namespace tidal::gpu

@@ -1,0 +1,44 @@
+"""tidal: one runtime for training and serving large language models.
+
+The native core (``libtidal_core``) holds the KV cache, the scheduler and the kernels; this package
+registers its kernels as ``torch.library`` ops (namespace ``tidal``) and exposes the public API.
+"""
+
+__version__ = "0.1.0"
+
+import os as _os
+
+from tidal import _core
+from tidal._core import CudaError, Error, OutOfMemoryError
+
+#: Directory to put on ``CMAKE_PREFIX_PATH`` so that ``find_package(tidal CONFIG)`` finds
+#: ``libtidal_core`` and its headers (``tidal::tidal_core``) inside this installed package.
+cmake_prefix_path = _os.path.join(_os.path.dirname(_core.__file__), "lib", "cmake")
+
+
+def build_info() -> dict:
+    """What this build of tidal contains.
+
+    Returns
+    -------
+    dict
+        ``version``, ``cuda`` (CUDA kernels compiled in), ``cuda_archs``, ``cuda_version``,
+        ``cuda_compiler``, ``hip`` (HIP kernels usable at run time), ``hip_checked_archs``
+        (archs the HIP compile check passed for), ``compiler``, ``build_type``, and
+        ``torch`` / ``torch_cuda_available`` from the torch this process imported.
+    """
+    info = dict(_core.build_info())
+    try:
+        import torch
+    except ImportError:  # the core works without torch; the ops need it
+        info["torch"] = None
+        info["torch_cuda_available"] = False
+    else:
+        info["torch"] = torch.__version__
+        info["torch_cuda_available"] = bool(torch.cuda.is_available())
+    return info
+
+
+from tidal import ops  # noqa: E402  (registers the torch ops; needs torch)
+
+__all__ = ["CudaError", "Error", "OutOfMemoryError", "build_info", "cmake_prefix_path", "ops", "__version__"]

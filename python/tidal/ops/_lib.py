@@ -1,0 +1,35 @@
+"""The ``tidal`` op library and the helpers every op module uses to call the native core.
+
+The ``Library`` object lives as long as the process: the ops it defines are unregistered when it is
+garbage collected.
+"""
+
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from tidal import _core
+
+lib = torch.library.Library("tidal", "DEF")
+native = _core.ops
+
+
+def capsule(t: torch.Tensor):
+    """A DLPack capsule viewing ``t`` (no copy)."""
+    return to_dlpack(t.detach())
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The handle of torch's current stream on ``t``'s device; 0 for CPU tensors."""
+    if t.device.type == "cpu":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` as [num_tokens, hidden_size] with a contiguous last dim; a view whenever possible."""
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d tensor")
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if rows.shape[-1] > 1 and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows
