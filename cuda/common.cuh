@@ -126,7 +126,8 @@ inline constexpr int kMaxWarpsPerBlock = 1024 / kWarpSize;
 /// all of them. blockDim.x is a power of two <= kWarpSize or a multiple of kWarpSize. Every thread
 /// of the block must call it: for blockDim.x > kWarpSize it synchronises the block (twice, so the
 /// scratch may be reused by the next call).
-__device__ __forceinline__ float block_row_sum(float value, float* scratch /* [kMaxWarpsPerBlock] */) {
+__device__ __forceinline__ float block_row_sum(float value,
+                                               float* scratch /* [kMaxWarpsPerBlock] */) {
   if (blockDim.x <= kWarpSize) return warp_sum(value, blockDim.x);
   value = warp_sum(value);
   const int lane = threadIdx.x % kWarpSize;

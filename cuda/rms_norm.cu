@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "ops/kernels.h"
@@ -12,25 +13,33 @@
 namespace tidal::gpu {
 namespace {
 
-// NOTE(tidal): napkin math for the recorded shape, [16384, 4096] bf16. rms_norm moves 134 MB in and
-// 134 MB out: 89 us at the measured 3.0 TB/s copy ceiling (target <= 105 us, 85%);
-// fused_add_rms_norm moves twice that, 179 us. To keep ~3 TB/s busy at ~1 us of DRAM latency,
-// each of the 132 SMs needs ~23 KB of loads in flight. A thread issues all kVecsPerThread
-// 16-byte loads of its row before using any (64 B per thread), a 4096-wide bf16 row is 128
-// threads, and blocks of ~256 threads (2 rows) at <= 64 registers leave >= 4 blocks per SM:
-// >= 64 KB in flight. The row stays in registers (16 registers, + 16 for the weight) between the
-// sum of squares and the scaling, so x is read once; this holds up to 1024 threads x 4 x 16 B =
-// 32768 bf16/fp16 or 16384 fp32 elements. Wider rows take the re-read variant: the scaling pass
-// loads x (or residual_out) again, mostly from L2, as the row was just read.
-constexpr int kElemsPerThread = 16;  // of a row, cached in registers by each thread
+// NOTE(tidal): napkin math for the recorded shape, [16384, 4096] bf16. rms_norm moves 134 MB in
+// and 134 MB out: 89 us at the measured 3.0 TB/s copy ceiling (target <= 105 us, 85%);
+// fused_add_rms_norm moves twice that, 179 us. Keeping ~3 TB/s busy at ~1 us of DRAM latency
+// takes ~23 KB of loads in flight on each of the 132 SMs. Each thread keeps 16 elements of its
+// row in registers (bf16: 2 x 16-byte vectors, fp32: 4) and issues every load before the first
+// use; a 4096-wide bf16 row is one block of 256 threads; at 40 registers (fused: 50) 6 (5)
+// blocks fit per SM: 48 KB (80 KB) in flight. x is read once. Measured on H100
+// (bench/bench_rms_norm.py): 94 us (95%) and 184 us (97%); 32 elements per thread ran no faster
+// and took fp32 from 60 to 100 registers. The register cache covers 512 x 16 = 8192 elements
+// per row; wider rows take the kReread variant, whose second pass loads x (or residual_out)
+// again, mostly from L2.
+constexpr int kElemsPerThread = 16;
+// Unaligned rows (odd hidden_size, odd strides) move one element per access; 8 per thread beat 16
+// there on H100 ([4096, 4095] bf16: 54 vs 64 us, [4096, 5121] fp32: 78 vs 110 us), at about
+// 1.2 TB/s for 16-bit types: this path is a correct fallback, not a fast one.
+constexpr int kScalarsPerThread = 8;
+constexpr int vecs_per_thread(int width) {
+  return width == 1 ? kScalarsPerThread : kElemsPerThread / width;
+}
 constexpr int kMaxThreadsPerBlock = 512;
 constexpr int kTargetThreadsPerBlock = 256;
 // Blocks loop over row groups beyond this; keeps gridDim.x * blockDim.x < 2^32 (a HIP limit) for
 // any num_tokens up to 2^31 - 1.
 constexpr int64_t kMaxBlocks = 1 << 16;
 
-// Vectors of kWidth elements at index threadIdx.x + i * blockDim.x of a row belong to one thread,
-// so each of its kVecs accesses is coalesced across the warp.
+// Access i of chunk c covers vector c * kVecs * blockDim.x + i * blockDim.x + threadIdx.x of the
+// row (kWidth elements), so each access is coalesced across the warp.
 //   out, x: [num_tokens, hidden_size], row strides out_stride / x_stride (elements), last dim
 //           contiguous; out may be x.   weight: [hidden_size].
 //   blockDim = (threads per row, rows per block); with kReread = false, blockDim.x * kVecs * kWidth
@@ -90,7 +99,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
         V o;
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) {
-          o.v[j] = from_float<T>(element_to_float(cache[i], j) * inv_rms * element_to_float(w[i], j));
+          const float v = element_to_float(cache[i], j) * inv_rms;
+          o.v[j] = from_float<T>(v * element_to_float(w[i], j));
         }
         store_vec(out_row + idx * kWidth, o);
       }
@@ -144,7 +154,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
         if (active && idx < num_vecs) {
 #pragma unroll
           for (int j = 0; j < kWidth; ++j) {
-            const T sum = from_float<T>(element_to_float(xv[i], j) + element_to_float(cache[i], j));
+            const T sum =
+                from_float<T>(element_to_float(xv[i], j) + element_to_float(cache[i], j));
             cache[i].v[j] = sum;
             const float v = to_float(sum);
             sum_sq += v * v;
@@ -167,7 +178,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
         V o;
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) {
-          o.v[j] = from_float<T>(element_to_float(cache[i], j) * inv_rms * element_to_float(w[i], j));
+          const float v = element_to_float(cache[i], j) * inv_rms;
+          o.v[j] = from_float<T>(v * element_to_float(w[i], j));
         }
         store_vec(out_row + idx * kWidth, o);
       }
@@ -175,69 +187,43 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 }
 
-struct LaunchShape {
-  dim3 grid;
-  dim3 block;  // (threads per row, rows per block)
-  bool reread = false;
+// Threads per row: enough for accesses_per_thread each, rounded to a power of two below a warp
+// (so a warp holds whole rows) or to whole warps above it; rows per block fill ~256 threads.
+// Rows that need more than kMaxThreadsPerBlock threads take the kReread kernel. Throws on launch
+// failure.
+// std::type_identity (C++20) for this C++17 build: the kernel alone fixes the parameter types.
+template <typename T>
+struct NonDeduced {
+  using type = T;
 };
 
-// Threads per row: enough for kVecs accesses each, rounded to a power of two below a warp (so
-// a warp holds whole rows) or to whole warps above it; rows per block fill ~256 threads.
-LaunchShape launch_shape(int64_t num_tokens, int num_accesses, int vecs_per_thread) {
-  LaunchShape shape;
-  int threads = (num_accesses + vecs_per_thread - 1) / vecs_per_thread;
-  if (threads > kMaxThreadsPerBlock) {
+template <typename... Params>
+void launch(void (*cached)(Params...), void (*reread)(Params...), int64_t num_tokens,
+            int num_accesses, int accesses_per_thread, cudaStream_t stream,
+            typename NonDeduced<Params>::type... args) {
+  int threads = (num_accesses + accesses_per_thread - 1) / accesses_per_thread;
+  const bool is_reread = threads > kMaxThreadsPerBlock;
+  if (is_reread) {
     threads = kMaxThreadsPerBlock;
-    shape.reread = true;
-  }
-  if (threads <= kWarpSize) {
+  } else if (threads <= kWarpSize) {
     int pow2 = 1;
     while (pow2 < threads) pow2 *= 2;
     threads = pow2;
   } else {
     threads = (threads + kWarpSize - 1) / kWarpSize * kWarpSize;
   }
-  const int rows_per_block = threads >= kTargetThreadsPerBlock ? 1 : kTargetThreadsPerBlock / threads;
+  const int rows_per_block =
+      threads >= kTargetThreadsPerBlock ? 1 : kTargetThreadsPerBlock / threads;
   const int64_t num_groups = (num_tokens + rows_per_block - 1) / rows_per_block;
-  shape.grid = dim3(static_cast<unsigned>(num_groups < kMaxBlocks ? num_groups : kMaxBlocks));
-  shape.block = dim3(threads, rows_per_block);
-  return shape;
-}
-
-template <typename T, int kWidth, int kVecs>
-void launch_rms_norm(T* out, const T* x, const T* weight, int64_t num_tokens, int hidden_size,
-                     int64_t out_stride, int64_t x_stride, float eps, cudaStream_t stream) {
-  const LaunchShape s = launch_shape(num_tokens, hidden_size / kWidth, kVecs);
-  if (s.reread) {
-    rms_norm_kernel<T, kWidth, kVecs, true><<<s.grid, s.block, 0, stream>>>(
-        out, x, weight, num_tokens, hidden_size, out_stride, x_stride, eps);
-  } else {
-    rms_norm_kernel<T, kWidth, kVecs, false><<<s.grid, s.block, 0, stream>>>(
-        out, x, weight, num_tokens, hidden_size, out_stride, x_stride, eps);
-  }
-  TIDAL_CUDA_CHECK(cudaGetLastError());
-}
-
-template <typename T, int kWidth, int kVecs>
-void launch_fused_add_rms_norm(T* out, T* residual_out, const T* x, const T* residual,
-                               const T* weight, int64_t num_tokens, int hidden_size,
-                               int64_t out_stride, int64_t residual_out_stride, int64_t x_stride,
-                               int64_t residual_stride, float eps, cudaStream_t stream) {
-  const LaunchShape s = launch_shape(num_tokens, hidden_size / kWidth, kVecs);
-  if (s.reread) {
-    fused_add_rms_norm_kernel<T, kWidth, kVecs, true><<<s.grid, s.block, 0, stream>>>(
-        out, residual_out, x, residual, weight, num_tokens, hidden_size, out_stride,
-        residual_out_stride, x_stride, residual_stride, eps);
-  } else {
-    fused_add_rms_norm_kernel<T, kWidth, kVecs, false><<<s.grid, s.block, 0, stream>>>(
-        out, residual_out, x, residual, weight, num_tokens, hidden_size, out_stride,
-        residual_out_stride, x_stride, residual_stride, eps);
-  }
+  const dim3 grid(static_cast<unsigned>(num_groups < kMaxBlocks ? num_groups : kMaxBlocks));
+  const dim3 block(threads, rows_per_block);
+  (is_reread ? reread : cached)<<<grid, block, 0, stream>>>(args...);
   TIDAL_CUDA_CHECK(cudaGetLastError());
 }
 
 // 16-byte accesses need the width to divide hidden_size and every row stride, and aligned bases.
-bool can_vectorize(int64_t hidden_size, int64_t width, std::initializer_list<const TensorView*> views) {
+bool can_vectorize(int64_t hidden_size, int64_t width,
+                   std::initializer_list<const TensorView*> views) {
   if (hidden_size % width != 0) return false;
   for (const TensorView* v : views) {
     if (!is_aligned(v->data, 16)) return false;
@@ -245,6 +231,9 @@ bool can_vectorize(int64_t hidden_size, int64_t width, std::initializer_list<con
   }
   return true;
 }
+
+template <int kWidth>
+using Width = std::integral_constant<int, kWidth>;
 
 }  // namespace
 
@@ -254,19 +243,19 @@ void rms_norm(TensorView out, TensorView x, TensorView weight, float eps, Stream
   if (num_tokens == 0 || hidden_size == 0) return;
   TIDAL_CHECK(hidden_size <= INT_MAX, "x.shape[1]=", hidden_size, " must be <= ", INT_MAX);
   DeviceGuard guard(x.device.index);
-  const auto cuda_stream = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
-    constexpr int kWidth = 16 / sizeof(T);
-    auto* o = out.data_ptr<T>();
-    const auto* xp = x.data_ptr<T>();
-    const auto* w = weight.data_ptr<T>();
-    const int h = static_cast<int>(hidden_size);
-    if (can_vectorize(hidden_size, kWidth, {&out, &x, &weight})) {
-      launch_rms_norm<T, kWidth, kElemsPerThread / kWidth>(o, xp, w, num_tokens, h, out.stride(0),
-                                                 x.stride(0), eps, cuda_stream);
+    auto run = [&](auto width) {
+      constexpr int kWidth = decltype(width)::value, kVecs = vecs_per_thread(kWidth);
+      launch(rms_norm_kernel<T, kWidth, kVecs, false>, rms_norm_kernel<T, kWidth, kVecs, true>,
+             num_tokens, static_cast<int>(hidden_size / kWidth), kVecs,
+             static_cast<cudaStream_t>(stream.handle), out.data_ptr<T>(), x.data_ptr<T>(),
+             weight.data_ptr<T>(), num_tokens, static_cast<int>(hidden_size), out.stride(0),
+             x.stride(0), eps);
+    };
+    if (can_vectorize(hidden_size, 16 / sizeof(T), {&out, &x, &weight})) {
+      run(Width<16 / sizeof(T)>{});
     } else {
-      launch_rms_norm<T, 1, kElemsPerThread>(o, xp, w, num_tokens, h, out.stride(0),
-                                               x.stride(0), eps, cuda_stream);
+      run(Width<1>{});
     }
   });
 }
@@ -278,23 +267,22 @@ void fused_add_rms_norm(TensorView out, TensorView residual_out, TensorView x, T
   if (num_tokens == 0 || hidden_size == 0) return;
   TIDAL_CHECK(hidden_size <= INT_MAX, "x.shape[1]=", hidden_size, " must be <= ", INT_MAX);
   DeviceGuard guard(x.device.index);
-  const auto cuda_stream = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
-    constexpr int kWidth = 16 / sizeof(T);
-    auto* o = out.data_ptr<T>();
-    auto* ro = residual_out.data_ptr<T>();
-    const auto* xp = x.data_ptr<T>();
-    const auto* r = residual.data_ptr<T>();
-    const auto* w = weight.data_ptr<T>();
-    const int h = static_cast<int>(hidden_size);
-    if (can_vectorize(hidden_size, kWidth, {&out, &residual_out, &x, &residual, &weight})) {
-      launch_fused_add_rms_norm<T, kWidth, kElemsPerThread / kWidth>(
-          o, ro, xp, r, w, num_tokens, h, out.stride(0), residual_out.stride(0), x.stride(0),
-          residual.stride(0), eps, cuda_stream);
+    auto run = [&](auto width) {
+      constexpr int kWidth = decltype(width)::value, kVecs = vecs_per_thread(kWidth);
+      launch(fused_add_rms_norm_kernel<T, kWidth, kVecs, false>,
+             fused_add_rms_norm_kernel<T, kWidth, kVecs, true>, num_tokens,
+             static_cast<int>(hidden_size / kWidth), kVecs,
+             static_cast<cudaStream_t>(stream.handle), out.data_ptr<T>(),
+             residual_out.data_ptr<T>(), x.data_ptr<T>(), residual.data_ptr<T>(),
+             weight.data_ptr<T>(), num_tokens, static_cast<int>(hidden_size), out.stride(0),
+             residual_out.stride(0), x.stride(0), residual.stride(0), eps);
+    };
+    if (can_vectorize(hidden_size, 16 / sizeof(T),
+                      {&out, &residual_out, &x, &residual, &weight})) {
+      run(Width<16 / sizeof(T)>{});
     } else {
-      launch_fused_add_rms_norm<T, 1, kElemsPerThread>(
-          o, ro, xp, r, w, num_tokens, h, out.stride(0), residual_out.stride(0), x.stride(0),
-          residual.stride(0), eps, cuda_stream);
+      run(Width<1>{});
     }
   });
 }

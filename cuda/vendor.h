@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// The one place that knows whether a cuda/*.cu file is built by nvcc or by hipcc. Kernel code uses
-// the CUDA runtime names, the tidal::gpu element types (bf16_t, half_t) and the TIDAL_ macros below;
-// under TIDAL_USE_HIP, hip/vendor_hip.h maps every one of them to its HIP twin.
+// The one place that knows whether a cuda/*.cu file is built by nvcc or by hipcc. Kernel code
+// uses the CUDA runtime names, the tidal::gpu element types (bf16_t, half_t) and the TIDAL_
+// macros below; under TIDAL_USE_HIP, hip/vendor_hip.h maps every one of them to its HIP twin.
 #pragma once
 
 #if defined(TIDAL_USE_HIP)

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// HIP spellings of the names cuda/*.cu use, so the same kernel sources build with hipcc (no hipify
-// step): runtime calls and types are #defined to their hip* twins, element types and conversions are
-// provided in tidal::gpu. Included only through cuda/vendor.h when TIDAL_USE_HIP is defined.
+// HIP spellings of the names cuda/*.cu use, so the same kernel sources build with hipcc (no
+// hipify step): runtime calls and types are #defined to their hip* twins, element types and
+// conversions are provided in tidal::gpu. Included only through cuda/vendor.h under TIDAL_USE_HIP.
 #pragma once
 
 #include <hip/hip_fp16.h>
@@ -28,7 +28,8 @@
 
 // NOTE(tidal): the wavefront size must be a constant in the host pass too (launchers size blocks
 // with it), where __AMDGCN_WAVEFRONT_SIZE does not exist. It is fixed per build: 64 for CDNA
-// (gfx90a, gfx942); a wave32 build (RDNA) passes -DTIDAL_HIP_WARP_SIZE=32. The device pass checks it.
+// (gfx90a, gfx942); a wave32 build (RDNA) passes -DTIDAL_HIP_WARP_SIZE=32. The device pass
+// checks it.
 #ifndef TIDAL_HIP_WARP_SIZE
 #define TIDAL_HIP_WARP_SIZE 64
 #endif
