@@ -21,7 +21,7 @@ from tidal._core import kv
 
 VOCAB = 3  # few distinct tokens: prompts share prefixes by chance as well as on purpose
 SETTINGS = settings(
-    max_examples=int(os.environ.get("TIDAL_KV_EXAMPLES", "100")),
+    max_examples=int(os.environ.get("TIDAL_KV_EXAMPLES", "200")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -210,6 +210,26 @@ class KVMachine(RuleBasedStateMachine):
         assert rid is not None and self.m.num_blocks_free == 0
         if not keep:
             self.free(rid)
+
+    @precondition(lambda self: self.history)
+    @rule(src=st.integers(0, 1 << 16), over=st.booleans())
+    def readmit_at_capacity(self, src, over):
+        """Re-admits an earlier prompt with a lookup, asking for exactly as many blocks as the pool
+        can give (over=False) or one more: the free blocks of the hit do not count as available."""
+        bs = self.block_size
+        tokens, key = self.history[src % len(self.history)]
+        hit = self.lookup(Request(tokens, key, False), len(tokens) - 1)
+        free = set(self.m.free_block_ids())
+        num_free_hit = sum(b in free for b in hit.block_ids)
+        num_tokens = (len(hit.block_ids) + len(free) - num_free_hit + over) * bs
+        if num_tokens == 0:
+            return
+        rid = self.new_id()
+        req = Request((tokens + [0] * num_tokens)[:num_tokens], key, False)
+        if self.allocate(rid, req, num_tokens, hit):
+            self.requests[rid] = req
+            self.history.append((req.tokens, key))
+            self.cache(rid, num_tokens)
 
     @rule(src=st.integers(0, 1 << 16), share=st.integers(0, 48), suffix=tokens_st,
           key=st.sampled_from([0, 1]), same_key=st.booleans())
