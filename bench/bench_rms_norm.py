@@ -198,7 +198,7 @@ def main() -> int:
         date = datetime.date.today().isoformat()
         with open(args.out, "w") as f:
             f.write(f"rms_norm, {date}, {card}, torch {torch.__version__}, copy ceiling "
-                    f"{ceiling:.0f} GB/s, `python {' '.join(sys.argv)}`\n\n")
+                    f"{ceiling:.0f} GB/s, `python bench/bench_rms_norm.py --repeats {args.repeats}`\n\n")
             f.write("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |\n")
             for line in table:
                 f.write("| " + " | ".join(line) + " |\n")
