@@ -38,6 +38,35 @@ constexpr int kTargetThreadsPerBlock = 256;
 // any num_tokens up to 2^31 - 1.
 constexpr int64_t kMaxBlocks = 1 << 16;
 
+// The second pass shared by both kernels: out = src * inv_rms * weight for this thread's
+// accesses of one row, from the registers (`cache`, `w`) or, with kReread, loading src and weight
+// again chunk by chunk. Same access layout as the kernels below; src may be out.
+template <typename T, int kWidth, int kVecs, bool kReread>
+__device__ __forceinline__ void scale_row(T* out_row, const T* src_row, const T* weight,
+                                          Vec<T, kWidth> (&cache)[kVecs], Vec<T, kWidth> (&w)[kVecs],
+                                          int num_vecs, float inv_rms) {
+  const int chunk = kVecs * blockDim.x;
+  const int num_chunks = kReread ? (num_vecs + chunk - 1) / chunk : 1;
+  for (int c = 0; c < num_chunks; ++c) {
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int idx = c * chunk + i * blockDim.x + threadIdx.x;
+      if (idx >= num_vecs) continue;
+      if constexpr (kReread) {
+        cache[i] = load_vec<T, kWidth>(src_row + idx * kWidth);
+        w[i] = load_vec_readonly<T, kWidth>(weight + idx * kWidth);
+      }
+      Vec<T, kWidth> o;
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        const float v = element_to_float(cache[i], j) * inv_rms;
+        o.v[j] = from_float<T>(v * element_to_float(w[i], j));
+      }
+      store_vec(out_row + idx * kWidth, o);
+    }
+  }
+}
+
 // Access i of chunk c covers vector c * kVecs * blockDim.x + i * blockDim.x + threadIdx.x of the
 // row (kWidth elements), so each access is coalesced across the warp.
 //   out, x: [num_tokens, hidden_size], row strides out_stride / x_stride (elements), last dim
@@ -87,24 +116,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     }
     const float inv_rms =
         rsqrtf(block_row_sum(sum_sq, scratch) / static_cast<float>(hidden_size) + eps);
-    for (int c = 0; c < num_chunks; ++c) {
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        const int idx = c * chunk + i * blockDim.x + threadIdx.x;
-        if (!active || idx >= num_vecs) continue;
-        if constexpr (kReread) {
-          cache[i] = load_vec<T, kWidth>(x_row + idx * kWidth);
-          w[i] = load_vec_readonly<T, kWidth>(weight + idx * kWidth);
-        }
-        V o;
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          const float v = element_to_float(cache[i], j) * inv_rms;
-          o.v[j] = from_float<T>(v * element_to_float(w[i], j));
-        }
-        store_vec(out_row + idx * kWidth, o);
-      }
-    }
+    if (active) scale_row<T, kWidth, kVecs, kReread>(out_row, x_row, weight, cache, w, num_vecs, inv_rms);
   }
 }
 
@@ -166,23 +178,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     }
     const float inv_rms =
         rsqrtf(block_row_sum(sum_sq, scratch) / static_cast<float>(hidden_size) + eps);
-    for (int c = 0; c < num_chunks; ++c) {
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        const int idx = c * chunk + i * blockDim.x + threadIdx.x;
-        if (!active || idx >= num_vecs) continue;
-        if constexpr (kReread) {
-          cache[i] = load_vec<T, kWidth>(residual_out_row + idx * kWidth);
-          w[i] = load_vec_readonly<T, kWidth>(weight + idx * kWidth);
-        }
-        V o;
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          const float v = element_to_float(cache[i], j) * inv_rms;
-          o.v[j] = from_float<T>(v * element_to_float(w[i], j));
-        }
-        store_vec(out_row + idx * kWidth, o);
-      }
+    if (active) {
+      scale_row<T, kWidth, kVecs, kReread>(out_row, residual_out_row, weight, cache, w, num_vecs, inv_rms);
     }
   }
 }
