@@ -14,6 +14,7 @@ namespace py = pybind11;
 namespace tidal::bindings {
 void bind_ops(py::module_& m);
 void bind_kv(py::module_& m);
+void bind_sched(py::module_& m);
 }  // namespace tidal::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -44,4 +45,6 @@ PYBIND11_MODULE(_core, m) {
   tidal::bindings::bind_ops(ops);
   auto kv = m.def_submodule("kv", "The paged KV block pool and KV cache manager");
   tidal::bindings::bind_kv(kv);
+  auto sched = m.def_submodule("sched", "The continuous-batching scheduler and request lifecycle");
+  tidal::bindings::bind_sched(sched);
 }
