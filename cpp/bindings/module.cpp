@@ -13,6 +13,7 @@ namespace py = pybind11;
 
 namespace tidal::bindings {
 void bind_ops(py::module_& m);
+void bind_ops_serving(py::module_& m);
 void bind_kv(py::module_& m);
 void bind_sched(py::module_& m);
 }  // namespace tidal::bindings
@@ -43,6 +44,7 @@ PYBIND11_MODULE(_core, m) {
 
   auto ops = m.def_submodule("ops", "Kernels behind tidal.ops (DLPack capsules in, destination-passing)");
   tidal::bindings::bind_ops(ops);
+  tidal::bindings::bind_ops_serving(ops);
   auto kv = m.def_submodule("kv", "The paged KV block pool and KV cache manager");
   tidal::bindings::bind_kv(kv);
   auto sched = m.def_submodule("sched", "The continuous-batching scheduler and request lifecycle");

@@ -8,6 +8,10 @@ __version__ = "0.1.0"
 
 import os as _os
 
+# NOTE(tidal): torch is imported before the native module: with torch 2.11 (CUDA 13), loading a
+# pybind11 module first and torch second crashed the interpreter; torch first is safe everywhere.
+import torch as _torch  # noqa: F401
+
 from tidal import _core
 from tidal._core import CudaError, Error, OutOfMemoryError
 
@@ -28,17 +32,23 @@ def build_info() -> dict:
         ``torch`` / ``torch_cuda_available`` from the torch this process imported.
     """
     info = dict(_core.build_info())
-    try:
-        import torch
-    except ImportError:  # the core works without torch; the ops need it
-        info["torch"] = None
-        info["torch_cuda_available"] = False
-    else:
-        info["torch"] = torch.__version__
-        info["torch_cuda_available"] = bool(torch.cuda.is_available())
+    info["torch"] = _torch.__version__
+    info["torch_cuda_available"] = bool(_torch.cuda.is_available())
     return info
 
 
 from tidal import ops  # noqa: E402  (registers the torch ops; needs torch)
 
-__all__ = ["CudaError", "Error", "OutOfMemoryError", "build_info", "cmake_prefix_path", "ops", "__version__"]
+_SERVE_NAMES = ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput")
+
+
+def __getattr__(name: str):
+    # The serving API imports on first use, so `import tidal` stays light.
+    if name in _SERVE_NAMES:
+        from tidal import serve
+
+        return getattr(serve, name)
+    raise AttributeError(f"module 'tidal' has no attribute {name!r}")
+
+
+__all__ = [*_SERVE_NAMES, "CudaError", "Error", "OutOfMemoryError", "build_info", "cmake_prefix_path", "ops", "__version__"]

@@ -25,3 +25,41 @@ void fused_add_rms_norm(TensorView out, TensorView residual_out, TensorView x, T
                         TensorView weight, float eps, Stream stream);
 
 }  // namespace tidal::gpu
+
+// ---- serving ops: the paged-KV path (cpp/cpu/{activation,rotary,kv_cache,paged_attention}.cpp) ----
+// CPU kernels only for now; cpp/src/ops/dispatch_serving.cpp rejects GPU tensors. Integer arguments
+// (positions, slots, block ids, lengths) arrive with their values checked as well.
+
+namespace tidal::cpu {
+
+// out: [num_tokens, d]; x: [num_tokens, 2 * d], gate half first (row strides any, last dim contiguous)
+void silu_and_mul(TensorView out, TensorView x, Stream stream);
+
+// positions: [num_tokens] int64, each in [0, max_position);
+// query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim], rotated in
+//   place (token and head strides any, last dim contiguous, no element shared between them);
+// cos_sin_cache: [max_position, rotary_dim] float32, row p = cos(p * inv_freq) then sin(p * inv_freq)
+void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,
+                      bool is_neox, Stream stream);
+
+// key, value: [num_tokens, num_kv_heads, head_dim] (token and head strides any, last dim contiguous);
+// key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous, same dtype;
+// slot_mapping: [num_tokens] int64, each < num_blocks * block_size; negative slots are skipped
+void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, TensorView value_cache,
+                       TensorView slot_mapping, Stream stream);
+
+// The largest head_dim paged_attention takes: its per-thread fp32 tiles live on the stack.
+inline constexpr int64_t kPagedAttentionMaxHeadDim = 256;
+
+// out: [num_tokens, num_heads, head_dim] (token and head strides any, last dim contiguous);
+// query: [num_tokens, num_heads, head_dim], same; num_heads % num_kv_heads == 0;
+// key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous;
+// block_tables: [num_seqs, max_num_blocks] int32, every entry a sequence reads in [0, num_blocks);
+// seq_lens: [num_seqs] int32, seq_lens[s] >= q_len(s) and <= max_num_blocks * block_size;
+// cu_seqlens_q: [num_seqs + 1] int32, first 0, non-decreasing, last num_tokens;
+// sliding_window <= 0: none
+void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
+                     TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
+                     int64_t sliding_window, Stream stream);
+
+}  // namespace tidal::cpu

@@ -5,6 +5,11 @@ Every kernel is registered once in the ``tidal`` namespace of ``torch.library`` 
 captured by CUDA graphs), and exposed here as a plain function.
 """
 
+from tidal.ops.activation import silu_and_mul
+from tidal.ops.attention import paged_attention
+from tidal.ops.kv_cache import reshape_and_cache_
 from tidal.ops.norm import fused_add_rms_norm, fused_add_rms_norm_, rms_norm
+from tidal.ops.rotary import rotary_embedding_
 
-__all__ = ["fused_add_rms_norm", "fused_add_rms_norm_", "rms_norm"]
+__all__ = ["fused_add_rms_norm", "fused_add_rms_norm_", "paged_attention", "reshape_and_cache_", "rms_norm",
+           "rotary_embedding_", "silu_and_mul"]

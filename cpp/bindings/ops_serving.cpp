@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+// Bindings of the serving ops (tidal/ops_serving.h) on the _core.ops submodule: every tensor is a
+// DLPack capsule, the stream an integer handle (0 for CPU tensors); outputs are allocated by the
+// Python caller.
+#include <cstdint>
+
+#include <pybind11/pybind11.h>
+
+#include "tensor.h"
+#include "tidal/ops_serving.h"
+
+namespace py = pybind11;
+
+namespace tidal::bindings {
+
+void bind_ops_serving(py::module_& m) {
+  m.def(
+      "silu_and_mul",
+      [](py::handle out, py::handle x, std::uintptr_t stream) {
+        ops::silu_and_mul(view_capsule(out, "out"), view_capsule(x, "x"), Stream::from_int(stream));
+      },
+      py::arg("out"), py::arg("x"), py::arg("stream") = 0,
+      "out = silu(x[:, :d]) * x[:, d:] for DLPack capsules out [num_tokens, d], x [num_tokens, 2 * d].");
+  m.def(
+      "rotary_embedding",
+      [](py::handle positions, py::handle query, py::handle key, int64_t head_dim, py::handle cos_sin_cache,
+         bool is_neox, std::uintptr_t stream) {
+        ops::rotary_embedding(view_capsule(positions, "positions"), view_capsule(query, "query"),
+                              view_capsule(key, "key"), head_dim, view_capsule(cos_sin_cache, "cos_sin_cache"),
+                              is_neox, Stream::from_int(stream));
+      },
+      py::arg("positions"), py::arg("query"), py::arg("key"), py::arg("head_dim"), py::arg("cos_sin_cache"),
+      py::arg("is_neox"), py::arg("stream") = 0,
+      "Rotates query and key (DLPack capsules) in place by the cos/sin rows of positions.");
+  m.def(
+      "reshape_and_cache",
+      [](py::handle key, py::handle value, py::handle key_cache, py::handle value_cache, py::handle slot_mapping,
+         std::uintptr_t stream) {
+        ops::reshape_and_cache(view_capsule(key, "key"), view_capsule(value, "value"),
+                               view_capsule(key_cache, "key_cache"), view_capsule(value_cache, "value_cache"),
+                               view_capsule(slot_mapping, "slot_mapping"), Stream::from_int(stream));
+      },
+      py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slot_mapping"),
+      py::arg("stream") = 0, "Writes key and value rows into the paged caches at slot_mapping (DLPack capsules).");
+  m.def(
+      "paged_attention",
+      [](py::handle out, py::handle query, py::handle key_cache, py::handle value_cache, py::handle block_tables,
+         py::handle seq_lens, py::handle cu_seqlens_q, float scale, int64_t sliding_window, std::uintptr_t stream) {
+        const TensorView out_v = view_capsule(out, "out"), query_v = view_capsule(query, "query");
+        const TensorView key_cache_v = view_capsule(key_cache, "key_cache");
+        const TensorView value_cache_v = view_capsule(value_cache, "value_cache");
+        const TensorView block_tables_v = view_capsule(block_tables, "block_tables");
+        const TensorView seq_lens_v = view_capsule(seq_lens, "seq_lens");
+        const TensorView cu_seqlens_q_v = view_capsule(cu_seqlens_q, "cu_seqlens_q");
+        // NOTE(tidal): a decode step over long contexts runs for milliseconds on the CPU; other
+        // Python threads (the server's) keep running meanwhile.
+        py::gil_scoped_release release;
+        ops::paged_attention(out_v, query_v, key_cache_v, value_cache_v, block_tables_v, seq_lens_v, cu_seqlens_q_v,
+                             scale, sliding_window, Stream::from_int(stream));
+      },
+      py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
+      py::arg("seq_lens"), py::arg("cu_seqlens_q"), py::arg("scale"), py::arg("sliding_window"),
+      py::arg("stream") = 0, "Causal paged attention of query over the KV cache into out (DLPack capsules).");
+}
+
+}  // namespace tidal::bindings

@@ -1,0 +1,271 @@
+// SPDX-License-Identifier: Apache-2.0
+// The serving ops of tidal/ops_serving.h: validate shapes, dtypes and devices; on the CPU also the
+// integer values the kernels index with (positions, slots, lengths, block ids), before anything is
+// written; then run the CPU kernel. No GPU kernels yet: a GPU tensor is an error that says so.
+#include "tidal/ops_serving.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "ops/checks.h"
+#include "ops/kernels.h"
+
+namespace tidal::ops {
+namespace {
+
+// NOTE(tidal): an explicit entry per device rather than dispatch.cpp's table: these ops get their
+// CUDA kernels in a later issue, and until then a CUDA tensor must not fall back to the CPU.
+template <typename CpuFn>
+void dispatch_cpu_only(const char* op, Device device, CpuFn&& cpu_fn) {
+  switch (device.type) {
+    case DeviceType::kCPU:
+      cpu_fn();
+      return;
+    case DeviceType::kCUDA:
+      throw Error(std::string(op) + ": no CUDA kernel yet; run on the CPU (the tensors are on " +
+                  device_name(device) + ")");
+    case DeviceType::kROCM:
+      throw Error(std::string(op) + ": no HIP kernel yet; run on the CPU (the tensors are on " +
+                  device_name(device) + ")");
+  }
+}
+
+void check_float(const TensorView& t, const char* name) {
+  TIDAL_CHECK(t.dtype == DType::kFloat32 || t.dtype == DType::kFloat16 || t.dtype == DType::kBFloat16, name,
+              ".dtype=", dtype_name(t.dtype), " is not supported; expected float32, float16 or bfloat16");
+}
+
+void check_dtype(const TensorView& t, const char* name, DType want, const char* want_from = nullptr) {
+  TIDAL_CHECK(t.dtype == want, name, ".dtype=", dtype_name(t.dtype), " must be ", dtype_name(want),
+              want_from ? " (the dtype of " : "", want_from ? want_from : "", want_from ? ")" : "");
+}
+
+void check_device(const TensorView& t, const char* name, const TensorView& ref, const char* ref_name) {
+  TIDAL_CHECK(t.device == ref.device, name, " is on ", device_name(t.device), " but ", ref_name, " is on ",
+              device_name(ref.device));
+}
+
+void check_last_dim_contiguous(const TensorView& t, const char* name) {
+  TIDAL_CHECK(t.ndim == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name, ".stride(-1)=", t.stride(-1),
+              " must be 1");
+}
+
+void check_vector(const TensorView& t, const char* name, int64_t size, const char* size_name) {
+  TIDAL_CHECK(t.ndim == 1 && t.size(0) == size, name, ".shape=", t.shape_str(), " must be [", size_name,
+              "] = [", size, "]");
+}
+
+// [num_tokens, heads, head_dim] from the 3-D form or the 2-D [num_tokens, heads * head_dim] form.
+TensorView view_heads(const TensorView& t, const char* name, int64_t head_dim) {
+  TIDAL_CHECK(t.ndim == 2 || t.ndim == 3, name, " must be [num_tokens, num_heads, head_dim] or [num_tokens, ",
+              "num_heads * head_dim], got shape ", t.shape_str());
+  check_last_dim_contiguous(t, name);
+  if (t.ndim == 3) {
+    TIDAL_CHECK(t.size(2) == head_dim, name, ".shape[2]=", t.size(2), " must equal head_dim=", head_dim);
+    return t;
+  }
+  TIDAL_CHECK(t.size(1) % head_dim == 0, name, ".shape[1]=", t.size(1), " must be a multiple of head_dim=",
+              head_dim);
+  TensorView v = t;
+  v.ndim = 3;
+  v.shape[1] = t.size(1) / head_dim;
+  v.shape[2] = head_dim;
+  v.strides[1] = head_dim;
+  v.strides[2] = 1;
+  return v;
+}
+
+template <typename Int>
+Int element(const TensorView& t, int64_t i) {
+  return t.data_ptr<const Int>()[i * t.stride(0)];
+}
+
+void check_positions(const TensorView& positions, int64_t max_position) {
+  for (int64_t t = 0; t < positions.size(0); ++t) {
+    const int64_t p = element<int64_t>(positions, t);
+    TIDAL_CHECK_INDEX(p >= 0 && p < max_position, "positions[", t, "]=", p,
+                      " is out of range [0, max_position=", max_position, ") of cos_sin_cache");
+  }
+}
+
+void check_slots(const TensorView& slot_mapping, int64_t num_slots) {
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    const int64_t slot = element<int64_t>(slot_mapping, t);
+    TIDAL_CHECK_INDEX(slot < num_slots, "slot_mapping[", t, "]=", slot, " is out of range: the cache holds ",
+                      "num_blocks * block_size = ", num_slots, " slots (a negative slot means padding)");
+  }
+}
+
+// cu_seqlens_q, seq_lens and the block-table entries each sequence reads.
+void check_paged_metadata(const TensorView& block_tables, const TensorView& seq_lens,
+                          const TensorView& cu_seqlens_q, int64_t num_tokens, int64_t num_blocks,
+                          int64_t block_size, int64_t sliding_window) {
+  const int64_t num_seqs = seq_lens.size(0), max_num_blocks = block_tables.size(1);
+  const int32_t* table = block_tables.data_ptr<const int32_t>();
+  TIDAL_CHECK(element<int32_t>(cu_seqlens_q, 0) == 0, "cu_seqlens_q[0]=", element<int32_t>(cu_seqlens_q, 0),
+              " must be 0");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_begin = element<int32_t>(cu_seqlens_q, s), q_end = element<int32_t>(cu_seqlens_q, s + 1);
+    TIDAL_CHECK(q_end >= q_begin, "cu_seqlens_q must be non-decreasing, but cu_seqlens_q[", s + 1, "]=", q_end,
+                " < cu_seqlens_q[", s, "]=", q_begin);
+    const int64_t q_len = q_end - q_begin, seq_len = element<int32_t>(seq_lens, s);
+    TIDAL_CHECK(q_len <= seq_len, "sequence ", s, " has q_len=", q_len, " query tokens (cu_seqlens_q[", s + 1,
+                "] - cu_seqlens_q[", s, "]) but seq_lens[", s, "]=", seq_len, "; need q_len <= seq_len");
+    const int64_t blocks_needed = (seq_len + block_size - 1) / block_size;
+    TIDAL_CHECK(blocks_needed <= max_num_blocks, "block_tables.shape[1]=", max_num_blocks,
+                " is too narrow: seq_lens[", s, "]=", seq_len, " with block_size=", block_size, " needs ",
+                blocks_needed, " blocks");
+    if (q_len == 0) continue;
+    int64_t first_key = 0;
+    if (sliding_window > 0) first_key = std::max<int64_t>(0, seq_len - q_len - sliding_window + 1);
+    for (int64_t b = first_key / block_size; b < blocks_needed; ++b) {
+      const int64_t id = table[s * block_tables.stride(0) + b * block_tables.stride(1)];
+      TIDAL_CHECK_INDEX(id >= 0 && id < num_blocks, "block_tables[", s, ", ", b, "]=", id,
+                        " is out of range [0, num_blocks=", num_blocks, ") (sequence ", s, " reads it: seq_lens[",
+                        s, "]=", seq_len, ")");
+    }
+  }
+  const int64_t last = element<int32_t>(cu_seqlens_q, num_seqs);
+  TIDAL_CHECK(last == num_tokens, "cu_seqlens_q[", num_seqs, "]=", last, " must equal num_tokens=query.shape[0]=",
+              num_tokens);
+}
+
+}  // namespace
+
+void silu_and_mul(TensorView out, TensorView x, Stream stream) {
+  detail::check_rows(x, "x");
+  detail::check_rows(out, "out");
+  check_float(x, "x");
+  TIDAL_CHECK(x.size(1) % 2 == 0, "x.shape[1]=", x.size(1), " must be even: x is [num_tokens, 2 * d]");
+  TIDAL_CHECK(out.size(0) == x.size(0) && 2 * out.size(1) == x.size(1), "out.shape=", out.shape_str(),
+              " must be [num_tokens, d] = [", x.size(0), ", ", x.size(1) / 2, "]");
+  check_dtype(out, "out", x.dtype, "x");
+  check_device(out, "out", x, "x");
+  TIDAL_CHECK(!detail::overlaps(out, x), "out overlaps x in memory; pass a distinct out");
+  if (out.numel() == 0) return;
+  dispatch_cpu_only("silu_and_mul", x.device, [&] { cpu::silu_and_mul(out, x, stream); });
+}
+
+void rotary_embedding(TensorView positions, TensorView query, TensorView key, int64_t head_dim,
+                      TensorView cos_sin_cache, bool is_neox, Stream stream) {
+  TIDAL_CHECK(head_dim > 0, "head_dim=", head_dim, " must be positive");
+  query = view_heads(query, "query", head_dim);
+  key = view_heads(key, "key", head_dim);
+  check_float(query, "query");
+  check_dtype(key, "key", query.dtype, "query");
+  check_device(key, "key", query, "query");
+  check_dtype(positions, "positions", DType::kInt64);
+  check_vector(positions, "positions", query.size(0), "num_tokens");
+  check_device(positions, "positions", query, "query");
+  TIDAL_CHECK(key.size(0) == query.size(0), "key.shape[0]=", key.size(0), " must equal num_tokens=query.shape[0]=",
+              query.size(0));
+  TIDAL_CHECK(cos_sin_cache.ndim == 2, "cos_sin_cache must be 2-D [max_position, rotary_dim], got shape ",
+              cos_sin_cache.shape_str());
+  check_dtype(cos_sin_cache, "cos_sin_cache", DType::kFloat32);
+  check_last_dim_contiguous(cos_sin_cache, "cos_sin_cache");
+  check_device(cos_sin_cache, "cos_sin_cache", query, "query");
+  const int64_t rotary_dim = cos_sin_cache.size(1);
+  TIDAL_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, "rotary_dim=cos_sin_cache.shape[1]=",
+              rotary_dim, " must be even, positive and <= head_dim=", head_dim);
+  if (query.size(0) == 0) return;
+  if (positions.device.is_cpu()) check_positions(positions, cos_sin_cache.size(0));
+  dispatch_cpu_only("rotary_embedding", query.device,
+                    [&] { cpu::rotary_embedding(positions, query, key, cos_sin_cache, is_neox, stream); });
+}
+
+void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, TensorView value_cache,
+                       TensorView slot_mapping, Stream stream) {
+  TIDAL_CHECK(key.ndim == 3, "key must be 3-D [num_tokens, num_kv_heads, head_dim], got shape ", key.shape_str());
+  check_last_dim_contiguous(key, "key");
+  check_last_dim_contiguous(value, "value");
+  check_float(key, "key");
+  TIDAL_CHECK(value.ndim == 3 && value.size(0) == key.size(0) && value.size(1) == key.size(1) &&
+                  value.size(2) == key.size(2),
+              "value.shape=", value.shape_str(), " must equal key.shape=", key.shape_str());
+  check_dtype(value, "value", key.dtype, "key");
+  check_device(value, "value", key, "key");
+  TIDAL_CHECK(key_cache.ndim == 4 && key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
+              "key_cache.shape=", key_cache.shape_str(), " must be [num_blocks, block_size, num_kv_heads, head_dim] ",
+              "with num_kv_heads, head_dim = ", key.size(1), ", ", key.size(2), " (from key)");
+  TIDAL_CHECK(key_cache.is_contiguous(), "key_cache must be contiguous");
+  TIDAL_CHECK(value_cache.ndim == 4 && value_cache.size(0) == key_cache.size(0) &&
+                  value_cache.size(1) == key_cache.size(1) && value_cache.size(2) == key_cache.size(2) &&
+                  value_cache.size(3) == key_cache.size(3),
+              "value_cache.shape=", value_cache.shape_str(), " must equal key_cache.shape=", key_cache.shape_str());
+  TIDAL_CHECK(value_cache.is_contiguous(), "value_cache must be contiguous");
+  check_dtype(key_cache, "key_cache", key.dtype, "key");
+  check_dtype(value_cache, "value_cache", key.dtype, "key");
+  check_device(key_cache, "key_cache", key, "key");
+  check_device(value_cache, "value_cache", key, "key");
+  check_dtype(slot_mapping, "slot_mapping", DType::kInt64);
+  check_vector(slot_mapping, "slot_mapping", key.size(0), "num_tokens");
+  check_device(slot_mapping, "slot_mapping", key, "key");
+  TIDAL_CHECK(!detail::overlaps(key_cache, value_cache), "key_cache and value_cache overlap in memory");
+  TIDAL_CHECK(!detail::overlaps(key_cache, key) && !detail::overlaps(key_cache, value) &&
+                  !detail::overlaps(value_cache, key) && !detail::overlaps(value_cache, value),
+              "key or value overlaps a cache in memory");
+  if (key.numel() == 0) return;
+  if (slot_mapping.device.is_cpu()) check_slots(slot_mapping, key_cache.size(0) * key_cache.size(1));
+  dispatch_cpu_only("reshape_and_cache", key.device,
+                    [&] { cpu::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, stream); });
+}
+
+void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
+                     TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
+                     int64_t sliding_window, Stream stream) {
+  TIDAL_CHECK(query.ndim == 3, "query must be 3-D [num_tokens, num_heads, head_dim], got shape ",
+              query.shape_str());
+  check_last_dim_contiguous(query, "query");
+  check_float(query, "query");
+  const int64_t num_tokens = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
+  TIDAL_CHECK(head_dim >= 1 && head_dim <= cpu::kPagedAttentionMaxHeadDim, "head_dim=query.shape[2]=", head_dim,
+              " must be in [1, ", cpu::kPagedAttentionMaxHeadDim, "]");
+  TIDAL_CHECK(out.ndim == 3 && out.size(0) == num_tokens && out.size(1) == num_heads && out.size(2) == head_dim,
+              "out.shape=", out.shape_str(), " must equal query.shape=", query.shape_str());
+  check_last_dim_contiguous(out, "out");
+  check_dtype(out, "out", query.dtype, "query");
+  check_device(out, "out", query, "query");
+  TIDAL_CHECK(key_cache.ndim == 4, "key_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim], got ",
+              "shape ", key_cache.shape_str());
+  TIDAL_CHECK(key_cache.is_contiguous(), "key_cache must be contiguous");
+  const int64_t num_blocks = key_cache.size(0), block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
+  TIDAL_CHECK(block_size >= 1, "block_size=key_cache.shape[1]=", block_size, " must be positive");
+  TIDAL_CHECK(key_cache.size(3) == head_dim, "key_cache.shape[3]=", key_cache.size(3),
+              " must equal head_dim=query.shape[2]=", head_dim);
+  TIDAL_CHECK(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, "num_heads=query.shape[1]=", num_heads,
+              " must be a multiple of num_kv_heads=key_cache.shape[2]=", num_kv_heads);
+  TIDAL_CHECK(value_cache.ndim == 4 && value_cache.size(0) == num_blocks && value_cache.size(1) == block_size &&
+                  value_cache.size(2) == num_kv_heads && value_cache.size(3) == head_dim,
+              "value_cache.shape=", value_cache.shape_str(), " must equal key_cache.shape=", key_cache.shape_str());
+  TIDAL_CHECK(value_cache.is_contiguous(), "value_cache must be contiguous");
+  check_dtype(key_cache, "key_cache", query.dtype, "query");
+  check_dtype(value_cache, "value_cache", query.dtype, "query");
+  check_device(key_cache, "key_cache", query, "query");
+  check_device(value_cache, "value_cache", query, "query");
+  TIDAL_CHECK(block_tables.ndim == 2, "block_tables must be 2-D [num_seqs, max_num_blocks], got shape ",
+              block_tables.shape_str());
+  const int64_t num_seqs = block_tables.size(0);
+  check_dtype(block_tables, "block_tables", DType::kInt32);
+  check_vector(seq_lens, "seq_lens", num_seqs, "num_seqs");
+  check_dtype(seq_lens, "seq_lens", DType::kInt32);
+  check_vector(cu_seqlens_q, "cu_seqlens_q", num_seqs + 1, "num_seqs + 1");
+  check_dtype(cu_seqlens_q, "cu_seqlens_q", DType::kInt32);
+  check_device(block_tables, "block_tables", query, "query");
+  check_device(seq_lens, "seq_lens", query, "query");
+  check_device(cu_seqlens_q, "cu_seqlens_q", query, "query");
+  TIDAL_CHECK(std::isfinite(scale), "scale=", scale, " must be finite");
+  TIDAL_CHECK(!detail::overlaps(out, query) && !detail::overlaps(out, key_cache) &&
+                  !detail::overlaps(out, value_cache),
+              "out overlaps query or a cache in memory; pass a distinct out");
+  if (query.device.is_cpu()) {
+    check_paged_metadata(block_tables, seq_lens, cu_seqlens_q, num_tokens, num_blocks, block_size, sliding_window);
+  }
+  if (num_tokens == 0 || num_heads == 0) return;
+  dispatch_cpu_only("paged_attention", query.device, [&] {
+    cpu::paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                         sliding_window, stream);
+  });
+}
+
+}  // namespace tidal::ops

@@ -1,0 +1,234 @@
+"""The typed view of a Hugging Face ``config.json`` that tidal's model definitions read.
+
+``ModelConfig.from_pretrained(path)`` parses the file once, fills in the defaults transformers' own
+config classes use for keys a checkpoint leaves out, and rejects what tidal cannot run (an unknown
+architecture, an activation other than SiLU, a RoPE variant it does not implement) with an error that
+names the value.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Architectures (``config.json`` "architectures") the Llama-family definition runs.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# Used only when a config has no "architectures" entry (e.g. written by PretrainedConfig.save_pretrained).
+_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+#: RoPE variants implemented by tidal.models.rope ("default" is stored as ``rope_scaling=None``).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float": torch.float32, "half": torch.float16}
+
+# NOTE(models): defaults of transformers' config classes for keys a config.json may omit, so a
+# sparse config means here what it means there (Qwen3's head_dim defaults to 128, not hidden/heads).
+_DEFAULT_MAX_POSITIONS = {"LlamaForCausalLM": 2048, "MistralForCausalLM": 4096 * 32,
+                          "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a Llama-family model needs from its ``config.json``.
+
+    Attributes
+    ----------
+    architecture : str
+        One of :data:`SUPPORTED_ARCHITECTURES`.
+    head_dim : int
+        Per-head size: the explicit ``head_dim`` when the config has one, else
+        ``hidden_size // num_attention_heads`` (128 for Qwen3, as transformers).
+    rope_theta : float
+        The RoPE base.
+    rope_scaling : dict or None
+        None for plain RoPE; else the scaling parameters with a normalised ``"rope_type"`` key
+        (``linear``: factor; ``dynamic``: factor; ``llama3``: factor, low_freq_factor,
+        high_freq_factor, original_max_position_embeddings).
+    attention_bias : bool
+        q/k/v projections have a bias (Llama's flag; always true for Qwen2).
+    o_proj_bias : bool
+        The output projection has a bias (Llama and Qwen3 with ``attention_bias``; never Qwen2).
+    qk_norm : bool
+        Per-head RMSNorm of q and k before RoPE (Qwen3).
+    sliding_window : int or None
+        Attention window in tokens, counting the query itself (a query at position ``p`` sees keys
+        ``p - sliding_window + 1 .. p``); None when no layer uses one.
+    sliding_window_layers : tuple of bool
+        Per layer, whether it uses ``sliding_window`` (Qwen2/Qwen3 use it only from
+        ``max_window_layers`` on; Mistral on every layer).
+    dtype : torch.dtype or None
+        The checkpoint's dtype ("dtype" or "torch_dtype"), None when the config has none.
+    eos_token_ids : tuple of int
+        Every end-of-sequence id (configs may hold one id or a list).
+    hf_config : dict
+        The parsed config.json, unchanged, for saving a model back in Hugging Face format.
+    """
+
+    architecture: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    sliding_window_layers: tuple[bool, ...]
+    hidden_act: str
+    dtype: torch.dtype | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    hf_config: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        """Read ``<path>/config.json`` (or ``path`` itself when it is a file)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not path.exists():
+            raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        if not file.is_file():
+            raise FileNotFoundError(f"no config.json in {str(path)!r}")
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(raw, source=str(file))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
+        """Build from an already parsed config.json; ``source`` names it in error messages."""
+        arch = _architecture(raw, source)
+
+        def need(key: str):
+            if raw.get(key) is None:
+                raise ValueError(f"{source}: required key {key!r} is missing")
+            return raw[key]
+
+        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        num_layers = int(need("num_hidden_layers"))
+        head_dim = raw.get("head_dim")
+        if head_dim is None:
+            head_dim = 128 if arch == "Qwen3ForCausalLM" else hidden // heads
+        kv_heads = raw.get("num_key_value_heads")
+        kv_heads = heads if kv_heads is None else int(kv_heads)
+        if kv_heads <= 0 or heads % kv_heads != 0:
+            raise ValueError(f"{source}: num_attention_heads={heads} must be a multiple of "
+                             f"num_key_value_heads={kv_heads}")
+
+        act = raw.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # transformers' ACT2FN maps both names to SiLU
+            raise ValueError(f"{source}: hidden_act={act!r} is not supported; only 'silu' is")
+
+        attention_bias = bool(raw.get("attention_bias", False))
+        o_proj_bias = attention_bias
+        if arch == "Qwen2ForCausalLM":
+            attention_bias, o_proj_bias = True, False
+        elif arch == "MistralForCausalLM":
+            attention_bias = o_proj_bias = False
+
+        sliding_window, window_layers = _sliding_window(raw, arch, num_layers, source)
+        rope_theta, rope_scaling = _rope(raw, source)
+        max_pos = int(raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch])
+        if rope_scaling is not None and rope_scaling["rope_type"] == "llama3":
+            rope_scaling.setdefault("original_max_position_embeddings", max_pos)
+
+        eos = raw.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+        return cls(
+            architecture=arch, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, head_dim=int(head_dim),
+            intermediate_size=int(need("intermediate_size")), vocab_size=int(need("vocab_size")),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias, o_proj_bias=o_proj_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
+            qk_norm=arch == "Qwen3ForCausalLM", sliding_window=sliding_window,
+            sliding_window_layers=window_layers, hidden_act="silu", dtype=_dtype(raw, source),
+            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, hf_config=raw)
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The attention window of layer ``layer`` in tokens, or None for full attention."""
+        return self.sliding_window if self.sliding_window_layers[layer] else None
+
+
+def _architecture(raw: dict, source: str) -> str:
+    archs = raw.get("architectures") or []
+    if not archs and raw.get("model_type") in _ARCHITECTURE_OF_MODEL_TYPE:
+        archs = [_ARCHITECTURE_OF_MODEL_TYPE[raw["model_type"]]]
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    named = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
+    raise ValueError(f"{source}: architecture {named!r} is not supported; supported: "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _dtype(raw: dict, source: str) -> torch.dtype | None:
+    name = raw.get("dtype", raw.get("torch_dtype"))
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"{source}: dtype={name!r} is not supported; expected one of float32, float16, bfloat16")
+    return _DTYPES[name]
+
+
+def _sliding_window(raw: dict, arch: str, num_layers: int, source: str) -> tuple[int | None, tuple[bool, ...]]:
+    window = raw.get("sliding_window")
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not raw.get("use_sliding_window", False):
+        window = None
+    if arch == "LlamaForCausalLM" or window is None:
+        return None, (False,) * num_layers
+    window = int(window)
+    if window <= 0:
+        raise ValueError(f"{source}: sliding_window={window} must be positive")
+    if arch == "MistralForCausalLM":
+        return window, (True,) * num_layers
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        first = int(raw.get("max_window_layers", 28))
+        layers = tuple(i >= first for i in range(num_layers))
+    else:
+        if len(layer_types) != num_layers:
+            raise ValueError(f"{source}: layer_types has {len(layer_types)} entries for {num_layers} layers")
+        layers = tuple(t == "sliding_attention" for t in layer_types)
+    return (window if any(layers) else None), layers
+
+
+def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from any of the three layouts: transformers 5's ``rope_parameters``
+    (theta inside, ``rope_type``), or legacy top-level ``rope_theta`` plus ``rope_scaling`` with
+    ``rope_type`` or ``type``."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    params = dict(params)
+    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    params.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{source}: rope_type={rope_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    if rope_type == "default":
+        return theta, None
+    required = {"linear": ("factor",), "dynamic": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+    for key in required:
+        if params.get(key) is None:
+            raise ValueError(f"{source}: rope_type={rope_type!r} needs {key!r} in its RoPE parameters")
+    params["rope_type"] = rope_type
+    return theta, params

@@ -1,0 +1,398 @@
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2 and Qwen3 from one definition, chosen by config.
+
+One set of weights, two forward modes:
+
+- serving: a flat batch of new tokens (``input_ids [num_tokens]``) with positions, an
+  :class:`AttentionMetadata` and a paged KV cache per layer; tidal's fused ops throughout
+  (``rms_norm`` / ``fused_add_rms_norm_`` carrying the residual stream, ``rotary_embedding_`` in place
+  on views of the fused qkv output, ``reshape_and_cache_`` + ``paged_attention``, ``silu_and_mul``).
+  Returns the final hidden states; :meth:`LlamaForCausalLM.compute_logits` turns the rows the
+  sampler needs into fp32 logits.
+- training: ``input_ids [batch, seq]`` without metadata; differentiable ops only (pure-torch rotary,
+  torch's ``scaled_dot_product_attention``) and logits ``[batch, seq, vocab]``.
+
+Parameters are fused where the kernels want them fused: ``qkv_proj`` holds the q, k and v rows (in
+that order) of Hugging Face's three projections, ``gate_up_proj`` the gate then up rows.
+:meth:`LlamaForCausalLM.load_weights` and :meth:`LlamaForCausalLM.hf_state_dict` translate to and from
+Hugging Face's tensor names.
+"""
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tidal.ops as ops
+from tidal.models import rope
+from tidal.models.attention import AttentionMetadata
+from tidal.models.config import ModelConfig
+
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _linear(in_features: int, out_features: int, bias: bool, dtype, device) -> nn.Linear:
+    # Uninitialised: the weights come from a checkpoint or initialize_weights().
+    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype, device=device)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotary (pure torch, differentiable): ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype, device):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.sliding_window = config.layer_sliding_window(layer)
+        self.qkv_proj = _linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias,
+                                dtype, device)
+        self.o_proj = _linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype, device)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Serving. ``hidden`` [num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # strided views of qkv, no copies
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        ops.rotary_embedding_(positions, q, k, self.head_dim, cos_sin_cache, True)
+        key_cache, value_cache = kv_cache
+        ops.reshape_and_cache_(k, v, key_cache, value_cache, attn.slot_mapping)
+        out = ops.paged_attention(q, key_cache, value_cache, attn.block_tables, attn.seq_lens,
+                                  attn.cu_seqlens_q, self.scale,
+                                  -1 if self.sliding_window is None else self.sliding_window)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def forward_train(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Training. ``hidden`` [batch, seq, hidden_size]; ``cos``/``sin`` [seq, head_dim]."""
+        batch, seq = hidden.shape[:2]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        q = _rotate(q, cos, sin).transpose(1, 2)  # [batch, num_heads, seq, head_dim]
+        k = _rotate(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        kwargs = {}
+        if self.num_kv_heads != self.num_heads:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                groups = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if self.sliding_window is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **kwargs)
+        else:
+            i = torch.arange(seq, device=hidden.device)
+            distance = i[:, None] - i[None, :]  # query - key
+            mask = (distance >= 0) & (distance < self.sliding_window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **kwargs)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype, device):
+        super().__init__()
+        self.gate_up_proj = _linear(config.hidden_size, 2 * config.intermediate_size, config.mlp_bias,
+                                    dtype, device)
+        self.down_proj = _linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(config, layer, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = LlamaMLP(config, dtype, device)
+
+    def forward(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache):
+        """Serving. Returns (hidden, residual): the residual stream stays un-normalised in
+        ``residual`` and each norm adds the previous block's output into it in place."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, hidden = hidden, norm(hidden)
+        else:
+            ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
+        hidden = self.self_attn(hidden, positions, cos_sin_cache, attn, kv_cache)
+        norm = self.post_attention_layernorm
+        ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
+        return self.mlp(hidden), residual
+
+    def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.forward_train(self.input_layernorm(x), cos, sin)
+        return x + self.mlp.forward_train(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype, device):
+        super().__init__()
+        self.embed_tokens = nn.utils.skip_init(nn.Embedding, config.vocab_size, config.hidden_size,
+                                               dtype=dtype, device=device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3), parameters fused for tidal's ops.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        The parsed config.json.
+    dtype : torch.dtype
+        Parameter and activation dtype (the rotary table is always fp32).
+    device : torch.device or str
+        Where parameters live. They are left uninitialised: call :meth:`load_weights` or
+        :meth:`initialize_weights`.
+
+    Attributes
+    ----------
+    num_layers, num_kv_heads, head_dim : int
+        What the engine needs to allocate KV caches: one ``(key_cache, value_cache)`` pair per layer,
+        each ``[num_blocks, block_size, num_kv_heads, head_dim]`` in the model's dtype.
+    cos_sin_cache : torch.Tensor
+        ``[num_positions, head_dim]`` fp32 rotary table (buffer, not saved): ``max_position_embeddings``
+        rows, more after :meth:`ensure_rope_positions`.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.config = config
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.model = LlamaModel(config, dtype, device)
+        self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._dynamic_rope = config.rope_scaling is not None and config.rope_scaling["rope_type"] == "dynamic"
+        self.register_buffer("cos_sin_cache", rope.build_cos_sin_cache(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling,
+            device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        """Shape of one layer's key (and value) cache."""
+        return (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
+        """Bytes one block takes over all layers, keys and values: what to divide free memory by."""
+        itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def ensure_rope_positions(self, num_positions: int) -> None:
+        """Grow ``cos_sin_cache`` to cover positions ``0 .. num_positions - 1`` (no-op when it does).
+
+        The table starts at ``max_position_embeddings`` rows and the serving forward grows it on
+        demand (max_model_len past that, e.g. with llama3 or linear RoPE scaling); an engine that
+        captures CUDA graphs calls this with its max_model_len first, so the table's address is fixed.
+        Dynamic NTK needs no rows past ``max_position_embeddings``: longer sequences get their own.
+        """
+        rows = self.cos_sin_cache.shape[0]
+        if num_positions <= rows or self._dynamic_rope:
+            return
+        cfg = self.config
+        self.cos_sin_cache = rope.build_cos_sin_cache(cfg.head_dim, max(num_positions, 2 * rows), cfg.rope_theta,
+                                                      cfg.rope_scaling, device=self.cos_sin_cache.device)
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attn: AttentionMetadata | None = None,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Serving (``attn`` given) or training (``attn`` None) forward.
+
+        Serving: ``input_ids`` and ``positions`` ``[num_tokens]`` int64 (sequence after sequence, as
+        ``attn.cu_seqlens_q`` says), ``kv_caches`` one ``(key_cache, value_cache)`` per layer, each
+        ``[num_blocks, block_size, num_kv_heads, head_dim]``; the new tokens' keys and values are
+        written at ``attn.slot_mapping``. Returns the final-normed hidden states
+        ``[num_tokens, hidden_size]`` (feed the rows to sample to :meth:`compute_logits`). Runs
+        without autograd.
+
+        Training: ``input_ids`` ``[batch, seq]``, every sequence starting at position 0 (right
+        padding is harmless under the causal mask). Returns logits ``[batch, seq, vocab_size]`` in
+        the model's dtype, differentiable.
+        """
+        if attn is None:
+            return self._forward_train(input_ids)
+        if positions is None or kv_caches is None:
+            raise ValueError("serving forward needs positions and kv_caches along with attn")
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"len(kv_caches)={len(kv_caches)} must equal num_layers={self.num_layers}")
+        with torch.no_grad():
+            rope_positions, cos_sin_cache = self._rope_inputs(positions, attn)
+            hidden, residual = self.model.embed_tokens(input_ids), None
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                hidden, residual = layer(hidden, residual, rope_positions, cos_sin_cache, attn, kv_cache)
+            norm = self.model.norm
+            ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
+            return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [num_rows, hidden_size] -> logits [num_rows, vocab_size] fp32."""
+        with torch.no_grad():
+            return self.lm_head(hidden).float()
+
+    def _rope_inputs(self, positions: torch.Tensor, attn: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, table) for rotary_embedding_: the model's table, unless a sequence is past
+        max_position_embeddings under dynamic NTK (see tidal.models.rope): then a per-token table
+        ``[num_tokens, head_dim]`` indexed by row number, with those sequences' rows computed for
+        their own length. The check reads only ``attn.max_seqlen_k`` (a host int): no sync otherwise."""
+        max_pos = self.config.max_position_embeddings
+        if not self._dynamic_rope or attn.max_seqlen_k <= max_pos:
+            self.ensure_rope_positions(attn.max_seqlen_k)
+            return positions, self.cos_sin_cache
+        cfg = self.config
+        # [num_tokens, head_dim]; rows of the sequences past max_pos are overwritten below
+        table = self.cos_sin_cache[positions.clamp(max=self.cos_sin_cache.shape[0] - 1)]
+        cu, seq_lens = attn.cu_seqlens_q.tolist(), attn.seq_lens.tolist()
+        for s, seq_len in enumerate(seq_lens):
+            if seq_len > max_pos and cu[s + 1] > cu[s]:
+                freqs = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len, max_pos)
+                table[cu[s]:cu[s + 1]] = rope.cos_sin(positions[cu[s]:cu[s + 1]], freqs)
+        return torch.arange(positions.shape[0], dtype=positions.dtype, device=positions.device), table
+
+    def _forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq] without attn metadata, got shape {tuple(input_ids.shape)}")
+        cfg, seq = self.config, input_ids.shape[1]
+        if seq <= self.cos_sin_cache.shape[0]:
+            table = self.cos_sin_cache[:seq]
+        else:  # past max_position_embeddings: dynamic NTK rescales (transformers: seq_len = seq)
+            freqs = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq, cfg.max_position_embeddings)
+            table = rope.cos_sin(torch.arange(seq, device=input_ids.device), freqs)
+        half = cfg.head_dim // 2
+        cos = table[:, :half].repeat(1, 2).to(self.dtype)  # [seq, head_dim], as transformers' cat((f, f))
+        sin = table[:, half:].repeat(1, 2).to(self.dtype)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer.forward_train(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    # ---- weights -----------------------------------------------------------------------------------
+
+    def _hf_targets(self) -> dict[str, tuple[torch.Tensor, int | None, int | None]]:
+        """Hugging Face tensor name -> (parameter, first row, end row) it occupies (rows None = all)."""
+        cfg = self.config
+        targets = {"model.embed_tokens.weight": (self.model.embed_tokens.weight, None, None)}
+        for i, layer in enumerate(self.model.layers):
+            p, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
+            q, kv = attn.q_size, attn.kv_size
+            for suffix in ("weight", "bias") if cfg.attention_bias else ("weight",):
+                fused = getattr(attn.qkv_proj, suffix)
+                targets[f"{p}self_attn.q_proj.{suffix}"] = (fused, 0, q)
+                targets[f"{p}self_attn.k_proj.{suffix}"] = (fused, q, q + kv)
+                targets[f"{p}self_attn.v_proj.{suffix}"] = (fused, q + kv, q + 2 * kv)
+            for suffix in ("weight", "bias") if cfg.o_proj_bias else ("weight",):
+                targets[f"{p}self_attn.o_proj.{suffix}"] = (getattr(attn.o_proj, suffix), None, None)
+            if cfg.qk_norm:
+                targets[f"{p}self_attn.q_norm.weight"] = (attn.q_norm.weight, None, None)
+                targets[f"{p}self_attn.k_norm.weight"] = (attn.k_norm.weight, None, None)
+            inter = cfg.intermediate_size
+            for suffix in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+                fused = getattr(mlp.gate_up_proj, suffix)
+                targets[f"{p}mlp.gate_proj.{suffix}"] = (fused, 0, inter)
+                targets[f"{p}mlp.up_proj.{suffix}"] = (fused, inter, 2 * inter)
+                targets[f"{p}mlp.down_proj.{suffix}"] = (getattr(mlp.down_proj, suffix), None, None)
+            targets[f"{p}input_layernorm.weight"] = (layer.input_layernorm.weight, None, None)
+            targets[f"{p}post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, None, None)
+        targets["model.norm.weight"] = (self.model.norm.weight, None, None)
+        if not cfg.tie_word_embeddings:
+            targets["lm_head.weight"] = (self.lm_head.weight, None, None)
+        return targets
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the (fused) parameters, converting dtype and device.
+
+        ``rotary_emb.inv_freq`` buffers are skipped, and so is ``lm_head.weight`` when the
+        embeddings are tied. Raises ValueError naming the tensor for an unexpected name or a shape
+        mismatch, and naming the missing ones once ``weights`` is exhausted.
+        """
+        targets, loaded = self._hf_targets(), set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                    continue
+                if name not in targets:
+                    raise ValueError(f"unexpected tensor {name!r} for {self.config.architecture}")
+                param, lo, hi = targets[name]
+                dst = param if lo is None else param[lo:hi]
+                if tuple(tensor.shape) != tuple(dst.shape):
+                    raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+                dst.copy_(tensor)
+                loaded.add(name)
+        missing = [name for name in targets if name not in loaded]
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:8]) + (", ..." if len(missing) > 8 else "")
+            raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint: {shown}")
+
+    def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)`` in Hugging Face's unfused layout (no ``lm_head.weight`` when tied).
+
+        The tensors are detached views of the parameters (row slices of the fused ones); clone them
+        before handing them to ``safetensors`` (which refuses tensors sharing storage).
+        """
+        for name, (param, lo, hi) in self._hf_targets().items():
+            yield name, (param.detach() if lo is None else param.detach()[lo:hi])
+
+    def initialize_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+        """Fresh weights for training from scratch, as transformers initialises them: linear and
+        embedding weights ~ N(0, std) (std defaults to the config's ``initializer_range``, else
+        0.02), biases 0, norm weights 1."""
+        std = self.config.hf_config.get("initializer_range", 0.02) if std is None else std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.normal_(0.0, std, generator=generator)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)

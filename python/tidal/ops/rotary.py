@@ -1,0 +1,118 @@
+"""Rotary position embedding, in place, as a torch op (``torch.ops.tidal.rotary_embedding_``).
+
+The query and key may be strided views (slices of a fused qkv projection output); they are
+rotated through those views without copies. CPU kernel now; CUDA tensors get the core's
+"no CUDA kernel yet" error.
+"""
+
+import torch
+
+from tidal.ops._lib import capsule, lib, native, stream_of
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+lib.define("rotary_embedding_(Tensor positions, Tensor(a!) query, Tensor(b!) key, int head_dim, "
+           "Tensor cos_sin_cache, bool is_neox) -> ()")
+
+
+def _check_heads(t: torch.Tensor, name: str, head_dim: int, num_tokens: int) -> None:
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [num_tokens, num_heads, head_dim] or [num_tokens, num_heads * head_dim], "
+                         f"got shape {tuple(t.shape)}")
+    if t.shape[0] != num_tokens:
+        raise ValueError(f"{name}.shape[0]={t.shape[0]} must equal num_tokens=positions.shape[0]={num_tokens}")
+    if t.dim() == 3 and t.shape[2] != head_dim:
+        raise ValueError(f"{name}.shape[2]={t.shape[2]} must equal head_dim={head_dim}")
+    if t.dim() == 2 and t.shape[1] % head_dim:
+        raise ValueError(f"{name}.shape[1]={t.shape[1]} must be a multiple of head_dim={head_dim}")
+
+
+def _check(positions, query, key, head_dim, cos_sin_cache) -> None:
+    if positions.dtype != torch.int64:
+        raise ValueError(f"positions.dtype={positions.dtype} must be torch.int64")
+    if positions.dim() != 1:
+        raise ValueError(f"positions must be 1-D [num_tokens], got shape {tuple(positions.shape)}")
+    if head_dim <= 0:
+        raise ValueError(f"head_dim={head_dim} must be positive")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"query.dtype={query.dtype} is not supported; expected float32, float16 or bfloat16")
+    if key.dtype != query.dtype:
+        raise ValueError(f"key.dtype={key.dtype} must equal query.dtype={query.dtype}")
+    _check_heads(query, "query", head_dim, positions.shape[0])
+    _check_heads(key, "key", head_dim, positions.shape[0])
+    if cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"cos_sin_cache.dtype={cos_sin_cache.dtype} must be torch.float32")
+    if cos_sin_cache.dim() != 2:
+        raise ValueError(f"cos_sin_cache must be 2-D [max_position, rotary_dim], got shape {tuple(cos_sin_cache.shape)}")
+    rotary_dim = cos_sin_cache.shape[1]
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim=cos_sin_cache.shape[1]={rotary_dim} must be even, positive and "
+                         f"<= head_dim={head_dim}")
+    for name, t in (("key", key), ("positions", positions), ("cos_sin_cache", cos_sin_cache)):
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+
+
+def _writable_view(t: torch.Tensor) -> bool:
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def _rotary_embedding_impl(positions, query, key, head_dim, cos_sin_cache, is_neox):
+    _check(positions, query, key, head_dim, cos_sin_cache)
+    if positions.shape[0] == 0:
+        return
+    cache = cos_sin_cache if _writable_view(cos_sin_cache) else cos_sin_cache.contiguous()
+    # NOTE(tidal): the kernel writes through the views it is given; a view whose last dim is not
+    # contiguous is rotated in a contiguous copy and copied back.
+    q = query if _writable_view(query) else query.contiguous()
+    k = key if _writable_view(key) else key.contiguous()
+    native.rotary_embedding(capsule(positions), capsule(q), capsule(k), head_dim, capsule(cache), is_neox,
+                            stream_of(query))
+    if q is not query:
+        query.copy_(q)
+    if k is not key:
+        key.copy_(k)
+
+
+for _key in ("CPU", "CUDA"):
+    lib.impl("rotary_embedding_", _rotary_embedding_impl, _key)
+
+
+@torch.library.register_fake("tidal::rotary_embedding_")
+def _rotary_embedding_fake(positions, query, key, head_dim, cos_sin_cache, is_neox):
+    _check(positions, query, key, head_dim, cos_sin_cache)
+
+
+def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int,
+                      cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
+    r"""Rotary position embedding (RoPE), applied in place to ``query`` and ``key``.
+
+    For token ``t`` at position ``p = positions[t]``, every head's first ``rotary_dim`` entries are
+    rotated in pairs :math:`(x_1, x_2)` by the angles of row ``p`` of the table:
+
+    .. math:: x_1' = x_1 \cos\theta - x_2 \sin\theta, \qquad x_2' = x_2 \cos\theta + x_1 \sin\theta
+
+    in fp32, rounded once. ``is_neox=True`` pairs ``(i, i + rotary_dim/2)``, which is
+    ``x * cos + rotate_half(x) * sin`` of Hugging Face Llama / Qwen / Mistral; ``False`` pairs
+    ``(2i, 2i + 1)`` (GPT-J). Entries past ``rotary_dim`` are left untouched.
+
+    Parameters
+    ----------
+    positions : torch.Tensor
+        ``[num_tokens]`` int64, each in ``[0, max_position)``; otherwise ``IndexError`` naming it
+        (raised before anything is written).
+    query : torch.Tensor
+        ``[num_tokens, num_heads, head_dim]`` or ``[num_tokens, num_heads * head_dim]``; float32 /
+        float16 / bfloat16; any strides (slices of a fused qkv output are rotated through the view).
+    key : torch.Tensor
+        ``[num_tokens, num_kv_heads, head_dim]`` or 2-D likewise; same dtype as ``query``; must not
+        share elements with ``query``.
+    head_dim : int
+        Size of one head (makes the 2-D forms unambiguous).
+    cos_sin_cache : torch.Tensor
+        ``[max_position, rotary_dim]`` float32: row ``p`` is ``cos(p * inv_freq)`` then
+        ``sin(p * inv_freq)``; ``rotary_dim`` even and ``<= head_dim``.
+    is_neox : bool
+        Neox (rotate_half) pairing when True, GPT-J interleaved pairing when False.
+    """
+    torch.ops.tidal.rotary_embedding_(positions, query, key, head_dim, cos_sin_cache, is_neox)

@@ -1,0 +1,411 @@
+"""The serving engine: the C++ scheduler and KV cache manager, the model runner, and the per-request
+bookkeeping (sampling state, detokenization, stop strings, outputs) around them.
+
+Each ``step()`` asks the scheduler for one flat batch (chunked prefills mixed with decodes under one
+token budget), runs the model over it with paged attention, samples the rows that reached the end
+of their known tokens, hands the tokens back to the scheduler (which applies token stop conditions
+and frees finished requests' blocks), and returns the outputs that changed.
+"""
+
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tidal import _core
+from tidal.models.attention import AttentionMetadata
+from tidal.models.loader import load_model
+from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tidal.serve.sampler import SequenceSampling, sample
+from tidal.serve.sampling_params import SamplingParams
+from tidal.tokenizer import IncrementalDetokenizer, Tokenizer
+
+_sched = _core.sched
+_Status = _sched.RequestStatus
+_FINISH_REASONS = {
+    _Status.FINISHED_STOPPED: "stop",
+    _Status.FINISHED_LENGTH: "length",
+    _Status.FINISHED_ABORTED: "abort",
+    _Status.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class EngineConfig:
+    """The engine options of ``tidal.LLM`` (vLLM's names)."""
+
+    model: str
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be None or an integer >= 1")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction!r} must be in (0, 1]")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len={self.max_model_len!r} must be None or an integer >= 2")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is the CPU until the GPU serving kernels land; "cpu" and "cuda[:N]" are taken as given."""
+    if device == "auto":
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a valid device: {e}") from None
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# NOTE(tidal): on the CPU the KV cache competes with everything else in host memory, so the default
+# budget is capped (vLLM's CPU backend caps it too); num_kv_blocks overrides it.
+_CPU_KV_CACHE_CAP_BYTES = 4 << 30
+
+
+def kv_cache_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers: keys and values."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
+
+
+def default_num_kv_blocks(model, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
+    per_block = kv_cache_bytes_per_block(model, config.block_size, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = config.kv_cache_memory_fraction * total - (total - free)
+    else:
+        budget = min(config.kv_cache_memory_fraction * _available_host_memory(), _CPU_KV_CACHE_CAP_BYTES)
+    return max(int(budget // per_block), 0)
+
+
+@dataclass
+class _Sequence:
+    """One sample of one request, as the engine tracks it."""
+
+    seq_id: int
+    index: int
+    request: "_Request"
+    sampling: SequenceSampling
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: list[dict[int, float]] | None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(self.index, self.text, list(self.sampling.output_token_ids), self.finish_reason,
+                                self.stop_reason, None if self.logprobs is None else list(self.logprobs))
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[_Sequence] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids),
+                             [s.output() for s in self.seqs], self.finished, self.metrics, self.error,
+                             self.metrics.num_cached_tokens)
+
+
+class LLMEngine:
+    """Continuous batching over the paged KV cache for one model on one device."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer(config.model)
+        except ValueError:
+            self.tokenizer = None
+        self.vocab_size = self.model_config.vocab_size
+
+        max_positions = self.model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or max_positions
+        if self.max_model_len > max_positions and not self.model_config.rope_scaling:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={max_positions}")
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            num_blocks = default_num_kv_blocks(self.model, config, self.device, self.dtype)
+        min_blocks = -(-self.max_model_len // config.block_size)
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than the "
+                f"{min_blocks} one request of max_model_len={self.max_model_len} needs; raise num_kv_blocks "
+                f"or kv_cache_memory_fraction, or lower max_model_len")
+        self.num_kv_blocks = num_blocks
+        shape = (num_blocks, config.block_size, self.model.num_kv_heads, self.model.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(self.model.num_layers)]
+        self.scheduler = _sched.Scheduler(_sched.SchedulerConfig(
+            num_kv_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching))
+        self._rng = random.Random(config.seed)
+        self._seq_ids = itertools.count(1)
+        self._requests: dict[str, _Request] = {}
+        self._seqs: dict[int, _Sequence] = {}
+        self._eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
+        if not self._eos_token_ids and self.model_config.eos_token_ids:
+            self._eos_token_ids = list(self.model_config.eos_token_ids)
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queues a prompt (text, or token ids) for generation. Bad input is a ValueError naming it."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        prompt_text, prompt_ids = self.process_prompt(prompt, params)
+        request = _Request(request_id, prompt_text, prompt_ids, params, RequestMetrics(time.monotonic()))
+        first_seq = -1
+        for index in range(params.n):
+            seq_id = next(self._seq_ids)
+            generator = None
+            if not params.is_greedy:
+                seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(seed if index == 0 else (seed * 1_000_003 + index) % (1 << 63))
+            detokenizer = None
+            if self.tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            blocked = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self._eos_token_ids)))
+            sampling = SequenceSampling(params, prompt_ids, [], generator, blocked if params.min_tokens else [])
+            seq = _Sequence(seq_id, index, request, sampling,
+                            detokenizer, [] if params.logprobs is not None else None)
+            self._seqs[seq_id] = seq
+            request.seqs.append(seq)
+            stop = _sched.StopParams(params.max_tokens, min_tokens=params.min_tokens,
+                                     stop_token_ids=params.stop_token_ids, eos_token_ids=self._eos_token_ids,
+                                     ignore_eos=params.ignore_eos)
+            self.scheduler.add_request(seq_id, prompt_ids, stop, priority=priority, share_prompt_with=first_seq)
+            if first_seq < 0:
+                first_seq = seq_id
+        self._requests[request_id] = request
+
+    def process_prompt(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids), or a ValueError naming what is wrong."""
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must be shorter than "
+                             f"max_model_len={self.max_model_len}")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids={bad} holds ids outside the vocabulary (size {self.vocab_size})")
+        return prompt_text, prompt_ids
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt={prompt[:40]!r} is text but the model has no tokenizer.json; "
+                                 "pass token ids")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise ValueError(f"prompt={prompt!r} must be a string or a list of token ids") from None
+            text = None
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:8]} are outside the vocabulary [0, {self.vocab_size})")
+        if not ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        return text, ids
+
+    def set_prompt_text(self, request_id: str, prompt: str | None) -> None:
+        """Records the prompt's text for outputs of a request added as token ids."""
+        self._requests[request_id].prompt = prompt
+
+    def abort_request(self, request_id: str) -> bool:
+        """Ends every sample of the request with finish_reason "abort" and frees its blocks."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                self.scheduler.abort_request(seq.seq_id)
+                self._finish(seq, "abort")
+        self._release(request)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict:
+        return dict(self.scheduler.stats())
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns the outputs of every request that changed."""
+        batch = self.scheduler.schedule()
+        if batch.num_seqs == 0:
+            return []
+        now = time.monotonic()
+        seq_ids = batch.request_ids.tolist()
+        for seq_id in seq_ids:
+            metrics = self._seqs[seq_id].request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+                metrics.num_cached_tokens = self.scheduler.request(seq_id).num_cached_prompt_tokens
+        needs_sample = batch.needs_sample
+        sample_ids = [s for s, need in zip(seq_ids, needs_sample.tolist()) if need]
+        try:
+            result = self._run_model(batch, [self._seqs[s].sampling for s in sample_ids])
+        except Exception as e:  # the whole step failed: each of its sequences ends in error
+            changed = set()
+            for seq_id in seq_ids:
+                seq = self._seqs[seq_id]
+                self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
+                self._fail(seq, f"{type(e).__name__}: {e}")
+                changed.add(seq.request.request_id)
+            return self._collect(changed)
+
+        sampled = np.full(len(seq_ids), -1, dtype=np.int32)
+        sampled[needs_sample] = result.token_ids
+        finished = {f.request_id: _FINISH_REASONS[f.status] for f in self.scheduler.update(batch, sampled)}
+        now = time.monotonic()
+        changed = set()
+        for row, seq_id in enumerate(sample_ids):
+            seq = self._seqs[seq_id]
+            changed.add(seq.request.request_id)
+            try:
+                self._append_token(seq, result.token_ids[row], result.logprobs[row], finished.get(seq_id), now)
+            except Exception as e:  # this request alone fails; the engine goes on
+                if finished.get(seq_id) is None:
+                    self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
+                self._fail(seq, f"{type(e).__name__}: {e}")
+        return self._collect(changed)
+
+    def _run_model(self, batch, sampling: list[SequenceSampling]):
+        device = self.device
+        cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
+        seq_lens = torch.from_numpy(batch.seq_lens)
+        attn = AttentionMetadata(
+            slot_mapping=torch.from_numpy(batch.slot_mapping).to(device),
+            block_tables=torch.from_numpy(batch.block_tables).to(device),
+            seq_lens=seq_lens.to(device),
+            cu_seqlens_q=cu_seqlens_q.to(device),
+            max_seqlen_q=int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()),
+            max_seqlen_k=int(seq_lens.max()),
+        )
+        input_ids = torch.from_numpy(batch.input_ids).to(device=device, dtype=torch.long)
+        positions = torch.from_numpy(batch.positions).to(device=device, dtype=torch.long)
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, attn, self.kv_caches)
+            last_rows = (cu_seqlens_q[1:] - 1)[torch.from_numpy(batch.needs_sample)]
+            if last_rows.numel() == 0:
+                return None
+            logits = self.model.compute_logits(hidden[last_rows.to(device)])
+            return sample(logits, sampling)
+
+    def _append_token(self, seq: _Sequence, token_id: int, logprobs, finish_reason: str | None, now: float) -> None:
+        metrics = seq.request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        seq.sampling.output_token_ids.append(token_id)
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprobs)
+        params = seq.request.params
+        if finish_reason == "stop" and token_id in params.stop_token_ids:
+            seq.stop_reason = token_id
+        if seq.detokenizer is not None:
+            before = len(seq.text)
+            seq.text += seq.detokenizer.step([token_id])
+            if params.stop_strings and finish_reason in (None, "length"):
+                hit = self._find_stop_string(seq.text, before, params)
+                if hit is not None:
+                    stop, end = hit
+                    seq.text = seq.text[:end]
+                    seq.stop_reason = stop
+                    if finish_reason is None:
+                        self.scheduler.finish_request(seq.seq_id, _Status.FINISHED_STOPPED)
+                    finish_reason = "stop"
+        if finish_reason is not None:
+            self._finish(seq, finish_reason)
+
+    @staticmethod
+    def _find_stop_string(text: str, new_from: int, params: SamplingParams):
+        """(stop string, where the kept text ends) for the earliest stop string in the new text."""
+        best = None
+        for stop in params.stop_strings:
+            start = text.find(stop, max(0, new_from - len(stop) + 1))
+            if start >= 0 and (best is None or start < best[1]):
+                end = start + len(stop) if params.include_stop_str_in_output else start
+                best = (stop, end, start)
+        return None if best is None else (best[0], best[1])
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.request.finished:
+            seq.request.metrics.finished_time = time.monotonic()
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        seq.request.error = message
+        self._finish(seq, "error")
+
+    def _release(self, request: _Request) -> None:
+        """Forgets a finished request (its blocks were freed by the scheduler already)."""
+        for seq in request.seqs:
+            self._seqs.pop(seq.seq_id, None)
+        self._requests.pop(request.request_id, None)
+
+    def _collect(self, request_ids) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            outputs.append(request.output())
+            if request.finished:
+                self._release(request)
+        return outputs

@@ -1,0 +1,117 @@
+"""``tidal.LLM``: offline batched generation, with vLLM's names so its users feel at home."""
+
+import itertools
+import sys
+
+import torch
+
+from tidal.serve.engine import EngineConfig, LLMEngine
+from tidal.serve.outputs import RequestOutput
+from tidal.serve.sampling_params import SamplingParams
+
+
+class LLM:
+    """A model loaded from a Hugging Face directory, served with continuous batching.
+
+    Parameters
+    ----------
+    model : str
+        Directory holding config.json, *.safetensors and (for text prompts) tokenizer.json.
+    dtype : str or torch.dtype
+        "auto" takes the checkpoint's dtype; or "float32", "bfloat16", "float16".
+    device : str
+        "auto" (the CPU for now), "cpu", or "cuda[:N]".
+    block_size : int
+        Tokens per KV-cache block.
+    num_kv_blocks : int or None
+        Size of the KV pool in blocks; None sizes it from ``kv_cache_memory_fraction``.
+    kv_cache_memory_fraction : float
+        Share of device memory (host memory on the CPU, capped at 4 GiB) the KV cache may take.
+    max_num_seqs, max_num_batched_tokens : int
+        Most sequences running at once; token budget of one step (long prompts are chunked).
+    max_model_len : int or None
+        Longest prompt + output; defaults to the model's max_position_embeddings.
+    enable_prefix_caching : bool
+        Reuse the KV blocks of identical prompt prefixes.
+    seed : int
+        Seeds the samples of requests that carry no seed of their own.
+    """
+
+    def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "auto", block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0):
+        self.engine = LLMEngine(EngineConfig(
+            model=model, dtype=dtype, device=device, block_size=block_size, num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching, seed=seed))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates for every prompt and returns the finished outputs in input order.
+
+        ``prompts`` is a string, a list of token ids, or a list of either. ``sampling_params`` is
+        one SamplingParams for all prompts or a list with one per prompt.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params)} entries but there are {len(prompts)} prompts")
+
+        request_ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, prompt, p)
+                request_ids.append(request_id)
+        except Exception:
+            for request_id in request_ids:  # a bad prompt leaves nothing queued behind it
+                self.engine.abort_request(request_id)
+            raise
+
+        bar = _progress_bar(len(request_ids)) if use_tqdm else None
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while len(finished) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for request_id in request_ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[r] for r in request_ids]
+
+    def stats(self) -> dict:
+        """KV pool and scheduler counters: kv_blocks_total, kv_blocks_free, prefix_cache_query_tokens,
+        prefix_cache_hit_tokens, preemptions, num_requests_running, num_requests_waiting, ..."""
+        return self.engine.stats()
+
+
+def _progress_bar(total: int):
+    if not sys.stderr.isatty():  # quiet when the output is not a terminal
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True)

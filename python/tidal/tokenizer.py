@@ -1,0 +1,105 @@
+"""Tokenizer of a Hugging Face model directory, and incremental detokenization.
+
+``tokenizer.json`` is read with the ``tokenizers`` library (the fast tokenizer transformers uses);
+``tokenizer_config.json`` and ``generation_config.json`` add the special tokens, the EOS ids and the
+chat template.
+"""
+
+import json
+import os
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_content(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Encodes text to token ids and back, as the model's fast tokenizer does.
+
+    Attributes
+    ----------
+    eos_token_ids : list of int
+        Every id that ends generation: generation_config.json's ``eos_token_id`` (an int or a
+        list), config.json's, and tokenizer_config.json's ``eos_token``.
+    chat_template : str or None
+        The Jinja chat template from tokenizer_config.json, if any.
+    """
+
+    def __init__(self, path: str):
+        tokenizer_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise ValueError(f"no tokenizer.json in {path!r}; pass prompts as lists of token ids instead")
+        self._tok = _HFTokenizer.from_file(tokenizer_file)
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        generation = _read_json(os.path.join(path, "generation_config.json"))
+        model_config = _read_json(os.path.join(path, "config.json"))
+        self.chat_template = config.get("chat_template")
+        self.bos_token = _token_content(config.get("bos_token"))
+        self.eos_token = _token_content(config.get("eos_token"))
+        eos: list[int] = []
+        for source in (generation.get("eos_token_id"), model_config.get("eos_token_id")):
+            if isinstance(source, int):
+                source = [source]
+            for token_id in source or []:
+                if token_id not in eos:
+                    eos.append(token_id)
+        if self.eos_token is not None:
+            token_id = self._tok.token_to_id(self.eos_token)
+            if token_id is not None and token_id not in eos:
+                eos.append(token_id)
+        self.eos_token_ids = eos
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token sequence, one delta at a time.
+
+    A token can end in the middle of a multi-byte character (byte-level BPE) or change how the
+    previous tokens decode (word-piece spacing). So each step decodes a short window of tokens that
+    were already emitted plus the new ones, emits only what extends the window's previous text, and
+    holds text back while it ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self.token_ids = list(prompt_token_ids)
+        # Decode from a few prompt tokens back so the first output token gets the right spacing.
+        self._prefix_offset = max(len(self.token_ids) - 5, 0)
+        self._read_offset = len(self.token_ids)
+        self.text = ""
+
+    def step(self, new_token_ids: list[int]) -> str:
+        """Appends tokens; returns the text they complete (possibly empty)."""
+        self.token_ids.extend(new_token_ids)
+        decode = self._tokenizer.decode
+        prefix_text = decode(self.token_ids[self._prefix_offset:self._read_offset], self._skip)
+        full_text = decode(self.token_ids[self._prefix_offset:], self._skip)
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            delta = full_text[len(prefix_text):]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.token_ids)
+            self.text += delta
+            return delta
+        return ""

@@ -1,0 +1,223 @@
+"""rotary_embedding_ against a pure-torch fp32 reference (Hugging Face's ``q * cos + rotate_half(q)
+* sin``, and its GPT-J interleaved twin) on CPU, through contiguous tensors and through strided
+views of a fused qkv buffer; on CUDA the op raises "no CUDA kernel yet" for now."""
+
+import pytest
+import torch
+
+import tidal
+from conftest import DEVICES, assert_close
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def ref_rotary(positions, x, head_dim, cos_sin_cache, is_neox):
+    """x: [num_tokens, heads, head_dim] or [num_tokens, heads * head_dim]; returns a rotated copy."""
+    shape = x.shape
+    xf = x.float().reshape(shape[0], -1, head_dim)
+    rotary_dim = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2]
+    rot, rest = xf[..., :rotary_dim], xf[..., rotary_dim:]
+    if is_neox:  # HF Llama: cos/sin repeated over both halves
+        cos, sin = torch.cat((cos, cos), -1)[:, None, :], torch.cat((sin, sin), -1)[:, None, :]
+        rot = rot * cos + rotate_half(rot) * sin
+    else:  # GPT-J: pairs (2i, 2i + 1)
+        cos, sin = cos.repeat_interleave(2, -1)[:, None, :], sin.repeat_interleave(2, -1)[:, None, :]
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        rot = rot * cos + rotated * sin
+    return torch.cat((rot, rest), -1).reshape(shape).to(x.dtype)
+
+
+def make_cache(max_position, rotary_dim, base=10000.0):
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    freqs = torch.arange(max_position, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def randn(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NUM_HEADS, NUM_KV_HEADS, MAX_POSITION = 4, 2, 4096
+
+
+def positions_for(num_tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, MAX_POSITION, (num_tokens,), generator=g, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("form", ["3d", "2d"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full_rotary", "partial_rotary"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_contiguous(dtype, is_neox, head_dim, partial, form):
+    num_tokens = 13
+    rotary_dim = head_dim // 2 if partial else head_dim
+    cache = make_cache(MAX_POSITION, rotary_dim)
+    positions = positions_for(num_tokens, head_dim)
+    q = randn(num_tokens, NUM_HEADS, head_dim, dtype=dtype, seed=1)
+    k = randn(num_tokens, NUM_KV_HEADS, head_dim, dtype=dtype, seed=2)
+    if form == "2d":
+        q, k = q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
+    ref_q = ref_rotary(positions, q, head_dim, cache, is_neox)
+    ref_k = ref_rotary(positions, k, head_dim, cache, is_neox)
+    q_before, k_before = q.clone(), k.clone()
+    assert tidal.ops.rotary_embedding_(positions, q, k, head_dim, cache, is_neox) is None
+    assert_close(q, ref_q)
+    assert_close(k, ref_k)
+    if partial:  # the tail of every head passes through untouched, bit for bit
+        view = lambda t: t.reshape(num_tokens, -1, head_dim)[..., rotary_dim:]  # noqa: E731
+        torch.testing.assert_close(view(q), view(q_before), atol=0, rtol=0)
+        torch.testing.assert_close(view(k), view(k_before), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("form", ["3d", "2d"])
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_views_of_fused_qkv(dtype, is_neox, form):
+    """q and k are slices of the qkv projection output: row stride (nh + 2 nkv) * hd; v and the
+    spare columns must not change."""
+    num_tokens, head_dim, rotary_dim = 11, 64, 64
+    q_size, kv_size = NUM_HEADS * head_dim, NUM_KV_HEADS * head_dim
+    qkv = randn(num_tokens, q_size + 2 * kv_size + 5, dtype=dtype, seed=3)  # 5 spare columns
+    before = qkv.clone()
+    q, k, v, _ = qkv.split([q_size, kv_size, kv_size, 5], dim=-1)
+    if form == "3d":
+        q, k = q.view(num_tokens, NUM_HEADS, head_dim), k.view(num_tokens, NUM_KV_HEADS, head_dim)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    data_ptr = qkv.data_ptr()
+    cache = make_cache(MAX_POSITION, rotary_dim)
+    positions = positions_for(num_tokens, 7)
+    ref_q = ref_rotary(positions, q, head_dim, cache, is_neox)
+    ref_k = ref_rotary(positions, k, head_dim, cache, is_neox)
+    tidal.ops.rotary_embedding_(positions, q, k, head_dim, cache, is_neox)
+    assert qkv.data_ptr() == data_ptr
+    assert_close(qkv[:, :q_size].reshape(q.shape), ref_q)
+    assert_close(qkv[:, q_size:q_size + kv_size].reshape(k.shape), ref_k)
+    torch.testing.assert_close(qkv[:, q_size + kv_size:], before[:, q_size + kv_size:], atol=0, rtol=0)
+
+
+def test_rotary_strided_positions_and_cache_rows():
+    head_dim = 64
+    cache = make_cache(2 * MAX_POSITION, head_dim)[::2]  # row stride 2 * rotary_dim
+    positions = positions_for(24, 3)[::2]  # stride 2
+    q = randn(12, NUM_HEADS, head_dim, dtype=torch.float32, seed=4)
+    k = randn(12, NUM_KV_HEADS, head_dim, dtype=torch.float32, seed=5)
+    ref_q, ref_k = ref_rotary(positions, q, head_dim, cache, True), ref_rotary(positions, k, head_dim, cache, True)
+    tidal.ops.rotary_embedding_(positions, q, k, head_dim, cache)
+    assert_close(q, ref_q)
+    assert_close(k, ref_k)
+
+
+def test_rotary_last_dim_not_contiguous_is_copied_back():
+    head_dim = 8
+    cache = make_cache(64, head_dim)
+    positions = torch.arange(5)
+    q = randn(head_dim, 2, 5, dtype=torch.float32, seed=6).permute(2, 1, 0)  # stride(-1) != 1
+    k = randn(5, 1, head_dim, dtype=torch.float32, seed=7)
+    ref_q = ref_rotary(positions, q, head_dim, cache, True)
+    tidal.ops.rotary_embedding_(positions, q, k, head_dim, cache)
+    assert_close(q, ref_q)
+
+
+def test_rotary_matches_transformers_apply_rotary_pos_emb():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    del transformers
+    head_dim, num_tokens = 64, 9
+    cache = make_cache(MAX_POSITION, head_dim)
+    positions = positions_for(num_tokens, 8)
+    q = randn(num_tokens, NUM_HEADS, head_dim, dtype=torch.float32, seed=9)
+    k = randn(num_tokens, NUM_KV_HEADS, head_dim, dtype=torch.float32, seed=10)
+    cos, sin = cache[positions].chunk(2, dim=-1)
+    cos, sin = torch.cat((cos, cos), -1)[None], torch.cat((sin, sin), -1)[None]  # [1, seq, head_dim]
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    tidal.ops.rotary_embedding_(positions, q, k, head_dim, cache)
+    assert_close(q, hf_q[0].transpose(0, 1))
+    assert_close(k, hf_k[0].transpose(0, 1))
+
+
+def test_rotary_empty():
+    cache = make_cache(16, 8)
+    q, k = torch.empty(0, 2, 8), torch.empty(0, 1, 8)
+    tidal.ops.rotary_embedding_(torch.empty(0, dtype=torch.int64), q, k, 8, cache)
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_POSITION, MAX_POSITION + 100])
+def test_bad_position_is_an_index_error_and_writes_nothing(bad):
+    head_dim = 64
+    cache = make_cache(MAX_POSITION, head_dim)
+    positions = torch.tensor([0, 5, bad, 7])
+    q, k = randn(4, NUM_HEADS, head_dim, dtype=torch.float32, seed=1), randn(4, 1, head_dim, dtype=torch.float32, seed=2)
+    q_before, k_before = q.clone(), k.clone()
+    with pytest.raises(IndexError, match=rf"positions\[2\]={bad} is out of range \[0, max_position={MAX_POSITION}\)"):
+        tidal.ops.rotary_embedding_(positions, q, k, head_dim, cache)
+    torch.testing.assert_close(q, q_before, atol=0, rtol=0)
+    torch.testing.assert_close(k, k_before, atol=0, rtol=0)
+
+
+def test_bad_arguments_name_the_argument():
+    cache, positions = make_cache(64, 8), torch.arange(3)
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    with pytest.raises(ValueError, match="positions.dtype=torch.int32 must be torch.int64"):
+        tidal.ops.rotary_embedding_(positions.int(), q, k, 8, cache)
+    with pytest.raises(ValueError, match="key.dtype=torch.float16 must equal query.dtype=torch.float32"):
+        tidal.ops.rotary_embedding_(positions, q, k.half(), 8, cache)
+    with pytest.raises(ValueError, match=r"query.shape\[2\]=8 must equal head_dim=16"):
+        tidal.ops.rotary_embedding_(positions, q, k, 16, make_cache(64, 16))
+    with pytest.raises(ValueError, match=r"key.shape\[1\]=12 must be a multiple of head_dim=8"):
+        tidal.ops.rotary_embedding_(positions, q, torch.randn(3, 12), 8, cache)
+    with pytest.raises(ValueError, match=r"rotary_dim=cos_sin_cache.shape\[1\]=16 must be even, positive and <= head_dim=8"):
+        tidal.ops.rotary_embedding_(positions, q, k, 8, make_cache(64, 16))
+    with pytest.raises(ValueError, match="cos_sin_cache.dtype=torch.float16 must be torch.float32"):
+        tidal.ops.rotary_embedding_(positions, q, k, 8, cache.half())
+    with pytest.raises(ValueError, match=r"query.shape\[0\]=3 must equal num_tokens=positions.shape\[0\]=2"):
+        tidal.ops.rotary_embedding_(positions[:2], q, k[:2], 8, cache)
+
+
+def test_native_errors_name_the_argument():
+    from torch.utils.dlpack import to_dlpack as c
+
+    from tidal import _core
+
+    cache, positions = make_cache(64, 8), torch.arange(3)
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    with pytest.raises(ValueError, match="head_dim=0 must be positive"):
+        _core.ops.rotary_embedding(c(positions), c(q), c(k), 0, c(cache), True, 0)
+    with pytest.raises(ValueError, match=r"rotary_dim=cos_sin_cache.shape\[1\]=6 must be even, positive and <= head_dim=4"):
+        _core.ops.rotary_embedding(c(positions), c(q.view(3, 4, 4)), c(k.view(3, 2, 4)), 4, c(make_cache(64, 6)), True, 0)
+    with pytest.raises(ValueError, match=r"positions.shape=\[2\] must be \[num_tokens\] = \[3\]"):
+        _core.ops.rotary_embedding(c(positions[:2]), c(q), c(k), 8, c(cache), True, 0)
+    with pytest.raises(ValueError, match=r"query.stride\(-1\)=2 must be 1"):
+        _core.ops.rotary_embedding(c(positions), c(torch.randn(3, 2, 16)[..., ::2]), c(k), 8, c(cache), True, 0)
+
+
+def test_opcheck():
+    head_dim = 64
+    samples = [
+        (positions_for(5, 1), randn(5, NUM_HEADS, head_dim, dtype=torch.float32, seed=1),
+         randn(5, NUM_KV_HEADS, head_dim, dtype=torch.float32, seed=2), head_dim, make_cache(MAX_POSITION, head_dim), True),
+        (positions_for(3, 2), randn(3, NUM_HEADS * head_dim, dtype=torch.bfloat16, seed=3),
+         randn(3, head_dim, dtype=torch.bfloat16, seed=4), head_dim, make_cache(MAX_POSITION, 32), False),
+    ]
+    qkv = randn(4, (NUM_HEADS + 2 * NUM_KV_HEADS) * head_dim, dtype=torch.float16, seed=5)
+    q, k, _ = qkv.split([NUM_HEADS * head_dim, NUM_KV_HEADS * head_dim, NUM_KV_HEADS * head_dim], -1)
+    samples.append((positions_for(4, 3), q, k, head_dim, make_cache(MAX_POSITION, head_dim), True))
+    for args in samples:
+        torch.library.opcheck(torch.ops.tidal.rotary_embedding_.default, args)
+
+
+@pytest.mark.parametrize("device", [p for p in DEVICES if p.id == "cuda"])
+def test_cuda_has_no_kernel_yet(device):
+    cache = make_cache(64, 8).to(device)
+    q, k = torch.randn(3, 2, 8, device=device), torch.randn(3, 1, 8, device=device)
+    with pytest.raises(RuntimeError, match="rotary_embedding: no CUDA kernel yet; run on the CPU"):
+        tidal.ops.rotary_embedding_(torch.arange(3, device=device), q, k, 8, cache)
