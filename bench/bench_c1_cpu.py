@@ -11,11 +11,9 @@ padded batch generates past a request's own length are wasted work and are not c
 """
 
 import argparse
-import datetime
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ import torch
 import transformers
 
 import tidal
+from report import print_table, write_markdown
 
 NUM_REQUESTS, PEER_BATCH = 64, 16
 
@@ -48,6 +47,8 @@ def workload():
 
 
 def run_tidal(llm, requests) -> tuple[float, int, list]:
+    # Every run starts cold: a repeat must not find the previous run's prompts in the prefix cache.
+    llm.reset_prefix_cache()
     params = [tidal.SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True) for _, n_out in requests]
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests], params, use_tqdm=False)
@@ -102,7 +103,8 @@ def main() -> int:
                 return 1
         print("correctness: greedy tokens equal transformers' on 3 requests")
 
-        run_tidal(llm, requests[:8])  # warm up
+        run_tidal(llm, requests)  # warm up both sides on the whole workload
+        run_hf(hf, requests[:PEER_BATCH])
         tidal_runs, hf_runs = [], []
         for _ in range(args.repeats):
             elapsed, tokens, _ = run_tidal(llm, requests)
@@ -116,19 +118,12 @@ def main() -> int:
     rows = [["tidal.LLM", f"{t:,.0f}", " ".join(f"{x:,.0f}" for x in tidal_runs), f"{t / h:.2f}x"],
             [f"transformers {transformers.__version__} generate (batch {PEER_BATCH})", f"{h:,.0f}",
              " ".join(f"{x:,.0f}" for x in hf_runs), "1.00x"]]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     print(f"C1 on {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    for line in [header] + rows:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+    print_table(header, rows)
     print(f"preemptions {stats['preemptions']}, kv blocks {stats['kv_blocks_total']}")
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        with open(args.out, "w") as f:
-            f.write(f"C1, {datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                    f"commit {commit}, `python bench/bench_c1_cpu.py --repeats {args.repeats}`\n\n")
-            f.write("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |\n")
-            for line in rows:
-                f.write("| " + " | ".join(line) + " |\n")
+        write_markdown(args.out, f"C1, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                       f"`python bench/bench_c1_cpu.py --repeats {args.repeats}`", header, rows)
     return 0
 
 

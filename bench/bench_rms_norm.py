@@ -15,7 +15,6 @@ residual and writes out and residual_out (4 * numel * itemsize); the weight is a
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import tidal.ops
+from report import print_table, write_markdown
 
 EPS = 1e-6
 RECORDED = ((16384, 4096), torch.bfloat16)
@@ -190,18 +190,10 @@ def main() -> int:
               + ["speedup vs best peer"])
     table = [[r["shape"], r["dtype"], r["op"], f"{r['us']:.1f}", f"{r['gbs']:.0f}", f"{r['pct']:.0f}%"]
              + [f"{r['peers'][p]:.1f}" for p in peer_names] + [f"{r['speedup']:.2f}x"] for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(header, *table)]
-    for line in [header] + table:
-        print("  ".join(c.rjust(wd) for c, wd in zip(line, widths)))
-
+    print_table(header, table)
     if args.out:
-        date = datetime.date.today().isoformat()
-        with open(args.out, "w") as f:
-            f.write(f"rms_norm, {date}, {card}, torch {torch.__version__}, copy ceiling "
-                    f"{ceiling:.0f} GB/s, `python bench/bench_rms_norm.py --repeats {args.repeats}`\n\n")
-            f.write("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |\n")
-            for line in table:
-                f.write("| " + " | ".join(line) + " |\n")
+        write_markdown(args.out, f"rms_norm, {card}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s, "
+                       f"`python bench/bench_rms_norm.py --repeats {args.repeats}`", header, table)
     return 0
 
 

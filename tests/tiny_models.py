@@ -75,3 +75,10 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: bool = Tru
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                              generation_config=config)
     return out[0, len(prompt_ids):].tolist()
+
+
+def assert_pool_whole(llm_or_engine) -> None:
+    """Every KV block is back in the pool and no request is left running or waiting."""
+    stats = llm_or_engine.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
+    assert stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0, stats

@@ -11,7 +11,7 @@ import torch
 import tidal
 from tidal.serve.async_engine import AsyncLLMEngine
 from tidal.tokenizer import IncrementalDetokenizer, Tokenizer
-from tiny_models import build_model
+from tiny_models import assert_pool_whole, build_model
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,6 @@ def prompts(n, seed=0):
     return [[rng.randrange(2, 300) for _ in range(rng.randrange(2, 12))] for _ in range(n)]
 
 
-def assert_pool_whole(engine):
-    stats = engine.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
-    assert stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0, stats
 
 
 GREEDY = tidal.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -173,3 +169,20 @@ def test_incremental_detokenizer_never_splits_a_character(path):
     assert "".join(deltas) == text == detok.text
     assert not any("\ufffd" in d for d in deltas)
     assert len(tok.encode("🌊", add_special_tokens=False)) > 1  # the emoji really spans several tokens
+
+
+def test_priority_policy_serves_lower_values_first(path):
+    llm = tidal.LLM(path, block_size=4, num_kv_blocks=40, max_num_seqs=1, scheduling_policy="priority")
+    engine = llm.engine
+    order = []
+    for name, rank in (("late", 5), ("urgent", -1), ("normal", 0)):
+        engine.add_request(name, [7, 8, 9], tidal.SamplingParams(temperature=0, max_tokens=3), priority=rank)
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["urgent", "normal", "late"]
+    fcfs = tidal.LLM(path, block_size=4, num_kv_blocks=40, max_num_seqs=1)
+    outs = fcfs.generate([[7, 8], [9, 10]], GREEDY, use_tqdm=False, priority=[9, 0])
+    assert [o.outputs[0].finish_reason for o in outs] == ["length", "length"]
+    with pytest.raises(ValueError, match="scheduling_policy='lifo'"):
+        tidal.LLM(path, block_size=4, scheduling_policy="lifo")
+    assert_pool_whole(llm)

@@ -9,16 +9,12 @@ import pytest
 import torch
 
 import tidal
-from tiny_models import EOS, FAMILIES, build_model, hf_greedy
+from tiny_models import assert_pool_whole, EOS, FAMILIES, build_model, hf_greedy
 
 BLOCK_SIZE = 4
 PROMPT_LENGTHS = [1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE + 2, 23]
 
 
-def assert_pool_whole(llm):
-    stats = llm.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
-    assert stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0, stats
 
 
 def random_prompts(lengths, seed=0, vocab=300):

@@ -9,7 +9,7 @@ import transformers
 
 import tidal
 from tidal.serve.sampler import SequenceSampling, apply_penalties, apply_top_k_top_p_min_p
-from tiny_models import build_model, hf_greedy
+from tiny_models import assert_pool_whole, build_model, hf_greedy
 
 NEG = -1e30
 
@@ -90,9 +90,6 @@ def _prompts(n, seed=0):
     return [[rng.randrange(2, 300) for _ in range(rng.randrange(3, 15))] for _ in range(n)]
 
 
-def assert_pool_whole(llm):
-    stats = llm.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(llm):

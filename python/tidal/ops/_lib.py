@@ -13,6 +13,23 @@ lib = torch.library.Library("tidal", "DEF")
 native = _core.ops
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def is_eager_call(*tensors: torch.Tensor) -> bool:
+    """Whether a public op may call its implementation directly instead of going through
+    ``torch.ops.tidal``: no autograd to record (grad disabled, e.g. under ``torch.inference_mode``),
+    no ``torch.compile`` tracing, and plain tensors only (no fake or functional tensor subclasses).
+
+    NOTE(tidal): the dispatcher round trip to a Python implementation costs tens of microseconds,
+    several times what the kernels of a small decode step take; the serving loop makes ~25 such calls
+    per step. Anything that needs the dispatcher (autograd, compile, fake tensors) still gets it.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
 def capsule(t: torch.Tensor):
     """A DLPack capsule viewing ``t`` (no copy)."""
     return to_dlpack(t.detach())

@@ -7,7 +7,7 @@ kernel yet" error).
 
 import torch
 
-from tidal.ops._lib import as_rows, capsule, lib, native, stream_of
+from tidal.ops._lib import as_rows, capsule, is_eager_call, lib, native, stream_of
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -62,4 +62,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         A new contiguous ``[..., d]`` tensor of ``x.dtype``. Not differentiable.
     """
+    if is_eager_call(x):
+        return _silu_and_mul_impl(x)
     return torch.ops.tidal.silu_and_mul(x)

@@ -4,7 +4,7 @@ threads, an online softmax per key block); CUDA tensors get the core's "no CUDA 
 
 import torch
 
-from tidal.ops._lib import capsule, lib, native, stream_of
+from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
@@ -120,5 +120,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     torch.Tensor
         A new contiguous ``[num_tokens, num_heads, head_dim]`` tensor of ``query.dtype``.
     """
+    if is_eager_call(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q):
+        return _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                                     sliding_window)
     return torch.ops.tidal.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
                                            scale, sliding_window)

@@ -4,7 +4,7 @@ kernel yet" error."""
 
 import torch
 
-from tidal.ops._lib import capsule, lib, native, stream_of
+from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -83,4 +83,6 @@ def reshape_and_cache_(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
         ``>= num_blocks * block_size`` raises ``IndexError`` naming the token and the slot, before
         anything is written.
     """
+    if is_eager_call(key, value, key_cache, value_cache, slot_mapping):
+        return _reshape_and_cache_impl(key, value, key_cache, value_cache, slot_mapping)
     torch.ops.tidal.reshape_and_cache_(key, value, key_cache, value_cache, slot_mapping)

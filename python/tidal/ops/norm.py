@@ -7,7 +7,7 @@ the functional ops carry an autograd formula for training.
 
 import torch
 
-from tidal.ops._lib import as_rows, capsule, lib, native, stream_of
+from tidal.ops._lib import as_rows, capsule, is_eager_call, lib, native, stream_of
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -178,6 +178,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     torch.Tensor
         A new contiguous tensor shaped like ``x``. Differentiable w.r.t. ``x`` and ``weight``.
     """
+    if is_eager_call(x, weight):
+        return _rms_norm_impl(x, weight, eps)
     return torch.ops.tidal.rms_norm(x, weight, eps)
 
 
@@ -194,6 +196,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     (out, residual_out) : tuple of torch.Tensor
         New contiguous tensors shaped like ``x``. Differentiable w.r.t. ``x``, ``residual``, ``weight``.
     """
+    if is_eager_call(x, residual, weight):
+        return _fused_add_rms_norm_impl(x, residual, weight, eps)
     return torch.ops.tidal.fused_add_rms_norm(x, residual, weight, eps)
 
 
@@ -203,4 +207,6 @@ def fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     The serving form: no allocation, so it can sit inside a captured CUDA graph. ``x`` and
     ``residual`` must not share memory. Not differentiable.
     """
+    if is_eager_call(x, residual, weight):
+        return _fused_add_rms_norm_inplace_impl(x, residual, weight, eps)
     torch.ops.tidal.fused_add_rms_norm_(x, residual, weight, eps)

@@ -7,7 +7,7 @@ rotated through those views without copies. CPU kernel now; CUDA tensors get the
 
 import torch
 
-from tidal.ops._lib import capsule, lib, native, stream_of
+from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -115,4 +115,6 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
     is_neox : bool
         Neox (rotate_half) pairing when True, GPT-J interleaved pairing when False.
     """
+    if is_eager_call(positions, query, key, cos_sin_cache):
+        return _rotary_embedding_impl(positions, query, key, head_dim, cos_sin_cache, is_neox)
     torch.ops.tidal.rotary_embedding_(positions, query, key, head_dim, cos_sin_cache, is_neox)

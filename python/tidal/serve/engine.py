@@ -49,8 +49,11 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be 'fcfs' or 'priority'")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -181,7 +184,8 @@ class LLMEngine:
         self.scheduler = _sched.Scheduler(_sched.SchedulerConfig(
             num_kv_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching))
+            enable_prefix_caching=config.enable_prefix_caching,
+            policy=_sched.Policy.PRIORITY if config.scheduling_policy == "priority" else _sched.Policy.FCFS))
         self._rng = random.Random(config.seed)
         self._seq_ids = itertools.count(1)
         self._requests: dict[str, _Request] = {}
@@ -194,7 +198,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     priority: int = 0) -> None:
-        """Queues a prompt (text, or token ids) for generation. Bad input is a ValueError naming it."""
+        """Queues a prompt (text, or token ids) for generation. Bad input is a ValueError naming it.
+
+        ``priority`` matters under ``scheduling_policy="priority"``: lower values are served first and
+        preempted last (vLLM's convention)."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
@@ -284,8 +291,9 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one scheduler step; returns the outputs of every request that changed."""
+    def step(self, return_unfinished: bool = True) -> list[RequestOutput]:
+        """Runs one scheduler step; returns the outputs of every request that changed (with
+        ``return_unfinished=False``, only of those that finished: offline generation needs no more)."""
         batch = self.scheduler.schedule()
         if batch.num_seqs == 0:
             return []
@@ -307,7 +315,7 @@ class LLMEngine:
                 self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
                 self._fail(seq, f"{type(e).__name__}: {e}")
                 changed.add(seq.request.request_id)
-            return self._collect(changed)
+            return self._collect(changed, return_unfinished)
 
         sampled = np.full(len(seq_ids), -1, dtype=np.int32)
         sampled[needs_sample] = result.token_ids
@@ -323,7 +331,7 @@ class LLMEngine:
                 if finished.get(seq_id) is None:
                     self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
                 self._fail(seq, f"{type(e).__name__}: {e}")
-        return self._collect(changed)
+        return self._collect(changed, return_unfinished)
 
     def _run_model(self, batch, sampling: list[SequenceSampling]):
         device = self.device
@@ -399,13 +407,15 @@ class LLMEngine:
             self._seqs.pop(seq.seq_id, None)
         self._requests.pop(request.request_id, None)
 
-    def _collect(self, request_ids) -> list[RequestOutput]:
+    def _collect(self, request_ids, return_unfinished: bool = True) -> list[RequestOutput]:
         outputs = []
         for request_id in request_ids:
             request = self._requests.get(request_id)
             if request is None:
                 continue
-            outputs.append(request.output())
-            if request.finished:
+            finished = request.finished
+            if finished or return_unfinished:
+                outputs.append(request.output())
+            if finished:
                 self._release(request)
         return outputs

@@ -35,17 +35,19 @@ class LLM:
         Reuse the KV blocks of identical prompt prefixes.
     seed : int
         Seeds the samples of requests that carry no seed of their own.
+    scheduling_policy : str
+        "fcfs" (arrival order) or "priority" (each request's ``priority``, lower first).
     """
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "auto", block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0):
+                 enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs"):
         self.engine = LLMEngine(EngineConfig(
             model=model, dtype=dtype, device=device, block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, seed=seed))
+            enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy))
         self._ids = itertools.count()
 
     @property
@@ -53,11 +55,12 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """Generates for every prompt and returns the finished outputs in input order.
 
         ``prompts`` is a string, a list of token ids, or a list of either. ``sampling_params`` is
-        one SamplingParams for all prompts or a list with one per prompt.
+        one SamplingParams for all prompts or a list with one per prompt; ``priority`` one int per
+        prompt (used with ``scheduling_policy="priority"``).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -71,11 +74,15 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries but there are {len(prompts)} prompts")
 
+        if priority is None:
+            priority = [0] * len(prompts)
+        elif len(priority) != len(prompts):
+            raise ValueError(f"priority has {len(priority)} entries but there are {len(prompts)} prompts")
         request_ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, rank in zip(prompts, params, priority):
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, p)
+                self.engine.add_request(request_id, prompt, p, rank)
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:  # a bad prompt leaves nothing queued behind it
@@ -86,7 +93,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         try:
             while len(finished) < len(request_ids):
-                for output in self.engine.step():
+                for output in self.engine.step(return_unfinished=False):
                     if output.finished:
                         finished[output.request_id] = output
                         if bar is not None:
@@ -100,6 +107,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[r] for r in request_ids]
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets the cached prefixes of finished requests (e.g. after a weight update). Returns
+        False when running requests still hold cached blocks; those are kept."""
+        return self.engine.scheduler.reset_prefix_cache()
 
     def stats(self) -> dict:
         """KV pool and scheduler counters: kv_blocks_total, kv_blocks_free, prefix_cache_query_tokens,
