@@ -221,16 +221,11 @@ void bind_scheduler(py::module_& m) {
           "Plans one step; removes the requests finished since the last call.")
       .def(
           "update",
-          [](PyScheduler& self, const SchedulerOutput& output, const py::object& sampled) {
-            // NOTE(tidal): converted through numpy's Python API and read by the buffer protocol,
-            // not pybind11's array_t caster: on Python 3.12 with torch 2.11 and numpy 2.5 a
-            // nested-list argument to that caster crashed the interpreter.
-            const py::buffer array = py::module_::import("numpy").attr("ascontiguousarray")(
-                sampled, py::arg("dtype") = "int32");
-            const py::buffer_info info = array.request();
-            TIDAL_CHECK(info.ndim == 1, "sampled_token_ids.ndim=", info.ndim, " must be 1");
-            std::span<const int32_t> tokens(static_cast<const int32_t*>(info.ptr),
-                                            static_cast<size_t>(info.size));
+          [](PyScheduler& self, const SchedulerOutput& output,
+             const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& sampled) {
+            TIDAL_CHECK(sampled.ndim() == 1, "sampled_token_ids.ndim=", sampled.ndim(),
+                        " must be 1");
+            std::span<const int32_t> tokens(sampled.data(), static_cast<size_t>(sampled.size()));
             py::gil_scoped_release nogil;
             return locked(self, [&](Scheduler& s) { return s.update(output, tokens); });
           },

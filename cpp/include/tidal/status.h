@@ -3,7 +3,10 @@
 // its value; the Python bindings map each type to one Python exception (see README, "Errors").
 #pragma once
 
+#include <cstdio>
 #include <sstream>
+#include <string_view>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -30,11 +33,37 @@ class CudaError : public Error {
 
 namespace detail {
 
+// NOTE(tidal): numbers are formatted without iostreams. In the pybind11 module (built with hidden
+// visibility), an ostream insertion of an integer crashed inside libstdc++'s locale code once torch
+// 2.11 was loaded (GCC 13, Python 3.12); std::to_string and snprintf carry no locale state.
+template <typename T>
+void append_arg(std::string& out, const T& value) {
+  if constexpr (std::is_same_v<T, bool>) {
+    out += value ? "true" : "false";
+  } else if constexpr (std::is_same_v<T, char>) {
+    out += value;
+  } else if constexpr (std::is_integral_v<T>) {
+    out += std::to_string(value);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buffer[32];
+    std::snprintf(buffer, sizeof(buffer), "%g", static_cast<double>(value));
+    out += buffer;
+  } else if constexpr (std::is_enum_v<T>) {
+    out += std::to_string(static_cast<std::underlying_type_t<T>>(value));
+  } else if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    out += std::string_view(value);
+  } else {
+    std::ostringstream os;
+    os << value;
+    out += os.str();
+  }
+}
+
 template <typename... Args>
 std::string str_cat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string out;
+  (append_arg(out, args), ...);
+  return out;
 }
 
 inline const char* basename(const char* path) {
