@@ -16,6 +16,8 @@ void bind_ops(py::module_& m);
 void bind_ops_serving(py::module_& m);
 void bind_kv(py::module_& m);
 void bind_sched(py::module_& m);
+void bind_ops_train(py::module_& m);
+void bind_zero(py::module_& m);
 }  // namespace tidal::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -45,8 +47,11 @@ PYBIND11_MODULE(_core, m) {
   auto ops = m.def_submodule("ops", "Kernels behind tidal.ops (DLPack capsules in, destination-passing)");
   tidal::bindings::bind_ops(ops);
   tidal::bindings::bind_ops_serving(ops);
+  tidal::bindings::bind_ops_train(ops);
   auto kv = m.def_submodule("kv", "The paged KV block pool and KV cache manager");
   tidal::bindings::bind_kv(kv);
   auto sched = m.def_submodule("sched", "The continuous-batching scheduler and request lifecycle");
   tidal::bindings::bind_sched(sched);
+  auto zero = m.def_submodule("zero", "The ZeRO partition plan: flat buffer, shards, buckets, gather groups");
+  tidal::bindings::bind_zero(zero);
 }

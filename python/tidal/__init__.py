@@ -39,16 +39,23 @@ def build_info() -> dict:
 
 from tidal import ops  # noqa: E402  (registers the torch ops; needs torch)
 
-_SERVE_NAMES = ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput")
+_LAZY = {
+    "LLM": "tidal.serve",
+    "SamplingParams": "tidal.serve",
+    "RequestOutput": "tidal.serve",
+    "CompletionOutput": "tidal.serve",
+    "initialize": "tidal.train.engine",
+}
 
 
 def __getattr__(name: str):
-    # The serving API imports on first use, so `import tidal` stays light.
-    if name in _SERVE_NAMES:
-        from tidal import serve
+    # The serving and training APIs import on first use, so `import tidal` stays light.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tidal' has no attribute {name!r}")
+    import importlib
 
-        return getattr(serve, name)
-    raise AttributeError(f"module 'tidal' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
-__all__ = [*_SERVE_NAMES, "CudaError", "Error", "OutOfMemoryError", "build_info", "cmake_prefix_path", "ops", "__version__"]
+__all__ = [*_LAZY, "CudaError", "Error", "OutOfMemoryError", "build_info", "cmake_prefix_path", "ops", "__version__"]

@@ -63,3 +63,17 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
                      int64_t sliding_window, Stream stream);
 
 }  // namespace tidal::cpu
+
+// ---- training ops: the fused optimizer step (cpp/cpu/adam.cpp) --------------------------------------
+// CPU kernel only for now; cpp/src/ops/dispatch_train.cpp validates and rejects GPU tensors.
+
+#include "tidal/ops_train.h"
+
+namespace tidal::cpu {
+
+// param, grad, exp_avg, exp_avg_sq: [numel] float32, contiguous, pairwise non-overlapping;
+// param, exp_avg, exp_avg_sq updated in place; options validated (see tidal/ops_train.h)
+void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
+               const ops::AdamOptions& options, Stream stream);
+
+}  // namespace tidal::cpu

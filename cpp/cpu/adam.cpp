@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU kernel of the fused Adam/AdamW step over flat fp32 buffers: one pass reads grad, param and both
+// moments and writes the three, in torch.optim's single-tensor arithmetic order (see ops_train.h).
+// An AVX2+FMA twin (8 floats a step) next to the portable scalar loop; OpenMP over 64 KiB chunks.
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/vectorize.h"
+#include "ops/kernels.h"
+
+#if TIDAL_CPU_HAS_AVX2_TWIN
+#include <immintrin.h>
+#endif
+
+namespace tidal::cpu {
+namespace {
+
+// The per-step scalars, rounded to fp32 exactly where torch rounds them (a Python float meeting an
+// fp32 tensor); each is computed in double first, as torch computes it in Python.
+struct Coefs {
+  float inv_grad_scale;  // 1 / grad_scale
+  float decay;           // AdamW: 1 - lr * wd
+  float l2;              // Adam: wd
+  bool has_decay, decoupled, has_unscale;
+  float w1;              // lerp weight 1 - beta1
+  bool w1_small;         // |w1| < 0.5: torch's lerp takes m + w1 * (g - m), else g + (w1 - 1) * (g - m)
+  float beta2, one_minus_beta2;
+  float bc2_sqrt;        // sqrt(1 - beta2^step)
+  float eps;
+  float neg_step_size;   // -lr / (1 - beta1^step)
+};
+
+Coefs make_coefs(const ops::AdamOptions& o) {
+  Coefs c{};
+  const double step = static_cast<double>(o.step);
+  c.inv_grad_scale = static_cast<float>(1.0 / o.grad_scale);
+  c.has_unscale = o.grad_scale != 1.0;
+  c.has_decay = o.weight_decay != 0.0;
+  c.decoupled = o.decoupled;
+  c.decay = static_cast<float>(1.0 - o.lr * o.weight_decay);
+  c.l2 = static_cast<float>(o.weight_decay);
+  c.w1 = static_cast<float>(1.0 - o.beta1);
+  c.w1_small = std::fabs(c.w1) < 0.5f;
+  c.beta2 = static_cast<float>(o.beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - o.beta2);
+  c.bc2_sqrt = static_cast<float>(std::pow(1.0 - std::pow(o.beta2, step), 0.5));
+  c.eps = static_cast<float>(o.eps);
+  c.neg_step_size = static_cast<float>(-(o.lr / (1.0 - std::pow(o.beta1, step))));
+  return c;
+}
+
+// NOTE(tidal): the FMAs below are where torch's CPU kernels fuse (lerp, add with alpha, and addcmul,
+// whose mul + add the compiler contracts); everything else rounds after each operation. Do not
+// "simplify" the order: it is what makes the result equal torch's bit for bit.
+TIDAL_CPU_INLINE void adam_element(float& p, float grad, float& m, float& v, const Coefs& c) {
+  float g = c.has_unscale ? grad * c.inv_grad_scale : grad;
+  if (c.has_decay) {
+    if (c.decoupled) p = p * c.decay;
+    else g = std::fma(p, c.l2, g);
+  }
+  const float diff = g - m;
+  m = c.w1_small ? std::fma(c.w1, diff, m) : std::fma(c.w1 - 1.f, diff, g);
+  v = std::fma(c.one_minus_beta2 * g, g, v * c.beta2);
+  const float denom = std::sqrt(v) / c.bc2_sqrt + c.eps;
+  p = p + (c.neg_step_size * m) / denom;
+}
+
+TIDAL_CPU_INLINE void adam_range(float* p, const float* g, float* m, float* v, int64_t n, const Coefs& c) {
+  for (int64_t i = 0; i < n; ++i) adam_element(p[i], g[i], m[i], v[i], c);
+}
+
+void adam_range_base(float* p, const float* g, float* m, float* v, int64_t n, const Coefs& c) {
+  adam_range(p, g, m, v, n, c);
+}
+
+#if TIDAL_CPU_HAS_AVX2_TWIN
+TIDAL_CPU_TARGET_AVX2 void adam_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
+                                           const Coefs& c) {
+  const __m256 inv_scale = _mm256_set1_ps(c.inv_grad_scale), decay = _mm256_set1_ps(c.decay);
+  const __m256 l2 = _mm256_set1_ps(c.l2), w = _mm256_set1_ps(c.w1_small ? c.w1 : c.w1 - 1.f);
+  const __m256 beta2 = _mm256_set1_ps(c.beta2), one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
+  const __m256 bc2_sqrt = _mm256_set1_ps(c.bc2_sqrt), eps = _mm256_set1_ps(c.eps);
+  const __m256 neg_step = _mm256_set1_ps(c.neg_step_size);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 pv = _mm256_loadu_ps(p + i), gv = _mm256_loadu_ps(g + i);
+    __m256 mv = _mm256_loadu_ps(m + i), vv = _mm256_loadu_ps(v + i);
+    if (c.has_unscale) gv = _mm256_mul_ps(gv, inv_scale);
+    if (c.has_decay) {
+      if (c.decoupled) pv = _mm256_mul_ps(pv, decay);
+      else gv = _mm256_fmadd_ps(pv, l2, gv);
+    }
+    const __m256 diff = _mm256_sub_ps(gv, mv);
+    mv = _mm256_fmadd_ps(w, diff, c.w1_small ? mv : gv);
+    vv = _mm256_fmadd_ps(_mm256_mul_ps(one_minus_beta2, gv), gv, _mm256_mul_ps(vv, beta2));
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), bc2_sqrt), eps);
+    pv = _mm256_add_ps(pv, _mm256_div_ps(_mm256_mul_ps(neg_step, mv), denom));
+    _mm256_storeu_ps(p + i, pv);
+    _mm256_storeu_ps(m + i, mv);
+    _mm256_storeu_ps(v + i, vv);
+  }
+  adam_range(p + i, g + i, m + i, v + i, n - i, c);
+}
+#endif
+
+// NOTE(tidal): 16 Ki floats per chunk = 64 KiB of each of the 4 streams (256 KiB, about L2); the
+// step is memory bound at ~28 bytes per element, so threads only pay off on large shards.
+constexpr int64_t kChunk = 16384;
+
+}  // namespace
+
+void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
+               const ops::AdamOptions& options, Stream) {
+  const Coefs c = make_coefs(options);
+  const int64_t n = param.numel();
+  float* p = param.data_ptr<float>();
+  const float* g = grad.data_ptr<const float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+#if TIDAL_CPU_HAS_AVX2_TWIN
+  const auto range_fn = cpu_has_avx2() ? &adam_range_avx2 : &adam_range_base;
+#else
+  const auto range_fn = &adam_range_base;
+#endif
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (num_chunks > 4)
+#endif
+  for (int64_t k = 0; k < num_chunks; ++k) {
+    const int64_t lo = k * kChunk, len = (lo + kChunk < n ? kChunk : n - lo);
+    range_fn(p + lo, g + lo, m + lo, v + lo, len, c);
+  }
+}
+
+}  // namespace tidal::cpu

@@ -1,0 +1,193 @@
+"""Sharded training checkpoints that load at any world size and ZeRO stage.
+
+Layout of ``<dir>/<tag>/``:
+
+- ``rank_<r>.safetensors``: the fp32 master weights and Adam moments of the flat range rank ``r``
+  owned (at stage 0 only rank 0 writes: every rank holds the same full state);
+- ``index.json``: per parameter its name, shape and place in the flat buffer; per file its flat range
+  and SHA-256; the step counters, the loss scaler and the LR scheduler.
+
+A checkpoint is written into ``<tag>.tmp`` and renamed into place once complete, then ``<dir>/latest``
+(the tag) is replaced the same way, so a crash mid-save never leaves a half checkpoint under the real
+name. Loading reassembles each parameter's fp32 state from whichever shards hold it and re-slices it
+for the loading job's own plan: the world size and the stage may differ from the saving job's.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tidal.train import comm
+
+FORMAT = "tidal-zero-v1"
+_STATES = ("master", "exp_avg", "exp_avg_sq")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gather_objects(obj) -> list:
+    if not comm.is_distributed():
+        return [obj]
+    out = [None] * comm.world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    if comm.is_distributed():
+        torch.distributed.barrier()
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, directory: str, tag: str | None = None) -> str:
+    """Collective: writes ``engine``'s state to ``directory/tag`` (default ``global_step<N>``)."""
+    tag = tag or f"global_step{engine.global_steps}"
+    if os.sep in tag or tag in ("", ".", "..", "latest"):
+        raise ValueError(f"tag={tag!r} must be a plain directory name other than 'latest'")
+    final = os.path.join(directory, tag)
+    tmp = final + ".tmp"
+    if comm.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+
+    writes = engine.stage > 0 or comm.rank() == 0
+    entry = None
+    if writes:
+        name = f"rank_{comm.rank():05d}.safetensors"
+        path = os.path.join(tmp, name)
+        save_file({k: getattr(engine, k).detach().cpu().contiguous() for k in _STATES}, path)
+        lo, hi = engine.owned
+        entry = {"file": name, "begin": lo, "end": hi, "sha256": _sha256(path)}
+    entries = [e for e in _gather_objects(entry) if e is not None]
+
+    if comm.rank() == 0:
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        index = {
+            "format": FORMAT,
+            "world_size": engine.world_size,
+            "stage": engine.stage,
+            "counters": {"global_steps": engine.global_steps, "micro_steps": engine.micro_steps,
+                         "optimizer_steps": engine.optimizer_steps, "skipped_steps": engine.skipped_steps},
+            "params": [{"name": names[id(s.param)], "shape": list(s.param.shape), "offset": s.offset,
+                        "numel": s.numel} for s in engine.slots],
+            "files": entries,
+            "loss_scaler": None if engine.loss_scaler is None else engine.loss_scaler.state_dict(),
+            "scheduler": None if engine.scheduler is None else engine.scheduler.state_dict(),
+        }
+        _atomic_write_text(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(os.path.join(directory, "latest"), tag)
+    _barrier()
+    return final
+
+
+def _resolve(directory: str, tag: str | None) -> str:
+    if tag is None:
+        latest = os.path.join(directory, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"no checkpoint tag given and {latest} does not exist")
+        with open(latest) as f:
+            tag = f.read().strip()
+    path = os.path.join(directory, tag)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(index, {state: {param name: fp32 tensor}}) for a checkpoint, verifying every file's checksum.
+
+    A missing, truncated or corrupt file is an error that names it.
+    """
+    path = _resolve(directory, tag)
+    index_path = os.path.join(path, "index.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint index {index_path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint index {index_path} is corrupt: {e}") from None
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{index_path} has format {index.get('format')!r}; expected {FORMAT!r}")
+    full = {k: {p["name"]: torch.empty(p["numel"]) for p in index["params"]} for k in _STATES}
+    covered = {p["name"]: 0 for p in index["params"]}
+    for entry in index["files"]:
+        file = os.path.join(path, entry["file"])
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"checkpoint shard {file} is missing")
+        if _sha256(file) != entry["sha256"]:
+            raise ValueError(f"checkpoint shard {file} is corrupt or truncated (SHA-256 mismatch)")
+        try:
+            tensors = load_file(file)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint shard {file} cannot be read: {e}") from None
+        lo, hi = entry["begin"], entry["end"]
+        for p in index["params"]:
+            a, b = max(p["offset"], lo), min(p["offset"] + p["numel"], hi)
+            if a >= b:
+                continue
+            covered[p["name"]] += b - a
+            for k in _STATES:
+                full[k][p["name"]][a - p["offset"]:b - p["offset"]] = tensors[k][a - lo:b - lo]
+    for p in index["params"]:
+        if covered[p["name"]] != p["numel"]:
+            raise ValueError(f"checkpoint {path} holds {covered[p['name']]} of the {p['numel']} elements of "
+                             f"parameter {p['name']!r}")
+        for k in _STATES:
+            full[k][p["name"]] = full[k][p["name"]].view(p["shape"])
+    return index, full
+
+
+def load(engine, directory: str, tag: str | None = None) -> str:
+    """Collective: restores weights, Adam state, loss scaler, LR scheduler and step counters."""
+    index, full = read_full_state(directory, tag)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    wanted = {names[id(s.param)] for s in engine.slots}
+    saved = {p["name"] for p in index["params"]}
+    if wanted != saved:
+        raise ValueError(f"the checkpoint's parameters differ from the model's: missing "
+                         f"{sorted(wanted - saved)[:5]}, unexpected {sorted(saved - wanted)[:5]}")
+    padded = engine.plan.padded_numel
+    lo, hi = engine.owned
+    with torch.no_grad():
+        flat = torch.zeros(padded, dtype=torch.float32)
+        for k in _STATES:
+            flat.zero_()
+            for s in engine.slots:
+                flat[s.offset:s.offset + s.numel] = full[k][names[id(s.param)]].reshape(-1)
+            getattr(engine, k).copy_(flat[lo:hi])
+            if k == "master":
+                engine.flat_params.copy_(flat)
+    counters = index["counters"]
+    engine.global_steps = counters["global_steps"]
+    engine.micro_steps = counters["micro_steps"]
+    engine.optimizer_steps = counters["optimizer_steps"]
+    engine.skipped_steps = counters["skipped_steps"]
+    if engine.loss_scaler is not None and index["loss_scaler"] is not None:
+        engine.loss_scaler.load_state_dict(index["loss_scaler"])
+    if engine.scheduler is not None and index["scheduler"] is not None:
+        engine.scheduler.load_state_dict(index["scheduler"])
+    engine.grad_accum.zero_()
+    return _resolve(directory, tag)

@@ -1,0 +1,261 @@
+"""The training engine: data parallelism with ZeRO stages 0-2 over one flat parameter buffer.
+
+``tidal.initialize(model, config)`` lays every trainable parameter end to end in one flat buffer
+(the C++ partition plan decides offsets, shard ranges and communication buckets), keeps fp32 master
+weights and Adam state for the shard this rank owns, and runs:
+
+- ``engine(*args)``: the module's forward;
+- ``engine.backward(loss)``: backward of ``loss / gradient_accumulation_steps`` (times the fp16 loss
+  scale), then the micro-batch's gradients are added into an fp32 flat accumulator;
+- ``engine.step()``: at the accumulation boundary only, reduces gradients across ranks (stages 0 and
+  1: all-reduce; stage 2: reduce-scatter by buckets aligned to shard boundaries, so each rank receives
+  only its shard), checks fp16 overflow, clips by the global norm, steps Adam/AdamW on the owned fp32
+  shard, and all-gathers the updated weights back into the model's parameters.
+
+Stage 0 keeps full optimizer state on every rank; stage 1 shards it; stage 2 also shards gradients
+once they are reduced.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tidal import _core
+from tidal.train import comm
+from tidal.train.config import TrainConfig, load_config
+from tidal.train.loss_scaler import DynamicLossScaler, StaticLossScaler, has_overflow
+from tidal.train.lr_schedules import build_scheduler
+
+_ALIGNMENT = 128  # elements: 512 bytes of fp32, keeps every shard and bucket vector-aligned
+
+
+@dataclass
+class _Slot:
+    param: torch.nn.Parameter
+    offset: int  # in the flat buffer
+    numel: int
+
+
+class Engine:
+    """A model wrapped for data-parallel training (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig):
+        self.module = model
+        self.config = config
+        self.world_size, self.rank = comm.world_size(), comm.rank()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameter with requires_grad=True")
+        self.device = params[0].device
+        for p in params:
+            if p.device != self.device:
+                raise ValueError(f"all parameters must be on one device; found {p.device} and {self.device}")
+        zero = config.zero_optimization
+        self.stage = zero.stage
+        if self.stage == 3:
+            raise NotImplementedError("zero_optimization.stage=3 is not implemented yet; use 0, 1 or 2")
+        self.compute_dtype = (torch.bfloat16 if config.bf16.enabled else torch.float16 if config.fp16.enabled
+                              else torch.float32)
+
+        bucket = max(int(zero.reduce_bucket_size) // self.world_size, _ALIGNMENT)
+        self.plan = _core.zero.make_plan([p.numel() for p in params], self.world_size, bucket, _ALIGNMENT)
+        self.slots = [_Slot(p, info.flat_offset, info.numel) for p, info in zip(params, self.plan.params)]
+        padded, shard = self.plan.padded_numel, self.plan.shard_numel
+
+        # fp32 master copy of the initial weights (rank 0's, broadcast), then the model's parameters
+        # become views of one flat buffer in the compute dtype.
+        master_full = torch.zeros(padded, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for s in self.slots:
+                master_full[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+        comm.broadcast(master_full, src=0)
+        self.flat_params = master_full.to(self.compute_dtype)
+        with torch.no_grad():
+            for s in self.slots:
+                s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
+
+        # fp32 master weights and Adam state for the owned range (everything at stage 0).
+        self.owned = (0, padded) if self.stage == 0 else (self.rank * shard, (self.rank + 1) * shard)
+        lo, hi = self.owned
+        self.master = master_full[lo:hi].clone()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=self.device)
+
+        opt = config.optimizer
+        if opt is None:
+            raise ValueError("the config names no optimizer; set optimizer.type to Adam or AdamW")
+        self.decoupled = bool(opt.adam_w_mode)  # DeepSpeed: type Adam is AdamW unless adam_w_mode is false
+        self.base_lr = float(opt.lr)
+        self.betas = (float(opt.betas[0]), float(opt.betas[1]))
+        self.eps = float(opt.eps)
+        self.weight_decay = float(opt.weight_decay)
+        # Optimizer step k uses the scheduler's rate after k scheduler steps (DeepSpeed's order).
+        self.scheduler = build_scheduler(config, self.base_lr)
+        self.loss_scaler = None
+        if config.fp16.enabled:
+            fp16 = config.fp16
+            self.loss_scaler = (StaticLossScaler(fp16.loss_scale) if fp16.loss_scale > 0 else DynamicLossScaler(
+                initial_scale=2.0 ** fp16.initial_scale_power, scale_window=fp16.loss_scale_window,
+                hysteresis=fp16.hysteresis, min_scale=fp16.min_loss_scale,
+                consecutive_hysteresis=fp16.consecutive_hysteresis))
+
+        self.gradient_accumulation_steps = config.gradient_accumulation_steps
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.optimizer_steps = 0  # global steps that were not skipped for overflow
+        self.skipped_steps = 0
+
+    # ---- the training loop ---------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True when the next ``step()`` will step the optimizer."""
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    def get_lr(self) -> list[float]:
+        return [self._lr()]
+
+    def _lr(self) -> float:
+        return self.base_lr if self.scheduler is None else float(self.scheduler.get_lr())
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0 if self.loss_scaler is None else float(self.loss_scaler.scale)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss; gradients accumulate in fp32 until the boundary."""
+        scaled = loss.float() * (self.loss_scale / self.gradient_accumulation_steps)
+        scaled.backward()
+        with torch.no_grad():
+            for s in self.slots:
+                grad = s.param.grad
+                if grad is not None:
+                    self.grad_accum[s.offset:s.offset + s.numel].add_(grad.reshape(-1).float())
+                    s.param.grad = None
+
+    def step(self) -> None:
+        """Ends a micro-batch; at the accumulation boundary, reduces gradients and steps the optimizer."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
+        grad = self._reduce_gradients()
+        skip = False
+        if self.loss_scaler is not None:
+            skip = self.loss_scaler.update(comm.any_true(has_overflow([grad]), self.device))
+        if skip:
+            self.skipped_steps += 1
+        else:
+            grad.div_(self.loss_scale)
+            if self.config.gradient_clipping > 0:
+                coef = self.config.gradient_clipping / (self._global_norm(grad) + 1e-6)
+                if coef < 1.0:  # torch.nn.utils.clip_grad_norm_'s rule
+                    grad.mul_(coef)
+            self._adam(grad)
+            self._publish_weights()
+            self.optimizer_steps += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.grad_accum.zero_()
+        self.global_steps += 1
+
+    # ---- pieces of the step --------------------------------------------------------------------
+
+    def _reduce_gradients(self) -> torch.Tensor:
+        """The gradient of the owned range, averaged over ranks."""
+        flat = self.grad_accum
+        if self.world_size > 1 and self.stage == 2:
+            shard = self.plan.shard_numel
+            out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
+            by_rank = flat.view(self.world_size, shard)
+            for lo, hi in self.plan.buckets:  # the same local range of every shard: a true reduce-scatter
+                comm.reduce_scatter(out[lo:hi], by_rank[:, lo:hi].contiguous())
+            return out.div_(self.world_size)
+        if self.world_size > 1:
+            comm.all_reduce(flat)
+            flat.div_(self.world_size)
+        lo, hi = self.owned
+        return flat[lo:hi]
+
+    def _global_norm(self, grad: torch.Tensor) -> float:
+        sq = grad.double().pow(2).sum()
+        if self.stage > 0 and self.world_size > 1:  # each rank holds a different shard
+            comm.all_reduce(sq)
+        return math.sqrt(float(sq))
+
+    def _adam(self, grad: torch.Tensor) -> None:
+        step = self.optimizer_steps + 1
+        beta1, beta2 = self.betas
+        lr = self._lr()
+        ops = _ops()
+        if self.device.type == "cpu" and hasattr(ops, "adam_step_"):
+            ops.adam_step_(self.master, grad, self.exp_avg, self.exp_avg_sq, step, lr, beta1, beta2, self.eps,
+                           self.weight_decay, self.decoupled)
+            return
+        # Any device: torch's single-tensor Adam/AdamW arithmetic, in the same order.
+        param, m, v = self.master, self.exp_avg, self.exp_avg_sq
+        if self.decoupled:
+            param.mul_(1 - lr * self.weight_decay)
+        elif self.weight_decay != 0:
+            grad = grad.add(param, alpha=self.weight_decay)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        param.addcdiv_(m, denom, value=-(lr / bias_correction1))
+
+    def _publish_weights(self) -> None:
+        """Copies the updated fp32 master shard(s) into every rank's compute-dtype parameters."""
+        with torch.no_grad():
+            if self.stage == 0 or self.world_size == 1:
+                self.flat_params.copy_(self.master)
+                return
+            gathered = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.device)
+            comm.all_gather(gathered, self.master)
+            self.flat_params.copy_(gathered)
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str, tag: str | None = None) -> str:
+        """Collective: a sharded checkpoint in ``directory/tag`` (see tidal.train.checkpoint)."""
+        from tidal.train import checkpoint
+
+        return checkpoint.save(self, directory, tag)
+
+    def load_checkpoint(self, directory: str, tag: str | None = None) -> str:
+        """Collective: restores a checkpoint saved at any world size and stage (``latest`` by default)."""
+        from tidal.train import checkpoint
+
+        return checkpoint.load(self, directory, tag)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the full fp32 weights on every rank, keyed like ``module.state_dict()``."""
+        full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.device)
+        if self.stage == 0 or self.world_size == 1:
+            full.copy_(self.master)
+        else:
+            comm.all_gather(full, self.master)
+        by_param = {id(s.param): full[s.offset:s.offset + s.numel].view(s.param.shape).clone() for s in self.slots}
+        return {name: by_param.get(id(t), t.detach().clone())
+                for name, t in self.module.state_dict(keep_vars=True).items()}
+
+
+def _ops():
+    import tidal.ops
+
+    return tidal.ops
+
+
+def initialize(model: torch.nn.Module, config) -> Engine:
+    """Wraps ``model`` for training with a DeepSpeed-style ``config`` (a dict or a JSON path).
+
+    Under ``torchrun`` the process group comes from the environment (Gloo for CPU models, NCCL for
+    CUDA ones); a single process needs no launcher.
+    """
+    comm.init(next(model.parameters()).device)
+    return Engine(model, load_config(config, world_size=comm.world_size()))
