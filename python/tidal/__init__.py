@@ -45,6 +45,7 @@ _LAZY = {
     "RequestOutput": "tidal.serve",
     "CompletionOutput": "tidal.serve",
     "initialize": "tidal.train.engine",
+    "checkpoint": "tidal.checkpoint",  # a module: tidal.checkpoint.to_hf
 }
 
 
@@ -55,7 +56,8 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'tidal' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    imported = importlib.import_module(module)
+    return imported if module == f"tidal.{name}" else getattr(imported, name)
 
 
 __all__ = [*_LAZY, "CudaError", "Error", "OutOfMemoryError", "build_info", "cmake_prefix_path", "ops", "__version__"]

@@ -17,7 +17,7 @@ def saved(tmp_path_factory):
     return ckpt
 
 
-@pytest.mark.parametrize("world,stage", [(2, 1), (1, 0), (3, 2)])
+@pytest.mark.parametrize("world,stage", [(2, 1), (1, 0), (3, 2), (2, 3)])
 def test_resume_at_another_world_size_continues_exactly(saved, world, stage, tmp_path):
     result = run(world, stage, [("load", saved, None), ("train", 2, 4)], str(tmp_path / "out.pt"))
     assert result["global_steps"] == 4

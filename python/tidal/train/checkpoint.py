@@ -5,7 +5,8 @@ Layout of ``<dir>/<tag>/``:
 - ``rank_<r>.safetensors``: the fp32 master weights and Adam moments of the flat range rank ``r``
   owned (at stage 0 only rank 0 writes: every rank holds the same full state);
 - ``index.json``: per parameter its name, shape and place in the flat buffer; per file its flat range
-  and SHA-256; the step counters, the loss scaler and the LR scheduler.
+  and SHA-256; the step counters, the loss scaler and the LR scheduler; ``hf``: what
+  ``tidal.checkpoint.to_hf`` needs to write a Hugging Face checkpoint (see :func:`hf_source`).
 
 A checkpoint is written into ``<tag>.tmp`` and renamed into place once complete, then ``<dir>/latest``
 (the tag) is replaced the same way, so a crash mid-save never leaves a half checkpoint under the real
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 
 import torch
 from safetensors import SafetensorError
@@ -93,6 +95,7 @@ def save(engine, directory: str, tag: str | None = None) -> str:
             "files": entries,
             "loss_scaler": None if engine.loss_scaler is None else engine.loss_scaler.state_dict(),
             "scheduler": None if engine.scheduler is None else engine.scheduler.state_dict(),
+            "hf": hf_source(engine.module),
         }
         _atomic_write_text(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -179,7 +182,7 @@ def load(engine, directory: str, tag: str | None = None) -> str:
                 flat[s.offset:s.offset + s.numel] = full[k][names[id(s.param)]].reshape(-1)
             getattr(engine, k).copy_(flat[lo:hi])
             if k == "master":
-                engine.flat_params.copy_(flat)
+                engine.set_full_weights(flat)
     counters = index["counters"]
     engine.global_steps = counters["global_steps"]
     engine.micro_steps = counters["micro_steps"]
@@ -191,3 +194,21 @@ def load(engine, directory: str, tag: str | None = None) -> str:
         engine.scheduler.load_state_dict(index["scheduler"])
     engine.grad_accum.zero_()
     return _resolve(directory, tag)
+
+
+def hf_source(module: torch.nn.Module) -> dict | None:
+    """What ``tidal.checkpoint.to_hf`` needs to rebuild a Hugging Face checkpoint from the weights,
+    stored in index.json as ``"hf"``: ``{"kind": "tidal", "hf_config": ...}`` for a tidal model (it has
+    ``config.hf_config`` and ``hf_state_dict()``: parameter names are tidal's fused ones),
+    ``{"kind": "transformers", "hf_config": ...}`` for a transformers ``PreTrainedModel`` (parameter
+    names are already Hugging Face's), None for any other module."""
+    hf_config = getattr(getattr(module, "config", None), "hf_config", None)
+    if isinstance(hf_config, dict) and callable(getattr(module, "hf_state_dict", None)):
+        return {"kind": "tidal", "hf_config": hf_config}
+    transformers = sys.modules.get("transformers")  # a transformers model means it is imported already
+    if transformers is not None and isinstance(module, transformers.PreTrainedModel):
+        hf_config = json.loads(module.config.to_json_string(use_diff=False))
+        if not hf_config.get("architectures"):  # from_config leaves it unset; save_pretrained fills it so
+            hf_config["architectures"] = [type(module).__name__]
+        return {"kind": "transformers", "hf_config": hf_config}
+    return None

@@ -298,6 +298,9 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
         raise ValueError(f"the config must be an object (a dict), got {type(config).__name__}")
     world_size = _int("world_size", world_size, 1)
     _check_keys(config, _TOP_KEYS, "")
+    # Unknown keys first: a misspelt key is a more useful error than what its absence causes.
+    for key, known in (("fp16", _FP16_KEYS), ("bf16", ("enabled",)), ("zero_optimization", _ZERO_KEYS)):
+        _check_keys(_section(config, key), known, f"{key}.")
     tbs, micro, gas = _resolve_batch(config, world_size)
     bf16 = _section(config, "bf16")
     _check_keys(bf16, ("enabled",), "bf16.")

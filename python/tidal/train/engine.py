@@ -1,4 +1,4 @@
-"""The training engine: data parallelism with ZeRO stages 0-2 over one flat parameter buffer.
+"""The training engine: data parallelism with ZeRO stages 0-3 over one flat parameter buffer.
 
 ``tidal.initialize(model, config)`` lays every trainable parameter end to end in one flat buffer
 (the C++ partition plan decides offsets, shard ranges and communication buckets), keeps fp32 master
@@ -13,10 +13,12 @@ weights and Adam state for the shard this rank owns, and runs:
   shard, and all-gathers the updated weights back into the model's parameters.
 
 Stage 0 keeps full optimizer state on every rank; stage 1 shards it; stage 2 also shards gradients
-once they are reduced.
+once they are reduced; stage 3 also shards the parameters (tidal.train.stage3 gathers each module's
+parameters around its use).
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,24 @@ class _Slot:
     param: torch.nn.Parameter
     offset: int  # in the flat buffer
     numel: int
+    shape: torch.Size
+
+
+def _params_by_module(model: torch.nn.Module):
+    """Trainable parameters in module order (each once, with the first module that owns it), the
+    index where each module's own parameters start, and per module the group indices it uses."""
+    params, starts, owner, module_groups = [], [], {}, {}
+    for module in model.modules():
+        direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        new = [p for p in direct if id(p) not in owner]
+        if new:
+            starts.append(len(params))
+            for p in new:
+                owner[id(p)] = len(starts) - 1
+                params.append(p)
+        if direct:
+            module_groups[module] = sorted({owner[id(p)] for p in direct})
+    return params, starts, module_groups
 
 
 class Engine:
@@ -44,7 +64,7 @@ class Engine:
         self.module = model
         self.config = config
         self.world_size, self.rank = comm.world_size(), comm.rank()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params, group_starts, module_groups = _params_by_module(model)
         if not params:
             raise ValueError("model has no parameter with requires_grad=True")
         self.device = params[0].device
@@ -53,30 +73,41 @@ class Engine:
                 raise ValueError(f"all parameters must be on one device; found {p.device} and {self.device}")
         zero = config.zero_optimization
         self.stage = zero.stage
-        if self.stage == 3:
-            raise NotImplementedError("zero_optimization.stage=3 is not implemented yet; use 0, 1 or 2")
         self.compute_dtype = (torch.bfloat16 if config.bf16.enabled else torch.float16 if config.fp16.enabled
                               else torch.float32)
 
         bucket = max(int(zero.reduce_bucket_size) // self.world_size, _ALIGNMENT)
-        self.plan = _core.zero.make_plan([p.numel() for p in params], self.world_size, bucket, _ALIGNMENT)
-        self.slots = [_Slot(p, info.flat_offset, info.numel) for p, info in zip(params, self.plan.params)]
+        self.plan = _core.zero.make_plan([p.numel() for p in params], self.world_size, bucket, _ALIGNMENT,
+                                         group_starts)
+        self.slots = [_Slot(p, info.flat_offset, info.numel, p.shape) for p, info in zip(params, self.plan.params)]
         padded, shard = self.plan.padded_numel, self.plan.shard_numel
+        self.owned = (0, padded) if self.stage == 0 else (self.rank * shard, (self.rank + 1) * shard)
 
-        # fp32 master copy of the initial weights (rank 0's, broadcast), then the model's parameters
-        # become views of one flat buffer in the compute dtype.
+        # fp32 master copy of the initial weights (rank 0's, broadcast). Below stage 3 the model's
+        # parameters become views of one flat buffer in the compute dtype; at stage 3 each rank keeps
+        # only its shard and the gatherer materialises a module's parameters around its use.
         master_full = torch.zeros(padded, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             for s in self.slots:
                 master_full[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
         comm.broadcast(master_full, src=0)
-        self.flat_params = master_full.to(self.compute_dtype)
-        with torch.no_grad():
-            for s in self.slots:
-                s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
+        self.flat_params = self.flat_shard = self.gatherer = None
+        if self.stage == 3:
+            from tidal.train.stage3 import ParameterGatherer
+
+            lo, hi = self.owned
+            self.flat_shard = master_full[lo:hi].to(self.compute_dtype, copy=True)
+            with torch.no_grad():
+                for s in self.slots:
+                    s.param.data = torch.empty(0, dtype=self.compute_dtype, device=self.device)
+            self.gatherer = ParameterGatherer(self, module_groups)
+        else:
+            self.flat_params = master_full.to(self.compute_dtype)
+            with torch.no_grad():
+                for s in self.slots:
+                    s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
 
         # fp32 master weights and Adam state for the owned range (everything at stage 0).
-        self.owned = (0, padded) if self.stage == 0 else (self.rank * shard, (self.rank + 1) * shard)
         lo, hi = self.owned
         self.master = master_full[lo:hi].clone()
         self.exp_avg = torch.zeros_like(self.master)
@@ -129,7 +160,15 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss; gradients accumulate in fp32 until the boundary."""
         scaled = loss.float() * (self.loss_scale / self.gradient_accumulation_steps)
-        scaled.backward()
+        with warnings.catch_warnings():
+            # stage 3's backward pre-hooks also fire on modules whose inputs need no gradient (the
+            # first layer); that is what they are for, so torch's notice about it is noise here
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            scaled.backward()
+        if self.gatherer is not None:  # stage 3: the gradient hooks already moved every gradient
+            self.gatherer.release_all()
+            self.gatherer.end_of_forward_pass()
+            return
         with torch.no_grad():
             for s in self.slots:
                 grad = s.param.grad
@@ -144,13 +183,14 @@ class Engine:
         if not boundary:
             return
         grad = self._reduce_gradients()
+        scale = self.loss_scale  # the scale this step's gradients carry, before update() may grow it
         skip = False
         if self.loss_scaler is not None:
             skip = self.loss_scaler.update(comm.any_true(has_overflow([grad]), self.device))
         if skip:
             self.skipped_steps += 1
         else:
-            grad.div_(self.loss_scale)
+            grad.div_(scale)
             if self.config.gradient_clipping > 0:
                 coef = self.config.gradient_clipping / (self._global_norm(grad) + 1e-6)
                 if coef < 1.0:  # torch.nn.utils.clip_grad_norm_'s rule
@@ -168,7 +208,7 @@ class Engine:
     def _reduce_gradients(self) -> torch.Tensor:
         """The gradient of the owned range, averaged over ranks."""
         flat = self.grad_accum
-        if self.world_size > 1 and self.stage == 2:
+        if self.world_size > 1 and self.stage >= 2:
             shard = self.plan.shard_numel
             out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
             by_rank = flat.view(self.world_size, shard)
@@ -212,6 +252,9 @@ class Engine:
     def _publish_weights(self) -> None:
         """Copies the updated fp32 master shard(s) into every rank's compute-dtype parameters."""
         with torch.no_grad():
+            if self.stage == 3:  # parameters are gathered from the shard when a module runs
+                self.flat_shard.copy_(self.master)
+                return
             if self.stage == 0 or self.world_size == 1:
                 self.flat_params.copy_(self.master)
                 return
@@ -220,6 +263,15 @@ class Engine:
             self.flat_params.copy_(gathered)
 
     # ---- state -----------------------------------------------------------------------------------
+
+    def set_full_weights(self, flat: torch.Tensor) -> None:
+        """Sets the model's weights from a full fp32 flat buffer laid out by this engine's plan
+        (checkpoint loading); the master shard is the caller's to set."""
+        with torch.no_grad():
+            if self.stage == 3:
+                self.flat_shard.copy_(flat[self.rank * self.plan.shard_numel:(self.rank + 1) * self.plan.shard_numel])
+            else:
+                self.flat_params.copy_(flat)
 
     def save_checkpoint(self, directory: str, tag: str | None = None) -> str:
         """Collective: a sharded checkpoint in ``directory/tag`` (see tidal.train.checkpoint)."""
@@ -240,7 +292,7 @@ class Engine:
             full.copy_(self.master)
         else:
             comm.all_gather(full, self.master)
-        by_param = {id(s.param): full[s.offset:s.offset + s.numel].view(s.param.shape).clone() for s in self.slots}
+        by_param = {id(s.param): full[s.offset:s.offset + s.numel].view(s.shape).clone() for s in self.slots}
         return {name: by_param.get(id(t), t.detach().clone())
                 for name, t in self.module.state_dict(keep_vars=True).items()}
 
