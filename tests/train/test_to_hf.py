@@ -42,9 +42,11 @@ def train(engine, logits_of) -> None:
         engine.step()
 
 
-@pytest.fixture(scope="module", params=[(False, 0), (True, 1)], ids=["untied-stage0", "tied-stage1"])
+@pytest.fixture(scope="module", params=[(False, 0), (True, 1), (True, 3)],
+                ids=["untied-stage0", "tied-stage1", "tied-stage3"])
 def tidal_trained(request, tmp_path_factory):
-    """A tiny tidal Llama trained a few steps: (checkpoint dir, the engine's full fp32 state, config, initial HF model)."""
+    """A tiny tidal Llama trained a few steps: (checkpoint dir, the engine's full fp32 state, config,
+    initial HF model)."""
     tie, stage = request.param
     root = tmp_path_factory.mktemp("tidal_trained")
     initial = build_model(str(root / "init"), tie=tie)

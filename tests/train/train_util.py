@@ -58,15 +58,16 @@ def reference(steps: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _script(rank: int, world: int, stage: int, actions: list, out_path: str) -> None:
-    engine = tidal.initialize(make_model(), config(stage, world))
+def _script(rank: int, world: int, stage: int, actions: list, out_path: str, device: str = "cpu") -> None:
+    device = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+    engine = tidal.initialize(make_model().to(device), config(stage, world))
     boundaries = []
     for action, *args in actions:
         if action == "train":
             first, last = args
             for step in range(first, last):
                 for a in range(ACCUM):
-                    x, y = micro_batch(step, a, rank, world)
+                    x, y = (t.to(device) for t in micro_batch(step, a, rank, world))
                     engine.backward(torch.nn.functional.mse_loss(engine(x), y))
                     boundaries.append(engine.is_gradient_accumulation_boundary())
                     engine.step()
@@ -74,17 +75,17 @@ def _script(rank: int, world: int, stage: int, actions: list, out_path: str) -> 
             engine.save_checkpoint(*args)
         elif action == "load":
             engine.load_checkpoint(*args)
-    state = engine.full_state_dict()
+    state = {k: v.cpu() for k, v in engine.full_state_dict().items()}
     if rank == 0:
         torch.save({"state": state, "boundaries": boundaries, "global_steps": engine.global_steps}, out_path)
 
 
-def _worker(rank: int, world: int, port: int, stage: int, actions: list, out_path: str) -> None:
+def _worker(rank: int, world: int, port: int, stage: int, actions: list, out_path: str, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        _script(rank, world, stage, actions, out_path)
+        _script(rank, world, stage, actions, out_path, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -96,17 +97,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, stage: int, actions: list, out_path: str) -> dict:
-    """Runs ``actions`` on ``world`` ranks; returns rank 0's final full state and counters."""
+def run(world: int, stage: int, actions: list, out_path: str, device: str = "cpu") -> dict:
+    """Runs ``actions`` on ``world`` ranks (on "cuda": rank r on cuda:r, NCCL); returns rank 0's final
+    full state and counters."""
     if world == 1:
-        _script(0, 1, stage, actions, out_path)
+        _script(0, 1, stage, actions, out_path, device)
     else:
-        mp.start_processes(_worker, args=(world, _free_port(), stage, actions, out_path), nprocs=world,
+        mp.start_processes(_worker, args=(world, _free_port(), stage, actions, out_path, device), nprocs=world,
                            start_method="spawn")
     return torch.load(out_path)
 
 
-def assert_state_close(got: dict, want: dict) -> None:
+def assert_state_close(got: dict, want: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     assert set(got) == set(want)
     for name, tensor in want.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], tensor, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

@@ -90,7 +90,8 @@ def save(engine, directory: str, tag: str | None = None) -> str:
             "stage": engine.stage,
             "counters": {"global_steps": engine.global_steps, "micro_steps": engine.micro_steps,
                          "optimizer_steps": engine.optimizer_steps, "skipped_steps": engine.skipped_steps},
-            "params": [{"name": names[id(s.param)], "shape": list(s.param.shape), "offset": s.offset,
+            # the slot's shape, not the parameter's: stage 3 frees parameters to empty tensors between uses
+            "params": [{"name": names[id(s.param)], "shape": list(s.shape), "offset": s.offset,
                         "numel": s.numel} for s in engine.slots],
             "files": entries,
             "loss_scaler": None if engine.loss_scaler is None else engine.loss_scaler.state_dict(),

@@ -10,6 +10,8 @@ import torch.distributed as dist
 def init(device: torch.device) -> None:
     """Joins the job's process group from the environment (torchrun's env://) if there is one."""
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank's communicator to the current device
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
