@@ -8,7 +8,6 @@ every file's SHA-256) and writes a directory that ``transformers``' ``from_pretr
 shards and ``model.safetensors.index.json``) in Hugging Face's tensor names.
 """
 
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,15 +93,7 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _hf_source(path: str) -> dict:
     """The checkpoint's ``"hf"`` record, checked before any shard is read."""
-    index_path = os.path.join(path, "index.json")
-    try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint index {index_path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint index {index_path} is corrupt: {e}") from None
-    source = index.get("hf")
+    source = _train_checkpoint.read_index(path).get("hf")
     if not isinstance(source, dict) or not isinstance(source.get("hf_config"), dict):
         raise ValueError(f"checkpoint {path} has no Hugging Face config: the module it was saved from was not "
                          f"a known model (tidal's Llama-family model or a transformers PreTrainedModel), so "

@@ -119,12 +119,8 @@ def _resolve(directory: str, tag: str | None) -> str:
     return path
 
 
-def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(index, {state: {param name: fp32 tensor}}) for a checkpoint, verifying every file's checksum.
-
-    A missing, truncated or corrupt file is an error that names it.
-    """
-    path = _resolve(directory, tag)
+def read_index(path: str) -> dict:
+    """The index.json of the checkpoint directory ``path``; a missing or corrupt one is named."""
     index_path = os.path.join(path, "index.json")
     try:
         with open(index_path) as f:
@@ -135,6 +131,16 @@ def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[
         raise ValueError(f"checkpoint index {index_path} is corrupt: {e}") from None
     if index.get("format") != FORMAT:
         raise ValueError(f"{index_path} has format {index.get('format')!r}; expected {FORMAT!r}")
+    return index
+
+
+def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(index, {state: {param name: fp32 tensor}}) for a checkpoint, verifying every file's checksum.
+
+    A missing, truncated or corrupt file is an error that names it.
+    """
+    path = _resolve(directory, tag)
+    index = read_index(path)
     full = {k: {p["name"]: torch.empty(p["numel"]) for p in index["params"]} for k in _STATES}
     covered = {p["name"]: 0 for p in index["params"]}
     for entry in index["files"]:

@@ -15,6 +15,13 @@ weights and Adam state for the shard this rank owns, and runs:
 Stage 0 keeps full optimizer state on every rank; stage 1 shards it; stage 2 also shards gradients
 once they are reduced; stage 3 also shards the parameters (tidal.train.stage3 gathers each module's
 parameters around its use).
+
+Of ``zero_optimization``'s tuning keys, ``reduce_bucket_size`` sets the reduce-scatter buckets;
+``allgather_bucket_size``, ``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``,
+``overlap_comm`` and ``contiguous_gradients`` are accepted for compatibility and change nothing yet:
+stage 3 gathers one module at a time with a prefetch depth of one module, and gradients are reduced at
+the accumulation boundary rather than overlapped with the backward pass. Inputs are not cast to the
+compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where the model expects them.
 """
 
 import math
