@@ -91,8 +91,9 @@ def save(engine, directory: str, tag: str | None = None) -> str:
             "counters": {"global_steps": engine.global_steps, "micro_steps": engine.micro_steps,
                          "optimizer_steps": engine.optimizer_steps, "skipped_steps": engine.skipped_steps},
             # the slot's shape, not the parameter's: stage 3 frees parameters to empty tensors between uses
-            "params": [{"name": names[id(s.param)], "shape": list(s.shape), "offset": s.offset,
-                        "numel": s.numel} for s in engine.slots],
+            # dtype: the module's compute dtype; the shards hold fp32 master weights and moments
+            "params": [{"name": names[id(s.param)], "shape": list(s.shape), "dtype": str(s.param.dtype),
+                        "offset": s.offset, "numel": s.numel} for s in engine.slots],
             "files": entries,
             "loss_scaler": None if engine.loss_scaler is None else engine.loss_scaler.state_dict(),
             "scheduler": None if engine.scheduler is None else engine.scheduler.state_dict(),

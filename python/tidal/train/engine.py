@@ -24,6 +24,7 @@ the accumulation boundary rather than overlapped with the backward pass. Inputs 
 compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where the model expects them.
 """
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from tidal.train.config import TrainConfig, load_config
 from tidal.train.loss_scaler import DynamicLossScaler, StaticLossScaler, has_overflow
 from tidal.train.lr_schedules import build_scheduler
 
+_log = logging.getLogger("tidal.train")
 _ALIGNMENT = 128  # elements: 512 bytes of fp32, keeps every shard and bucket vector-aligned
 
 
@@ -209,6 +211,10 @@ class Engine:
                 self.scheduler.step()
         self.grad_accum.zero_()
         self.global_steps += 1
+        every = self.config.steps_per_print
+        if every and self.global_steps % every == 0 and self.rank == 0:
+            _log.info("step %d: lr %.3g, loss scale %g, skipped %d", self.global_steps, self._lr(), self.loss_scale,
+                      self.skipped_steps)
 
     # ---- pieces of the step --------------------------------------------------------------------
 
