@@ -9,7 +9,7 @@ from train_util import ACCUM, assert_state_close, reference, run
 STEPS = 4
 
 
-@pytest.mark.parametrize("world,stage", [(1, 0), (1, 2), (2, 0), (2, 1), (2, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("world,stage", [(1, 0), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)])
 def test_matches_single_process_adamw(world, stage, tmp_path):
     result = run(world, stage, [("train", 0, STEPS)], str(tmp_path / "out.pt"))
     assert result["global_steps"] == STEPS
