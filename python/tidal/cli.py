@@ -1,0 +1,215 @@
+"""The ``tidal`` command (also ``python -m tidal``).
+
+``tidal demo`` trains and serves the embedded demo model; ``tidal generate MODEL --prompt TEXT``
+streams one completion to stdout; ``tidal serve [MODEL]`` runs the OpenAI-compatible server (the demo
+model when MODEL is left out); ``tidal --version``.
+
+Argument errors exit 2 with argparse's message; an error in what was asked (a model directory that is
+missing or unreadable, a bad option value) prints one line ``tidal: error: ...`` and exits 1.
+"""
+
+import argparse
+import os
+import sys
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, exit status 1."""
+
+
+def _version() -> str:
+    from tidal import __version__
+
+    return __version__
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 keeps all (default)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sample")
+
+
+def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype; auto takes the checkpoint's (default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    if not serve:
+        p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+        return
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step (default 8192)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's max_position_embeddings)")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9,
+                   help="share of device memory the KV cache may take (default 0.9)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
+    p.add_argument("--seed", type=int, default=0, help="seed of requests that carry none (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="tidal: one runtime for training and serving LLMs.")
+    parser.add_argument("--version", action="version", version=f"tidal {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,generate,serve}")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="train the embedded demo model on Python's own source, then generate",
+                          description="Train a small Llama-architecture model with tidal.initialize on the Python "
+                                      "standard library's source, save it in Hugging Face format, and generate "
+                                      "completions from it with tidal.LLM. Nothing is downloaded.")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: by size)")
+    demo.add_argument("--size", choices=["small", "medium"], default=None,
+                      help="model size (default: medium on a GPU, small on the CPU)")
+    demo.add_argument("--cache-dir", default=None, help="where the model is kept (default $TIDAL_CACHE/demo "
+                                                        "or ~/.cache/tidal/demo)")
+    demo.add_argument("--retrain", action="store_true", help="train again even if a cached model exists")
+    demo.add_argument("--prompts", nargs="+", default=None, metavar="TEXT", help="prompts to complete")
+    demo.add_argument("--max-tokens", type=int, default=96, help="tokens per completion (default 96)")
+    demo.add_argument("--device", default="auto", help="training device: auto, cpu or cuda[:N] (default auto)")
+
+    gen = sub.add_parser("generate", help="stream a completion of one prompt",
+                         description="Generate a completion of --prompt with the model in MODEL (a Hugging Face "
+                                     "directory) and print it as it streams.")
+    gen.add_argument("model", metavar="MODEL", help="a Hugging Face model directory")
+    gen.add_argument("--prompt", required=True, help="the text to complete")
+    _add_sampling_args(gen)
+    _add_engine_args(gen, serve=False)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
+                           description="Serve MODEL (a Hugging Face directory; the demo model when left out, "
+                                       "trained first if absent) over an OpenAI-compatible HTTP API.")
+    serve.add_argument("model", metavar="MODEL", nargs="?", default=None, help="a Hugging Face model directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    _add_engine_args(serve, serve=True)
+    return parser
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def _check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CLIError(f"model directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CLIError(f"{path!r} is not a Hugging Face model directory (no config.json)")
+
+
+def cmd_generate(args) -> int:
+    _check_model_dir(args.model)
+    import asyncio
+
+    from tidal.serve import EngineConfig, SamplingParams
+    from tidal.serve.async_engine import AsyncLLMEngine
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k if args.top_k > 0 else -1, seed=args.seed)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                          max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len))
+    try:
+        engine = AsyncLLMEngine.from_config(config)
+    except Exception as e:  # noqa: BLE001  (whatever a broken directory raises: one line, no traceback)
+        raise CLIError(f"cannot load {args.model!r}: {e}") from None
+    if engine.engine.tokenizer is None:
+        raise CLIError(f"{args.model!r} has no tokenizer.json; `tidal generate` needs one for a text prompt")
+
+    async def stream() -> None:
+        out = sys.stdout
+        out.write(args.prompt)
+        out.flush()
+        printed = 0
+        try:
+            async for output in engine.generate(args.prompt, params):
+                if output.error:
+                    raise CLIError(output.error)
+                text = output.outputs[0].text
+                if len(text) > printed:
+                    out.write(text[printed:])
+                    out.flush()
+                    printed = len(text)
+        finally:
+            await engine.shutdown()
+        out.write("\n")
+        out.flush()
+
+    try:
+        asyncio.run(stream())
+    except ValueError as e:  # a prompt the engine refuses (too long, ...)
+        raise CLIError(str(e)) from None
+    return 0
+
+
+def _kv_blocks_for_one(model: str, max_model_len: int | None, block_size: int = 16) -> int:
+    """A KV pool for one request (``tidal generate`` needs no more; allocating the default pool --
+    a share of all memory -- would only cost time)."""
+    from tidal.models.config import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load {model!r}: {e}") from None
+    length = max_model_len or cfg.max_position_embeddings
+    return max(4, -(-min(length, 1 << 20) // block_size) + 1)
+
+
+def cmd_serve(args) -> int:
+    model = args.model
+    if model is None:
+        from tidal import demo
+
+        model = str(demo.ensure_model(out=sys.stderr))
+        served = args.served_model_name or "tidal-demo"
+    else:
+        _check_model_dir(model)
+        served = args.served_model_name
+    from tidal.serve import EngineConfig
+
+    try:
+        config = EngineConfig(model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                              kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                              seed=args.seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        from tidal.serve.api_server import run_server
+    except ImportError as e:  # fastapi/uvicorn missing, or a build without the server
+        raise CLIError(f"the server is unavailable: {e}") from None
+
+    run_server(config, host=args.host, port=args.port, api_key=args.api_key, served_model_name=served)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tidal import demo
+
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps={args.steps} must be at least 1")
+    return demo.run(steps=args.steps, size=args.size, cache_dir=args.cache_dir, retrain=args.retrain,
+                    prompts=args.prompts, max_tokens=args.max_tokens, device=args.device)
+
+
+_COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args) or 0
+    except CLIError as e:
+        print(f"tidal: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tidal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
