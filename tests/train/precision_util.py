@@ -4,14 +4,12 @@ run through ``tidal.initialize`` (optional inf loss injected on chosen ranks and
 that executes it on N spawned Gloo ranks (or in this process) and returns every rank's result."""
 
 import math
-import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import tidal
+from train_util import free_port, spawn  # noqa: F401  (free_port: the launch test picks its port with it)
 
 IN, HIDDEN, OUT = 8, 16, 4
 GLOBAL_BATCH, ACCUM = 16, 2
@@ -117,30 +115,9 @@ def train(rank: int, world: int, cfg: dict, steps: int, overflow: dict | None = 
                                                                           engine.module.parameters()})}
 
 
-def _worker(rank: int, world: int, port: int, fn, args: tuple, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        torch.save(fn(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(world: int, fn, args: tuple, out_dir: str) -> list:
-    """``fn(rank, world, *args)`` on ``world`` Gloo ranks (in this process when world is 1); every
-    rank's return value, in rank order."""
-    if world == 1:
-        return [fn(0, 1, *args)]
-    mp.start_processes(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world, start_method="spawn")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    """``fn(rank, world, *args)`` on ``world`` Gloo ranks; every rank's return value, in rank order."""
+    return spawn(world, fn, args, out_dir)
 
 
 def assert_states_equal(got: dict, want: dict) -> None:

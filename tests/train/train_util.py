@@ -58,7 +58,7 @@ def reference(steps: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _script(rank: int, world: int, stage: int, actions: list, out_path: str, device: str = "cpu") -> None:
+def _script(rank: int, world: int, stage: int, actions: list, device: str = "cpu") -> dict:
     device = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
     engine = tidal.initialize(make_model().to(device), config(stage, world))
     boundaries = []
@@ -76,36 +76,39 @@ def _script(rank: int, world: int, stage: int, actions: list, out_path: str, dev
         elif action == "load":
             engine.load_checkpoint(*args)
     state = {k: v.cpu() for k, v in engine.full_state_dict().items()}
-    if rank == 0:
-        torch.save({"state": state, "boundaries": boundaries, "global_steps": engine.global_steps}, out_path)
+    return {"state": state, "boundaries": boundaries, "global_steps": engine.global_steps}
 
 
-def _worker(rank: int, world: int, port: int, stage: int, actions: list, out_path: str, device: str) -> None:
+def _worker(rank: int, world: int, port: int, fn, args: tuple, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        _script(rank, world, stage, actions, out_path, device)
+        torch.save(fn(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def spawn(world: int, fn, args: tuple, out_dir: str) -> list:
+    """``fn(rank, world, *args)`` on ``world`` Gloo/NCCL ranks (in this process when world is 1);
+    every rank's return value, in rank order."""
+    if world == 1:
+        return [fn(0, 1, *args)]
+    mp.start_processes(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world, start_method="spawn")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
 def run(world: int, stage: int, actions: list, out_path: str, device: str = "cpu") -> dict:
     """Runs ``actions`` on ``world`` ranks (on "cuda": rank r on cuda:r, NCCL); returns rank 0's final
-    full state and counters."""
-    if world == 1:
-        _script(0, 1, stage, actions, out_path, device)
-    else:
-        mp.start_processes(_worker, args=(world, _free_port(), stage, actions, out_path, device), nprocs=world,
-                           start_method="spawn")
-    return torch.load(out_path)
+    full state and counters. ``out_path``'s directory receives the ranks' results."""
+    return spawn(world, _script, (stage, actions, device), os.path.dirname(out_path))[0]
 
 
 def assert_state_close(got: dict, want: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:

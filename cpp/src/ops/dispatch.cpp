@@ -5,34 +5,10 @@
 #include "tidal/ops.h"
 
 #include "ops/checks.h"
+#include "ops/device_dispatch.h"
 #include "ops/kernels.h"
 
 namespace tidal::ops {
-namespace {
-
-// Calls the CPU or GPU kernel for `device`; `op` names the op in errors.
-template <typename CpuFn, typename GpuFn>
-void dispatch(const char* op, Device device, CpuFn&& cpu_fn, [[maybe_unused]] GpuFn&& gpu_fn) {
-  switch (device.type) {
-    case DeviceType::kCPU:
-      cpu_fn();
-      return;
-    case DeviceType::kCUDA:
-#if TIDAL_WITH_CUDA
-      gpu_fn();
-      return;
-#else
-      throw Error(std::string(op) + ": the tensors are on " + device_name(device) +
-                  " but this build of tidal has no CUDA kernels (tidal.build_info()['cuda'] is False)");
-#endif
-    case DeviceType::kROCM:
-      throw Error(std::string(op) + ": the tensors are on " + device_name(device) +
-                  " but this build of tidal has no HIP kernels (tidal.build_info()['hip'] is False)");
-  }
-}
-
-}  // namespace
-
 void rms_norm(TensorView out, TensorView x, TensorView weight, float eps, Stream stream) {
   detail::check_rows(x, "x");
   detail::check_rows(out, "out");
@@ -40,7 +16,7 @@ void rms_norm(TensorView out, TensorView x, TensorView weight, float eps, Stream
   detail::check_norm_weight(weight, x);
   detail::check_eps(eps);
   if (x.size(0) == 0) return;
-  dispatch(
+  detail::dispatch(
       "rms_norm", x.device, [&] { cpu::rms_norm(out, x, weight, eps, stream); },
       [&] { gpu::rms_norm(out, x, weight, eps, stream); });
 }
@@ -59,7 +35,7 @@ void fused_add_rms_norm(TensorView out, TensorView residual_out, TensorView x, T
   TIDAL_CHECK(!detail::overlaps(out, residual_out), "out and residual_out overlap in memory; pass distinct "
               "tensors (in place, x and residual must be distinct)");
   if (x.size(0) == 0) return;
-  dispatch(
+  detail::dispatch(
       "fused_add_rms_norm", x.device,
       [&] { cpu::fused_add_rms_norm(out, residual_out, x, residual, weight, eps, stream); },
       [&] { gpu::fused_add_rms_norm(out, residual_out, x, residual, weight, eps, stream); });

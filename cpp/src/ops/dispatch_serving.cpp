@@ -9,27 +9,11 @@
 #include <string>
 
 #include "ops/checks.h"
+#include "ops/device_dispatch.h"
 #include "ops/kernels.h"
 
 namespace tidal::ops {
 namespace {
-
-// NOTE(tidal): an explicit entry per device rather than dispatch.cpp's table: these ops get their
-// CUDA kernels in a later issue, and until then a CUDA tensor must not fall back to the CPU.
-template <typename CpuFn>
-void dispatch_cpu_only(const char* op, Device device, CpuFn&& cpu_fn) {
-  switch (device.type) {
-    case DeviceType::kCPU:
-      cpu_fn();
-      return;
-    case DeviceType::kCUDA:
-      throw Error(std::string(op) + ": no CUDA kernel yet; run on the CPU (the tensors are on " +
-                  device_name(device) + ")");
-    case DeviceType::kROCM:
-      throw Error(std::string(op) + ": no HIP kernel yet; run on the CPU (the tensors are on " +
-                  device_name(device) + ")");
-  }
-}
 
 void check_float(const TensorView& t, const char* name) {
   TIDAL_CHECK(t.dtype == DType::kFloat32 || t.dtype == DType::kFloat16 || t.dtype == DType::kBFloat16, name,
@@ -144,7 +128,7 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
   check_device(out, "out", x, "x");
   TIDAL_CHECK(!detail::overlaps(out, x), "out overlaps x in memory; pass a distinct out");
   if (out.numel() == 0) return;
-  dispatch_cpu_only("silu_and_mul", x.device, [&] { cpu::silu_and_mul(out, x, stream); });
+  detail::dispatch_cpu_only("silu_and_mul", x.device, [&] { cpu::silu_and_mul(out, x, stream); });
 }
 
 void rotary_embedding(TensorView positions, TensorView query, TensorView key, int64_t head_dim,
@@ -170,7 +154,7 @@ void rotary_embedding(TensorView positions, TensorView query, TensorView key, in
               rotary_dim, " must be even, positive and <= head_dim=", head_dim);
   if (query.size(0) == 0) return;
   if (positions.device.is_cpu()) check_positions(positions, cos_sin_cache.size(0));
-  dispatch_cpu_only("rotary_embedding", query.device,
+  detail::dispatch_cpu_only("rotary_embedding", query.device,
                     [&] { cpu::rotary_embedding(positions, query, key, cos_sin_cache, is_neox, stream); });
 }
 
@@ -207,7 +191,7 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
               "key or value overlaps a cache in memory");
   if (key.numel() == 0) return;
   if (slot_mapping.device.is_cpu()) check_slots(slot_mapping, key_cache.size(0) * key_cache.size(1));
-  dispatch_cpu_only("reshape_and_cache", key.device,
+  detail::dispatch_cpu_only("reshape_and_cache", key.device,
                     [&] { cpu::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, stream); });
 }
 
@@ -262,7 +246,7 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
     check_paged_metadata(block_tables, seq_lens, cu_seqlens_q, num_tokens, num_blocks, block_size, sliding_window);
   }
   if (num_tokens == 0 || num_heads == 0) return;
-  dispatch_cpu_only("paged_attention", query.device, [&] {
+  detail::dispatch_cpu_only("paged_attention", query.device, [&] {
     cpu::paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                          sliding_window, stream);
   });

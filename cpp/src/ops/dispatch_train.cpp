@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ops/checks.h"
+#include "ops/device_dispatch.h"
 #include "ops/kernels.h"
 
 namespace tidal::ops {
@@ -49,17 +50,9 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
                   " overlap in memory; pass distinct buffers");
     }
   }
-  switch (param.device.type) {
-    case DeviceType::kCPU:
-      if (param.numel() > 0) cpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream);
-      return;
-    case DeviceType::kCUDA:
-      throw Error("adam_step: no CUDA kernel yet; run on the CPU (the tensors are on " +
-                  device_name(param.device) + ")");
-    case DeviceType::kROCM:
-      throw Error("adam_step: no HIP kernel yet; run on the CPU (the tensors are on " +
-                  device_name(param.device) + ")");
-  }
+  if (param.numel() == 0) return;
+  detail::dispatch_cpu_only("adam_step", param.device,
+                            [&] { cpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream); });
 }
 
 }  // namespace tidal::ops

@@ -336,14 +336,13 @@ class LLMEngine:
     def _run_model(self, batch, sampling: list[SequenceSampling]):
         device = self.device
         cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
-        seq_lens = torch.from_numpy(batch.seq_lens)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(batch.slot_mapping).to(device),
             block_tables=torch.from_numpy(batch.block_tables).to(device),
-            seq_lens=seq_lens.to(device),
+            seq_lens=torch.from_numpy(batch.seq_lens).to(device),
             cu_seqlens_q=cu_seqlens_q.to(device),
-            max_seqlen_q=int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()),
-            max_seqlen_k=int(seq_lens.max()),
+            max_seqlen_q=batch.max_seqlen_q,  # computed by the scheduler with the batch
+            max_seqlen_k=batch.max_seqlen_k,
         )
         input_ids = torch.from_numpy(batch.input_ids).to(device=device, dtype=torch.long)
         positions = torch.from_numpy(batch.positions).to(device=device, dtype=torch.long)
