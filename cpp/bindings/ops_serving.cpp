@@ -3,6 +3,7 @@
 // DLPack capsule, the stream an integer handle (0 for CPU tensors); outputs are allocated by the
 // Python caller.
 #include <cstdint>
+#include <string>
 
 #include <pybind11/pybind11.h>
 
@@ -33,6 +34,44 @@ void bind_ops_serving(py::module_& m) {
       py::arg("is_neox"), py::arg("stream") = 0,
       "Rotates query and key (DLPack capsules) in place by the cos/sin rows of positions.");
   m.def(
+      "rotary_embedding_and_cache",
+      [](py::handle positions, py::handle query, py::handle key, py::handle value, py::handle key_cache,
+         py::handle value_cache, py::handle slot_mapping, py::handle cos_sin_cache, bool is_neox,
+         py::handle q_norm_weight, py::handle k_norm_weight, float eps, std::uintptr_t stream) {
+        ops::rotary_embedding_and_cache(
+            view_capsule(positions, "positions"), view_capsule(query, "query"), view_capsule(key, "key"),
+            view_capsule(value, "value"), view_capsule(key_cache, "key_cache"), view_capsule(value_cache, "value_cache"),
+            view_capsule(slot_mapping, "slot_mapping"), view_capsule(cos_sin_cache, "cos_sin_cache"), is_neox,
+            view_optional_capsule(q_norm_weight, "q_norm_weight"), view_optional_capsule(k_norm_weight, "k_norm_weight"),
+            eps, Stream::from_int(stream));
+      },
+      py::arg("positions"), py::arg("query"), py::arg("key"), py::arg("value"), py::arg("key_cache"),
+      py::arg("value_cache"), py::arg("slot_mapping"), py::arg("cos_sin_cache"), py::arg("is_neox"),
+      py::arg("q_norm_weight"), py::arg("k_norm_weight"), py::arg("eps"), py::arg("stream") = 0,
+      "Optional per-head q/k RMSNorm, rotary on query (in place) and key, key and value into the cache.");
+  m.def(
+      "seeded_exponential",
+      [](py::handle out, py::handle seeds, py::handle offsets, std::uintptr_t stream) {
+        ops::seeded_exponential(view_capsule(out, "out"), view_capsule(seeds, "seeds"),
+                                view_capsule(offsets, "offsets"), Stream::from_int(stream));
+      },
+      py::arg("out"), py::arg("seeds"), py::arg("offsets"), py::arg("stream") = 0,
+      "Fills out [num_rows, vocab] float32 with Exp(1) noise that depends on (seed, offset, index) alone.");
+  m.def(
+      "paged_attention_workspace_size",
+      [](int device_type, int device_index, const std::string& dtype, int64_t num_tokens, int64_t num_seqs,
+         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+        Device device{device_type == 0 ? DeviceType::kCPU : DeviceType::kCUDA, device_index};
+        DType dt = dtype == "float16" ? DType::kFloat16 : dtype == "bfloat16" ? DType::kBFloat16 : DType::kFloat32;
+        return ops::paged_attention_workspace_size(device, dt, num_tokens, num_seqs, num_heads, num_kv_heads, head_dim,
+                                                   max_seqlen_q, max_seqlen_k);
+      },
+      py::arg("device_type"), py::arg("device_index"), py::arg("dtype"), py::arg("num_tokens"), py::arg("num_seqs"),
+      py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("max_seqlen_q"),
+      py::arg("max_seqlen_k"),
+      "Bytes of workspace paged_attention needs (device_type 0: CPU, 1: CUDA; dtype 'float32', 'float16', "
+      "'bfloat16').");
+  m.def(
       "reshape_and_cache",
       [](py::handle key, py::handle value, py::handle key_cache, py::handle value_cache, py::handle slot_mapping,
          std::uintptr_t stream) {
@@ -45,21 +84,24 @@ void bind_ops_serving(py::module_& m) {
   m.def(
       "paged_attention",
       [](py::handle out, py::handle query, py::handle key_cache, py::handle value_cache, py::handle block_tables,
-         py::handle seq_lens, py::handle cu_seqlens_q, float scale, int64_t sliding_window, std::uintptr_t stream) {
+         py::handle seq_lens, py::handle cu_seqlens_q, float scale, int64_t sliding_window, int64_t max_seqlen_q,
+         int64_t max_seqlen_k, py::handle workspace, std::uintptr_t stream) {
         const TensorView out_v = view_capsule(out, "out"), query_v = view_capsule(query, "query");
         const TensorView key_cache_v = view_capsule(key_cache, "key_cache");
         const TensorView value_cache_v = view_capsule(value_cache, "value_cache");
         const TensorView block_tables_v = view_capsule(block_tables, "block_tables");
         const TensorView seq_lens_v = view_capsule(seq_lens, "seq_lens");
         const TensorView cu_seqlens_q_v = view_capsule(cu_seqlens_q, "cu_seqlens_q");
+        const TensorView workspace_v = view_optional_capsule(workspace, "workspace");
         // NOTE(tidal): a decode step over long contexts runs for milliseconds on the CPU; other
         // Python threads (the server's) keep running meanwhile.
         py::gil_scoped_release release;
         ops::paged_attention(out_v, query_v, key_cache_v, value_cache_v, block_tables_v, seq_lens_v, cu_seqlens_q_v,
-                             scale, sliding_window, Stream::from_int(stream));
+                             scale, sliding_window, max_seqlen_q, max_seqlen_k, workspace_v, Stream::from_int(stream));
       },
       py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
       py::arg("seq_lens"), py::arg("cu_seqlens_q"), py::arg("scale"), py::arg("sliding_window"),
+      py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1, py::arg("workspace") = py::none(),
       py::arg("stream") = 0, "Causal paged attention of query over the KV cache into out (DLPack capsules).");
 }
 

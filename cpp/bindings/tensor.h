@@ -28,4 +28,10 @@ inline TensorView view_capsule(pybind11::handle capsule, const char* what) {
                              std::string(pybind11::str(pybind11::type::handle_of(capsule))));
 }
 
+/// view_capsule, or an empty view (null data) for None: an optional tensor argument.
+inline TensorView view_optional_capsule(pybind11::handle capsule, const char* what) {
+  if (capsule.is_none()) return TensorView{};
+  return view_capsule(capsule, what);
+}
+
 }  // namespace tidal::bindings

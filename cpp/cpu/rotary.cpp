@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// CPU kernel for rotary_embedding: rotates the first rotary_dim entries of every query and key head
+// CPU kernels for rotary_embedding: rotates the first rotary_dim entries of every query and key head
 // in place by the angles of the token's position, read from a float32 cos/sin cache; neox pairs
-// (i, i + rotary_dim / 2) or GPT-J pairs (2i, 2i + 1); fp32 math, one rounding.
+// (i, i + rotary_dim / 2) or GPT-J pairs (2i, 2i + 1); fp32 math, one rounding. And its fusion
+// rotary_embedding_and_cache: optional per-head RMSNorm, rotary, and the KV-cache write in one pass.
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/dispatch_float.h"
 #include "ops/kernels.h"
@@ -55,7 +58,79 @@ void rotary_embedding_impl(TensorView positions, TensorView query, TensorView ke
   }
 }
 
+// One head through (optional RMSNorm) -> (optional rotary) into dst, staged in fp32.
+template <typename T>
+void norm_rotate_head(const T* src, T* dst, int64_t head_dim, const T* norm_weight, float eps, const float* cos,
+                      const float* sin, int64_t rotary_dim, bool is_neox, float* row) {
+  float sum_sq = 0.0f;
+  for (int64_t e = 0; e < head_dim; ++e) {
+    row[e] = to_float(src[e]);
+    sum_sq += row[e] * row[e];
+  }
+  if (norm_weight != nullptr) {
+    const float inv_rms = 1.0f / std::sqrt(sum_sq / static_cast<float>(head_dim) + eps);
+    for (int64_t e = 0; e < head_dim; ++e) row[e] = row[e] * inv_rms * to_float(norm_weight[e]);
+  }
+  const int64_t half = rotary_dim / 2;
+  for (int64_t e = 0; e < head_dim; ++e) {
+    float out = row[e];
+    if (cos != nullptr && e < rotary_dim) {
+      if (is_neox) {
+        const int64_t i = e < half ? e : e - half;
+        out = e < half ? row[e] * cos[i] - row[e + half] * sin[i] : row[e] * cos[i] + row[e - half] * sin[i];
+      } else {
+        const int64_t i = e / 2;
+        out = e % 2 == 0 ? row[e] * cos[i] - row[e + 1] * sin[i] : row[e] * cos[i] + row[e - 1] * sin[i];
+      }
+    }
+    dst[e] = from_float<T>(out);
+  }
+}
+
+template <typename T>
+void rotary_embedding_and_cache_impl(TensorView positions, TensorView query, TensorView key, TensorView value,
+                                     TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
+                                     TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
+                                     TensorView k_norm_weight, float eps) {
+  const int64_t num_tokens = query.size(0), head_dim = query.size(2), num_kv_heads = key.size(1);
+  const int64_t rotary_dim = cos_sin_cache.size(1), half = rotary_dim / 2;
+  const T* q_weight = q_norm_weight.data_ptr<const T>();
+  const T* k_weight = k_norm_weight.data_ptr<const T>();
+  std::vector<float> row(static_cast<size_t>(head_dim));
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const float* cos =
+        cos_sin_cache.data_ptr<const float>() + positions.data_ptr<const int64_t>()[t * positions.stride(0)] *
+                                                    cos_sin_cache.stride(0);
+    const float* sin = cos + half;
+    T* q_row = query.data_ptr<T>() + t * query.stride(0);
+    for (int64_t h = 0; h < query.size(1); ++h) {
+      T* head = q_row + h * query.stride(1);
+      norm_rotate_head(head, head, head_dim, q_weight, eps, cos, sin, rotary_dim, is_neox, row.data());
+    }
+    const int64_t slot = slot_mapping.data_ptr<const int64_t>()[t * slot_mapping.stride(0)];
+    if (slot < 0) continue;  // padding
+    T* k_dst = key_cache.data_ptr<T>() + slot * num_kv_heads * head_dim;
+    T* v_dst = value_cache.data_ptr<T>() + slot * num_kv_heads * head_dim;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const T* k = key.data_ptr<const T>() + t * key.stride(0) + h * key.stride(1);
+      norm_rotate_head(k, k_dst + h * head_dim, head_dim, k_weight, eps, cos, sin, rotary_dim, is_neox, row.data());
+      const T* v = value.data_ptr<const T>() + t * value.stride(0) + h * value.stride(1);
+      for (int64_t e = 0; e < head_dim; ++e) v_dst[h * head_dim + e] = v[e];
+    }
+  }
+}
+
 }  // namespace
+
+void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,
+                                TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
+                                TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
+                                TensorView k_norm_weight, float eps, Stream) {
+  TIDAL_CPU_DISPATCH_FLOAT(query.dtype, T,
+                           rotary_embedding_and_cache_impl<T>(positions, query, key, value, key_cache, value_cache,
+                                                              slot_mapping, cos_sin_cache, is_neox, q_norm_weight,
+                                                              k_norm_weight, eps));
+}
 
 void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,
                       bool is_neox, Stream) {

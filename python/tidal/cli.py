@@ -34,7 +34,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype; auto takes the checkpoint's (default)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N] (default auto)")
+    p.add_argument("--enforce-eager", action="store_true", help="run every step eagerly (no CUDA graphs)")
     if not serve:
         p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
         return
@@ -43,8 +44,10 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step (default 8192)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output (default: the model's max_position_embeddings)")
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9,
-                   help="share of device memory the KV cache may take (default 0.9)")
+    p.add_argument("--kv-cache-memory-fraction", "--gpu-memory-utilization", dest="kv_cache_memory_fraction",
+                   type=float, default=0.9,
+                   help="share of GPU memory that weights, activations and the KV cache may take together; on "
+                        "the CPU, the share of host memory for the KV cache (default 0.9)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
     p.add_argument("--seed", type=int, default=0, help="seed of requests that carry none (default 0)")
 
@@ -111,7 +114,8 @@ def cmd_generate(args) -> int:
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                          max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len))
+                          max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
+                          enforce_eager=args.enforce_eager)
     try:
         engine = AsyncLLMEngine.from_config(config)
     except Exception as e:  # noqa: BLE001  (whatever a broken directory raises: one line, no traceback)
@@ -175,7 +179,7 @@ def cmd_serve(args) -> int:
                               kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-                              seed=args.seed)
+                              seed=args.seed, enforce_eager=args.enforce_eager)
     except ValueError as e:
         raise CLIError(str(e)) from None
     try:

@@ -261,13 +261,14 @@ def ensure_model(cache_dir=None, size: str | None = None, steps: int | None = No
     return path
 
 
-def generate(path: Path, prompts: list[str], max_tokens: int = 96, out=sys.stdout) -> list[str]:
-    """Completions of ``prompts`` from the model at ``path`` with tidal.LLM, printed with throughput."""
+def generate(path: Path, prompts: list[str], max_tokens: int = 96, out=sys.stdout, device: str = "auto") -> list[str]:
+    """Completions of ``prompts`` from the model at ``path`` with tidal.LLM (on the GPU when there is
+    one), printed with throughput."""
     import tidal
 
     t0 = time.perf_counter()
     llm = tidal.LLM(str(path), dtype="float32", num_kv_blocks=max(64, 4 * len(prompts) * MAX_POSITIONS // 16),
-                    max_model_len=MAX_POSITIONS, max_num_seqs=max(1, len(prompts)))
+                    max_model_len=MAX_POSITIONS, max_num_seqs=max(1, len(prompts)), device=device)
     load_s = time.perf_counter() - t0
     params = [tidal.SamplingParams(temperature=0.6, top_p=0.95, max_tokens=max_tokens, seed=i)
               for i in range(len(prompts))]
@@ -276,7 +277,7 @@ def generate(path: Path, prompts: list[str], max_tokens: int = 96, out=sys.stdou
     gen_s = time.perf_counter() - t1
     n_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     texts = []
-    print(f"\ngenerating with tidal.LLM (loaded in {load_s:.2f} s):", file=out)
+    print(f"\ngenerating with tidal.LLM on {llm.engine.device} (loaded in {load_s:.2f} s):", file=out)
     for prompt, o in zip(prompts, outs):
         text = o.outputs[0].text
         texts.append(text)
@@ -292,7 +293,7 @@ def run(steps: int | None = None, size: str | None = None, cache_dir=None, retra
         prompts: list[str] | None = None, max_tokens: int = 96, device: str = "auto") -> int:
     t0 = time.perf_counter()
     path = ensure_model(cache_dir, size, steps, retrain, device)
-    generate(path, prompts or PROMPTS, max_tokens)
+    generate(path, prompts or PROMPTS, max_tokens, device=device)
     print(f"demo done in {time.perf_counter() - t0:.1f} s; serve it with `tidal serve` or "
           f"`tidal serve {path}`", flush=True)
     return 0

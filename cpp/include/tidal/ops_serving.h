@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-// The public ops of the paged-KV serving path: the gated activation, rotary position embedding,
-// the KV-cache write and paged attention. Same conventions as tidal/ops.h: destination-passing
-// (the caller allocates every output), validated once, dispatched by device. CPU kernels only for
-// now: GPU tensors are a tidal::Error that says so.
+// The public ops of the paged-KV serving path: the gated activation, rotary position embedding
+// (alone, and fused with the per-head q/k RMSNorm and the KV-cache write), the KV-cache write, paged
+// attention and the seeded noise of sampling. Same conventions as tidal/ops.h: destination-passing
+// (the caller allocates every output and workspace), validated once, dispatched by device to the
+// CPU kernel or the CUDA kernel. Integer values (positions, slots, block ids) are checked on the CPU;
+// on the GPU that would need a host synchronisation, so there they are the caller's contract.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +38,19 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream);
 void rotary_embedding(TensorView positions, TensorView query, TensorView key, int64_t head_dim,
                       TensorView cos_sin_cache, bool is_neox, Stream stream);
 
+/// The attention block's pre-processing in one pass (Qwen3's q/k norm, rotary, the cache write):
+///   q = rope(norm_q(query[t, h]))                      written back into query
+///   key_cache[slot] = rope(norm_k(key[t, h])),  value_cache[slot] = value[t, h]
+/// where norm_x(v) = v / sqrt(mean(v^2) + eps) * x_norm_weight when that weight is given (a view with
+/// null data means no norm) and rope is rotary_embedding's rotation; fp32 math, one rounding per
+/// output. key is read, not written. A negative slot skips the token's cache write (query is still
+/// rotated). Shapes as rotary_embedding (3-D forms only) and reshape_and_cache;
+/// q_norm_weight, k_norm_weight: [head_dim], query's dtype.
+void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,
+                                TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
+                                TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
+                                TensorView k_norm_weight, float eps, Stream stream);
+
 /// Writes this step's keys and values into the paged KV cache:
 ///   key_cache[slot / block_size, slot % block_size] = key[t],   slot = slot_mapping[t]
 /// and the same for value. A negative slot (padding) is skipped; a slot >= num_blocks * block_size
@@ -68,9 +83,28 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
 ///                           q_len(s) <= seq_lens[s] <= max_num_blocks * block_size.
 /// cu_seqlens_q:             [num_seqs + 1] int32, first 0, non-decreasing, last num_tokens.
 /// scale:                    finite, usually 1 / sqrt(head_dim).
-/// Runs on all OpenMP threads when the batch is large enough.
+/// max_seqlen_q, max_seqlen_k: the batch's longest query run and context (host ints; the GPU
+/// launcher sizes its grid from them, so they must bound the true values; ignored on the CPU).
+/// workspace: at least paged_attention_workspace_size(...) bytes of scratch on query's device (any
+/// dtype; an empty view when that size is 0). On the CPU the kernel runs on all OpenMP threads when
+/// the batch is large enough; on the GPU decode runs the SIMT kernel (split-K over keys for small
+/// batches) and prefill or mixed batches in 16-bit types the tensor-core kernel.
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
-                     int64_t sliding_window, Stream stream);
+                     int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
+                     Stream stream);
+
+/// Bytes of workspace paged_attention needs for these shapes on `device` (always 0 on the CPU).
+int64_t paged_attention_workspace_size(Device device, DType dtype, int64_t num_tokens, int64_t num_seqs,
+                                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                       int64_t max_seqlen_q, int64_t max_seqlen_k);
+
+/// Exp(1) noise for seeded sampling (the exponential race argmax(p / E) draws from p):
+///   out[r, v] = -log(u),  u in (0, 1) from Philox4x32-10 keyed by seeds[r] at counter
+///   (v / 4, offsets[r] low word, offsets[r] high word, 0), word v % 4.
+/// Each value depends on (seeds[r], offsets[r], v) alone, on every device.
+/// out: [num_rows, vocab] float32, last dim contiguous; seeds, offsets: [num_rows] int64;
+/// num_rows <= 65535.
+void seeded_exponential(TensorView out, TensorView seeds, TensorView offsets, Stream stream);
 
 }  // namespace tidal::ops

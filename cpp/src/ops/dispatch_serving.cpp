@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The serving ops of tidal/ops_serving.h: validate shapes, dtypes and devices; on the CPU also the
 // integer values the kernels index with (positions, slots, lengths, block ids), before anything is
-// written; then run the CPU kernel. No GPU kernels yet: a GPU tensor is an error that says so.
+// written; then run the CPU or the GPU kernel.
 #include "tidal/ops_serving.h"
 
 #include <algorithm>
@@ -128,14 +128,16 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
   check_device(out, "out", x, "x");
   TIDAL_CHECK(!detail::overlaps(out, x), "out overlaps x in memory; pass a distinct out");
   if (out.numel() == 0) return;
-  detail::dispatch_cpu_only("silu_and_mul", x.device, [&] { cpu::silu_and_mul(out, x, stream); });
+  detail::dispatch(
+      "silu_and_mul", x.device, [&] { cpu::silu_and_mul(out, x, stream); },
+      [&] { gpu::silu_and_mul(out, x, stream); });
 }
 
-void rotary_embedding(TensorView positions, TensorView query, TensorView key, int64_t head_dim,
-                      TensorView cos_sin_cache, bool is_neox, Stream stream) {
-  TIDAL_CHECK(head_dim > 0, "head_dim=", head_dim, " must be positive");
-  query = view_heads(query, "query", head_dim);
-  key = view_heads(key, "key", head_dim);
+namespace {
+
+// The checks rotary_embedding and rotary_embedding_and_cache share; query and key are 3-D.
+void check_rotary(const TensorView& positions, const TensorView& query, const TensorView& key, int64_t head_dim,
+                  const TensorView& cos_sin_cache) {
   check_float(query, "query");
   check_dtype(key, "key", query.dtype, "query");
   check_device(key, "key", query, "query");
@@ -152,14 +154,12 @@ void rotary_embedding(TensorView positions, TensorView query, TensorView key, in
   const int64_t rotary_dim = cos_sin_cache.size(1);
   TIDAL_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, "rotary_dim=cos_sin_cache.shape[1]=",
               rotary_dim, " must be even, positive and <= head_dim=", head_dim);
-  if (query.size(0) == 0) return;
   if (positions.device.is_cpu()) check_positions(positions, cos_sin_cache.size(0));
-  detail::dispatch_cpu_only("rotary_embedding", query.device,
-                    [&] { cpu::rotary_embedding(positions, query, key, cos_sin_cache, is_neox, stream); });
 }
 
-void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, TensorView value_cache,
-                       TensorView slot_mapping, Stream stream) {
+// The checks reshape_and_cache and rotary_embedding_and_cache share: key and value 3-D.
+void check_cache_write(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping) {
   TIDAL_CHECK(key.ndim == 3, "key must be 3-D [num_tokens, num_kv_heads, head_dim], got shape ", key.shape_str());
   check_last_dim_contiguous(key, "key");
   check_last_dim_contiguous(value, "value");
@@ -189,15 +189,80 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
   TIDAL_CHECK(!detail::overlaps(key_cache, key) && !detail::overlaps(key_cache, value) &&
                   !detail::overlaps(value_cache, key) && !detail::overlaps(value_cache, value),
               "key or value overlaps a cache in memory");
+  if (key.numel() > 0 && slot_mapping.device.is_cpu()) {
+    check_slots(slot_mapping, key_cache.size(0) * key_cache.size(1));
+  }
+}
+
+void check_norm_weight(const TensorView& w, const char* name, const TensorView& query) {
+  if (w.data == nullptr) return;
+  TIDAL_CHECK(w.ndim == 1 && w.size(0) == query.size(2), name, ".shape=", w.shape_str(), " must be [head_dim] = [",
+              query.size(2), "]");
+  TIDAL_CHECK(w.size(0) <= 1 || w.stride(0) == 1, name, " must be contiguous, got stride ", w.stride(0));
+  check_dtype(w, name, query.dtype, "query");
+  check_device(w, name, query, "query");
+}
+
+}  // namespace
+
+void rotary_embedding(TensorView positions, TensorView query, TensorView key, int64_t head_dim,
+                      TensorView cos_sin_cache, bool is_neox, Stream stream) {
+  TIDAL_CHECK(head_dim > 0, "head_dim=", head_dim, " must be positive");
+  query = view_heads(query, "query", head_dim);
+  key = view_heads(key, "key", head_dim);
+  check_rotary(positions, query, key, head_dim, cos_sin_cache);
+  if (query.size(0) == 0) return;
+  detail::dispatch(
+      "rotary_embedding", query.device,
+      [&] { cpu::rotary_embedding(positions, query, key, cos_sin_cache, is_neox, stream); },
+      [&] { gpu::rotary_embedding(positions, query, key, cos_sin_cache, is_neox, stream); });
+}
+
+void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,
+                                TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
+                                TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
+                                TensorView k_norm_weight, float eps, Stream stream) {
+  TIDAL_CHECK(query.ndim == 3, "query must be 3-D [num_tokens, num_heads, head_dim], got shape ", query.shape_str());
+  const int64_t head_dim = query.size(2);
+  TIDAL_CHECK(head_dim > 0 && head_dim <= 512, "head_dim=query.shape[2]=", head_dim, " must be in [1, 512]");
+  TIDAL_CHECK(key.ndim == 3 && key.size(2) == head_dim, "key.shape=", key.shape_str(),
+              " must be [num_tokens, num_kv_heads, head_dim=", head_dim, "]");
+  check_rotary(positions, query, key, head_dim, cos_sin_cache);
+  check_cache_write(key, value, key_cache, value_cache, slot_mapping);
+  check_norm_weight(q_norm_weight, "q_norm_weight", query);
+  check_norm_weight(k_norm_weight, "k_norm_weight", query);
+  TIDAL_CHECK(std::isfinite(eps) && eps >= 0.f, "eps=", eps, " must be finite and >= 0");
+  // NOTE(tidal): query, key and value are usually interleaved views of one qkv output, so their byte
+  // ranges overlap while their elements do not; only the caches must stay clear of query.
+  TIDAL_CHECK(!detail::overlaps(query, key_cache) && !detail::overlaps(query, value_cache),
+              "query overlaps a cache in memory");
+  if (query.size(0) == 0) return;
+  detail::dispatch(
+      "rotary_embedding_and_cache", query.device,
+      [&] {
+        cpu::rotary_embedding_and_cache(positions, query, key, value, key_cache, value_cache, slot_mapping,
+                                        cos_sin_cache, is_neox, q_norm_weight, k_norm_weight, eps, stream);
+      },
+      [&] {
+        gpu::rotary_embedding_and_cache(positions, query, key, value, key_cache, value_cache, slot_mapping,
+                                        cos_sin_cache, is_neox, q_norm_weight, k_norm_weight, eps, stream);
+      });
+}
+
+void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, TensorView value_cache,
+                       TensorView slot_mapping, Stream stream) {
+  check_cache_write(key, value, key_cache, value_cache, slot_mapping);
   if (key.numel() == 0) return;
-  if (slot_mapping.device.is_cpu()) check_slots(slot_mapping, key_cache.size(0) * key_cache.size(1));
-  detail::dispatch_cpu_only("reshape_and_cache", key.device,
-                    [&] { cpu::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, stream); });
+  detail::dispatch(
+      "reshape_and_cache", key.device,
+      [&] { cpu::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, stream); },
+      [&] { gpu::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, stream); });
 }
 
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
-                     int64_t sliding_window, Stream stream) {
+                     int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
+                     Stream stream) {
   TIDAL_CHECK(query.ndim == 3, "query must be 3-D [num_tokens, num_heads, head_dim], got shape ",
               query.shape_str());
   check_last_dim_contiguous(query, "query");
@@ -246,10 +311,57 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
     check_paged_metadata(block_tables, seq_lens, cu_seqlens_q, num_tokens, num_blocks, block_size, sliding_window);
   }
   if (num_tokens == 0 || num_heads == 0) return;
-  detail::dispatch_cpu_only("paged_attention", query.device, [&] {
-    cpu::paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                         sliding_window, stream);
-  });
+  if (!query.device.is_cpu()) {
+    TIDAL_CHECK(max_seqlen_q >= 1 && max_seqlen_q <= num_tokens, "max_seqlen_q=", max_seqlen_q,
+                " must be in [1, num_tokens=", num_tokens, "] on the GPU");
+    TIDAL_CHECK(max_seqlen_k >= max_seqlen_q, "max_seqlen_k=", max_seqlen_k, " must be >= max_seqlen_q=",
+                max_seqlen_q);
+    TIDAL_CHECK(workspace.data == nullptr || workspace.device == query.device, "workspace is on ",
+                device_name(workspace.device), " but query is on ", device_name(query.device));
+    TIDAL_CHECK(num_seqs <= 65535, "num_seqs=", num_seqs, " must be <= 65535 on the GPU");
+  }
+  detail::dispatch(
+      "paged_attention", query.device,
+      [&] {
+        cpu::paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                             sliding_window, stream);
+      },
+      [&] {
+        gpu::paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                             sliding_window, max_seqlen_q, max_seqlen_k, workspace, stream);
+      });
+}
+
+int64_t paged_attention_workspace_size([[maybe_unused]] Device device, [[maybe_unused]] DType dtype,
+                                       [[maybe_unused]] int64_t num_tokens, [[maybe_unused]] int64_t num_seqs,
+                                       [[maybe_unused]] int64_t num_heads, [[maybe_unused]] int64_t num_kv_heads,
+                                       [[maybe_unused]] int64_t head_dim, [[maybe_unused]] int64_t max_seqlen_q,
+                                       [[maybe_unused]] int64_t max_seqlen_k) {
+  if (device.type != DeviceType::kCUDA) return 0;
+  TIDAL_CHECK(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, "num_heads=", num_heads,
+              " must be a multiple of num_kv_heads=", num_kv_heads);
+#if TIDAL_WITH_CUDA
+  return gpu::paged_attention_workspace_size(dtype, num_tokens, num_seqs, num_heads, num_kv_heads, head_dim,
+                                             max_seqlen_q, max_seqlen_k, device.index);
+#else
+  return 0;
+#endif
+}
+
+void seeded_exponential(TensorView out, TensorView seeds, TensorView offsets, Stream stream) {
+  detail::check_rows(out, "out");
+  check_dtype(out, "out", DType::kFloat32);
+  check_dtype(seeds, "seeds", DType::kInt64);
+  check_dtype(offsets, "offsets", DType::kInt64);
+  check_vector(seeds, "seeds", out.size(0), "num_rows");
+  check_vector(offsets, "offsets", out.size(0), "num_rows");
+  check_device(seeds, "seeds", out, "out");
+  check_device(offsets, "offsets", out, "out");
+  TIDAL_CHECK(out.size(0) <= 65535, "out.shape[0]=", out.size(0), " rows must be <= 65535");
+  if (out.numel() == 0) return;
+  detail::dispatch(
+      "seeded_exponential", out.device, [&] { cpu::seeded_exponential(out, seeds, offsets, stream); },
+      [&] { gpu::seeded_exponential(out, seeds, offsets, stream); });
 }
 
 }  // namespace tidal::ops

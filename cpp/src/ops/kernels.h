@@ -26,9 +26,11 @@ void fused_add_rms_norm(TensorView out, TensorView residual_out, TensorView x, T
 
 }  // namespace tidal::gpu
 
-// ---- serving ops: the paged-KV path (cpp/cpu/{activation,rotary,kv_cache,paged_attention}.cpp) ----
-// CPU kernels only for now; cpp/src/ops/dispatch_serving.cpp rejects GPU tensors. Integer arguments
-// (positions, slots, block ids, lengths) arrive with their values checked as well.
+// ---- serving ops: the paged-KV path (cpp/cpu/{activation,rotary,kv_cache,paged_attention,sampling}.cpp,
+// cuda/{activation,rotary,kv_cache,paged_attention*,sampling}.cu). Integer arguments (positions,
+// slots, block ids, lengths) of CPU tensors arrive with their values checked as well; on the GPU
+// they are not (that would need a host synchronisation), and the kernels skip out-of-range
+// positions and slots rather than touching memory outside the tensors.
 
 namespace tidal::cpu {
 
@@ -41,6 +43,15 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream);
 // cos_sin_cache: [max_position, rotary_dim] float32, row p = cos(p * inv_freq) then sin(p * inv_freq)
 void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,
                       bool is_neox, Stream stream);
+
+// As rotary_embedding for query (in place), plus: value: [num_tokens, num_kv_heads, head_dim];
+// key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] contiguous;
+// slot_mapping: [num_tokens] int64 (negative: skipped); q_norm_weight, k_norm_weight: [head_dim] or
+// empty views (data null) for no per-head RMSNorm. key itself is left unchanged.
+void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,
+                                TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
+                                TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
+                                TensorView k_norm_weight, float eps, Stream stream);
 
 // key, value: [num_tokens, num_kv_heads, head_dim] (token and head strides any, last dim contiguous);
 // key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous, same dtype;
@@ -62,7 +73,36 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, Stream stream);
 
+// out: [num_rows, vocab] float32 (row stride any, last dim contiguous); seeds, offsets: [num_rows] int64
+void seeded_exponential(TensorView out, TensorView seeds, TensorView offsets, Stream stream);
+
 }  // namespace tidal::cpu
+
+namespace tidal::gpu {
+
+// Same contracts as tidal::cpu; launched on `stream`, on the device of the first tensor.
+void silu_and_mul(TensorView out, TensorView x, Stream stream);
+void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,
+                      bool is_neox, Stream stream);
+void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,
+                                TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
+                                TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
+                                TensorView k_norm_weight, float eps, Stream stream);
+void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, TensorView value_cache,
+                       TensorView slot_mapping, Stream stream);
+void seeded_exponential(TensorView out, TensorView seeds, TensorView offsets, Stream stream);
+
+// max_seqlen_q, max_seqlen_k: the longest query run and context of the batch (host ints, they size
+// the grid). workspace: paged_attention_workspace_size bytes (0 when the plan does not split keys).
+void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
+                     TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
+                     int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
+                     Stream stream);
+int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t num_seqs, int64_t num_heads,
+                                       int64_t num_kv_heads, int64_t head_dim, int64_t max_seqlen_q,
+                                       int64_t max_seqlen_k, int device);
+
+}  // namespace tidal::gpu
 
 // ---- training ops: the fused optimizer step (cpp/cpu/adam.cpp) --------------------------------------
 // CPU kernel only for now; cpp/src/ops/dispatch_train.cpp validates and rejects GPU tensors.

@@ -4,8 +4,9 @@ One set of weights, two forward modes:
 
 - serving: a flat batch of new tokens (``input_ids [num_tokens]``) with positions, an
   :class:`AttentionMetadata` and a paged KV cache per layer; tidal's fused ops throughout
-  (``rms_norm`` / ``fused_add_rms_norm_`` carrying the residual stream, ``rotary_embedding_`` in place
-  on views of the fused qkv output, ``reshape_and_cache_`` + ``paged_attention``, ``silu_and_mul``).
+  (``rms_norm`` / ``fused_add_rms_norm_`` carrying the residual stream, ``rotary_embedding_and_cache_``
+  on views of the fused qkv output (q/k norm, rotary and the cache write in one kernel),
+  ``paged_attention``, ``silu_and_mul``).
   Returns the final hidden states; :meth:`LlamaForCausalLM.compute_logits` turns the rows the
   sampler needs into fp32 logits.
 - training: ``input_ids [batch, seq]`` without metadata; differentiable ops only (pure-torch rotary,
@@ -80,14 +81,16 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # strided views of qkv, no copies
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        ops.rotary_embedding_(positions, q, k, self.head_dim, cos_sin_cache, True)
         key_cache, value_cache = kv_cache
-        ops.reshape_and_cache_(k, v, key_cache, value_cache, attn.slot_mapping)
+        # NOTE(tidal): one kernel for Qwen3's q/k norm, rotary on q and k, and the K/V cache write.
+        ops.rotary_embedding_and_cache_(positions, q, k, v, key_cache, value_cache, attn.slot_mapping, cos_sin_cache,
+                                        True, self.q_norm.weight if self.qk_norm else None,
+                                        self.k_norm.weight if self.qk_norm else None,
+                                        self.q_norm.eps if self.qk_norm else 1e-6)
         out = ops.paged_attention(q, key_cache, value_cache, attn.block_tables, attn.seq_lens,
                                   attn.cu_seqlens_q, self.scale,
-                                  -1 if self.sliding_window is None else self.sliding_window)
+                                  -1 if self.sliding_window is None else self.sliding_window,
+                                  attn.max_seqlen_q, attn.max_seqlen_k)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
     def forward_train(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Paged attention as a torch op (``torch.ops.tidal.paged_attention``): one kernel for prefill,
-chunked prefill over a cached prefix and decode, mixed in one flat batch. CPU kernel now (OpenMP
-threads, an online softmax per key block); CUDA tensors get the core's "no CUDA kernel yet" error."""
+"""Paged attention as a torch op (``torch.ops.tidal.paged_attention``): one op for prefill, chunked
+prefill over a cached prefix and decode, mixed in one flat batch. On the CPU, OpenMP threads with an
+online softmax per key block; on CUDA, a SIMT kernel for decode (split over keys for small batches,
+flash-decoding) and a tensor-core kernel for prefill and mixed batches in fp16 / bf16."""
 
 import torch
 
@@ -10,7 +11,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-           "Tensor seq_lens, Tensor cu_seqlens_q, float scale, int sliding_window) -> Tensor")
+           "Tensor seq_lens, Tensor cu_seqlens_q, float scale, int sliding_window, int max_seqlen_q=-1, "
+           "int max_seqlen_k=-1) -> Tensor")
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale) -> None:
@@ -54,13 +58,28 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, 
         raise ValueError(f"scale={scale} must be finite")
 
 
+def _gpu_workspace(query, key_cache, num_seqs, max_seqlen_q, max_seqlen_k):
+    num_tokens, num_heads, head_dim = query.shape
+    size = native.paged_attention_workspace_size(1, query.device.index or 0, _DTYPE_NAMES[query.dtype], num_tokens,
+                                                 num_seqs, num_heads, key_cache.shape[2], head_dim, max_seqlen_q,
+                                                 max_seqlen_k)
+    return capsule(torch.empty(size, dtype=torch.uint8, device=query.device)) if size else None
+
+
 def _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                          sliding_window):
+                          sliding_window, max_seqlen_q=-1, max_seqlen_k=-1):
     _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     q = query if query.shape[-1] <= 1 or query.stride(-1) == 1 else query.contiguous()
+    workspace = None
+    if query.device.type == "cuda" and query.shape[0] > 0:
+        if max_seqlen_q < 0 or max_seqlen_k < 0:  # NOTE(tidal): a host synchronisation; callers pass them
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if max_seqlen_q < 0 else max_seqlen_q
+            max_seqlen_k = int(seq_lens.max()) if max_seqlen_k < 0 else max_seqlen_k
+        workspace = _gpu_workspace(query, key_cache, block_tables.shape[0], max_seqlen_q, max_seqlen_k)
     native.paged_attention(capsule(out), capsule(q), capsule(key_cache), capsule(value_cache), capsule(block_tables),
-                           capsule(seq_lens), capsule(cu_seqlens_q), scale, sliding_window, stream_of(query))
+                           capsule(seq_lens), capsule(cu_seqlens_q), scale, sliding_window, max_seqlen_q,
+                           max_seqlen_k, workspace, stream_of(query))
     return out
 
 
@@ -69,14 +88,15 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("tidal::paged_attention")
-def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window):
+def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
+                          max_seqlen_q=-1, max_seqlen_k=-1):
     _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
-                    sliding_window: int = -1) -> torch.Tensor:
+                    sliding_window: int = -1, max_seqlen_q: int = -1, max_seqlen_k: int = -1) -> torch.Tensor:
     r"""Causal attention of a flat batch of new query tokens over the paged KV cache.
 
     Sequence ``s`` owns query rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` (``q_len`` of them); its
@@ -114,6 +134,12 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     sliding_window : int
         Keys within this many positions of the query (the query's own included) when ``> 0``;
         ``<= 0`` (default -1): no window.
+    max_seqlen_q, max_seqlen_k : int
+        The longest query run (``cu_seqlens_q`` difference) and context (``seq_lens`` entry) of the
+        batch, or upper bounds of them. The CUDA launcher sizes its grid from these host ints; -1
+        (default) computes them from the tensors, which synchronises with the device. Ignored on the
+        CPU. A CUDA graph captured with ``max_seqlen_k`` at its largest value replays correctly for
+        any shorter context.
 
     Returns
     -------
@@ -122,6 +148,6 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """
     if is_eager_call(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q):
         return _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                     sliding_window)
+                                     sliding_window, max_seqlen_q, max_seqlen_k)
     return torch.ops.tidal.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                           scale, sliding_window)
+                                           scale, sliding_window, max_seqlen_q, max_seqlen_k)

@@ -118,3 +118,104 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
     if is_eager_call(positions, query, key, cos_sin_cache):
         return _rotary_embedding_impl(positions, query, key, head_dim, cos_sin_cache, is_neox)
     torch.ops.tidal.rotary_embedding_(positions, query, key, head_dim, cos_sin_cache, is_neox)
+
+
+lib.define("rotary_embedding_and_cache_(Tensor positions, Tensor(a!) query, Tensor key, Tensor value, "
+           "Tensor(b!) key_cache, Tensor(c!) value_cache, Tensor slot_mapping, Tensor cos_sin_cache, bool is_neox, "
+           "Tensor? q_norm_weight, Tensor? k_norm_weight, float eps) -> ()")
+
+
+def _check_fused(positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache, q_norm_weight,
+                 k_norm_weight, eps) -> None:
+    if query.dim() != 3 or key.dim() != 3:
+        raise ValueError(f"query and key must be 3-D [num_tokens, heads, head_dim], got shapes {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    head_dim = query.shape[2]
+    _check(positions, query, key, head_dim, cos_sin_cache)
+    from tidal.ops.kv_cache import _check as check_cache
+    check_cache(key, value, key_cache, value_cache, slot_mapping)
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is None:
+            continue
+        if w.shape != (head_dim,) or w.dtype != query.dtype or w.device != query.device:
+            raise ValueError(f"{name} must be a [{head_dim}] {query.dtype} tensor on {query.device}, got "
+                             f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    if not (eps >= 0.0 and eps < float("inf")):
+        raise ValueError(f"eps={eps} must be finite and >= 0")
+
+
+def _rotary_embedding_and_cache_impl(positions, query, key, value, key_cache, value_cache, slot_mapping,
+                                     cos_sin_cache, is_neox, q_norm_weight, k_norm_weight, eps):
+    _check_fused(positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache, q_norm_weight,
+                 k_norm_weight, eps)
+    if positions.shape[0] == 0:
+        return
+    q = query if _writable_view(query) else query.contiguous()
+    k = key if _writable_view(key) else key.contiguous()
+    v = value if _writable_view(value) else value.contiguous()
+    cache = cos_sin_cache if _writable_view(cos_sin_cache) else cos_sin_cache.contiguous()
+    native.rotary_embedding_and_cache(
+        capsule(positions), capsule(q), capsule(k), capsule(v), capsule(key_cache), capsule(value_cache),
+        capsule(slot_mapping), capsule(cache), is_neox, None if q_norm_weight is None else capsule(q_norm_weight),
+        None if k_norm_weight is None else capsule(k_norm_weight), eps, stream_of(query))
+    if q is not query:
+        query.copy_(q)
+
+
+for _key in ("CPU", "CUDA"):
+    lib.impl("rotary_embedding_and_cache_", _rotary_embedding_and_cache_impl, _key)
+
+
+@torch.library.register_fake("tidal::rotary_embedding_and_cache_")
+def _rotary_embedding_and_cache_fake(positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache,
+                                     is_neox, q_norm_weight, k_norm_weight, eps):
+    _check_fused(positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache, q_norm_weight,
+                 k_norm_weight, eps)
+
+
+def rotary_embedding_and_cache_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                cos_sin_cache: torch.Tensor, is_neox: bool = True,
+                                q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                                eps: float = 1e-6) -> None:
+    r"""The attention block's pre-processing in one pass: per-head RMSNorm (Qwen3's ``q_norm`` /
+    ``k_norm``, when their weights are given), rotary embedding, and the KV-cache write.
+
+    .. math::
+        q_{t,h} \leftarrow \mathrm{rope}_p(\mathrm{norm}_q(q_{t,h})), \qquad
+        K[s] \leftarrow \mathrm{rope}_p(\mathrm{norm}_k(k_{t,h})), \qquad V[s] \leftarrow v_{t,h}
+
+    with ``p = positions[t]``, ``s = slot_mapping[t]``,
+    :math:`\mathrm{norm}_x(u) = u / \sqrt{\overline{u^2} + \epsilon} \cdot w_x` and ``rope`` the
+    rotation of :func:`rotary_embedding_`; fp32 math, one rounding per output. ``query`` is updated
+    in place; ``key`` is only read (its normalised, rotated copy goes to the cache). A negative slot
+    skips the token's cache write.
+
+    Parameters
+    ----------
+    positions : torch.Tensor
+        ``[num_tokens]`` int64.
+    query : torch.Tensor
+        ``[num_tokens, num_heads, head_dim]`` float32 / float16 / bfloat16, any token and head strides.
+    key, value : torch.Tensor
+        ``[num_tokens, num_kv_heads, head_dim]``, query's dtype, any token and head strides.
+    key_cache, value_cache : torch.Tensor
+        ``[num_blocks, block_size, num_kv_heads, head_dim]``, contiguous, written at the slots.
+    slot_mapping : torch.Tensor
+        ``[num_tokens]`` int64.
+    cos_sin_cache : torch.Tensor
+        ``[max_position, rotary_dim]`` float32, as for :func:`rotary_embedding_`.
+    is_neox : bool
+        Neox pairing (Llama, Qwen, Mistral) when True, GPT-J when False.
+    q_norm_weight, k_norm_weight : torch.Tensor or None
+        ``[head_dim]`` RMSNorm weights, or None for no norm.
+    eps : float
+        The norm's epsilon.
+    """
+    tensors = [positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache]
+    tensors += [w for w in (q_norm_weight, k_norm_weight) if w is not None]
+    if is_eager_call(*tensors):
+        return _rotary_embedding_and_cache_impl(positions, query, key, value, key_cache, value_cache, slot_mapping,
+                                                cos_sin_cache, is_neox, q_norm_weight, k_norm_weight, eps)
+    torch.ops.tidal.rotary_embedding_and_cache_(positions, query, key, value, key_cache, value_cache, slot_mapping,
+                                                cos_sin_cache, is_neox, q_norm_weight, k_norm_weight, eps)

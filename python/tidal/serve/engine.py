@@ -8,19 +8,18 @@ and frees finished requests' blocks), and returns the outputs that changed.
 """
 
 import itertools
-import os
 import random
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from tidal import _core
-from tidal.models.attention import AttentionMetadata
 from tidal.models.loader import load_model
+from tidal.serve.config import EngineConfig, resolve_device
+from tidal.serve.model_runner import make_model_runner
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tidal.serve.sampler import SequenceSampling, sample
+from tidal.serve.sampler import SequenceSampling
 from tidal.serve.sampling_params import SamplingParams
 from tidal.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -32,80 +31,6 @@ _FINISH_REASONS = {
     _Status.FINISHED_ABORTED: "abort",
     _Status.FINISHED_ERROR: "error",
 }
-
-
-@dataclass
-class EngineConfig:
-    """The engine options of ``tidal.LLM`` (vLLM's names)."""
-
-    model: str
-    dtype: str | torch.dtype = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_fraction: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    scheduling_policy: str = "fcfs"
-
-    def __post_init__(self) -> None:
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be 'fcfs' or 'priority'")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
-            raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be None or an integer >= 1")
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction!r} must be in (0, 1]")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"max_model_len={self.max_model_len!r} must be None or an integer >= 2")
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" is the CPU until the GPU serving kernels land; "cpu" and "cuda[:N]" are taken as given."""
-    if device == "auto":
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device={device!r} is not a valid device: {e}") from None
-
-
-def _available_host_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-# NOTE(tidal): on the CPU the KV cache competes with everything else in host memory, so the default
-# budget is capped (vLLM's CPU backend caps it too); num_kv_blocks overrides it.
-_CPU_KV_CACHE_CAP_BYTES = 4 << 30
-
-
-def kv_cache_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block across all layers: keys and values."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
-
-
-def default_num_kv_blocks(model, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
-    per_block = kv_cache_bytes_per_block(model, config.block_size, dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = config.kv_cache_memory_fraction * total - (total - free)
-    else:
-        budget = min(config.kv_cache_memory_fraction * _available_host_memory(), _CPU_KV_CACHE_CAP_BYTES)
-    return max(int(budget // per_block), 0)
 
 
 @dataclass
@@ -166,21 +91,9 @@ class LLMEngine:
         if self.max_model_len > max_positions and not self.model_config.rope_scaling:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_positions}")
-        if config.num_kv_blocks is not None:
-            num_blocks = config.num_kv_blocks
-        else:
-            num_blocks = default_num_kv_blocks(self.model, config, self.device, self.dtype)
-        min_blocks = -(-self.max_model_len // config.block_size)
-        if num_blocks < min_blocks:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than the "
-                f"{min_blocks} one request of max_model_len={self.max_model_len} needs; raise num_kv_blocks "
-                f"or kv_cache_memory_fraction, or lower max_model_len")
-        self.num_kv_blocks = num_blocks
-        shape = (num_blocks, config.block_size, self.model.num_kv_heads, self.model.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(self.model.num_layers)]
+        self.runner = make_model_runner(self.model, config, self.max_model_len, self.device)
+        num_blocks = self.num_kv_blocks = self.runner.num_kv_blocks
+        self.kv_caches = self.runner.kv_caches
         self.scheduler = _sched.Scheduler(_sched.SchedulerConfig(
             num_kv_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
@@ -210,16 +123,15 @@ class LLMEngine:
         first_seq = -1
         for index in range(params.n):
             seq_id = next(self._seq_ids)
-            generator = None
+            seed = None
             if not params.is_greedy:
                 seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(seed if index == 0 else (seed * 1_000_003 + index) % (1 << 63))
+                seed = seed if index == 0 else (seed * 1_000_003 + index) % (1 << 63)
             detokenizer = None
             if self.tokenizer is not None:
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
             blocked = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self._eos_token_ids)))
-            sampling = SequenceSampling(params, prompt_ids, [], generator, blocked if params.min_tokens else [])
+            sampling = SequenceSampling(params, prompt_ids, [], seed, blocked if params.min_tokens else [])
             seq = _Sequence(seq_id, index, request, sampling,
                             detokenizer, [] if params.logprobs is not None else None)
             self._seqs[seq_id] = seq
@@ -307,7 +219,7 @@ class LLMEngine:
         needs_sample = batch.needs_sample
         sample_ids = [s for s, need in zip(seq_ids, needs_sample.tolist()) if need]
         try:
-            result = self._run_model(batch, [self._seqs[s].sampling for s in sample_ids])
+            result = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids])
         except Exception as e:  # the whole step failed: each of its sequences ends in error
             changed = set()
             for seq_id in seq_ids:
@@ -318,7 +230,8 @@ class LLMEngine:
             return self._collect(changed, return_unfinished)
 
         sampled = np.full(len(seq_ids), -1, dtype=np.int32)
-        sampled[needs_sample] = result.token_ids
+        if result is not None:  # None: only prompt chunks that end before their last token
+            sampled[needs_sample] = result.token_ids
         finished = {f.request_id: _FINISH_REASONS[f.status] for f in self.scheduler.update(batch, sampled)}
         now = time.monotonic()
         changed = set()
@@ -332,27 +245,6 @@ class LLMEngine:
                     self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
                 self._fail(seq, f"{type(e).__name__}: {e}")
         return self._collect(changed, return_unfinished)
-
-    def _run_model(self, batch, sampling: list[SequenceSampling]):
-        device = self.device
-        cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
-        attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(batch.slot_mapping).to(device),
-            block_tables=torch.from_numpy(batch.block_tables).to(device),
-            seq_lens=torch.from_numpy(batch.seq_lens).to(device),
-            cu_seqlens_q=cu_seqlens_q.to(device),
-            max_seqlen_q=batch.max_seqlen_q,  # computed by the scheduler with the batch
-            max_seqlen_k=batch.max_seqlen_k,
-        )
-        input_ids = torch.from_numpy(batch.input_ids).to(device=device, dtype=torch.long)
-        positions = torch.from_numpy(batch.positions).to(device=device, dtype=torch.long)
-        with torch.inference_mode():
-            hidden = self.model(input_ids, positions, attn, self.kv_caches)
-            last_rows = (cu_seqlens_q[1:] - 1)[torch.from_numpy(batch.needs_sample)]
-            if last_rows.numel() == 0:
-                return None
-            logits = self.model.compute_logits(hidden[last_rows.to(device)])
-            return sample(logits, sampling)
 
     def _append_token(self, seq: _Sequence, token_id: int, logprobs, finish_reason: str | None, now: float) -> None:
         metrics = seq.request.metrics

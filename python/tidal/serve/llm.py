@@ -20,13 +20,17 @@ class LLM:
     dtype : str or torch.dtype
         "auto" takes the checkpoint's dtype; or "float32", "bfloat16", "float16".
     device : str
-        "auto" (the CPU for now), "cpu", or "cuda[:N]".
+        "auto" (the current CUDA device when there is one, else the CPU), "cpu", or "cuda[:N]".
     block_size : int
         Tokens per KV-cache block.
     num_kv_blocks : int or None
         Size of the KV pool in blocks; None sizes it from ``kv_cache_memory_fraction``.
     kv_cache_memory_fraction : float
-        Share of device memory (host memory on the CPU, capped at 4 GiB) the KV cache may take.
+        On a GPU, the share of the card that the weights, peak activations (measured by a profiling
+        forward at ``max_num_batched_tokens``) and the KV cache may take together; on the CPU, the
+        share of available host memory the KV cache may take (capped at 4 GiB).
+    gpu_memory_utilization : float or None
+        vLLM's name for ``kv_cache_memory_fraction``; overrides it when given.
     max_num_seqs, max_num_batched_tokens : int
         Most sequences running at once; token budget of one step (long prompts are chunked).
     max_model_len : int or None
@@ -37,17 +41,24 @@ class LLM:
         Seeds the samples of requests that carry no seed of their own.
     scheduling_policy : str
         "fcfs" (arrival order) or "priority" (each request's ``priority``, lower first).
+    enforce_eager : bool
+        Run every step eagerly; by default decode steps on a GPU replay CUDA graphs captured at
+        start-up for padded batch sizes 1, 2, 4, 8, 16, ..., ``max_num_seqs``.
     """
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "auto", block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs"):
+                 enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs",
+                 enforce_eager: bool = False, gpu_memory_utilization: float | None = None):
+        if gpu_memory_utilization is not None:
+            kv_cache_memory_fraction = gpu_memory_utilization
         self.engine = LLMEngine(EngineConfig(
             model=model, dtype=dtype, device=device, block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy))
+            enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy,
+            enforce_eager=enforce_eager))
         self._ids = itertools.count()
 
     @property

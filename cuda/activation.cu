@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: Apache-2.0
+// silu_and_mul on the GPU: out[t, i] = silu(x[t, i]) * x[t, d + i], fp32 math, one rounding.
+// One grid-stride kernel over (row, access) pairs with 16-byte accesses when the row width, the
+// strides and the bases allow, one element per access otherwise. Built by nvcc and by hipcc.
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "ops/kernels.h"
+
+namespace tidal::gpu {
+namespace {
+
+// NOTE(tidal): napkin math, Llama-3-8B prefill of 8192 tokens: x is 8192 x 28672 bf16 (470 MB) and
+// out half that, 705 MB in all: 168 us at 4.2 TB/s. The kernel is a pure stream; every thread
+// moves one 16-byte access of gate, one of up and one of out per iteration.
+constexpr int kThreads = 256;
+
+template <typename T, int kWidth>
+__global__ void __launch_bounds__(kThreads)
+    silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t num_tokens, int64_t d,
+                        int64_t out_stride, int64_t x_stride) {
+  const int64_t vecs_per_row = d / kWidth;
+  const int64_t total = num_tokens * vecs_per_row;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / vecs_per_row, c = (i % vecs_per_row) * kWidth;
+    const T* row = x + t * x_stride;
+    const Vec<T, kWidth> gate = load_vec_readonly<T, kWidth>(row + c);
+    const Vec<T, kWidth> up = load_vec_readonly<T, kWidth>(row + d + c);
+    Vec<T, kWidth> o;
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      const float g = element_to_float(gate, j);
+      o.v[j] = from_float<T>(g / (1.0f + __expf(-g)) * element_to_float(up, j));
+    }
+    store_vec(out + t * out_stride + c, o);
+  }
+}
+
+}  // namespace
+
+void silu_and_mul(TensorView out, TensorView x, Stream stream) {
+  const int64_t num_tokens = out.size(0), d = out.size(1);
+  if (num_tokens == 0 || d == 0) return;
+  DeviceGuard guard(x.device.index);
+  TIDAL_DISPATCH_FLOAT(x.dtype, T, {
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vectorize = d % kVec == 0 && x.stride(0) % kVec == 0 && out.stride(0) % kVec == 0 &&
+                           is_aligned(x.data, 16) && is_aligned(out.data, 16);
+    const int64_t width = vectorize ? kVec : 1;
+    const int64_t total = num_tokens * (d / width);
+    // Enough blocks for ~8 per SM on the largest GPUs; the grid-stride loop covers the rest.
+    const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 132 * 16);
+    const auto s = static_cast<cudaStream_t>(stream.handle);
+    if (vectorize) {
+      silu_and_mul_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+          out.data_ptr<T>(), x.data_ptr<const T>(), num_tokens, d, out.stride(0), x.stride(0));
+    } else {
+      silu_and_mul_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+          out.data_ptr<T>(), x.data_ptr<const T>(), num_tokens, d, out.stride(0), x.stride(0));
+    }
+    TIDAL_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+}  // namespace tidal::gpu

@@ -1,0 +1,300 @@
+// SPDX-License-Identifier: Apache-2.0
+// The tensor-core paged-attention kernel for prefill, chunked prefill and mixed batches in fp16 and
+// bf16: FlashAttention-2 style (mma.sync m16n8k16 with fp32 accumulators, the online softmax in
+// registers, P fed back to the second product from the accumulators), with K and V tiles gathered
+// through the block table by cp.async into swizzled shared memory, double-buffered. A block is 64
+// query rows ((token, head of the KV group) pairs of one sequence) x one KV head, 4 warps of 16
+// rows. NVIDIA-only (inline PTX): under HIP the SIMT kernel takes every case instead.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/paged_attention.cuh"
+
+#if !defined(TIDAL_USE_HIP)
+
+namespace tidal::gpu::attn {
+
+// NOTE(tidal): napkin math, S3's prefill (500 prompts of 202 tokens, Llama-3-8B): attention is
+// 4 * 202^2 / 2 * 4096 * 32 layers ~ 11 GFLOP per prompt against ~3.2 TFLOP of projections for
+// all 500, so this kernel needs to be reasonable, not heroic: mma.sync at well under the wgmma
+// peak is enough. A 64-key tile of K and V for head_dim 128 in bf16 is 32 KB; Q (16 KB) + two
+// stages of K and V (64 KB) = 80 KB of shared memory: two blocks per SM.
+
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16 bytes global -> shared, bypassing L1; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t word;
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&word, &v, sizeof(word));
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&word, &v, sizeof(word));
+  }
+  return word;
+}
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a [rows, kHeadDim] tile: chunks are
+// XOR-swizzled by row % 8 so the 8 rows an ldmatrix phase reads hit 8 different bank groups.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+template <typename T, int kHeadDim, int kBlockN>
+__global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
+  constexpr int kBlockM = kPrefillRows;
+  constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
+  constexpr int kDimSteps = kHeadDim / 16;
+  constexpr int kKeyTiles = kBlockN / 8;  // n8 tiles of S
+  constexpr bool kQInRegisters = kHeadDim <= 128;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);      // [kBlockM, kHeadDim]
+  T* s_k = s_q + kBlockM * kHeadDim;        // [2, kBlockN, kHeadDim]
+  T* s_v = s_k + 2 * kBlockN * kHeadDim;    // [2, kBlockN, kHeadDim]
+
+  const int seq = blockIdx.z, kv_head = blockIdx.y;
+  const int q_begin = p.cu_seqlens_q[seq];
+  const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int first_row = blockIdx.x * kBlockM;
+  if (first_row >= q_len * group) return;
+  const int num_rows = min(kBlockM, q_len * group - first_row);
+  const int seq_len = p.seq_lens[seq];
+  const int first_pos = seq_len - q_len;
+  const int min_pos = first_pos + first_row / group;
+  const int max_pos = first_pos + (first_row + num_rows - 1) / group;
+  const int window = p.sliding_window;
+  const int kv_lo = window > 0 ? max(0, min_pos - window + 1) : 0;
+  const int kv_hi = max_pos + 1;
+  const int tile_lo = kv_lo / kBlockN, tile_hi = (kv_hi + kBlockN - 1) / kBlockN;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const T* query = static_cast<const T*>(p.query);
+  const T* k_cache = static_cast<const T*>(p.key_cache);
+  const T* v_cache = static_cast<const T*>(p.value_cache);
+  const int32_t* table = p.block_tables + seq * p.block_table_stride;
+
+  for (int i = tid; i < kBlockM * kChunks; i += 128) {
+    const int row = i / kChunks, chunk = i % kChunks;
+    const bool valid = row < num_rows;
+    const int flat = first_row + row;
+    const T* src = valid ? query + (q_begin + flat / group) * p.q_token_stride +
+                               (kv_head * group + flat % group) * p.q_head_stride + chunk * 8
+                         : query;
+    cp_async_16(shared_address(s_q + swizzle<kHeadDim>(row, chunk)), src, valid);
+  }
+  auto load_kv = [&](int tile, int buf) {
+    const int n0 = tile * kBlockN;
+    for (int i = tid; i < kBlockN * kChunks; i += 128) {
+      const int row = i / kChunks, chunk = i % kChunks, j = n0 + row;
+      const bool valid = j >= kv_lo && j < kv_hi;  // blocks outside [kv_lo, kv_hi) are never read
+      int64_t offset = 0;
+      if (valid) {
+        const int64_t block = table[j / p.block_size];
+        offset = ((block * p.block_size + j % p.block_size) * p.num_kv_heads + kv_head) * kHeadDim + chunk * 8;
+      }
+      const int dst = buf * kBlockN * kHeadDim + swizzle<kHeadDim>(row, chunk);
+      cp_async_16(shared_address(s_k + dst), k_cache + offset, valid);
+      cp_async_16(shared_address(s_v + dst), v_cache + offset, valid);
+    }
+  };
+  load_kv(tile_lo, 0);
+  cp_async_commit();
+
+  // This lane's two rows of the warp's 16: r and r + 8.
+  const int row0 = warp * 16 + lane / 4;
+  int pos[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = row0 + rr * 8;
+    pos[rr] = row < num_rows ? first_pos + (first_row + row) / group : -1;
+  }
+  const bool warp_active = warp * 16 < num_rows;
+
+  uint32_t q_frag[kQInRegisters ? kDimSteps : 1][4];
+  float o[kHeadDim / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < kHeadDim / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  for (int tile = tile_lo; tile < tile_hi; ++tile) {
+    const int buf = (tile - tile_lo) & 1;
+    if (tile + 1 < tile_hi) {
+      load_kv(tile + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (warp_active) {
+      const T* k_tile = s_k + buf * kBlockN * kHeadDim;
+      const T* v_tile = s_v + buf * kBlockN * kHeadDim;
+      if (kQInRegisters && tile == tile_lo) {
+#pragma unroll
+        for (int kk = 0; kk < kDimSteps; ++kk) {
+          ldmatrix_x4(q_frag[kQInRegisters ? kk : 0],
+                      shared_address(s_q + swizzle<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+        }
+      }
+      float s[kKeyTiles][4];
+#pragma unroll
+      for (int nt = 0; nt < kKeyTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kDimSteps; ++kk) {
+        uint32_t a_reload[4];
+        if constexpr (!kQInRegisters) {
+          ldmatrix_x4(a_reload, shared_address(s_q + swizzle<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+        }
+        const uint32_t(&a)[4] = kQInRegisters ? q_frag[kQInRegisters ? kk : 0] : a_reload;
+#pragma unroll
+        for (int nb = 0; nb < kBlockN / 16; ++nb) {
+          uint32_t b[4];
+          ldmatrix_x4(b, shared_address(k_tile + swizzle<kHeadDim>(nb * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                                    kk * 2 + ((lane >> 3) & 1))));
+          mma_16816<T>(s[2 * nb], a, b[0], b[1]);
+          mma_16816<T>(s[2 * nb + 1], a, b[2], b[3]);
+        }
+      }
+      const int n0 = tile * kBlockN;
+      const bool needs_mask = n0 + kBlockN - 1 > min_pos || (window > 0 && n0 <= max_pos - window);
+#pragma unroll
+      for (int nt = 0; nt < kKeyTiles; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int j = n0 + nt * 8 + (lane % 4) * 2 + (i & 1);
+          const int row_pos = pos[i / 2];
+          const bool visible = !needs_mask || (j <= row_pos && (window <= 0 || j > row_pos - window));
+          s[nt][i] = visible ? s[nt][i] * p.scale_log2 : -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = m[rr];
+#pragma unroll
+        for (int nt = 0; nt < kKeyTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float safe = mx == -INFINITY ? 0.0f : mx;
+        const float alpha = exp2f(m[rr] - safe);
+        m[rr] = mx;
+        l[rr] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+          o[dt][2 * rr] *= alpha;
+          o[dt][2 * rr + 1] *= alpha;
+        }
+#pragma unroll
+        for (int nt = 0; nt < kKeyTiles; ++nt) {
+          const float p0 = exp2f(s[nt][2 * rr] - safe), p1 = exp2f(s[nt][2 * rr + 1] - safe);
+          s[nt][2 * rr] = p0;
+          s[nt][2 * rr + 1] = p1;
+          l[rr] += p0 + p1;  // this lane's columns; the quad is summed at the end
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, shared_address(v_tile + swizzle<kHeadDim>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                                          dp * 2 + (lane >> 4))));
+          mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+          mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // the buffer read here is the next iteration's load target
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+    const int row = row0 + rr * 8;
+    if (row >= num_rows) continue;
+    const int flat = first_row + row;
+    T* out = static_cast<T*>(p.out) + (q_begin + flat / group) * p.out_token_stride +
+             (kv_head * group + flat % group) * p.out_head_stride;
+    const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      const uint32_t word = pack2<T>(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
+      memcpy(out + dt * 8 + (lane % 4) * 2, &word, sizeof(word));
+    }
+  }
+}
+
+template <typename T, int kHeadDim, int kBlockN>
+void launch_prefill_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
+  constexpr int kSmem = (kPrefillRows + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
+  auto kernel = paged_prefill_kernel<T, kHeadDim, kBlockN>;
+  TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads),
+                  static_cast<unsigned>(p.num_seqs));
+  kernel<<<grid, 128, kSmem, stream>>>(p);
+  TIDAL_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void launch_prefill(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: launch_prefill_tile<T, 64, 64>(p, plan, stream); break;
+    case 128: launch_prefill_tile<T, 128, 64>(p, plan, stream); break;
+    case 256: launch_prefill_tile<T, 256, 32>(p, plan, stream); break;
+    default: TIDAL_THROW_(Error, "paged_attention: no tensor-core kernel for head_dim=", p.head_dim);
+  }
+}
+
+}  // namespace tidal::gpu::attn
+
+#endif  // !TIDAL_USE_HIP

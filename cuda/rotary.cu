@@ -1,0 +1,197 @@
+// SPDX-License-Identifier: Apache-2.0
+// Rotary position embedding on the GPU, alone (rotary_embedding: query and key rotated in place) and
+// fused with the KV-cache write and, for Qwen3, the per-head q/k RMSNorm (rotary_embedding_and_cache:
+// query normalised and rotated in place, key normalised and rotated straight into its cache slot,
+// value copied into its slot). One kernel: a block per token, a warp per head job (a query, key or
+// value head); the head is staged in fp32 in shared memory so any rotary pairing and head_dim work.
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "ops/kernels.h"
+
+namespace tidal::gpu {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kMaxHeadDim = 512;
+
+// NOTE(tidal): napkin math, Llama-3-8B decode at batch 256: q, k, v of 256 tokens are 256 x 48
+// heads x 128 x 2 bytes = 3 MB in, the same out: ~2 us of bandwidth; the kernel is launch-bound
+// there. A prefill of 8192 tokens moves 200 MB: ~50 us. A warp per head keeps the norm's
+// reduction in shuffles.
+struct RopeArgs {
+  const int64_t* positions;  // [num_tokens]
+  int64_t positions_stride;
+  const float* cos_sin;  // [max_position, rotary_dim]
+  int64_t cos_sin_stride;
+  int64_t max_position;
+  int rotary_dim;
+  int head_dim;
+  bool is_neox;
+  int num_heads;
+  int num_kv_heads;
+  // query: [num_tokens, num_heads, head_dim], rotated in place
+  void* query;
+  int64_t q_token_stride, q_head_stride;
+  // key: [num_tokens, num_kv_heads, head_dim]; rotated in place when key_cache is null
+  void* key;
+  int64_t k_token_stride, k_head_stride;
+  // value: [num_tokens, num_kv_heads, head_dim], only with caches
+  const void* value;
+  int64_t v_token_stride, v_head_stride;
+  // caches: [num_blocks, block_size, num_kv_heads, head_dim] contiguous, or null
+  void* key_cache;
+  void* value_cache;
+  const int64_t* slot_mapping;  // [num_tokens]
+  int64_t slot_stride;
+  int64_t num_slots;
+  // per-head RMSNorm weights [head_dim], or null
+  const void* q_norm_weight;
+  const void* k_norm_weight;
+  float eps;
+};
+
+template <typename T>
+__device__ __forceinline__ float load_float(const void* base, int64_t i) {
+  return to_float(static_cast<const T*>(base)[i]);
+}
+
+// One head: src -> (optional RMSNorm) -> (optional rotary) -> dst; `row` is this warp's
+// [head_dim] fp32 staging area.
+template <typename T>
+__device__ void process_head(const RopeArgs& a, const T* src, T* dst, const void* norm_weight, bool rotate,
+                             const float* cos, float* row) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int head_dim = a.head_dim;
+  float sum_sq = 0.0f;
+  for (int e = lane; e < head_dim; e += kWarpSize) {
+    const float v = to_float(src[e]);
+    row[e] = v;
+    sum_sq += v * v;
+  }
+  if (norm_weight != nullptr) {
+    const float inv_rms = rsqrtf(warp_sum(sum_sq) / static_cast<float>(head_dim) + a.eps);
+    for (int e = lane; e < head_dim; e += kWarpSize) row[e] = row[e] * inv_rms * load_float<T>(norm_weight, e);
+  }
+  TIDAL_SYNCWARP();
+  const int half = a.rotary_dim / 2;
+  for (int e = lane; e < head_dim; e += kWarpSize) {
+    float out = row[e];
+    if (rotate && e < a.rotary_dim) {
+      if (a.is_neox) {
+        const int i = e < half ? e : e - half;
+        const float c = cos[i], s = cos[half + i];
+        out = e < half ? row[e] * c - row[e + half] * s : row[e] * c + row[e - half] * s;
+      } else {
+        const int i = e / 2;
+        const float c = cos[i], s = cos[half + i];
+        out = (e % 2 == 0) ? row[e] * c - row[e + 1] * s : row[e] * c + row[e - 1] * s;
+      }
+    }
+    dst[e] = from_float<T>(out);
+  }
+  TIDAL_SYNCWARP();  // the staging row is reused by this warp's next head
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * kWarpSize) rotary_kernel(RopeArgs a) {
+  __shared__ float rows[kWarps][kMaxHeadDim];
+  const int64_t t = blockIdx.x;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t pos = a.positions[t * a.positions_stride];
+  const bool rotate = pos >= 0 && pos < a.max_position;  // NOTE(tidal): checked on the CPU only
+  const float* cos = a.cos_sin + (rotate ? pos : 0) * a.cos_sin_stride;
+  const bool to_cache = a.key_cache != nullptr;
+  int64_t slot = -1;
+  if (to_cache) {
+    slot = a.slot_mapping[t * a.slot_stride];
+    if (slot >= a.num_slots) slot = -1;  // out of range: never written (checked on the CPU only)
+  }
+  const int64_t slot_offset = slot * a.num_kv_heads * a.head_dim;
+  const int num_jobs = a.num_heads + a.num_kv_heads * (to_cache ? 2 : 1);
+  for (int job = warp; job < num_jobs; job += kWarps) {
+    if (job < a.num_heads) {
+      T* q = static_cast<T*>(a.query) + t * a.q_token_stride + job * a.q_head_stride;
+      process_head<T>(a, q, q, a.q_norm_weight, rotate, cos, rows[warp]);
+    } else if (job < a.num_heads + a.num_kv_heads) {
+      const int h = job - a.num_heads;
+      T* k = static_cast<T*>(a.key) + t * a.k_token_stride + h * a.k_head_stride;
+      if (!to_cache) {
+        process_head<T>(a, k, k, a.k_norm_weight, rotate, cos, rows[warp]);
+      } else if (slot >= 0) {
+        T* dst = static_cast<T*>(a.key_cache) + slot_offset + static_cast<int64_t>(h) * a.head_dim;
+        process_head<T>(a, k, dst, a.k_norm_weight, rotate, cos, rows[warp]);
+      }
+    } else if (slot >= 0) {
+      const int h = job - a.num_heads - a.num_kv_heads;
+      const T* v = static_cast<const T*>(a.value) + t * a.v_token_stride + h * a.v_head_stride;
+      T* dst = static_cast<T*>(a.value_cache) + slot_offset + static_cast<int64_t>(h) * a.head_dim;
+      for (int e = threadIdx.x % kWarpSize; e < a.head_dim; e += kWarpSize) dst[e] = v[e];
+    }
+  }
+}
+
+RopeArgs common_args(const TensorView& positions, const TensorView& query, const TensorView& key,
+                     const TensorView& cos_sin_cache, bool is_neox) {
+  RopeArgs a{};
+  a.positions = positions.data_ptr<const int64_t>();
+  a.positions_stride = positions.stride(0);
+  a.cos_sin = cos_sin_cache.data_ptr<const float>();
+  a.cos_sin_stride = cos_sin_cache.stride(0);
+  a.max_position = cos_sin_cache.size(0);
+  a.rotary_dim = static_cast<int>(cos_sin_cache.size(1));
+  a.head_dim = static_cast<int>(query.size(2));
+  a.is_neox = is_neox;
+  a.num_heads = static_cast<int>(query.size(1));
+  a.num_kv_heads = static_cast<int>(key.size(1));
+  a.query = query.data;
+  a.q_token_stride = query.stride(0);
+  a.q_head_stride = query.stride(1);
+  a.key = key.data;
+  a.k_token_stride = key.stride(0);
+  a.k_head_stride = key.stride(1);
+  return a;
+}
+
+void launch(const RopeArgs& a, DType dtype, int64_t num_tokens, Stream stream) {
+  TIDAL_CHECK(a.head_dim <= kMaxHeadDim, "head_dim=", a.head_dim, " must be <= ", kMaxHeadDim, " on the GPU");
+  TIDAL_DISPATCH_FLOAT(dtype, T, {
+    rotary_kernel<T><<<static_cast<unsigned>(num_tokens), kWarps * kWarpSize, 0,
+                       static_cast<cudaStream_t>(stream.handle)>>>(a);
+    TIDAL_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+}  // namespace
+
+void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,
+                      bool is_neox, Stream stream) {
+  const int64_t num_tokens = query.size(0);
+  if (num_tokens == 0) return;
+  DeviceGuard guard(query.device.index);
+  launch(common_args(positions, query, key, cos_sin_cache, is_neox), query.dtype, num_tokens, stream);
+}
+
+void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,
+                                TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
+                                TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
+                                TensorView k_norm_weight, float eps, Stream stream) {
+  const int64_t num_tokens = query.size(0);
+  if (num_tokens == 0) return;
+  DeviceGuard guard(query.device.index);
+  RopeArgs a = common_args(positions, query, key, cos_sin_cache, is_neox);
+  a.value = value.data;
+  a.v_token_stride = value.stride(0);
+  a.v_head_stride = value.stride(1);
+  a.key_cache = key_cache.data;
+  a.value_cache = value_cache.data;
+  a.slot_mapping = slot_mapping.data_ptr<const int64_t>();
+  a.slot_stride = slot_mapping.stride(0);
+  a.num_slots = key_cache.size(0) * key_cache.size(1);
+  a.q_norm_weight = q_norm_weight.data;
+  a.k_norm_weight = k_norm_weight.data;
+  a.eps = eps;
+  launch(a, query.dtype, num_tokens, stream);
+}
+
+}  // namespace tidal::gpu

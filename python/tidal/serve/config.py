@@ -1,0 +1,76 @@
+"""The serving engine's options (vLLM's names) and the device they resolve to."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """The engine options of ``tidal.LLM``.
+
+    ``kv_cache_memory_fraction`` is vLLM's ``gpu_memory_utilization`` (accepted as an alias by
+    ``tidal.LLM``): on a GPU, the share of the card that weights, activations and the KV cache may
+    take together; on the CPU, the share of available host memory the KV cache may take (capped at
+    4 GiB). ``enforce_eager`` turns CUDA graphs off.
+    """
+
+    model: str
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    scheduling_policy: str = "fcfs"
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be 'fcfs' or 'priority'")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be None or an integer >= 1")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction!r} must be in (0, 1]")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len={self.max_model_len!r} must be None or an integer >= 2")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager={self.enforce_eager!r} must be a bool")
+
+
+def gpu_available() -> bool:
+    """A CUDA device torch can use, and a tidal build with CUDA kernels."""
+    from tidal import build_info
+
+    return torch.cuda.is_available() and bool(build_info()["cuda"])
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: the current CUDA device when there is one (and tidal was built with CUDA), else the
+    CPU; ``"cpu"`` and ``"cuda[:N]"`` are taken as given."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if gpu_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a valid device: {e}") from None
+    if resolved.type == "cuda":
+        if not gpu_available():
+            raise ValueError(f"device={device!r} but there is no usable CUDA device (torch.cuda.is_available() is "
+                             f"{torch.cuda.is_available()}, tidal built with CUDA: "
+                             f"{__import__('tidal').build_info()['cuda']})")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        elif resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but there are {torch.cuda.device_count()} CUDA devices")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device={device!r} is not supported; expected 'auto', 'cpu' or 'cuda[:N]'")
+    return resolved

@@ -1,0 +1,292 @@
+"""The GPU model runner: what is particular to serving on a CUDA device.
+
+- KV pool sizing: after the weights are loaded, a profiling forward at ``max_num_batched_tokens``
+  (plus the logits and sampler of ``max_num_seqs`` rows) measures peak activation memory; the pool
+  takes ``kv_cache_memory_fraction`` of the card minus the weights, that peak, the memory outside
+  torch's allocator and what the CUDA graphs will hold.
+- Step inputs: the scheduler's arrays are packed (numpy, vectorised) into one pinned host buffer and
+  sent with one non-blocking copy into a persistent device buffer; the model reads views of it.
+- CUDA graphs: pure decode steps replay graphs captured at start-up for padded batch sizes 1, 2, 4,
+  8, then multiples of 8 up to ``max_num_seqs`` (forward and logits); ``enforce_eager=True`` turns
+  them off. A captured graph reads its inputs from fixed offsets of the device buffer and its block
+  tables from a persistent table, so replay needs no re-capture.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tidal.models.attention import AttentionMetadata
+from tidal.serve.config import EngineConfig
+from tidal.serve.model_runner import allocate_kv_caches, kv_cache_bytes_per_block, min_kv_blocks
+from tidal.serve.sampler import SampleResult, SequenceSampling, sample
+from tidal.serve.sampling_params import SamplingParams
+
+_GIB = 1 << 30
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Padded decode batch sizes that get a CUDA graph: 1, 2, 4, 8, 16, 24, ... and max_num_seqs."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+@dataclass
+class _Layout:
+    """Element offsets of one step's inputs in the staging buffers: int64 area (input ids,
+    positions, slot mapping, rows to sample), then int32 area (cu_seqlens_q, seq_lens, the narrow
+    block table). A function of the padded sizes only, so a graph's views stay valid."""
+
+    num_tokens: int  # padded
+    num_seqs: int    # padded
+    num_sample: int
+    table_elems: int
+
+    @property
+    def i64_elems(self) -> int:
+        return 3 * self.num_tokens + self.num_sample
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * self.i64_elems + 4 * (2 * self.num_seqs + 1 + self.table_elems)
+
+
+@dataclass
+class _StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    sample_rows: torch.Tensor | None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    size: int
+
+
+def _format_gib(n: float) -> str:
+    return f"{n / _GIB:.2f} GiB"
+
+
+class GPUModelRunner:
+    """Runs the model on one CUDA device with persistent inputs and CUDA graphs for decode."""
+
+    def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        self.max_blocks_per_seq = math.ceil(max_model_len / config.block_size)
+        self.vocab_size = model.config.vocab_size
+        model.ensure_rope_positions(max_model_len)
+        rope = model.config.rope_scaling
+        dynamic_rope = rope is not None and rope.get("rope_type") == "dynamic"
+        # NOTE(tidal): dynamic NTK past max_position_embeddings builds per-token tables on the host
+        # (a synchronisation), which a graph cannot hold; such engines run eagerly.
+        self.use_graphs = not config.enforce_eager and not (
+            dynamic_rope and max_model_len > model.config.max_position_embeddings)
+
+        per_block = kv_cache_bytes_per_block(model, config.block_size, model.dtype)
+        self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks(per_block)
+        floor = min_kv_blocks(max_model_len, config.block_size)
+        if self.num_kv_blocks < floor:
+            raise ValueError(
+                f"the KV cache holds {self.num_kv_blocks} blocks of {config.block_size} tokens, fewer than the "
+                f"{floor} one request of max_model_len={max_model_len} needs; raise num_kv_blocks or "
+                f"kv_cache_memory_fraction, or lower max_model_len")
+        self.kv_caches = allocate_kv_caches(model, self.num_kv_blocks, config.block_size, device)
+
+        # The largest step: max_num_tokens tokens of max_num_seqs sequences with full block tables.
+        biggest = _Layout(self.max_num_tokens, self.max_num_seqs, self.max_num_seqs,
+                          self.max_num_seqs * self.max_blocks_per_seq)
+        self._stage = torch.empty(biggest.nbytes, dtype=torch.uint8, device=device)
+        self._graph_tables = torch.zeros(self.max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._logits = torch.empty(self.max_num_seqs, self.vocab_size, dtype=torch.float32, device=device)
+        self._graphs: dict[int, _Graph] = {}
+        self._graph_sizes: list[int] = []
+        if self.use_graphs:
+            self._capture_graphs()
+
+    # ---- KV pool sizing ----------------------------------------------------------------------------
+
+    def _profile_num_blocks(self, per_block: int) -> int:
+        device, cfg = self.device, self.config
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        weights = torch.cuda.memory_allocated(device)
+        num_tokens = self.max_num_tokens
+        lengths = [min(self.max_model_len, num_tokens - start) for start in range(0, num_tokens, self.max_model_len)]
+        lengths = lengths[: self.max_num_seqs]
+        num_tokens = sum(lengths)
+        # NOTE(tidal): a one-block cache per layer; every block table entry is 0 and no slot is
+        # written, so the forward reads valid memory and measures activations alone.
+        caches = allocate_kv_caches(self.model, 1, self.block_size, device)
+        width = math.ceil(max(lengths) / self.block_size)
+        cu = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
+        attn = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+            block_tables=torch.zeros(len(lengths), width, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.from_numpy(cu).to(device), max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+        rows = min(self.max_num_seqs, num_tokens)
+        with torch.inference_mode():
+            ids = torch.randint(0, self.vocab_size, (num_tokens,), device=device)
+            hidden = self.model(ids, torch.from_numpy(positions).to(device), attn, caches)
+            logits = self.model.compute_logits(hidden[-rows:])
+            del hidden
+            params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
+            sample(logits, [SequenceSampling(params, [0], [], seed=i) for i in range(rows)])
+        del caches, logits, attn
+        torch.cuda.synchronize(device)
+        activations = torch.cuda.max_memory_allocated(device) - weights
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        outside = max(total - free - torch.cuda.memory_reserved(device), 0)  # CUDA context, other processes
+        graphs = 0
+        if self.use_graphs:  # the decode graphs' pool: lm_head output and its fp32 copy, plus slack
+            graphs = 3 * self.max_num_seqs * self.vocab_size * 4 + _GIB // 2
+        budget = cfg.kv_cache_memory_fraction * total - weights - activations - outside - graphs
+        num_blocks = int(max(budget, 0) // per_block)
+        floor = min_kv_blocks(self.max_model_len, self.block_size)
+        if num_blocks < floor:
+            per_token = per_block // self.block_size
+            raise ValueError(
+                f"max_model_len={self.max_model_len} does not fit on {torch.cuda.get_device_name(device)}: one "
+                f"request needs {_format_gib(floor * per_block)} of KV cache ({per_token} bytes per token), but of "
+                f"kv_cache_memory_fraction={cfg.kv_cache_memory_fraction} x {_format_gib(total)} only "
+                f"{_format_gib(max(budget, 0))} is left after the weights ({_format_gib(weights)}), peak "
+                f"activations at max_num_batched_tokens={cfg.max_num_batched_tokens} ({_format_gib(activations)}), "
+                f"CUDA graphs ({_format_gib(graphs)}) and memory outside torch ({_format_gib(outside)}; "
+                f"{_format_gib(free)} free now); lower max_model_len or max_num_batched_tokens, or raise "
+                f"kv_cache_memory_fraction")
+        return num_blocks
+
+    # ---- step inputs -------------------------------------------------------------------------------
+
+    def _stage_inputs(self, batch, padded: int | None) -> _StepInputs:
+        """Packs the step's arrays into one pinned buffer, copies it to the device once, and returns
+        views. ``padded`` (a graph size) pads a decode batch with sequences that write nothing."""
+        n, num_tokens = batch.num_seqs, len(batch.input_ids)
+        width = batch.max_num_blocks
+        seqs = padded or n
+        tokens = padded or num_tokens
+        needs = batch.needs_sample
+        sample_rows = None if padded else (batch.cu_seqlens_q[1:] - 1)[needs]
+        layout = _Layout(tokens, seqs, 0 if padded else len(sample_rows), n * width)
+        host = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+        h64 = host[: 8 * layout.i64_elems].numpy().view(np.int64)
+        h32 = host[8 * layout.i64_elems:].numpy().view(np.int32)
+        h64[:num_tokens] = batch.input_ids
+        h64[num_tokens:tokens] = 0
+        h64[tokens:tokens + num_tokens] = batch.positions
+        h64[tokens + num_tokens:2 * tokens] = 0
+        h64[2 * tokens:2 * tokens + num_tokens] = batch.slot_mapping
+        h64[2 * tokens + num_tokens:3 * tokens] = -1  # padding writes no cache slot
+        if sample_rows is not None:
+            h64[3 * tokens:] = sample_rows
+        h32[:n + 1] = batch.cu_seqlens_q
+        h32[n + 1:seqs + 1] = num_tokens + np.arange(1, seqs - n + 1, dtype=np.int32)  # one token per padded seq
+        h32[seqs + 1:seqs + 1 + n] = batch.seq_lens
+        h32[seqs + 1 + n:2 * seqs + 1] = 1
+        h32[2 * seqs + 1:] = batch.block_tables.reshape(-1)
+        stage = self._stage[: layout.nbytes]
+        stage.copy_(host, non_blocking=True)
+        return self._views(layout, batch.max_seqlen_q, batch.max_seqlen_k, n, width, padded is not None)
+
+    def _views(self, layout: _Layout, max_seqlen_q: int, max_seqlen_k: int, n: int, width: int,
+               graph: bool) -> _StepInputs:
+        tokens, seqs = layout.num_tokens, layout.num_seqs
+        d64 = self._stage[: 8 * layout.i64_elems].view(torch.int64)
+        d32 = self._stage[8 * layout.i64_elems: layout.nbytes].view(torch.int32)
+        table = d32[2 * seqs + 1: 2 * seqs + 1 + n * width].view(n, width)
+        if graph:
+            self._graph_tables[:n, :width].copy_(table)
+            table = self._graph_tables[:seqs]
+        attn = AttentionMetadata(
+            slot_mapping=d64[2 * tokens:3 * tokens], block_tables=table,
+            seq_lens=d32[seqs + 1:2 * seqs + 1], cu_seqlens_q=d32[:seqs + 1],
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        rows = None if graph else d64[3 * tokens:3 * tokens + layout.num_sample]
+        return _StepInputs(d64[:tokens], d64[tokens:2 * tokens], attn, rows)
+
+    # ---- CUDA graphs -------------------------------------------------------------------------------
+
+    def _graph_size(self, batch) -> int | None:
+        if not self._graph_sizes or batch.max_seqlen_q != 1 or batch.num_seqs > self._graph_sizes[-1]:
+            return None
+        for size in self._graph_sizes:
+            if size >= batch.num_seqs:
+                return size
+        return None
+
+    def _dummy_decode(self, size: int) -> _StepInputs:
+        """Inputs of a decode step of ``size`` sequences of length 1 that write no cache slot."""
+        layout = _Layout(size, size, 0, 0)
+        host = torch.zeros(layout.nbytes, dtype=torch.uint8)
+        h64 = host[: 8 * layout.i64_elems].numpy().view(np.int64)
+        h32 = host[8 * layout.i64_elems:].numpy().view(np.int32)
+        h64[2 * size:3 * size] = -1
+        h32[:size + 1] = np.arange(size + 1)
+        h32[size + 1:2 * size + 1] = 1
+        self._stage[: layout.nbytes].copy_(host)
+        # max_seqlen_k at its largest: the split-K plan then holds for any context up to max_model_len
+        return self._views(layout, 1, self.max_model_len, 0, 0, True)
+
+    def _capture_graphs(self) -> None:
+        sizes = capture_sizes(self.max_num_seqs)
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for size in reversed(sizes):  # largest first: the smaller ones reuse its pool memory
+                inputs = self._dummy_decode(size)
+                self._forward_logits(inputs, size)  # warm-up outside the graph (cuBLAS handles, workspaces)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._forward_logits(inputs, size)
+                self._graphs[size] = _Graph(graph, size)
+        torch.cuda.synchronize(self.device)
+        self._graph_sizes = sizes
+
+    def _forward_logits(self, inputs: _StepInputs, size: int) -> None:
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+        self._logits[:size].copy_(self.model.compute_logits(hidden))
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def execute(self, batch, sampling: list[SequenceSampling]) -> SampleResult | None:
+        if not sampling and not batch.needs_sample.any():
+            self._run_eager(batch)
+            return None
+        size = self._graph_size(batch)
+        with torch.inference_mode():
+            if size is not None:
+                self._stage_inputs(batch, size)
+                self._graphs[size].graph.replay()
+                n = batch.num_seqs
+                needs = batch.needs_sample
+                if needs.all():
+                    logits = self._logits[:n]
+                else:
+                    rows = torch.from_numpy(np.nonzero(needs)[0]).pin_memory().to(self.device, non_blocking=True)
+                    logits = self._logits.index_select(0, rows)
+            else:
+                logits = self._run_eager(batch)
+                if logits is None:
+                    return None
+            return sample(logits, sampling)
+
+    def _run_eager(self, batch) -> torch.Tensor | None:
+        with torch.inference_mode():
+            inputs = self._stage_inputs(batch, None)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+            if inputs.sample_rows is None or inputs.sample_rows.numel() == 0:
+                return None
+            return self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))

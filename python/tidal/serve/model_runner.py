@@ -1,0 +1,101 @@
+"""Model runners: what the engine calls once per step to turn the scheduler's flat batch into sampled
+tokens. The engine stays device-neutral; each runner owns its device's KV caches and inputs.
+
+- :class:`CPUModelRunner` (here): KV pool sized from host memory, inputs as tensors over the
+  scheduler's own numpy arrays, eager forward.
+- :class:`tidal.serve.gpu_model_runner.GPUModelRunner`: KV pool sized by a profiling forward,
+  persistent device inputs filled by one pinned copy per step, CUDA graphs for decode steps.
+
+Both expose ``num_kv_blocks``, ``kv_caches`` (one ``(key_cache, value_cache)`` per layer) and
+``execute(batch, sampling) -> SampleResult | None``.
+"""
+
+import os
+
+import torch
+
+from tidal.models.attention import AttentionMetadata
+from tidal.serve.config import EngineConfig
+from tidal.serve.sampler import SampleResult, SequenceSampling, sample
+
+# NOTE(tidal): on the CPU the KV cache competes with everything else in host memory, so the default
+# budget is capped (vLLM's CPU backend caps it too); num_kv_blocks overrides it.
+_CPU_KV_CACHE_CAP_BYTES = 4 << 30
+
+
+def kv_cache_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers: keys and values."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
+
+
+def min_kv_blocks(max_model_len: int, block_size: int) -> int:
+    """Blocks one request of max_model_len tokens needs: the pool's floor."""
+    return -(-max_model_len // block_size)
+
+
+def allocate_kv_caches(model, num_blocks: int, block_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    return [(torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
+            for _ in range(model.num_layers)]
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class CPUModelRunner:
+    """Runs the model on the CPU over the scheduler's arrays (zero-copy tensors), eagerly."""
+
+    def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device):
+        self.model, self.device = model, device
+        per_block = kv_cache_bytes_per_block(model, config.block_size, model.dtype)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            budget = min(config.kv_cache_memory_fraction * _available_host_memory(), _CPU_KV_CACHE_CAP_BYTES)
+            num_blocks = max(int(budget // per_block), 0)
+        floor = min_kv_blocks(max_model_len, config.block_size)
+        if num_blocks < floor:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than the "
+                f"{floor} one request of max_model_len={max_model_len} needs; raise num_kv_blocks "
+                f"or kv_cache_memory_fraction, or lower max_model_len")
+        self.num_kv_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(model, num_blocks, config.block_size, device)
+
+    def execute(self, batch, sampling: list[SequenceSampling]) -> SampleResult | None:
+        cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
+        attn = AttentionMetadata(
+            slot_mapping=torch.from_numpy(batch.slot_mapping),
+            block_tables=torch.from_numpy(batch.block_tables),
+            seq_lens=torch.from_numpy(batch.seq_lens),
+            cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=batch.max_seqlen_q,  # computed by the scheduler with the batch
+            max_seqlen_k=batch.max_seqlen_k,
+        )
+        input_ids = torch.from_numpy(batch.input_ids).to(torch.long)
+        positions = torch.from_numpy(batch.positions)
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, attn, self.kv_caches)
+            last_rows = (cu_seqlens_q[1:] - 1)[torch.from_numpy(batch.needs_sample).bool()]
+            if last_rows.numel() == 0:
+                return None
+            logits = self.model.compute_logits(hidden[last_rows.long()])
+            return sample(logits, sampling)
+
+
+def make_model_runner(model, config: EngineConfig, max_model_len: int, device: torch.device):
+    """The runner for ``device``: GPUModelRunner on CUDA, CPUModelRunner otherwise."""
+    if device.type == "cuda":
+        from tidal.serve.gpu_model_runner import GPUModelRunner
+
+        return GPUModelRunner(model, config, max_model_len, device)
+    return CPUModelRunner(model, config, max_model_len, device)
