@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with no network: build and install tidal for sm_90 with all cores,
-# run the whole test suite (GPU tests included) and the benchmarks, and write every log under $OUT
-# (default bench/out). Usage: bash bench/device_run.sh [pytest args...]
+# One command for a GPU machine with no network: install tidal (a wheel built elsewhere for this
+# Python when one is given, else a build for sm_90 with all cores), run the tests (GPU tests
+# included), compute-sanitizer over the kernel tests, and the benchmarks with their peers, writing
+# every log under $OUT (default bench/out). The last lines printed are the summary tables.
+#
+#   bash bench/device_run.sh                      # everything
+#   TESTS="tests/ops -k cuda" BENCHES="bench/bench_attention.py" bash bench/device_run.sh
+#   WHEEL=dist/tidal-*.whl SANITIZE=0 bash bench/device_run.sh
+#
+# Knobs (environment): WHEEL (install this wheel, falling back to a source build if it does not
+# import), TESTS (pytest arguments; "none" skips), SANITIZE (1: memcheck over the kernel tests),
+# BENCHES (scripts to run), SERVE_ARGS (extra arguments of bench/serve.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,25 +20,62 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" TIDAL_CUDA=ON TIDAL_CUDA_ARCHS="${TIDAL_CUDA_ARCHS:-90}" TIDAL_HIP=OFF
 PY="${PYTHON:-python3}"
 status=0
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+export TIDAL_COMMIT="${TIDAL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
-echo "==> build (sm_${TIDAL_CUDA_ARCHS})"
-if ! "$PY" -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"
-  exit 1
+install_ok=0
+if [ -n "${WHEEL:-}" ]; then
+  stamp "install $WHEEL"
+  if "$PY" -m pip install --no-deps --no-index --force-reinstall $WHEEL >"$OUT/build.log" 2>&1 &&
+     (cd /tmp && "$PY" -c "import tidal; assert tidal.build_info()['cuda']"); then
+    install_ok=1
+    # The wheel's native core with this tree's Python package: Python edits need no new wheel.
+    site="$(cd /tmp && "$PY" -c 'import os, tidal; print(os.path.dirname(tidal.__file__))')"
+    (cd python/tidal && find . -name '*.py' -exec cp --parents {} "$site/" \;)
+  else
+    echo "the wheel did not install or import; building from source"; tail -5 "$OUT/build.log"
+  fi
 fi
-"$PY" -c "import json, tidal; print(json.dumps(tidal.build_info()))" | tee "$OUT/build_info.json"
+if [ "$install_ok" -eq 0 ]; then
+  stamp "build (sm_${TIDAL_CUDA_ARCHS})"
+  if ! "$PY" -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"
+    exit 1
+  fi
+fi
+(cd /tmp && "$PY" -c "import json, tidal; print(json.dumps(tidal.build_info()))") | tee "$OUT/build_info.json"
 
-echo "==> tests"
-"$PY" -m pytest -q -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "${TESTS:-all}" != "none" ]; then
+  stamp "tests"
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
-echo "==> benchmarks"
-# The GPU benchmarks; CPU workloads (bench_c1_cpu.py) run on the CPU machine.
-for bench in ${BENCHES:-bench/bench_rms_norm.py}; do
+if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
+  stamp "compute-sanitizer memcheck over the serving kernel tests (CUDA cases)"
+  compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
+    "$PY" -m pytest -q -p no:cacheprovider -x -k "cuda" tests/ops/test_sanitize_cases.py \
+    >"$OUT/sanitizer.log" 2>&1
+  rc=$?
+  tail -15 "$OUT/sanitizer.log"
+  [ "$rc" -eq 0 ] || { echo "compute-sanitizer: exit $rc"; status=1; }
+fi
+
+stamp "benchmarks"
+for bench in ${BENCHES:-bench/bench_attention.py bench/serve.py}; do
   name="$(basename "$bench" .py)"
-  "$PY" "$bench" --out "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log" | tail -30
+  stamp "$name"
+  if [ "$name" = "serve" ]; then
+    # shellcheck disable=SC2086
+    "$PY" "$bench" --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -40
+  else
+    "$PY" "$bench" --out "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log" | tail -30
+  fi
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+stamp "done (status $status)"
 exit "$status"

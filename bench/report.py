@@ -1,6 +1,7 @@
 """Printing and saving a benchmark's table: one place for the layout every bench/ script shares."""
 
 import datetime
+import os
 import subprocess
 
 
@@ -10,11 +11,19 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
 
 
+def commit() -> str:
+    """The checkout's short commit, else $TIDAL_COMMIT (a copy of the tree without .git), else "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out = ""
+    return out or os.environ.get("TIDAL_COMMIT") or "unknown"
+
+
 def write_markdown(path: str, title: str, header: list[str], rows: list[list[str]]) -> None:
     """Writes ``title`` (prefixed with today's date and the commit) and the table as markdown."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     with open(path, "w") as f:
-        f.write(f"{datetime.date.today().isoformat()}, commit {commit or 'unknown'}: {title}\n\n")
+        f.write(f"{datetime.date.today().isoformat()}, commit {commit()}: {title}\n\n")
         f.write("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |\n")
         for line in rows:
             f.write("| " + " | ".join(line) + " |\n")

@@ -393,3 +393,31 @@ def test_random_simulation(seed):
         assert st["num_requests_running"] == len(running) and st["num_requests_waiting"] == len(waiting)
     drain(s)
     assert s.stats()["kv_blocks_free"] == s.stats()["kv_blocks_total"]
+
+
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+def test_prompts_sharing_a_first_block_wait_one_step_for_the_cache(enable_prefix_caching):
+    """A burst of prompts with one shared prefix: the first computes it, the others are admitted
+    the next step and take it from the cache (only with prefix caching); unrelated prompts in the
+    same burst are not held back."""
+    s = make(block_size=4, enable_prefix_caching=enable_prefix_caching)
+    shared = [7, 8, 9, 10, 11, 12, 13, 14]  # two full blocks
+    s.add_request(1, shared + [1, 2], sched.StopParams(2))
+    s.add_request(2, shared + [3], sched.StopParams(2))
+    s.add_request(3, [20, 21, 22, 23, 24], sched.StopParams(2))  # another first block
+    s.add_request(4, [7, 8, 9], sched.StopParams(2))  # shorter than a block: nothing to share
+    out = s.schedule()
+    expected_first = [1, 3, 4] if enable_prefix_caching else [1, 2, 3, 4]
+    assert out.request_ids.tolist() == expected_first
+    check_batch(s, out)
+    s.update(out, np.full(out.num_seqs, 5, np.int32))
+    out = s.schedule()
+    check_batch(s, out)
+    if enable_prefix_caching:
+        row = out.request_ids.tolist().index(2)
+        assert out.num_computed_tokens[row] == 8  # both shared blocks from the cache
+        assert s.request(2).num_cached_prompt_tokens == 8
+    while s.has_unfinished_requests():
+        s.update(out, np.full(out.num_seqs, 5, np.int32))
+        out = s.schedule()
+    check_pool_whole(s)

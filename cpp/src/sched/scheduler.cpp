@@ -5,6 +5,7 @@
 #include "tidal/sched/scheduler.h"
 
 #include <algorithm>
+#include <unordered_set>
 #include <utility>
 
 #include "tidal/status.h"
@@ -191,6 +192,12 @@ SchedulerOutput Scheduler::schedule() {
   }
 
   // Waiting requests, only in a step that preempted nothing (blocks are short otherwise).
+  // NOTE(tidal): a block is cached once its KV is computed (update()), so a prompt admitted beside
+  // another that starts with the same block would compute the shared prefix a second time. Such a
+  // request waits one step instead (skipped, not blocking the queue) and then takes the prefix from
+  // the cache: what makes a burst of requests sharing a system prompt pay for it once.
+  const int32_t bs = config_.block_size;
+  std::unordered_set<uint64_t> first_blocks_in_flight;
   for (auto it = waiting_.begin(); preempted_ids.empty() && it != waiting_.end() && budget > 0 &&
                                    running_.size() < static_cast<size_t>(config_.max_num_seqs);) {
     Request& r = requests_.at(it->request_id);
@@ -198,11 +205,22 @@ SchedulerOutput Scheduler::schedule() {
       ++it;
       continue;
     }
+    uint64_t first_block = 0;
+    if (config_.enable_prefix_caching && r.num_tokens() >= bs) {
+      first_block = kv_.first_block_hash(r.token_ids());
+      if (first_blocks_in_flight.count(first_block) != 0) {
+        ++it;
+        continue;
+      }
+    }
     // All but the last token: at least one token is computed, so the step can sample.
     const kv::ComputedBlocks hit =
         kv_.lookup(r.token_ids().first(static_cast<size_t>(r.num_tokens() - 1)));
     const int32_t num_new = std::min(r.num_tokens() - hit.num_tokens, budget);
     if (!kv_.allocate(r.request_id(), hit.num_tokens + num_new, &hit)) break;  // head of line
+    if (config_.enable_prefix_caching && r.num_tokens() >= bs && hit.num_tokens < bs && hit.num_tokens + num_new >= bs) {
+      first_blocks_in_flight.insert(first_block);
+    }
     if (r.status() == RequestStatus::kPreempted) r.transition(RequestStatus::kWaiting);
     r.transition(RequestStatus::kRunning);
     r.num_computed_tokens_ = hit.num_tokens;

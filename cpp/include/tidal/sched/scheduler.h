@@ -87,7 +87,9 @@ class Scheduler {
   /// Plans one step (see ARCHITECTURE.md "Serving path"). Removes the requests finished since the
   /// last call, schedules running requests in running order (growing their block tables, preempting
   /// victims by the policy when blocks run out), then, if nothing was preempted, admits waiting
-  /// requests while the token budget and seats last, stopping at the first that does not fit.
+  /// requests while the token budget and seats last, stopping at the first that does not fit. A
+  /// waiting request whose first full block equals that of a prompt admitted in the same step waits
+  /// for the next step (then its prefix is cached) instead of computing it twice.
   /// Calling schedule() again before update() discards the previous output (nothing advanced).
   SchedulerOutput schedule();
 

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark tidal's paged decode attention on one CUDA card, next to torch SDPA on contiguous K/V.
+
+Decode: one query token per sequence, every sequence at the same context length; Llama-3-8B heads
+(32 q / 8 kv, head_dim 128), bf16, block_size 16; the block tables are a random permutation of all
+the blocks, so consecutive blocks of a sequence lie anywhere in the pool. Shapes (num_seqs x context):
+64 x 2048, 64 x 8192, and 256 x 1024 (S1-like).
+
+One run: (1) measures the copy ceiling (2 GiB bf16 ``copy_``, median of 20, bytes read + written);
+(2) checks ``tidal.ops.paged_attention`` against a pure-torch fp32 reference (gather through the block
+table, softmax attention, GQA by repeat_interleave) on a small batch of mixed context lengths and on
+four sequences of every timed shape, and exits 1 on a mismatch; (3) times every shape with CUDA events,
+flushing L2 (a 256 MB write) before each repeat, median of --repeats after warm-up; (4) prints the
+table and, with ``--out FILE``, writes it as markdown.
+
+Bytes counted: K and V read once (num_seqs * context * 8 heads * 128 * 2 bytes each) plus q read and
+out written; block tables and seq_lens are left out (under 0.1%). Peer: torch SDPA
+(``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)``, q [B, 32, 1, 128], k/v [B, 8, ctx, 128])
+on contiguous K/V of the same size, the same bytes counted: what attention costs without paging.
+
+    python bench/bench_attention.py [--out bench/attention.md] [--repeats 50]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import tidal.ops
+from report import print_table, write_markdown
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+SHAPES = [(64, 2048), (64, 8192), (256, 1024)]  # (num_seqs, context)
+CHECK_SEQ_LENS = [1, 15, 16, 17, 100, 257, 1000, 3001]  # mixed lengths: partial blocks, one key, long
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+ATOL, RTOL = 2e-3, 1e-2  # bf16 output rounded once from fp32: |error| <= 2^-8 |out| plus accumulation order
+
+
+def make_inputs(seq_lens: list[int], gen: torch.Generator, device) -> dict:
+    """Random decode inputs for sequences of `seq_lens`, the blocks of all of them shuffled."""
+    num_seqs, max_blocks = len(seq_lens), math.ceil(max(seq_lens) / BLOCK_SIZE)
+    num_blocks = num_seqs * max_blocks
+    cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    return dict(
+        query=torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE),
+        key_cache=torch.randn(cache_shape, generator=gen, device=device, dtype=DTYPE),
+        value_cache=torch.randn(cache_shape, generator=gen, device=device, dtype=DTYPE),
+        block_tables=torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32).view(num_seqs, -1),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=device),
+    )
+
+
+def run_tidal(inputs: dict) -> torch.Tensor:
+    """One decode step: max_seqlen_q / max_seqlen_k are host ints, so the launch does not sync."""
+    return tidal.ops.paged_attention(
+        inputs["query"], inputs["key_cache"], inputs["value_cache"], inputs["block_tables"], inputs["seq_lens"],
+        inputs["cu_seqlens_q"], HEAD_DIM ** -0.5, sliding_window=-1, max_seqlen_q=1,
+        max_seqlen_k=inputs["max_seqlen_k"])
+
+
+# ---- the reference (fp32, one rounding) ----------------------------------------------------------
+
+def ref_decode_attention(inputs: dict, seqs: list[int]) -> torch.Tensor:
+    """out[s] for s in `seqs`: [len(seqs), num_heads, head_dim], the query at the last position."""
+    group = NUM_HEADS // NUM_KV_HEADS
+    outs = []
+    for s in seqs:
+        n = int(inputs["seq_lens"][s])
+        blocks = inputs["block_tables"][s, :math.ceil(n / BLOCK_SIZE)].long()
+        k = inputs["key_cache"][blocks].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:n].float().repeat_interleave(group, 1)
+        v = inputs["value_cache"][blocks].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:n].float().repeat_interleave(group, 1)
+        scores = torch.einsum("hd,nhd->hn", inputs["query"][s].float(), k) * HEAD_DIM ** -0.5  # [num_heads, n]
+        outs.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
+    return torch.stack(outs).to(DTYPE)
+
+
+def check(name: str, inputs: dict, out: torch.Tensor, seqs: list[int]) -> None:
+    want = ref_decode_attention(inputs, seqs)
+    got = out[seqs]
+    if got.shape != want.shape or got.dtype != DTYPE:
+        raise SystemExit(f"FAIL {name}: got {tuple(got.shape)} {got.dtype}, want {tuple(want.shape)} {DTYPE}")
+    if not torch.isfinite(got).all():
+        raise SystemExit(f"FAIL {name}: non-finite output")
+    try:
+        torch.testing.assert_close(got.float(), want.float(), atol=ATOL, rtol=RTOL)
+    except AssertionError as e:
+        raise SystemExit(f"FAIL {name}: paged_attention differs from the fp32 reference: {e}")
+
+
+def check_mixed(gen, device) -> None:
+    inputs = make_inputs(CHECK_SEQ_LENS, gen, device)
+    inputs["max_seqlen_k"] = max(CHECK_SEQ_LENS)
+    check(f"mixed context lengths {CHECK_SEQ_LENS}", inputs, run_tidal(inputs), list(range(len(CHECK_SEQ_LENS))))
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def time_us(fn, repeats: int, flush: torch.Tensor | None) -> float:
+    """Median device time of fn() in microseconds, CUDA events around each call."""
+    for _ in range(5):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        if flush is not None:
+            flush.zero_()  # evicts the inputs from L2 (60 MB on an H200)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_ceiling_gbs() -> float:
+    n = 1 << 30  # 2 GiB of bf16
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), 20, None)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / (us * 1e-6) / 1e9
+
+
+def bench_shape(num_seqs: int, ctx: int, gen, repeats: int, flush, ceiling: float) -> list[str]:
+    inputs = make_inputs([ctx] * num_seqs, gen, "cuda")
+    inputs["max_seqlen_k"] = ctx
+    check(f"{num_seqs} x {ctx}", inputs, run_tidal(inputs), [0, 1, num_seqs // 2, num_seqs - 1])
+    kv_bytes = 2 * num_seqs * ctx * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    nbytes = kv_bytes + 2 * inputs["query"].numel() * DTYPE.itemsize
+    ours = time_us(lambda: run_tidal(inputs), repeats, flush)
+    del inputs
+    torch.cuda.empty_cache()
+
+    q = torch.randn(num_seqs, NUM_HEADS, 1, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+    k = torch.randn(num_seqs, NUM_KV_HEADS, ctx, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    try:
+        peer = time_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeats, flush)
+        peer_cells = [f"{peer:.1f}", f"{nbytes / peer / 1e3:.0f}", f"{100 * nbytes / peer / 1e3 / ceiling:.0f}%",
+                      f"{peer / ours:.2f}x"]
+    except Exception as e:  # a peer failure is a row, not a failed benchmark
+        print(f"SDPA {num_seqs} x {ctx} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        peer_cells = ["failed", "-", "-", "-"]
+    del q, k, v
+    torch.cuda.empty_cache()
+
+    gbs = nbytes / ours / 1e3
+    return [f"{num_seqs} x {ctx}", f"{kv_bytes / 2**20:,.0f}", f"{ours:.1f}", f"{gbs:.0f}",
+            f"{100 * gbs / ceiling:.0f}%"] + peer_cells
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="also write the table as markdown to this file")
+    ap.add_argument("--repeats", type=int, default=50, help="timed calls per case (median)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_attention: no CUDA device", file=sys.stderr)
+        return 2
+
+    card = torch.cuda.get_device_name()
+    ceiling = copy_ceiling_gbs()
+    print(f"card: {card}; torch {torch.__version__}; copy ceiling {ceiling:.0f} GB/s", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    check_mixed(gen, "cuda")
+    print(f"correctness: mixed lengths {CHECK_SEQ_LENS} and 4 sequences of every timed shape "
+          "match the fp32 reference (checked before each shape's timing)", flush=True)
+
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    header = ["num_seqs x context", "KV MiB", "tidal us", "tidal GB/s", "% copy", "SDPA us", "SDPA GB/s",
+              "SDPA % copy", "tidal vs SDPA"]
+    rows = []
+    for num_seqs, ctx in SHAPES:
+        rows.append(bench_shape(num_seqs, ctx, gen, args.repeats, flush, ceiling))
+        print("  ".join(rows[-1]), flush=True)
+    print()
+    print_table(header, rows)
+    if args.out:
+        write_markdown(args.out, f"paged decode attention (32 q / 8 kv heads, head_dim 128, bf16, block_size 16), "
+                       f"{card}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s, "
+                       f"`python bench/bench_attention.py --repeats {args.repeats}`", header, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

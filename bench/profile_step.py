@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Where one serving step's time goes: kernel time by op (torch profiler), host time per step and the
+GPU's busy time per step, for decode steps of a Qwen3-0.6B-shaped model (random bf16 weights) at
+batch 256 x context ~900 (S1's regime) and batch 1 (S2's regime, the same model), and optionally a
+Llama-3-8B-shaped model at batch 1 (--llama). What METHOD.md asks for before optimising: which op,
+how far from its floor, and how much of the step is host time or launch gaps.
+
+    python bench/profile_step.py --out FILE.md [--llama]
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tidal  # noqa: E402
+from serve import LLAMA_3_8B, QWEN3_0_6B  # noqa: E402
+
+
+def build(config_kwargs, cls, root):
+    path = tempfile.mkdtemp(prefix="tidal_prof_", dir=root)
+    config = cls(**config_kwargs)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def decode_steps(engine, num_steps):
+    """Runs until every request decodes, then times num_steps steps: wall and GPU-busy per step."""
+    while True:
+        batch_before = engine.scheduler.num_waiting
+        engine.step()
+        if batch_before == 0 and all(engine.scheduler.request(r).num_computed_tokens >= engine.scheduler.request(r).num_prompt_tokens
+                                     for r in engine.scheduler.running_ids):
+            break
+    walls, gpus = [], []
+    for _ in range(num_steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        engine.step()
+        end.record()
+        end.synchronize()
+        walls.append((time.perf_counter() - t0) * 1e3)
+        gpus.append(start.elapsed_time(end))
+    return sorted(walls)[len(walls) // 2], sorted(gpus)[len(gpus) // 2]
+
+
+def profile(engine, num_steps, lines, title):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            engine.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    lines += [f"### {title}: {num_steps} steps, kernel time by op", "", "```", table, "```", ""]
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:
+        busy = sum(e.device_time for e in kernels) / 1e3
+        first, last = min(e.time_range.start for e in kernels), max(e.time_range.end for e in kernels)
+        lines.append(f"kernels: {len(kernels) / num_steps:.0f} per step, busy {busy / num_steps:.3f} ms per step, "
+                     f"span {(last - first) / 1e3 / num_steps:.3f} ms per step (span - busy = gaps)")
+        lines.append("")
+
+
+def run_case(path, lines, title, num_seqs, prompt_len, max_tokens, max_model_len, vocab):
+    llm = tidal.LLM(path, max_model_len=max_model_len, max_num_seqs=max(num_seqs, 8))
+    engine = llm.engine
+    g = torch.Generator().manual_seed(0)
+    params = tidal.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(num_seqs):
+        engine.add_request(f"r{i}", torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+    wall, gpu = decode_steps(engine, 20)
+    lines.append(f"## {title}")
+    lines.append(f"decode step: wall {wall:.3f} ms, GPU (events around the step) {gpu:.3f} ms; "
+                 f"{num_seqs / wall * 1e3:,.0f} tokens/s at this batch")
+    lines.append("")
+    profile(engine, 5, lines, title)
+    for rid in list(engine._requests):
+        engine.abort_request(rid)
+    del llm, engine
+    torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--llama", action="store_true", help="also Llama-3-8B at batch 1")
+    args = parser.parse_args()
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    lines = [f"# Serving step profile ({torch.cuda.get_device_name()})", ""]
+    path = build(QWEN3_0_6B, transformers.Qwen3Config, root)
+    try:
+        run_case(path, lines, "Qwen3-0.6B decode, batch 256, prompt 800", 256, 800, 400, 2048, QWEN3_0_6B["vocab_size"])
+        run_case(path, lines, "Qwen3-0.6B decode, batch 1, prompt 128", 1, 128, 400, 2048, QWEN3_0_6B["vocab_size"])
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    if args.llama:
+        path = build(LLAMA_3_8B, transformers.LlamaConfig, root)
+        try:
+            run_case(path, lines, "Llama-3-8B decode, batch 1, prompt 128", 1, 128, 300, 1024,
+                     LLAMA_3_8B["vocab_size"])
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Serving workloads S1-S4 of BENCHMARKS.md on one GPU: tidal.LLM and its transformers peers, same run.
+
+Models (random weights, bf16): Qwen3-0.6B for S1/S4 and Llama-3-8B for S2/S3, built from their
+architecture configs with transformers directly on the GPU, saved with save_pretrained (safetensors,
+in /dev/shm when it has room) and loaded by ``tidal.LLM(path, ...)`` as a user would. Prompts are
+token ids (no tokenizer); every request is greedy, ignores EOS and generates exactly its max_tokens.
+
+- S1: 256 requests; per request from random.Random(0), in this order: input length uniform in
+  [100, 1024], output length uniform in [100, 1024], then its prompt ids uniform in the vocab. One
+  generate call; output tokens / wall time.
+- S2: one request, input 128, output 256. ms_per_output_token = wall time / 256 (prefill included);
+  ms_per_output_token_decode = (that wall time - the wall time of max_tokens=1) / 255.
+- S3: 500 requests, input 202, output 179 (ids from random.Random(0)); requests/s and output tokens/s.
+- S4: S1's lengths; requests in groups of 8 (in order) share the first half of their prompts: each
+  group draws one shared run of ids, request i's prompt is ``shared[:len_i // 2]`` followed by
+  ``len_i - len_i // 2`` ids of its own (ids from random.Random(4)). Output tokens/s with prefix
+  caching on and off (two engines), and their ratio.
+
+tidal runs after the transformers peers of the same model, whose object stays on the GPU until
+tidal's engine passes a greedy check: tidal's 16 greedy tokens of two prompts, teacher-forced through
+the transformers model, must be among its top-10 logits at every step (top-2 in fp32), else no tidal
+timing for that model and exit status 1. Before every timed run: one warm-up generate of a few short
+requests and reset_prefix_cache(); each workload timed ``repeats`` times (2; 1 with --tiny), median.
+Peers: transformers ``generate()`` eager in static batches (64 for S1/S3; --peer-batches N times only
+the first N batches, noted on every such row), left padding with id 0, min_new_tokens = max_new_tokens
+= the batch's longest output, counting only each request's own output length; S2 also with
+``cache_implementation="static"`` (transformers compiles the decode forward itself; warmed up twice
+before timing). One timed run per peer, wall time including everything; a failed peer is a
+"failed: ..." row, not a failed script.
+
+Ceilings (same run): copy = 2 GiB bf16 ``copy_`` (bytes read + written), matmul = 8192^3 bf16, both
+median of 20 with CUDA events. Floors (best case at those ceilings), with n_r / m_r the input / output
+length of request r, W the weight bytes (bf16, tied weights once), P the parameter count, L layers,
+H_q query heads, d head_dim, and kv = L * kv_heads * d * 2 (K and V) * 2 bytes per token of context
+(112 KiB for Qwen3-0.6B, 128 KiB for Llama-3-8B):
+- S1: seconds = (sum_r sum_{j<m_r} (n_r + j) * kv + max_r m_r * W) / copy: every generated token reads
+  the KV of its context, all requests decode together and each decode step reads the weights once;
+  floor = sum_r m_r / seconds (about 37,600 tok/s at 4.2 TB/s).
+- S2: W / copy per output token (about 3.8 ms).
+- S3: seconds = the S1 formula over S3's requests + (2 * P * sum_r n_r + 2 * L * H_q * d * sum_r n_r^2)
+  / matmul (prefill: dense matmuls plus causal attention); requests/s = 500 / seconds (about 135).
+
+One call runs all four in roughly 5-8 minutes on an H200 with the default --peer-batches 1; split it
+(--workloads S1,S4 then S2,S3) when a call's time is shorter.
+
+    python bench/serve.py --out DIR [--workloads S1,S2,S3,S4] [--peer-batches N] [--no-peers] [--tiny]
+
+Writes DIR/serve.md (table + details) and DIR/serve.jsonl (one JSON object per measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import transformers
+
+import tidal
+from report import commit, print_table, write_markdown
+
+QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960,
+                  bos_token_id=151643, eos_token_id=151645)
+LLAMA_3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                  bos_token_id=128000, eos_token_id=128001)
+TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=128, vocab_size=512, max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
+FULL = dict(s1_num=256, s1_len=(100, 1024), s2_in=128, s2_out=256, s3_num=500, s3_in=202, s3_out=179, group=8,
+            peer_batch=64, repeats=2, copy_elems=1 << 30, matmul_n=8192)
+TINY = dict(s1_num=16, s1_len=(24, 96), s2_in=16, s2_out=16, s3_num=12, s3_in=20, s3_out=18, group=8,
+            peer_batch=4, repeats=1, copy_elems=1 << 22, matmul_n=256)
+MAX_MODEL_LEN = {"qwen3": 2048, "llama": 1024}  # S1/S4: 1024 + 1024; S2/S3: 202 + 179 and 128 + 256
+TARGETS = {  # (workload, metric): (text, test on (tidal, best peer): True, False or None for "needs the peer")
+    ("S1", "output_tokens_per_s"): (">= 27,000 and >= 30x transformers",
+                                    lambda t, p: False if t < 27000 else t / p >= 30 if p else None),
+    ("S2", "ms_per_output_token"): ("<= 4.4 ms", lambda t, p: t <= 4.4),
+    ("S3", "requests_per_s"): (">= 75 req/s", lambda t, p: t >= 75),
+    ("S4", "prefix_cache_speedup"): (">= 1.5x", lambda t, p: t >= 1.5),
+}
+START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f}s] {msg}", flush=True)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def wall(fn, device):
+    """(seconds, result) of fn(), synchronised on both sides."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - start, result
+
+
+class Results:
+    """Every measurement as a JSON row; the table and the details are built from them."""
+
+    def __init__(self, card: str, gpus: int):
+        self.common = dict(card=card, gpus=gpus, commit=commit(), date=datetime.date.today().isoformat())
+        self.rows: list[dict] = []
+        self.failures: list[str] = []
+        self.details: list[str] = []
+
+    def add(self, workload, system, metric, value, unit, note="", **extra):
+        self.rows.append(dict(workload=workload, system=system, metric=metric, value=value, unit=unit,
+                              **({"note": note} if note else {}), **extra, **self.common))
+        shown = "failed" if value is None else f"{fmt(value)} {unit}"
+        log(f"{workload} {system} {metric}: {shown}" + (f" ({note})" if note else ""))
+
+    def fail(self, workload, system, metric, unit, error: BaseException):
+        """A failed measurement: a row with value None; tidal's failures also make the exit status 1."""
+        traceback.print_exc()
+        msg = f"{type(error).__name__}: {str(error)[:200]}".replace("|", "/").replace("\n", " ")
+        if system == "tidal":
+            self.failures.append(f"{workload} {metric}: {msg}")
+        self.add(workload, system, metric, None, unit, note=f"failed: {msg}")
+
+    def get(self, workload, metric, system=None):
+        return [r for r in self.rows if r["workload"] == workload and r["metric"] == metric
+                and (system is None or r["system"] == system)]
+
+
+# ---- ceilings -------------------------------------------------------------------------------
+
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            times.append(wall(fn, device)[0])
+    return statistics.median(times)
+
+
+def measure_ceilings(sizes, device, dtype, res: Results) -> tuple[float, float]:
+    """(copy bytes/s, matmul FLOP/s)."""
+    src = torch.empty(sizes["copy_elems"], dtype=dtype, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * src.element_size() / median_seconds(lambda: dst.copy_(src), 20, device)
+    n = sizes["matmul_n"]
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    matmul = 2 * n ** 3 / median_seconds(lambda: a @ b, 20, device)
+    del src, dst, a, b
+    free_memory(device)
+    res.add("ceiling", "torch", "copy_bandwidth", copy / 1e9, "GB/s",
+            note=f"{sizes['copy_elems'] * dtype.itemsize >> 20} MiB {str(dtype)[6:]} copy_, read + written")
+    res.add("ceiling", "torch", "matmul", matmul / 1e12, "TFLOP/s", note=f"{n}^3 {str(dtype)[6:]} a @ b, median of 20")
+    return copy, matmul
+
+
+# ---- models and workloads ---------------------------------------------------------------------
+
+def build_model(name: str, tiny: bool, device, dtype):
+    """A random-weight transformers model on `device`, saved to a fresh directory: (model, root, path)."""
+    spec = dict(QWEN3_0_6B if name == "qwen3" else LLAMA_3_8B)
+    if tiny:
+        spec.update(TINY_MODEL)
+    config = (transformers.Qwen3Config if name == "qwen3" else transformers.LlamaConfig)(**spec)
+    torch.manual_seed(0)
+    with torch.device(device):  # init (normal(0, 0.02)) runs on the GPU: seconds for 8B parameters
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    need = 1.3 * weight_bytes(model)
+    shm = "/dev/shm"
+    use_shm = os.path.isdir(shm) and shutil.disk_usage(shm).free > need
+    root = tempfile.mkdtemp(prefix="tidal-bench-", dir=shm if use_shm else None)
+    path = os.path.join(root, name)
+    model.save_pretrained(path)
+    log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B params saved to {path}")
+    return model, root, path
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+
+
+def kv_bytes_per_token(config, itemsize: int) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * itemsize
+
+
+def s1_requests(sizes, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(0)
+    requests = []
+    for _ in range(sizes["s1_num"]):
+        n_in, n_out = rng.randint(*sizes["s1_len"]), rng.randint(*sizes["s1_len"])
+        requests.append(([rng.randrange(vocab) for _ in range(n_in)], n_out))
+    return requests
+
+
+def s4_requests(s1, group: int, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(4)
+    requests = []
+    for g in range(0, len(s1), group):
+        members = s1[g:g + group]
+        shared = [rng.randrange(vocab) for _ in range(max(len(p) // 2 for p, _ in members))]
+        for p, n_out in members:
+            half = len(p) // 2
+            requests.append((shared[:half] + [rng.randrange(vocab) for _ in range(len(p) - half)], n_out))
+    return requests
+
+
+def fixed_requests(num: int, n_in: int, n_out: int, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(0)
+    return [([rng.randrange(vocab) for _ in range(n_in)], n_out) for _ in range(num)]
+
+
+def decode_seconds(requests, kv_bytes: int, w_bytes: int, copy_bw: float) -> float:
+    """KV of every generated token's context plus the weights once per step, all requests together."""
+    kv_tokens = sum(m * len(p) + m * (m - 1) // 2 for p, m in requests)
+    return (kv_tokens * kv_bytes + max(m for _, m in requests) * w_bytes) / copy_bw
+
+
+# ---- tidal ------------------------------------------------------------------------------------
+
+def make_engine(path: str, device, max_model_len: int, prefix_caching: bool):
+    free = f", {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free" if device.type == "cuda" else ""
+    log(f"tidal.LLM({os.path.basename(path)}, max_model_len={max_model_len}, "
+        f"enable_prefix_caching={prefix_caching}){free}")
+    seconds, llm = wall(lambda: tidal.LLM(path, dtype="auto", device=str(device), max_num_seqs=256,
+                                          max_num_batched_tokens=8192, max_model_len=max_model_len,
+                                          enable_prefix_caching=prefix_caching), device)
+    log(f"engine ready in {seconds:.1f} s, {llm.stats().get('kv_blocks_total')} KV blocks")
+    return llm
+
+
+def greedy(n: int):
+    return tidal.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def run_tidal(llm, requests, device) -> tuple[float, int, dict]:
+    """One timed generate of all `requests` after a warm-up: (seconds, output tokens, stats delta)."""
+    llm.generate([p[:32] for p, _ in requests[:4]], greedy(8), use_tqdm=False)
+    llm.reset_prefix_cache()
+    before = llm.stats()
+    seconds, outputs = wall(lambda: llm.generate([p for p, _ in requests], [greedy(m) for _, m in requests],
+                                                 use_tqdm=False), device)
+    after = llm.stats()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if tokens != sum(m for _, m in requests):
+        raise RuntimeError(f"tidal generated {tokens} tokens, {sum(m for _, m in requests)} were asked for")
+    delta = {k: after[k] - before.get(k, 0) for k in ("prefix_cache_hit_tokens", "prefix_cache_query_tokens",
+                                                       "preemptions") if k in after}
+    return seconds, tokens, delta
+
+
+def check_greedy(llm, hf, vocab: int, device, top_k: int) -> str:
+    """tidal's greedy tokens, teacher-forced through transformers, must be in its top_k at every step."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (37, 100)]
+    outputs = llm.generate(prompts, greedy(16), use_tqdm=False)
+    llm.reset_prefix_cache()
+    exact = total = 0
+    for prompt, out in zip(prompts, outputs):
+        got = list(out.outputs[0].token_ids)
+        if len(got) != 16:
+            return f"FAIL greedy check: tidal returned {len(got)} tokens, 16 were asked for"
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + got[:-1]], device=device)).logits[0, len(prompt) - 1:].float()
+        ids = torch.tensor(got, device=device)
+        in_top = (logits.topk(top_k, dim=-1).indices == ids[:, None]).any(-1)
+        if not in_top.all():
+            step = int((~in_top).nonzero()[0])
+            return (f"FAIL greedy check: at step {step} of a {len(prompt)}-token prompt tidal chose {got[step]}, "
+                    f"not in transformers' top {top_k} {logits[step].topk(top_k).indices.tolist()}")
+        exact += int((logits.argmax(-1) == ids).sum())
+        total += len(got)
+    return f"greedy check passed: tidal's tokens in transformers' top {top_k} at all {total} steps, argmax at {exact}"
+
+
+def tidal_throughput(llm, workload, requests, repeats, device, res: Results, metric="output_tokens_per_s", note=""):
+    """Times `requests` `repeats` times; adds `metric` (output tokens/s) and, for S3, requests_per_s."""
+    runs, deltas = [], []
+    for _ in range(repeats):
+        seconds, tokens, delta = run_tidal(llm, requests, device)
+        runs.append((seconds, tokens))
+        deltas.append(delta)
+        log(f"{workload}: {tokens} tokens in {seconds:.2f} s, {delta}")
+    seconds = statistics.median(s for s, _ in runs)
+    tok_s = runs[0][1] / seconds
+    res.add(workload, "tidal", metric, tok_s, "tok/s", note=note,
+            runs=[round(t / s, 1) for s, t in runs], stats=deltas[-1])
+    if workload == "S3":
+        res.add(workload, "tidal", "requests_per_s", len(requests) / seconds, "req/s", note=note,
+                runs=[round(len(requests) / s, 2) for s, _ in runs])
+    return tok_s
+
+
+def tidal_s2(llm, prompt, n_out, repeats, device, res: Results, note=""):
+    full, one = [], []
+    for _ in range(repeats):
+        full.append(run_tidal(llm, [(prompt, n_out)], device)[0])
+        one.append(run_tidal(llm, [(prompt, 1)], device)[0])
+    t_full, t_one = statistics.median(full), statistics.median(one)
+    res.add("S2", "tidal", "ms_per_output_token", 1e3 * t_full / n_out, "ms", note=note,
+            runs=[round(1e3 * t / n_out, 3) for t in full])
+    res.add("S2", "tidal", "ms_per_output_token_decode", 1e3 * (t_full - t_one) / (n_out - 1), "ms", note=note,
+            prefill_ms=round(1e3 * t_one, 2))
+
+
+# ---- transformers peers -----------------------------------------------------------------------
+
+def hf_generate(model, batch, device, **kwargs) -> None:
+    """One static batch, left-padded with id 0; every row generates the batch's longest output."""
+    width = max(len(p) for p, _ in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (p, _) in enumerate(batch):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    n_new = max(m for _, m in batch)
+    with torch.no_grad():
+        model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_new, min_new_tokens=n_new,
+                       do_sample=False, pad_token_id=0, **kwargs)
+
+
+def peer_throughput(model, workload, requests, batch_size, num_batches, device, res: Results):
+    system = f"transformers eager (batch {batch_size})"
+    try:
+        hf_generate(model, [(p[:16], 4) for p, _ in requests[:2]], device)  # warm-up
+        batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
+        if num_batches > 0:
+            batches = batches[:num_batches]
+        n_req = sum(len(b) for b in batches)
+        tokens = sum(m for b in batches for _, m in b)
+        log(f"{workload} peer: {len(batches)} batches of {batch_size}, {n_req} requests")
+        seconds, _ = wall(lambda: [hf_generate(model, b, device) for b in batches], device)
+        note = f"measured on the first {n_req} of {len(requests)} requests" if n_req < len(requests) else ""
+        res.add(workload, system, "output_tokens_per_s", tokens / seconds, "tok/s", note=note)
+        if workload == "S3":
+            res.add(workload, system, "requests_per_s", n_req / seconds, "req/s", note=note)
+    except Exception as e:
+        res.fail(workload, system, "output_tokens_per_s", "tok/s", e)
+
+
+def peer_s2(model, prompt, n_out, device, static: bool, res: Results):
+    system = "transformers static cache + compile" if static else "transformers eager (batch 1)"
+    kwargs = {"cache_implementation": "static"} if static else {}
+    try:
+        for n in (n_out, 1, n_out) if static else (8, 1):  # warm-ups: compile and CUDA-graph recording
+            hf_generate(model, [(prompt, n)], device, **kwargs)
+        t_full, _ = wall(lambda: hf_generate(model, [(prompt, n_out)], device, **kwargs), device)
+        t_one, _ = wall(lambda: hf_generate(model, [(prompt, 1)], device, **kwargs), device)
+        res.add("S2", system, "ms_per_output_token", 1e3 * t_full / n_out, "ms")
+        res.add("S2", system, "ms_per_output_token_decode", 1e3 * (t_full - t_one) / (n_out - 1), "ms")
+    except Exception as e:
+        res.fail("S2", system, "ms_per_output_token", "ms", e)
+    finally:
+        if static:
+            torch._dynamo.reset()
+            free_memory(device)
+
+
+# ---- the two models' runs ---------------------------------------------------------------------
+
+def checked_engine(name, path, model, device, dtype, res: Results):
+    """A prefix-caching engine for `path` that passed the greedy check against `model`, else None."""
+    try:
+        llm = make_engine(path, device, MAX_MODEL_LEN[name], True)
+        check = check_greedy(llm, model, model.config.vocab_size, device, 10 if dtype == torch.bfloat16 else 2)
+    except Exception as e:
+        llm, check = None, f"FAIL engine start or greedy check: {type(e).__name__}: {e}"
+        traceback.print_exc()
+    log(f"{name} {check}")
+    res.details.append(f"- {name}: {check}")
+    if check.startswith("FAIL"):
+        res.failures.append(f"{name} {check}")
+        return None
+    return llm
+
+
+def attempt(res: Results, workload, metric, unit, fn) -> None:
+    """Runs one tidal workload; a failure becomes a "failed" row instead of ending the run."""
+    try:
+        fn()
+    except Exception as e:
+        res.fail(workload, "tidal", metric, unit, e)
+
+
+def run_qwen3(args, sizes, workloads, device, dtype, ceil, res: Results):
+    model, root, path = build_model("qwen3", args.tiny, device, dtype)
+    vocab, kv, w_bytes = model.config.vocab_size, kv_bytes_per_token(model.config, dtype.itemsize), weight_bytes(model)
+    s1 = s1_requests(sizes, vocab)
+    res.add("S1", "floor", "output_tokens_per_s", sum(m for _, m in s1) / decode_seconds(s1, kv, w_bytes, ceil[0]),
+            "tok/s", note=f"KV {kv} B per token of context + {w_bytes / 1e9:.2f} GB weights per step at copy bandwidth")
+    if "S1" in workloads and not args.no_peers:
+        peer_throughput(model, "S1", s1, sizes["peer_batch"], args.peer_batches, device, res)
+    llm = checked_engine("qwen3", path, model, device, dtype, res)
+    del model
+    free_memory(device)
+    if llm is not None and "S1" in workloads:
+        attempt(res, "S1", "output_tokens_per_s", "tok/s",
+                lambda: tidal_throughput(llm, "S1", s1, sizes["repeats"], device, res))
+    if llm is not None and "S4" in workloads:
+        s4 = s4_requests(s1, sizes["group"], vocab)
+
+        def s4_on_off():
+            nonlocal llm
+            on = tidal_throughput(llm, "S4", s4, sizes["repeats"], device, res, note="prefix caching on")
+            llm = None  # the only reference: frees its KV pool before the second engine sizes its own
+            free_memory(device)
+            llm = make_engine(path, device, MAX_MODEL_LEN["qwen3"], False)
+            off = tidal_throughput(llm, "S4", s4, sizes["repeats"], device, res,
+                                   metric="output_tokens_per_s_no_prefix_cache", note="prefix caching off")
+            res.add("S4", "tidal", "prefix_cache_speedup", on / off, "x")
+        attempt(res, "S4", "prefix_cache_speedup", "x", s4_on_off)
+    del llm
+    free_memory(device)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
+    model, root, path = build_model("llama", args.tiny, device, dtype)
+    config, w_bytes = model.config, weight_bytes(model)
+    vocab, kv = config.vocab_size, kv_bytes_per_token(config, dtype.itemsize)
+    s2_prompt = fixed_requests(1, sizes["s2_in"], sizes["s2_out"], vocab)[0][0]
+    s3 = fixed_requests(sizes["s3_num"], sizes["s3_in"], sizes["s3_out"], vocab)
+    for metric in ("ms_per_output_token", "ms_per_output_token_decode"):
+        res.add("S2", "floor", metric, 1e3 * w_bytes / ceil[0], "ms",
+                note=f"{w_bytes / 1e9:.2f} GB of weights per token at copy bandwidth")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_flops = 2 * config.num_hidden_layers * config.num_attention_heads * head_dim  # n^2/2 pairs, 4 L H d each
+    prefill_flops = sum(2 * (w_bytes // dtype.itemsize) * len(p) + attention_flops * len(p) ** 2 for p, _ in s3)
+    seconds = decode_seconds(s3, kv, w_bytes, ceil[0]) + prefill_flops / ceil[1]
+    note = "decode bytes at copy bandwidth + prefill FLOPs at matmul rate"
+    res.add("S3", "floor", "requests_per_s", len(s3) / seconds, "req/s", note=note)
+    res.add("S3", "floor", "output_tokens_per_s", sum(m for _, m in s3) / seconds, "tok/s", note=note)
+    if not args.no_peers:
+        if "S2" in workloads:
+            peer_s2(model, s2_prompt, sizes["s2_out"], device, False, res)
+        if "S3" in workloads:
+            peer_throughput(model, "S3", s3, sizes["peer_batch"], args.peer_batches, device, res)
+        if "S2" in workloads:  # last: compiling leaves global state behind (reset after it)
+            peer_s2(model, s2_prompt, sizes["s2_out"], device, True, res)
+    llm = checked_engine("llama", path, model, device, dtype, res)
+    del model
+    free_memory(device)
+    if llm is not None and "S2" in workloads:
+        attempt(res, "S2", "ms_per_output_token", "ms",
+                lambda: tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res))
+    if llm is not None and "S3" in workloads:
+        attempt(res, "S3", "requests_per_s", "req/s",
+                lambda: tidal_throughput(llm, "S3", s3, sizes["repeats"], device, res))
+    del llm
+    free_memory(device)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+TABLE_ROWS = [("S1", "output_tokens_per_s", "tok/s"), ("S2", "ms_per_output_token", "ms"),
+              ("S2", "ms_per_output_token_decode", "ms"), ("S3", "requests_per_s", "req/s"),
+              ("S3", "output_tokens_per_s", "tok/s"), ("S4", "output_tokens_per_s", "tok/s"),
+              ("S4", "output_tokens_per_s_no_prefix_cache", "tok/s"), ("S4", "prefix_cache_speedup", "x")]
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "failed"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def build_table(res: Results, workloads) -> tuple[list[str], list[list[str]]]:
+    header = ["workload", "metric", "tidal", "peer(s)", "floor", "tidal vs peer", "% of floor", "target", "met"]
+    table = []
+    for workload, metric, unit in TABLE_ROWS:
+        higher = unit != "ms"
+        if workload not in workloads:
+            continue
+        mine = res.get(workload, metric, "tidal")
+        t = mine[0]["value"] if mine else None
+        peers = [r for r in res.get(workload, metric) if r["system"].startswith("transformers")]
+        peer_cell = "; ".join(f"{r['system']}: " + (r["note"][:80] if r["value"] is None else fmt(r["value"])
+                                                       + (" *" if r.get("note") else "")) for r in peers)
+        good = [r["value"] for r in peers if r["value"] and r["value"] > 0]
+        best = (max(good) if higher else min(good)) if good else None
+        floor = res.get(workload, metric, "floor")
+        floor = floor[0]["value"] if floor else None
+        vs = pct = ""
+        if t and best:
+            vs = f"{t / best if higher else best / t:.2f}x"
+        if t and floor:
+            pct = f"{100 * (t / floor if higher else floor / t):.0f}%"
+        target, test = TARGETS.get((workload, metric), ("", None))
+        met = "" if test is None or t is None else {True: "yes", False: "no", None: "no peer"}[test(t, best)]
+        table.append([workload, f"{metric} ({unit})", (mine[0].get("note", "")[:100] if t is None else fmt(t))
+                      if mine else "not run", peer_cell or "-",
+                      fmt(floor) if floor else "-", vs or "-", pct or "-", target or "-", met or "-"])
+    return header, table
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for serve.md and serve.jsonl")
+    ap.add_argument("--workloads", default="S1,S2,S3,S4", help="comma-separated subset of S1,S2,S3,S4")
+    ap.add_argument("--peer-batches", type=int, default=1,
+                    help="static peer batches timed for S1 and S3 (the first N; <= 0: all)")
+    ap.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
+    ap.add_argument("--tiny", action="store_true", help="tiny models and workloads on the CPU, fp32: checks the script")
+    args = ap.parse_args()
+    workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
+    if not workloads <= {"S1", "S2", "S3", "S4"}:
+        ap.error(f"--workloads {args.workloads!r}: only S1, S2, S3, S4")
+    if not args.tiny and not torch.cuda.is_available():
+        print("serve.py: no CUDA device (use --tiny to check the script on the CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    sizes = TINY if args.tiny else FULL
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    os.makedirs(args.out, exist_ok=True)
+    res = Results(card, 1 if device.type == "cuda" else 0)
+    log(f"card {card}; torch {torch.__version__}; transformers {transformers.__version__}; "
+        f"workloads {sorted(workloads)}; commit {res.common['commit']}")
+
+    ceil = measure_ceilings(sizes, device, dtype, res)
+    if workloads & {"S1", "S4"}:
+        run_qwen3(args, sizes, workloads, device, dtype, ceil, res)
+    if workloads & {"S2", "S3"}:
+        run_llama(args, sizes, workloads, device, dtype, ceil, res)
+
+    header, table = build_table(res, workloads)
+    command = "python bench/serve.py " + " ".join(sys.argv[1:])
+    md = os.path.join(args.out, "serve.md")
+    write_markdown(md, f"serving workloads, {card}, torch {torch.__version__}, transformers "
+                   f"{transformers.__version__}, copy {ceil[0] / 1e9:,.0f} GB/s, matmul {ceil[1] / 1e12:,.0f} "
+                   f"TFLOP/s, `{command}`", header, table)
+    with open(md, "a") as f:
+        f.write("\n`*`: see the note of that row below.\n\n## Ceilings and floors\n"
+                + __doc__[__doc__.index("Ceilings (same run)"):__doc__.index("    python bench/serve.py")]
+                + "## Checks\n" + "\n".join(res.details) + "\n")
+        f.write("\n## Every measurement\n| workload | system | metric | value | unit | note / runs |\n"
+                "| --- | --- | --- | --- | --- | --- |\n")
+        for r in res.rows:
+            extra = "; ".join(f"{k}={r[k]}" for k in ("note", "runs", "stats", "prefill_ms") if k in r)
+            cells = [r["workload"], r["system"], r["metric"], fmt(r["value"]), r["unit"], extra]
+            f.write("| " + " | ".join(cells) + " |\n")
+        if res.failures:
+            f.write("\n## Failures\n" + "\n".join(f"- {x}" for x in res.failures) + "\n")
+    with open(os.path.join(args.out, "serve.jsonl"), "w") as f:
+        for r in res.rows:
+            f.write(json.dumps(r) + "\n")
+    print()
+    print_table(header, table)
+    for x in res.failures:
+        print(f"FAILED: {x}", file=sys.stderr)
+    return 1 if res.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
