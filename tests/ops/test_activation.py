@@ -1,11 +1,13 @@
-"""silu_and_mul against a pure-torch fp32 reference on CPU; on CUDA (where there is a GPU) the op
-raises the core's "no CUDA kernel yet" error until the GPU kernel lands."""
+"""silu_and_mul against a pure-torch fp32 reference, on CPU here and on CUDA where there is a GPU (there
+also against the CPU kernel, with the output allocation poisoned so unwritten elements show): odd
+widths, strided inputs (16-byte and scalar kernel paths), special values, opcheck, side streams and
+CUDA graph capture."""
 
 import pytest
 import torch
 
 import tidal
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, cuda_param, gpu_only, poison_cuda_allocator, to_device
 
 
 def ref_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -24,30 +26,53 @@ def randn(*shape, dtype, seed=0, scale=3.0):
     return (scale * torch.randn(*shape, generator=g)).to(dtype)
 
 
+def run_and_check(x: torch.Tensor, device: str) -> torch.Tensor:
+    """silu_and_mul of x (built on the CPU) on `device`: against the reference, the input untouched,
+    and on CUDA against the CPU kernel."""
+    expected = ref_silu_and_mul(x)
+    xd = to_device(x, device)
+    if device == "cuda":
+        poison_cuda_allocator(expected.numel() * expected.element_size())
+    x_before = xd.clone()
+    out = tidal.ops.silu_and_mul(xd)
+    assert out.device == xd.device and out.shape == expected.shape and out.dtype == x.dtype and out.is_contiguous()
+    assert_close(out, expected)
+    torch.testing.assert_close(xd, x_before, atol=0, rtol=0)
+    if device == "cuda":  # cross-backend: the GPU kernel equals the CPU kernel
+        assert_close(out, tidal.ops.silu_and_mul(x))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("leading", LEADING, ids=str)
 @pytest.mark.parametrize("d", DS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul(dtype, d, leading):
-    x = randn(*leading, 2 * d, dtype=dtype, seed=d)
-    x_before = x.clone()
-    out = tidal.ops.silu_and_mul(x)
-    assert out.shape == (*leading, d) and out.dtype == dtype and out.is_contiguous()
-    assert_close(out, ref_silu_and_mul(x))
-    torch.testing.assert_close(x, x_before, atol=0, rtol=0)
+def test_silu_and_mul(dtype, d, leading, device):
+    out = run_and_check(randn(*leading, 2 * d, dtype=dtype, seed=d), device)
+    assert out.shape == (*leading, d)
 
 
-@pytest.mark.parametrize("layout", ["row_strided", "transposed", "3d_strided"])
+def strided_input(layout: str, d: int, dtype) -> torch.Tensor:
+    if layout == "row_strided":  # a slice of a wider buffer: row stride > 2 * d, base offset by 3 elements
+        return randn(9, 2 * d + 11, dtype=dtype)[:, 3:3 + 2 * d]
+    if layout == "row_strided_aligned":  # row stride a multiple of 16 bytes: the GPU's vector path
+        return randn(9, 2 * d + 64, dtype=dtype)[:, :2 * d]
+    if layout == "transposed":  # last dim not contiguous: copied by the wrapper
+        return randn(2 * d, 9, dtype=dtype).t()
+    if layout == "3d_strided":  # leading dims that do not collapse into one stride
+        return randn(9, 2, 2 * d, dtype=dtype).transpose(0, 1)
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["row_strided", cuda_param("row_strided_aligned", id="row_strided_aligned"),
+                                    "transposed", "3d_strided"])
+@pytest.mark.parametrize("d", [689, cuda_param(1024, id="1024")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_strided(dtype, layout):
-    d = 689
-    if layout == "row_strided":  # a slice of a wider buffer: row stride > 2 * d
-        x = randn(9, 2 * d + 11, dtype=dtype)[:, 3:3 + 2 * d]
-    elif layout == "transposed":  # last dim not contiguous: copied by the wrapper
-        x = randn(2 * d, 9, dtype=dtype).t()
-    else:  # leading dims that do not collapse into one stride
-        x = randn(9, 2, 2 * d, dtype=dtype).transpose(0, 1)
+def test_silu_and_mul_strided(dtype, d, layout, device):
+    x = strided_input(layout, d, dtype)
     assert not x.is_contiguous()
-    assert_close(tidal.ops.silu_and_mul(x), ref_silu_and_mul(x))
+    run_and_check(x, device)
 
 
 def test_large_input_uses_threads_and_matches():
@@ -55,10 +80,11 @@ def test_large_input_uses_threads_and_matches():
     assert_close(tidal.ops.silu_and_mul(x), ref_silu_and_mul(x))
 
 
-def test_special_values():
+@pytest.mark.parametrize("device", DEVICES)
+def test_special_values(device):
     x = torch.tensor([[0.0, -1e4, 1e4, float("inf"), float("-inf"), float("nan"), 1.0, 2.0,
                        3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 1.0, 1.0]])
-    out = tidal.ops.silu_and_mul(x)
+    out = tidal.ops.silu_and_mul(x.to(device)).cpu()
     expected = ref_silu_and_mul(x)
     torch.testing.assert_close(out, expected, equal_nan=True, atol=1e-5, rtol=1e-5)
     assert torch.isnan(out[0, 5]) and torch.isinf(out[0, 3])
@@ -72,8 +98,9 @@ def _samples(device):
     ]
 
 
-def test_opcheck():
-    for args in _samples("cpu"):
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _samples(device):
         torch.library.opcheck(torch.ops.tidal.silu_and_mul.default, args)
 
 
@@ -102,8 +129,33 @@ def test_native_errors_name_the_argument():
         _core.ops.silu_and_mul(to_dlpack(torch.empty(4, 4, dtype=torch.float16)), to_dlpack(x), 0)
 
 
-@pytest.mark.parametrize("device", [p for p in DEVICES if p.id == "cuda"])
-def test_cuda_has_no_kernel_yet(device):
-    x = torch.randn(4, 16, device=device)
-    with pytest.raises(RuntimeError, match="silu_and_mul: no CUDA kernel yet; run on the CPU"):
-        tidal.ops.silu_and_mul(x)
+@gpu_only
+def test_cuda_large_grid_side_stream_and_graph():
+    """More vectors than the kernel's capped grid (the grid-stride loop), a side stream, and a CUDA
+    graph replayed on new contents of its input."""
+    x = randn(4096, 2 * 1376, dtype=torch.bfloat16, seed=7)  # 4096 x 172 16-byte vectors > 132 * 16 * 256
+    run_and_check(x, "cuda")
+
+    xd = randn(64, 2 * 688, dtype=torch.float16, seed=8).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # launched on torch's current stream, whatever it is
+        out = tidal.ops.silu_and_mul(xd)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close(out, ref_silu_and_mul(xd.cpu()))
+
+    static_x = torch.zeros_like(xd)
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        tidal.ops.silu_and_mul(static_x)
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = tidal.ops.silu_and_mul(static_x)
+    for seed in (9, 10):
+        new_x = randn(64, 2 * 688, dtype=torch.float16, seed=seed)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static_out, ref_silu_and_mul(new_x))

@@ -1,8 +1,10 @@
 """paged_attention against a pure-torch fp32 reference: per sequence, gather K/V through the block
 table, dense causal (+ sliding window) softmax attention with GQA by repeat_interleave. Prefill,
 chunked prefill over a cached prefix, decode and all three mixed; GQA ratios and MQA; block sizes
-1 / 16 / larger than the kernel's key tile; shuffled block tables; strided queries; errors. On CUDA
-the op raises "no CUDA kernel yet" for now."""
+1 / 16 / larger than the kernel's key tile; shuffled block tables; strided queries; errors. Every
+cache slot no query may read is NaN, so a kernel that reads one shows it. On CPU here and on CUDA
+where there is a GPU (there also against the CPU kernel); the GPU-specific paths (split-K, the
+tensor-core kernel, CUDA graphs, max_seqlen_q / max_seqlen_k) are in test_paged_attention_cuda.py."""
 
 import math
 import os
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import tidal
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, cuda_param, poison_cuda_allocator, to_device
 
 
 def ref_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
@@ -47,11 +49,11 @@ class Batch:
     """A flat batch over a paged cache: seqs is a list of (q_len, seq_len)."""
 
     def __init__(self, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, num_spare_blocks=3,
-                 query=None, pad_value=0):
+                 query=None, pad_value=0, num_blocks=None, max_num_blocks=None):
         g = torch.Generator().manual_seed(seed)
         blocks_per_seq = [math.ceil(seq_len / block_size) for _, seq_len in seqs]
-        num_blocks = sum(blocks_per_seq) + num_spare_blocks
-        max_blocks = max(blocks_per_seq + [1]) + 1  # one column wider than needed
+        num_blocks = num_blocks or sum(blocks_per_seq) + num_spare_blocks
+        max_blocks = max_num_blocks or max(blocks_per_seq + [1]) + 1  # one column wider than needed
         ids = torch.randperm(num_blocks, generator=g).to(torch.int32)  # non-contiguous, shuffled
         self.block_tables = torch.full((len(seqs), max_blocks), pad_value, dtype=torch.int32)
         used = 0
@@ -68,15 +70,58 @@ class Batch:
         self.query = query if query is not None else torch.randn(num_tokens, num_heads, head_dim, generator=g).to(dtype)
         self.scale = head_dim ** -0.5
 
-    def args(self, sliding_window=-1):
-        return (self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens, self.cu_seqlens_q,
-                self.scale, sliding_window)
+    def args(self, sliding_window=-1, device="cpu"):
+        """On another device: copies (the query's strides kept)."""
+        if device == "cpu":
+            return (self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
+                    self.cu_seqlens_q, self.scale, sliding_window)
+        tensors = (self.key_cache, self.value_cache, self.block_tables, self.seq_lens, self.cu_seqlens_q)
+        return (to_device(self.query, device), *(t.to(device) for t in tensors), self.scale, sliding_window)
 
-    def run(self, sliding_window=-1):
-        return tidal.ops.paged_attention(*self.args(sliding_window))
+    def run(self, sliding_window=-1, device="cpu", **max_seqlens):
+        args = self.args(sliding_window, device)
+        if device == "cuda":  # the output lands on NaN: a row the kernel skips shows
+            poison_cuda_allocator(self.query.numel() * self.query.element_size())
+        return tidal.ops.paged_attention(*args, **max_seqlens)
 
     def reference(self, sliding_window=-1):
         return ref_paged_attention(*self.args(sliding_window))
+
+    def max_seqlens(self):
+        """The exact max_seqlen_q / max_seqlen_k of the batch, as the engine passes them."""
+        q_lens = self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]
+        return dict(max_seqlen_q=max(int(q_lens.max()), 1) if len(q_lens) else 1,
+                    max_seqlen_k=max(int(self.seq_lens.max()), 1) if len(q_lens) else 1)
+
+    def poison_unread(self, sliding_window=-1):
+        """NaN into every cache slot that no query row of the batch may read (past each context,
+        before each sliding window, blocks no sequence owns): a kernel that reads one, even to mask
+        it, turns its output NaN. Call after the reference."""
+        block_size = self.key_cache.shape[1]
+        read = torch.zeros(self.key_cache.shape[0] * block_size, dtype=torch.bool)
+        for s in range(self.seq_lens.shape[0]):
+            q_len, seq_len = int(self.cu_seqlens_q[s + 1] - self.cu_seqlens_q[s]), int(self.seq_lens[s])
+            if q_len == 0:
+                continue
+            first = max(0, seq_len - q_len - sliding_window + 1) if sliding_window > 0 else 0
+            pos = torch.arange(first, seq_len)
+            read[self.block_tables[s, pos // block_size].long() * block_size + pos % block_size] = True
+        for cache in (self.key_cache, self.value_cache):
+            cache.view(read.shape[0], -1)[~read] = float("nan")
+
+
+def check(batch: Batch, device: str, sliding_window=-1, **max_seqlens) -> torch.Tensor:
+    """batch on `device` against the reference, with the unread cache slots poisoned; on CUDA also
+    against the CPU kernel."""
+    expected = batch.reference(sliding_window)
+    batch.poison_unread(sliding_window)
+    out = batch.run(sliding_window, device, **max_seqlens)
+    assert out.device.type == device and out.dtype == batch.query.dtype and out.is_contiguous()
+    assert out.shape == batch.query.shape
+    assert_close(out, expected)
+    if device == "cuda":  # cross-backend: the GPU kernel equals the CPU kernel
+        assert_close(out, batch.run(sliding_window))
+    return out
 
 
 def batch_kinds(bs):
@@ -91,71 +136,82 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]  # GQA ratios 1, 2, 4 and MQA
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["prefill", "chunked_prefill", "decode", "mixed"])
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}_kv{h[1]}")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_attention(dtype, heads, head_dim, block_size, kind):
+def test_paged_attention(dtype, heads, head_dim, block_size, kind, device):
     seqs = batch_kinds(block_size)[kind]
     batch = Batch(seqs, *heads, head_dim, block_size, dtype, seed=head_dim + block_size)
-    out = batch.run()
-    assert out.shape == batch.query.shape and out.dtype == dtype and out.is_contiguous()
-    assert_close(out, batch.reference())
+    check(batch, device, **batch.max_seqlens())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window", [1, 5, 16, 50, 200])
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sliding_window(dtype, block_size, window):
+def test_sliding_window(dtype, block_size, window, device):
     seqs = batch_kinds(block_size)["mixed"] + [(20, 120), (1, 130)]
     batch = Batch(seqs, 4, 2, 64, block_size, dtype, seed=window)
-    out = batch.run(window)
-    assert_close(out, batch.reference(window))
-    if window >= 130:
-        assert_close(out, batch.run(-1))
+    out = check(batch, device, window)
+    if window >= 130:  # the window covers every context: no window at all
+        assert_close(out, batch.run(-1, device))
 
 
-def test_sliding_window_blocks_outside_the_window_are_never_read():
-    """With a window, the blocks before it may hold anything, even invalid ids."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_sliding_window_blocks_outside_the_window_are_never_read(device):
+    """With a window, the blocks before it may hold anything: NaN, and on the CPU (which checks the ids
+    it reads) even invalid ids. On the GPU an invalid id would be a wild read, so they point at a
+    NaN block there."""
     seqs = [(1, 100), (4, 64)]
     batch = Batch(seqs, 4, 2, 64, 16, torch.float32, seed=1)
     expected = batch.reference(10)
-    batch.block_tables[0, :5] = -7  # keys 0..79: all before the window of position 99
-    batch.block_tables[1, :2] = 10**6  # keys 0..31: before the window of positions 60..63
-    assert_close(batch.run(10), expected)
+    batch.poison_unread(10)
+    spare = int(batch.block_tables[0, 0])  # before the window: NaN now
+    batch.block_tables[0, :5] = -7 if device == "cpu" else spare  # keys 0..79: before the window of position 99
+    batch.block_tables[1, :2] = 10**6 if device == "cpu" else spare  # keys 0..31: before positions 60..63's
+    assert_close(batch.run(10, device), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head_dim", [1, 5, 36, 100, 256])
-def test_odd_head_dims(head_dim):
+@pytest.mark.parametrize("dtype", [torch.float32, cuda_param(torch.float16, id="float16"),
+                                   cuda_param(torch.bfloat16, id="bfloat16")])
+def test_odd_head_dims(dtype, head_dim, device):
     seqs = [(1, 37), (9, 9), (3, 20)]
-    batch = Batch(seqs, 4, 2, head_dim, 16, torch.float32, seed=head_dim)
-    assert_close(batch.run(), batch.reference())
+    batch = Batch(seqs, 4, 2, head_dim, 16, dtype, seed=head_dim)
+    check(batch, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [7, 48, 100])  # not a power of two; larger than a 32-key tile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_other_block_sizes(dtype, block_size):
+def test_other_block_sizes(dtype, block_size, device):
     seqs = [(1, 1), (1, 2 * block_size + 3), (block_size + 2, block_size + 2), (5, 3 * block_size)]
     batch = Batch(seqs, 8, 2, 64, block_size, dtype, seed=block_size)
-    assert_close(batch.run(), batch.reference())
+    check(batch, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads", [(20, 1), (32, 2), (48, 3)], ids=lambda h: f"h{h[0]}_kv{h[1]}")
-def test_large_groups(heads):
+def test_large_groups(heads, device):
     """A KV head's group larger than one work item's 16 rows is split across items."""
     batch = Batch(batch_kinds(16)["mixed"], *heads, 64, 16, torch.float32, seed=heads[0])
-    assert_close(batch.run(), batch.reference())
+    check(batch, device)
 
 
-def test_long_contexts():
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_contexts(device):
     seqs = [(1, 1400), (1, 1023), (300, 300), (64, 900)]
     batch = Batch(seqs, 4, 2, 64, 16, torch.float32, seed=2)
-    assert_close(batch.run(), batch.reference())
+    check(batch, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_strided_query_from_fused_qkv(dtype):
+def test_strided_query_from_fused_qkv(dtype, device):
     num_heads, num_kv_heads, head_dim = 4, 2, 64
     seqs = [(1, 30), (7, 7), (3, 40)]
     num_tokens = sum(q for q, _ in seqs)
@@ -163,23 +219,25 @@ def test_strided_query_from_fused_qkv(dtype):
     query = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)
     assert not query.is_contiguous()
     batch = Batch(seqs, num_heads, num_kv_heads, head_dim, 16, dtype, seed=3, query=query)
-    assert_close(batch.run(), batch.reference())
+    check(batch, device)
     transposed = query.contiguous().transpose(1, 2).contiguous().transpose(1, 2)  # head stride 1
     batch.query = transposed
-    assert_close(batch.run(), batch.reference())
+    check(batch, device)
 
 
-def test_sequences_without_new_tokens_and_empty_batches():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sequences_without_new_tokens_and_empty_batches(device):
     seqs = [(0, 10), (3, 12), (0, 1), (1, 5)]
     batch = Batch(seqs, 4, 2, 64, 16, torch.float32, seed=4)
-    assert_close(batch.run(), batch.reference())
+    check(batch, device)
     empty = Batch([], 4, 2, 64, 16, torch.float32, seed=5)
-    assert empty.run().shape == (0, 4, 64)
+    assert empty.run(device=device).shape == (0, 4, 64)
 
 
-def test_unused_block_table_entries_are_never_read():
+@pytest.mark.parametrize("device", DEVICES)
+def test_unused_block_table_entries_are_never_read(device):
     batch = Batch(batch_kinds(16)["mixed"], 4, 2, 64, 16, torch.float32, seed=6, pad_value=-1)
-    assert_close(batch.run(), batch.reference())
+    check(batch, device)
 
 
 def test_threads_give_identical_results():
@@ -216,49 +274,61 @@ def test_baseline_versions_without_avx2():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-def test_special_values_propagate():
+@pytest.mark.parametrize("device", DEVICES)
+def test_special_values_propagate(device):
     batch = Batch([(1, 20), (2, 20)], 4, 2, 64, 16, torch.float32, seed=10)
     bad_block = int(batch.block_tables[0, 0])
     batch.value_cache[bad_block, 3, 0, 5] = float("nan")
-    out = batch.run()
+    out = batch.run(device=device).cpu()
     assert torch.isnan(out[0, :2, 5]).all()  # sequence 0's heads of kv head 0 read it
     assert not torch.isnan(out[1:]).any()
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     samples = [
-        Batch([(1, 20), (5, 5), (3, 19)], 4, 2, 64, 16, torch.float32, seed=11).args(),
-        Batch([(2, 9), (1, 1)], 4, 1, 32, 4, torch.bfloat16, seed=12).args(7),
+        (Batch([(1, 20), (5, 5), (3, 19)], 4, 2, 64, 16, torch.float32, seed=11).args(device=device), {}),
+        (Batch([(2, 9), (1, 1)], 4, 1, 32, 4, torch.bfloat16, seed=12).args(7, device), {}),
+        (Batch([(7, 40), (1, 300)], 8, 2, 128, 16, torch.float16, seed=13).args(device=device),
+         dict(max_seqlen_q=7, max_seqlen_k=4096)),
     ]
-    for args in samples:
-        torch.library.opcheck(torch.ops.tidal.paged_attention.default, args)
+    for args, kwargs in samples:
+        torch.library.opcheck(torch.ops.tidal.paged_attention.default, args, kwargs)
 
 
-def test_chunked_steps_through_the_cache_match_one_dense_pass():
-    """The serving composition: rotary on fused-qkv views, reshape_and_cache_, paged_attention, over
-    three steps (prefill chunk, rest of the prompt, decode) equals one dense causal pass."""
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True], ids=["rotary_then_cache", "rotary_and_cache"])
+def test_chunked_steps_through_the_cache_match_one_dense_pass(fused, device):
+    """The serving composition: rotary on fused-qkv views, the cache write (reshape_and_cache_, or
+    both in rotary_embedding_and_cache_), paged_attention, over three steps (prefill chunk, rest of
+    the prompt, decode) equals one dense causal pass."""
     num_heads, num_kv_heads, head_dim, block_size, seq_len = 4, 2, 64, 16, 40
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    qkv = torch.randn(seq_len, q_size + 2 * kv_size)
+    qkv = torch.randn(seq_len, q_size + 2 * kv_size, generator=torch.Generator().manual_seed(14))
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = torch.arange(64).float()[:, None] * inv_freq[None, :]
     cos_sin = torch.cat((freqs.cos(), freqs.sin()), -1)
-    key_cache = torch.zeros(6, block_size, num_kv_heads, head_dim)
-    value_cache = torch.zeros_like(key_cache)
+    key_cache = torch.full((6, block_size, num_kv_heads, head_dim), float("nan"), device=device)
+    value_cache = torch.full_like(key_cache, float("nan"))
     block_table = torch.tensor([[4, 1, 5, 0]], dtype=torch.int32)
     outs = []
     for start, end in ((0, 13), (13, 39), (39, 40)):
-        step = qkv[start:end].clone()
+        step = qkv[start:end].to(device, copy=True)
         q, k, v = step.split([q_size, kv_size, kv_size], -1)
         q = q.view(-1, num_heads, head_dim)
         k, v = k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim)
         positions = torch.arange(start, end)
-        tidal.ops.rotary_embedding_(positions, q, k, head_dim, cos_sin)
         slots = (block_table[0, positions // block_size].long() * block_size + positions % block_size)
-        tidal.ops.reshape_and_cache_(k, v, key_cache, value_cache, slots)
-        outs.append(tidal.ops.paged_attention(q, key_cache, value_cache, block_table,
-                                              torch.tensor([end], dtype=torch.int32),
-                                              torch.tensor([0, end - start], dtype=torch.int32), head_dim ** -0.5))
+        if fused:
+            tidal.ops.rotary_embedding_and_cache_(positions.to(device), q, k, v, key_cache, value_cache,
+                                                  slots.to(device), cos_sin.to(device))
+        else:
+            tidal.ops.rotary_embedding_(positions.to(device), q, k, head_dim, cos_sin.to(device))
+            tidal.ops.reshape_and_cache_(k, v, key_cache, value_cache, slots.to(device))
+        outs.append(tidal.ops.paged_attention(q, key_cache, value_cache, block_table.to(device),
+                                              torch.tensor([end], dtype=torch.int32, device=device),
+                                              torch.tensor([0, end - start], dtype=torch.int32, device=device),
+                                              head_dim ** -0.5, max_seqlen_q=end - start, max_seqlen_k=end))
     q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
     q, k, v = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim)
     cos, sin = cos_sin[:seq_len].chunk(2, -1)
@@ -365,10 +435,3 @@ def test_native_errors_name_the_argument():
         native(key_cache=kc[..., :32].contiguous())
     with pytest.raises(ValueError, match="scale=nan must be finite"):
         native(scale=float("nan"))
-
-
-@pytest.mark.parametrize("device", [p for p in DEVICES if p.id == "cuda"])
-def test_cuda_has_no_kernel_yet(device):
-    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in small_batch().args()]
-    with pytest.raises(RuntimeError, match="paged_attention: no CUDA kernel yet; run on the CPU"):
-        tidal.ops.paged_attention(*args)

@@ -112,7 +112,7 @@ def test_one_failing_request_does_not_stop_the_others(llm, monkeypatch):
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatch):
     engine = llm.engine
     calls = {"n": 0}
-    original = engine.model.forward
+    original = engine.runner.execute  # the model runner: an eager forward or a CUDA graph replay
 
     def broken(*args, **kwargs):
         calls["n"] += 1
@@ -120,11 +120,11 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatc
             raise RuntimeError("device lost")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", broken)
+    monkeypatch.setattr(engine.runner, "execute", broken)
     outs = llm.generate(prompts(3, seed=3), GREEDY, use_tqdm=False)
     assert all(o.outputs[0].finish_reason == "error" and "device lost" in o.error for o in outs)
     assert_pool_whole(llm)
-    monkeypatch.setattr(engine.model, "forward", original)
+    monkeypatch.setattr(engine.runner, "execute", original)
     assert llm.generate(prompts(2, seed=4), GREEDY, use_tqdm=False)[1].outputs[0].finish_reason == "length"
     assert_pool_whole(llm)
 

@@ -46,9 +46,11 @@ class _Sequence:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_processed: int = 0  # output tokens whose text, log-probs and stop strings are processed
 
     def output(self) -> CompletionOutput:
-        return CompletionOutput(self.index, self.text, list(self.sampling.output_token_ids), self.finish_reason,
+        tokens = self.sampling.output_token_ids[:self.num_processed]
+        return CompletionOutput(self.index, self.text, tokens, self.finish_reason,
                                 self.stop_reason, None if self.logprobs is None else list(self.logprobs))
 
 
@@ -103,6 +105,7 @@ class LLMEngine:
         self._seq_ids = itertools.count(1)
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[int, _Sequence] = {}
+        self._lagged = None  # (sequences with their last tokens, time): bookkeeping for the next step
         self._eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
         if not self._eos_token_ids and self.model_config.eos_token_ids:
             self._eos_token_ids = list(self.model_config.eos_token_ids)
@@ -205,10 +208,15 @@ class LLMEngine:
 
     def step(self, return_unfinished: bool = True) -> list[RequestOutput]:
         """Runs one scheduler step; returns the outputs of every request that changed (with
-        ``return_unfinished=False``, only of those that finished: offline generation needs no more)."""
+        ``return_unfinished=False``, only of those that finished: offline generation needs no more).
+
+        NOTE(tidal): the per-request bookkeeping of a step's tokens (log-probs, detokenizing, stop
+        strings, outputs) runs during the next step, while the GPU computes it: the scheduler and
+        the samplers see every token at once, outputs arrive one step later. A step that finds
+        nothing to schedule, or leaves nothing unfinished, flushes what is pending."""
         batch = self.scheduler.schedule()
         if batch.num_seqs == 0:
-            return []
+            return self._collect(self._process_lagged(), return_unfinished)
         now = time.monotonic()
         seq_ids = batch.request_ids.tolist()
         for seq_id in seq_ids:
@@ -219,11 +227,15 @@ class LLMEngine:
         needs_sample = batch.needs_sample
         sample_ids = [s for s, need in zip(seq_ids, needs_sample.tolist()) if need]
         try:
-            result = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids])
+            pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids])
+            changed = self._process_lagged()  # overlaps the device's work on this step
+            result = pending.result() if pending is not None else None
         except Exception as e:  # the whole step failed: each of its sequences ends in error
-            changed = set()
+            changed = self._process_lagged()
             for seq_id in seq_ids:
-                seq = self._seqs[seq_id]
+                seq = self._seqs.get(seq_id)
+                if seq is None or seq.finish_reason is not None:
+                    continue
                 self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
                 self._fail(seq, f"{type(e).__name__}: {e}")
                 changed.add(seq.request.request_id)
@@ -233,25 +245,43 @@ class LLMEngine:
         if result is not None:  # None: only prompt chunks that end before their last token
             sampled[needs_sample] = result.token_ids
         finished = {f.request_id: _FINISH_REASONS[f.status] for f in self.scheduler.update(batch, sampled)}
-        now = time.monotonic()
-        changed = set()
+        kept = []
         for row, seq_id in enumerate(sample_ids):
-            seq = self._seqs[seq_id]
+            seq = self._seqs.get(seq_id)
+            if seq is None or seq.finish_reason is not None:  # aborted or stopped since schedule()
+                continue
+            seq.sampling.output_token_ids.append(result.token_ids[row])  # the next step samples after it
+            kept.append((seq, result.token_ids[row], result.logprobs[row], finished.get(seq_id)))
+        self._lagged = (kept, time.monotonic())
+        if not self.scheduler.has_unfinished_requests():
+            changed |= self._process_lagged()
+        return self._collect(changed, return_unfinished)
+
+    def _process_lagged(self) -> set[str]:
+        """The bookkeeping of the last step's tokens; returns the ids of the requests it changed."""
+        if self._lagged is None:
+            return set()
+        kept, now = self._lagged
+        self._lagged = None
+        changed = set()
+        for seq, token_id, logprobs, finish_reason in kept:
+            if seq.finish_reason is not None:  # aborted meanwhile
+                continue
             changed.add(seq.request.request_id)
             try:
-                self._append_token(seq, result.token_ids[row], result.logprobs[row], finished.get(seq_id), now)
+                self._append_token(seq, token_id, logprobs, finish_reason, now)
             except Exception as e:  # this request alone fails; the engine goes on
-                if finished.get(seq_id) is None:
-                    self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
+                if finish_reason is None:
+                    self.scheduler.finish_request(seq.seq_id, _Status.FINISHED_ERROR)
                 self._fail(seq, f"{type(e).__name__}: {e}")
-        return self._collect(changed, return_unfinished)
+        return changed
 
     def _append_token(self, seq: _Sequence, token_id: int, logprobs, finish_reason: str | None, now: float) -> None:
         metrics = seq.request.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.last_token_time = now
-        seq.sampling.output_token_ids.append(token_id)
+        seq.num_processed += 1
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
         params = seq.request.params

@@ -21,7 +21,7 @@ import torch
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
 from tidal.serve.model_runner import allocate_kv_caches, kv_cache_bytes_per_block, min_kv_blocks
-from tidal.serve.sampler import SampleResult, SequenceSampling, sample
+from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_async
 from tidal.serve.sampling_params import SamplingParams
 
 _GIB = 1 << 30
@@ -261,7 +261,7 @@ class GPUModelRunner:
 
     # ---- the step ----------------------------------------------------------------------------------
 
-    def execute(self, batch, sampling: list[SequenceSampling]) -> SampleResult | None:
+    def execute(self, batch, sampling: list[SequenceSampling]) -> PendingSample | None:
         if not sampling and not batch.needs_sample.any():
             self._run_eager(batch)
             return None
@@ -281,7 +281,7 @@ class GPUModelRunner:
                 logits = self._run_eager(batch)
                 if logits is None:
                     return None
-            return sample(logits, sampling)
+            return sample_async(logits, sampling)
 
     def _run_eager(self, batch) -> torch.Tensor | None:
         with torch.inference_mode():

@@ -7,7 +7,7 @@ tokens. The engine stays device-neutral; each runner owns its device's KV caches
   persistent device inputs filled by one pinned copy per step, CUDA graphs for decode steps.
 
 Both expose ``num_kv_blocks``, ``kv_caches`` (one ``(key_cache, value_cache)`` per layer) and
-``execute(batch, sampling) -> SampleResult | None``.
+``execute(batch, sampling) -> PendingSample | None`` (launched; ``.result()`` waits).
 """
 
 import os
@@ -16,7 +16,7 @@ import torch
 
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
-from tidal.serve.sampler import SampleResult, SequenceSampling, sample
+from tidal.serve.sampler import PendingSample, SequenceSampling, sample_async
 
 # NOTE(tidal): on the CPU the KV cache competes with everything else in host memory, so the default
 # budget is capped (vLLM's CPU backend caps it too); num_kv_blocks overrides it.
@@ -71,7 +71,7 @@ class CPUModelRunner:
         self.num_kv_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(model, num_blocks, config.block_size, device)
 
-    def execute(self, batch, sampling: list[SequenceSampling]) -> SampleResult | None:
+    def execute(self, batch, sampling: list[SequenceSampling]) -> PendingSample | None:
         cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(batch.slot_mapping),
@@ -89,7 +89,7 @@ class CPUModelRunner:
             if last_rows.numel() == 0:
                 return None
             logits = self.model.compute_logits(hidden[last_rows.long()])
-            return sample(logits, sampling)
+            return sample_async(logits, sampling)
 
 
 def make_model_runner(model, config: EngineConfig, max_model_len: int, device: torch.device):

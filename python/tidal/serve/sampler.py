@@ -145,11 +145,50 @@ def _sample_random_rows(logits: torch.Tensor, seqs: list[SequenceSampling], rows
     tokens[index] = (probs / noise).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, seqs: list[SequenceSampling]) -> SampleResult:
+class PendingSample:
+    """A step's sampled tokens (and log-probs) on their way to the host: the kernels are launched and
+    the copy is queued; :meth:`result` waits for it. The engine does the previous step's bookkeeping
+    in between, so the host and the GPU overlap."""
+
+    def __init__(self, host: torch.Tensor, event, seqs: list[SequenceSampling], wanted: list[int], top_k: int):
+        self._host, self._event, self._seqs, self._wanted, self._top_k = host, event, seqs, wanted, top_k
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        host, seqs, wanted = self._host.numpy(), self._seqs, self._wanted
+        n, w, kk = len(seqs), len(wanted), self._top_k
+        token_list = host[:n].astype(np.int64).tolist()
+        logprobs: list[dict[int, float] | None] = [None] * n
+        if not wanted:
+            return SampleResult(token_list, logprobs)
+        chosen = host[n:n + w]
+        top_ids = host[n + w:n + w + w * kk].astype(np.int64).reshape(w, kk)
+        top_vals = host[n + w + w * kk:].reshape(w, kk)
+        for j, i in enumerate(wanted):
+            want_k = seqs[i].params.logprobs
+            entry = {int(t): float(v) for t, v in zip(top_ids[j, :want_k], top_vals[j, :want_k])} if want_k else {}
+            entry[token_list[i]] = float(chosen[j])
+            logprobs[i] = entry
+        return SampleResult(token_list, logprobs)
+
+
+def _to_host(packed: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """A non-blocking copy to pinned memory and the event that marks its end (CPU: the tensor)."""
+    if packed.device.type != "cuda":
+        return packed, None
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def sample_async(logits: torch.Tensor, seqs: list[SequenceSampling]) -> PendingSample:
     """One token per row of ``logits`` [num_rows, vocab] (float32), following each row's params.
 
-    Launches everything without waiting on the device, then copies the tokens (and the log-probs that
-    rows asked for) back once."""
+    Launches everything without waiting on the device and queues one copy of the tokens (and the
+    log-probs that rows asked for) back; ``.result()`` waits for it."""
     raw = logits
     if any(_needs_processing(s) for s in seqs):
         logits = logits.clone()
@@ -161,7 +200,8 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampling]) -> SampleResult:
 
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not wanted:
-        return SampleResult(tokens.tolist(), [None] * len(seqs))
+        host, event = _to_host(tokens)
+        return PendingSample(host, event, seqs, wanted, 0)
     index = _to_device(np.asarray(wanted, dtype=np.int64), raw.device)
     log_probs = raw[index].float().log_softmax(dim=-1)
     k = max(seqs[i].params.logprobs for i in wanted)
@@ -169,17 +209,10 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampling]) -> SampleResult:
     chosen = log_probs.gather(1, tokens[index][:, None])[:, 0]
     # One copy back: tokens, then per wanted row its chosen logprob, top ids and top values.
     packed = torch.cat((tokens.double(), chosen.double(), top.indices.double().flatten(), top.values.double().flatten()))
-    host = packed.cpu().numpy()
-    n, w = len(seqs), len(wanted)
-    token_list = host[:n].astype(np.int64).tolist()
-    chosen_h = host[n:n + w]
-    kk = top.indices.shape[1]
-    top_ids = host[n + w:n + w + w * kk].astype(np.int64).reshape(w, kk)
-    top_vals = host[n + w + w * kk:].reshape(w, kk)
-    logprobs: list[dict[int, float] | None] = [None] * n
-    for j, i in enumerate(wanted):
-        want_k = seqs[i].params.logprobs
-        entry = {int(t): float(v) for t, v in zip(top_ids[j, :want_k], top_vals[j, :want_k])} if want_k else {}
-        entry[token_list[i]] = float(chosen_h[j])
-        logprobs[i] = entry
-    return SampleResult(token_list, logprobs)
+    host, event = _to_host(packed)
+    return PendingSample(host, event, seqs, wanted, top.indices.shape[1])
+
+
+def sample(logits: torch.Tensor, seqs: list[SequenceSampling]) -> SampleResult:
+    """:func:`sample_async` and wait for it."""
+    return sample_async(logits, seqs).result()

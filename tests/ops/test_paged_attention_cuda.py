@@ -1,0 +1,272 @@
+"""paged_attention's GPU paths (CUDA only; skipped without a GPU), each against the fp32 reference and
+the CPU kernel of test_paged_attention, with every cache slot no query may read set to NaN and the
+output allocation poisoned: the split-K ("flash-decoding") SIMT kernel for small batches and its
+one-split form for many sequences (which one ran is checked through the workspace size), the
+tensor-core kernel (fp16 / bf16, head_dim 64 / 128 / 256, max_seqlen_q > 1) and the SIMT kernel for
+other head sizes and fp32, block sizes 1 / 16 / 32 with contexts ending mid-block, GQA ratios 1 to 8
+and MQA, sliding windows, chunked prefill beside decodes, max_seqlen_q / max_seqlen_k exact, -1 and
+over-estimated, misaligned inputs (the fallbacks), CUDA graphs replayed on new batches, side
+streams."""
+
+import pytest
+import torch
+
+import tidal
+from conftest import GPU_MARKS, assert_close
+from test_paged_attention import Batch, batch_kinds, check
+
+pytestmark = GPU_MARKS
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def splits_keys(batch: Batch, max_seqlen_q=None, max_seqlen_k=None) -> bool:
+    """Whether the GPU plan for this batch splits the keys (its workspace is the split-K scratch)."""
+    from tidal import _core
+
+    exact = batch.max_seqlens()
+    num_tokens, num_heads, head_dim = batch.query.shape
+    size = _core.ops.paged_attention_workspace_size(
+        1, torch.cuda.current_device(), _DTYPE_NAMES[batch.query.dtype], num_tokens, batch.seq_lens.shape[0],
+        num_heads, batch.key_cache.shape[2], head_dim, max_seqlen_q or exact["max_seqlen_q"],
+        max_seqlen_k or exact["max_seqlen_k"])
+    return size > 0
+
+
+def decode_seqs(contexts):
+    return [(1, n) for n in contexts]
+
+
+# ---- the SIMT decode kernel: split-K for small batches, one split for many sequences -----------
+
+@pytest.mark.parametrize("block_size", [16, 1, 32])
+@pytest.mark.parametrize("num_seqs", [1, 2, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_small_batches_long_contexts(dtype, num_seqs, block_size):
+    contexts = [5000, 257, 1003, 4999][:num_seqs]  # every one ends mid-block
+    batch = Batch(decode_seqs(contexts), 8, 2, 128, block_size, dtype, seed=num_seqs + block_size)
+    assert splits_keys(batch)
+    check(batch, "cuda", **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 4), (8, 2), (16, 2), (8, 1), (32, 1)], ids=lambda h: f"h{h[0]}_kv{h[1]}")
+@pytest.mark.parametrize("contexts", [(3000, 700), (1, 2, 17, 120)], ids=["split", "short"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_gqa_ratios(dtype, contexts, heads):
+    """Decode rows per block follow the group (2, 4 or 8 query heads of one KV head, and more than one
+    row block for groups above 8)."""
+    batch = Batch(decode_seqs(contexts), *heads, 64, 16, dtype, seed=heads[0] + heads[1])
+    assert splits_keys(batch) == (max(contexts) > 128)  # a split keeps >= 128 keys
+    check(batch, "cuda", **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_sequences_do_not_split(dtype, block_size):
+    contexts = [1 + (37 * i) % 450 for i in range(300)]  # 1 .. 450, most ending mid-block
+    batch = Batch(decode_seqs(contexts), 8, 2, 64, block_size, dtype, seed=block_size)
+    assert not splits_keys(batch)
+    check(batch, "cuda", **batch.max_seqlens())
+    check(batch, "cuda", 100)  # and with a window, max_seqlen_q / max_seqlen_k computed (-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_prefill_rows(dtype):
+    """The SIMT kernel also takes query runs > 1 (fp32, and 16-bit with other head sizes); a small batch
+    of them splits its keys too."""
+    head_dim = 64 if dtype == torch.float32 else 96
+    batch = Batch([(20, 3000), (1, 2000), (7, 7)], 4, 2, head_dim, 16, dtype, seed=3)
+    assert splits_keys(batch)
+    check(batch, "cuda", **batch.max_seqlens())
+    check(batch, "cuda", 300, **batch.max_seqlens())
+
+
+# ---- the tensor-core kernel and the SIMT kernel's other head sizes ------------------------------
+
+@pytest.mark.parametrize("block_size", [16, 1, 32])
+@pytest.mark.parametrize("kind", ["prefill", "chunked_prefill", "mixed"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_head_dims(dtype, head_dim, kind, block_size):
+    batch = Batch(batch_kinds(block_size)[kind], 8, 2, head_dim, block_size, dtype, seed=head_dim + block_size)
+    check(batch, "cuda", **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("head_dim", [32, 80, 96, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simt_head_dims(dtype, head_dim, kind):
+    batch = Batch(batch_kinds(16)[kind], 8, 2, head_dim, 16, dtype, seed=head_dim)
+    check(batch, "cuda", **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 4), (8, 2), (16, 2), (8, 1), (32, 1)], ids=lambda h: f"h{h[0]}_kv{h[1]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_gqa_ratios(dtype, heads):
+    """Row blocks of (token, head of the group) pairs: 64 per tensor-core block, 8 per SIMT block."""
+    batch = Batch(batch_kinds(16)["mixed"] + [(70, 200)], *heads, 128, 16, dtype, seed=heads[0] * heads[1])
+    check(batch, "cuda", **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_prefill_over_long_prefix_beside_decodes(dtype):
+    """An engine step: decodes of long and short contexts, a 256-token chunk over a 2000-token cached
+    prefix, a fresh prompt, and a sequence with no new tokens."""
+    seqs = [(1, 4097), (1, 33), (256, 2256), (0, 100), (130, 130), (1, 1), (64, 700)]
+    batch = Batch(seqs, 8, 2, 128, 16, dtype, seed=4)
+    check(batch, "cuda", **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 100, 1000])
+@pytest.mark.parametrize("path", ["tensor_cores", "simt_fp32", "split_decode"])
+def test_sliding_window_paths(path, window):
+    if path == "split_decode":
+        batch = Batch(decode_seqs([3000, 1500, 129]), 8, 2, 128, 16, torch.bfloat16, seed=window)
+        assert splits_keys(batch)
+    else:
+        dtype = torch.bfloat16 if path == "tensor_cores" else torch.float32
+        seqs = batch_kinds(16)["mixed"] + [(150, 400), (1, 1200), (40, 40)]
+        batch = Batch(seqs, 8, 2, 128, 16, dtype, seed=window)
+    check(batch, "cuda", window, **batch.max_seqlens())
+
+
+# ---- max_seqlen_q / max_seqlen_k ---------------------------------------------------------------
+
+BATCHES = {
+    "split_decode": lambda: Batch(decode_seqs([2000, 300, 5]), 8, 2, 128, 16, torch.bfloat16, seed=5),
+    "tensor_cores": lambda: Batch([(1, 600), (33, 33), (9, 300)], 8, 2, 128, 16, torch.float16, seed=6),
+    "simt_fp32": lambda: Batch([(1, 600), (33, 33), (9, 300)], 8, 2, 64, 16, torch.float32, seed=7),
+    "many_decodes": lambda: Batch(decode_seqs(range(1, 600, 2)), 4, 1, 64, 16, torch.bfloat16, seed=8),
+}
+
+
+@pytest.mark.parametrize("max_seqlens", ["computed", "exact", "k_at_max_model_len", "q_at_num_tokens", "q_only"])
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_max_seqlen_arguments(name, max_seqlens):
+    """Exact values, -1 (computed with a device sync), and upper bounds: max_seqlen_k at the model's
+    length (what a graph captured for the longest context passes: more splits, most of them empty),
+    max_seqlen_q at num_tokens (a decode batch planned as a prefill: the tensor-core kernel on q_len 1)."""
+    batch = BATCHES[name]()
+    exact = batch.max_seqlens()
+    kwargs = {"computed": {}, "exact": exact, "k_at_max_model_len": dict(exact, max_seqlen_k=32768),
+              "q_at_num_tokens": dict(exact, max_seqlen_q=batch.query.shape[0]),
+              "q_only": dict(max_seqlen_q=exact["max_seqlen_q"])}[max_seqlens]
+    check(batch, "cuda", **kwargs)
+
+
+def test_bad_max_seqlens_and_devices_name_the_argument():
+    batch = BATCHES["tensor_cores"]()
+    args = batch.args(device="cuda")
+    with pytest.raises(ValueError, match=r"max_seqlen_q=0 must be in \[1, num_tokens=43\] on the GPU"):
+        tidal.ops.paged_attention(*args, max_seqlen_q=0, max_seqlen_k=600)
+    with pytest.raises(ValueError, match=r"max_seqlen_q=44 must be in \[1, num_tokens=43\] on the GPU"):
+        tidal.ops.paged_attention(*args, max_seqlen_q=44, max_seqlen_k=600)
+    with pytest.raises(ValueError, match="max_seqlen_k=20 must be >= max_seqlen_q=33"):
+        tidal.ops.paged_attention(*args, max_seqlen_q=33, max_seqlen_k=20)
+    with pytest.raises(ValueError, match="key_cache is on cpu but query is on cuda"):
+        tidal.ops.paged_attention(args[0], batch.key_cache, *args[2:])
+    with pytest.raises(ValueError, match="seq_lens is on cpu but query is on cuda"):
+        tidal.ops.paged_attention(*args[:4], batch.seq_lens, *args[5:])
+
+
+# ---- misaligned inputs: the fallbacks ----------------------------------------------------------
+
+def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CUDA copy of t whose data starts one element past a 16-byte boundary."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("what", ["query", "caches"])
+@pytest.mark.parametrize("kind", ["mixed", "decode_split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_misaligned_inputs(dtype, kind, what):
+    """The tensor-core kernel moves 16-byte chunks: a query or cache off that alignment falls back to
+    the SIMT kernel, and a misaligned cache to its scalar loads."""
+    num_heads, head_dim = 4, 64
+    seqs = batch_kinds(16)["mixed"] + [(40, 300)] if kind == "mixed" else decode_seqs([1500, 700])
+    num_tokens = sum(q for q, _ in seqs)
+    query = None
+    if what == "query":  # token stride not a multiple of 8, data 2 or 4 bytes off
+        buffer = torch.randn(num_tokens, num_heads * head_dim + 3).to(dtype)
+        query = buffer[:, 1:1 + num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    batch = Batch(seqs, num_heads, 2, head_dim, 16, dtype, seed=9, query=query)
+    expected = batch.reference()
+    batch.poison_unread()
+    args = list(batch.args(device="cuda"))
+    if what == "caches":
+        args[1], args[2] = misaligned_copy(batch.key_cache), misaligned_copy(batch.value_cache)
+    else:
+        assert args[0].data_ptr() % 16 != 0
+    out = tidal.ops.paged_attention(*args, **batch.max_seqlens())
+    assert_close(out, expected)
+    assert_close(out, batch.run())
+
+
+# ---- CUDA graphs and streams -------------------------------------------------------------------
+
+def capture(static_args, **max_seqlens):
+    """Captures paged_attention on static_args (warmed up on a side stream first) and returns the graph
+    and its output tensor, as the engine's decode graphs do (no autograd: the direct path)."""
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm), torch.no_grad():
+        tidal.ops.paged_attention(*static_args, **max_seqlens)
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = tidal.ops.paged_attention(*static_args, **max_seqlens)
+    return graph, out
+
+
+def replay_and_check(graph, static_out, static_args, batch: Batch):
+    """Copies batch (same shapes as the captured one) into the static tensors, replays, and checks."""
+    expected = batch.reference()
+    batch.poison_unread()
+    for static, new in zip(static_args[:6], batch.args()[:6]):
+        static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(static_out, expected)
+    assert_close(static_out, batch.run())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_graph_captured_at_max_model_len(dtype):
+    """Captured once with max_seqlen_k = 4096 (the split count for the longest context); replayed on
+    new contexts, block tables, queries and cache contents, short ones included (empty splits)."""
+    shape = dict(num_heads=8, num_kv_heads=2, head_dim=128, block_size=16, dtype=dtype, num_blocks=1100,
+                 max_num_blocks=256)
+    first = Batch(decode_seqs([4096, 1, 17, 300]), seed=10, **shape)
+    static_args = first.args(device="cuda")
+    graph, static_out = capture(static_args, max_seqlen_q=1, max_seqlen_k=4096)
+    assert splits_keys(first, max_seqlen_k=4096)
+    for seed, contexts in enumerate(([4096, 1, 17, 300], [5, 4000, 129, 2048], [1, 2, 3, 16]), start=11):
+        replay_and_check(graph, static_out, static_args, Batch(decode_seqs(contexts), seed=seed, **shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mixed_graph_replayed_on_new_query_splits(dtype):
+    """A captured mixed step (tensor cores in bf16, SIMT rows in fp32): the same 64 query tokens split
+    differently between sequences on each replay (cu_seqlens_q contents change)."""
+    shape = dict(num_heads=8, num_kv_heads=2, head_dim=128, block_size=16, dtype=dtype, num_blocks=200,
+                 max_num_blocks=64)
+    layouts = ([(1, 900), (60, 60), (3, 500)], [(40, 1000), (1, 1), (23, 23)], [(1, 30), (1, 31), (62, 600)])
+    first = Batch(layouts[0], seed=20, **shape)
+    static_args = first.args(device="cuda")
+    graph, static_out = capture(static_args, max_seqlen_q=64, max_seqlen_k=1024)
+    for seed, seqs in enumerate(layouts, start=21):
+        replay_and_check(graph, static_out, static_args, Batch(seqs, seed=seed, **shape))
+
+
+@pytest.mark.parametrize("name", ["split_decode", "tensor_cores", "simt_fp32"])
+def test_side_stream(name):
+    batch = BATCHES[name]()
+    expected = batch.reference()
+    args = batch.args(device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # launched on torch's current stream, whatever it is
+        out = tidal.ops.paged_attention(*args, **batch.max_seqlens())
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close(out, expected)
