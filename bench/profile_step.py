@@ -42,7 +42,7 @@ def decode_steps(engine, num_steps):
     """Runs until every request decodes, then times num_steps steps: wall and GPU-busy per step."""
     while True:
         batch_before = engine.scheduler.num_waiting
-        engine.step()
+        engine.step(return_unfinished=False)
         if batch_before == 0 and all(engine.scheduler.request(r).num_computed_tokens >= engine.scheduler.request(r).num_prompt_tokens
                                      for r in engine.scheduler.running_ids):
             break
@@ -51,7 +51,7 @@ def decode_steps(engine, num_steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
-        engine.step()
+        engine.step(return_unfinished=False)
         end.record()
         end.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
@@ -63,7 +63,7 @@ def profile(engine, num_steps, lines, title):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(num_steps):
-            engine.step()
+            engine.step(return_unfinished=False)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
     lines += [f"### {title}: {num_steps} steps, kernel time by op", "", "```", table, "```", ""]

@@ -2,8 +2,9 @@
 // Rotary position embedding on the GPU, alone (rotary_embedding: query and key rotated in place) and
 // fused with the KV-cache write and, for Qwen3, the per-head q/k RMSNorm (rotary_embedding_and_cache:
 // query normalised and rotated in place, key normalised and rotated straight into its cache slot,
-// value copied into its slot). One kernel: a block per token, a warp per head job (a query, key or
-// value head); the head is staged in fp32 in shared memory so any rotary pairing and head_dim work.
+// value copied into its slot). One kernel: a warp per (token, head job), a job being a query, key
+// or value head; the head is staged in fp32 in shared memory so any rotary pairing and head_dim work.
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize) rotary_kernel(RopeArgs a) 
   }
   const int64_t slot_offset = slot * a.num_kv_heads * a.head_dim;
   const int num_jobs = a.num_heads + a.num_kv_heads * (to_cache ? 2 : 1);
-  for (int job = warp; job < num_jobs; job += kWarps) {
+  for (int job = blockIdx.y * kWarps + warp; job < num_jobs; job += gridDim.y * kWarps) {
     if (job < a.num_heads) {
       T* q = static_cast<T*>(a.query) + t * a.q_token_stride + job * a.q_head_stride;
       process_head<T>(a, q, q, a.q_norm_weight, rotate, cos, rows[warp]);
@@ -155,8 +156,13 @@ RopeArgs common_args(const TensorView& positions, const TensorView& query, const
 
 void launch(const RopeArgs& a, DType dtype, int64_t num_tokens, Stream stream) {
   TIDAL_CHECK(a.head_dim <= kMaxHeadDim, "head_dim=", a.head_dim, " must be <= ", kMaxHeadDim, " on the GPU");
+  TIDAL_CHECK(num_tokens <= 0x7fffffff, "num_tokens=", num_tokens, " is too large");
+  // NOTE(tidal): a block per token with its warps looping over the heads left a decode step of
+  // 256 tokens at 12 us (H200): too few warps in flight. Now a warp per (token, head).
+  const int num_jobs = a.num_heads + a.num_kv_heads * (a.key_cache != nullptr ? 2 : 1);
+  const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(std::min((num_jobs + kWarps - 1) / kWarps, 65535)));
   TIDAL_DISPATCH_FLOAT(dtype, T, {
-    rotary_kernel<T><<<static_cast<unsigned>(num_tokens), kWarps * kWarpSize, 0,
+    rotary_kernel<T><<<grid, kWarps * kWarpSize, 0,
                        static_cast<cudaStream_t>(stream.handle)>>>(a);
     TIDAL_CUDA_CHECK(cudaGetLastError());
   });

@@ -25,6 +25,8 @@
 #define cudaSetDevice hipSetDevice
 #define cudaGetLastError hipGetLastError
 #define cudaGetErrorString hipGetErrorString
+#define cudaDeviceGetAttribute hipDeviceGetAttribute
+#define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
 
 // NOTE(tidal): the wavefront size must be a constant in the host pass too (launchers size blocks
 // with it), where __AMDGCN_WAVEFRONT_SIZE does not exist. It is fixed per build: 64 for CDNA
@@ -76,3 +78,6 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) { return bf16_t(v)
 #define TIDAL_SHFL_XOR(value, lane_mask) __shfl_xor((value), (lane_mask))
 // AMD has no separate read-only path; a plain load is what hip's own __ldg does.
 #define TIDAL_LDG(ptr) (*(ptr))
+// A wavefront runs in lockstep; the fence makes its LDS writes visible to its other lanes.
+#define TIDAL_SYNCWARP() __builtin_amdgcn_fence(__ATOMIC_SEQ_CST, "wavefront")
+#define TIDAL_SHFL(value, src) __shfl((value), (src))

@@ -58,7 +58,7 @@ def test_rotary_cache_activation_and_noise():
     w = torch.rand(head_dim, generator=g).to(torch.bfloat16) + 0.5
     outs = {}
     for device in ("cpu", "cuda"):
-        x = qkv.to(device)
+        x = qkv.to(device, copy=True)  # the op rotates q in place
         q, k, v = x.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
         kc, vc = (c.to(device) for c in caches)

@@ -30,7 +30,7 @@ def philox4x32_10(c0, c1, c2, c3, key: int):
 
 def ref_seeded_exponential(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> torch.Tensor:
     """out[r, v] = -log(u), u from word v % 4 of Philox(counter (v // 4, offset low, offset high, 0),
-    key seed), mapped to (0, 1) as the kernels do in float32: ((bits >> 8) + 0.5) * 2^-24."""
+    key seed), mapped to (0, 1) as the kernels do in float32: ((bits >> 9) + 0.5) * 2^-23."""
     out = torch.empty(seeds.shape[0], vocab, dtype=torch.float32)
     counters = np.arange((vocab + 3) // 4, dtype=np.uint64)
     for r, (seed, offset) in enumerate(zip(seeds.tolist(), offsets.tolist())):
@@ -38,7 +38,7 @@ def ref_seeded_exponential(seeds: torch.Tensor, offsets: torch.Tensor, vocab: in
         zeros = np.zeros_like(counters)
         words = np.stack(philox4x32_10(counters, zeros + np.uint64(offset & 0xFFFFFFFF),
                                        zeros + np.uint64(offset >> 32), zeros, seed), -1).reshape(-1)[:vocab]
-        u = ((words >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+        u = ((words >> np.uint64(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
         out[r] = torch.from_numpy((-np.log(u.astype(np.float64))).astype(np.float32))
     return out
 
@@ -143,10 +143,9 @@ def test_exponential_race_samples_the_distribution(device):
     torch.testing.assert_close(counts, p.cpu().double(), atol=0.015, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="Philox words >= 0xFFFFFF00 give u = 1.0f: ((bits >> 8) + 0.5f) rounds "
-                                       "to 2^24 in float32, so the noise is -0.0 (p / E: -inf, or NaN for p = 0)")
 @pytest.mark.parametrize("device", DEVICES)
 def test_noise_is_positive_for_the_largest_words(device):
+    # 24 bits would round words >= 0xFFFFFF00 to u = 1.0f and noise -0.0 (p / E: NaN for p = 0).
     # (seed 1234, offset 3373889) draws word 0xffffffea at index 0; (0, 28760074): 0xffffff42 at index 0.
     seeds = torch.tensor([1234, 0], device=device)
     offsets = torch.tensor([3373889, 28760074], device=device)

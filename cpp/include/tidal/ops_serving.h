@@ -55,7 +55,7 @@ void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorVi
 ///   key_cache[slot / block_size, slot % block_size] = key[t],   slot = slot_mapping[t]
 /// and the same for value. A negative slot (padding) is skipped; a slot >= num_blocks * block_size
 /// is std::out_of_range naming the token and the slot, raised before anything is written. Two
-/// tokens with one slot: the later one wins.
+/// tokens with one slot: the later one wins on the CPU, either may on the GPU.
 /// key, value:               [num_tokens, num_kv_heads, head_dim], any token and head strides,
 ///                           last dim contiguous.
 /// key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_dim], contiguous, the

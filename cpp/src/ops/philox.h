@@ -33,9 +33,11 @@ TIDAL_HOST_DEVICE Uint4 philox4x32_10(Uint4 c, uint64_t key) {
   return c;
 }
 
-/// A uniform float in the open interval (0, 1) from 24 random bits.
+/// A uniform float in the open interval (0, 1) from 23 random bits: (k + 0.5) / 2^23 is exact in
+/// float32 and at most 1 - 2^-24. NOTE(tidal): 24 bits would round the largest words up to 1.0,
+/// whose noise -log(1) = -0 breaks the exponential race.
 TIDAL_HOST_DEVICE float to_open_unit(uint32_t bits) {
-  return (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
 }  // namespace tidal::philox

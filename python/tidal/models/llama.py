@@ -279,9 +279,14 @@ class LlamaForCausalLM(nn.Module):
             ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
             return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` [num_rows, hidden_size] -> logits [num_rows, vocab_size] fp32."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden`` [num_rows, hidden_size] -> logits [num_rows, vocab_size] fp32; or, with ``out``
+        ([num_rows, vocab_size] in the model's dtype), the logits written there unwidened."""
         with torch.no_grad():
+            if out is not None:
+                bias = self.lm_head.bias
+                return torch.matmul(hidden, self.lm_head.weight.t(), out=out) if bias is None else \
+                    torch.addmm(bias, hidden, self.lm_head.weight.t(), out=out)
             return self.lm_head(hidden).float()
 
     def _rope_inputs(self, positions: torch.Tensor, attn: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,7 @@
 """The gated activation of Llama-family MLPs as a torch op (``torch.ops.tidal.silu_and_mul``).
 
 One Python function serves the CPU and CUDA dispatch keys: it shapes the input into rows and calls
-the native core, which dispatches by device (CPU kernel now; CUDA tensors get the core's "no CUDA
-kernel yet" error).
+the native core, which dispatches by device to the CPU or CUDA kernel.
 """
 
 import torch

@@ -1,6 +1,5 @@
 """Writing new keys and values into the paged KV cache as a torch op
-(``torch.ops.tidal.reshape_and_cache_``). CPU kernel now; CUDA tensors get the core's "no CUDA
-kernel yet" error."""
+(``torch.ops.tidal.reshape_and_cache_``), on the CPU and CUDA."""
 
 import torch
 
@@ -69,7 +68,7 @@ def reshape_and_cache_(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
     .. math:: \mathrm{key\_cache}[s \,/\!/\, B,\ s \bmod B] = \mathrm{key}[t], \qquad s = \mathrm{slot\_mapping}[t]
 
     and the same for ``value``, where ``B`` is the block size. A negative slot is padding and is
-    skipped; two tokens with one slot: the later one wins.
+    skipped; two tokens with one slot: the later one wins on the CPU, either may on the GPU.
 
     Parameters
     ----------

@@ -1,8 +1,8 @@
 """Rotary position embedding, in place, as a torch op (``torch.ops.tidal.rotary_embedding_``).
 
 The query and key may be strided views (slices of a fused qkv projection output); they are
-rotated through those views without copies. CPU kernel now; CUDA tensors get the core's
-"no CUDA kernel yet" error.
+rotated through those views without copies. CPU and CUDA kernels; also the fused
+``rotary_embedding_and_cache_`` (Qwen3's q/k norm, rotary and the KV-cache write in one pass).
 """
 
 import torch

@@ -185,16 +185,20 @@ def _to_host(packed: torch.Tensor) -> tuple[torch.Tensor, object]:
 
 
 def sample_async(logits: torch.Tensor, seqs: list[SequenceSampling]) -> PendingSample:
-    """One token per row of ``logits`` [num_rows, vocab] (float32), following each row's params.
+    """One token per row of ``logits`` [num_rows, vocab] (float32, or the model's dtype: widened to
+    float32 unless every row is a plain greedy one), following each row's params.
 
     Launches everything without waiting on the device and queues one copy of the tokens (and the
     log-probs that rows asked for) back; ``.result()`` waits for it."""
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
+    processing = any(_needs_processing(s) for s in seqs)
+    if logits.dtype != torch.float32 and (processing or random_rows or any(s.params.logprobs is not None for s in seqs)):
+        logits = logits.float()  # a greedy-only step takes the argmax of the logits as they are
     raw = logits
-    if any(_needs_processing(s) for s in seqs):
+    if processing:
         logits = logits.clone()
         apply_penalties(logits, seqs)
     tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
     if random_rows:
         _sample_random_rows(logits, seqs, random_rows, tokens)
 
