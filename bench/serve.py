@@ -241,11 +241,16 @@ def decode_seconds(requests, kv_bytes: int, w_bytes: int, copy_bw: float) -> flo
 
 # ---- tidal ------------------------------------------------------------------------------------
 
-def make_engine(path: str, device, max_model_len: int, prefix_caching: bool):
+# Sequences resident at once: S1/S4 submit 256 requests; S3's 500 all run together (BENCHMARKS.md's
+# floor assumes it), S2 runs one.
+MAX_NUM_SEQS = {"qwen3": 256, "llama": 512, "tiny": 256}
+
+
+def make_engine(path: str, device, max_model_len: int, prefix_caching: bool, max_num_seqs: int = 256):
     free = f", {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free" if device.type == "cuda" else ""
-    log(f"tidal.LLM({os.path.basename(path)}, max_model_len={max_model_len}, "
+    log(f"tidal.LLM({os.path.basename(path)}, max_model_len={max_model_len}, max_num_seqs={max_num_seqs}, "
         f"enable_prefix_caching={prefix_caching}){free}")
-    seconds, llm = wall(lambda: tidal.LLM(path, dtype="auto", device=str(device), max_num_seqs=256,
+    seconds, llm = wall(lambda: tidal.LLM(path, dtype="auto", device=str(device), max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=8192, max_model_len=max_model_len,
                                           enable_prefix_caching=prefix_caching), device)
     log(f"engine ready in {seconds:.1f} s, {llm.stats().get('kv_blocks_total')} KV blocks")
@@ -384,7 +389,7 @@ def peer_s2(model, prompt, n_out, device, static: bool, res: Results):
 def checked_engine(name, path, model, device, dtype, res: Results):
     """A prefix-caching engine for `path` that passed the greedy check against `model`, else None."""
     try:
-        llm = make_engine(path, device, MAX_MODEL_LEN[name], True)
+        llm = make_engine(path, device, MAX_MODEL_LEN[name], True, MAX_NUM_SEQS.get(name, 256))
         check = check_greedy(llm, model, model.config.vocab_size, device, 10 if dtype == torch.bfloat16 else 2)
     except Exception as e:
         llm, check = None, f"FAIL engine start or greedy check: {type(e).__name__}: {e}"
