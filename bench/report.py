@@ -12,12 +12,15 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def commit() -> str:
-    """The checkout's short commit, else $TIDAL_COMMIT (a copy of the tree without .git), else "unknown"."""
+    """$TIDAL_COMMIT when set (a copy of the tree whose .git, if any, is not the commit it holds), else
+    the checkout's short commit, else "unknown"."""
+    if os.environ.get("TIDAL_COMMIT"):
+        return os.environ["TIDAL_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         out = ""
-    return out or os.environ.get("TIDAL_COMMIT") or "unknown"
+    return out or "unknown"
 
 
 def write_markdown(path: str, title: str, header: list[str], rows: list[list[str]]) -> None:
