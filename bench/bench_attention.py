@@ -24,7 +24,6 @@ on contiguous K/V of the same size, the same bytes counted: what attention costs
 from __future__ import annotations
 
 import argparse
-import os
 import math
 import statistics
 import sys
@@ -129,23 +128,13 @@ def copy_ceiling_gbs() -> float:
     return 2 * n * 2 / (us * 1e-6) / 1e9
 
 
-def bench_shape(num_seqs: int, ctx: int, gen, repeats: int, flush, ceiling: float,
-                variants: list[str] = ("0",)) -> list[str]:
+def bench_shape(num_seqs: int, ctx: int, gen, repeats: int, flush, ceiling: float) -> list[str]:
     inputs = make_inputs([ctx] * num_seqs, gen, "cuda")
     inputs["max_seqlen_k"] = ctx
     kv_bytes = 2 * num_seqs * ctx * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     nbytes = kv_bytes + 2 * inputs["query"].numel() * DTYPE.itemsize
-    # The decode kernel's pipeline variants (cuda/paged_attention_simt.cuh); the default (first) is
-    # the one in the table, every one is checked and printed.
-    timed = {}
-    for variant in variants:
-        os.environ["TIDAL_DECODE_VARIANT"] = variant
-        check(f"{num_seqs} x {ctx} variant {variant}", inputs, run_tidal(inputs), [0, 1, num_seqs // 2, num_seqs - 1])
-        timed[variant] = time_us(lambda: run_tidal(inputs), repeats, flush)
-        print(f"  {num_seqs} x {ctx} decode variant {variant}: {timed[variant]:.1f} us, "
-              f"{100 * nbytes / timed[variant] / 1e3 / ceiling:.0f}% of copy", flush=True)
-    os.environ.pop("TIDAL_DECODE_VARIANT", None)
-    ours = timed[variants[0]]
+    check(f"{num_seqs} x {ctx}", inputs, run_tidal(inputs), [0, 1, num_seqs // 2, num_seqs - 1])
+    ours = time_us(lambda: run_tidal(inputs), repeats, flush)
     del inputs
     torch.cuda.empty_cache()
 
@@ -171,7 +160,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the table as markdown to this file")
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per case (median)")
-    ap.add_argument("--variants", default="0", help="decode kernel variants to time, comma-separated, default first")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device", file=sys.stderr)
@@ -190,7 +178,7 @@ def main() -> int:
               "SDPA % copy", "tidal vs SDPA"]
     rows = []
     for num_seqs, ctx in SHAPES:
-        rows.append(bench_shape(num_seqs, ctx, gen, args.repeats, flush, ceiling, args.variants.split(",")))
+        rows.append(bench_shape(num_seqs, ctx, gen, args.repeats, flush, ceiling))
         print("  ".join(rows[-1]), flush=True)
     print()
     print_table(header, rows)

@@ -7,7 +7,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 
 #include "cuda/paged_attention.cuh"
 
@@ -22,9 +21,6 @@ namespace tidal::gpu::attn {
 // across groups (shuffles), warps (shared memory) and splits (the reduction kernel) at the end.
 inline constexpr int kSimtWarps = kSimtThreads / kWarpSize;
 inline constexpr int kMaxHeadDim = 256;
-// Block-table entries a block stages in shared memory (16K keys at block_size 16); the rest of a
-// longer range is read from the table directly.
-inline constexpr int kTableCache = 1024;
 
 template <typename T, int kVec>
 __device__ __forceinline__ Vec<T, kVec> zero_vec() {
@@ -36,11 +32,12 @@ __device__ __forceinline__ Vec<T, kVec> zero_vec() {
 
 // kVec elements per access (16 bytes, or 1 for unaligned head sizes), kLanes lanes per key,
 // kChunks accesses per lane per key, kRows query rows per block, kUnroll keys per lane group in flight.
-// kVariant, the load pipeline: 0 block ids read from the table, one register buffer; 1 the block
-// ids staged in shared memory first; 2 that and two register buffers (the next step's loads in
-// flight during this step's math); 3 = 1 with kUnroll doubled, 4 = 1 with kUnroll halved (the
-// launcher picks kUnroll).
-template <typename T, int kVec, int kLanes, int kChunks, int kRows, int kUnroll, int kVariant = 0>
+// NOTE(tidal): measured on H200 (bench/bench_attention.py, batch 64-256, bf16, head_dim 128, 30 or
+// more repeats): this pipeline (block id read from the table, then one register buffer of K/V per
+// step) reached 43-49% of the copy ceiling; staging the block ids in shared memory 27-33%; that
+// plus two register buffers (next step's loads in flight, 151-220 registers) 28%; 8 keys per lane
+// group in flight 39%, 2 keys 40%. See bench/RESULTS.md.
+template <typename T, int kVec, int kLanes, int kChunks, int kRows, int kUnroll>
 __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(PagedParams p) {
   constexpr int kGroups = kWarpSize / kLanes;  // keys per warp per step
   constexpr int kElems = kVec * kChunks;       // dims per lane
@@ -104,15 +101,6 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(Page
   const T* v_cache = static_cast<const T*>(p.value_cache);
   const int num_kv_heads = p.num_kv_heads, block_size = p.block_size;
 
-  // The block ids of this block's key range, staged once, so no K/V load waits on a table load.
-  __shared__ int32_t s_table[kVariant >= 1 ? kTableCache : 1];
-  const int first_block = begin / block_size;
-  if constexpr (kVariant >= 1) {
-    const int num_table = end > begin ? min(kTableCache, (end - 1) / block_size - first_block + 1) : 0;
-    for (int i = threadIdx.x; i < num_table; i += kSimtThreads) s_table[i] = table[first_block + i];
-    __syncthreads();
-  }
-
   using Frags = Vec<T, kVec>[kUnroll][kChunks];
   // Issues the K and V loads of the kUnroll keys of step `base` (zeros past `end` and past head_dim).
   auto load = [&](int base, Frags& kf, Frags& vf) {
@@ -121,8 +109,7 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(Page
       const int j = base + u * kGroups + grp;
       int64_t offset = -1;
       if (j < end) {
-        const int b = j / block_size - first_block;
-        const int64_t block = kVariant >= 1 && b < kTableCache ? s_table[b] : table[j / block_size];
+        const int64_t block = table[j / block_size];
         offset = ((block * block_size + j % block_size) * num_kv_heads + kv_head) * head_dim;
       }
 #pragma unroll
@@ -181,28 +168,10 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(Page
       m[r] = mx;
     }
   };
-  constexpr int kStride = kSimtWarps * kStep;
-  if constexpr (kVariant == 2) {
-    // NOTE(tidal): measured on H200 (batch 64 x 2048, bf16): 28% of the copy ceiling against 43%
-    // for variant 0 -- 151-220 registers cost more occupancy than the prefetch gains.
-    Frags k0, v0, k1, v1;
-    int base = begin + warp * kStep;
-    if (base < end) load(base, k0, v0);
-    while (base < end) {
-      if (base + kStride < end) load(base + kStride, k1, v1);
-      consume(base, k0, v0);
-      base += kStride;
-      if (base >= end) break;
-      if (base + kStride < end) load(base + kStride, k0, v0);
-      consume(base, k1, v1);
-      base += kStride;
-    }
-  } else {
-    for (int base = begin + warp * kStep; base < end; base += kStride) {
-      Frags kf, vf;
-      load(base, kf, vf);
-      consume(base, kf, vf);
-    }
+  for (int base = begin + warp * kStep; base < end; base += kSimtWarps * kStep) {
+    Frags kf, vf;
+    load(base, kf, vf);
+    consume(base, kf, vf);
   }
 
   // Merge the lane groups of the warp (each saw different keys), then the warps.
@@ -262,13 +231,6 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(Page
   }
 }
 
-// The decode pipeline variant (see paged_attention_simt_kernel), from TIDAL_DECODE_VARIANT; 0 when
-// unset. A tuning knob for the kernel benchmark, read per launch.
-inline int decode_variant() {
-  const char* value = std::getenv("TIDAL_DECODE_VARIANT");
-  return value != nullptr && value[0] >= '0' && value[0] <= '4' ? value[0] - '0' : 0;
-}
-
 // Picks the lane layout for head_dim (16-byte accesses when head_dim allows, else one element per
 // access) and the row count, and launches.
 template <typename T>
@@ -282,29 +244,6 @@ void launch_simt(const PagedParams& p, const Plan& plan, bool vectorized, cudaSt
   };
   auto by_rows = [&](auto vec, auto lanes, auto chunks) {
     constexpr int V = decltype(vec)::value, L = decltype(lanes)::value, C = decltype(chunks)::value;
-    // The pipeline variants are built for the 16-lane layout (head_dim 128 in 16-bit types), the
-    // one the benchmarks time; bench/bench_attention.py compares them (TIDAL_DECODE_VARIANT).
-    if constexpr (V * sizeof(T) == 16 && L == 16 && C == 1) {
-      const int variant = decode_variant();
-      if (plan.rows_per_block <= 4) {
-        auto pick = [&](auto rows) {
-          constexpr int R = decltype(rows)::value;
-          switch (variant) {
-            case 1: go(paged_attention_simt_kernel<T, V, L, C, R, 4, 1>); break;
-            case 2: go(paged_attention_simt_kernel<T, V, L, C, R, 4, 2>); break;
-            case 3: go(paged_attention_simt_kernel<T, V, L, C, R, 8, 1>); break;
-            case 4: go(paged_attention_simt_kernel<T, V, L, C, R, 2, 1>); break;
-            default: go(paged_attention_simt_kernel<T, V, L, C, R, 4, 0>); break;
-          }
-        };
-        if (plan.rows_per_block == 2) {
-          pick(std::integral_constant<int, 2>{});
-        } else {
-          pick(std::integral_constant<int, 4>{});
-        }
-        return;
-      }
-    }
     switch (plan.rows_per_block) {
       case 2: go(paged_attention_simt_kernel<T, V, L, C, 2, 4>); break;
       case 4: go(paged_attention_simt_kernel<T, V, L, C, 4, 4>); break;
