@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import tidal.ops
-from report import print_table, write_markdown
+from report import copy_ceiling_gbs, print_table, time_us, write_markdown
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -101,32 +100,6 @@ def check_mixed(gen, device) -> None:
 
 
 # ---- timing ------------------------------------------------------------------------------------
-
-def time_us(fn, repeats: int, flush: torch.Tensor | None) -> float:
-    """Median device time of fn() in microseconds, CUDA events around each call."""
-    for _ in range(5):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for i in range(repeats):
-        if flush is not None:
-            flush.zero_()  # evicts the inputs from L2 (60 MB on an H200)
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def copy_ceiling_gbs() -> float:
-    n = 1 << 30  # 2 GiB of bf16
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    us = time_us(lambda: dst.copy_(src), 20, None)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n * 2 / (us * 1e-6) / 1e9
-
 
 def bench_shape(num_seqs: int, ctx: int, gen, repeats: int, flush, ceiling: float) -> list[str]:
     inputs = make_inputs([ctx] * num_seqs, gen, "cuda")

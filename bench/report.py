@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import statistics
 import subprocess
 
 
@@ -30,3 +31,35 @@ def write_markdown(path: str, title: str, header: list[str], rows: list[list[str
         f.write("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |\n")
         for line in rows:
             f.write("| " + " | ".join(line) + " |\n")
+
+
+def time_us(fn, repeats: int, flush=None) -> float:
+    """Median device time of fn() in microseconds: 5 warm-up calls, then CUDA events around each of
+    ``repeats`` calls, ``flush`` (a large tensor) zeroed before each to evict the inputs from L2."""
+    import torch
+
+    for _ in range(5):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        if flush is not None:
+            flush.zero_()  # evicts the inputs from L2; also queues work so launch gaps are hidden
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_ceiling_gbs() -> float:
+    """The device-to-device copy ceiling in GB/s (2 GiB bf16 ``copy_``, bytes read + written)."""
+    import torch
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), 20)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / (us * 1e-6) / 1e9
