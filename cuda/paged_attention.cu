@@ -16,8 +16,6 @@ namespace {
 constexpr int kMaxDevices = 64;
 // NOTE(tidal): a split of fewer keys than this costs more in the reduction than it saves.
 constexpr int64_t kMinKeysPerSplit = 128;
-// Decode blocks cover at most this many keys (split otherwise); see make_plan.
-constexpr int64_t kMaxKeysPerSplit = 1024;
 constexpr int kMaxSplits = 64;
 
 int multiprocessor_count(int device) {
@@ -89,14 +87,6 @@ Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_
     const int64_t wanted = (4 * sms + blocks - 1) / std::max<int64_t>(blocks, 1);
     const int64_t by_keys = (std::max<int64_t>(max_seqlen_k, 1) + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
     plan.num_splits = static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
-  }
-  // NOTE(tidal): large decode batches split long contexts too. A (sequence, KV head) per block gave
-  // 2048 blocks for S1 (batch 256) against ~660 resident (5 per SM at 96 registers): 3.1 waves run
-  // as 4, and batch 64 x 2048 ran 1.3 waves as 2. Blocks of <= kMaxKeysPerSplit keys make more,
-  // shorter blocks and a smaller tail; the reduction reads 2 x head_dim floats per split and row.
-  if (max_seqlen_q == 1) {
-    const int64_t by_length = (std::max<int64_t>(max_seqlen_k, 1) + kMaxKeysPerSplit - 1) / kMaxKeysPerSplit;
-    plan.num_splits = static_cast<int>(std::clamp<int64_t>(std::max<int64_t>(plan.num_splits, by_length), 1, kMaxSplits));
   }
   return plan;
 }

@@ -71,15 +71,6 @@ def test_many_sequences_do_not_split(dtype, block_size):
     check(batch, "cuda", 100)  # and with a window, max_seqlen_q / max_seqlen_k computed (-1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_many_sequences_split_long_contexts(dtype):
-    """A large decode batch splits contexts longer than 1024 keys (a smaller tail of blocks)."""
-    contexts = [1 + (389 * i) % 2600 for i in range(300)]  # 1 .. 2600
-    batch = Batch(decode_seqs(contexts), 8, 2, 128, 16, dtype, seed=7)
-    assert splits_keys(batch)
-    check(batch, "cuda", **batch.max_seqlens())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_k_prefill_rows(dtype):
     """The SIMT kernel also takes query runs > 1 (fp32, and 16-bit with other head sizes); a small batch
