@@ -50,6 +50,19 @@ void bind_ops_serving(py::module_& m) {
       py::arg("q_norm_weight"), py::arg("k_norm_weight"), py::arg("eps"), py::arg("stream") = 0,
       "Optional per-head q/k RMSNorm, rotary on query (in place) and key, key and value into the cache.");
   m.def(
+      "fused_moe",
+      [](py::handle out, py::handle x, py::handle router_logits, py::handle w13, py::handle w2, int64_t top_k,
+         bool renormalize, bool fp32_weights, std::uintptr_t stream) {
+        const TensorView out_v = view_capsule(out, "out"), x_v = view_capsule(x, "x");
+        const TensorView logits_v = view_capsule(router_logits, "router_logits");
+        const TensorView w13_v = view_capsule(w13, "w13"), w2_v = view_capsule(w2, "w2");
+        py::gil_scoped_release release;  // milliseconds on the CPU
+        ops::fused_moe(out_v, x_v, logits_v, w13_v, w2_v, top_k, renormalize, fp32_weights, Stream::from_int(stream));
+      },
+      py::arg("out"), py::arg("x"), py::arg("router_logits"), py::arg("w13"), py::arg("w2"), py::arg("top_k"),
+      py::arg("renormalize"), py::arg("fp32_weights"), py::arg("stream") = 0,
+      "Mixture-of-experts MLP with softmax/top-k routing into out (DLPack capsules).");
+  m.def(
       "seeded_exponential",
       [](py::handle out, py::handle seeds, py::handle offsets, std::uintptr_t stream) {
         ops::seeded_exponential(view_capsule(out, "out"), view_capsule(seeds, "seeds"),

@@ -102,7 +102,8 @@ def test_config_errors_name_the_value(tmp_path, raw, message):
 
 
 def test_registry():
-    assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                            "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
     assert all(get_model_class(a) is LlamaForCausalLM for a in SUPPORTED_ARCHITECTURES)
     with pytest.raises(ValueError, match="'FooForCausalLM' is not supported; supported: LlamaForCausalLM"):
         get_model_class("FooForCausalLM")

@@ -99,6 +99,19 @@ int64_t paged_attention_workspace_size(Device device, DType dtype, int64_t num_t
                                        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                        int64_t max_seqlen_q, int64_t max_seqlen_k);
 
+/// A mixture-of-experts MLP layer (Mixtral, Qwen2-MoE, Qwen3-MoE), routing included:
+///   p = softmax(router_logits[t])  (fp32);  S = the top_k experts by p (ties: lower index first);
+///   w_e = p_e / sum_{e' in S} p_e' when renormalize, else p_e; rounded to x's dtype unless fp32_weights;
+///   out[t] = sum_{e in S, ascending e} w_e * W2[e] (silu(G_e x[t]) * (U_e x[t])),  W13[e] = [G_e; U_e]
+/// Tokens are grouped by expert, so each expert's weights are read once per call.
+/// out, x:         [num_tokens, hidden] (row strides any, last dim contiguous), one float dtype;
+/// router_logits:  [num_tokens, num_experts], x's dtype or float32;
+/// w13:            [num_experts, 2 * inter, hidden] contiguous, gate rows then up rows; x's dtype;
+/// w2:             [num_experts, hidden, inter] contiguous; x's dtype;
+/// top_k:          in [1, num_experts]. CPU kernel now; GPU tensors are an error that says so.
+void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorView w13, TensorView w2, int64_t top_k,
+               bool renormalize, bool fp32_weights, Stream stream);
+
 /// Exp(1) noise for seeded sampling (the exponential race argmax(p / E) draws from p):
 ///   out[r, v] = -log(u),  u in (0, 1) from Philox4x32-10 keyed by seeds[r] at counter
 ///   (v / 4, offsets[r] low word, offsets[r] high word, 0), word v % 4.

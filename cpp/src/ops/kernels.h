@@ -76,6 +76,11 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
 // out: [num_rows, vocab] float32 (row stride any, last dim contiguous); seeds, offsets: [num_rows] int64
 void seeded_exponential(TensorView out, TensorView seeds, TensorView offsets, Stream stream);
 
+// out, x: [num_tokens, hidden]; router_logits: [num_tokens, num_experts] (x's dtype or float32);
+// w13: [num_experts, 2 * inter, hidden], w2: [num_experts, hidden, inter], contiguous; 1 <= top_k <= num_experts
+void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorView w13, TensorView w2, int64_t top_k,
+               bool renormalize, bool fp32_weights, Stream stream);
+
 }  // namespace tidal::cpu
 
 namespace tidal::gpu {

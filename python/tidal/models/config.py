@@ -13,12 +13,17 @@ from typing import Any
 
 import torch
 
-#: Architectures (``config.json`` "architectures") the Llama-family definition runs.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+#: Architectures (``config.json`` "architectures") the Llama-family definition runs; the last three
+#: replace some or all MLPs by mixture-of-experts blocks (tidal.models.moe).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 # Used only when a config has no "architectures" entry (e.g. written by PretrainedConfig.save_pretrained).
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                               "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                               "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 #: RoPE variants implemented by tidal.models.rope ("default" is stored as ``rope_scaling=None``).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -29,7 +34,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # NOTE(models): defaults of transformers' config classes for keys a config.json may omit, so a
 # sparse config means here what it means there (Qwen3's head_dim defaults to 128, not hidden/heads).
 _DEFAULT_MAX_POSITIONS = {"LlamaForCausalLM": 2048, "MistralForCausalLM": 4096 * 32,
-                          "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768}
+                          "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768, "MixtralForCausalLM": 4096 * 32,
+                          "Qwen2MoeForCausalLM": 32768, "Qwen3MoeForCausalLM": 32768}
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,24 @@ class ModelConfig:
         The checkpoint's dtype ("dtype" or "torch_dtype"), None when the config has none.
     eos_token_ids : tuple of int
         Every end-of-sequence id (configs may hold one id or a list).
+    num_experts : int
+        Routed experts of a mixture-of-experts block; 0 for a dense model.
+    num_experts_per_tok : int
+        Experts each token is routed to (top-k).
+    moe_intermediate_size : int
+        Each routed expert's MLP width (Mixtral: ``intermediate_size``).
+    shared_expert_intermediate_size : int
+        Width of Qwen2-MoE's always-on shared expert (gated by a sigmoid); 0 for none.
+    norm_topk_prob : bool
+        Renormalise the top-k routing probabilities to sum to 1 (always for Mixtral).
+    routing_weights_fp32 : bool
+        The routing weights multiply the experts' outputs in fp32 (Mixtral) rather than rounded to
+        the model's dtype (Qwen).
+    moe_layers : tuple of bool
+        Per layer, whether its MLP is a mixture-of-experts block (Qwen's ``decoder_sparse_step`` and
+        ``mlp_only_layers``; every layer of Mixtral).
+    router_aux_loss_coef : float
+        The load-balancing loss coefficient of the config (training).
     hf_config : dict
         The parsed config.json, unchanged, for saving a model back in Hugging Face format.
     """
@@ -92,6 +116,14 @@ class ModelConfig:
     dtype: torch.dtype | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    routing_weights_fp32: bool = False
+    moe_layers: tuple[bool, ...] = ()
+    router_aux_loss_coef: float = 0.0
     hf_config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -138,7 +170,9 @@ class ModelConfig:
         o_proj_bias = attention_bias
         if arch == "Qwen2ForCausalLM":
             attention_bias, o_proj_bias = True, False
-        elif arch == "MistralForCausalLM":
+        elif arch == "Qwen2MoeForCausalLM":
+            attention_bias, o_proj_bias = bool(raw.get("qkv_bias", True)), False
+        elif arch in ("MistralForCausalLM", "MixtralForCausalLM"):
             attention_bias = o_proj_bias = False
 
         sliding_window, window_layers = _sliding_window(raw, arch, num_layers, source)
@@ -149,6 +183,7 @@ class ModelConfig:
 
         eos = raw.get("eos_token_id")
         eos_ids = () if eos is None else tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+        moe = _moe(raw, arch, num_layers, source)
         return cls(
             architecture=arch, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, head_dim=int(head_dim),
@@ -157,9 +192,13 @@ class ModelConfig:
             max_position_embeddings=max_pos, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias, o_proj_bias=o_proj_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
-            qk_norm=arch == "Qwen3ForCausalLM", sliding_window=sliding_window,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), sliding_window=sliding_window,
             sliding_window_layers=window_layers, hidden_act="silu", dtype=_dtype(raw, source),
-            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, hf_config=raw)
+            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, **moe, hf_config=raw)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is a mixture-of-experts block."""
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     def layer_sliding_window(self, layer: int) -> int | None:
         """The attention window of layer ``layer`` in tokens, or None for full attention."""
@@ -178,6 +217,39 @@ def _architecture(raw: dict, source: str) -> str:
                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def _moe(raw: dict, arch: str, num_layers: int, source: str) -> dict:
+    """The mixture-of-experts fields of ModelConfig (all zero / empty for dense architectures)."""
+    if arch not in MOE_ARCHITECTURES:
+        return {}
+    num_experts = raw.get("num_local_experts") if arch == "MixtralForCausalLM" else raw.get("num_experts")
+    num_experts = raw.get("num_experts", raw.get("num_local_experts")) if num_experts is None else num_experts
+    top_k = raw.get("num_experts_per_tok")
+    if num_experts is None or top_k is None:
+        raise ValueError(f"{source}: a {arch} config needs num_experts (or num_local_experts) and num_experts_per_tok")
+    num_experts, top_k = int(num_experts), int(top_k)
+    if num_experts < 1 or not 1 <= top_k <= num_experts:
+        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be in [1, num_experts={num_experts}]")
+    if arch == "MixtralForCausalLM":
+        inter = int(raw["intermediate_size"])
+        layers, shared, norm, fp32 = (True,) * num_layers, 0, True, True
+    else:
+        if raw.get("moe_intermediate_size") is None:
+            raise ValueError(f"{source}: required key 'moe_intermediate_size' is missing")
+        inter = int(raw["moe_intermediate_size"])
+        step = int(raw.get("decoder_sparse_step", 1))
+        if step < 1:
+            raise ValueError(f"{source}: decoder_sparse_step={step} must be >= 1")
+        dense = set(raw.get("mlp_only_layers") or [])
+        layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+        shared = int(raw.get("shared_expert_intermediate_size") or 0) if arch == "Qwen2MoeForCausalLM" else 0
+        norm, fp32 = bool(raw.get("norm_topk_prob", False)), False
+    if raw.get("router_jitter_noise"):
+        raise ValueError(f"{source}: router_jitter_noise={raw['router_jitter_noise']} is not supported")
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=inter,
+                shared_expert_intermediate_size=shared, norm_topk_prob=norm, routing_weights_fp32=fp32,
+                moe_layers=layers, router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.0) or 0.0))
+
+
 def _dtype(raw: dict, source: str) -> torch.dtype | None:
     name = raw.get("dtype", raw.get("torch_dtype"))
     if name is None:
@@ -189,14 +261,15 @@ def _dtype(raw: dict, source: str) -> torch.dtype | None:
 
 def _sliding_window(raw: dict, arch: str, num_layers: int, source: str) -> tuple[int | None, tuple[bool, ...]]:
     window = raw.get("sliding_window")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not raw.get("use_sliding_window", False):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM") and \
+            not raw.get("use_sliding_window", False):
         window = None
     if arch == "LlamaForCausalLM" or window is None:
         return None, (False,) * num_layers
     window = int(window)
     if window <= 0:
         raise ValueError(f"{source}: sliding_window={window} must be positive")
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return window, (True,) * num_layers
     layer_types = raw.get("layer_types")
     if layer_types is None:

@@ -1,4 +1,5 @@
-"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2 and Qwen3 from one definition, chosen by config.
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2 and Qwen3 from one definition, chosen by config,
+and their mixture-of-experts variants Mixtral, Qwen2-MoE and Qwen3-MoE (tidal.models.moe).
 
 One set of weights, two forward modes:
 
@@ -28,6 +29,7 @@ import tidal.ops as ops
 from tidal.models import rope
 from tidal.models.attention import AttentionMetadata
 from tidal.models.config import ModelConfig
+from tidal.models.moe import SparseMoeBlock
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -144,7 +146,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = LlamaAttention(config, layer, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(config, dtype, device)
+        self.mlp = SparseMoeBlock(config, dtype, device) if config.is_moe_layer(layer) else LlamaMLP(config, dtype, device)
 
     def forward(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache):
         """Serving. Returns (hidden, residual): the residual stream stays un-normalised in
@@ -344,8 +346,11 @@ class LlamaForCausalLM(nn.Module):
             if cfg.qk_norm:
                 targets[f"{p}self_attn.q_norm.weight"] = (attn.q_norm.weight, None, None)
                 targets[f"{p}self_attn.k_norm.weight"] = (attn.k_norm.weight, None, None)
+            if isinstance(mlp, SparseMoeBlock):
+                targets.update(mlp.hf_targets(p, "mixtral" if cfg.architecture == "MixtralForCausalLM" else "qwen"))
             inter = cfg.intermediate_size
-            for suffix in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+            dense_suffixes = ("weight", "bias") if cfg.mlp_bias else ("weight",)
+            for suffix in () if isinstance(mlp, SparseMoeBlock) else dense_suffixes:
                 fused = getattr(mlp.gate_up_proj, suffix)
                 targets[f"{p}mlp.gate_proj.{suffix}"] = (fused, 0, inter)
                 targets[f"{p}mlp.up_proj.{suffix}"] = (fused, inter, 2 * inter)
@@ -402,5 +407,8 @@ class LlamaForCausalLM(nn.Module):
                     module.weight.normal_(0.0, std, generator=generator)
                     if getattr(module, "bias", None) is not None:
                         module.bias.zero_()
+                elif isinstance(module, SparseMoeBlock):
+                    module.w13.normal_(0.0, std, generator=generator)
+                    module.w2.normal_(0.0, std, generator=generator)
                 elif isinstance(module, RMSNorm):
                     module.weight.fill_(1.0)

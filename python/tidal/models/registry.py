@@ -10,6 +10,9 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": LlamaForCausalLM,  # mixture-of-experts layers by config (tidal.models.moe)
+    "Qwen2MoeForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
 }
 if set(_MODELS) != set(SUPPORTED_ARCHITECTURES):  # the two lists are edited together
     raise ImportError("tidal.models.registry and config.SUPPORTED_ARCHITECTURES disagree")

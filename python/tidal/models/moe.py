@@ -1,0 +1,132 @@
+"""The mixture-of-experts MLP block of Mixtral, Qwen2-MoE and Qwen3-MoE, in the Llama-family layer.
+
+Parameters are stacked per layer: ``w13`` ``[num_experts, 2 * inter, hidden]`` holds every expert's
+gate rows then up rows (Hugging Face's ``w1``/``w3`` or ``gate_proj``/``up_proj``), ``w2``
+``[num_experts, hidden, inter]`` the down projections; the router is ``gate``; Qwen2-MoE adds an
+always-on ``shared_expert`` scaled by ``sigmoid(shared_expert_gate(x))``.
+
+- serving: :func:`tidal.ops.fused_moe` (routing, grouped expert products, weighted combine in one op).
+- training: pure torch and differentiable; the block keeps its last load-balancing auxiliary loss
+  (Switch Transformer / transformers' ``load_balancing_loss_func`` per layer) and router z-loss in
+  ``aux_loss`` and ``z_loss`` for the training engine to add.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tidal.ops as ops
+from tidal.models.config import ModelConfig
+
+
+def _linear(in_features: int, out_features: int, dtype, device) -> nn.Linear:
+    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype, device=device)
+
+
+class SharedExpert(nn.Module):
+    """A dense SiLU MLP with fused gate-up rows (Qwen2-MoE's shared expert)."""
+
+    def __init__(self, hidden: int, inter: int, dtype, device):
+        super().__init__()
+        self.gate_up_proj = _linear(hidden, 2 * inter, dtype, device)
+        self.down_proj = _linear(inter, hidden, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoeBlock(nn.Module):
+    """Routed experts (and an optional shared expert) replacing a layer's MLP."""
+
+    def __init__(self, config: ModelConfig, dtype, device):
+        super().__init__()
+        hidden, inter, experts = config.hidden_size, config.moe_intermediate_size, config.num_experts
+        self.num_experts, self.top_k = experts, config.num_experts_per_tok
+        self.renormalize, self.fp32_weights = config.norm_topk_prob, config.routing_weights_fp32
+        self.gate = _linear(hidden, experts, dtype, device)
+        self.w13 = nn.Parameter(torch.empty(experts, 2 * inter, hidden, dtype=dtype, device=device))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, inter, dtype=dtype, device=device))
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = SharedExpert(hidden, config.shared_expert_intermediate_size, dtype, device)
+            self.shared_expert_gate = _linear(hidden, 1, dtype, device)
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Serving: ``x`` [num_tokens, hidden] -> [num_tokens, hidden]."""
+        out = ops.fused_moe(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize, self.fp32_weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: ``x`` [..., hidden], differentiable through the router and every expert."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = self.gate(flat)
+        probs = logits.float().softmax(dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.fp32_weights:
+            weights = weights.to(x.dtype)
+        out = torch.zeros_like(flat)
+        # NOTE(tidal): tokens sorted by expert, one product per expert that received any; a reference
+        # path for training (the serving op groups the same way without leaving C++).
+        order = experts.flatten().argsort(stable=True)
+        counts = torch.bincount(experts.flatten(), minlength=self.num_experts).tolist()
+        tokens = order // self.top_k
+        inter = self.w2.shape[2]
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = order[start:start + count]
+            token = tokens[start:start + count]
+            start += count
+            h = flat[token] @ self.w13[e].T
+            y = (F.silu(h[:, :inter]) * h[:, inter:]) @ self.w2[e].T
+            out = out.index_add(0, token, (y * weights.flatten()[rows, None]).to(out.dtype))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert.forward_train(flat)
+        self.aux_loss = self.load_balancing_loss(probs, experts)
+        self.z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
+        return out.reshape(shape)
+
+    def load_balancing_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``num_experts * sum_e f_e * P_e``: f_e the share of routed slots that go to expert e, P_e its
+        mean router probability (transformers' load_balancing_loss_func for one layer); 1 when
+        perfectly balanced."""
+        chosen = F.one_hot(experts, self.num_experts).float()  # [tokens, top_k, experts]
+        tokens_per_expert = chosen.mean(dim=0)  # [top_k, experts]
+        router_prob_per_expert = probs.mean(dim=0)  # [experts]
+        return self.num_experts * (tokens_per_expert * router_prob_per_expert[None]).sum()
+
+    def hf_targets(self, prefix: str, family: str) -> dict[str, tuple[torch.Tensor, int | None, int | None]]:
+        """Hugging Face tensor name -> (tensor or view, first row, end row), as LlamaForCausalLM._hf_targets."""
+        inter = self.w2.shape[2]
+        targets = {}
+        if family == "mixtral":
+            block = f"{prefix}block_sparse_moe."
+            names = ("w1", "w3", "w2")
+        else:
+            block = f"{prefix}mlp."
+            names = ("gate_proj", "up_proj", "down_proj")
+        targets[f"{block}gate.weight"] = (self.gate.weight, None, None)
+        for e in range(self.num_experts):
+            targets[f"{block}experts.{e}.{names[0]}.weight"] = (self.w13[e], 0, inter)
+            targets[f"{block}experts.{e}.{names[1]}.weight"] = (self.w13[e], inter, 2 * inter)
+            targets[f"{block}experts.{e}.{names[2]}.weight"] = (self.w2[e], None, None)
+        if self.shared_expert is not None:
+            shared_inter = self.shared_expert.down_proj.weight.shape[1]
+            fused = self.shared_expert.gate_up_proj.weight
+            targets[f"{block}shared_expert.gate_proj.weight"] = (fused, 0, shared_inter)
+            targets[f"{block}shared_expert.up_proj.weight"] = (fused, shared_inter, 2 * shared_inter)
+            targets[f"{block}shared_expert.down_proj.weight"] = (self.shared_expert.down_proj.weight, None, None)
+            targets[f"{block}shared_expert_gate.weight"] = (self.shared_expert_gate.weight, None, None)
+        return targets
