@@ -11,6 +11,8 @@ always-on ``shared_expert`` scaled by ``sigmoid(shared_expert_gate(x))``.
   ``aux_loss`` and ``z_loss`` for the training engine to add.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,8 +56,17 @@ class SparseMoeBlock(nn.Module):
         if config.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(hidden, config.shared_expert_intermediate_size, dtype, device)
             self.shared_expert_gate = _linear(hidden, 1, dtype, device)
+        self.router_aux_loss_coef = config.router_aux_loss_coef
+        # Training knobs (set by the training engine from its ``moe`` config): None = no capacity.
+        self.capacity_factor: float | None = None
+        self.eval_capacity_factor: float | None = None
+        self.min_capacity = 4
+        self.drop_tokens = True
+        # What the last training forward measured.
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None  # [num_experts] routed slots, before dropping
+        self.num_dropped = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Serving: ``x`` [num_tokens, hidden] -> [num_tokens, hidden]."""
@@ -76,19 +87,31 @@ class SparseMoeBlock(nn.Module):
         if not self.fp32_weights:
             weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
-        # NOTE(tidal): tokens sorted by expert, one product per expert that received any; a reference
-        # path for training (the serving op groups the same way without leaving C++).
-        order = experts.flatten().argsort(stable=True)
-        counts = torch.bincount(experts.flatten(), minlength=self.num_experts).tolist()
+        # NOTE(tidal): slots sorted by expert, first choices before second ones (what a capacity keeps),
+        # one product per expert that received any: the training path; the serving op groups the
+        # same way without leaving C++.
+        num_tokens = flat.shape[0]
+        slot_rank = torch.arange(self.top_k, device=x.device).repeat(num_tokens)
+        key = experts.flatten() * (self.top_k * num_tokens) + slot_rank * num_tokens + \
+            torch.arange(num_tokens, device=x.device).repeat_interleave(self.top_k)
+        order = key.argsort()
+        counts_t = torch.bincount(experts.flatten(), minlength=self.num_experts)
+        self.expert_counts = counts_t.detach()
+        counts = counts_t.tolist()
+        capacity = self.capacity(num_tokens)
+        self.num_dropped = sum(max(0, c - capacity) for c in counts) if capacity is not None else 0
         tokens = order // self.top_k
         inter = self.w2.shape[2]
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
-            rows = order[start:start + count]
-            token = tokens[start:start + count]
+            kept = count if capacity is None else min(count, capacity)
+            rows = order[start:start + kept]
+            token = tokens[start:start + kept]
             start += count
+            if kept == 0:
+                continue
             h = flat[token] @ self.w13[e].T
             y = (F.silu(h[:, :inter]) * h[:, inter:]) @ self.w2[e].T
             out = out.index_add(0, token, (y * weights.flatten()[rows, None]).to(out.dtype))
@@ -97,6 +120,13 @@ class SparseMoeBlock(nn.Module):
         self.aux_loss = self.load_balancing_loss(probs, experts)
         self.z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
         return out.reshape(shape)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Routed slots an expert keeps in this forward (DeepSpeed's rule), None for no limit."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None or not self.drop_tokens:
+            return None
+        return max(self.min_capacity, math.ceil(num_tokens * self.top_k / self.num_experts * factor))
 
     def load_balancing_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``num_experts * sum_e f_e * P_e``: f_e the share of routed slots that go to expert e, P_e its

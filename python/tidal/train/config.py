@@ -79,6 +79,23 @@ class ZeroConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """``moe``: the mixture-of-experts knobs (DeepSpeed's MoE layer arguments, as config keys).
+    ``aux_loss_coef`` None takes the model config's ``router_aux_loss_coef``; ``capacity_factor``
+    None means no capacity limit (no token is dropped, as in transformers); with a factor, an expert
+    takes at most ``max(min_capacity, ceil(tokens * top_k / num_experts * factor))`` routed slots per
+    forward, first choices before second ones, and the rest are dropped when ``drop_tokens``.
+    ``ep_size`` > 1 (experts split across ranks) is not implemented yet."""
+    aux_loss_coef: float | None = None
+    z_loss_coef: float = 0.0
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    ep_size: int = 1
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A resolved config. ``train_batch_size == train_micro_batch_size_per_gpu *
     gradient_accumulation_steps * world_size`` always holds."""
@@ -92,6 +109,7 @@ class TrainConfig:
     fp16: FP16Config = field(default_factory=FP16Config)
     bf16: BF16Config = field(default_factory=BF16Config)
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
 
@@ -103,11 +121,12 @@ class TrainConfig:
 
 _TOP_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "zero_optimization",
-             "steps_per_print", "wall_clock_breakdown")
+             "steps_per_print", "wall_clock_breakdown", "moe")
 _OPTIMIZER_TYPES = {"adam": "Adam", "adamw": "AdamW"}
 _OPTIMIZER_PARAMS = ("lr", "betas", "eps", "weight_decay", "adam_w_mode")
 _FP16_KEYS = tuple(f.name for f in dataclasses.fields(FP16Config))
 _ZERO_KEYS = tuple(f.name for f in dataclasses.fields(ZeroConfig))
+_MOE_KEYS = tuple(f.name for f in dataclasses.fields(MoEConfig))
 
 
 def _check_keys(section: Mapping, known, prefix: str) -> None:
@@ -271,6 +290,25 @@ def _zero(config: Mapping) -> ZeroConfig:
     )
 
 
+def _moe(config: Mapping) -> MoEConfig:
+    section = _section(config, "moe")
+    _check_keys(section, _MOE_KEYS, "moe.")
+
+    def optional(key):
+        value = section.get(key)
+        return None if value is None else _float(f"moe.{key}", value, 0.0, exclusive=True)
+
+    aux = section.get("aux_loss_coef")
+    ep_size = _int("moe.ep_size", section.get("ep_size", 1), 1)
+    if ep_size != 1:
+        raise ValueError(f"moe.ep_size={ep_size}: expert parallelism is not implemented yet; use 1")
+    return MoEConfig(aux_loss_coef=None if aux is None else _float("moe.aux_loss_coef", aux, 0.0),
+                     z_loss_coef=_float("moe.z_loss_coef", section.get("z_loss_coef", 0.0), 0.0),
+                     capacity_factor=optional("capacity_factor"), eval_capacity_factor=optional("eval_capacity_factor"),
+                     min_capacity=_int("moe.min_capacity", section.get("min_capacity", 4), 0),
+                     drop_tokens=_bool("moe.drop_tokens", section.get("drop_tokens", True)), ep_size=ep_size)
+
+
 def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainConfig:
     """Validate a DeepSpeed-style config and resolve it for ``world_size`` data-parallel ranks.
 
@@ -299,7 +337,8 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
     world_size = _int("world_size", world_size, 1)
     _check_keys(config, _TOP_KEYS, "")
     # Unknown keys first: a misspelt key is a more useful error than what its absence causes.
-    for key, known in (("fp16", _FP16_KEYS), ("bf16", ("enabled",)), ("zero_optimization", _ZERO_KEYS)):
+    for key, known in (("fp16", _FP16_KEYS), ("bf16", ("enabled",)), ("zero_optimization", _ZERO_KEYS),
+                       ("moe", _MOE_KEYS)):
         _check_keys(_section(config, key), known, f"{key}.")
     tbs, micro, gas = _resolve_batch(config, world_size)
     bf16 = _section(config, "bf16")
@@ -319,6 +358,7 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
         fp16=fp16,
         bf16=bf16,
         zero_optimization=_zero(config),
+        moe=_moe(config),
         steps_per_print=_int("steps_per_print", config.get("steps_per_print", 10), 1),
         wall_clock_breakdown=_bool("wall_clock_breakdown", config.get("wall_clock_breakdown", False)),
     )

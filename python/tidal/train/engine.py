@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from tidal import _core
+from tidal.models.moe import SparseMoeBlock
 from tidal.train import comm
 from tidal.train.config import TrainConfig, load_config
 from tidal.train.loss_scaler import DynamicLossScaler, StaticLossScaler, has_overflow
@@ -72,6 +73,13 @@ class Engine:
     def __init__(self, model: torch.nn.Module, config: TrainConfig):
         self.module = model
         self.config = config
+        self.moe_blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        self.moe_aux_loss: torch.Tensor | None = None
+        for block in self.moe_blocks:
+            block.capacity_factor = config.moe.capacity_factor
+            block.eval_capacity_factor = config.moe.eval_capacity_factor
+            block.min_capacity = config.moe.min_capacity
+            block.drop_tokens = config.moe.drop_tokens
         self.world_size, self.rank = comm.world_size(), comm.rank()
         params, group_starts, module_groups = _params_by_module(model)
         if not params:
@@ -166,8 +174,31 @@ class Engine:
     def loss_scale(self) -> float:
         return 1.0 if self.loss_scaler is None else float(self.loss_scaler.scale)
 
+    def _moe_loss(self) -> torch.Tensor | None:
+        """coef * the MoE blocks' load-balancing losses + z_coef * their router z-losses from the last
+        forward (each block's once), or None when no block ran."""
+        total, aux_sum, moe = None, None, self.config.moe
+        for block in self.moe_blocks:
+            if block.aux_loss is None:
+                continue
+            coef = block.router_aux_loss_coef if moe.aux_loss_coef is None else moe.aux_loss_coef
+            term = coef * block.aux_loss + moe.z_loss_coef * block.z_loss
+            total = term if total is None else total + term
+            aux_sum = block.aux_loss.detach() if aux_sum is None else aux_sum + block.aux_loss.detach()
+            block.aux_loss = block.z_loss = None
+        if aux_sum is not None:
+            self.moe_aux_loss = aux_sum
+        return total
+
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's loss; gradients accumulate in fp32 until the boundary."""
+        """Backward of one micro-batch's loss; gradients accumulate in fp32 until the boundary.
+
+        With mixture-of-experts layers, the loss backpropagated also holds ``moe.aux_loss_coef`` times
+        each layer's load-balancing loss and ``moe.z_loss_coef`` times its router z-loss from the last
+        forward; the sum of the load-balancing losses is kept in ``moe_aux_loss``."""
+        extra = self._moe_loss()
+        if extra is not None:
+            loss = loss + extra
         scaled = loss.float() * (self.loss_scale / self.gradient_accumulation_steps)
         with warnings.catch_warnings():
             # stage 3's backward pre-hooks also fire on modules whose inputs need no gradient (the
@@ -213,8 +244,9 @@ class Engine:
         self.global_steps += 1
         every = self.config.steps_per_print
         if every and self.global_steps % every == 0 and self.rank == 0:
-            _log.info("step %d: lr %.3g, loss scale %g, skipped %d", self.global_steps, self._lr(), self.loss_scale,
-                      self.skipped_steps)
+            aux = "" if self.moe_aux_loss is None else f", moe aux loss {float(self.moe_aux_loss):.4g}"
+            _log.info("step %d: lr %.3g, loss scale %g, skipped %d%s", self.global_steps, self._lr(), self.loss_scale,
+                      self.skipped_steps, aux)
 
     # ---- pieces of the step --------------------------------------------------------------------
 
