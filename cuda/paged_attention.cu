@@ -64,11 +64,11 @@ __global__ void __launch_bounds__(128) paged_attention_reduce_kernel(PagedParams
 }  // namespace
 
 Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               int64_t max_seqlen_q, int64_t max_seqlen_k, int device) {
+               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores) {
   Plan plan;
   const int64_t group = num_heads / num_kv_heads;
   const int64_t rows = std::max<int64_t>(max_seqlen_q, 1) * group;
-  if (max_seqlen_q > 1 && has_tensor_core_kernel(dtype, head_dim)) {
+  if (allow_tensor_cores && max_seqlen_q > 1 && has_tensor_core_kernel(dtype, head_dim)) {
     plan.tensor_cores = true;
     plan.rows_per_block = kPrefillRows;
     plan.row_blocks = static_cast<int>((rows + kPrefillRows - 1) / kPrefillRows);
@@ -129,12 +129,9 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
   if (plan.tensor_cores &&
       (!is_aligned(query.data, 16) || query.stride(0) % 8 != 0 || query.stride(1) % 8 != 0 || out.stride(0) % 2 != 0 ||
        out.stride(1) % 2 != 0 || !is_aligned(key_cache.data, 16) || !is_aligned(value_cache.data, 16))) {
-    plan = attn::make_plan(query.dtype, num_seqs, num_heads, key_cache.size(2), head_dim, 1, max_seqlen_k,
-                           query.device.index);
-    // Re-plan the SIMT kernel's rows for the real query length.
-    const int64_t rows = std::max<int64_t>(max_seqlen_q, 1) * (num_heads / key_cache.size(2));
-    plan.rows_per_block = 8;
-    plan.row_blocks = static_cast<int>((rows + 7) / 8);
+    plan = attn::make_plan(query.dtype, num_seqs, num_heads, key_cache.size(2), head_dim, max_seqlen_q, max_seqlen_k,
+                           query.device.index, /*allow_tensor_cores=*/false);
+    // The caller sized the workspace for the tensor-core plan, which never splits keys.
     plan.num_splits = 1;
   }
   const int64_t needed = attn::workspace_bytes(plan, num_tokens, num_heads, head_dim);

@@ -39,8 +39,9 @@ struct Plan {
   int num_splits = 1;
 };
 
+/// `allow_tensor_cores` false: the SIMT kernel for every case (inputs the tensor-core kernel cannot load).
 Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               int64_t max_seqlen_q, int64_t max_seqlen_k, int device);
+               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores = true);
 
 /// Bytes of fp32 scratch the split-K path needs (0 when the plan does not split).
 int64_t workspace_bytes(const Plan& plan, int64_t num_tokens, int64_t num_heads, int64_t head_dim);

@@ -42,7 +42,5 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) { return __float2b
 #define TIDAL_LDG(ptr) __ldg(ptr)
 // Orders the shared-memory accesses of the lanes of one warp (the lanes that reach it).
 #define TIDAL_SYNCWARP() __syncwarp()
-// Broadcast of `value` from lane `src` to every lane of the warp (full mask).
-#define TIDAL_SHFL(value, src) __shfl_sync(0xffffffffu, (value), (src))
 
 #endif  // TIDAL_USE_HIP

@@ -80,4 +80,3 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) { return bf16_t(v)
 #define TIDAL_LDG(ptr) (*(ptr))
 // A wavefront runs in lockstep; the fence makes its LDS writes visible to its other lanes.
 #define TIDAL_SYNCWARP() __builtin_amdgcn_fence(__ATOMIC_SEQ_CST, "wavefront")
-#define TIDAL_SHFL(value, src) __shfl((value), (src))

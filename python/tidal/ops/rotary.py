@@ -8,6 +8,7 @@ rotated through those views without copies. CPU and CUDA kernels; also the fused
 import torch
 
 from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
+from tidal.ops.kv_cache import _check as check_cache_write
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -132,8 +133,7 @@ def _check_fused(positions, query, key, value, key_cache, value_cache, slot_mapp
                          f"and {tuple(key.shape)}")
     head_dim = query.shape[2]
     _check(positions, query, key, head_dim, cos_sin_cache)
-    from tidal.ops.kv_cache import _check as check_cache
-    check_cache(key, value, key_cache, value_cache, slot_mapping)
+    check_cache_write(key, value, key_cache, value_cache, slot_mapping)
     for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
         if w is None:
             continue
