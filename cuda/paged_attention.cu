@@ -17,6 +17,7 @@ constexpr int kMaxDevices = 64;
 // NOTE(tidal): a split of fewer keys than this costs more in the reduction than it saves.
 constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int kMaxSplits = 64;
+constexpr int64_t kBlocksPerSmTarget = 12;
 
 int multiprocessor_count(int device) {
   static int counts[kMaxDevices] = {};
@@ -76,15 +77,16 @@ Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_
   }
   plan.rows_per_block = rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
   plan.row_blocks = static_cast<int>((rows + plan.rows_per_block - 1) / plan.rows_per_block);
-  // NOTE(tidal): flash-decoding. With fewer blocks than ~2 per SM (small batches, one KV head per
-  // block), the key range of each (sequence, KV head) is split so the grid reaches ~4 blocks per
-  // SM; each split keeps >= kMinKeysPerSplit keys. The split count depends on shapes only, so a
-  // CUDA graph captured at max_seqlen_k = max_model_len stays right for shorter contexts: the
-  // kernel sizes each split from the sequence's own length.
+  // NOTE(tidal): flash-decoding. The decode kernel holds about 3 blocks per SM (64 KB of shared
+  // memory each); with fewer than ~4 waves of blocks the last wave leaves SMs idle, so the key range
+  // of each (sequence, KV head) is split until the grid reaches ~12 blocks per SM, each split
+  // keeping >= kMinKeysPerSplit keys. The split count depends on shapes only, so a CUDA graph
+  // captured at max_seqlen_k = max_model_len stays right for shorter contexts: the kernel sizes
+  // each split from the sequence's own length.
   const int64_t blocks = num_seqs * num_kv_heads * plan.row_blocks;
-  const int64_t sms = multiprocessor_count(device);
-  if (blocks < 2 * sms) {
-    const int64_t wanted = (4 * sms + blocks - 1) / std::max<int64_t>(blocks, 1);
+  const int64_t target = kBlocksPerSmTarget * multiprocessor_count(device);
+  if (blocks < target) {
+    const int64_t wanted = (target + blocks - 1) / std::max<int64_t>(blocks, 1);
     const int64_t by_keys = (std::max<int64_t>(max_seqlen_k, 1) + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
     plan.num_splits = static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
   }

@@ -65,7 +65,7 @@ def test_decode_gqa_ratios(dtype, contexts, heads):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_many_sequences_do_not_split(dtype, block_size):
     contexts = [1 + (37 * i) % 450 for i in range(300)]  # 1 .. 450, most ending mid-block
-    batch = Batch(decode_seqs(contexts), 8, 2, 64, block_size, dtype, seed=block_size)
+    batch = Batch(decode_seqs(contexts), 16, 8, 64, block_size, dtype, seed=block_size)  # 2400 blocks
     assert not splits_keys(batch)
     check(batch, "cuda", **batch.max_seqlens())
     check(batch, "cuda", 100)  # and with a window, max_seqlen_q / max_seqlen_k computed (-1)
