@@ -75,7 +75,15 @@ Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_
     plan.row_blocks = static_cast<int>((rows + kPrefillRows - 1) / kPrefillRows);
     return plan;
   }
-  plan.rows_per_block = rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+  // NOTE(tidal): decode with a KV head per 3 or more query heads goes to tensor cores (see
+  // paged_decode.cuh); groups of 1 and 2 keep the SIMT kernel, where an m16 tile would be mostly
+  // empty rows.
+  if (allow_tensor_cores && max_seqlen_q <= 1 && group >= 3 && has_tensor_core_kernel(dtype, head_dim)) {
+    plan.decode_tensor_cores = true;
+    plan.rows_per_block = kDecodeRows;
+  } else {
+    plan.rows_per_block = rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+  }
   plan.row_blocks = static_cast<int>((rows + plan.rows_per_block - 1) / plan.rows_per_block);
   // NOTE(tidal): flash-decoding. The decode kernel holds about 3 blocks per SM (64 KB of shared
   // memory each); with fewer than ~4 waves of blocks the last wave leaves SMs idle, so the key range
@@ -127,14 +135,16 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
   DeviceGuard guard(query.device.index);
   attn::Plan plan = attn::make_plan(query.dtype, num_seqs, num_heads, key_cache.size(2), head_dim, max_seqlen_q,
                                     max_seqlen_k, query.device.index);
-  // The tensor-core kernel moves Q in 16-byte chunks.
-  if (plan.tensor_cores &&
+  // The tensor-core kernels move Q in 16-byte chunks.
+  if ((plan.tensor_cores || plan.decode_tensor_cores) &&
       (!is_aligned(query.data, 16) || query.stride(0) % 8 != 0 || query.stride(1) % 8 != 0 || out.stride(0) % 2 != 0 ||
        out.stride(1) % 2 != 0 || !is_aligned(key_cache.data, 16) || !is_aligned(value_cache.data, 16))) {
+    // The caller sized the workspace for the tensor-core plan (the prefill kernel never splits
+    // keys): the SIMT plan may split into no more slices than that.
+    const int sized_splits = plan.tensor_cores ? 1 : plan.num_splits;
     plan = attn::make_plan(query.dtype, num_seqs, num_heads, key_cache.size(2), head_dim, max_seqlen_q, max_seqlen_k,
                            query.device.index, /*allow_tensor_cores=*/false);
-    // The caller sized the workspace for the tensor-core plan, which never splits keys.
-    plan.num_splits = 1;
+    plan.num_splits = std::min(plan.num_splits, sized_splits);
   }
   const int64_t needed = attn::workspace_bytes(plan, num_tokens, num_heads, head_dim);
   TIDAL_CHECK(workspace.numel() * workspace.element_size() >= needed, "workspace holds ",
@@ -167,19 +177,26 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
     p.split_ml = p.split_acc + num_tokens * num_heads * plan.num_splits * head_dim;
   }
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  if (plan.tensor_cores) {
+  if (plan.decode_tensor_cores) {
+    if (query.dtype == DType::kBFloat16) {
+      attn::launch_decode_bf16(p, plan, s);
+    } else {
+      attn::launch_decode_f16(p, plan, s);
+    }
+  } else if (plan.tensor_cores) {
     if (query.dtype == DType::kBFloat16) {
       attn::launch_prefill_bf16(p, plan, s);
     } else {
       attn::launch_prefill_f16(p, plan, s);
     }
-    return;
-  }
-  switch (query.dtype) {
-    case DType::kFloat32: attn::launch_simt_f32(p, plan, s); break;
-    case DType::kFloat16: attn::launch_simt_f16(p, plan, s); break;
-    case DType::kBFloat16: attn::launch_simt_bf16(p, plan, s); break;
-    default: TIDAL_THROW_(std::invalid_argument, "query.dtype=", dtype_name(query.dtype), " is not supported");
+    return;  // the prefill kernel never splits keys
+  } else {
+    switch (query.dtype) {
+      case DType::kFloat32: attn::launch_simt_f32(p, plan, s); break;
+      case DType::kFloat16: attn::launch_simt_f16(p, plan, s); break;
+      case DType::kBFloat16: attn::launch_simt_bf16(p, plan, s); break;
+      default: TIDAL_THROW_(std::invalid_argument, "query.dtype=", dtype_name(query.dtype), " is not supported");
+    }
   }
   if (plan.num_splits > 1) attn::launch_split_reduce(p, query.dtype, num_tokens, s);
 }

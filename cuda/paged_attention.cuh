@@ -34,6 +34,7 @@ struct PagedParams {
 /// The kernel and grid for one call, chosen on the host from shapes alone (no device reads).
 struct Plan {
   bool tensor_cores = false;  // the mma.sync prefill kernel (16-bit types, head_dim 64/128/256)
+  bool decode_tensor_cores = false;  // the mma.sync decode kernel (the same types; GQA groups >= 3)
   int rows_per_block = 0;     // query rows (token, head) per block
   int row_blocks = 0;         // blocks along the rows of the longest sequence
   int num_splits = 1;
@@ -55,9 +56,13 @@ void launch_split_reduce(const PagedParams& p, DType dtype, int64_t num_tokens, 
 // The tensor-core prefill kernel (CUDA only).
 void launch_prefill_f16(const PagedParams& p, const Plan& plan, cudaStream_t stream);
 void launch_prefill_bf16(const PagedParams& p, const Plan& plan, cudaStream_t stream);
+// The tensor-core decode kernel (CUDA only).
+void launch_decode_f16(const PagedParams& p, const Plan& plan, cudaStream_t stream);
+void launch_decode_bf16(const PagedParams& p, const Plan& plan, cudaStream_t stream);
 
 inline constexpr int kSimtThreads = 128;  // 4 warps (CUDA) per block
-inline constexpr int kPrefillRows = 64;   // query rows per block of the tensor-core kernel
+inline constexpr int kPrefillRows = 64;   // query rows per block of the tensor-core prefill kernel
+inline constexpr int kDecodeRows = 16;    // and of the tensor-core decode kernel
 
 /// Merges the online-softmax state (m2, l2) into (m1, l1) and returns the scales of both sides'
 /// accumulators. m is a running max in base 2, -inf when nothing was seen yet.

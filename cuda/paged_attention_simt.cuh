@@ -149,9 +149,46 @@ __device__ __forceinline__ void attend(int base, int grp, int end, int window, c
   }
 }
 
-// Merges the lane groups of each warp (each saw different keys), then the warps, and writes the
-// rows: to `out`, or to the split buffers when the keys are split. red_acc holds
-// [kSimtWarps][kRows][kLanes * kVec * kChunks] floats, red_m and red_l [kSimtWarps][kRows].
+// Every warp's partial rows (red_acc [kSimtWarps][kRows][kPadDim] unnormalised outputs, red_m and
+// red_l [kSimtWarps][kRows] their running max and sum, written before a __syncthreads) combined and
+// written: to `out`, or to the split buffers when the keys are split.
+template <typename T, int kRows, int kPadDim>
+__device__ __forceinline__ void store_rows(const PagedParams& p, const RowSpan& s, int kv_head, int split,
+                                           const float* red_acc, const float* red_m, const float* red_l) {
+  const int head_dim = p.head_dim;
+  for (int idx = threadIdx.x; idx < kRows * kPadDim; idx += kSimtThreads) {
+    const int r = idx / kPadDim, e = idx % kPadDim;
+    const int flat = s.first_row + r;
+    if (flat > s.last_row || e >= head_dim) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kSimtWarps; ++w) mx = fmaxf(mx, red_m[w * kRows + r]);
+    const float safe = mx == -INFINITY ? 0.0f : mx;
+    float num = 0.0f, den = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kSimtWarps; ++w) {
+      const float scale = exp2f(red_m[w * kRows + r] - safe);
+      num += red_acc[(w * kRows + r) * kPadDim + e] * scale;
+      den += red_l[w * kRows + r] * scale;
+    }
+    const int64_t token = s.q_begin + flat / s.group;
+    const int head = kv_head * s.group + flat % s.group;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + token * p.out_token_stride + head * p.out_head_stride;
+      out[e] = from_float<T>(den > 0.0f ? num / den : 0.0f);
+    } else {
+      const int64_t slot = (token * p.num_heads + head) * p.num_splits + split;
+      p.split_acc[slot * head_dim + e] = num;
+      if (e == 0) {
+        p.split_ml[slot * 2] = mx;
+        p.split_ml[slot * 2 + 1] = den;
+      }
+    }
+  }
+}
+
+// Merges the lane groups of each warp (each saw different keys), then the warps (store_rows).
+// red_acc holds [kSimtWarps][kRows][kLanes * kVec * kChunks] floats, red_m and red_l [kSimtWarps][kRows].
 template <typename T, int kVec, int kLanes, int kChunks, int kRows>
 __device__ __forceinline__ void merge_and_store(const PagedParams& p, const RowSpan& s, int kv_head, int split,
                                                 float (&m)[kRows], float (&l)[kRows],
@@ -188,36 +225,7 @@ __device__ __forceinline__ void merge_and_store(const PagedParams& p, const RowS
     }
   }
   __syncthreads();
-  const int head_dim = p.head_dim;
-  for (int idx = threadIdx.x; idx < kRows * kPadDim; idx += kSimtThreads) {
-    const int r = idx / kPadDim, e = idx % kPadDim;
-    const int flat = s.first_row + r;
-    if (flat > s.last_row || e >= head_dim) continue;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kSimtWarps; ++w) mx = fmaxf(mx, red_m[w * kRows + r]);
-    const float safe = mx == -INFINITY ? 0.0f : mx;
-    float num = 0.0f, den = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kSimtWarps; ++w) {
-      const float scale = exp2f(red_m[w * kRows + r] - safe);
-      num += red_acc[(w * kRows + r) * kPadDim + e] * scale;
-      den += red_l[w * kRows + r] * scale;
-    }
-    const int64_t token = s.q_begin + flat / s.group;
-    const int head = kv_head * s.group + flat % s.group;
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out) + token * p.out_token_stride + head * p.out_head_stride;
-      out[e] = from_float<T>(den > 0.0f ? num / den : 0.0f);
-    } else {
-      const int64_t slot = (token * p.num_heads + head) * p.num_splits + split;
-      p.split_acc[slot * head_dim + e] = num;
-      if (e == 0) {
-        p.split_ml[slot * 2] = mx;
-        p.split_ml[slot * 2 + 1] = den;
-      }
-    }
-  }
+  store_rows<T, kRows, kPadDim>(p, s, kv_head, split, red_acc, red_m, red_l);
 }
 
 // Element offset of key j's row for kv_head in the cache, -1 when j is past `end`.

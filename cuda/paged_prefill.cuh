@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda/async_copy.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/paged_attention.cuh"
 
 #if !defined(TIDAL_USE_HIP)
@@ -21,56 +22,6 @@ namespace tidal::gpu::attn {
 // all 500, so this kernel needs to be reasonable, not heroic: mma.sync at well under the wgmma
 // peak is enough. A 64-key tile of K and V for head_dim 128 in bf16 is 32 KB; Q (16 KB) + two
 // stages of K and V (64 KB) = 80 KB of shared memory: two blocks per SM.
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, bf16_t>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t word;
-  if constexpr (std::is_same_v<T, bf16_t>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    memcpy(&word, &v, sizeof(word));
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    memcpy(&word, &v, sizeof(word));
-  }
-  return word;
-}
-
-// Element offset of 16-byte chunk `chunk` of row `row` in a [rows, kHeadDim] tile: chunks are
-// XOR-swizzled by row % 8 so the 8 rows an ldmatrix phase reads hit 8 different bank groups.
-template <int kHeadDim>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-}
 
 template <typename T, int kHeadDim, int kBlockN>
 __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {

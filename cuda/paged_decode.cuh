@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: Apache-2.0
+// The tensor-core paged-attention kernel for decode in fp16 and bf16 when a KV head serves several
+// query heads (GQA groups of 3 and more): the group's rows (one token each) form one m16 tile, so a
+// K/V element read from HBM meets every query head of its group in one mma.sync. A block is those
+// 16 rows x one KV head x one key split, 4 warps; each key tile of kBlockN = 64 keys goes through a
+// ring of kStages shared-memory stages by cp.async, warp w takes the tile's keys [16 w, 16 w + 16)
+// with an online softmax of its own, and the warps' states are merged at the end (store_rows).
+// NVIDIA-only (inline PTX): under HIP the SIMT kernel takes every case instead.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/async_copy.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/paged_attention_simt.cuh"
+
+#if !defined(TIDAL_USE_HIP)
+
+namespace tidal::gpu::attn {
+
+// NOTE(tidal): why tensor cores for a memory-bound kernel. Measured on H200 at batch 64 x context
+// 2048 (Llama-3-8B heads, bf16): the SIMT kernel reached 46-52% of the copy ceiling whether its keys
+// came straight into registers or through a 4-stage cp.async ring, so HBM was not what bounded it:
+// issue was. Per key and KV head it spends ~60 warp instructions (per-row FMAs on 16 lanes, four
+// shuffles per row for the dot products, bf16 unpacking); here 16 keys x 16 rows cost 32 mma.sync
+// and 12 ldmatrix per warp for head_dim 128, under 3 instructions per key.
+template <typename T, int kHeadDim, int kStages>
+struct DecodeTiles {
+  static constexpr int kBlockM = 16;  // rows: (token, head of the group) pairs
+  static constexpr int kBlockN = 64;  // keys per tile, 16 per warp
+  static constexpr int kTileElems = kBlockN * kHeadDim;
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kSmemBytes =
+      std::max((kQElems + 2 * kStages * kTileElems) * static_cast<int>(sizeof(T)),
+               kSimtWarps * kBlockM * kHeadDim * static_cast<int>(sizeof(float)));
+};
+
+template <typename T, int kHeadDim, int kStages>
+__global__ void __launch_bounds__(128) paged_decode_kernel(PagedParams p) {
+  using Tiles = DecodeTiles<T, kHeadDim, kStages>;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
+  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  constexpr int kDimSteps = kHeadDim / 16;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);  // [kBlockM, kHeadDim]
+  T* s_kv = s_q + Tiles::kQElems;       // [kStages][K, V][kBlockN, kHeadDim], swizzled
+  __shared__ float red_m[kSimtWarps * kBlockM], red_l[kSimtWarps * kBlockM];
+
+  const int kv_head = blockIdx.y % p.num_kv_heads, split = blockIdx.y / p.num_kv_heads;
+  RowSpan s;
+  if (!row_span<kBlockM>(p, split, s)) return;
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const T* query = static_cast<const T*>(p.query);
+  const T* k_cache = static_cast<const T*>(p.key_cache);
+  const T* v_cache = static_cast<const T*>(p.value_cache);
+  const int32_t* table = p.block_tables + blockIdx.z * p.block_table_stride;
+  const int num_rows = s.last_row - s.first_row + 1;
+
+#pragma unroll
+  for (int n = 0; n < kBlockM * kChunks / 128; ++n) {
+    const int i = n * 128 + tid, row = i / kChunks, chunk = i % kChunks;
+    const bool valid = row < num_rows;
+    const int flat = s.first_row + row;
+    const T* src = valid ? query + (s.q_begin + flat / s.group) * p.q_token_stride +
+                               (kv_head * s.group + flat % s.group) * p.q_head_stride + chunk * 8
+                         : query;
+    cp_async_16(shared_address(s_q + swizzle<kHeadDim>(row, chunk)), src, valid);
+  }
+  const int num_tiles = s.end > s.begin ? (s.end - s.begin + kBlockN - 1) / kBlockN : 0;
+  // Requests tile t (keys s.begin + 64 t ...) into stage t % kStages; keys past the split's end are
+  // zero-filled and never read from the cache.
+  auto request = [&](int t) {
+    T* k_dst = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
+    T* v_dst = k_dst + Tiles::kTileElems;
+#pragma unroll
+    for (int n = 0; n < kBlockN * kChunks / 128; ++n) {
+      const int i = n * 128 + tid, row = i / kChunks, chunk = i % kChunks;
+      const int64_t offset =
+          key_offset(table, s.begin + t * kBlockN + row, s.end, p.block_size, p.num_kv_heads, kv_head, kHeadDim);
+      const int64_t src = offset >= 0 ? offset + chunk * 8 : 0;
+      const int dst = swizzle<kHeadDim>(row, chunk);
+      cp_async_16(shared_address(k_dst + dst), k_cache + src, offset >= 0);
+      cp_async_16(shared_address(v_dst + dst), v_cache + src, offset >= 0);
+    }
+  };
+  request(0);  // with Q, in the first commit group
+  cp_async_commit();
+#pragma unroll
+  for (int t = 1; t < kStages - 1; ++t) {
+    if (t < num_tiles) request(t);
+    cp_async_commit();
+  }
+
+  // This lane's two rows of the 16: lane / 4 and lane / 4 + 8.
+  int pos[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = lane / 4 + rr * 8;
+    pos[rr] = row < num_rows ? s.first_pos + (s.first_row + row) / s.group : -1;
+  }
+  const int window = p.sliding_window;
+  uint32_t q_frag[kDimSteps][4];
+  float o[kHeadDim / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < kHeadDim / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  for (int t = 0; t < num_tiles; ++t) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile t is in; every warp is done with the stage tile t + kStages - 1 reuses
+    if (t + kStages - 1 < num_tiles) request(t + kStages - 1);
+    cp_async_commit();
+    if (t == 0) {
+#pragma unroll
+      for (int kk = 0; kk < kDimSteps; ++kk) {
+        ldmatrix_x4(q_frag[kk], shared_address(s_q + swizzle<kHeadDim>(lane & 15, kk * 2 + (lane >> 4))));
+      }
+    }
+    const T* k_tile = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
+    const T* v_tile = k_tile + Tiles::kTileElems;
+    // S = Q K^T for the warp's 16 keys: two n8 tiles.
+    float sc[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kDimSteps; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, shared_address(k_tile + swizzle<kHeadDim>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                                kk * 2 + ((lane >> 3) & 1))));
+      mma_16816<T>(sc[0], q_frag[kk], b[0], b[1]);
+      mma_16816<T>(sc[1], q_frag[kk], b[2], b[3]);
+    }
+    const int n0 = s.begin + t * kBlockN + warp * 16;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = n0 + nt * 8 + (lane % 4) * 2 + (i & 1);
+        const int row_pos = pos[i / 2];
+        const bool visible = j < s.end && j <= row_pos && (window <= 0 || j > row_pos - window);
+        sc[nt][i] = visible ? sc[nt][i] * p.scale_log2 : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = fmaxf(m[rr], fmaxf(fmaxf(sc[0][2 * rr], sc[0][2 * rr + 1]), fmaxf(sc[1][2 * rr], sc[1][2 * rr + 1])));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float safe = mx == -INFINITY ? 0.0f : mx;
+      const float alpha = exp2f(m[rr] - safe);
+      m[rr] = mx;
+      l[rr] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+        o[dt][2 * rr] *= alpha;
+        o[dt][2 * rr + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const float p0 = exp2f(sc[nt][2 * rr] - safe), p1 = exp2f(sc[nt][2 * rr + 1] - safe);
+        sc[nt][2 * rr] = p0;
+        sc[nt][2 * rr + 1] = p1;
+        l[rr] += p0 + p1;  // this lane's columns; the quad is summed at the end
+      }
+    }
+    // O += P V over the warp's 16 keys.
+    const uint32_t a[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]), pack2<T>(sc[1][0], sc[1][1]),
+                           pack2<T>(sc[1][2], sc[1][3])};
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, shared_address(v_tile + swizzle<kHeadDim>(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                                      dp * 2 + (lane >> 4))));
+      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the stages become the warps' merge scratch
+
+  float* red_acc = reinterpret_cast<float*>(smem);  // [kSimtWarps][kBlockM][kHeadDim]
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+    const int row = lane / 4 + rr * 8;
+    float* dst = red_acc + (warp * kBlockM + row) * kHeadDim + (lane % 4) * 2;
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      dst[dt * 8] = o[dt][2 * rr];
+      dst[dt * 8 + 1] = o[dt][2 * rr + 1];
+    }
+    if (lane % 4 == 0) {
+      red_m[warp * kBlockM + row] = m[rr];
+      red_l[warp * kBlockM + row] = l[rr];
+    }
+  }
+  __syncthreads();
+  store_rows<T, kBlockM, kHeadDim>(p, s, kv_head, split, red_acc, red_m, red_l);
+}
+
+template <typename T, int kHeadDim, int kStages>
+void launch_decode_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
+  constexpr int kSmem = DecodeTiles<T, kHeadDim, kStages>::kSmemBytes;
+  auto kernel = paged_decode_kernel<T, kHeadDim, kStages>;
+  TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads * plan.num_splits),
+                  static_cast<unsigned>(p.num_seqs));
+  kernel<<<grid, 128, kSmem, stream>>>(p);
+  TIDAL_CUDA_CHECK(cudaGetLastError());
+}
+
+// NOTE(tidal): a stage is 2 x 64 keys x head_dim x 2 bytes (32 KB for head_dim 128): three stages
+// (two in flight, 64 KB) and Q make 100 KB, two blocks per SM; head_dim 256 takes two stages.
+template <typename T>
+void launch_decode(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: launch_decode_tile<T, 64, 4>(p, plan, stream); break;
+    case 128: launch_decode_tile<T, 128, 3>(p, plan, stream); break;
+    case 256: launch_decode_tile<T, 256, 2>(p, plan, stream); break;
+    default: TIDAL_THROW_(Error, "paged_attention: no tensor-core decode kernel for head_dim=", p.head_dim);
+  }
+}
+
+}  // namespace tidal::gpu::attn
+
+#endif  // !TIDAL_USE_HIP
