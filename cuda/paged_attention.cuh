@@ -24,6 +24,7 @@ struct PagedParams {
   const int32_t* seq_lens;      // [num_seqs]
   const int32_t* cu_seqlens_q;  // [num_seqs + 1]
   int num_seqs, num_heads, num_kv_heads, head_dim, block_size;
+  int block_shift;     // log2(block_size) when it is a power of two, else -1
   float scale_log2;    // scale * log2(e): scores live in base 2 (exp2)
   int sliding_window;  // <= 0: none
   int num_splits;      // key splits per (sequence, KV head, row run); > 1 needs the two buffers below
@@ -34,7 +35,7 @@ struct PagedParams {
 /// The kernel and grid for one call, chosen on the host from shapes alone (no device reads).
 struct Plan {
   bool tensor_cores = false;  // the mma.sync prefill kernel (16-bit types, head_dim 64/128/256)
-  bool decode_tensor_cores = false;  // the mma.sync decode kernel (the same types; GQA groups >= 3)
+  bool decode_tensor_cores = false;  // the mma.sync decode kernel (the same types; GQA groups >= 2)
   int rows_per_block = 0;     // query rows (token, head) per block
   int row_blocks = 0;         // blocks along the rows of the longest sequence
   int num_splits = 1;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The tensor-core paged-attention kernel for decode in fp16 and bf16 when a KV head serves several
-// query heads (GQA groups of 3 and more): the group's rows (one token each) form one m16 tile, so a
+// query heads (GQA groups of 2 and more): the group's rows (one token each) form one m16 tile, so a
 // K/V element read from HBM meets every query head of its group in one mma.sync. A block is those
 // 16 rows x one KV head x one key split, 4 warps; each key tile of kBlockN = 64 keys goes through a
 // ring of kStages shared-memory stages by cp.async, warp w takes the tile's keys [16 w, 16 w + 16)
@@ -29,69 +29,86 @@ struct DecodeTiles {
   static constexpr int kBlockM = 16;  // rows: (token, head of the group) pairs
   static constexpr int kBlockN = 64;  // keys per tile, 16 per warp
   static constexpr int kTileElems = kBlockN * kHeadDim;
-  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kLoads = kBlockN * (kHeadDim / 8) / 128;  // K (and V) rows' chunks per thread per tile
   static constexpr int kSmemBytes =
-      std::max((kQElems + 2 * kStages * kTileElems) * static_cast<int>(sizeof(T)),
+      std::max(2 * kStages * kTileElems * static_cast<int>(sizeof(T)),
                kSimtWarps * kBlockM * kHeadDim * static_cast<int>(sizeof(float)));
 };
 
-template <typename T, int kHeadDim, int kStages>
-__global__ void __launch_bounds__(128) paged_decode_kernel(PagedParams p) {
+template <typename T, int kHeadDim, int kStages, int kMinBlocks = 1>
+__global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedParams p) {
   using Tiles = DecodeTiles<T, kHeadDim, kStages>;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   constexpr int kDimSteps = kHeadDim / 16;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* s_q = reinterpret_cast<T*>(smem);  // [kBlockM, kHeadDim]
-  T* s_kv = s_q + Tiles::kQElems;       // [kStages][K, V][kBlockN, kHeadDim], swizzled
+  T* s_kv = reinterpret_cast<T*>(smem);  // [kStages][K, V][kBlockN, kHeadDim], swizzled
   __shared__ float red_m[kSimtWarps * kBlockM], red_l[kSimtWarps * kBlockM];
 
   const int kv_head = blockIdx.y % p.num_kv_heads, split = blockIdx.y / p.num_kv_heads;
   RowSpan s;
   if (!row_span<kBlockM>(p, split, s)) return;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const T* query = static_cast<const T*>(p.query);
   const T* k_cache = static_cast<const T*>(p.key_cache);
   const T* v_cache = static_cast<const T*>(p.value_cache);
   const int32_t* table = p.block_tables + blockIdx.z * p.block_table_stride;
   const int num_rows = s.last_row - s.first_row + 1;
-
-#pragma unroll
-  for (int n = 0; n < kBlockM * kChunks / 128; ++n) {
-    const int i = n * 128 + tid, row = i / kChunks, chunk = i % kChunks;
-    const bool valid = row < num_rows;
-    const int flat = s.first_row + row;
-    const T* src = valid ? query + (s.q_begin + flat / s.group) * p.q_token_stride +
-                               (kv_head * s.group + flat % s.group) * p.q_head_stride + chunk * 8
-                         : query;
-    cp_async_16(shared_address(s_q + swizzle<kHeadDim>(row, chunk)), src, valid);
-  }
   const int num_tiles = s.end > s.begin ? (s.end - s.begin + kBlockN - 1) / kBlockN : 0;
-  // Requests tile t (keys s.begin + 64 t ...) into stage t % kStages; keys past the split's end are
-  // zero-filled and never read from the cache.
-  auto request = [&](int t) {
+
+  // Thread tid moves chunk (n * 128 + tid) % kChunks of row (n * 128 + tid) / kChunks of each K
+  // and V tile. The block ids of a tile's rows are read one tile ahead of its request, so the
+  // table's latency is spent while the warps work.
+  auto lookup = [&](int t, int32_t (&blocks)[Tiles::kLoads]) {
+#pragma unroll
+    for (int n = 0; n < Tiles::kLoads; ++n) {
+      const int j = s.begin + t * kBlockN + (n * 128 + tid) / kChunks;
+      blocks[n] = j < s.end ? table[p.block_shift >= 0 ? j >> p.block_shift : j / p.block_size] : -1;
+    }
+  };
+  // Requests tile t into stage t % kStages; keys past the split's end are zero-filled and never
+  // read from the cache.
+  auto request = [&](int t, const int32_t (&blocks)[Tiles::kLoads]) {
     T* k_dst = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
     T* v_dst = k_dst + Tiles::kTileElems;
 #pragma unroll
-    for (int n = 0; n < kBlockN * kChunks / 128; ++n) {
+    for (int n = 0; n < Tiles::kLoads; ++n) {
       const int i = n * 128 + tid, row = i / kChunks, chunk = i % kChunks;
-      const int64_t offset =
-          key_offset(table, s.begin + t * kBlockN + row, s.end, p.block_size, p.num_kv_heads, kv_head, kHeadDim);
-      const int64_t src = offset >= 0 ? offset + chunk * 8 : 0;
+      const int j = s.begin + t * kBlockN + row;
+      const int in_block = p.block_shift >= 0 ? j & (p.block_size - 1) : j % p.block_size;
+      const int64_t src = blocks[n] >= 0 ? ((static_cast<int64_t>(blocks[n]) * p.block_size + in_block) *
+                                                p.num_kv_heads + kv_head) * kHeadDim + chunk * 8
+                                         : 0;
       const int dst = swizzle<kHeadDim>(row, chunk);
-      cp_async_16(shared_address(k_dst + dst), k_cache + src, offset >= 0);
-      cp_async_16(shared_address(v_dst + dst), v_cache + src, offset >= 0);
+      cp_async_16(shared_address(k_dst + dst), k_cache + src, blocks[n] >= 0);
+      cp_async_16(shared_address(v_dst + dst), v_cache + src, blocks[n] >= 0);
     }
   };
-  request(0);  // with Q, in the first commit group
-  cp_async_commit();
+  int32_t blocks[Tiles::kLoads];
 #pragma unroll
-  for (int t = 1; t < kStages - 1; ++t) {
-    if (t < num_tiles) request(t);
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < num_tiles) {
+      lookup(t, blocks);
+      request(t, blocks);
+    }
     cp_async_commit();
   }
+  lookup(kStages - 1, blocks);
 
-  // This lane's two rows of the 16: lane / 4 and lane / 4 + 8.
+  // Q straight into the A fragments (rows lane / 4 and lane / 4 + 8; zero past the run).
+  uint32_t q_frag[kDimSteps][4];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = lane / 4 + rr * 8;
+    const bool valid = row < num_rows;
+    const int flat = s.first_row + (valid ? row : 0);
+    const T* q_row = static_cast<const T*>(p.query) + (s.q_begin + flat / s.group) * p.q_token_stride +
+                     (kv_head * s.group + flat % s.group) * p.q_head_stride + (lane % 4) * 2;
+#pragma unroll
+    for (int kk = 0; kk < kDimSteps; ++kk) {
+      q_frag[kk][rr] = valid ? *reinterpret_cast<const uint32_t*>(q_row + kk * 16) : 0u;
+      q_frag[kk][rr + 2] = valid ? *reinterpret_cast<const uint32_t*>(q_row + kk * 16 + 8) : 0u;
+    }
+  }
   int pos[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -99,7 +116,6 @@ __global__ void __launch_bounds__(128) paged_decode_kernel(PagedParams p) {
     pos[rr] = row < num_rows ? s.first_pos + (s.first_row + row) / s.group : -1;
   }
   const int window = p.sliding_window;
-  uint32_t q_frag[kDimSteps][4];
   float o[kHeadDim / 8][4];
 #pragma unroll
   for (int dt = 0; dt < kHeadDim / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
@@ -108,14 +124,9 @@ __global__ void __launch_bounds__(128) paged_decode_kernel(PagedParams p) {
   for (int t = 0; t < num_tiles; ++t) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile t is in; every warp is done with the stage tile t + kStages - 1 reuses
-    if (t + kStages - 1 < num_tiles) request(t + kStages - 1);
+    if (t + kStages - 1 < num_tiles) request(t + kStages - 1, blocks);
     cp_async_commit();
-    if (t == 0) {
-#pragma unroll
-      for (int kk = 0; kk < kDimSteps; ++kk) {
-        ldmatrix_x4(q_frag[kk], shared_address(s_q + swizzle<kHeadDim>(lane & 15, kk * 2 + (lane >> 4))));
-      }
-    }
+    if (t + kStages < num_tiles) lookup(t + kStages, blocks);
     const T* k_tile = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
     const T* v_tile = k_tile + Tiles::kTileElems;
     // S = Q K^T for the warp's 16 keys: two n8 tiles.
@@ -197,10 +208,10 @@ __global__ void __launch_bounds__(128) paged_decode_kernel(PagedParams p) {
   store_rows<T, kBlockM, kHeadDim>(p, s, kv_head, split, red_acc, red_m, red_l);
 }
 
-template <typename T, int kHeadDim, int kStages>
+template <typename T, int kHeadDim, int kStages, int kMinBlocks = 1>
 void launch_decode_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   constexpr int kSmem = DecodeTiles<T, kHeadDim, kStages>::kSmemBytes;
-  auto kernel = paged_decode_kernel<T, kHeadDim, kStages>;
+  auto kernel = paged_decode_kernel<T, kHeadDim, kStages, kMinBlocks>;
   TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads * plan.num_splits),
                   static_cast<unsigned>(p.num_seqs));
@@ -208,13 +219,17 @@ void launch_decode_tile(const PagedParams& p, const Plan& plan, cudaStream_t str
   TIDAL_CUDA_CHECK(cudaGetLastError());
 }
 
-// NOTE(tidal): a stage is 2 x 64 keys x head_dim x 2 bytes (32 KB for head_dim 128): three stages
-// (two in flight, 64 KB) and Q make 100 KB, two blocks per SM; head_dim 256 takes two stages.
+// NOTE(tidal): a stage is 2 x 64 keys x head_dim x 2 bytes (32 KB for head_dim 128). Measured on
+// H200 (bench/bench_attention.py, bf16, head_dim 128): two stages with three blocks per SM (64 KB
+// each, registers capped at 168) reached 75% / 95% / 83% of the copy ceiling at batch 64 x 2048,
+// 64 x 8192 and 256 x 1024; three stages at two blocks per SM 72-76% / 89% / 82%; four and five
+// stages at one block per SM 41-48%: more warps to hide the per-tile latency beat deeper
+// prefetch. head_dim 64 takes four 16 KB stages, head_dim 256 two 64 KB ones.
 template <typename T>
 void launch_decode(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: launch_decode_tile<T, 64, 4>(p, plan, stream); break;
-    case 128: launch_decode_tile<T, 128, 3>(p, plan, stream); break;
+    case 64: launch_decode_tile<T, 64, 4, 3>(p, plan, stream); break;
+    case 128: launch_decode_tile<T, 128, 2, 3>(p, plan, stream); break;
     case 256: launch_decode_tile<T, 256, 2>(p, plan, stream); break;
     default: TIDAL_THROW_(Error, "paged_attention: no tensor-core decode kernel for head_dim=", p.head_dim);
   }
