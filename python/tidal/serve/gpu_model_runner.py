@@ -12,6 +12,7 @@
   tables from a persistent table, so replay needs no re-capture.
 """
 
+import gc
 import math
 from dataclasses import dataclass
 
@@ -246,15 +247,26 @@ class GPUModelRunner:
     def _capture_graphs(self) -> None:
         sizes = capture_sizes(self.max_num_seqs)
         pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            for size in reversed(sizes):  # largest first: the smaller ones reuse its pool memory
-                inputs = self._dummy_decode(size)
-                self._forward_logits(inputs, size)  # warm-up outside the graph (cuBLAS handles, workspaces)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._forward_logits(inputs, size)
-                self._graphs[size] = _Graph(graph, size)
+        # NOTE(tidal): a garbage collection inside a capture can free an earlier engine's pinned
+        # buffers, whose release touches CUDA events: an operation a capturing process may not do,
+        # which invalidates the capture (seen as the next kernel's launch failing). Collect first and
+        # keep the collector off while capturing.
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.inference_mode():
+                for size in reversed(sizes):  # largest first: the smaller ones reuse its pool memory
+                    inputs = self._dummy_decode(size)
+                    self._forward_logits(inputs, size)  # warm-up outside the graph (cuBLAS handles, workspaces)
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._forward_logits(inputs, size)
+                    self._graphs[size] = _Graph(graph, size)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         torch.cuda.synchronize(self.device)
         self._graph_sizes = sizes
 
