@@ -8,12 +8,16 @@ always-on ``shared_expert`` scaled by ``sigmoid(shared_expert_gate(x))``.
 - serving: :func:`tidal.ops.fused_moe` (routing, grouped expert products, weighted combine in one op).
 - training: pure torch and differentiable; the block keeps its last load-balancing auxiliary loss
   (Switch Transformer / transformers' ``load_balancing_loss_func`` per layer) and router z-loss in
-  ``aux_loss`` and ``z_loss`` for the training engine to add.
+  ``aux_loss`` and ``z_loss`` for the training engine to add. Under expert parallelism
+  (:meth:`SparseMoeBlock.shard_experts`) a rank keeps only its slice of the experts; the routed token
+  rows travel to the rank that owns their expert and the outputs come back, both by all-to-all
+  (differentiable: the backward sends the gradients the opposite way).
 """
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,6 +27,25 @@ from tidal.models.config import ModelConfig
 
 def _linear(in_features: int, out_features: int, dtype, device) -> nn.Linear:
     return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype, device=device)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of ``x`` split by ``send_splits`` go one chunk to each rank of ``group``; the result holds
+    the chunks received, ``recv_splits`` rows from each rank in rank order. Backward: the reverse."""
+
+    @staticmethod
+    def forward(ctx, x, recv_splits: list[int], send_splits: list[int], group):
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_splits, send_splits = ctx.splits
+        out = grad.new_empty((sum(send_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
 
 
 class SharedExpert(nn.Module):
@@ -67,9 +90,30 @@ class SparseMoeBlock(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None  # [num_experts] routed slots, before dropping
         self.num_dropped = 0
+        # Expert parallelism (shard_experts): this rank holds experts [first_expert, first_expert +
+        # w13.shape[0]) of the ep_size ranks of ep_group.
+        self.ep_group = None
+        self.ep_size, self.first_expert = 1, 0
+
+    def shard_experts(self, ep_rank: int, ep_size: int, group) -> None:
+        """Keeps only this rank's ``num_experts / ep_size`` experts (training under expert parallelism:
+        rank ``ep_rank`` of ``group`` owns experts ``[ep_rank * n, (ep_rank + 1) * n)``)."""
+        if self.num_experts % ep_size:
+            raise ValueError(f"moe.ep_size={ep_size} must divide the model's num_experts={self.num_experts}")
+        if self.ep_size != 1:
+            raise ValueError("the experts of this block are already sharded")
+        local = self.num_experts // ep_size
+        lo = ep_rank * local
+        with torch.no_grad():
+            self.w13 = nn.Parameter(self.w13[lo:lo + local].clone(), requires_grad=self.w13.requires_grad)
+            self.w2 = nn.Parameter(self.w2[lo:lo + local].clone(), requires_grad=self.w2.requires_grad)
+        self.ep_group, self.ep_size, self.first_expert = group, ep_size, lo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Serving: ``x`` [num_tokens, hidden] -> [num_tokens, hidden]."""
+        if self.ep_group is not None:
+            raise RuntimeError("this block holds a slice of the experts (expert-parallel training); serve the "
+                               "weights of the engine's full_state_dict()")
         out = ops.fused_moe(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize, self.fp32_weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -100,26 +144,57 @@ class SparseMoeBlock(nn.Module):
         counts = counts_t.tolist()
         capacity = self.capacity(num_tokens)
         self.num_dropped = sum(max(0, c - capacity) for c in counts) if capacity is not None else 0
-        tokens = order // self.top_k
-        inter = self.w2.shape[2]
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            kept = count if capacity is None else min(count, capacity)
-            rows = order[start:start + kept]
-            token = tokens[start:start + kept]
-            start += count
-            if kept == 0:
-                continue
-            h = flat[token] @ self.w13[e].T
-            y = (F.silu(h[:, :inter]) * h[:, inter:]) @ self.w2[e].T
-            out = out.index_add(0, token, (y * weights.flatten()[rows, None]).to(out.dtype))
+        # the kept slots, still sorted by expert, and how many each expert kept
+        kept_counts = counts if capacity is None else [min(c, capacity) for c in counts]
+        starts = [0]
+        for c in counts[:-1]:
+            starts.append(starts[-1] + c)
+        kept = order if capacity is None else torch.cat(
+            [order[b:b + k] for b, k in zip(starts, kept_counts)] + [order[:0]])
+        tokens = kept // self.top_k
+        rows = flat[tokens]
+        y = self._experts(rows, kept_counts) if self.ep_group is None else self._experts_parallel(rows, kept_counts)
+        out = out.index_add(0, tokens, (y * weights.flatten()[kept, None]).to(out.dtype))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert.forward_train(flat)
         self.aux_loss = self.load_balancing_loss(probs, experts)
         self.z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
         return out.reshape(shape)
+
+    def _experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """SiLU-gated MLP of this rank's expert e over the next ``counts[e]`` rows of ``rows``."""
+        inter = self.w2.shape[2]
+        outs, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                h = rows[start:start + count] @ self.w13[e].T
+                outs.append((F.silu(h[:, :inter]) * h[:, inter:]) @ self.w2[e].T)
+                start += count
+        return torch.cat(outs) if outs else rows.new_zeros(0, self.w2.shape[1])
+
+    def _experts_parallel(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """``_experts`` over all experts of the expert-parallel group: ``rows`` (sorted by global
+        expert, ``counts[e]`` each) go to the ranks owning their experts, come back computed."""
+        local, group, ep = self.w13.shape[0], self.ep_group, self.ep_size
+        send = torch.tensor(counts, dtype=torch.int64, device=rows.device).view(ep, local)
+        recv = torch.empty_like(send)  # recv[src, e]: rows rank src sends to this rank's expert e
+        dist.all_to_all_single(recv, send, group=group)
+        send_splits, recv_counts = send.sum(1).tolist(), recv.tolist()
+        recv_splits = [sum(r) for r in recv_counts]
+        arrived = _AllToAll.apply(rows, recv_splits, send_splits, group)  # by source rank, then expert
+        # regroup by expert (then source rank) for one product per expert, and back
+        index, src_start = [[] for _ in range(local)], 0
+        for src in range(ep):
+            offset = src_start
+            for e in range(local):
+                index[e].append(torch.arange(offset, offset + recv_counts[src][e], device=rows.device))
+                offset += recv_counts[src][e]
+            src_start += recv_splits[src]
+        perm = torch.cat([i for per_expert in index for i in per_expert] + [torch.zeros(0, dtype=torch.int64,
+                                                                                     device=rows.device)])
+        by_expert = self._experts(arrived[perm], [sum(recv_counts[src][e] for src in range(ep)) for e in range(local)])
+        computed = torch.empty_like(by_expert).index_copy(0, perm, by_expert)
+        return _AllToAll.apply(computed, send_splits, recv_splits, group)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Routed slots an expert keeps in this forward (DeepSpeed's rule), None for no limit."""

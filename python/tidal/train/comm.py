@@ -27,31 +27,40 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def broadcast(t: torch.Tensor, src: int = 0) -> None:
+def broadcast(t: torch.Tensor, src: int = 0, group=None) -> None:
+    """``src`` is a global rank (a member of ``group`` when one is given)."""
     if is_distributed():
-        dist.broadcast(t, src=src)
+        dist.broadcast(t, src=src, group=group)
 
 
-def all_reduce(t: torch.Tensor) -> None:
-    """Sum over ranks, in place."""
+def all_reduce(t: torch.Tensor, group=None) -> None:
+    """Sum over the ranks of ``group`` (all ranks by default), in place."""
     if is_distributed():
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
 
 
-def reduce_scatter(out: torch.Tensor, inp: torch.Tensor) -> None:
-    """``out`` = this rank's chunk of the sum over ranks of ``inp`` ([world_size, n] flattened)."""
+def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
+    """``out`` = this rank's chunk of the sum over ranks of ``inp`` ([group size, n] flattened)."""
     if is_distributed():
-        dist.reduce_scatter_tensor(out, inp.reshape(-1))
+        dist.reduce_scatter_tensor(out, inp.reshape(-1), group=group)
     else:
         out.copy_(inp.reshape(-1))
 
 
-def all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
+def all_gather(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
     """``out`` = every rank's ``inp`` end to end, in rank order."""
     if is_distributed():
-        dist.all_gather_into_tensor(out, inp)
+        dist.all_gather_into_tensor(out, inp, group=group)
     else:
         out.copy_(inp)
+
+
+def new_groups(ranks_per_group: list[list[int]]) -> list:
+    """Collective: one process group per list of global ranks (every rank creates every group, in
+    the same order, as torch.distributed requires); None entries in a single process."""
+    if not is_distributed():
+        return [None for _ in ranks_per_group]
+    return [dist.new_group(ranks) for ranks in ranks_per_group]
 
 
 def any_true(flag: bool, device: torch.device) -> bool:

@@ -85,7 +85,8 @@ class MoEConfig:
     None means no capacity limit (no token is dropped, as in transformers); with a factor, an expert
     takes at most ``max(min_capacity, ceil(tokens * top_k / num_experts * factor))`` routed slots per
     forward, first choices before second ones, and the rest are dropped when ``drop_tokens``.
-    ``ep_size`` > 1 (experts split across ranks) is not implemented yet."""
+    ``ep_size``: ranks per expert-parallel group (each holds ``num_experts / ep_size`` experts of
+    every MoE layer; ZeRO stages 0-2), 1 for none."""
     aux_loss_coef: float | None = None
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None
@@ -300,8 +301,6 @@ def _moe(config: Mapping) -> MoEConfig:
 
     aux = section.get("aux_loss_coef")
     ep_size = _int("moe.ep_size", section.get("ep_size", 1), 1)
-    if ep_size != 1:
-        raise ValueError(f"moe.ep_size={ep_size}: expert parallelism is not implemented yet; use 1")
     return MoEConfig(aux_loss_coef=None if aux is None else _float("moe.aux_loss_coef", aux, 0.0),
                      z_loss_coef=_float("moe.z_loss_coef", section.get("z_loss_coef", 0.0), 0.0),
                      capacity_factor=optional("capacity_factor"), eval_capacity_factor=optional("eval_capacity_factor"),

@@ -22,6 +22,12 @@ Of ``zero_optimization``'s tuning keys, ``reduce_bucket_size`` sets the reduce-s
 stage 3 gathers one module at a time with a prefetch depth of one module, and gradients are reduced at
 the accumulation boundary rather than overlapped with the backward pass. Inputs are not cast to the
 compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where the model expects them.
+
+Expert parallelism (``moe.ep_size`` = k > 1, ZeRO stages 0-2): consecutive groups of k ranks split
+each mixture-of-experts layer's experts (rank r holds slice r % k) and exchange routed tokens by
+all-to-all. The experts a rank holds live in a flat buffer of their own (:class:`_ExpertPartition`),
+ZeRO-partitioned over the ``world_size / k`` ranks holding the same slice; every other parameter is
+partitioned over all ranks as above. Gradients of both are averaged over all ranks' micro-batches.
 """
 
 import logging
@@ -67,6 +73,108 @@ def _params_by_module(model: torch.nn.Module):
     return params, starts, module_groups
 
 
+def _reduce(flat: torch.Tensor, plan, stage: int, size: int, owned: tuple[int, int], group,
+            divisor: int) -> torch.Tensor:
+    """The gradient of the owned range of ``flat`` summed over the ``size`` ranks of ``group`` and
+    divided by ``divisor``: stage 2 reduce-scatters by buckets aligned to shard boundaries, lower
+    stages all-reduce."""
+    if size > 1 and stage >= 2:
+        shard = plan.shard_numel
+        out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
+        by_rank = flat.view(size, shard)
+        for lo, hi in plan.buckets:  # the same local range of every shard: a true reduce-scatter
+            comm.reduce_scatter(out[lo:hi], by_rank[:, lo:hi].contiguous(), group=group)
+        return out.div_(divisor)
+    if size > 1:
+        comm.all_reduce(flat, group=group)
+    lo, hi = owned
+    return flat[lo:hi].div_(divisor)
+
+
+def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, size: int, group) -> None:
+    """Copies updated fp32 master weights (the owned range) into every rank's compute-dtype buffer."""
+    with torch.no_grad():
+        if stage == 0 or size == 1:
+            flat_params.copy_(master)
+            return
+        gathered = torch.empty(plan.padded_numel, dtype=torch.float32, device=master.device)
+        comm.all_gather(gathered, master, group=group)
+        flat_params.copy_(gathered)
+
+
+def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool) -> None:
+    """One Adam/AdamW step of fp32 ``param`` in place (the C++ kernel on the CPU, torch's
+    single-tensor arithmetic in the same order elsewhere)."""
+    beta1, beta2 = betas
+    ops = _ops()
+    if param.device.type == "cpu" and hasattr(ops, "adam_step_"):
+        ops.adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled)
+        return
+    if decoupled:
+        param.mul_(1 - lr * weight_decay)
+    elif weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(m, denom, value=-(lr / bias_correction1))
+
+
+class _ExpertPartition:
+    """The experts one rank holds under expert parallelism: their parameters end to end in a flat
+    buffer of their own, fp32 master weights and Adam state for the range this rank owns among the
+    ``len(ranks)`` ranks that hold the same experts (the expert-data-parallel group), as the engine's
+    main buffer is partitioned among all ranks (stages 0-2)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], stage: int, group, ranks: list[int], rank: int,
+                 bucket: int, compute_dtype: torch.dtype):
+        self.group, self.ranks, self.size, self.stage = group, ranks, len(ranks), stage
+        index = ranks.index(rank)
+        self.plan = _core.zero.make_plan([p.numel() for p in params], self.size, max(bucket, _ALIGNMENT),
+                                         _ALIGNMENT, [0])
+        self.slots = [_Slot(p, info.flat_offset, info.numel, p.shape) for p, info in zip(params, self.plan.params)]
+        padded, shard = self.plan.padded_numel, self.plan.shard_numel
+        self.owned = (0, padded) if stage == 0 else (index * shard, (index + 1) * shard)
+        device = params[0].device
+        full = torch.zeros(padded, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for s in self.slots:
+                full[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+        comm.broadcast(full, src=ranks[0], group=group)
+        self.flat_params = full.to(compute_dtype)
+        with torch.no_grad():
+            for s in self.slots:
+                s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
+        lo, hi = self.owned
+        self.master = full[lo:hi].clone()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=device)
+
+    def full_weights(self) -> torch.Tensor:
+        """Collective over the group: the fp32 weights of every expert this rank holds, flat."""
+        full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.master.device)
+        if self.stage == 0 or self.size == 1:
+            full.copy_(self.master)
+        else:
+            comm.all_gather(full, self.master, group=self.group)
+        return full
+
+
+def _expert_parallel_groups(world: int, rank: int, ep_size: int):
+    """(ep group, its ranks, expert-data-parallel group, its ranks) of ``rank``: ep groups are runs of
+    ``ep_size`` consecutive ranks; the ranks holding the same experts are those equal modulo ep_size."""
+    ep_ranks = [list(range(g * ep_size, (g + 1) * ep_size)) for g in range(world // ep_size)]
+    edp_ranks = [list(range(j, world, ep_size)) for j in range(ep_size)]
+    ep_groups = comm.new_groups(ep_ranks)
+    edp_groups = comm.new_groups(edp_ranks)
+    g, j = rank // ep_size, rank % ep_size
+    return ep_groups[g], ep_ranks[g], edp_groups[j], edp_ranks[j]
+
+
 class Engine:
     """A model wrapped for data-parallel training (see the module docstring)."""
 
@@ -81,14 +189,28 @@ class Engine:
             block.min_capacity = config.moe.min_capacity
             block.drop_tokens = config.moe.drop_tokens
         self.world_size, self.rank = comm.world_size(), comm.rank()
+        zero = config.zero_optimization
+        self.ep_size = config.moe.ep_size
+        self.ep_group = self.experts = None
+        if self.ep_size > 1:
+            self._check_expert_parallel(zero.stage)
+            self.ep_group, ep_ranks, edp_group, edp_ranks = _expert_parallel_groups(self.world_size, self.rank,
+                                                                                   self.ep_size)
+            for block in self.moe_blocks:
+                block.shard_experts(ep_ranks.index(self.rank), self.ep_size, self.ep_group)
         params, group_starts, module_groups = _params_by_module(model)
+        expert_params = []
+        if self.ep_size > 1:
+            expert_ids = {id(t) for b in self.moe_blocks for t in (b.w13, b.w2) if t.requires_grad}
+            expert_params = [p for p in params if id(p) in expert_ids]
+            params = [p for p in params if id(p) not in expert_ids]
+            group_starts = [0]  # gather groups are a stage-3 notion, and stage 3 is excluded here
         if not params:
             raise ValueError("model has no parameter with requires_grad=True")
         self.device = params[0].device
         for p in params:
             if p.device != self.device:
                 raise ValueError(f"all parameters must be on one device; found {p.device} and {self.device}")
-        zero = config.zero_optimization
         self.stage = zero.stage
         self.compute_dtype = (torch.bfloat16 if config.bf16.enabled else torch.float16 if config.fp16.enabled
                               else torch.float32)
@@ -130,6 +252,9 @@ class Engine:
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=self.device)
+        if expert_params:
+            self.experts = _ExpertPartition(expert_params, self.stage, edp_group, edp_ranks, self.rank,
+                                            int(zero.reduce_bucket_size) // len(edp_ranks), self.compute_dtype)
 
         opt = config.optimizer
         if opt is None:
@@ -154,6 +279,18 @@ class Engine:
         self.global_steps = 0
         self.optimizer_steps = 0  # global steps that were not skipped for overflow
         self.skipped_steps = 0
+
+    def _check_expert_parallel(self, stage: int) -> None:
+        ep, world = self.ep_size, self.world_size
+        if not self.moe_blocks:
+            raise ValueError(f"moe.ep_size={ep} but the model has no mixture-of-experts layer")
+        if world % ep:
+            raise ValueError(f"moe.ep_size={ep} must divide the world size {world}")
+        if stage == 3:
+            raise ValueError(f"moe.ep_size={ep} with zero_optimization.stage=3 is not supported; use stages 0-2")
+        for block in self.moe_blocks:
+            if block.num_experts % ep:
+                raise ValueError(f"moe.ep_size={ep} must divide the model's num_experts={block.num_experts}")
 
     # ---- the training loop ---------------------------------------------------------------------
 
@@ -209,12 +346,14 @@ class Engine:
             self.gatherer.release_all()
             self.gatherer.end_of_forward_pass()
             return
+        parts = [self] if self.experts is None else [self, self.experts]
         with torch.no_grad():
-            for s in self.slots:
-                grad = s.param.grad
-                if grad is not None:
-                    self.grad_accum[s.offset:s.offset + s.numel].add_(grad.reshape(-1).float())
-                    s.param.grad = None
+            for part in parts:
+                for s in part.slots:
+                    grad = s.param.grad
+                    if grad is not None:
+                        part.grad_accum[s.offset:s.offset + s.numel].add_(grad.reshape(-1).float())
+                        s.param.grad = None
 
     def step(self) -> None:
         """Ends a micro-batch; at the accumulation boundary, reduces gradients and steps the optimizer."""
@@ -222,24 +361,28 @@ class Engine:
         self.micro_steps += 1
         if not boundary:
             return
-        grad = self._reduce_gradients()
+        grads = self._reduce_gradients()
         scale = self.loss_scale  # the scale this step's gradients carry, before update() may grow it
         skip = False
         if self.loss_scaler is not None:
-            skip = self.loss_scaler.update(comm.any_true(has_overflow([grad]), self.device))
+            skip = self.loss_scaler.update(comm.any_true(has_overflow(grads), self.device))
         if skip:
             self.skipped_steps += 1
         else:
-            grad.div_(scale)
+            for grad in grads:
+                grad.div_(scale)
             if self.config.gradient_clipping > 0:
-                coef = self.config.gradient_clipping / (self._global_norm(grad) + 1e-6)
+                coef = self.config.gradient_clipping / (self._global_norm(grads) + 1e-6)
                 if coef < 1.0:  # torch.nn.utils.clip_grad_norm_'s rule
-                    grad.mul_(coef)
-            self._adam(grad)
+                    for grad in grads:
+                        grad.mul_(coef)
+            self._adam(grads)
             self._publish_weights()
             self.optimizer_steps += 1
             if self.scheduler is not None:
                 self.scheduler.step()
+        if self.experts is not None:
+            self.experts.grad_accum.zero_()
         self.grad_accum.zero_()
         self.global_steps += 1
         every = self.config.steps_per_print
@@ -250,62 +393,44 @@ class Engine:
 
     # ---- pieces of the step --------------------------------------------------------------------
 
-    def _reduce_gradients(self) -> torch.Tensor:
-        """The gradient of the owned range, averaged over ranks."""
-        flat = self.grad_accum
-        if self.world_size > 1 and self.stage >= 2:
-            shard = self.plan.shard_numel
-            out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
-            by_rank = flat.view(self.world_size, shard)
-            for lo, hi in self.plan.buckets:  # the same local range of every shard: a true reduce-scatter
-                comm.reduce_scatter(out[lo:hi], by_rank[:, lo:hi].contiguous())
-            return out.div_(self.world_size)
-        if self.world_size > 1:
-            comm.all_reduce(flat)
-            flat.div_(self.world_size)
-        lo, hi = self.owned
-        return flat[lo:hi]
+    def _reduce_gradients(self) -> list[torch.Tensor]:
+        """The gradients of the owned ranges (the main buffer's, then the experts'), averaged over
+        every rank's micro-batches."""
+        grads = [_reduce(self.grad_accum, self.plan, self.stage, self.world_size, self.owned, None, self.world_size)]
+        if self.experts is not None:
+            e = self.experts
+            # each expert's gradient already sums its ep group's tokens; the replicas add the rest
+            grads.append(_reduce(e.grad_accum, e.plan, e.stage, e.size, e.owned, e.group, self.world_size))
+        return grads
 
-    def _global_norm(self, grad: torch.Tensor) -> float:
-        sq = grad.double().pow(2).sum()
+    def _global_norm(self, grads: list[torch.Tensor]) -> float:
+        sq = grads[0].double().pow(2).sum()
         if self.stage > 0 and self.world_size > 1:  # each rank holds a different shard
             comm.all_reduce(sq)
+        if self.experts is not None:
+            # below stage 1 the ranks of an ep group hold the ep group's experts whole; from stage 1
+            # each expert element is owned by exactly one rank in the world
+            expert_sq = grads[1].double().pow(2).sum()
+            comm.all_reduce(expert_sq, group=self.ep_group if self.stage == 0 else None)
+            sq = sq + expert_sq
         return math.sqrt(float(sq))
 
-    def _adam(self, grad: torch.Tensor) -> None:
-        step = self.optimizer_steps + 1
-        beta1, beta2 = self.betas
-        lr = self._lr()
-        ops = _ops()
-        if self.device.type == "cpu" and hasattr(ops, "adam_step_"):
-            ops.adam_step_(self.master, grad, self.exp_avg, self.exp_avg_sq, step, lr, beta1, beta2, self.eps,
-                           self.weight_decay, self.decoupled)
-            return
-        # Any device: torch's single-tensor Adam/AdamW arithmetic, in the same order.
-        param, m, v = self.master, self.exp_avg, self.exp_avg_sq
-        if self.decoupled:
-            param.mul_(1 - lr * self.weight_decay)
-        elif self.weight_decay != 0:
-            grad = grad.add(param, alpha=self.weight_decay)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        param.addcdiv_(m, denom, value=-(lr / bias_correction1))
+    def _adam(self, grads: list[torch.Tensor]) -> None:
+        parts = [self] if self.experts is None else [self, self.experts]
+        for part, grad in zip(parts, grads):
+            _adam_update(part.master, grad, part.exp_avg, part.exp_avg_sq, self.optimizer_steps + 1, self._lr(),
+                         self.betas, self.eps, self.weight_decay, self.decoupled)
 
     def _publish_weights(self) -> None:
         """Copies the updated fp32 master shard(s) into every rank's compute-dtype parameters."""
-        with torch.no_grad():
-            if self.stage == 3:  # parameters are gathered from the shard when a module runs
+        if self.stage == 3:  # parameters are gathered from the shard when a module runs
+            with torch.no_grad():
                 self.flat_shard.copy_(self.master)
-                return
-            if self.stage == 0 or self.world_size == 1:
-                self.flat_params.copy_(self.master)
-                return
-            gathered = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.device)
-            comm.all_gather(gathered, self.master)
-            self.flat_params.copy_(gathered)
+        else:
+            _publish(self.master, self.flat_params, self.plan, self.stage, self.world_size, None)
+        if self.experts is not None:
+            e = self.experts
+            _publish(e.master, e.flat_params, e.plan, e.stage, e.size, e.group)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -322,13 +447,20 @@ class Engine:
         """Collective: a sharded checkpoint in ``directory/tag`` (see tidal.train.checkpoint)."""
         from tidal.train import checkpoint
 
+        self._no_expert_parallel_checkpoints()
         return checkpoint.save(self, directory, tag)
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> str:
         """Collective: restores a checkpoint saved at any world size and stage (``latest`` by default)."""
         from tidal.train import checkpoint
 
+        self._no_expert_parallel_checkpoints()
         return checkpoint.load(self, directory, tag)
+
+    def _no_expert_parallel_checkpoints(self) -> None:
+        if self.experts is not None:
+            raise ValueError(f"checkpoints of an expert-parallel engine (moe.ep_size={self.ep_size}) are not "
+                             "supported yet; full_state_dict() gathers every weight")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the full fp32 weights on every rank, keyed like ``module.state_dict()``."""
@@ -338,6 +470,13 @@ class Engine:
         else:
             comm.all_gather(full, self.master)
         by_param = {id(s.param): full[s.offset:s.offset + s.numel].view(s.shape).clone() for s in self.slots}
+        if self.experts is not None:  # each ep group's slices, concatenated along the expert dimension
+            mine = self.experts.full_weights()
+            for s in self.experts.slots:
+                local = mine[s.offset:s.offset + s.numel]
+                gathered = torch.empty(self.ep_size * s.numel, dtype=torch.float32, device=self.device)
+                comm.all_gather(gathered, local.contiguous(), group=self.ep_group)
+                by_param[id(s.param)] = gathered.view(self.ep_size * s.shape[0], *s.shape[1:])
         return {name: by_param.get(id(t), t.detach().clone())
                 for name, t in self.module.state_dict(keep_vars=True).items()}
 
