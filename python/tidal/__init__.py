@@ -46,6 +46,7 @@ _LAZY = {
     "CompletionOutput": "tidal.serve",
     "initialize": "tidal.train.engine",
     "checkpoint": "tidal.checkpoint",  # a module: tidal.checkpoint.to_hf
+    "checkpointing": "tidal.checkpointing",  # a module: activation checkpointing (deepspeed.checkpointing)
 }
 
 

@@ -26,10 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import tidal.ops as ops
+from tidal import checkpointing
 from tidal.models import rope
 from tidal.models.attention import AttentionMetadata
 from tidal.models.config import ModelConfig
 from tidal.models.moe import SparseMoeBlock
+
+ACTIVATION_CHECKPOINTING_POLICIES = (None, "full", "attention", "mlp")
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -161,9 +164,24 @@ class LlamaDecoderLayer(nn.Module):
         ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
         return self.mlp(hidden), residual
 
-    def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn.forward_train(self.input_layernorm(x), cos, sin)
-        return x + self.mlp.forward_train(self.post_attention_layernorm(x))
+    def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      recompute: str | None = None) -> torch.Tensor:
+        """Training. ``recompute`` (see LlamaForCausalLM.set_activation_checkpointing): "attention" or
+        "mlp" recomputes that half of the layer in the backward pass instead of keeping its
+        activations; a MoE block is never recomputed (its auxiliary losses keep their graph)."""
+        if recompute == "attention":
+            x = x + checkpointing.checkpoint(self._attention_half, x, cos, sin)
+        else:
+            x = x + self._attention_half(x, cos, sin)
+        if recompute == "mlp" and not isinstance(self.mlp, SparseMoeBlock):
+            return x + checkpointing.checkpoint(self._mlp_half, x)
+        return x + self._mlp_half(x)
+
+    def _attention_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.self_attn.forward_train(self.input_layernorm(x), cos, sin)
+
+    def _mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.forward_train(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -203,6 +221,7 @@ class LlamaForCausalLM(nn.Module):
                  device: torch.device | str = "cpu"):
         super().__init__()
         self.config = config
+        self.activation_checkpointing: str | None = None  # see set_activation_checkpointing
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -323,9 +342,22 @@ class LlamaForCausalLM(nn.Module):
         cos = table[:, :half].repeat(1, 2).to(self.dtype)  # [seq, head_dim], as transformers' cat((f, f))
         sin = table[:, half:].repeat(1, 2).to(self.dtype)
         x = self.model.embed_tokens(input_ids)
+        policy = self.activation_checkpointing
         for layer in self.model.layers:
-            x = layer.forward_train(x, cos, sin)
+            if policy == "full" and not isinstance(layer.mlp, SparseMoeBlock):
+                x = checkpointing.checkpoint(layer.forward_train, x, cos, sin)
+            else:  # a MoE layer under "full" recomputes its attention half only
+                x = layer.forward_train(x, cos, sin, "attention" if policy == "full" else policy)
         return self.lm_head(self.model.norm(x))
+
+    def set_activation_checkpointing(self, policy: str | None) -> None:
+        """Per-layer activation checkpointing of the training forward (tidal.checkpointing):
+        ``"full"`` keeps only each layer's input and recomputes the layer in the backward pass;
+        ``"attention"`` or ``"mlp"`` recompute only that half of every layer and keep the other's
+        activations (selective); None keeps everything. MoE blocks are never recomputed."""
+        if policy not in ACTIVATION_CHECKPOINTING_POLICIES:
+            raise ValueError(f"policy={policy!r} must be one of {ACTIVATION_CHECKPOINTING_POLICIES}")
+        self.activation_checkpointing = policy
 
     # ---- weights -----------------------------------------------------------------------------------
 

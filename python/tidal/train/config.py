@@ -97,6 +97,22 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class ActivationCheckpointingConfig:
+    """``activation_checkpointing``: DeepSpeed's keys (see tidal.checkpointing for what each does)
+    plus tidal's ``policy`` for models that checkpoint per layer ("full", "attention", "mlp", or
+    null for none; "full" when the section is present). ``enabled`` is False when the section is
+    absent."""
+    enabled: bool = False
+    policy: str | None = None
+    partition_activations: bool = False
+    cpu_checkpointing: bool = False
+    contiguous_memory_optimization: bool = False
+    number_checkpoints: int | None = None
+    synchronize_checkpoint_boundary: bool = False
+    profile: bool = False
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A resolved config. ``train_batch_size == train_micro_batch_size_per_gpu *
     gradient_accumulation_steps * world_size`` always holds."""
@@ -111,6 +127,7 @@ class TrainConfig:
     bf16: BF16Config = field(default_factory=BF16Config)
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
 
@@ -122,12 +139,14 @@ class TrainConfig:
 
 _TOP_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "zero_optimization",
-             "steps_per_print", "wall_clock_breakdown", "moe")
+             "steps_per_print", "wall_clock_breakdown", "moe", "activation_checkpointing")
 _OPTIMIZER_TYPES = {"adam": "Adam", "adamw": "AdamW"}
 _OPTIMIZER_PARAMS = ("lr", "betas", "eps", "weight_decay", "adam_w_mode")
 _FP16_KEYS = tuple(f.name for f in dataclasses.fields(FP16Config))
 _ZERO_KEYS = tuple(f.name for f in dataclasses.fields(ZeroConfig))
 _MOE_KEYS = tuple(f.name for f in dataclasses.fields(MoEConfig))
+_AC_KEYS = tuple(f.name for f in dataclasses.fields(ActivationCheckpointingConfig) if f.name != "enabled")
+_AC_POLICIES = (None, "full", "attention", "mlp")
 
 
 def _check_keys(section: Mapping, known, prefix: str) -> None:
@@ -308,6 +327,24 @@ def _moe(config: Mapping) -> MoEConfig:
                      drop_tokens=_bool("moe.drop_tokens", section.get("drop_tokens", True)), ep_size=ep_size)
 
 
+def _activation_checkpointing(config: Mapping) -> ActivationCheckpointingConfig:
+    if "activation_checkpointing" not in config:
+        return ActivationCheckpointingConfig()
+    section = _section(config, "activation_checkpointing")
+    policy = section.get("policy", "full")
+    if policy not in _AC_POLICIES:
+        raise ValueError(f"activation_checkpointing.policy={policy!r} must be one of "
+                         f"{', '.join(repr(p) for p in _AC_POLICIES)}")
+    number = section.get("number_checkpoints")
+    flags = {k: _bool(f"activation_checkpointing.{k}", section.get(k, False))
+             for k in ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
+                       "synchronize_checkpoint_boundary", "profile")}
+    return ActivationCheckpointingConfig(
+        enabled=True, policy=policy,
+        number_checkpoints=None if number is None else _int("activation_checkpointing.number_checkpoints", number, 1),
+        **flags)
+
+
 def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainConfig:
     """Validate a DeepSpeed-style config and resolve it for ``world_size`` data-parallel ranks.
 
@@ -337,7 +374,7 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
     _check_keys(config, _TOP_KEYS, "")
     # Unknown keys first: a misspelt key is a more useful error than what its absence causes.
     for key, known in (("fp16", _FP16_KEYS), ("bf16", ("enabled",)), ("zero_optimization", _ZERO_KEYS),
-                       ("moe", _MOE_KEYS)):
+                       ("moe", _MOE_KEYS), ("activation_checkpointing", _AC_KEYS)):
         _check_keys(_section(config, key), known, f"{key}.")
     tbs, micro, gas = _resolve_batch(config, world_size)
     bf16 = _section(config, "bf16")
@@ -358,6 +395,7 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
         bf16=bf16,
         zero_optimization=_zero(config),
         moe=_moe(config),
+        activation_checkpointing=_activation_checkpointing(config),
         steps_per_print=_int("steps_per_print", config.get("steps_per_print", 10), 1),
         wall_clock_breakdown=_bool("wall_clock_breakdown", config.get("wall_clock_breakdown", False)),
     )

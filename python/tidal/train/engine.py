@@ -23,6 +23,9 @@ stage 3 gathers one module at a time with a prefetch depth of one module, and gr
 the accumulation boundary rather than overlapped with the backward pass. Inputs are not cast to the
 compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where the model expects them.
 
+Activation checkpointing: the config's ``activation_checkpointing`` section configures
+:mod:`tidal.checkpointing` (DeepSpeed's keys) and sets the per-layer ``policy`` of tidal's models.
+
 Expert parallelism (``moe.ep_size`` = k > 1, ZeRO stages 0-2): consecutive groups of k ranks split
 each mixture-of-experts layer's experts (rank r holds slice r % k) and exchange routed tokens by
 all-to-all. The experts a rank holds live in a flat buffer of their own (:class:`_ExpertPartition`),
@@ -188,6 +191,7 @@ class Engine:
             block.eval_capacity_factor = config.moe.eval_capacity_factor
             block.min_capacity = config.moe.min_capacity
             block.drop_tokens = config.moe.drop_tokens
+        self._configure_activation_checkpointing(config.activation_checkpointing)
         self.world_size, self.rank = comm.world_size(), comm.rank()
         zero = config.zero_optimization
         self.ep_size = config.moe.ep_size
@@ -279,6 +283,21 @@ class Engine:
         self.global_steps = 0
         self.optimizer_steps = 0  # global steps that were not skipped for overflow
         self.skipped_steps = 0
+
+    def _configure_activation_checkpointing(self, ac) -> None:
+        """The config's ``activation_checkpointing`` section: tidal.checkpointing's settings, and
+        the per-layer policy of every submodule that offers one (tidal's models)."""
+        if not ac.enabled:
+            return
+        from tidal import checkpointing
+
+        checkpointing.configure(partition_activations=ac.partition_activations,
+                                contiguous_checkpointing=ac.contiguous_memory_optimization,
+                                num_checkpoints=ac.number_checkpoints, checkpoint_in_cpu=ac.cpu_checkpointing,
+                                synchronize=ac.synchronize_checkpoint_boundary, profile=ac.profile)
+        for module in self.module.modules():
+            if hasattr(module, "set_activation_checkpointing"):
+                module.set_activation_checkpointing(ac.policy)
 
     def _check_expert_parallel(self, stage: int) -> None:
         ep, world = self.ep_size, self.world_size
