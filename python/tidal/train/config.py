@@ -66,6 +66,20 @@ class BF16Config:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """``zero_optimization.offload_optimizer`` / ``offload_param``: ``device`` "cpu" moves the state
+    to host memory (pinned when ``pin_memory`` and the model is on a GPU); "none" (the default) keeps
+    it on the model's device. DeepSpeed's ``buffer_count``, ``buffer_size``, ``max_in_cpu`` and
+    ``fast_init`` are accepted and change nothing; ``ratio`` (partial offload) must be 1."""
+    device: str = "none"
+    pin_memory: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.device == "cpu"
+
+
+@dataclass(frozen=True)
 class ZeroConfig:
     """``zero_optimization``. Bucket sizes count elements, as DeepSpeed's do. ``overlap_comm`` left
     unset defaults to True at stage 3 and False below, as in DeepSpeed."""
@@ -76,6 +90,8 @@ class ZeroConfig:
     stage3_max_live_parameters: int = 1_000_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True
+    offload_optimizer: OffloadConfig = field(default_factory=OffloadConfig)
+    offload_param: OffloadConfig = field(default_factory=OffloadConfig)
 
 
 @dataclass(frozen=True)
@@ -301,13 +317,47 @@ def _zero(config: Mapping) -> ZeroConfig:
     sizes = {k: _int(f"zero_optimization.{k}", section.get(k, getattr(d, k)), 1)
              for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
                        "stage3_max_live_parameters")}
+    offload_param = _offload(section, "offload_param")
+    if offload_param.enabled and stage != 3:
+        raise ValueError(f"zero_optimization.offload_param.device='cpu' needs zero_optimization.stage=3, "
+                         f"got stage {stage}")
     return ZeroConfig(
         stage=int(stage),
         overlap_comm=_bool("zero_optimization.overlap_comm", section.get("overlap_comm", stage == 3)),
         contiguous_gradients=_bool("zero_optimization.contiguous_gradients",
                                    section.get("contiguous_gradients", d.contiguous_gradients)),
+        offload_optimizer=_offload(section, "offload_optimizer"),
+        offload_param=offload_param,
         **sizes,
     )
+
+
+_OFFLOAD_KEYS = ("device", "nvme_path", "pin_memory", "buffer_count", "buffer_size", "max_in_cpu", "fast_init",
+                 "ratio")
+
+
+def _offload(zero: Mapping, key: str) -> OffloadConfig:
+    prefix = f"zero_optimization.{key}"
+    section = zero.get(key, {})
+    if section is None:
+        return OffloadConfig()
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{prefix}={section!r} must be an object")
+    _check_keys(section, _OFFLOAD_KEYS, f"{prefix}.")
+    device = section.get("device", "none")
+    device = "none" if device is None else device
+    if device == "nvme":
+        raise ValueError(f"{prefix}.device='nvme' is not supported; use 'cpu' or 'none'")
+    if device not in ("cpu", "none"):
+        raise ValueError(f"{prefix}.device={device!r} must be 'cpu' or 'none'")
+    for name in ("buffer_count", "buffer_size", "max_in_cpu"):
+        if name in section:
+            _int(f"{prefix}.{name}", section[name], 0)
+    if "fast_init" in section:
+        _bool(f"{prefix}.fast_init", section["fast_init"])
+    if "ratio" in section and _float(f"{prefix}.ratio", section["ratio"], 0.0) != 1.0:
+        raise ValueError(f"{prefix}.ratio={section['ratio']!r}: partial offload is not supported; use 1")
+    return OffloadConfig(device=device, pin_memory=_bool(f"{prefix}.pin_memory", section.get("pin_memory", False)))
 
 
 def _moe(config: Mapping) -> MoEConfig:

@@ -23,6 +23,14 @@ stage 3 gathers one module at a time with a prefetch depth of one module, and gr
 the accumulation boundary rather than overlapped with the backward pass. Inputs are not cast to the
 compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where the model expects them.
 
+ZeRO-Offload (``zero_optimization.offload_optimizer.device = "cpu"``): the fp32 master weights and
+Adam moments of the owned range live in host memory (pinned with ``pin_memory`` when the model is on
+a GPU); at the step the reduced gradient goes to the host in chunks, the C++ Adam steps each chunk as
+its copy lands, and (stage 0, or one rank) each updated chunk is copied back at once; otherwise the
+updated range is all-gathered as usual. ``offload_param`` (stage 3) keeps the parameter shard itself
+in host memory: each module's gather copies its part in. The gradients are still accumulated and
+reduced on the device, after the backward pass rather than overlapped with it.
+
 Activation checkpointing: the config's ``activation_checkpointing`` section configures
 :mod:`tidal.checkpointing` (DeepSpeed's keys) and sets the per-layer ``policy`` of tidal's models.
 
@@ -100,8 +108,8 @@ def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, 
         if stage == 0 or size == 1:
             flat_params.copy_(master)
             return
-        gathered = torch.empty(plan.padded_numel, dtype=torch.float32, device=master.device)
-        comm.all_gather(gathered, master, group=group)
+        gathered = torch.empty(plan.padded_numel, dtype=torch.float32, device=flat_params.device)
+        comm.all_gather(gathered, master.to(flat_params.device, non_blocking=True), group=group)
         flat_params.copy_(gathered)
 
 
@@ -126,6 +134,45 @@ def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: to
     param.addcdiv_(m, denom, value=-(lr / bias_correction1))
 
 
+# NOTE(tidal): under optimizer offload the owned range moves to the host in chunks of this many
+# elements (64 MB of fp32): the host steps chunk i while chunk i + 1 is still being copied.
+_OFFLOAD_CHUNK = 1 << 24
+
+
+def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A copy of ``t`` in host memory, page-locked when ``pin``."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    out.copy_(t)
+    return out
+
+
+def _offloaded_adam(part, grad: torch.Tensor, chunk: int, publish, **adam) -> None:
+    """Adam on host-resident state (ZeRO-Offload) with the gradient where the reduction left it:
+    every chunk's copy to the (pinned) host buffer is queued at once, the C++ Adam steps each chunk
+    as soon as its copy lands, and ``publish(lo, hi, chunk)`` (when given) sends the updated chunk
+    back at once, so the copies in both directions overlap the host's arithmetic."""
+    n = grad.numel()
+    on_device = grad.device.type == "cuda"
+    if on_device and part.host_grad is None:
+        part.host_grad = torch.empty(n, dtype=torch.float32, pin_memory=True)
+    host_grad = part.host_grad if on_device else grad
+    ranges = []
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        event = None
+        if on_device:
+            host_grad[lo:hi].copy_(grad[lo:hi], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(grad.device))
+        ranges.append((lo, hi, event))
+    for lo, hi, event in ranges:
+        if event is not None:
+            event.synchronize()
+        _adam_update(part.master[lo:hi], host_grad[lo:hi], part.exp_avg[lo:hi], part.exp_avg_sq[lo:hi], **adam)
+        if publish is not None:
+            publish(lo, hi, part.master[lo:hi])
+
+
 class _ExpertPartition:
     """The experts one rank holds under expert parallelism: their parameters end to end in a flat
     buffer of their own, fp32 master weights and Adam state for the range this rank owns among the
@@ -133,7 +180,7 @@ class _ExpertPartition:
     main buffer is partitioned among all ranks (stages 0-2)."""
 
     def __init__(self, params: list[torch.nn.Parameter], stage: int, group, ranks: list[int], rank: int,
-                 bucket: int, compute_dtype: torch.dtype):
+                 bucket: int, compute_dtype: torch.dtype, offload: bool = False, pin: bool = False):
         self.group, self.ranks, self.size, self.stage = group, ranks, len(ranks), stage
         index = ranks.index(rank)
         self.plan = _core.zero.make_plan([p.numel() for p in params], self.size, max(bucket, _ALIGNMENT),
@@ -152,18 +199,20 @@ class _ExpertPartition:
             for s in self.slots:
                 s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
         lo, hi = self.owned
-        self.master = full[lo:hi].clone()
+        self.master = _host_copy(full[lo:hi], pin) if offload else full[lo:hi].clone()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=device)
+        self.host_grad = None
 
     def full_weights(self) -> torch.Tensor:
         """Collective over the group: the fp32 weights of every expert this rank holds, flat."""
-        full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.master.device)
+        device = self.flat_params.device
+        full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=device)
         if self.stage == 0 or self.size == 1:
             full.copy_(self.master)
         else:
-            comm.all_gather(full, self.master, group=self.group)
+            comm.all_gather(full, self.master.to(device), group=self.group)
         return full
 
 
@@ -216,6 +265,9 @@ class Engine:
             if p.device != self.device:
                 raise ValueError(f"all parameters must be on one device; found {p.device} and {self.device}")
         self.stage = zero.stage
+        self.offload_optimizer, self.offload_param = zero.offload_optimizer.enabled, zero.offload_param.enabled
+        self.pin_memory = self.device.type == "cuda" and (
+            zero.offload_optimizer.pin_memory if self.offload_optimizer else zero.offload_param.pin_memory)
         self.compute_dtype = (torch.bfloat16 if config.bf16.enabled else torch.float16 if config.fp16.enabled
                               else torch.float32)
 
@@ -240,6 +292,9 @@ class Engine:
 
             lo, hi = self.owned
             self.flat_shard = master_full[lo:hi].to(self.compute_dtype, copy=True)
+            if self.offload_param:  # the shard lives in host memory; gathers copy it in per module
+                self.flat_shard = _host_copy(self.flat_shard, zero.offload_param.pin_memory and
+                                             self.device.type == "cuda")
             with torch.no_grad():
                 for s in self.slots:
                     s.param.data = torch.empty(0, dtype=self.compute_dtype, device=self.device)
@@ -250,15 +305,21 @@ class Engine:
                 for s in self.slots:
                     s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
 
-        # fp32 master weights and Adam state for the owned range (everything at stage 0).
+        # fp32 master weights and Adam state for the owned range (everything at stage 0), in host
+        # memory under optimizer offload.
         lo, hi = self.owned
-        self.master = master_full[lo:hi].clone()
+        self.master = _host_copy(master_full[lo:hi], self.pin_memory) if self.offload_optimizer else \
+            master_full[lo:hi].clone()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=self.device)
+        self.host_grad = None  # the pinned host buffer gradients go through under optimizer offload
+        self.offload_chunk = _OFFLOAD_CHUNK
+        self._published: list = []  # parts the last offloaded Adam already copied back
         if expert_params:
             self.experts = _ExpertPartition(expert_params, self.stage, edp_group, edp_ranks, self.rank,
-                                            int(zero.reduce_bucket_size) // len(edp_ranks), self.compute_dtype)
+                                            int(zero.reduce_bucket_size) // len(edp_ranks), self.compute_dtype,
+                                            self.offload_optimizer, self.pin_memory)
 
         opt = config.optimizer
         if opt is None:
@@ -435,20 +496,39 @@ class Engine:
         return math.sqrt(float(sq))
 
     def _adam(self, grads: list[torch.Tensor]) -> None:
+        """Adam on every part's owned range; under optimizer offload on the host, chunk by chunk,
+        each chunk published to the compute-dtype parameters as soon as it is stepped where no
+        collective is needed (stage 0 or one rank)."""
         parts = [self] if self.experts is None else [self, self.experts]
+        adam = dict(step=self.optimizer_steps + 1, lr=self._lr(), betas=self.betas, eps=self.eps,
+                    weight_decay=self.weight_decay, decoupled=self.decoupled)
+        self._published = []
         for part, grad in zip(parts, grads):
-            _adam_update(part.master, grad, part.exp_avg, part.exp_avg_sq, self.optimizer_steps + 1, self._lr(),
-                         self.betas, self.eps, self.weight_decay, self.decoupled)
+            if not self.offload_optimizer:
+                _adam_update(part.master, grad, part.exp_avg, part.exp_avg_sq, **adam)
+                continue
+            size = self.world_size if part is self else part.size
+            publish = None
+            if self.stage < 3 and (self.stage == 0 or size == 1):
+                base = part.owned[0]
+
+                def publish(lo, hi, chunk, flat=part.flat_params, base=base):
+                    with torch.no_grad():
+                        flat[base + lo:base + hi].copy_(chunk, non_blocking=True)
+                self._published.append(part)
+            _offloaded_adam(part, grad, self.offload_chunk, publish, **adam)
 
     def _publish_weights(self) -> None:
-        """Copies the updated fp32 master shard(s) into every rank's compute-dtype parameters."""
+        """Copies the updated fp32 master shard(s) into every rank's compute-dtype parameters (what
+        the offloaded Adam did not already send back chunk by chunk)."""
+        published = self._published
         if self.stage == 3:  # parameters are gathered from the shard when a module runs
             with torch.no_grad():
-                self.flat_shard.copy_(self.master)
-        else:
+                self.flat_shard.copy_(self.master, non_blocking=True)
+        elif not any(p is self for p in published):
             _publish(self.master, self.flat_params, self.plan, self.stage, self.world_size, None)
-        if self.experts is not None:
-            e = self.experts
+        e = self.experts
+        if e is not None and not any(p is e for p in published):
             _publish(e.master, e.flat_params, e.plan, e.stage, e.size, e.group)
 
     # ---- state -----------------------------------------------------------------------------------
@@ -487,7 +567,7 @@ class Engine:
         if self.stage == 0 or self.world_size == 1:
             full.copy_(self.master)
         else:
-            comm.all_gather(full, self.master)
+            comm.all_gather(full, self.master.to(self.device))
         by_param = {id(s.param): full[s.offset:s.offset + s.numel].view(s.shape).clone() for s in self.slots}
         if self.experts is not None:  # each ep group's slices, concatenated along the expert dimension
             mine = self.experts.full_weights()

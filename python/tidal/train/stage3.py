@@ -60,7 +60,7 @@ class ParameterGatherer:
         send = torch.zeros(group.chunk, dtype=dtype, device=device)
         if group.own is not None:
             b, e = group.own
-            send[:e - b].copy_(self.engine.flat_shard[b:e])
+            send[:e - b].copy_(self.engine.flat_shard[b:e], non_blocking=True)  # from host memory under offload_param
         recv = torch.empty(self.world_size * group.chunk, dtype=dtype, device=device)
         if comm.is_distributed():
             work = torch.distributed.all_gather_into_tensor(recv, send, async_op=True)
