@@ -30,6 +30,7 @@ from tidal import checkpointing
 from tidal.models import rope
 from tidal.models.attention import AttentionMetadata
 from tidal.models.config import ModelConfig
+from tidal.models.losses import fused_linear_cross_entropy
 from tidal.models.moe import SparseMoeBlock
 
 ACTIVATION_CHECKPOINTING_POLICIES = (None, "full", "attention", "mlp")
@@ -271,7 +272,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: AttentionMetadata | None = None,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Serving (``attn`` given) or training (``attn`` None) forward.
 
         Serving: ``input_ids`` and ``positions`` ``[num_tokens]`` int64 (sequence after sequence, as
@@ -283,9 +285,18 @@ class LlamaForCausalLM(nn.Module):
 
         Training: ``input_ids`` ``[batch, seq]``, every sequence starting at position 0 (right
         padding is harmless under the causal mask). Returns logits ``[batch, seq, vocab_size]`` in
-        the model's dtype, differentiable.
+        the model's dtype, differentiable; or, with ``labels`` (``[batch, seq]``, as transformers'
+        ``labels``: position t's label is predicted from positions < t, -100 ignored), the mean
+        next-token cross-entropy, computed by :func:`tidal.models.losses.fused_linear_cross_entropy`
+        without materialising the logits.
         """
         if attn is None:
+            if labels is not None:
+                if labels.shape != input_ids.shape:
+                    raise ValueError(f"labels.shape={tuple(labels.shape)} must equal input_ids.shape="
+                                     f"{tuple(input_ids.shape)}")
+                hidden = self._forward_train(input_ids, head=False)[:, :-1]
+                return fused_linear_cross_entropy(hidden, self.lm_head.weight, labels[:, 1:])
             return self._forward_train(input_ids)
         if positions is None or kv_caches is None:
             raise ValueError("serving forward needs positions and kv_caches along with attn")
@@ -329,7 +340,7 @@ class LlamaForCausalLM(nn.Module):
                 table[cu[s]:cu[s + 1]] = rope.cos_sin(positions[cu[s]:cu[s + 1]], freqs)
         return torch.arange(positions.shape[0], dtype=positions.dtype, device=positions.device), table
 
-    def _forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _forward_train(self, input_ids: torch.Tensor, head: bool = True) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq] without attn metadata, got shape {tuple(input_ids.shape)}")
         cfg, seq = self.config, input_ids.shape[1]
@@ -348,7 +359,8 @@ class LlamaForCausalLM(nn.Module):
                 x = checkpointing.checkpoint(layer.forward_train, x, cos, sin)
             else:  # a MoE layer under "full" recomputes its attention half only
                 x = layer.forward_train(x, cos, sin, "attention" if policy == "full" else policy)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return self.lm_head(x) if head else x
 
     def set_activation_checkpointing(self, policy: str | None) -> None:
         """Per-layer activation checkpointing of the training forward (tidal.checkpointing):
