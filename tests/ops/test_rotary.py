@@ -310,3 +310,43 @@ def test_cuda_unchecked_position_side_stream_and_graph():
         torch.cuda.synchronize()
         assert_close(static_q, ref_rotary(positions, q, head_dim, cache, True))
         assert_close(static_k, ref_rotary(positions, k, head_dim, cache, True))
+
+
+# ---- the differentiable, out-of-place form used by the training forward -------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_of_place_gradients_match_reference_autograd(device, dtype):
+    """rotary_embedding's values and gradients (the same kernel rotating back) against autograd
+    through the fp64 reference."""
+    g = torch.Generator().manual_seed(3)
+    tokens, heads, kv_heads, head_dim = 9, 4, 2, 32
+    cache = make_cache(64, head_dim)
+    positions = torch.randint(0, 64, (tokens,), generator=g)
+    q = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+    gq, gk = torch.randn_like(q, dtype=torch.float32).to(dtype), torch.randn_like(k, dtype=torch.float32).to(dtype)
+    q_, k_ = (to_device(t, device).requires_grad_() for t in (q, k))
+    out_q, out_k = tidal.ops.rotary_embedding(to_device(positions, device), q_, k_, to_device(cache, device))
+    grads = torch.autograd.grad((out_q, out_k), (q_, k_), (to_device(gq, device), to_device(gk, device)))
+
+    qd, kd = q.double().requires_grad_(), k.double().requires_grad_()
+    ref_q = ref_rotary(positions, qd, head_dim, cache.double(), True)
+    ref_k = ref_rotary(positions, kd, head_dim, cache.double(), True)
+    ref_grads = torch.autograd.grad((ref_q, ref_k), (qd, kd), (gq.double(), gk.double()))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    for got, want in zip((out_q, out_k, *grads), (ref_q, ref_k, *ref_grads)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double().cpu(), want.detach(), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_place_opcheck_and_gradcheck(device):
+    positions = to_device(torch.tensor([0, 5, 2]), device)
+    cache = to_device(make_cache(8, 8), device)
+    q = to_device(torch.randn(3, 2, 8), device)
+    k = to_device(torch.randn(3, 1, 8), device)
+    torch.library.opcheck(torch.ops.tidal.rotary_embedding.default, (positions, q, k, cache))
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: tidal.ops.rotary_embedding(positions, a, b, cache), (qg, kg),
+                                    eps=1e-3, atol=2e-3, rtol=1e-2)

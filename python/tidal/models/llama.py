@@ -53,13 +53,6 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style rotary (pure torch, differentiable): ``x * cos + rotate_half(x) * sin``."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, dtype, device):
         super().__init__()
@@ -99,19 +92,19 @@ class LlamaAttention(nn.Module):
                                   attn.max_seqlen_q, attn.max_seqlen_k)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
-    def forward_train(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Training. ``hidden`` [batch, seq, hidden_size]; ``cos``/``sin`` [seq, head_dim]."""
+    def forward_train(self, hidden: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Training. ``hidden`` [batch, seq, hidden_size]; ``positions`` [batch * seq] rows of the
+        rotary ``table`` (cos then sin halves, fp32) for each token."""
         batch, seq = hidden.shape[:2]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(batch, seq, self.num_heads, self.head_dim)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
+        q = q.reshape(batch * seq, self.num_heads, self.head_dim)
+        k = k.reshape(batch * seq, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-        q = _rotate(q, cos, sin).transpose(1, 2)  # [batch, num_heads, seq, head_dim]
-        k = _rotate(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q, k = ops.rotary_embedding(positions, q, k, table)  # the fused kernel, differentiable
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, seq, head_dim]
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         kwargs = {}
         if self.num_kv_heads != self.num_heads:
             if _SDPA_HAS_GQA:
@@ -140,8 +133,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # the fused op, differentiable
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -165,21 +157,21 @@ class LlamaDecoderLayer(nn.Module):
         ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
         return self.mlp(hidden), residual
 
-    def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward_train(self, x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
                       recompute: str | None = None) -> torch.Tensor:
         """Training. ``recompute`` (see LlamaForCausalLM.set_activation_checkpointing): "attention" or
         "mlp" recomputes that half of the layer in the backward pass instead of keeping its
         activations; a MoE block is never recomputed (its auxiliary losses keep their graph)."""
         if recompute == "attention":
-            x = x + checkpointing.checkpoint(self._attention_half, x, cos, sin)
+            x = x + checkpointing.checkpoint(self._attention_half, x, positions, table)
         else:
-            x = x + self._attention_half(x, cos, sin)
+            x = x + self._attention_half(x, positions, table)
         if recompute == "mlp" and not isinstance(self.mlp, SparseMoeBlock):
             return x + checkpointing.checkpoint(self._mlp_half, x)
         return x + self._mlp_half(x)
 
-    def _attention_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.self_attn.forward_train(self.input_layernorm(x), cos, sin)
+    def _attention_half(self, x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.self_attn.forward_train(self.input_layernorm(x), positions, table)
 
     def _mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp.forward_train(self.post_attention_layernorm(x))
@@ -349,16 +341,15 @@ class LlamaForCausalLM(nn.Module):
         else:  # past max_position_embeddings: dynamic NTK rescales (transformers: seq_len = seq)
             freqs = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq, cfg.max_position_embeddings)
             table = rope.cos_sin(torch.arange(seq, device=input_ids.device), freqs)
-        half = cfg.head_dim // 2
-        cos = table[:, :half].repeat(1, 2).to(self.dtype)  # [seq, head_dim], as transformers' cat((f, f))
-        sin = table[:, half:].repeat(1, 2).to(self.dtype)
+        table = table.float().contiguous()
+        positions = torch.arange(seq, device=input_ids.device).repeat(input_ids.shape[0])  # [batch * seq]
         x = self.model.embed_tokens(input_ids)
         policy = self.activation_checkpointing
         for layer in self.model.layers:
             if policy == "full" and not isinstance(layer.mlp, SparseMoeBlock):
-                x = checkpointing.checkpoint(layer.forward_train, x, cos, sin)
+                x = checkpointing.checkpoint(layer.forward_train, x, positions, table)
             else:  # a MoE layer under "full" recomputes its attention half only
-                x = layer.forward_train(x, cos, sin, "attention" if policy == "full" else policy)
+                x = layer.forward_train(x, positions, table, "attention" if policy == "full" else policy)
         x = self.model.norm(x)
         return self.lm_head(x) if head else x
 

@@ -11,8 +11,8 @@ from tidal.ops.kv_cache import reshape_and_cache_
 from tidal.ops.moe import fused_moe
 from tidal.ops.norm import fused_add_rms_norm, fused_add_rms_norm_, rms_norm
 from tidal.ops.optim import adam_step_
-from tidal.ops.rotary import rotary_embedding_, rotary_embedding_and_cache_
+from tidal.ops.rotary import rotary_embedding, rotary_embedding_, rotary_embedding_and_cache_
 from tidal.ops.sampling import seeded_exponential_
 
 __all__ = ["adam_step_", "fused_add_rms_norm", "fused_add_rms_norm_", "fused_moe", "paged_attention", "reshape_and_cache_",
-           "rms_norm", "rotary_embedding_", "rotary_embedding_and_cache_", "seeded_exponential_", "silu_and_mul"]
+           "rms_norm", "rotary_embedding", "rotary_embedding_", "rotary_embedding_and_cache_", "seeded_exponential_", "silu_and_mul"]

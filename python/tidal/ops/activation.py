@@ -42,6 +42,25 @@ def _silu_and_mul_fake(x):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
+# ---- autograd: computed in fp32 from the saved input, like the forward -----------------------------
+
+def _silu_and_mul_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _silu_and_mul_backward(ctx, grad):
+    """d/dg silu(g) u = u s (1 + g (1 - s)) and d/du = g s, with s = sigmoid(g)."""
+    (x,) = ctx.saved_tensors
+    d = x.shape[-1] // 2
+    g, u, gf = x[..., :d].float(), x[..., d:].float(), grad.float()
+    s = torch.sigmoid(g)
+    return torch.cat((gf * u * s * (1 + g * (1 - s)), gf * g * s), dim=-1).to(x.dtype)
+
+
+torch.library.register_autograd("tidal::silu_and_mul", _silu_and_mul_backward, setup_context=_silu_and_mul_setup)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     r"""SiLU-gated product of the two halves of the last dimension (the Llama MLP activation).
 
@@ -59,7 +78,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        A new contiguous ``[..., d]`` tensor of ``x.dtype``. Not differentiable.
+        A new contiguous ``[..., d]`` tensor of ``x.dtype``. Differentiable: the gradient is
+        computed in fp32 from the saved input and rounded once to ``x.dtype``.
     """
     if is_eager_call(x):
         return _silu_and_mul_impl(x)

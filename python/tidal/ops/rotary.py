@@ -121,6 +121,56 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
     torch.ops.tidal.rotary_embedding_(positions, query, key, head_dim, cos_sin_cache, is_neox)
 
 
+lib.define("rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache) -> (Tensor, Tensor)")
+
+
+def _rotary_embedding_out_impl(positions, query, key, cos_sin_cache):
+    q, k = query.contiguous().clone(), key.contiguous().clone()
+    _rotary_embedding_impl(positions, q, k, query.shape[-1], cos_sin_cache, True)
+    return q, k
+
+
+for _key in ("CPU", "CUDA"):
+    lib.impl("rotary_embedding", _rotary_embedding_out_impl, _key)
+
+
+@torch.library.register_fake("tidal::rotary_embedding")
+def _rotary_embedding_out_fake(positions, query, key, cos_sin_cache):
+    return torch.empty_like(query, memory_format=torch.contiguous_format), \
+        torch.empty_like(key, memory_format=torch.contiguous_format)
+
+
+def _rotary_setup(ctx, inputs, output):
+    positions, _, _, cache = inputs
+    ctx.save_for_backward(positions, cache)
+
+
+def _rotary_backward(ctx, grad_q, grad_k):
+    """The rotation is orthogonal: its transpose rotates by the opposite angles (sin negated)."""
+    positions, cache = ctx.saved_tensors
+    half = cache.shape[1] // 2
+    inverse = torch.cat((cache[:, :half], -cache[:, half:]), dim=1)
+    gq, gk = torch.ops.tidal.rotary_embedding(positions, grad_q, grad_k, inverse)
+    return None, gq, gk, None
+
+
+torch.library.register_autograd("tidal::rotary_embedding", _rotary_backward, setup_context=_rotary_setup)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding as rotary_embedding_ computes it (fp32, rounded once), out of
+    place and differentiable with respect to ``query`` and ``key`` (``[num_tokens, heads,
+    head_dim]`` each; the backward is the same kernel rotating the gradients back): the training
+    forward's rotary. Returns new contiguous rotated tensors."""
+    if query.dim() != 3 or key.dim() != 3:
+        raise ValueError(f"query and key must be [num_tokens, heads, head_dim], got {tuple(query.shape)} and "
+                         f"{tuple(key.shape)}")
+    if is_eager_call(positions, query, key, cos_sin_cache):
+        return _rotary_embedding_out_impl(positions, query, key, cos_sin_cache)
+    return torch.ops.tidal.rotary_embedding(positions, query, key, cos_sin_cache)
+
+
 lib.define("rotary_embedding_and_cache_(Tensor positions, Tensor(a!) query, Tensor key, Tensor value, "
            "Tensor(b!) key_cache, Tensor(c!) value_cache, Tensor slot_mapping, Tensor cos_sin_cache, bool is_neox, "
            "Tensor? q_norm_weight, Tensor? k_norm_weight, float eps) -> ()")
