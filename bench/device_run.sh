@@ -10,7 +10,7 @@
 #
 # Knobs (environment): WHEEL (install this wheel, falling back to a source build if it does not
 # import), TESTS (pytest arguments; "none" skips), SANITIZE (1: memcheck over the kernel tests),
-# BENCHES (scripts to run), SERVE_ARGS (extra arguments of bench/serve.py).
+# BENCHES (scripts to run), SERVE_ARGS / TRAIN_ARGS (extra arguments of bench/serve.py / bench/train.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +48,12 @@ if [ "$install_ok" -eq 0 ]; then
   fi
 fi
 (cd /tmp && "$PY" -c "import json, tidal; print(json.dumps(tidal.build_info()))") | tee "$OUT/build_info.json"
+# The training peers not on the image (DeepSpeed and its pure-Python dependencies; BENCHMARKS.md),
+# carried as wheels under .whl/peers.
+if compgen -G ".whl/peers/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-index .whl/peers/*.whl >"$OUT/peers_install.log" 2>&1 ||
+    echo "the peer wheels did not install (see peers_install.log)"
+fi
 
 if [ "${TESTS:-all}" != "none" ]; then
   stamp "tests"
@@ -67,12 +73,15 @@ if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 stamp "benchmarks"
-for bench in ${BENCHES:-bench/bench_attention.py bench/serve.py}; do
+for bench in ${BENCHES:-bench/bench_attention.py bench/serve.py bench/train.py}; do
   name="$(basename "$bench" .py)"
   stamp "$name"
   if [ "$name" = "serve" ]; then
     # shellcheck disable=SC2086
     "$PY" "$bench" --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -40
+  elif [ "$name" = "train" ]; then
+    # shellcheck disable=SC2086
+    "$PY" "$bench" --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -30
   else
     "$PY" "$bench" --out "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log" | tail -30
   fi

@@ -2,6 +2,7 @@
 (several inputs, non-tensor arguments, tuple outputs, inputs without grad, dropout through the
 restored generators); tidal's Llama-family models checkpointed per layer ("full", "attention", "mlp")
 train to the same weights as without checkpointing, also at ZeRO stage 3 and for a MoE model; the
+fused LM-head loss (``labels``) trains at stage 3 like the logits path; the
 config section takes DeepSpeed's keys; on a GPU, cpu_checkpointing offloads the kept inputs to
 pinned memory and prefetches them back in the backward pass."""
 
@@ -190,3 +191,26 @@ def test_policies_keep_fewer_activations(tmp_path):
         saved[policy] = total
     assert saved["full"] < saved["attention"] < saved[None]
     assert saved["full"] < saved["mlp"] < saved[None]
+
+
+def test_labels_loss_at_stage_3(tmp_path):
+    """The fused LM-head loss goes through the head module, so stage 3 gathers the tied weight for it:
+    the same weights as the logits path."""
+    _save_tiny(tmp_path)
+    weights = []
+    for use_labels in (False, True):
+        model, _ = load_model(str(tmp_path))
+        engine = tidal.initialize(model, {"train_batch_size": BATCH, "zero_optimization": {"stage": 3},
+                                          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}})
+        for step in range(STEPS):
+            ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step))
+            if use_labels:
+                loss = engine(ids, labels=ids)
+            else:
+                logits = engine(ids)
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+            engine.backward(loss)
+            engine.step()
+        weights.append(engine.full_state_dict())
+    for name, w in weights[0].items():  # summation order differs; Adam magnifies it on tiny gradients
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")

@@ -43,6 +43,17 @@ def _linear(in_features: int, out_features: int, bias: bool, dtype, device) -> n
     return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype, device=device)
 
 
+class LMHead(nn.Linear):
+    """The language-model head: ``head(x)`` gives logits; ``head(x, labels)`` the mean cross-entropy
+    through fused_linear_cross_entropy (the logits never materialised). Going through the module
+    call either way lets ZeRO stage 3 gather the (possibly tied) weight around its use."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return fused_linear_cross_entropy(x, self.weight, labels, bias=self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype, device):
         super().__init__()
@@ -220,7 +231,8 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.model = LlamaModel(config, dtype, device)
-        self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        self.lm_head = nn.utils.skip_init(LMHead, config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
+                                          device=device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._dynamic_rope = config.rope_scaling is not None and config.rope_scaling["rope_type"] == "dynamic"
@@ -288,7 +300,7 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"labels.shape={tuple(labels.shape)} must equal input_ids.shape="
                                      f"{tuple(input_ids.shape)}")
                 hidden = self._forward_train(input_ids, head=False)[:, :-1]
-                return fused_linear_cross_entropy(hidden, self.lm_head.weight, labels[:, 1:])
+                return self.lm_head(hidden, labels[:, 1:])
             return self._forward_train(input_ids)
         if positions is None or kv_caches is None:
             raise ValueError("serving forward needs positions and kv_caches along with attn")
