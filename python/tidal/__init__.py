@@ -47,6 +47,7 @@ _LAZY = {
     "initialize": "tidal.train.engine",
     "checkpoint": "tidal.checkpoint",  # a module: tidal.checkpoint.to_hf
     "checkpointing": "tidal.checkpointing",  # a module: activation checkpointing (deepspeed.checkpointing)
+    "zero": "tidal.zero",  # a module: tidal.zero.Init (deepspeed.zero.Init)
 }
 
 

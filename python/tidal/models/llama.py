@@ -209,7 +209,8 @@ class LlamaForCausalLM(nn.Module):
         Parameter and activation dtype (the rotary table is always fp32).
     device : torch.device or str
         Where parameters live. They are left uninitialised: call :meth:`load_weights` or
-        :meth:`initialize_weights`.
+        :meth:`initialize_weights`. Under ``tidal.zero.Init`` they go to the meta device whatever
+        ``device`` says (``tidal.initialize`` then builds them a module at a time into the shards).
 
     Attributes
     ----------
@@ -224,6 +225,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         super().__init__()
+        from tidal import zero
+
+        if zero.is_active():
+            device = "meta"
         self.config = config
         self.activation_checkpointing: str | None = None  # see set_activation_checkpointing
         self.num_layers = config.num_hidden_layers
@@ -236,9 +241,13 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._dynamic_rope = config.rope_scaling is not None and config.rope_scaling["rope_type"] == "dynamic"
-        self.register_buffer("cos_sin_cache", rope.build_cos_sin_cache(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling,
-            device=device), persistent=False)
+        # NOTE(tidal): a model built on the meta device (tidal.zero.Init) still needs its rotary table:
+        # it is computed on the CPU and moves with the model.
+        rope_device = torch.device("cpu") if torch.device(device).type == "meta" else torch.device(device)
+        with rope_device:  # also overrides a meta default device for the table's intermediates
+            cache = rope.build_cos_sin_cache(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                             config.rope_scaling, device=rope_device)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -447,15 +456,21 @@ class LlamaForCausalLM(nn.Module):
         """Fresh weights for training from scratch, as transformers initialises them: linear and
         embedding weights ~ N(0, std) (std defaults to the config's ``initializer_range``, else
         0.02), biases 0, norm weights 1."""
+        for module in self.modules():
+            self.initialize_module(module, std, generator)
+
+    def initialize_module(self, module: nn.Module, std: float | None = None,
+                          generator: torch.Generator | None = None) -> None:
+        """initialize_weights for the parameters ``module`` owns directly (tidal.zero.Init builds a
+        model's weights one module at a time through it)."""
         std = self.config.hf_config.get("initializer_range", 0.02) if std is None else std
         with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    module.weight.normal_(0.0, std, generator=generator)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
-                elif isinstance(module, SparseMoeBlock):
-                    module.w13.normal_(0.0, std, generator=generator)
-                    module.w2.normal_(0.0, std, generator=generator)
-                elif isinstance(module, RMSNorm):
-                    module.weight.fill_(1.0)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, SparseMoeBlock):
+                module.w13.normal_(0.0, std, generator=generator)
+                module.w2.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)

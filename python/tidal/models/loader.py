@@ -104,13 +104,20 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     Returns
     -------
     (model, config)
-        The model in eval mode, and its :class:`ModelConfig`.
+        The model in eval mode, and its :class:`ModelConfig`. Under ``tidal.zero.Init`` the
+        parameters are on the meta device and the weights are read by ``tidal.initialize``.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     config = ModelConfig.from_pretrained(path)
     files = safetensors_files(path)
+    from tidal import zero
+
+    if zero.is_active():  # shapes only: tidal.initialize reads each tensor into the shards
+        model = get_model_class(config.architecture)(config, dtype=resolve_dtype(dtype, config), device="meta")
+        model._tidal_checkpoint_files = files
+        return model.eval(), config
     model = get_model_class(config.architecture)(config, dtype=resolve_dtype(dtype, config), device=device)
     model.load_weights(iter_safetensors(files))
     return model.eval(), config

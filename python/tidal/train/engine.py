@@ -264,6 +264,14 @@ class Engine:
         for p in params:
             if p.device != self.device:
                 raise ValueError(f"all parameters must be on one device; found {p.device} and {self.device}")
+        built_on_meta = self.device.type == "meta"  # tidal.zero.Init
+        if built_on_meta:
+            from tidal import zero as zero_init
+
+            if zero.stage != 3:
+                raise ValueError(f"a model built under tidal.zero.Init needs zero_optimization.stage=3, got "
+                                 f"stage {zero.stage}")
+            self.device = zero_init.target_device()
         self.stage = zero.stage
         self.offload_optimizer, self.offload_param = zero.offload_optimizer.enabled, zero.offload_param.enabled
         self.pin_memory = self.device.type == "cuda" and (
@@ -281,23 +289,32 @@ class Engine:
         # fp32 master copy of the initial weights (rank 0's, broadcast). Below stage 3 the model's
         # parameters become views of one flat buffer in the compute dtype; at stage 3 each rank keeps
         # only its shard and the gatherer materialises a module's parameters around its use.
-        master_full = torch.zeros(padded, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            for s in self.slots:
-                master_full[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
-        comm.broadcast(master_full, src=0)
+        if built_on_meta:  # only this rank's shard is ever built; master_full is that shard
+            master_full = self._materialize_shard()
+            master_lo = self.owned[0]
+        else:
+            master_full = torch.zeros(padded, dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                for s in self.slots:
+                    master_full[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+            comm.broadcast(master_full, src=0)
+            master_lo = 0
         self.flat_params = self.flat_shard = self.gatherer = None
         if self.stage == 3:
             from tidal.train.stage3 import ParameterGatherer
 
             lo, hi = self.owned
-            self.flat_shard = master_full[lo:hi].to(self.compute_dtype, copy=True)
+            self.flat_shard = master_full[lo - master_lo:hi - master_lo].to(self.compute_dtype, copy=True)
             if self.offload_param:  # the shard lives in host memory; gathers copy it in per module
                 self.flat_shard = _host_copy(self.flat_shard, zero.offload_param.pin_memory and
                                              self.device.type == "cuda")
             with torch.no_grad():
                 for s in self.slots:
-                    s.param.data = torch.empty(0, dtype=self.compute_dtype, device=self.device)
+                    empty = torch.empty(0, dtype=self.compute_dtype, device=self.device)
+                    if s.param.is_meta:  # .data cannot change a meta tensor's type: swap, keeping the object
+                        torch.utils.swap_tensors(s.param, torch.nn.Parameter(empty, s.param.requires_grad))
+                    else:
+                        s.param.data = empty
             self.gatherer = ParameterGatherer(self, module_groups)
         else:
             self.flat_params = master_full.to(self.compute_dtype)
@@ -307,7 +324,7 @@ class Engine:
 
         # fp32 master weights and Adam state for the owned range (everything at stage 0), in host
         # memory under optimizer offload.
-        lo, hi = self.owned
+        lo, hi = self.owned[0] - master_lo, self.owned[1] - master_lo
         self.master = _host_copy(master_full[lo:hi], self.pin_memory) if self.offload_optimizer else \
             master_full[lo:hi].clone()
         self.exp_avg = torch.zeros_like(self.master)
@@ -344,6 +361,36 @@ class Engine:
         self.global_steps = 0
         self.optimizer_steps = 0  # global steps that were not skipped for overflow
         self.skipped_steps = 0
+
+    def _materialize_shard(self) -> torch.Tensor:
+        """The fp32 owned range of a model built under tidal.zero.Init: a module at a time, each of
+        its parameters made whole on the CPU (from the checkpoint, else the module's initialisation;
+        rank 0's values broadcast), this rank's slice kept, the rest dropped. Buffers move to the
+        engine's device."""
+        from tidal import zero as zero_init
+
+        lo, hi = self.owned
+        shard = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+        slots = {id(s.param): s for s in self.slots}
+        materializer = zero_init.Materializer(self.module)
+        comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        with torch.no_grad():
+            for module in self.module.modules():
+                for pid, value in materializer.module_values(module).items():
+                    s = slots.get(pid)
+                    if s is None:
+                        continue
+                    value = value.reshape(-1).to(comm_device)
+                    comm.broadcast(value, src=0)
+                    a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
+                    if a < b:
+                        shard[a - lo:b - lo].copy_(value[a - s.offset:b - s.offset])
+                for name, buf in module.named_buffers(recurse=False):
+                    if buf.is_meta:
+                        raise ValueError(f"buffer {name!r} of {type(module).__name__} is on the meta device: build it "
+                                         "outside tidal.zero.Init")
+                    setattr(module, name, buf.to(self.device))
+        return shard
 
     def _configure_activation_checkpointing(self, ac) -> None:
         """The config's ``activation_checkpointing`` section: tidal.checkpointing's settings, and
