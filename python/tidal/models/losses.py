@@ -23,14 +23,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_rows: int):
         rows = hidden.shape[0]
         valid_all = labels != IGNORE_INDEX
-        count = int(valid_all.sum())
+        # 1 / valid rows, kept on the device: no host synchronisation in the step
+        scale = 1.0 / valid_all.sum().clamp(min=1).to(torch.float32)
         needs_grad = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if needs_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad[1] else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if bias is not None and needs_grad[2] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        scale = 1.0 / max(count, 1)
         for lo in range(0, rows, chunk_rows):
             h = hidden[lo:lo + chunk_rows]
             logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
@@ -51,9 +51,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             d_logits = d_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[lo:lo + chunk_rows] = d_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(d_logits.t().float(), h.float()) if hidden.dtype == torch.float32 else \
-                    grad_weight.add_((d_logits.t() @ h).float())
+            if grad_weight is not None:  # the product in the model dtype, accumulated in fp32
+                grad_weight += (d_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -74,7 +73,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                bias: torch.Tensor | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (rows labelled -100
-    are ignored; 0 when every row is), without materialising the logits.
+    are ignored; 0 when every row is), without materialising the logits or synchronising the host.
 
     ``hidden`` [rows, hidden_size] (any leading shape is flattened), ``weight`` [vocab, hidden_size]
     in the same dtype, ``labels`` int64 with hidden's leading shape."""
@@ -90,8 +89,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels.dtype={labels.dtype} must be an integer type")
     flat_labels = labels.reshape(-1).long()
-    bad = (flat_labels != IGNORE_INDEX) & ((flat_labels < 0) | (flat_labels >= weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(f"labels holds {int(flat_labels[bad][0])}: labels must be in [0, {weight.shape[0]}) "
-                         f"or {IGNORE_INDEX}")
+    # NOTE(tidal): checked where it costs no device synchronisation; on a GPU an out-of-range label
+    # trips the gather's device-side assertion instead.
+    if flat_labels.device.type == "cpu":
+        bad = (flat_labels != IGNORE_INDEX) & ((flat_labels < 0) | (flat_labels >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"labels holds {int(flat_labels[bad][0])}: labels must be in [0, {weight.shape[0]}) "
+                             f"or {IGNORE_INDEX}")
     return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, chunk_rows)
