@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu/vectorize.h"
+#include "ops/adam_coefs.h"
 #include "ops/kernels.h"
 
 #if TIDAL_CPU_HAS_AVX2_TWIN
@@ -15,39 +16,7 @@
 namespace tidal::cpu {
 namespace {
 
-// The per-step scalars, rounded to fp32 exactly where torch rounds them (a Python float meeting an
-// fp32 tensor); each is computed in double first, as torch computes it in Python.
-struct Coefs {
-  float inv_grad_scale;  // 1 / grad_scale
-  float decay;           // AdamW: 1 - lr * wd
-  float l2;              // Adam: wd
-  bool has_decay, decoupled, has_unscale;
-  float w1;              // lerp weight 1 - beta1
-  bool w1_small;         // |w1| < 0.5: torch's lerp takes m + w1 * (g - m), else g + (w1 - 1) * (g - m)
-  float beta2, one_minus_beta2;
-  float bc2_sqrt;        // sqrt(1 - beta2^step)
-  float eps;
-  float neg_step_size;   // -lr / (1 - beta1^step)
-};
-
-Coefs make_coefs(const ops::AdamOptions& o) {
-  Coefs c{};
-  const double step = static_cast<double>(o.step);
-  c.inv_grad_scale = static_cast<float>(1.0 / o.grad_scale);
-  c.has_unscale = o.grad_scale != 1.0;
-  c.has_decay = o.weight_decay != 0.0;
-  c.decoupled = o.decoupled;
-  c.decay = static_cast<float>(1.0 - o.lr * o.weight_decay);
-  c.l2 = static_cast<float>(o.weight_decay);
-  c.w1 = static_cast<float>(1.0 - o.beta1);
-  c.w1_small = std::fabs(c.w1) < 0.5f;
-  c.beta2 = static_cast<float>(o.beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - o.beta2);
-  c.bc2_sqrt = static_cast<float>(std::pow(1.0 - std::pow(o.beta2, step), 0.5));
-  c.eps = static_cast<float>(o.eps);
-  c.neg_step_size = static_cast<float>(-(o.lr / (1.0 - std::pow(o.beta1, step))));
-  return c;
-}
+using Coefs = ops::detail::AdamCoefs;
 
 // NOTE(tidal): the FMAs below are where torch's CPU kernels fuse (lerp, add with alpha, and addcmul,
 // whose mul + add the compiler contracts); everything else rounds after each operation. Do not
@@ -111,7 +80,7 @@ constexpr int64_t kChunk = 16384;
 
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
                const ops::AdamOptions& options, Stream) {
-  const Coefs c = make_coefs(options);
+  const Coefs c = ops::detail::make_adam_coefs(options);
   const int64_t n = param.numel();
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<const float>();

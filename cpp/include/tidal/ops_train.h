@@ -29,7 +29,8 @@ struct AdamOptions {
 ///   p += (-lr / (1 - beta1^step)) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
 /// param, exp_avg, exp_avg_sq are written; grad is only read. All four: float32, contiguous (any
 /// shape), the same numel and device, and no two overlapping in memory. Bad values throw
-/// std::invalid_argument naming them. Blocks the caller (CPU); `stream` is for a future GPU path.
+/// std::invalid_argument naming them. On the CPU it blocks the caller; on a GPU it is one launch on
+/// `stream`.
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
                const AdamOptions& options, Stream stream);
 

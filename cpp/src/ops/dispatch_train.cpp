@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The training ops of tidal/ops_train.h: validate tensors and hyper-parameters (every message names
-// the argument and its value), then run the CPU kernel. No GPU kernel yet: a CUDA tensor is an error.
+// the argument and its value), then run the kernel of the tensors' device.
 #include "tidal/ops_train.h"
 
 #include <cmath>
@@ -51,8 +51,9 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
     }
   }
   if (param.numel() == 0) return;
-  detail::dispatch_cpu_only("adam_step", param.device,
-                            [&] { cpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream); });
+  detail::dispatch(
+      "adam_step", param.device, [&] { cpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream); },
+      [&] { gpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream); });
 }
 
 }  // namespace tidal::ops

@@ -109,8 +109,8 @@ int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t 
 
 }  // namespace tidal::gpu
 
-// ---- training ops: the fused optimizer step (cpp/cpu/adam.cpp) --------------------------------------
-// CPU kernel only for now; cpp/src/ops/dispatch_train.cpp validates and rejects GPU tensors.
+// ---- training ops: the fused optimizer step (cpp/cpu/adam.cpp, cuda/adam.cu) ------------------------
+// cpp/src/ops/dispatch_train.cpp validates, then dispatches by device.
 
 #include "tidal/ops_train.h"
 
@@ -122,3 +122,11 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
                const ops::AdamOptions& options, Stream stream);
 
 }  // namespace tidal::cpu
+
+namespace tidal::gpu {
+
+// As cpu::adam_step, one launch over the flat buffers on `stream` (does not block the caller).
+void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
+               const ops::AdamOptions& options, Stream stream);
+
+}  // namespace tidal::gpu

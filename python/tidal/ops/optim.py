@@ -1,7 +1,7 @@
 """The fused Adam/AdamW step over flat fp32 tensors as a torch op (``torch.ops.tidal.adam_step_``).
 
 One pass updates param and both moments in place with torch.optim's single-tensor arithmetic order;
-the CPU kernel is the one optimizer offload uses. No CUDA kernel yet: CUDA tensors raise tidal.Error.
+the CPU kernel is the one optimizer offload uses; the CUDA kernel is one launch over the buffers.
 """
 
 import math
