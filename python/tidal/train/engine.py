@@ -6,7 +6,10 @@ weights and Adam state for the shard this rank owns, and runs:
 
 - ``engine(*args)``: the module's forward;
 - ``engine.backward(loss)``: backward of ``loss / gradient_accumulation_steps`` (times the fp16 loss
-  scale), then the micro-batch's gradients are added into an fp32 flat accumulator;
+  scale), then the micro-batch's gradients are added into an fp32 flat accumulator (below stage 3
+  every ``param.grad`` is a view of one flat buffer autograd accumulates into, moved into the
+  accumulator by one operation; with an fp32 compute dtype the views are the accumulator itself, so
+  clear gradients only through the engine or with ``zero_grad(set_to_none=True)``);
 - ``engine.step()``: at the accumulation boundary only, reduces gradients across ranks (stages 0 and
   1: all-reduce; stage 2: reduce-scatter by buckets aligned to shard boundaries, so each rank receives
   only its shard), checks fp16 overflow, clips by the global norm, steps Adam/AdamW on the owned fp32
@@ -65,6 +68,34 @@ class _Slot:
     offset: int  # in the flat buffer
     numel: int
     shape: torch.Size
+    grad_view: torch.Tensor | None = None  # below stage 3: param.grad, a view of the flat gradient buffer
+
+
+def _attach_flat_grads(part) -> None:
+    """Below stage 3: every parameter's ``.grad`` becomes a view of ``part.flat_grads`` (in the
+    compute dtype), so autograd accumulates straight into one flat buffer: no per-parameter copy
+    after the backward pass. With an fp32 compute dtype that buffer is the fp32 accumulator itself."""
+    part.flat_grads = part.grad_accum if part.compute_dtype == torch.float32 else torch.zeros(
+        part.grad_accum.numel(), dtype=part.compute_dtype, device=part.grad_accum.device)
+    for s in part.slots:
+        s.grad_view = part.flat_grads[s.offset:s.offset + s.numel].view(s.shape)
+        s.param.grad = s.grad_view
+
+
+def _collect_flat_grads(part) -> None:
+    """After a backward pass below stage 3: gradients that did not land in the flat buffer (a
+    ``.grad`` replaced or dropped by the caller, or one autograd could not accumulate in place) are
+    added in and the views re-attached; a compute-dtype buffer is then added into the fp32 accumulator
+    with one operation and cleared."""
+    for s in part.slots:
+        g = s.param.grad
+        if g is not s.grad_view:
+            if g is not None:
+                s.grad_view.add_(g)
+            s.param.grad = s.grad_view
+    if part.flat_grads is not part.grad_accum:
+        part.grad_accum.add_(part.flat_grads)
+        part.flat_grads.zero_()
 
 
 def _params_by_module(model: torch.nn.Module):
@@ -204,6 +235,8 @@ class _ExpertPartition:
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=device)
         self.host_grad = None
+        self.compute_dtype = compute_dtype
+        _attach_flat_grads(self)
 
     def full_weights(self) -> torch.Tensor:
         """Collective over the group: the fp32 weights of every expert this rank holds, flat."""
@@ -330,6 +363,9 @@ class Engine:
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=self.device)
+        self.flat_grads = None
+        if self.stage < 3:
+            _attach_flat_grads(self)
         self.host_grad = None  # the pinned host buffer gradients go through under optimizer offload
         self.offload_chunk = _OFFLOAD_CHUNK
         self._published: list = []  # parts the last offloaded Adam already copied back
@@ -473,14 +509,9 @@ class Engine:
             self.gatherer.release_all()
             self.gatherer.end_of_forward_pass()
             return
-        parts = [self] if self.experts is None else [self, self.experts]
         with torch.no_grad():
-            for part in parts:
-                for s in part.slots:
-                    grad = s.param.grad
-                    if grad is not None:
-                        part.grad_accum[s.offset:s.offset + s.numel].add_(grad.reshape(-1).float())
-                        s.param.grad = None
+            for part in [self] if self.experts is None else [self, self.experts]:
+                _collect_flat_grads(part)
 
     def step(self) -> None:
         """Ends a micro-batch; at the accumulation boundary, reduces gradients and steps the optimizer."""
