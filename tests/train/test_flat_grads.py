@@ -1,4 +1,5 @@
-"""Below stage 3 every parameter's .grad is a view of one flat buffer that autograd accumulates into:
+"""Below stage 3 gradients reach the fp32 accumulator without a pass over the parameters (fp32:
+every .grad is a view of the accumulator; bf16: a hook folds each one in as autograd produces it):
 the engine gives the reference weights even when the caller drops the gradients (zero_grad) or holds
 a reference to one (which makes autograd accumulate out of place), in fp32 and in bf16."""
 
@@ -37,10 +38,13 @@ def test_gradients_survive_the_caller(interfere, bf16):
     assert_state_close(got, want, rtol=0, atol=0)
 
 
-def test_grads_are_views_of_one_buffer():
+def test_fp32_grads_are_views_of_the_accumulator_and_bf16_grads_are_freed():
     engine = tidal.initialize(make_model(), config(0, 1))
     x, y = micro_batch(0, 0, 0, 1)
     engine.backward(torch.nn.functional.mse_loss(engine(x), y))
-    base = engine.flat_grads.untyped_storage().data_ptr()
+    base = engine.grad_accum.untyped_storage().data_ptr()
     assert all(p.grad.untyped_storage().data_ptr() == base for p in engine.module.parameters())
-    assert engine.flat_grads.abs().sum() > 0
+    assert engine.grad_accum.abs().sum() > 0
+    engine = tidal.initialize(make_model().to(torch.bfloat16), config(0, 1, bf16={"enabled": True}))
+    engine.backward(torch.nn.functional.mse_loss(engine(x.to(torch.bfloat16)).float(), y))
+    assert all(p.grad is None for p in engine.module.parameters()) and engine.grad_accum.abs().sum() > 0

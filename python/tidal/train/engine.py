@@ -6,10 +6,10 @@ weights and Adam state for the shard this rank owns, and runs:
 
 - ``engine(*args)``: the module's forward;
 - ``engine.backward(loss)``: backward of ``loss / gradient_accumulation_steps`` (times the fp16 loss
-  scale), then the micro-batch's gradients are added into an fp32 flat accumulator (below stage 3
-  every ``param.grad`` is a view of one flat buffer autograd accumulates into, moved into the
-  accumulator by one operation; with an fp32 compute dtype the views are the accumulator itself, so
-  clear gradients only through the engine or with ``zero_grad(set_to_none=True)``);
+  scale), then the micro-batch's gradients are added into an fp32 flat accumulator: below stage 3
+  with an fp32 compute dtype every ``param.grad`` is a view of the accumulator (clear gradients
+  only through the engine or with ``zero_grad(set_to_none=True)``), otherwise each gradient is
+  folded in by a hook as soon as autograd produces it;
 - ``engine.step()``: at the accumulation boundary only, reduces gradients across ranks (stages 0 and
   1: all-reduce; stage 2: reduce-scatter by buckets aligned to shard boundaries, so each rank receives
   only its shard), checks fp16 overflow, clips by the global norm, steps Adam/AdamW on the owned fp32
@@ -72,30 +72,42 @@ class _Slot:
 
 
 def _attach_flat_grads(part) -> None:
-    """Below stage 3: every parameter's ``.grad`` becomes a view of ``part.flat_grads`` (in the
-    compute dtype), so autograd accumulates straight into one flat buffer: no per-parameter copy
-    after the backward pass. With an fp32 compute dtype that buffer is the fp32 accumulator itself."""
-    part.flat_grads = part.grad_accum if part.compute_dtype == torch.float32 else torch.zeros(
-        part.grad_accum.numel(), dtype=part.compute_dtype, device=part.grad_accum.device)
+    """Below stage 3, how gradients reach the fp32 accumulator without a pass over the parameters
+    after the backward pass. With an fp32 compute dtype every ``.grad`` is a view of the accumulator
+    itself (autograd accumulates straight into it). Otherwise a post-accumulate hook folds each
+    gradient into the accumulator as soon as autograd has produced it and frees it, so the
+    compute-dtype gradients never all exist at once (as at stage 3)."""
+    part.flat_grads = part.grad_accum if part.compute_dtype == torch.float32 else None
     for s in part.slots:
-        s.grad_view = part.flat_grads[s.offset:s.offset + s.numel].view(s.shape)
-        s.param.grad = s.grad_view
+        if part.flat_grads is not None:
+            s.grad_view = part.flat_grads[s.offset:s.offset + s.numel].view(s.shape)
+            s.param.grad = s.grad_view
+        else:
+            s.param.register_post_accumulate_grad_hook(_fold_into(part.grad_accum, s))
+
+
+def _fold_into(accum: torch.Tensor, s: "_Slot"):
+    def hook(param: torch.nn.Parameter) -> None:
+        with torch.no_grad():
+            accum[s.offset:s.offset + s.numel].add_(param.grad.reshape(-1))
+        param.grad = None
+    return hook
 
 
 def _collect_flat_grads(part) -> None:
-    """After a backward pass below stage 3: gradients that did not land in the flat buffer (a
-    ``.grad`` replaced or dropped by the caller, or one autograd could not accumulate in place) are
-    added in and the views re-attached; a compute-dtype buffer is then added into the fp32 accumulator
-    with one operation and cleared."""
+    """After a backward pass below stage 3: gradients that did not reach the accumulator (a
+    ``.grad`` the caller replaced or dropped, or one autograd added out of place) are added in and
+    the views re-attached."""
     for s in part.slots:
         g = s.param.grad
-        if g is not s.grad_view:
+        if s.grad_view is None:
+            if g is not None:  # set outside autograd: the hook never saw it
+                part.grad_accum[s.offset:s.offset + s.numel].add_(g.reshape(-1))
+                s.param.grad = None
+        elif g is not s.grad_view:
             if g is not None:
                 s.grad_view.add_(g)
             s.param.grad = s.grad_view
-    if part.flat_grads is not part.grad_accum:
-        part.grad_accum.add_(part.flat_grads)
-        part.flat_grads.zero_()
 
 
 def _params_by_module(model: torch.nn.Module):
