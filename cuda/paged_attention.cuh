@@ -65,6 +65,17 @@ inline constexpr int kSimtThreads = 128;  // 4 warps (CUDA) per block
 inline constexpr int kPrefillRows = 64;   // query rows per block of the tensor-core prefill kernel
 inline constexpr int kDecodeRows = 16;    // and of the tensor-core decode kernel
 
+#if !defined(TIDAL_USE_HIP)
+/// Launches a 128-thread attention kernel over `grid` with `smem_bytes` of dynamic shared memory,
+/// raising the kernel's shared-memory limit first (the kernels that tile K/V need more than 48 KB).
+template <typename Kernel>
+void launch_with_smem(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const PagedParams& p) {
+  TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kernel<<<grid, 128, smem_bytes, stream>>>(p);
+  TIDAL_CUDA_CHECK(cudaGetLastError());
+}
+#endif
+
 /// Merges the online-softmax state (m2, l2) into (m1, l1) and returns the scales of both sides'
 /// accumulators. m is a running max in base 2, -inf when nothing was seen yet.
 struct MergeScales {

@@ -92,6 +92,23 @@ __device__ __forceinline__ void load_query(const PagedParams& p, const RowSpan& 
   }
 }
 
+// load_query, and each row's online-softmax state before its first key (max -inf, sum and
+// accumulators 0).
+template <typename T, int kVec, int kLanes, int kChunks, int kRows>
+__device__ __forceinline__ void start_rows(const PagedParams& p, const RowSpan& s, int kv_head, int sub,
+                                           float (&q)[kRows][kVec * kChunks], int (&row_pos)[kRows],
+                                           float (&m)[kRows], float (&l)[kRows],
+                                           float (&acc)[kRows][kVec * kChunks]) {
+  load_query<T, kVec, kLanes, kChunks, kRows>(p, s, kv_head, sub, q, row_pos);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kVec * kChunks; ++e) acc[r][e] = 0.0f;
+  }
+}
+
 // The kUnroll keys one lane group holds in registers, kChunks accesses of kVec elements each.
 template <typename T, int kVec, int kChunks, int kUnroll>
 using KeyFrags = Vec<T, kVec>[kUnroll][kChunks];
@@ -261,14 +278,7 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(Page
 
   float q[kRows][kElems], m[kRows], l[kRows], acc[kRows][kElems];
   int row_pos[kRows];
-  load_query<T, kVec, kLanes, kChunks, kRows>(p, s, kv_head, sub, q, row_pos);
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) acc[r][e] = 0.0f;
-  }
+  start_rows<T, kVec, kLanes, kChunks, kRows>(p, s, kv_head, sub, q, row_pos, m, l, acc);
 
   const int32_t* table = p.block_tables + blockIdx.z * p.block_table_stride;
   const T* k_cache = static_cast<const T*>(p.key_cache);
@@ -360,14 +370,7 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_pipelined_kernel
 
   float q[kRows][kElems], m[kRows], l[kRows], acc[kRows][kElems];
   int row_pos[kRows];
-  load_query<T, kVec, kLanes, kChunks, kRows>(p, s, kv_head, sub, q, row_pos);
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) acc[r][e] = 0.0f;
-  }
+  start_rows<T, kVec, kLanes, kChunks, kRows>(p, s, kv_head, sub, q, row_pos, m, l, acc);
 
   for (int t = 0; t < num_tiles; ++t) {
     cp_async_wait<kStages - 2>();
@@ -418,11 +421,8 @@ void launch_simt(const PagedParams& p, const Plan& plan, bool vectorized, cudaSt
     constexpr int V = decltype(vec)::value, L = decltype(lanes)::value, C = decltype(chunks)::value;
 #if !defined(TIDAL_USE_HIP)
     if (V * sizeof(T) == 16) {
-      auto pipelined = [&](auto kernel, int smem_bytes) {
-        TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-        kernel<<<grid, kSimtThreads, smem_bytes, stream>>>(p);
-        TIDAL_CUDA_CHECK(cudaGetLastError());
-      };
+      static_assert(kSimtThreads == 128, "launch_with_smem launches 128 threads");
+      auto pipelined = [&](auto kernel, int smem_bytes) { launch_with_smem(kernel, grid, smem_bytes, stream, p); };
       // NOTE(tidal): a stage is 16 KB for rows of 256 bytes (head_dim 128 in 16-bit types) and 4 stages
       // keep 48 KB in flight per block; 64 KB of shared memory allows three blocks per SM.
       switch (plan.rows_per_block) {

@@ -210,13 +210,10 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
 
 template <typename T, int kHeadDim, int kStages, int kMinBlocks = 1>
 void launch_decode_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
-  constexpr int kSmem = DecodeTiles<T, kHeadDim, kStages>::kSmemBytes;
-  auto kernel = paged_decode_kernel<T, kHeadDim, kStages, kMinBlocks>;
-  TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads * plan.num_splits),
                   static_cast<unsigned>(p.num_seqs));
-  kernel<<<grid, 128, kSmem, stream>>>(p);
-  TIDAL_CUDA_CHECK(cudaGetLastError());
+  launch_with_smem(paged_decode_kernel<T, kHeadDim, kStages, kMinBlocks>, grid,
+                   DecodeTiles<T, kHeadDim, kStages>::kSmemBytes, stream, p);
 }
 
 // NOTE(tidal): a stage is 2 x 64 keys x head_dim x 2 bytes (32 KB for head_dim 128). Measured on

@@ -214,12 +214,9 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
 template <typename T, int kHeadDim, int kBlockN>
 void launch_prefill_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   constexpr int kSmem = (kPrefillRows + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
-  auto kernel = paged_prefill_kernel<T, kHeadDim, kBlockN>;
-  TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.num_seqs));
-  kernel<<<grid, 128, kSmem, stream>>>(p);
-  TIDAL_CUDA_CHECK(cudaGetLastError());
+  launch_with_smem(paged_prefill_kernel<T, kHeadDim, kBlockN>, grid, kSmem, stream, p);
 }
 
 template <typename T>
