@@ -4,6 +4,7 @@
 // tiles. Used by the paged prefill and decode kernels. NVIDIA-only inline PTX.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -62,6 +63,39 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 template <int kHeadDim>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+// The online-softmax step of a FlashAttention-2 warp on m16n8 accumulator fragments: each lane
+// holds rows lane / 4 and lane / 4 + 8 (elements 0-1 and 2-3 of every fragment). `s` (scores in
+// base 2, -inf where masked) becomes the probabilities; the row max `m` moves up, and the row sum
+// `l` (this lane's columns only: sum the quad at the end) and the output `o` are rescaled to it.
+template <int kKeyTiles, int kOutTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kKeyTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kOutTiles][4]) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx = m[rr];
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float safe = mx == -INFINITY ? 0.0f : mx;
+    const float alpha = exp2f(m[rr] - safe);
+    m[rr] = mx;
+    l[rr] *= alpha;
+#pragma unroll
+    for (int dt = 0; dt < kOutTiles; ++dt) {
+      o[dt][2 * rr] *= alpha;
+      o[dt][2 * rr + 1] *= alpha;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) {
+      const float p0 = exp2f(s[nt][2 * rr] - safe), p1 = exp2f(s[nt][2 * rr + 1] - safe);
+      s[nt][2 * rr] = p0;
+      s[nt][2 * rr + 1] = p1;
+      l[rr] += p0 + p1;
+    }
+  }
 }
 
 }  // namespace tidal::gpu

@@ -150,28 +150,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
         sc[nt][i] = visible ? sc[nt][i] * p.scale_log2 : -INFINITY;
       }
     }
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = fmaxf(m[rr], fmaxf(fmaxf(sc[0][2 * rr], sc[0][2 * rr + 1]), fmaxf(sc[1][2 * rr], sc[1][2 * rr + 1])));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float safe = mx == -INFINITY ? 0.0f : mx;
-      const float alpha = exp2f(m[rr] - safe);
-      m[rr] = mx;
-      l[rr] *= alpha;
-#pragma unroll
-      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-        o[dt][2 * rr] *= alpha;
-        o[dt][2 * rr + 1] *= alpha;
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const float p0 = exp2f(sc[nt][2 * rr] - safe), p1 = exp2f(sc[nt][2 * rr + 1] - safe);
-        sc[nt][2 * rr] = p0;
-        sc[nt][2 * rr + 1] = p1;
-        l[rr] += p0 + p1;  // this lane's columns; the quad is summed at the end
-      }
-    }
+    online_softmax_step(sc, m, l, o);  // this lane's columns of l: the quad is summed at the end
     // O += P V over the warp's 16 keys.
     const uint32_t a[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]), pack2<T>(sc[1][0], sc[1][1]),
                            pack2<T>(sc[1][2], sc[1][3])};

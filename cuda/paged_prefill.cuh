@@ -151,30 +151,7 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
           s[nt][i] = visible ? s[nt][i] * p.scale_log2 : -INFINITY;
         }
       }
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float mx = m[rr];
-#pragma unroll
-        for (int nt = 0; nt < kKeyTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float safe = mx == -INFINITY ? 0.0f : mx;
-        const float alpha = exp2f(m[rr] - safe);
-        m[rr] = mx;
-        l[rr] *= alpha;
-#pragma unroll
-        for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-          o[dt][2 * rr] *= alpha;
-          o[dt][2 * rr + 1] *= alpha;
-        }
-#pragma unroll
-        for (int nt = 0; nt < kKeyTiles; ++nt) {
-          const float p0 = exp2f(s[nt][2 * rr] - safe), p1 = exp2f(s[nt][2 * rr + 1] - safe);
-          s[nt][2 * rr] = p0;
-          s[nt][2 * rr + 1] = p1;
-          l[rr] += p0 + p1;  // this lane's columns; the quad is summed at the end
-        }
-      }
+      online_softmax_step(s, m, l, o);  // this lane's columns of l: the quad is summed at the end
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
         const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
