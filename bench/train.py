@@ -130,6 +130,9 @@ def _deepspeed_step(path: str, spec: dict, device):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    # Its fused Adam is JIT-built for this card; DeepSpeed cannot parse arch names such as "9.0a".
+    major, minor = torch.cuda.get_device_capability(device)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     deepspeed.init_distributed()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if spec.get("checkpointing"):
@@ -184,10 +187,27 @@ def child(spec: dict) -> dict:
     sync()
     seconds = time.perf_counter() - t0
     tokens = (spec["steps"] - WARMUP) * spec["micro"] * spec["seq"]
+    if spec.get("profile_dir"):
+        profile_step(step, batches[-1], spec, device)
     return dict(tokens_per_s=tokens / seconds, loss=float(losses[-1].float()),
                 peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 static_memory_gib=static if device.type == "cuda" else None,
                 peak_host_memory_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def profile_step(step, ids, spec: dict, device) -> None:
+    """One more step under the torch profiler: kernel time by op, written beside the results."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    name = "".join(c if c.isalnum() else "_" for c in f"{spec['workload']}_{spec['system']}")
+    with open(os.path.join(spec["profile_dir"], f"profile_{name}.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=70))
 
 
 # ---- the orchestrator -----------------------------------------------------------------------------
@@ -265,6 +285,13 @@ def runs(workloads: set, tiny: bool, peers: bool) -> list[dict]:
     return out
 
 
+def _last_error(stderr: str) -> str:
+    """The line that names the failure: the last exception line, else the last line."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    named = [l for l in lines if l and not l.startswith(" ") and ("Error" in l or "Exception" in l)]
+    return (named or lines)[-1][:300]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="directory for train.md and train.jsonl")
@@ -273,6 +300,7 @@ def main() -> int:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, fp32: checks the script")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--profile", action="store_true", help="profile one extra step of each run (files in --out)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -283,10 +311,11 @@ def main() -> int:
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
     if not workloads <= {"T0", "T3", "A1"}:
         ap.error(f"--workloads {args.workloads!r}: only T0, T3, A1")
-    device = torch.device("cpu" if args.tiny else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not args.tiny and not torch.cuda.is_available():
         print("train.py: no CUDA device (use --tiny to check the script on the CPU)", file=sys.stderr)
         return 2
+    # An indexed device: torch.cuda.set_device refuses a bare "cuda".
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
     os.makedirs(args.out, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     common = dict(card=card, gpus=1 if device.type == "cuda" else 0, commit=commit(),
@@ -299,7 +328,8 @@ def main() -> int:
         for run in runs(workloads, args.tiny, not args.no_peers):
             arch = ARCHS[run["arch"]]
             spec = dict(run, path=save_model(run["arch"], root, device), device=str(device), steps=args.steps,
-                        vocab=arch["vocab_size"], bf16=not args.tiny)
+                        vocab=arch["vocab_size"], bf16=not args.tiny,
+                        profile_dir=os.path.abspath(args.out) if args.profile else None)
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             log(f"{run['workload']} {run['system']}: {run['arch']}, seq {run['seq']}, micro-batch {run['micro']}")
             try:
@@ -307,7 +337,11 @@ def main() -> int:
                                       capture_output=True, text=True, timeout=args.timeout, env=env)
                 result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
                               None)
-                error = None if result else (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                error = None if result else _last_error(proc.stderr)
+                if result is None:
+                    name = "".join(c if c.isalnum() else "_" for c in f"{run['workload']}_{run['system']}")
+                    with open(os.path.join(args.out, f"failed_{name}.log"), "w") as f:
+                        f.write(proc.stdout + "\n" + proc.stderr)
             except subprocess.TimeoutExpired:
                 result, error = None, f"timed out after {args.timeout} s"
             note = ""

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Bindings of the training ops (tidal/ops_train.h) on tidal._core.ops: DLPack capsules in, updated
-// in place. The Adam step runs without the GIL (a shard of millions of elements takes milliseconds).
+// in place. The Adam step runs without the GIL (a shard of millions of elements takes milliseconds),
+// and so do the backward kernels (a CPU kernel may take as long).
 #include <cstdint>
 
 #include <pybind11/pybind11.h>
@@ -29,6 +30,32 @@ void bind_ops_train(py::module_& m) {
       py::arg("grad_scale") = 1.0, py::arg("stream") = 0,
       "One Adam (decoupled=False) / AdamW (decoupled=True) step in place on flat fp32 DLPack capsules "
       "(param, exp_avg, exp_avg_sq written; grad read and multiplied by 1/grad_scale first).");
+  m.def(
+      "silu_and_mul_backward",
+      [](py::handle grad_x, py::handle grad, py::handle x, std::uintptr_t stream) {
+        const TensorView gx = view_capsule(grad_x, "grad_x"), g = view_capsule(grad, "grad");
+        const TensorView xv = view_capsule(x, "x");
+        py::gil_scoped_release release;
+        ops::silu_and_mul_backward(gx, g, xv, Stream::from_int(stream));
+      },
+      py::arg("grad_x"), py::arg("grad"), py::arg("x"), py::arg("stream") = 0,
+      "The gradient of silu_and_mul with respect to x ([num_tokens, 2 * d]) from the gradient of its "
+      "output ([num_tokens, d]), written into grad_x.");
+  m.def(
+      "rms_norm_backward",
+      [](py::handle grad_x, py::handle grad_weight_partial, py::handle grad, py::handle x, py::handle weight,
+         float eps, std::uintptr_t stream) {
+        const TensorView gx = view_capsule(grad_x, "grad_x");
+        const TensorView partial = view_capsule(grad_weight_partial, "grad_weight_partial");
+        const TensorView g = view_capsule(grad, "grad"), xv = view_capsule(x, "x");
+        const TensorView w = view_capsule(weight, "weight");
+        py::gil_scoped_release release;
+        ops::rms_norm_backward(gx, partial, g, xv, w, eps, Stream::from_int(stream));
+      },
+      py::arg("grad_x"), py::arg("grad_weight_partial"), py::arg("grad"), py::arg("x"), py::arg("weight"),
+      py::arg("eps"), py::arg("stream") = 0,
+      "The gradients of rms_norm: grad_x, and the weight gradient summed over each of "
+      "grad_weight_partial.shape[0] contiguous parts of the rows (fp32; the caller sums the parts).");
 }
 
 }  // namespace tidal::bindings

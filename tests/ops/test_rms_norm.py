@@ -225,3 +225,79 @@ def test_cuda_streams_graphs_and_devices():
     if torch.cuda.device_count() > 1:  # the kernel runs on the tensors' device, not the current one
         x1, w1 = x.to("cuda:1"), w.to("cuda:1")
         assert_close(tidal.ops.rms_norm(x1, w1), ref_rms_norm(x, w, 1e-6))
+
+
+def ref_rms_norm_backward(grad, x, weight, eps):
+    """grad_x (x's dtype) and grad_weight (fp32) through the fp32 reference forward."""
+    xf = x.detach().float().requires_grad_()
+    wf = weight.detach().float().requires_grad_()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * wf
+    gx, gw = torch.autograd.grad(out, (xf, wf), grad.float())
+    return gx.to(x.dtype), gw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "3d"])
+@pytest.mark.parametrize("hidden", [8, 769, 2048, 5125])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_kernel(dtype, hidden, layout, device):
+    """The fused backward op against fp32 autograd (16-byte and scalar paths, weight gradient summed
+    over parts), on CUDA also against the CPU kernel."""
+    x = make_input(layout, 33, hidden, dtype, "cpu", 11)
+    grad = make_input("contiguous" if layout != "3d" else "3d", 33, hidden, dtype, "cpu", 12)
+    w = make_weight(hidden, dtype, "cpu")
+    want_x, want_w = ref_rms_norm_backward(grad, x, w, 1e-5)
+    got_x, got_w = torch.ops.tidal.rms_norm_backward(grad.to(device), x.to(device), w.to(device), 1e-5)
+    assert got_x.dtype == dtype and got_w.dtype == torch.float32 and got_x.shape == x.shape
+    assert_close(got_x, want_x)
+    rows = x.numel() // hidden
+    torch.testing.assert_close(got_w.cpu(), want_w, atol=1e-3 * rows ** 0.5, rtol=2e-3)
+    if device == "cuda":
+        cpu_x, cpu_w = torch.ops.tidal.rms_norm_backward(grad, x, w, 1e-5)
+        assert_close(got_x, cpu_x)
+        torch.testing.assert_close(got_w.cpu(), cpu_w, atol=1e-3 * rows ** 0.5, rtol=2e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("parts", [1, 3, 8, 40])
+def test_backward_native_parts(parts, device):
+    """Any number of parts, more than rows included: the partials sum to the weight gradient and
+    parts without rows are zero."""
+    from tidal.ops._lib import capsule
+
+    x = make_input("contiguous", 8, 64, torch.float32, device, 3)
+    grad, w = make_input("contiguous", 8, 64, torch.float32, device, 4), make_weight(64, torch.float32, device)
+    grad_x = torch.empty_like(x)
+    partial = torch.full((parts, 64), float("nan"), device=device)
+    tidal._core.ops.rms_norm_backward(capsule(grad_x), capsule(partial), capsule(grad), capsule(x), capsule(w), 1e-5,
+                                      tidal.ops._lib.stream_of(x))
+    want_x, want_w = ref_rms_norm_backward(grad.cpu(), x.cpu(), w.cpu(), 1e-5)
+    torch.testing.assert_close(grad_x.cpu(), want_x, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(partial.sum(0).cpu(), want_w, atol=1e-4, rtol=1e-4)
+    empty = [p for p in range(parts) if p * 8 // parts == (p + 1) * 8 // parts]  # part p: rows [p T / P, (p + 1) T / P)
+    assert len(empty) == max(0, parts - 8)
+    assert (partial[empty] == 0).all()  # parts without rows are zero-filled, not left unset
+    assert not partial.isnan().any()
+
+
+def test_backward_kernel_empty_and_opcheck():
+    got_x, got_w = torch.ops.tidal.rms_norm_backward(torch.empty(0, 6), torch.empty(0, 6), torch.ones(6), 1e-6)
+    assert got_x.shape == (0, 6) and torch.equal(got_w, torch.zeros(6))
+    for x, w, eps in _samples("cpu"):
+        torch.library.opcheck(torch.ops.tidal.rms_norm_backward.default, (torch.randn_like(x), x, w, eps))
+
+
+def test_backward_native_errors_name_the_argument():
+    from torch.utils.dlpack import to_dlpack
+
+    from tidal import _core
+
+    x, w = torch.randn(4, 8), torch.ones(8)
+    args = lambda partial, grad=x: (to_dlpack(torch.empty(4, 8)), to_dlpack(partial), to_dlpack(grad.clone()),
+                                    to_dlpack(x), to_dlpack(w), 1e-6, 0)
+    with pytest.raises(ValueError, match=r"grad_weight_partial.shape=\[2, 7\] must be \[num_parts >= 1, hidden_size=8\]"):
+        _core.ops.rms_norm_backward(*args(torch.empty(2, 7)))
+    with pytest.raises(ValueError, match="grad_weight_partial.dtype=float16 must be float32"):
+        _core.ops.rms_norm_backward(*args(torch.empty(2, 8, dtype=torch.float16)))
+    with pytest.raises(ValueError, match=r"grad.shape=\[4, 9\] must equal x.shape=\[4, 8\]"):
+        _core.ops.rms_norm_backward(*args(torch.empty(2, 8), torch.randn(4, 9)))

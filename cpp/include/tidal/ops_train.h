@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The training ops of the core: the fused Adam/AdamW step over flat fp32 buffers (a ZeRO shard, or
-// one parameter). CPU kernel only for now; a CUDA tensor is a tidal::Error.
+// one parameter), and the backward passes of the fused forward ops (silu_and_mul, rms_norm). Each
+// has a CPU kernel and a GPU kernel.
 #pragma once
 
 #include <cstdint>
@@ -33,5 +34,24 @@ struct AdamOptions {
 /// `stream`.
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
                const AdamOptions& options, Stream stream);
+
+/// The gradient of silu_and_mul (tidal/ops_serving.h) with respect to its input, in fp32 with one
+/// rounding: for x = [gate | up] and s = sigmoid(gate),
+///   grad_x[:, :d] = grad * up * s * (1 + gate * (1 - s)),   grad_x[:, d:] = grad * gate * s.
+/// grad_x, x: [num_tokens, 2 * d]; grad: [num_tokens, d]; one float dtype, one device, last dims
+/// contiguous (row strides any); grad_x overlaps neither input.
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
+
+/// The gradients of rms_norm (tidal/ops.h), in fp32 from the saved input: with r = rsqrt(mean(x^2)
+/// + eps), x_hat = x r and g_hat = grad * weight,
+///   grad_x = r * (g_hat - x_hat * mean(g_hat * x_hat))   (rounded once to x's dtype)
+///   grad_weight_partial[p, :] = sum over the rows of part p of grad * x_hat   (fp32)
+/// The rows split into grad_weight_partial.shape[0] contiguous parts (part p: rows [p T / P,
+/// (p + 1) T / P)); the caller sums the partials over p (one part per GPU block keeps the weight
+/// gradient free of atomics and deterministic). grad_x, grad, x: [num_tokens, hidden] (row strides
+/// any, last dim contiguous), one float dtype; weight: [hidden], same dtype;
+/// grad_weight_partial: [P, hidden] float32, contiguous, 1 <= P.
+void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
+                       TensorView weight, float eps, Stream stream);
 
 }  // namespace tidal::ops

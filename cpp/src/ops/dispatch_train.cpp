@@ -56,4 +56,56 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
       [&] { gpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream); });
 }
 
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream) {
+  detail::check_rows(grad_x, "grad_x");
+  detail::check_rows(grad, "grad");
+  detail::check_rows(x, "x");
+  TIDAL_CHECK(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16, "x.dtype=",
+              dtype_name(x.dtype), " is not supported; expected float32, float16 or bfloat16");
+  TIDAL_CHECK(x.size(1) % 2 == 0, "x.shape[1]=", x.size(1), " must be even: x is [num_tokens, 2 * d]");
+  detail::check_like(grad_x, "grad_x", x, "x");
+  TIDAL_CHECK(grad.size(0) == x.size(0) && 2 * grad.size(1) == x.size(1), "grad.shape=", grad.shape_str(),
+              " must be [num_tokens, d] = [", x.size(0), ", ", x.size(1) / 2, "]");
+  TIDAL_CHECK(grad.dtype == x.dtype, "grad.dtype=", dtype_name(grad.dtype), " must equal x.dtype=",
+              dtype_name(x.dtype));
+  TIDAL_CHECK(grad.device == x.device, "grad is on ", device_name(grad.device), " but x is on ",
+              device_name(x.device));
+  TIDAL_CHECK(!detail::overlaps(grad_x, x) && !detail::overlaps(grad_x, grad),
+              "grad_x overlaps an input in memory; pass a distinct grad_x");
+  if (grad.numel() == 0) return;
+  detail::dispatch(
+      "silu_and_mul_backward", x.device, [&] { cpu::silu_and_mul_backward(grad_x, grad, x, stream); },
+      [&] { gpu::silu_and_mul_backward(grad_x, grad, x, stream); });
+}
+
+void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
+                       TensorView weight, float eps, Stream stream) {
+  detail::check_rows(x, "x");
+  detail::check_rows(grad, "grad");
+  detail::check_rows(grad_x, "grad_x");
+  TIDAL_CHECK(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16, "x.dtype=",
+              dtype_name(x.dtype), " is not supported; expected float32, float16 or bfloat16");
+  detail::check_like(grad, "grad", x, "x");
+  detail::check_like(grad_x, "grad_x", x, "x");
+  detail::check_norm_weight(weight, x);
+  detail::check_eps(eps);
+  const TensorView& partial = grad_weight_partial;
+  TIDAL_CHECK(partial.ndim == 2 && partial.size(0) >= 1 && partial.size(1) == x.size(1),
+              "grad_weight_partial.shape=", partial.shape_str(), " must be [num_parts >= 1, hidden_size=", x.size(1),
+              "]");
+  TIDAL_CHECK(partial.dtype == DType::kFloat32, "grad_weight_partial.dtype=", dtype_name(partial.dtype),
+              " must be float32");
+  TIDAL_CHECK(partial.is_contiguous(), "grad_weight_partial must be contiguous, got strides of shape ",
+              partial.shape_str());
+  TIDAL_CHECK(partial.device == x.device, "grad_weight_partial is on ", device_name(partial.device),
+              " but x is on ", device_name(x.device));
+  TIDAL_CHECK(!detail::overlaps(grad_x, x) && !detail::overlaps(grad_x, grad) && !detail::overlaps(grad_x, partial),
+              "grad_x overlaps another argument in memory; pass a distinct grad_x");
+  if (x.size(1) == 0) return;
+  detail::dispatch(
+      "rms_norm_backward", x.device,
+      [&] { cpu::rms_norm_backward(grad_x, grad_weight_partial, grad, x, weight, eps, stream); },
+      [&] { gpu::rms_norm_backward(grad_x, grad_weight_partial, grad, x, weight, eps, stream); });
+}
+
 }  // namespace tidal::ops

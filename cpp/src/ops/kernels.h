@@ -36,6 +36,10 @@ namespace tidal::cpu {
 
 // out: [num_tokens, d]; x: [num_tokens, 2 * d], gate half first (row strides any, last dim contiguous)
 void silu_and_mul(TensorView out, TensorView x, Stream stream);
+// The backward passes of tidal/ops_train.h, same contracts.
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
+void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
+                       TensorView weight, float eps, Stream stream);
 
 // positions: [num_tokens] int64, each in [0, max_position);
 // query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim], rotated in
@@ -87,6 +91,9 @@ namespace tidal::gpu {
 
 // Same contracts as tidal::cpu; launched on `stream`, on the device of the first tensor.
 void silu_and_mul(TensorView out, TensorView x, Stream stream);
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
+void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
+                       TensorView weight, float eps, Stream stream);
 void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,
                       bool is_neox, Stream stream);
 void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,

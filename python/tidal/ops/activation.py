@@ -11,6 +11,7 @@ from tidal.ops._lib import as_rows, capsule, is_eager_call, lib, native, stream_
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 lib.define("silu_and_mul(Tensor x) -> Tensor")
+lib.define("silu_and_mul_backward(Tensor grad, Tensor x) -> Tensor")
 
 
 def _check(x: torch.Tensor) -> None:
@@ -32,14 +33,29 @@ def _silu_and_mul_impl(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _silu_and_mul_backward_impl(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if grad_x.numel() == 0:
+        return grad_x
+    rows, grad_rows = as_rows(x, "x"), as_rows(grad.to(x.dtype), "grad")
+    native.silu_and_mul_backward(capsule(grad_x.view(rows.shape)), capsule(grad_rows), capsule(rows), stream_of(x))
+    return grad_x
+
+
 for _key in ("CPU", "CUDA"):
     lib.impl("silu_and_mul", _silu_and_mul_impl, _key)
+    lib.impl("silu_and_mul_backward", _silu_and_mul_backward_impl, _key)
 
 
 @torch.library.register_fake("tidal::silu_and_mul")
 def _silu_and_mul_fake(x):
     _check(x)
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.register_fake("tidal::silu_and_mul_backward")
+def _silu_and_mul_backward_fake(grad, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ---- autograd: computed in fp32 from the saved input, like the forward -----------------------------
@@ -50,12 +66,10 @@ def _silu_and_mul_setup(ctx, inputs, output):
 
 
 def _silu_and_mul_backward(ctx, grad):
-    """d/dg silu(g) u = u s (1 + g (1 - s)) and d/du = g s, with s = sigmoid(g)."""
+    """d/dg silu(g) u = u s (1 + g (1 - s)) and d/du = g s, with s = sigmoid(g): one fused kernel
+    (torch.ops.tidal.silu_and_mul_backward), fp32 math, one rounding."""
     (x,) = ctx.saved_tensors
-    d = x.shape[-1] // 2
-    g, u, gf = x[..., :d].float(), x[..., d:].float(), grad.float()
-    s = torch.sigmoid(g)
-    return torch.cat((gf * u * s * (1 + g * (1 - s)), gf * g * s), dim=-1).to(x.dtype)
+    return torch.ops.tidal.silu_and_mul_backward(grad, x)
 
 
 torch.library.register_autograd("tidal::silu_and_mul", _silu_and_mul_backward, setup_context=_silu_and_mul_setup)

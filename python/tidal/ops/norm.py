@@ -5,6 +5,8 @@ calls the native core, which dispatches by device. Fake implementations serve ``
 the functional ops carry an autograd formula for training.
 """
 
+import functools
+
 import torch
 
 from tidal.ops._lib import as_rows, capsule, is_eager_call, lib, native, stream_of
@@ -14,6 +16,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 lib.define("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)")
 lib.define("fused_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
+lib.define("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> None:
@@ -84,7 +87,37 @@ def _fused_add_rms_norm_inplace_impl(x, residual, weight, eps):
                               capsule(weight.contiguous()), eps, stream_of(x))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _backward_parts(x: torch.Tensor, num_tokens: int) -> int:
+    """How many contiguous parts rms_norm_backward splits the rows into (one weight-gradient
+    partial each): 4 blocks per SM on a GPU, one part per thread on the CPU."""
+    if x.device.type == "cuda":
+        per_device = 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    else:
+        per_device = torch.get_num_threads()
+    return max(1, min(num_tokens, per_device))
+
+
+def _rms_norm_backward_impl(grad, x, weight, eps):
+    """(grad_x in x's dtype, grad_weight in fp32): the fused kernel; the weight gradient's partials
+    are summed here."""
+    rows = as_rows(x, "x")
+    grad_rows = as_rows(grad.to(x.dtype), "grad")
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    partial = torch.empty((_backward_parts(x, rows.shape[0]), x.shape[-1]), dtype=torch.float32, device=x.device)
+    if x.shape[-1] == 0:
+        return grad_x, partial.sum(0)
+    native.rms_norm_backward(capsule(grad_x.view(rows.shape)), capsule(partial), capsule(grad_rows), capsule(rows),
+                             capsule(weight.contiguous()), eps, stream_of(x))
+    return grad_x, partial.sum(0)
+
+
 for _key in ("CPU", "CUDA"):
+    lib.impl("rms_norm_backward", _rms_norm_backward_impl, _key)
     lib.impl("rms_norm", _rms_norm_impl, _key)
     lib.impl("fused_add_rms_norm", _fused_add_rms_norm_impl, _key)
     lib.impl("fused_add_rms_norm_", _fused_add_rms_norm_inplace_impl, _key)
@@ -103,22 +136,23 @@ def _fused_add_rms_norm_fake(x, residual, weight, eps):
             torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
+@torch.library.register_fake("tidal::rms_norm_backward")
+def _rms_norm_backward_fake(grad, x, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape, dtype=torch.float32))
+
+
 @torch.library.register_fake("tidal::fused_add_rms_norm_")
 def _fused_add_rms_norm_inplace_fake(x, residual, weight, eps):
     _check(x, weight, eps, residual)
 
 
-# ---- autograd: computed in fp32 from the saved input, like the forward -----------------------------
+# ---- autograd: one fused kernel in fp32 from the saved input, like the forward ---------------------
 
 def _rms_norm_grads(x, weight, grad, eps):
-    """Gradients of rms_norm w.r.t. x and weight, in fp32."""
-    xf, wf, gf = x.float(), weight.float(), grad.float()
-    inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    x_hat = xf * inv_rms
-    g_hat = gf * wf
-    grad_x = inv_rms * (g_hat - x_hat * (g_hat * x_hat).mean(-1, keepdim=True))
-    grad_w = (gf * x_hat).reshape(-1, x.shape[-1]).sum(0)
-    return grad_x, grad_w
+    """Gradients of rms_norm w.r.t. x (x's dtype) and weight (fp32):
+    grad_x = r (g w - x_hat mean(g w x_hat)), grad_w = sum over rows of g x_hat, r = rsqrt(mean(x^2) + eps)."""
+    return torch.ops.tidal.rms_norm_backward(grad, x, weight, eps)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -130,7 +164,7 @@ def _rms_norm_setup(ctx, inputs, output):
 def _rms_norm_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     grad_x, grad_w = _rms_norm_grads(x, weight, grad, ctx.eps)
-    return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+    return grad_x, grad_w.to(weight.dtype), None
 
 
 def _fused_add_rms_norm_setup(ctx, inputs, output):
@@ -145,8 +179,7 @@ def _fused_add_rms_norm_backward(ctx, grad_out, grad_residual_out):
         grad_out = torch.zeros_like(residual_out)
     grad_sum, grad_w = _rms_norm_grads(residual_out, weight, grad_out, ctx.eps)
     if grad_residual_out is not None:
-        grad_sum = grad_sum + grad_residual_out.float()
-    grad_sum = grad_sum.to(residual_out.dtype)
+        grad_sum = grad_sum + grad_residual_out.to(grad_sum.dtype)
     return grad_sum, grad_sum, grad_w.to(weight.dtype), None
 
 

@@ -158,12 +158,11 @@ def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, 
 
 def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool) -> None:
-    """One Adam/AdamW step of fp32 ``param`` in place (the C++ kernel on the CPU, torch's
-    single-tensor arithmetic in the same order elsewhere)."""
+    """One Adam/AdamW step of fp32 ``param`` in place: the fused kernel on the CPU and on CUDA (one
+    pass over the four buffers), torch's single-tensor arithmetic in the same order elsewhere."""
     beta1, beta2 = betas
-    ops = _ops()
-    if param.device.type == "cpu" and hasattr(ops, "adam_step_"):
-        ops.adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled)
+    if _fused_adam_on(param.device):
+        _ops().adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled)
         return
     if decoupled:
         param.mul_(1 - lr * weight_decay)
@@ -674,6 +673,15 @@ def _ops():
     import tidal.ops
 
     return tidal.ops
+
+
+def _fused_adam_on(device: torch.device) -> bool:
+    """Whether ``adam_step_`` has a kernel for ``device`` in this build."""
+    if device.type == "cpu":
+        return True
+    from tidal.serve.config import gpu_available
+
+    return device.type == "cuda" and gpu_available()
 
 
 def initialize(model: torch.nn.Module, config) -> Engine:
