@@ -56,6 +56,18 @@ void bind_ops_train(py::module_& m) {
       py::arg("eps"), py::arg("stream") = 0,
       "The gradients of rms_norm: grad_x, and the weight gradient summed over each of "
       "grad_weight_partial.shape[0] contiguous parts of the rows (fp32; the caller sums the parts).");
+  m.def(
+      "softmax_cross_entropy",
+      [](py::handle logits, py::handle loss, py::handle labels, py::handle scale, int64_t ignore_index,
+         bool write_grad, std::uintptr_t stream) {
+        const TensorView x = view_capsule(logits, "logits"), l = view_capsule(loss, "loss");
+        const TensorView y = view_capsule(labels, "labels"), sc = view_capsule(scale, "scale");
+        py::gil_scoped_release release;
+        ops::softmax_cross_entropy(x, l, y, sc, ignore_index, write_grad, Stream::from_int(stream));
+      },
+      py::arg("logits"), py::arg("loss"), py::arg("labels"), py::arg("scale"), py::arg("ignore_index"),
+      py::arg("write_grad"), py::arg("stream") = 0,
+      "Per-row softmax cross-entropy into loss; with write_grad, (softmax - onehot) * scale over the logits.");
 }
 
 }  // namespace tidal::bindings

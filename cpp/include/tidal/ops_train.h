@@ -54,4 +54,16 @@ void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Str
 void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
                        TensorView weight, float eps, Stream stream);
 
+/// Softmax cross-entropy of each row of `logits` against its label, and its gradient in place: for
+/// a row with label y != ignore_index, in fp32 from the stored logits x,
+///   loss[r] = logsumexp(x) - x[y]
+///   logits[r, :] = (softmax(x) - onehot(y)) * scale[0]     (when write_grad; rounded once)
+/// and for a row labelled ignore_index, loss[r] = 0 and (when write_grad) the row is zeroed. A
+/// label outside [0, vocab) that is not ignore_index is an error on the CPU (values are read) and
+/// a NaN loss on a GPU (no host synchronisation). The scale (e.g. 1 / valid rows) stays on the
+/// device. logits: [rows, vocab] float (row stride any, last dim contiguous); loss: [rows] float32
+/// contiguous; labels: [rows] int64 contiguous; scale: one float32 element; one device.
+void softmax_cross_entropy(TensorView logits, TensorView loss, TensorView labels, TensorView scale,
+                           int64_t ignore_index, bool write_grad, Stream stream);
+
 }  // namespace tidal::ops

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "ops/checks.h"
 #include "ops/device_dispatch.h"
@@ -106,6 +107,41 @@ void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, Tensor
       "rms_norm_backward", x.device,
       [&] { cpu::rms_norm_backward(grad_x, grad_weight_partial, grad, x, weight, eps, stream); },
       [&] { gpu::rms_norm_backward(grad_x, grad_weight_partial, grad, x, weight, eps, stream); });
+}
+
+void softmax_cross_entropy(TensorView logits, TensorView loss, TensorView labels, TensorView scale,
+                           int64_t ignore_index, bool write_grad, Stream stream) {
+  detail::check_rows(logits, "logits");
+  TIDAL_CHECK(logits.dtype == DType::kFloat32 || logits.dtype == DType::kFloat16 || logits.dtype == DType::kBFloat16,
+              "logits.dtype=", dtype_name(logits.dtype), " is not supported; expected float32, float16 or bfloat16");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TIDAL_CHECK(vocab >= 1, "logits.shape=", logits.shape_str(), " must have a vocabulary of at least 1");
+  TIDAL_CHECK(loss.ndim == 1 && loss.size(0) == rows && loss.is_contiguous() && loss.dtype == DType::kFloat32,
+              "loss (shape ", loss.shape_str(), ", dtype ", dtype_name(loss.dtype), ") must be float32 [rows=", rows,
+              "], contiguous");
+  TIDAL_CHECK(labels.ndim == 1 && labels.size(0) == rows && labels.is_contiguous() && labels.dtype == DType::kInt64,
+              "labels (shape ", labels.shape_str(), ", dtype ", dtype_name(labels.dtype), ") must be int64 [rows=", rows,
+              "], contiguous");
+  TIDAL_CHECK(scale.numel() == 1 && scale.dtype == DType::kFloat32, "scale (shape ", scale.shape_str(), ", dtype ",
+              dtype_name(scale.dtype), ") must be one float32 element");
+  for (const auto& [t, name] : {std::pair<const TensorView*, const char*>{&loss, "loss"}, {&labels, "labels"},
+                                {&scale, "scale"}}) {
+    TIDAL_CHECK(t->device == logits.device, name, " is on ", device_name(t->device), " but logits is on ",
+                device_name(logits.device));
+  }
+  TIDAL_CHECK(!detail::overlaps(logits, loss), "loss overlaps logits in memory; pass a distinct loss");
+  if (rows == 0) return;
+  if (logits.device.type == DeviceType::kCPU) {
+    const int64_t* y = labels.data_ptr<const int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TIDAL_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < vocab), "labels[", r, "]=", y[r], " must be in [0, ",
+                  vocab, ") or ignore_index=", ignore_index);
+    }
+  }
+  detail::dispatch(
+      "softmax_cross_entropy", logits.device,
+      [&] { cpu::softmax_cross_entropy(logits, loss, labels, scale, ignore_index, write_grad, stream); },
+      [&] { gpu::softmax_cross_entropy(logits, loss, labels, scale, ignore_index, write_grad, stream); });
 }
 
 }  // namespace tidal::ops

@@ -40,6 +40,8 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream);
 void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
 void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
                        TensorView weight, float eps, Stream stream);
+void softmax_cross_entropy(TensorView logits, TensorView loss, TensorView labels, TensorView scale,
+                           int64_t ignore_index, bool write_grad, Stream stream);
 
 // positions: [num_tokens] int64, each in [0, max_position);
 // query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim], rotated in
@@ -94,6 +96,8 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream);
 void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
 void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
                        TensorView weight, float eps, Stream stream);
+void softmax_cross_entropy(TensorView logits, TensorView loss, TensorView labels, TensorView scale,
+                           int64_t ignore_index, bool write_grad, Stream stream);
 void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,
                       bool is_neox, Stream stream);
 void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorView key, TensorView value,

@@ -5,12 +5,16 @@
 rows whose label is not ignored) without ever holding the ``[rows, vocab]`` logits: the rows go
 through in chunks, and each chunk's gradients with respect to ``hidden`` and ``weight`` are computed
 in the same pass as its loss (the softmax minus the one-hot target, scaled by ``1 / valid rows``),
-so the backward pass only scales them by the incoming gradient. Peak extra memory is one chunk of
-fp32 logits plus the weight's fp32 gradient, instead of the full logits in the model dtype, their
-fp32 copy and the softmax saved for the backward pass.
+so the backward pass only scales them by the incoming gradient. One kernel
+(``tidal.ops.softmax_cross_entropy_``) turns a chunk's logits into its losses and overwrites them with
+their gradient, in fp32 arithmetic from the stored logits. Peak extra memory is one chunk of logits
+in the model dtype plus the weight's fp32 gradient, instead of the full logits, their fp32 copy and
+the softmax saved for the backward pass.
 """
 
 import torch
+
+from tidal import ops
 
 IGNORE_INDEX = -100
 # NOTE(tidal): 8192 rows x a 128k vocabulary of fp32 is 4 GiB; 2048 rows keeps a chunk at 1 GiB for
@@ -26,31 +30,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # 1 / valid rows, kept on the device: no host synchronisation in the step
         scale = 1.0 / valid_all.sum().clamp(min=1).to(torch.float32)
         needs_grad = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if needs_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad[1] else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if bias is not None and needs_grad[2] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        write_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
         for lo in range(0, rows, chunk_rows):
             h = hidden[lo:lo + chunk_rows]
-            logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
-            target = labels[lo:lo + chunk_rows]
-            valid = valid_all[lo:lo + chunk_rows]
-            safe = target.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            total += torch.where(valid, lse - picked, 0.0).sum()
-            if grad_hidden is None and grad_weight is None and grad_bias is None:
+            logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+            # one kernel: the rows' losses, and d(mean loss)/d(logits) = (softmax - onehot(target)) / count
+            # written over the logits (zero on ignored rows), in fp32 from the stored logits
+            total += ops.softmax_cross_entropy_(logits, labels[lo:lo + chunk_rows], scale, IGNORE_INDEX,
+                                                write_grad).sum()
+            if not write_grad:
                 continue
-            # d(mean loss)/d(logits) = (softmax - onehot(target)) / count on valid rows, 0 elsewhere
-            d_logits = logits.sub_(lse[:, None]).exp_()
-            d_logits[torch.arange(d_logits.shape[0], device=d_logits.device), safe] -= 1.0
-            d_logits.mul_((valid.to(torch.float32) * scale)[:, None])
+            d_logits = logits
             if grad_bias is not None:
-                grad_bias += d_logits.sum(0)
-            d_logits = d_logits.to(hidden.dtype)
+                grad_bias += d_logits.float().sum(0)
             if grad_hidden is not None:
-                grad_hidden[lo:lo + chunk_rows] = d_logits @ weight
+                torch.mm(d_logits, weight, out=grad_hidden[lo:lo + chunk_rows])
             if grad_weight is not None:  # the product in the model dtype, accumulated in fp32
                 grad_weight += (d_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
