@@ -157,13 +157,17 @@ def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, 
 
 
 def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float,
-                 betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool) -> None:
-    """One Adam/AdamW step of fp32 ``param`` in place: the fused kernel on the CPU and on CUDA (one
-    pass over the four buffers), torch's single-tensor arithmetic in the same order elsewhere."""
+                 betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool,
+                 grad_scale: float = 1.0) -> None:
+    """One Adam/AdamW step of fp32 ``param`` in place from ``grad / grad_scale``: the fused kernel on
+    the CPU and on CUDA (one pass over the four buffers), torch's single-tensor arithmetic in the
+    same order elsewhere (dividing ``grad`` in place first)."""
     beta1, beta2 = betas
     if _fused_adam_on(param.device):
-        _ops().adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled)
+        _ops().adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, grad_scale)
         return
+    if grad_scale != 1.0:
+        grad.mul_(1.0 / grad_scale)
     if decoupled:
         param.mul_(1 - lr * weight_decay)
     elif weight_decay != 0:
@@ -538,14 +542,14 @@ class Engine:
         if skip:
             self.skipped_steps += 1
         else:
-            for grad in grads:
-                grad.div_(scale)
+            # The loss scale and the clipping coefficient are undone inside the Adam pass (its
+            # grad_scale), not by passes of their own over the gradients.
+            grad_scale = scale
             if self.config.gradient_clipping > 0:
-                coef = self.config.gradient_clipping / (self._global_norm(grads) + 1e-6)
+                coef = self.config.gradient_clipping / (self._global_norm(grads) / scale + 1e-6)
                 if coef < 1.0:  # torch.nn.utils.clip_grad_norm_'s rule
-                    for grad in grads:
-                        grad.mul_(coef)
-            self._adam(grads)
+                    grad_scale = scale / coef
+            self._adam(grads, grad_scale)
             self._publish_weights()
             self.optimizer_steps += 1
             if self.scheduler is not None:
@@ -573,24 +577,26 @@ class Engine:
         return grads
 
     def _global_norm(self, grads: list[torch.Tensor]) -> float:
-        sq = grads[0].double().pow(2).sum()
+        """The 2-norm over every rank's gradients (one host synchronisation). Each buffer's norm is
+        reduced in fp32 (as torch.nn.utils.clip_grad_norm_ does), with no copy of the buffer."""
+        sq = torch.linalg.vector_norm(grads[0]).double().square()
         if self.stage > 0 and self.world_size > 1:  # each rank holds a different shard
             comm.all_reduce(sq)
         if self.experts is not None:
             # below stage 1 the ranks of an ep group hold the ep group's experts whole; from stage 1
             # each expert element is owned by exactly one rank in the world
-            expert_sq = grads[1].double().pow(2).sum()
+            expert_sq = torch.linalg.vector_norm(grads[1]).double().square()
             comm.all_reduce(expert_sq, group=self.ep_group if self.stage == 0 else None)
             sq = sq + expert_sq
         return math.sqrt(float(sq))
 
-    def _adam(self, grads: list[torch.Tensor]) -> None:
-        """Adam on every part's owned range; under optimizer offload on the host, chunk by chunk,
-        each chunk published to the compute-dtype parameters as soon as it is stepped where no
-        collective is needed (stage 0 or one rank)."""
+    def _adam(self, grads: list[torch.Tensor], grad_scale: float = 1.0) -> None:
+        """Adam on every part's owned range with the gradients divided by ``grad_scale``; under
+        optimizer offload on the host, chunk by chunk, each chunk published to the compute-dtype
+        parameters as soon as it is stepped where no collective is needed (stage 0 or one rank)."""
         parts = [self] if self.experts is None else [self, self.experts]
         adam = dict(step=self.optimizer_steps + 1, lr=self._lr(), betas=self.betas, eps=self.eps,
-                    weight_decay=self.weight_decay, decoupled=self.decoupled)
+                    weight_decay=self.weight_decay, decoupled=self.decoupled, grad_scale=grad_scale)
         self._published = []
         for part, grad in zip(parts, grads):
             if not self.offload_optimizer:
