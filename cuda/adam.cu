@@ -5,6 +5,7 @@
 // nvcc and by hipcc.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "ops/adam_coefs.h"
@@ -36,10 +37,13 @@ __device__ __forceinline__ void adam_element(float& p, float grad, float& m, flo
   p = p + (c.neg_step_size * m) / denom;
 }
 
-template <int kWidth>
+// TCopy: the dtype of the rounded copy of the updated param (void: none).
+template <int kWidth, typename TCopy>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-                int64_t n, Coefs c) {
+                int64_t n, Coefs c, TCopy* __restrict__ copy) {
+  constexpr bool kCopy = !std::is_void_v<TCopy>;
+  using CopyT = std::conditional_t<kCopy, TCopy, float>;
   const int64_t vecs = n / kWidth;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vecs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -52,16 +56,25 @@ __global__ void __launch_bounds__(kThreads)
     store_vec(p + at, pv);
     store_vec(m + at, mv);
     store_vec(v + at, vv);
+    if constexpr (kCopy) {
+      Vec<CopyT, kWidth> out;
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) out.v[j] = from_float<CopyT>(pv.v[j]);
+      store_vec(reinterpret_cast<CopyT*>(copy) + at, out);
+    }
   }
   // the tail past the last whole access (kWidth > 1 only)
   const int64_t tail = vecs * kWidth + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (kWidth > 1 && tail < n) adam_element(p[tail], g[tail], m[tail], v[tail], c);
+  if (kWidth > 1 && tail < n) {
+    adam_element(p[tail], g[tail], m[tail], v[tail], c);
+    if constexpr (kCopy) reinterpret_cast<CopyT*>(copy)[tail] = from_float<CopyT>(p[tail]);
+  }
 }
 
 }  // namespace
 
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
-               const ops::AdamOptions& options, Stream stream) {
+               const ops::AdamOptions& options, Stream stream, TensorView param_copy) {
   const int64_t n = param.numel();
   if (n == 0) return;
   DeviceGuard guard(param.device.index);
@@ -70,15 +83,26 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
   const float* g = grad.data_ptr<const float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
-  const bool vectorize = is_aligned(p, 16) && is_aligned(g, 16) && is_aligned(m, 16) && is_aligned(v, 16);
+  const bool has_copy = param_copy.data != nullptr;
+  // the copy's 4-element accesses are 8 bytes (16-bit) or 16 bytes (fp32)
+  const bool vectorize = is_aligned(p, 16) && is_aligned(g, 16) && is_aligned(m, 16) && is_aligned(v, 16) &&
+                         (!has_copy || is_aligned(param_copy.data, param_copy.dtype == DType::kFloat32 ? 16 : 8));
   const int64_t width = vectorize ? 4 : 1;
   // Enough blocks for ~8 per SM on the largest GPUs; the grid-stride loop covers the rest.
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n / width + kThreads - 1) / kThreads, 132 * 8));
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  if (vectorize) {
-    adam_kernel<4><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c);
+  const auto launch = [&](auto* copy) {
+    using TCopy = std::remove_pointer_t<decltype(copy)>;
+    if (vectorize) {
+      adam_kernel<4, TCopy><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c, copy);
+    } else {
+      adam_kernel<1, TCopy><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c, copy);
+    }
+  };
+  if (!has_copy) {
+    launch(static_cast<void*>(nullptr));
   } else {
-    adam_kernel<1><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c);
+    TIDAL_DISPATCH_FLOAT(param_copy.dtype, T, launch(param_copy.data_ptr<T>()));
   }
   TIDAL_CUDA_CHECK(cudaGetLastError());
 }

@@ -18,18 +18,20 @@ void bind_ops_train(py::module_& m) {
       "adam_step",
       [](py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq, int64_t step, double lr,
          double beta1, double beta2, double eps, double weight_decay, bool decoupled, double grad_scale,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, py::object param_copy) {
         const TensorView p = view_capsule(param, "param"), g = view_capsule(grad, "grad");
         const TensorView m1 = view_capsule(exp_avg, "exp_avg"), m2 = view_capsule(exp_avg_sq, "exp_avg_sq");
+        const TensorView copy = param_copy.is_none() ? TensorView{} : view_capsule(param_copy, "param_copy");
         const ops::AdamOptions options{step, lr, beta1, beta2, eps, weight_decay, decoupled, grad_scale};
         py::gil_scoped_release release;
-        ops::adam_step(p, g, m1, m2, options, Stream::from_int(stream));
+        ops::adam_step(p, g, m1, m2, options, Stream::from_int(stream), copy);
       },
       py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"),
-      py::arg("grad_scale") = 1.0, py::arg("stream") = 0,
+      py::arg("grad_scale") = 1.0, py::arg("stream") = 0, py::arg("param_copy") = py::none(),
       "One Adam (decoupled=False) / AdamW (decoupled=True) step in place on flat fp32 DLPack capsules "
-      "(param, exp_avg, exp_avg_sq written; grad read and multiplied by 1/grad_scale first).");
+      "(param, exp_avg, exp_avg_sq written; grad read and multiplied by 1/grad_scale first); param_copy "
+      "(optional, a float capsule) receives the updated param in its dtype in the same pass.");
   m.def(
       "silu_and_mul_backward",
       [](py::handle grad_x, py::handle grad, py::handle x, std::uintptr_t stream) {

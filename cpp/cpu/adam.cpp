@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/dispatch_float.h"
 #include "cpu/vectorize.h"
 #include "ops/adam_coefs.h"
 #include "ops/kernels.h"
@@ -79,7 +80,7 @@ constexpr int64_t kChunk = 16384;
 }  // namespace
 
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
-               const ops::AdamOptions& options, Stream) {
+               const ops::AdamOptions& options, Stream, TensorView param_copy) {
   const Coefs c = ops::detail::make_adam_coefs(options);
   const int64_t n = param.numel();
   float* p = param.data_ptr<float>();
@@ -98,6 +99,13 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
   for (int64_t k = 0; k < num_chunks; ++k) {
     const int64_t lo = k * kChunk, len = (lo + kChunk < n ? kChunk : n - lo);
     range_fn(p + lo, g + lo, m + lo, v + lo, len, c);
+    // the chunk is still in cache: its rounded copy costs no second pass over memory
+    if (param_copy.data != nullptr) {
+      TIDAL_CPU_DISPATCH_FLOAT(param_copy.dtype, T, {
+        T* out = param_copy.data_ptr<T>() + lo;
+        for (int64_t i = 0; i < len; ++i) out[i] = from_float<T>(p[lo + i]);
+      });
+    }
   }
 }
 

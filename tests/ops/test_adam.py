@@ -158,3 +158,65 @@ def test_opcheck(numel):
     args = (torch.randn(numel, generator=g), torch.randn(numel, generator=g), torch.zeros(numel),
             torch.rand(numel, generator=g), 3, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, 4.0)
     torch.library.opcheck(torch.ops.tidal.adam_step_, args)
+
+
+COPY_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _copy_case(numel, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(numel, generator=g), torch.randn(numel, generator=g), torch.zeros(numel),
+            torch.zeros(numel))
+
+
+@pytest.mark.parametrize("dtype", COPY_DTYPES)
+@pytest.mark.parametrize("numel", [1, 7, 16384 * 5 + 3])
+def test_param_copy_is_the_rounded_update(numel, dtype):
+    """param_copy receives exactly param.to(dtype) after the step, and the step itself is unchanged."""
+    p, grad, m, v = _copy_case(numel, numel)
+    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    copy = torch.full((numel,), float("nan"), dtype=dtype)
+    for step in (1, 2):
+        tidal.ops.adam_step_(p, grad, m, v, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, 2.0, param_copy=copy)
+        tidal.ops.adam_step_(p2, grad, m2, v2, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, 2.0)
+        assert torch.equal(copy, p.to(dtype))
+    for a, b in zip((p, m, v), (p2, m2, v2)):
+        assert torch.equal(a, b)
+
+
+def test_param_copy_bad_arguments():
+    p, g, m, v = _tensors()
+    with pytest.raises(ValueError, match="param_copy.dtype=torch.int32"):
+        tidal.ops.adam_step_(p, g, m, v, **GOOD, param_copy=torch.zeros(16, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"param_copy.numel\(\)=4 must equal param.numel\(\)=8"):
+        tidal.ops.adam_step_(p, g, m, v, **GOOD, param_copy=torch.zeros(4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="param_copy must be contiguous"):
+        tidal.ops.adam_step_(p, g, m, v, **GOOD, param_copy=torch.zeros(16, dtype=torch.bfloat16)[::2])
+    from torch.utils.dlpack import to_dlpack
+    with pytest.raises(ValueError, match="param_copy and param overlap"):
+        tidal._core.ops.adam_step(to_dlpack(p), to_dlpack(g), to_dlpack(m), to_dlpack(v), *GOOD.values(), 0,
+                                  to_dlpack(p))
+
+
+def test_param_copy_opcheck():
+    p, g, m, v = _copy_case(100, 3)
+    args = (p, g, m, v.abs(), 3, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, 4.0, torch.zeros(100, dtype=torch.bfloat16))
+    torch.library.opcheck(torch.ops.tidal.adam_step_, args)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and tidal.build_info()["cuda"]), reason="needs a CUDA GPU and build")
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", COPY_DTYPES)
+@pytest.mark.parametrize("numel", [7, 100003])
+def test_cuda_param_copy_matches_the_cpu_kernel(numel, dtype, offset):
+    """The GPU kernel's copy (vectorised, or one element per access when the copy is misaligned)
+    equals the CPU kernel's bit for bit."""
+    p, grad, m, v = _copy_case(numel, numel)
+    gp, gg, gm, gv = (t.cuda() for t in (p, grad, m, v))
+    copy = torch.zeros(numel, dtype=dtype)
+    gcopy = torch.full((numel + offset,), float("nan"), dtype=dtype, device="cuda")[offset:]
+    for step in (1, 2, 3):
+        tidal.ops.adam_step_(p, grad, m, v, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, param_copy=copy)
+        tidal.ops.adam_step_(gp, gg, gm, gv, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, param_copy=gcopy)
+    torch.testing.assert_close(gcopy.cpu(), copy, rtol=0, atol=0)
+    torch.testing.assert_close(gp.cpu(), p, rtol=0, atol=0)

@@ -31,9 +31,11 @@ struct AdamOptions {
 /// param, exp_avg, exp_avg_sq are written; grad is only read. All four: float32, contiguous (any
 /// shape), the same numel and device, and no two overlapping in memory. Bad values throw
 /// std::invalid_argument naming them. On the CPU it blocks the caller; on a GPU it is one launch on
-/// `stream`.
+/// `stream`. `param_copy`, unless empty (data null): a contiguous float32 / float16 / bfloat16
+/// buffer of param's numel and device, overlapping none of the others, that receives the updated
+/// param rounded to its dtype in the same pass (the compute-dtype weights of mixed precision).
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
-               const AdamOptions& options, Stream stream);
+               const AdamOptions& options, Stream stream, TensorView param_copy = {});
 
 /// The gradient of silu_and_mul (tidal/ops_serving.h) with respect to its input, in fp32 with one
 /// rounding: for x = [gate | up] and s = sigmoid(gate),

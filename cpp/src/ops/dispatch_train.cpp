@@ -37,7 +37,7 @@ void check_options(const AdamOptions& o) {
 }  // namespace
 
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
-               const AdamOptions& options, Stream stream) {
+               const AdamOptions& options, Stream stream, TensorView param_copy) {
   check_flat_fp32(param, "param", param);
   check_flat_fp32(grad, "grad", param);
   check_flat_fp32(exp_avg, "exp_avg", param);
@@ -51,10 +51,25 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
                   " overlap in memory; pass distinct buffers");
     }
   }
+  if (param_copy.data != nullptr) {
+    const TensorView& c = param_copy;
+    TIDAL_CHECK(c.dtype == DType::kFloat32 || c.dtype == DType::kFloat16 || c.dtype == DType::kBFloat16,
+                "param_copy.dtype=", dtype_name(c.dtype), " must be float32, float16 or bfloat16");
+    TIDAL_CHECK(c.is_contiguous(), "param_copy must be contiguous, got shape ", c.shape_str());
+    TIDAL_CHECK(c.numel() == param.numel(), "param_copy.numel()=", c.numel(), " must equal param.numel()=",
+                param.numel());
+    TIDAL_CHECK(c.device == param.device, "param_copy is on ", device_name(c.device), " but param is on ",
+                device_name(param.device));
+    for (int a = 0; a < 4; ++a) {
+      TIDAL_CHECK(!detail::overlaps(c, *views[a]), "param_copy and ", names[a],
+                  " overlap in memory; pass distinct buffers");
+    }
+  }
   if (param.numel() == 0) return;
   detail::dispatch(
-      "adam_step", param.device, [&] { cpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream); },
-      [&] { gpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream); });
+      "adam_step", param.device,
+      [&] { cpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream, param_copy); },
+      [&] { gpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream, param_copy); });
 }
 
 void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream) {

@@ -128,9 +128,10 @@ int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t 
 namespace tidal::cpu {
 
 // param, grad, exp_avg, exp_avg_sq: [numel] float32, contiguous, pairwise non-overlapping;
-// param, exp_avg, exp_avg_sq updated in place; options validated (see tidal/ops_train.h)
+// param, exp_avg, exp_avg_sq updated in place; options validated (see tidal/ops_train.h);
+// param_copy: empty, or [numel] contiguous float (any of the three dtypes) receiving the new param
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
-               const ops::AdamOptions& options, Stream stream);
+               const ops::AdamOptions& options, Stream stream, TensorView param_copy);
 
 }  // namespace tidal::cpu
 
@@ -138,6 +139,6 @@ namespace tidal::gpu {
 
 // As cpu::adam_step, one launch over the flat buffers on `stream` (does not block the caller).
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
-               const ops::AdamOptions& options, Stream stream);
+               const ops::AdamOptions& options, Stream stream, TensorView param_copy);
 
 }  // namespace tidal::gpu

@@ -12,13 +12,26 @@ from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
 
 lib.define(
     "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, int step, float lr, "
-    "float beta1, float beta2, float eps, float weight_decay, bool decoupled, float grad_scale=1.0) -> ()")
+    "float beta1, float beta2, float eps, float weight_decay, bool decoupled, float grad_scale=1.0, "
+    "Tensor(d!)? param_copy=None) -> ()")
 
 _NAMES = ("param", "grad", "exp_avg", "exp_avg_sq")
 
 
-def _check(tensors, step, lr, beta1, beta2, eps, weight_decay, grad_scale) -> None:
+_COPY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(tensors, step, lr, beta1, beta2, eps, weight_decay, grad_scale, param_copy=None) -> None:
     param = tensors[0]
+    if param_copy is not None:
+        if param_copy.dtype not in _COPY_DTYPES:
+            raise ValueError(f"param_copy.dtype={param_copy.dtype} must be float32, float16 or bfloat16")
+        if not param_copy.is_contiguous():
+            raise ValueError(f"param_copy must be contiguous (a flat buffer), got strides {param_copy.stride()}")
+        if param_copy.numel() != param.numel():
+            raise ValueError(f"param_copy.numel()={param_copy.numel()} must equal param.numel()={param.numel()}")
+        if param_copy.device != param.device:
+            raise ValueError(f"param_copy is on {param_copy.device} but param is on {param.device}")
     for name, t in zip(_NAMES, tensors):
         if t.dtype != torch.float32:
             raise ValueError(f"{name}.dtype={t.dtype} must be torch.float32")
@@ -44,11 +57,11 @@ def _check(tensors, step, lr, beta1, beta2, eps, weight_decay, grad_scale) -> No
 
 
 def _adam_step_impl(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled,
-                    grad_scale=1.0):
+                    grad_scale=1.0, param_copy=None):
     tensors = (param, grad, exp_avg, exp_avg_sq)
-    _check(tensors, step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+    _check(tensors, step, lr, beta1, beta2, eps, weight_decay, grad_scale, param_copy)
     native.adam_step(*(capsule(t) for t in tensors), step, lr, beta1, beta2, eps, weight_decay, decoupled,
-                     grad_scale, stream_of(param))
+                     grad_scale, stream_of(param), None if param_copy is None else capsule(param_copy))
 
 
 for _key in ("CPU", "CUDA"):
@@ -57,13 +70,13 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("tidal::adam_step_")
 def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled,
-                    grad_scale=1.0):
-    _check((param, grad, exp_avg, exp_avg_sq), step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+                    grad_scale=1.0, param_copy=None):
+    _check((param, grad, exp_avg, exp_avg_sq), step, lr, beta1, beta2, eps, weight_decay, grad_scale, param_copy)
 
 
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               decoupled: bool, grad_scale: float = 1.0) -> None:
+               decoupled: bool, grad_scale: float = 1.0, param_copy: torch.Tensor | None = None) -> None:
     r"""One fused Adam / AdamW step, in place on flat fp32 buffers (a ZeRO shard or one parameter).
 
     .. math::
@@ -90,9 +103,14 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         True for AdamW's decoupled weight decay, False for Adam's L2 term.
     grad_scale : float
         The loss scale to undo: grad is multiplied by ``1 / grad_scale`` (rounded to fp32) first.
+    param_copy : torch.Tensor, optional
+        float32 / float16 / bfloat16, contiguous, same numel and device: receives the updated
+        ``param`` rounded to its dtype in the same pass (mixed precision's compute-dtype weights),
+        instead of a separate copy over memory afterwards.
     """
-    if is_eager_call(param, grad, exp_avg, exp_avg_sq):
+    tensors = (param, grad, exp_avg, exp_avg_sq) + (() if param_copy is None else (param_copy,))
+    if is_eager_call(*tensors):
         return _adam_step_impl(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-                               decoupled, grad_scale)
+                               decoupled, grad_scale, param_copy)
     torch.ops.tidal.adam_step_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-                               decoupled, grad_scale)
+                               decoupled, grad_scale, param_copy)

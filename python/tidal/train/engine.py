@@ -158,13 +158,15 @@ def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, 
 
 def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool,
-                 grad_scale: float = 1.0) -> None:
-    """One Adam/AdamW step of fp32 ``param`` in place from ``grad / grad_scale``: the fused kernel on
-    the CPU and on CUDA (one pass over the four buffers), torch's single-tensor arithmetic in the
-    same order elsewhere (dividing ``grad`` in place first)."""
+                 grad_scale: float = 1.0, param_copy: torch.Tensor | None = None) -> None:
+    """One Adam/AdamW step of fp32 ``param`` in place from ``grad / grad_scale``, the result also
+    written to ``param_copy`` (the compute-dtype weights) when given: the fused kernel on the CPU and
+    on CUDA (one pass over the buffers), torch's single-tensor arithmetic in the same order elsewhere
+    (dividing ``grad`` in place first)."""
     beta1, beta2 = betas
     if _fused_adam_on(param.device):
-        _ops().adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, grad_scale)
+        _ops().adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, grad_scale,
+                          param_copy)
         return
     if grad_scale != 1.0:
         grad.mul_(1.0 / grad_scale)
@@ -178,6 +180,8 @@ def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: to
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
     param.addcdiv_(m, denom, value=-(lr / bias_correction1))
+    if param_copy is not None:
+        param_copy.copy_(param)
 
 
 # NOTE(tidal): under optimizer offload the owned range moves to the host in chunks of this many
@@ -600,7 +604,12 @@ class Engine:
         self._published = []
         for part, grad in zip(parts, grads):
             if not self.offload_optimizer:
-                _adam_update(part.master, grad, part.exp_avg, part.exp_avg_sq, **adam)
+                # the compute-dtype weights are written in the Adam pass itself where they are a
+                # plain copy of the master range (no collective in between)
+                target = self._local_publish_target(part)
+                _adam_update(part.master, grad, part.exp_avg, part.exp_avg_sq, param_copy=target, **adam)
+                if target is not None:
+                    self._published.append(part)
                 continue
             size = self.world_size if part is self else part.size
             publish = None
@@ -613,15 +622,31 @@ class Engine:
                 self._published.append(part)
             _offloaded_adam(part, grad, self.offload_chunk, publish, **adam)
 
+    def _local_publish_target(self, part) -> torch.Tensor | None:
+        """The compute-dtype buffer that is an element-for-element copy of ``part``'s master range
+        (stage 0 or one rank: the flat parameters; stage 3: this rank's parameter shard), or None
+        where publishing needs a collective."""
+        size = self.world_size if part is self else part.size
+        if self.stage < 3 and (self.stage == 0 or size == 1):
+            target = part.flat_params
+        elif self.stage == 3 and part is self:
+            target = self.flat_shard
+        else:
+            return None
+        ok = (target.numel() == part.master.numel() and target.device == part.master.device
+              and target.is_contiguous() and _fused_adam_on(part.master.device))
+        return target if ok else None
+
     def _publish_weights(self) -> None:
         """Copies the updated fp32 master shard(s) into every rank's compute-dtype parameters (what
         the offloaded Adam did not already send back chunk by chunk)."""
         published = self._published
-        if self.stage == 3:  # parameters are gathered from the shard when a module runs
-            with torch.no_grad():
-                self.flat_shard.copy_(self.master, non_blocking=True)
-        elif not any(p is self for p in published):
-            _publish(self.master, self.flat_params, self.plan, self.stage, self.world_size, None)
+        if not any(p is self for p in published):
+            if self.stage == 3:  # parameters are gathered from the shard when a module runs
+                with torch.no_grad():
+                    self.flat_shard.copy_(self.master, non_blocking=True)
+            else:
+                _publish(self.master, self.flat_params, self.plan, self.stage, self.world_size, None)
         e = self.experts
         if e is not None and not any(p is e for p in published):
             _publish(e.master, e.flat_params, e.plan, e.stage, e.size, e.group)
