@@ -125,7 +125,8 @@ lib.define("rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor 
 
 
 def _rotary_embedding_out_impl(positions, query, key, cos_sin_cache):
-    q, k = query.contiguous().clone(), key.contiguous().clone()
+    # one copy each into fresh contiguous buffers (``.contiguous().clone()`` copied a strided view twice)
+    q, k = query.clone(memory_format=torch.contiguous_format), key.clone(memory_format=torch.contiguous_format)
     _rotary_embedding_impl(positions, q, k, query.shape[-1], cos_sin_cache, True)
     return q, k
 
