@@ -5,6 +5,8 @@
 // strides and the bases allow, one element per access otherwise. Built by nvcc and by hipcc.
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "ops/kernels.h"
@@ -17,15 +19,23 @@ namespace {
 // moves one 16-byte access of gate, one of up and one of out per iteration.
 constexpr int kThreads = 256;
 
-template <typename T, int kWidth>
-__global__ void __launch_bounds__(kThreads)
-    silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t num_tokens, int64_t d,
-                        int64_t out_stride, int64_t x_stride) {
+// Calls fn(t, c) for every access of kWidth elements of a [num_tokens, d] row half (token t, first
+// column c), grid-stride over the whole launch.
+template <int kWidth, typename Fn>
+__device__ __forceinline__ void for_each_access(int64_t num_tokens, int64_t d, Fn fn) {
   const int64_t vecs_per_row = d / kWidth;
   const int64_t total = num_tokens * vecs_per_row;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / vecs_per_row, c = (i % vecs_per_row) * kWidth;
+    fn(i / vecs_per_row, (i % vecs_per_row) * kWidth);
+  }
+}
+
+template <typename T, int kWidth>
+__global__ void __launch_bounds__(kThreads)
+    silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t num_tokens, int64_t d,
+                        int64_t out_stride, int64_t x_stride) {
+  for_each_access<kWidth>(num_tokens, d, [&](int64_t t, int64_t c) {
     const T* row = x + t * x_stride;
     const Vec<T, kWidth> gate = load_vec_readonly<T, kWidth>(row + c);
     const Vec<T, kWidth> up = load_vec_readonly<T, kWidth>(row + d + c);
@@ -36,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
       o.v[j] = from_float<T>(g / (1.0f + __expf(-g)) * element_to_float(up, j));
     }
     store_vec(out + t * out_stride + c, o);
-  }
+  });
 }
 
 // NOTE(tidal): Llama-3.2-1B training, micro-batch 4 x 2048: x is 8192 x 16384 bf16 (268 MB), grad
@@ -46,11 +56,7 @@ __global__ void __launch_bounds__(kThreads)
     silu_and_mul_backward_kernel(T* __restrict__ grad_x, const T* __restrict__ grad, const T* __restrict__ x,
                                  int64_t num_tokens, int64_t d, int64_t grad_x_stride, int64_t grad_stride,
                                  int64_t x_stride) {
-  const int64_t vecs_per_row = d / kWidth;
-  const int64_t total = num_tokens * vecs_per_row;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / vecs_per_row, c = (i % vecs_per_row) * kWidth;
+  for_each_access<kWidth>(num_tokens, d, [&](int64_t t, int64_t c) {
     const T* row = x + t * x_stride;
     const Vec<T, kWidth> gate = load_vec_readonly<T, kWidth>(row + c);
     const Vec<T, kWidth> up = load_vec_readonly<T, kWidth>(row + d + c);
@@ -66,7 +72,24 @@ __global__ void __launch_bounds__(kThreads)
     T* out_row = grad_x + t * grad_x_stride;
     store_vec(out_row + c, d_gate);
     store_vec(out_row + d + c, d_up);
+  });
+}
+
+// Launches kernel<T, 16-byte width> over the accesses of a [num_tokens, d] half when every view
+// allows 16-byte accesses, kernel<T, 1> otherwise: enough blocks for ~16 per SM on the largest
+// GPUs; the grid-stride loop covers the rest.
+template <typename T, typename Launch>
+void launch_rows(int64_t num_tokens, int64_t d, std::initializer_list<const TensorView*> views, Launch launch) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vectorize = can_vectorize(d, kVec, views);
+  const int64_t total = num_tokens * (d / (vectorize ? kVec : 1));
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 132 * 16));
+  if (vectorize) {
+    launch(std::integral_constant<int, kVec>{}, blocks);
+  } else {
+    launch(std::integral_constant<int, 1>{}, blocks);
   }
+  TIDAL_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
@@ -75,26 +98,13 @@ void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Str
   const int64_t num_tokens = grad.size(0), d = grad.size(1);
   if (num_tokens == 0 || d == 0) return;
   DeviceGuard guard(x.device.index);
+  const auto s = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vectorize = d % kVec == 0 && x.stride(0) % kVec == 0 && grad.stride(0) % kVec == 0 &&
-                           grad_x.stride(0) % kVec == 0 && is_aligned(x.data, 16) && is_aligned(grad.data, 16) &&
-                           is_aligned(grad_x.data, 16);
-    const int64_t width = vectorize ? kVec : 1;
-    const int64_t total = num_tokens * (d / width);
-    const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 132 * 16);
-    const auto s = static_cast<cudaStream_t>(stream.handle);
-    const auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(grad_x.data_ptr<T>(), grad.data_ptr<const T>(),
-                                                                 x.data_ptr<const T>(), num_tokens, d,
-                                                                 grad_x.stride(0), grad.stride(0), x.stride(0));
-    };
-    if (vectorize) {
-      launch(silu_and_mul_backward_kernel<T, kVec>);
-    } else {
-      launch(silu_and_mul_backward_kernel<T, 1>);
-    }
-    TIDAL_CUDA_CHECK(cudaGetLastError());
+    launch_rows<T>(num_tokens, d, {&grad_x, &grad, &x}, [&](auto width, unsigned blocks) {
+      silu_and_mul_backward_kernel<T, decltype(width)::value><<<blocks, kThreads, 0, s>>>(
+          grad_x.data_ptr<T>(), grad.data_ptr<const T>(), x.data_ptr<const T>(), num_tokens, d, grad_x.stride(0),
+          grad.stride(0), x.stride(0));
+    });
   });
 }
 
@@ -102,23 +112,12 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
   const int64_t num_tokens = out.size(0), d = out.size(1);
   if (num_tokens == 0 || d == 0) return;
   DeviceGuard guard(x.device.index);
+  const auto s = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vectorize = d % kVec == 0 && x.stride(0) % kVec == 0 && out.stride(0) % kVec == 0 &&
-                           is_aligned(x.data, 16) && is_aligned(out.data, 16);
-    const int64_t width = vectorize ? kVec : 1;
-    const int64_t total = num_tokens * (d / width);
-    // Enough blocks for ~8 per SM on the largest GPUs; the grid-stride loop covers the rest.
-    const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 132 * 16);
-    const auto s = static_cast<cudaStream_t>(stream.handle);
-    if (vectorize) {
-      silu_and_mul_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+    launch_rows<T>(num_tokens, d, {&out, &x}, [&](auto width, unsigned blocks) {
+      silu_and_mul_kernel<T, decltype(width)::value><<<blocks, kThreads, 0, s>>>(
           out.data_ptr<T>(), x.data_ptr<const T>(), num_tokens, d, out.stride(0), x.stride(0));
-    } else {
-      silu_and_mul_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
-          out.data_ptr<T>(), x.data_ptr<const T>(), num_tokens, d, out.stride(0), x.stride(0));
-    }
-    TIDAL_CUDA_CHECK(cudaGetLastError());
+    });
   });
 }
 

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
 
@@ -62,6 +63,17 @@ class DeviceGuard {
 
 inline bool is_aligned(const void* ptr, std::uintptr_t bytes) {
   return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
+}
+
+/// Whether rows of `row_width` elements can move as 16-byte accesses of `width` elements: the
+/// width divides row_width and the row stride of every 2-D view, and every base is 16-byte aligned.
+inline bool can_vectorize(int64_t row_width, int64_t width, std::initializer_list<const TensorView*> views) {
+  if (row_width % width != 0) return false;
+  for (const TensorView* v : views) {
+    if (!is_aligned(v->data, 16)) return false;
+    if (v->ndim == 2 && v->stride(0) % width != 0) return false;
+  }
+  return true;
 }
 
 /// kN consecutive elements moved as one access; 16 bytes (a single LDG.128/STG.128) when

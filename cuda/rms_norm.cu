@@ -218,17 +218,6 @@ void launch(void (*cached)(Params...), void (*reread)(Params...), int64_t num_to
   TIDAL_CUDA_CHECK(cudaGetLastError());
 }
 
-// 16-byte accesses need the width to divide hidden_size and every row stride, and aligned bases.
-bool can_vectorize(int64_t hidden_size, int64_t width,
-                   std::initializer_list<const TensorView*> views) {
-  if (hidden_size % width != 0) return false;
-  for (const TensorView* v : views) {
-    if (!is_aligned(v->data, 16)) return false;
-    if (v->ndim == 2 && v->stride(0) % width != 0) return false;
-  }
-  return true;
-}
-
 template <int kWidth>
 using Width = std::integral_constant<int, kWidth>;
 
