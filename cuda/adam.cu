@@ -37,10 +37,11 @@ __device__ __forceinline__ void adam_element(float& p, float grad, float& m, flo
   p = p + (c.neg_step_size * m) / denom;
 }
 
-// TCopy: the dtype of the rounded copy of the updated param (void: none).
-template <int kWidth, typename TCopy>
+// G: the gradient's dtype (fp32, or the 16-bit compute dtype, widened on load). TCopy: the dtype of
+// the rounded copy of the updated param (void: none).
+template <int kWidth, typename G, typename TCopy>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+    adam_kernel(float* __restrict__ p, const G* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                 int64_t n, Coefs c, TCopy* __restrict__ copy) {
   constexpr bool kCopy = !std::is_void_v<TCopy>;
   using CopyT = std::conditional_t<kCopy, TCopy, float>;
@@ -50,9 +51,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t at = i * kWidth;
     Vec<float, kWidth> pv = load_vec<float, kWidth>(p + at), mv = load_vec<float, kWidth>(m + at),
                        vv = load_vec<float, kWidth>(v + at);
-    const Vec<float, kWidth> gv = load_vec_readonly<float, kWidth>(g + at);
+    const Vec<G, kWidth> gv = load_vec_readonly<G, kWidth>(g + at);
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) adam_element(pv.v[j], gv.v[j], mv.v[j], vv.v[j], c);
+    for (int j = 0; j < kWidth; ++j) adam_element(pv.v[j], element_to_float(gv, j), mv.v[j], vv.v[j], c);
     store_vec(p + at, pv);
     store_vec(m + at, mv);
     store_vec(v + at, vv);
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
   // the tail past the last whole access (kWidth > 1 only)
   const int64_t tail = vecs * kWidth + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (kWidth > 1 && tail < n) {
-    adam_element(p[tail], g[tail], m[tail], v[tail], c);
+    adam_element(p[tail], to_float(g[tail]), m[tail], v[tail], c);
     if constexpr (kCopy) reinterpret_cast<CopyT*>(copy)[tail] = from_float<CopyT>(p[tail]);
   }
 }
@@ -80,30 +81,35 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
   DeviceGuard guard(param.device.index);
   const Coefs c = ops::detail::make_adam_coefs(options);
   float* p = param.data_ptr<float>();
-  const float* g = grad.data_ptr<const float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
   const bool has_copy = param_copy.data != nullptr;
   // the copy's 4-element accesses are 8 bytes (16-bit) or 16 bytes (fp32)
-  const bool vectorize = is_aligned(p, 16) && is_aligned(g, 16) && is_aligned(m, 16) && is_aligned(v, 16) &&
-                         (!has_copy || is_aligned(param_copy.data, param_copy.dtype == DType::kFloat32 ? 16 : 8));
+  // 4-element accesses: 16 bytes of fp32, 8 bytes of a 16-bit gradient or copy
+  const auto aligned4 = [](const TensorView& t) { return is_aligned(t.data, t.dtype == DType::kFloat32 ? 16 : 8); };
+  const bool vectorize = is_aligned(p, 16) && aligned4(grad) && is_aligned(m, 16) && is_aligned(v, 16) &&
+                         (!has_copy || aligned4(param_copy));
   const int64_t width = vectorize ? 4 : 1;
   // Enough blocks for ~8 per SM on the largest GPUs; the grid-stride loop covers the rest.
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n / width + kThreads - 1) / kThreads, 132 * 8));
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  const auto launch = [&](auto* copy) {
+  const auto launch = [&](const auto* g, auto* copy) {
+    using G = std::remove_const_t<std::remove_pointer_t<decltype(g)>>;
     using TCopy = std::remove_pointer_t<decltype(copy)>;
     if (vectorize) {
-      adam_kernel<4, TCopy><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c, copy);
+      adam_kernel<4, G, TCopy><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c, copy);
     } else {
-      adam_kernel<1, TCopy><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c, copy);
+      adam_kernel<1, G, TCopy><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p, g, m, v, n, c, copy);
     }
   };
-  if (!has_copy) {
-    launch(static_cast<void*>(nullptr));
-  } else {
-    TIDAL_DISPATCH_FLOAT(param_copy.dtype, T, launch(param_copy.data_ptr<T>()));
-  }
+  TIDAL_DISPATCH_FLOAT(grad.dtype, G, {
+    const G* g = grad.data_ptr<const G>();
+    if (!has_copy) {
+      launch(g, static_cast<void*>(nullptr));
+    } else {
+      TIDAL_DISPATCH_FLOAT(param_copy.dtype, T, launch(g, param_copy.data_ptr<T>()));
+    }
+  });
   TIDAL_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -84,7 +84,7 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
   const Coefs c = ops::detail::make_adam_coefs(options);
   const int64_t n = param.numel();
   float* p = param.data_ptr<float>();
-  const float* g = grad.data_ptr<const float>();
+  const bool wide_grad = grad.dtype == DType::kFloat32;
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
 #if TIDAL_CPU_HAS_AVX2_TWIN
@@ -98,7 +98,16 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
 #endif
   for (int64_t k = 0; k < num_chunks; ++k) {
     const int64_t lo = k * kChunk, len = (lo + kChunk < n ? kChunk : n - lo);
-    range_fn(p + lo, g + lo, m + lo, v + lo, len, c);
+    if (wide_grad) {
+      range_fn(p + lo, grad.data_ptr<const float>() + lo, m + lo, v + lo, len, c);
+    } else {  // a 16-bit gradient, widened exactly into a chunk-sized buffer first
+      float widened[kChunk];
+      TIDAL_CPU_DISPATCH_FLOAT(grad.dtype, G, {
+        const G* g = grad.data_ptr<const G>() + lo;
+        for (int64_t i = 0; i < len; ++i) widened[i] = to_float(g[i]);
+      });
+      range_fn(p + lo, widened, m + lo, v + lo, len, c);
+    }
     // the chunk is still in cache: its rounded copy costs no second pass over memory
     if (param_copy.data != nullptr) {
       TIDAL_CPU_DISPATCH_FLOAT(param_copy.dtype, T, {

@@ -120,8 +120,8 @@ def test_bad_tensors():
     from torch.utils.dlpack import to_dlpack
     with pytest.raises(ValueError, match="param and exp_avg overlap"):
         tidal._core.ops.adam_step(to_dlpack(p), to_dlpack(g), to_dlpack(p), to_dlpack(v), *GOOD.values())
-    with pytest.raises(ValueError, match="grad.dtype=float16"):
-        tidal._core.ops.adam_step(to_dlpack(p), to_dlpack(g.half()), to_dlpack(m), to_dlpack(v), *GOOD.values())
+    with pytest.raises(ValueError, match="grad.dtype=float64 must be float32, float16 or bfloat16"):
+        tidal._core.ops.adam_step(to_dlpack(p), to_dlpack(g.double()), to_dlpack(m), to_dlpack(v), *GOOD.values())
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and tidal.build_info()["cuda"]), reason="needs a CUDA GPU and build")
@@ -220,3 +220,34 @@ def test_cuda_param_copy_matches_the_cpu_kernel(numel, dtype, offset):
         tidal.ops.adam_step_(gp, gg, gm, gv, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, param_copy=gcopy)
     torch.testing.assert_close(gcopy.cpu(), copy, rtol=0, atol=0)
     torch.testing.assert_close(gp.cpu(), p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [7, 16384 * 3 + 5])
+def test_16bit_grad_equals_its_fp32_widening(numel, dtype):
+    """A 16-bit gradient steps exactly as the same values in fp32 (widening is exact)."""
+    p, grad, m, v = _copy_case(numel, numel)
+    grad = grad.to(dtype)
+    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    for step in (1, 2):
+        tidal.ops.adam_step_(p, grad, m, v, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, 8.0)
+        tidal.ops.adam_step_(p2, grad.float(), m2, v2, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, 8.0)
+    for a, b in zip((p, m, v), (p2, m2, v2)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and tidal.build_info()["cuda"]), reason="needs a CUDA GPU and build")
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_16bit_grad_matches_the_cpu_kernel(dtype, offset):
+    numel = 100003
+    p, grad, m, v = _copy_case(numel, 5)
+    grad = grad.to(dtype)
+    gp, gm, gv = (t.cuda() for t in (p, m, v))
+    gg = torch.cat((torch.zeros(offset, dtype=dtype), grad)).cuda()[offset:]
+    copy, gcopy = torch.zeros(numel, dtype=dtype), torch.zeros(numel, dtype=dtype, device="cuda")
+    for step in (1, 2, 3):
+        tidal.ops.adam_step_(p, grad, m, v, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, 2.0, param_copy=copy)
+        tidal.ops.adam_step_(gp, gg, gm, gv, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, 2.0, param_copy=gcopy)
+    torch.testing.assert_close(gp.cpu(), p, rtol=0, atol=0)
+    torch.testing.assert_close(gcopy.cpu(), copy, rtol=0, atol=0)

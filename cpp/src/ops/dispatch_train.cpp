@@ -39,7 +39,14 @@ void check_options(const AdamOptions& o) {
 void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView exp_avg_sq,
                const AdamOptions& options, Stream stream, TensorView param_copy) {
   check_flat_fp32(param, "param", param);
-  check_flat_fp32(grad, "grad", param);
+  // grad may also be 16-bit (the compute-dtype gradient buffer, read and widened in the pass)
+  TIDAL_CHECK(grad.dtype == DType::kFloat32 || grad.dtype == DType::kFloat16 || grad.dtype == DType::kBFloat16,
+              "grad.dtype=", dtype_name(grad.dtype), " must be float32, float16 or bfloat16");
+  TIDAL_CHECK(grad.is_contiguous(), "grad must be contiguous, got shape ", grad.shape_str());
+  TIDAL_CHECK(grad.numel() == param.numel(), "grad.numel()=", grad.numel(), " must equal param.numel()=",
+              param.numel());
+  TIDAL_CHECK(grad.device == param.device, "grad is on ", device_name(grad.device), " but param is on ",
+              device_name(param.device));
   check_flat_fp32(exp_avg, "exp_avg", param);
   check_flat_fp32(exp_avg_sq, "exp_avg_sq", param);
   check_options(options);

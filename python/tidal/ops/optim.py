@@ -33,7 +33,10 @@ def _check(tensors, step, lr, beta1, beta2, eps, weight_decay, grad_scale, param
         if param_copy.device != param.device:
             raise ValueError(f"param_copy is on {param_copy.device} but param is on {param.device}")
     for name, t in zip(_NAMES, tensors):
-        if t.dtype != torch.float32:
+        if name == "grad":
+            if t.dtype not in _COPY_DTYPES:
+                raise ValueError(f"grad.dtype={t.dtype} must be float32, float16 or bfloat16")
+        elif t.dtype != torch.float32:
             raise ValueError(f"{name}.dtype={t.dtype} must be torch.float32")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (a flat buffer), got strides {t.stride()}")
@@ -94,7 +97,8 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     param, exp_avg, exp_avg_sq : torch.Tensor
         float32, contiguous, same numel and device; updated in place.
     grad : torch.Tensor
-        float32, contiguous, same numel and device; read only.
+        float32, or the 16-bit compute dtype (float16 / bfloat16, widened exactly as it is read);
+        contiguous, same numel and device; read only.
     step : int
         The step being taken, from 1 (the bias corrections use it).
     lr, beta1, beta2, eps, weight_decay : float

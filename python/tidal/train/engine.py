@@ -72,12 +72,13 @@ class _Slot:
 
 
 def _attach_flat_grads(part) -> None:
-    """Below stage 3, how gradients reach the fp32 accumulator without a pass over the parameters
-    after the backward pass. With an fp32 compute dtype every ``.grad`` is a view of the accumulator
-    itself (autograd accumulates straight into it). Otherwise a post-accumulate hook folds each
-    gradient into the accumulator as soon as autograd has produced it and frees it, so the
-    compute-dtype gradients never all exist at once (as at stage 3)."""
-    part.flat_grads = part.grad_accum if part.compute_dtype == torch.float32 else None
+    """Below stage 3, how gradients reach the accumulator without a pass over the parameters after
+    the backward pass. When the accumulator has the compute dtype (fp32 training, or 16-bit training
+    on one rank without accumulation over micro-batches) every ``.grad`` is a view of it and autograd
+    accumulates straight into it. Otherwise a post-accumulate hook folds each gradient into the fp32
+    accumulator as soon as autograd has produced it and frees it, so the compute-dtype gradients
+    never all exist at once (as at stage 3)."""
+    part.flat_grads = part.grad_accum if part.grad_accum.dtype == part.compute_dtype else None
     for s in part.slots:
         if part.flat_grads is not None:
             s.grad_view = part.flat_grads[s.offset:s.offset + s.numel].view(s.shape)
@@ -138,11 +139,11 @@ def _reduce(flat: torch.Tensor, plan, stage: int, size: int, owned: tuple[int, i
         by_rank = flat.view(size, shard)
         for lo, hi in plan.buckets:  # the same local range of every shard: a true reduce-scatter
             comm.reduce_scatter(out[lo:hi], by_rank[:, lo:hi].contiguous(), group=group)
-        return out.div_(divisor)
+        return out.div_(divisor) if divisor != 1 else out
     if size > 1:
         comm.all_reduce(flat, group=group)
     lo, hi = owned
-    return flat[lo:hi].div_(divisor)
+    return flat[lo:hi].div_(divisor) if divisor != 1 else flat[lo:hi]
 
 
 def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, size: int, group) -> None:
@@ -168,6 +169,8 @@ def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: to
         _ops().adam_step_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, grad_scale,
                           param_copy)
         return
+    if grad.dtype != torch.float32:
+        grad = grad.float()
     if grad_scale != 1.0:
         grad.mul_(1.0 / grad_scale)
     if decoupled:
@@ -381,7 +384,15 @@ class Engine:
             master_full[lo:hi].clone()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
-        self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=self.device)
+        # NOTE(tidal): on one rank, with no accumulation over micro-batches and the optimizer on the
+        # device, each gradient is used once, as autograd leaves it: the accumulator is then the
+        # 16-bit buffer autograd writes into (2 bytes a parameter instead of 4, no fold into fp32),
+        # which Adam widens as it reads. The values are the same: an fp32 accumulator would hold
+        # exactly these 16-bit gradients.
+        direct = (self.stage < 3 and self.world_size == 1 and config.gradient_accumulation_steps == 1
+                  and self.compute_dtype != torch.float32 and not self.offload_optimizer)
+        self.grad_accum = torch.zeros(padded, dtype=self.compute_dtype if direct else torch.float32,
+                                      device=self.device)
         self.flat_grads = None
         if self.stage < 3:
             _attach_flat_grads(self)
@@ -583,13 +594,13 @@ class Engine:
     def _global_norm(self, grads: list[torch.Tensor]) -> float:
         """The 2-norm over every rank's gradients (one host synchronisation). Each buffer's norm is
         reduced in fp32 (as torch.nn.utils.clip_grad_norm_ does), with no copy of the buffer."""
-        sq = torch.linalg.vector_norm(grads[0]).double().square()
+        sq = torch.linalg.vector_norm(grads[0], dtype=torch.float32).double().square()
         if self.stage > 0 and self.world_size > 1:  # each rank holds a different shard
             comm.all_reduce(sq)
         if self.experts is not None:
             # below stage 1 the ranks of an ep group hold the ep group's experts whole; from stage 1
             # each expert element is owned by exactly one rank in the world
-            expert_sq = torch.linalg.vector_norm(grads[1]).double().square()
+            expert_sq = torch.linalg.vector_norm(grads[1], dtype=torch.float32).double().square()
             comm.all_reduce(expert_sq, group=self.ep_group if self.stage == 0 else None)
             sq = sq + expert_sq
         return math.sqrt(float(sq))
