@@ -50,28 +50,33 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // NOTE(tidal): Llama-3.2-1B training, micro-batch 4 x 2048: x is 8192 x 16384 bf16 (268 MB), grad
-// half that and grad_x as x: 671 MB, 160 us at 4.2 TB/s. Same stream shape as the forward.
-template <typename T, int kWidth>
+// half that and grad_x as x: 671 MB, 160 us at 4.2 TB/s; recomputing out adds 134 MB (32 us), where
+// keeping it from the forward would cost those 134 MB of memory per layer. Same stream shape as the
+// forward. out may be null (kHasOut false).
+template <typename T, int kWidth, bool kHasOut>
 __global__ void __launch_bounds__(kThreads)
-    silu_and_mul_backward_kernel(T* __restrict__ grad_x, const T* __restrict__ grad, const T* __restrict__ x,
-                                 int64_t num_tokens, int64_t d, int64_t grad_x_stride, int64_t grad_stride,
-                                 int64_t x_stride) {
+    silu_and_mul_backward_kernel(T* __restrict__ grad_x, T* __restrict__ out, const T* __restrict__ grad,
+                                 const T* __restrict__ x, int64_t num_tokens, int64_t d, int64_t grad_x_stride,
+                                 int64_t out_stride, int64_t grad_stride, int64_t x_stride) {
   for_each_access<kWidth>(num_tokens, d, [&](int64_t t, int64_t c) {
     const T* row = x + t * x_stride;
     const Vec<T, kWidth> gate = load_vec_readonly<T, kWidth>(row + c);
     const Vec<T, kWidth> up = load_vec_readonly<T, kWidth>(row + d + c);
     const Vec<T, kWidth> dy = load_vec_readonly<T, kWidth>(grad + t * grad_stride + c);
-    Vec<T, kWidth> d_gate, d_up;
+    Vec<T, kWidth> d_gate, d_up, o;
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       const float g = element_to_float(gate, j), u = element_to_float(up, j), dj = element_to_float(dy, j);
-      const float s = 1.0f / (1.0f + __expf(-g));
+      const float e = __expf(-g);
+      const float s = 1.0f / (1.0f + e);
       d_gate.v[j] = from_float<T>(dj * u * s * (1.0f + g * (1.0f - s)));
       d_up.v[j] = from_float<T>(dj * g * s);
+      if constexpr (kHasOut) o.v[j] = from_float<T>(g / (1.0f + e) * u);  // the forward's expression
     }
-    T* out_row = grad_x + t * grad_x_stride;
-    store_vec(out_row + c, d_gate);
-    store_vec(out_row + d + c, d_up);
+    T* grad_row = grad_x + t * grad_x_stride;
+    store_vec(grad_row + c, d_gate);
+    store_vec(grad_row + d + c, d_up);
+    if constexpr (kHasOut) store_vec(out + t * out_stride + c, o);
   });
 }
 
@@ -94,16 +99,24 @@ void launch_rows(int64_t num_tokens, int64_t d, std::initializer_list<const Tens
 
 }  // namespace
 
-void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream) {
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, TensorView out, Stream stream) {
   const int64_t num_tokens = grad.size(0), d = grad.size(1);
   if (num_tokens == 0 || d == 0) return;
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
+  const bool has_out = out.data != nullptr;
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
-    launch_rows<T>(num_tokens, d, {&grad_x, &grad, &x}, [&](auto width, unsigned blocks) {
-      silu_and_mul_backward_kernel<T, decltype(width)::value><<<blocks, kThreads, 0, s>>>(
-          grad_x.data_ptr<T>(), grad.data_ptr<const T>(), x.data_ptr<const T>(), num_tokens, d, grad_x.stride(0),
-          grad.stride(0), x.stride(0));
+    T* out_data = has_out ? out.data_ptr<T>() : nullptr;
+    const int64_t out_stride = has_out ? out.stride(0) : 0;
+    const auto views = has_out ? std::initializer_list<const TensorView*>{&grad_x, &grad, &x, &out}
+                               : std::initializer_list<const TensorView*>{&grad_x, &grad, &x};
+    launch_rows<T>(num_tokens, d, views, [&](auto width, unsigned blocks) {
+      constexpr int kWidth = decltype(width)::value;
+      const auto kernel = has_out ? silu_and_mul_backward_kernel<T, kWidth, true>
+                                  : silu_and_mul_backward_kernel<T, kWidth, false>;
+      kernel<<<blocks, kThreads, 0, s>>>(grad_x.data_ptr<T>(), out_data, grad.data_ptr<const T>(),
+                                         x.data_ptr<const T>(), num_tokens, d, grad_x.stride(0), out_stride,
+                                         grad.stride(0), x.stride(0));
     });
   });
 }

@@ -34,15 +34,16 @@ void bind_ops_train(py::module_& m) {
       "(optional, a float capsule) receives the updated param in its dtype in the same pass.");
   m.def(
       "silu_and_mul_backward",
-      [](py::handle grad_x, py::handle grad, py::handle x, std::uintptr_t stream) {
+      [](py::handle grad_x, py::handle grad, py::handle x, std::uintptr_t stream, py::object out) {
         const TensorView gx = view_capsule(grad_x, "grad_x"), g = view_capsule(grad, "grad");
         const TensorView xv = view_capsule(x, "x");
+        const TensorView o = out.is_none() ? TensorView{} : view_capsule(out, "out");
         py::gil_scoped_release release;
-        ops::silu_and_mul_backward(gx, g, xv, Stream::from_int(stream));
+        ops::silu_and_mul_backward(gx, g, xv, Stream::from_int(stream), o);
       },
-      py::arg("grad_x"), py::arg("grad"), py::arg("x"), py::arg("stream") = 0,
+      py::arg("grad_x"), py::arg("grad"), py::arg("x"), py::arg("stream") = 0, py::arg("out") = py::none(),
       "The gradient of silu_and_mul with respect to x ([num_tokens, 2 * d]) from the gradient of its "
-      "output ([num_tokens, d]), written into grad_x.");
+      "output ([num_tokens, d]), written into grad_x; out (optional) receives silu_and_mul(x) itself.");
   m.def(
       "rms_norm_backward",
       [](py::handle grad_x, py::handle grad_weight_partial, py::handle grad, py::handle x, py::handle weight,

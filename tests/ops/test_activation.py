@@ -212,6 +212,42 @@ def test_backward_kernel(dtype, d, layout, device):
         assert_close(got, torch.ops.tidal.silu_and_mul_backward(grad, x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "3d"])
+@pytest.mark.parametrize("d", [1, 689, 2048])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_recompute_equals_forward(dtype, d, layout, device):
+    """silu_and_mul_backward(recompute=True): the same input gradient as without, and the forward's
+    output bit for bit (the fused training MLP relies on it), 16-byte and scalar paths."""
+    if layout == "row_strided":
+        x = randn(9, 2 * d + 8, dtype=dtype, seed=9)[:, : 2 * d]
+        grad = randn(9, d + 3, dtype=dtype, seed=10, scale=1.0)[:, :d]
+    elif layout == "3d":
+        x, grad = randn(2, 5, 2 * d, dtype=dtype, seed=9), randn(2, 5, d, dtype=dtype, seed=10, scale=1.0)
+    else:
+        x, grad = randn(9, 2 * d, dtype=dtype, seed=9), randn(9, d, dtype=dtype, seed=10, scale=1.0)
+    xd, gd = to_device(x, device), to_device(grad, device)
+    if device == "cuda":
+        poison_cuda_allocator(2 * x.numel() * x.element_size())
+    grad_x, out = tidal.ops.silu_and_mul_backward(gd, xd, recompute=True)
+    assert out.shape == grad.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, tidal.ops.silu_and_mul(xd), atol=0, rtol=0)
+    torch.testing.assert_close(grad_x, torch.ops.tidal.silu_and_mul_backward(gd, xd), atol=0, rtol=0)
+    assert tidal.ops.silu_and_mul_backward(gd, xd)[1] is None
+    with torch.enable_grad():  # through the dispatcher
+        got_x, got_out = tidal.ops.silu_and_mul_backward(gd, xd, recompute=True)
+    torch.testing.assert_close(got_out, out, atol=0, rtol=0)
+    torch.testing.assert_close(got_x, grad_x, atol=0, rtol=0)
+
+
+def test_backward_recompute_opcheck_and_errors():
+    x, grad = randn(3, 10, dtype=torch.float32, seed=1), randn(3, 5, dtype=torch.float32, seed=2)
+    torch.library.opcheck(torch.ops.tidal.silu_and_mul_backward_recompute.default, (grad, x))
+    with pytest.raises(ValueError, match=r"grad.shape=\(3, 4\) must be x.shape\[:-1\] \+ \(x.shape\[-1\] // 2,\) "
+                                         r"= \(3, 5\)"):
+        tidal.ops.silu_and_mul_backward(grad[:, :4], x, recompute=True)
+
+
 def test_backward_kernel_empty_and_opcheck():
     assert torch.ops.tidal.silu_and_mul_backward(torch.empty(0, 4), torch.empty(0, 8)).shape == (0, 8)
     x, grad = randn(3, 10, dtype=torch.float32, seed=1), randn(3, 5, dtype=torch.float32, seed=2)
@@ -232,3 +268,9 @@ def test_backward_native_errors_name_the_argument():
         _core.ops.silu_and_mul_backward(to_dlpack(torch.empty(4, 8)), to_dlpack(grad.half()), to_dlpack(x), 0)
     with pytest.raises(ValueError, match="grad_x overlaps an input"):
         _core.ops.silu_and_mul_backward(to_dlpack(x), to_dlpack(grad), to_dlpack(x), 0)
+    with pytest.raises(ValueError, match=r"out.shape=\[4, 3\] must equal grad.shape=\[4, 4\]"):
+        _core.ops.silu_and_mul_backward(to_dlpack(torch.empty(4, 8)), to_dlpack(grad), to_dlpack(x), 0,
+                                        to_dlpack(torch.empty(4, 3)))
+    with pytest.raises(ValueError, match="out overlaps another argument"):
+        _core.ops.silu_and_mul_backward(to_dlpack(torch.empty(4, 8)), to_dlpack(grad), to_dlpack(x), 0,
+                                        to_dlpack(x[:, :4]))

@@ -42,7 +42,12 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
 ///   grad_x[:, :d] = grad * up * s * (1 + gate * (1 - s)),   grad_x[:, d:] = grad * gate * s.
 /// grad_x, x: [num_tokens, 2 * d]; grad: [num_tokens, d]; one float dtype, one device, last dims
 /// contiguous (row strides any); grad_x overlaps neither input.
-void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
+/// out (optional: a view with null data skips it) receives silu_and_mul(x) itself, recomputed in the
+/// same pass bit for bit as the forward kernel computes it: [num_tokens, d] in x's dtype, last dim
+/// contiguous. A training step that does not keep the activation for the next GEMM's backward gets
+/// it back here.
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream,
+                           TensorView out = TensorView{});
 
 /// The gradients of rms_norm (tidal/ops.h), in fp32 from the saved input: with r = rsqrt(mean(x^2)
 /// + eps), x_hat = x r and g_hat = grad * weight,

@@ -79,7 +79,7 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
       [&] { gpu::adam_step(param, grad, exp_avg, exp_avg_sq, options, stream, param_copy); });
 }
 
-void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream) {
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream, TensorView out) {
   detail::check_rows(grad_x, "grad_x");
   detail::check_rows(grad, "grad");
   detail::check_rows(x, "x");
@@ -95,10 +95,16 @@ void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Str
               device_name(x.device));
   TIDAL_CHECK(!detail::overlaps(grad_x, x) && !detail::overlaps(grad_x, grad),
               "grad_x overlaps an input in memory; pass a distinct grad_x");
+  if (out.data != nullptr) {
+    detail::check_rows(out, "out");
+    detail::check_like(out, "out", grad, "grad");
+    TIDAL_CHECK(!detail::overlaps(out, x) && !detail::overlaps(out, grad) && !detail::overlaps(out, grad_x),
+                "out overlaps another argument in memory; pass a distinct out");
+  }
   if (grad.numel() == 0) return;
   detail::dispatch(
-      "silu_and_mul_backward", x.device, [&] { cpu::silu_and_mul_backward(grad_x, grad, x, stream); },
-      [&] { gpu::silu_and_mul_backward(grad_x, grad, x, stream); });
+      "silu_and_mul_backward", x.device, [&] { cpu::silu_and_mul_backward(grad_x, grad, x, out, stream); },
+      [&] { gpu::silu_and_mul_backward(grad_x, grad, x, out, stream); });
 }
 
 void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,

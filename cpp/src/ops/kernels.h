@@ -37,7 +37,7 @@ namespace tidal::cpu {
 // out: [num_tokens, d]; x: [num_tokens, 2 * d], gate half first (row strides any, last dim contiguous)
 void silu_and_mul(TensorView out, TensorView x, Stream stream);
 // The backward passes of tidal/ops_train.h, same contracts.
-void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, TensorView out, Stream stream);
 void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
                        TensorView weight, float eps, Stream stream);
 void softmax_cross_entropy(TensorView logits, TensorView loss, TensorView labels, TensorView scale,
@@ -93,7 +93,7 @@ namespace tidal::gpu {
 
 // Same contracts as tidal::cpu; launched on `stream`, on the device of the first tensor.
 void silu_and_mul(TensorView out, TensorView x, Stream stream);
-void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Stream stream);
+void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, TensorView out, Stream stream);
 void rms_norm_backward(TensorView grad_x, TensorView grad_weight_partial, TensorView grad, TensorView x,
                        TensorView weight, float eps, Stream stream);
 void softmax_cross_entropy(TensorView logits, TensorView loss, TensorView labels, TensorView scale,

@@ -10,8 +10,12 @@ One set of weights, two forward modes:
   ``paged_attention``, ``silu_and_mul``).
   Returns the final hidden states; :meth:`LlamaForCausalLM.compute_logits` turns the rows the
   sampler needs into fp32 logits.
-- training: ``input_ids [batch, seq]`` without metadata; differentiable ops only (pure-torch rotary,
-  torch's ``scaled_dot_product_attention``) and logits ``[batch, seq, vocab]``.
+- training: ``input_ids [batch, seq]`` without metadata; differentiable ops (tidal's kernels with
+  their backward kernels, torch's ``scaled_dot_product_attention``) and logits ``[batch, seq, vocab]``,
+  or the loss through the fused LM head. Each norm runs with the projection after it, and
+  silu_and_mul with ``down_proj``, as one autograd function (tidal.models.fused) that recomputes the
+  elementwise result in the backward pass instead of keeping it; rotary embedding rotates q and k in
+  place in the qkv output, which attention reads through views.
 
 Parameters are fused where the kernels want them fused: ``qkv_proj`` holds the q, k and v rows (in
 that order) of Hugging Face's three projections, ``gate_up_proj`` the gate then up rows.
@@ -30,6 +34,7 @@ from tidal import checkpointing
 from tidal.models import rope
 from tidal.models.attention import AttentionMetadata
 from tidal.models.config import ModelConfig
+from tidal.models.fused import gated_linear, inverse_rotary_table, norm_linear, rotary_qkv_
 from tidal.models.losses import fused_linear_cross_entropy
 from tidal.models.moe import SparseMoeBlock
 
@@ -103,18 +108,22 @@ class LlamaAttention(nn.Module):
                                   attn.max_seqlen_q, attn.max_seqlen_k)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
-    def forward_train(self, hidden: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Training. ``hidden`` [batch, seq, hidden_size]; ``positions`` [batch * seq] rows of the
-        rotary ``table`` (cos then sin halves, fp32) for each token."""
-        batch, seq = hidden.shape[:2]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(batch * seq, self.num_heads, self.head_dim)
-        k = k.reshape(batch * seq, self.num_kv_heads, self.head_dim)
+    def forward_train(self, qkv: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]
+                      ) -> torch.Tensor:
+        """Training, from the qkv projection's output ``qkv`` [batch, seq, q_size + 2 * kv_size];
+        ``positions`` [batch * seq] rows of the rotary tables for each token; ``tables`` the rotary
+        table (cos then sin halves, fp32) and its inverse (tidal.models.fused.inverse_rotary_table)."""
+        batch, seq = qkv.shape[:2]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.rotary_embedding(positions, q, k, table)  # the fused kernel, differentiable
-        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, seq, head_dim]
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.reshape(batch * seq, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(batch * seq, self.num_kv_heads, self.head_dim))
+            q, k = ops.rotary_embedding(positions, q, k, tables[0])  # the fused kernel, differentiable
+        else:  # rotated in place: attention reads q, k and v as views of one buffer
+            qkv = rotary_qkv_(qkv, positions, *tables, self.num_heads, self.num_kv_heads, self.head_dim)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, seq, head_dim]
+        k = k.reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         kwargs = {}
         if self.num_kv_heads != self.num_heads:
@@ -143,8 +152,12 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
-    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # the fused op, differentiable
+    def forward_train(self, gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+        """Training, from the gate_up projection's output; ``fused``: silu_and_mul and down_proj as
+        one autograd function that does not keep the activation (tidal.models.fused.gated_linear)."""
+        if fused:
+            return gated_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+        return self.down_proj(ops.silu_and_mul(gate_up))  # the fused op, differentiable
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -168,24 +181,39 @@ class LlamaDecoderLayer(nn.Module):
         ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
         return self.mlp(hidden), residual
 
-    def forward_train(self, x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
-                      recompute: str | None = None) -> torch.Tensor:
+    def forward_train(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                      recompute: str | None = None, fused: bool = True) -> torch.Tensor:
         """Training. ``recompute`` (see LlamaForCausalLM.set_activation_checkpointing): "attention" or
         "mlp" recomputes that half of the layer in the backward pass instead of keeping its
-        activations; a MoE block is never recomputed (its auxiliary losses keep their graph)."""
+        activations; a MoE block is never recomputed (its auxiliary losses keep their graph).
+        ``fused`` (LlamaForCausalLM.fuse_across_modules): each norm and the projection after it as
+        one autograd function (tidal.models.fused), and silu_and_mul with down_proj likewise."""
         if recompute == "attention":
-            x = x + checkpointing.checkpoint(self._attention_half, x, positions, table)
+            x = x + checkpointing.checkpoint(self._attention_half, x, positions, tables, fused)
         else:
-            x = x + self._attention_half(x, positions, table)
+            x = x + self._attention_half(x, positions, tables, fused)
         if recompute == "mlp" and not isinstance(self.mlp, SparseMoeBlock):
-            return x + checkpointing.checkpoint(self._mlp_half, x)
-        return x + self._mlp_half(x)
+            return x + checkpointing.checkpoint(self._mlp_half, x, fused)
+        return x + self._mlp_half(x, fused)
 
-    def _attention_half(self, x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return self.self_attn.forward_train(self.input_layernorm(x), positions, table)
+    def _attention_half(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                        fused: bool) -> torch.Tensor:
+        return self.self_attn.forward_train(_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, fused),
+                                            positions, tables)
 
-    def _mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp.forward_train(self.post_attention_layernorm(x))
+    def _mlp_half(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        if isinstance(self.mlp, SparseMoeBlock):
+            return self.mlp.forward_train(self.post_attention_layernorm(x))
+        gate_up = _norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, fused)
+        return self.mlp.forward_train(gate_up, fused)
+
+
+def _norm_linear(norm: RMSNorm, linear: nn.Linear, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``linear(norm(x))``; as one autograd function keeping ``x`` only when ``fused``, else through
+    the two module calls (ZeRO stage 3 gathers each module's parameters around its own call)."""
+    if fused:
+        return norm_linear(x, norm.weight, norm.eps, linear.weight, linear.bias)
+    return linear(norm(x))
 
 
 class LlamaModel(nn.Module):
@@ -231,6 +259,10 @@ class LlamaForCausalLM(nn.Module):
             device = "meta"
         self.config = config
         self.activation_checkpointing: str | None = None  # see set_activation_checkpointing
+        # NOTE(tidal): the training forward fuses ops across sibling modules (a norm and the linear
+        # after it): ZeRO stage 3, which gathers each module's parameters only around that module's
+        # own call, sets this to False.
+        self.fuse_across_modules = True
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -363,14 +395,15 @@ class LlamaForCausalLM(nn.Module):
             freqs = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq, cfg.max_position_embeddings)
             table = rope.cos_sin(torch.arange(seq, device=input_ids.device), freqs)
         table = table.float().contiguous()
+        tables = (table, inverse_rotary_table(table))
         positions = torch.arange(seq, device=input_ids.device).repeat(input_ids.shape[0])  # [batch * seq]
         x = self.model.embed_tokens(input_ids)
-        policy = self.activation_checkpointing
+        policy, fused = self.activation_checkpointing, self.fuse_across_modules
         for layer in self.model.layers:
             if policy == "full" and not isinstance(layer.mlp, SparseMoeBlock):
-                x = checkpointing.checkpoint(layer.forward_train, x, positions, table)
+                x = checkpointing.checkpoint(layer.forward_train, x, positions, tables, None, fused)
             else:  # a MoE layer under "full" recomputes its attention half only
-                x = layer.forward_train(x, positions, table, "attention" if policy == "full" else policy)
+                x = layer.forward_train(x, positions, tables, "attention" if policy == "full" else policy, fused)
         x = self.model.norm(x)
         return self.lm_head(x) if head else x
 

@@ -8,7 +8,8 @@ in the same pass as its loss (the softmax minus the one-hot target, scaled by ``
 so the backward pass only scales them by the incoming gradient. One kernel
 (``tidal.ops.softmax_cross_entropy_``) turns a chunk's logits into its losses and overwrites them with
 their gradient, in fp32 arithmetic from the stored logits. Peak extra memory is one chunk of logits
-in the model dtype plus the weight's fp32 gradient, instead of the full logits, their fp32 copy and
+in the model dtype plus the weight's fp32 gradient (accumulated over the chunks by the GEMM itself on a
+GPU), instead of the full logits, their fp32 copy and
 the softmax saved for the backward pass.
 """
 
@@ -20,6 +21,16 @@ IGNORE_INDEX = -100
 # NOTE(tidal): 8192 rows x a 128k vocabulary of fp32 is 4 GiB; 2048 rows keeps a chunk at 1 GiB for
 # the largest vocabularies and large enough for the chunk's GEMMs to run near their peak.
 DEFAULT_CHUNK_ROWS = 2048
+
+
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the model dtype. On a GPU one GEMM
+    accumulates into ``acc`` in fp32 (no product rounded to the model dtype, no fp32 temporary of
+    the weight's size); elsewhere the product is computed in the model dtype and widened."""
+    if acc.is_cuda and a.dtype != torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -50,8 +61,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_bias += d_logits.float().sum(0)
             if grad_hidden is not None:
                 torch.mm(d_logits, weight, out=grad_hidden[lo:lo + chunk_rows])
-            if grad_weight is not None:  # the product in the model dtype, accumulated in fp32
-                grad_weight += (d_logits.t() @ h).float()
+            if grad_weight is not None:
+                _accumulate_product(grad_weight, d_logits.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -62,8 +73,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_out.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_out).to(ctx.weight_dtype)
+        if grad_weight is not None:  # scaled and rounded in one pass: no second fp32 copy
+            grad_weight = torch.mul(grad_weight, grad_out,
+                                    out=torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device))
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_out).to(ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None

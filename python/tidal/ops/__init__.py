@@ -5,7 +5,7 @@ Every kernel is registered once in the ``tidal`` namespace of ``torch.library`` 
 captured by CUDA graphs), and exposed here as a plain function.
 """
 
-from tidal.ops.activation import silu_and_mul
+from tidal.ops.activation import silu_and_mul, silu_and_mul_backward
 from tidal.ops.attention import paged_attention
 from tidal.ops.kv_cache import reshape_and_cache_
 from tidal.ops.loss import softmax_cross_entropy_
@@ -16,5 +16,5 @@ from tidal.ops.rotary import rotary_embedding, rotary_embedding_, rotary_embeddi
 from tidal.ops.sampling import seeded_exponential_
 
 __all__ = ["adam_step_", "fused_add_rms_norm", "fused_add_rms_norm_", "fused_moe", "paged_attention", "reshape_and_cache_",
-           "rms_norm", "rotary_embedding", "rotary_embedding_", "rotary_embedding_and_cache_", "seeded_exponential_", "silu_and_mul",
+           "rms_norm", "rotary_embedding", "rotary_embedding_", "rotary_embedding_and_cache_", "seeded_exponential_", "silu_and_mul", "silu_and_mul_backward",
            "softmax_cross_entropy_"]

@@ -12,6 +12,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 lib.define("silu_and_mul(Tensor x) -> Tensor")
 lib.define("silu_and_mul_backward(Tensor grad, Tensor x) -> Tensor")
+lib.define("silu_and_mul_backward_recompute(Tensor grad, Tensor x) -> (Tensor, Tensor)")
 
 
 def _check(x: torch.Tensor) -> None:
@@ -33,18 +34,33 @@ def _silu_and_mul_impl(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _silu_and_mul_backward_impl(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _backward(grad: torch.Tensor, x: torch.Tensor, recompute: bool):
+    _check(x)
+    if grad.shape != (*x.shape[:-1], x.shape[-1] // 2):
+        raise ValueError(f"grad.shape={tuple(grad.shape)} must be x.shape[:-1] + (x.shape[-1] // 2,) = "
+                         f"{(*x.shape[:-1], x.shape[-1] // 2)}")
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(grad.shape, dtype=x.dtype, device=x.device) if recompute else None
     if grad_x.numel() == 0:
-        return grad_x
+        return grad_x, out
     rows, grad_rows = as_rows(x, "x"), as_rows(grad.to(x.dtype), "grad")
-    native.silu_and_mul_backward(capsule(grad_x.view(rows.shape)), capsule(grad_rows), capsule(rows), stream_of(x))
-    return grad_x
+    native.silu_and_mul_backward(capsule(grad_x.view(rows.shape)), capsule(grad_rows), capsule(rows), stream_of(x),
+                                 None if out is None else capsule(out.view(grad_rows.shape)))
+    return grad_x, out
+
+
+def _silu_and_mul_backward_impl(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _backward(grad, x, False)[0]
+
+
+def _silu_and_mul_backward_recompute_impl(grad: torch.Tensor, x: torch.Tensor):
+    return _backward(grad, x, True)
 
 
 for _key in ("CPU", "CUDA"):
     lib.impl("silu_and_mul", _silu_and_mul_impl, _key)
     lib.impl("silu_and_mul_backward", _silu_and_mul_backward_impl, _key)
+    lib.impl("silu_and_mul_backward_recompute", _silu_and_mul_backward_recompute_impl, _key)
 
 
 @torch.library.register_fake("tidal::silu_and_mul")
@@ -56,6 +72,11 @@ def _silu_and_mul_fake(x):
 @torch.library.register_fake("tidal::silu_and_mul_backward")
 def _silu_and_mul_backward_fake(grad, x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("tidal::silu_and_mul_backward_recompute")
+def _silu_and_mul_backward_recompute_fake(grad, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), grad.new_empty(grad.shape, dtype=x.dtype)
 
 
 # ---- autograd: computed in fp32 from the saved input, like the forward -----------------------------
@@ -98,3 +119,34 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if is_eager_call(x):
         return _silu_and_mul_impl(x)
     return torch.ops.tidal.silu_and_mul(x)
+
+
+def silu_and_mul_backward(grad: torch.Tensor, x: torch.Tensor,
+                          recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""The gradient of :func:`silu_and_mul` with respect to its input, and optionally its output.
+
+    With ``x = [g | u]`` and :math:`s = \mathrm{sigmoid}(g)`:
+    :math:`\partial/\partial g = \mathrm{grad}\, u\, s (1 + g (1 - s))`,
+    :math:`\partial/\partial u = \mathrm{grad}\, g\, s`, in fp32, rounded once to ``x.dtype``.
+
+    Parameters
+    ----------
+    grad : torch.Tensor
+        ``[..., d]``, the gradient of silu_and_mul's output (cast to ``x.dtype``).
+    x : torch.Tensor
+        ``[..., 2 * d]``, silu_and_mul's input.
+    recompute : bool
+        Also return ``silu_and_mul(x)``, computed in the same pass, equal bit for bit to what the
+        forward kernel returns: a training step that did not keep the activation gets it back for
+        the weight gradient of the projection it fed.
+
+    Returns
+    -------
+    tuple
+        ``(grad_x, out)``: ``grad_x`` like ``x`` (contiguous); ``out`` ``[..., d]`` or None.
+    """
+    if is_eager_call(grad, x):
+        return _backward(grad, x, recompute)
+    if recompute:
+        return torch.ops.tidal.silu_and_mul_backward_recompute(grad, x)
+    return torch.ops.tidal.silu_and_mul_backward(grad, x), None

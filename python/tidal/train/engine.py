@@ -371,6 +371,9 @@ class Engine:
                     else:
                         s.param.data = empty
             self.gatherer = ParameterGatherer(self, module_groups)
+            for module in self.module.modules():  # its gathers follow module calls: no fusion across them
+                if hasattr(module, "fuse_across_modules"):
+                    module.fuse_across_modules = False
         else:
             self.flat_params = master_full.to(self.compute_dtype)
             with torch.no_grad():
