@@ -108,9 +108,8 @@ void silu_and_mul_backward(TensorView grad_x, TensorView grad, TensorView x, Ten
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
     T* out_data = has_out ? out.data_ptr<T>() : nullptr;
     const int64_t out_stride = has_out ? out.stride(0) : 0;
-    const auto views = has_out ? std::initializer_list<const TensorView*>{&grad_x, &grad, &x, &out}
-                               : std::initializer_list<const TensorView*>{&grad_x, &grad, &x};
-    launch_rows<T>(num_tokens, d, views, [&](auto width, unsigned blocks) {
+    // without out, x stands in for it in the alignment check
+    launch_rows<T>(num_tokens, d, {&grad_x, &grad, &x, has_out ? &out : &x}, [&](auto width, unsigned blocks) {
       constexpr int kWidth = decltype(width)::value;
       const auto kernel = has_out ? silu_and_mul_backward_kernel<T, kWidth, true>
                                   : silu_and_mul_backward_kernel<T, kWidth, false>;

@@ -172,8 +172,7 @@ def test_llama_with_and_without_fusion(device, dtype, policy, tmp_path):
     cfg, tokens = model.config, ids.numel()
     item = torch.empty((), dtype=dtype).element_size()
     per_layer = cfg.hidden_size  # the attention's normalised input
-    if device == "cuda":  # the CPU's attention keeps contiguous copies of q and k either way
-        per_layer += (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim  # the copies of q and k
+    per_layer += (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim  # the rotated copies of q, k
     if policy is None:  # under "mlp" the MLP half keeps only its input either way
         per_layer += cfg.hidden_size + cfg.intermediate_size  # its normalised input, the activation
     if dtype == torch.bfloat16:

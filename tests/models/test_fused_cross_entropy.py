@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from conftest import gpu_only
 from tidal.models import load_model
 from tidal.models.losses import fused_linear_cross_entropy
 
@@ -55,6 +56,24 @@ def test_bf16_within_rounding():
     want = _grads(_reference, h, w, b, y)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)  # both reduce fp32 logits
     for g, r in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-3)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cross_entropy(dtype):
+    """On a GPU (bf16: the weight gradient accumulated over the chunks in fp32 by the GEMM itself)."""
+    h, w, b, y = (t.detach().cuda().requires_grad_(t.requires_grad) if t is not None else None
+                  for t in _inputs(dtype, True))
+    got = _grads(lambda *a: fused_linear_cross_entropy(a[0], a[1], a[3], bias=a[2], chunk_rows=8), h, w, b, y)
+    want = _grads(_reference, h, w, b, y)
+    if dtype == torch.float32:
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        return
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    for g, r in zip(got[1:], want[1:]):
+        assert g.dtype == r.dtype
         torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-3)
 
 

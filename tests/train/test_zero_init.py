@@ -36,6 +36,7 @@ def train_llama(rank: int, world: int, path: str, under_init: bool) -> dict:
         model, _ = load_model(path)
     engine = tidal.initialize(model, {"train_batch_size": BATCH, "zero_optimization": {"stage": 3},
                                       "optimizer": OPT, "gradient_clipping": 1.0})
+    assert not model.fuse_across_modules  # stage 3 gathers around each module's own call
     shard = engine.master.numel()
     initial = {k: v.cpu() for k, v in engine.full_state_dict().items()}
     micro = BATCH // world

@@ -108,16 +108,20 @@ class LlamaAttention(nn.Module):
                                   attn.max_seqlen_q, attn.max_seqlen_k)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
-    def forward_train(self, qkv: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]
-                      ) -> torch.Tensor:
+    def forward_train(self, qkv: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                      in_place: bool = True) -> torch.Tensor:
         """Training, from the qkv projection's output ``qkv`` [batch, seq, q_size + 2 * kv_size];
         ``positions`` [batch * seq] rows of the rotary tables for each token; ``tables`` the rotary
-        table (cos then sin halves, fp32) and its inverse (tidal.models.fused.inverse_rotary_table)."""
+        table (cos then sin halves, fp32) and its inverse (tidal.models.fused.inverse_rotary_table).
+        ``in_place``: rotate q and k inside ``qkv`` (not when module backward hooks hand ``qkv`` over
+        as a view, as ZeRO stage 3's do)."""
         batch, seq = qkv.shape[:2]
-        if self.qk_norm:
+        if self.qk_norm or not in_place:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self.q_norm(q.reshape(batch * seq, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(batch * seq, self.num_kv_heads, self.head_dim))
+            q = q.reshape(batch * seq, self.num_heads, self.head_dim)
+            k = k.reshape(batch * seq, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = ops.rotary_embedding(positions, q, k, tables[0])  # the fused kernel, differentiable
         else:  # rotated in place: attention reads q, k and v as views of one buffer
             qkv = rotary_qkv_(qkv, positions, *tables, self.num_heads, self.num_kv_heads, self.head_dim)
@@ -199,7 +203,7 @@ class LlamaDecoderLayer(nn.Module):
     def _attention_half(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
                         fused: bool) -> torch.Tensor:
         return self.self_attn.forward_train(_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, fused),
-                                            positions, tables)
+                                            positions, tables, in_place=fused)
 
     def _mlp_half(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         if isinstance(self.mlp, SparseMoeBlock):
