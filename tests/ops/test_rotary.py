@@ -93,18 +93,20 @@ def test_rotary_contiguous(dtype, is_neox, head_dim, partial, form, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spare", [5, 0])
 @pytest.mark.parametrize("form", ["3d", "2d"])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_views_of_fused_qkv(dtype, is_neox, form, device):
-    """q and k are slices of the qkv projection output: row stride (nh + 2 nkv) * hd; v and the
-    spare columns must not change."""
+def test_rotary_views_of_fused_qkv(dtype, is_neox, form, spare, device):
+    """q and k are slices of the qkv projection output: row stride (nh + 2 nkv) * hd (+ spare
+    columns); v and the spare columns must not change. Without spare columns every head is 16-byte
+    aligned: the GPU takes its streaming Neox kernel."""
     num_tokens, head_dim, rotary_dim = 11, 64, 64
     q_size, kv_size = NUM_HEADS * head_dim, NUM_KV_HEADS * head_dim
-    qkv_cpu = randn(num_tokens, q_size + 2 * kv_size + 5, dtype=dtype, seed=3)  # 5 spare columns
+    qkv_cpu = randn(num_tokens, q_size + 2 * kv_size + spare, dtype=dtype, seed=3)
     qkv_cpu[:, q_size + 2 * kv_size:] = float("nan")  # poison the spare columns: they must stay NaN
     qkv = qkv_cpu.to(device)
-    q, k, v, _ = qkv.split([q_size, kv_size, kv_size, 5], dim=-1)
+    q, k, v, _ = qkv.split([q_size, kv_size, kv_size, spare], dim=-1)
     if form == "3d":
         q, k = q.view(num_tokens, NUM_HEADS, head_dim), k.view(num_tokens, NUM_KV_HEADS, head_dim)
     assert not q.is_contiguous() and not k.is_contiguous()
@@ -120,7 +122,7 @@ def test_rotary_views_of_fused_qkv(dtype, is_neox, form, device):
     torch.testing.assert_close(qkv[:, q_size + kv_size:].cpu(), qkv_cpu[:, q_size + kv_size:], atol=0, rtol=0,
                                equal_nan=True)
     if device == "cuda":  # cross-backend: the CPU kernel through the same views
-        q_cpu, k_cpu, _, _ = qkv_cpu.split([q_size, kv_size, kv_size, 5], dim=-1)
+        q_cpu, k_cpu, _, _ = qkv_cpu.split([q_size, kv_size, kv_size, spare], dim=-1)
         tidal.ops.rotary_embedding_(positions, q_cpu, k_cpu, head_dim, cache, is_neox)
         assert_close(qkv[:, :q_size + kv_size], qkv_cpu[:, :q_size + kv_size])
 

@@ -23,12 +23,18 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 2048
 
 
-def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the model dtype. On a GPU one GEMM
-    accumulates into ``acc`` in fp32 (no product rounded to the model dtype, no fp32 temporary of
-    the weight's size); elsewhere the product is computed in the model dtype and widened."""
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``: ``acc`` may hold garbage) with ``acc`` fp32
+    and ``a``, ``b`` in the model dtype. On a GPU one GEMM writes or accumulates into ``acc`` in fp32
+    (no product rounded to the model dtype, no fp32 temporary of the weight's size); elsewhere the
+    product is computed in the model dtype and widened."""
     if acc.is_cuda and a.dtype != torch.float32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if first:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif first:
+        acc.copy_(a @ b)
     else:
         acc += (a @ b).float()
 
@@ -42,7 +48,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / valid_all.sum().clamp(min=1).to(torch.float32)
         needs_grad = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad[1] else None
+        alloc = torch.empty if rows else torch.zeros  # the first chunk writes every element
+        grad_weight = alloc(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad[1] else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if bias is not None and needs_grad[2] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -62,7 +69,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(d_logits, weight, out=grad_hidden[lo:lo + chunk_rows])
             if grad_weight is not None:
-                _accumulate_product(grad_weight, d_logits.t(), h)
+                _accumulate_product(grad_weight, d_logits.t(), h, first=lo == 0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
