@@ -3,7 +3,11 @@ master weights and Adam moments (and the stage-3 parameter shard) live in host m
 steps the owned range chunk by chunk, and the weights after several steps equal those of the engine
 without offload and the single-process torch AdamW reference, at every stage on 1 and 2 Gloo ranks; a
 DeepSpeed config with the offload keys runs unchanged; config errors name the key. On a GPU the
-state is pinned host memory and the result matches the on-device engine within fp32 rounding."""
+state is pinned host memory and the result matches the on-device engine within fp32 rounding. On one
+rank the gradients reach the host during the backward pass and, without clipping, each chunk is
+stepped there (from the second step on), with the same weights; a gradient arriving in two parts
+(reentrant checkpoints sharing a parameter) is never stepped early; a failed backward pass stops the
+host thread."""
 
 import pytest
 import torch
@@ -83,3 +87,91 @@ def test_offload_on_gpu_keeps_state_in_pinned_host_memory(stage, offload_param, 
         assert got["placement"]["shard"] == "cpu"
     # the host's C++ Adam against torch's arithmetic on the GPU: fp32 rounding apart
     assert_state_close(got["state"], want["state"], rtol=1e-5, atol=1e-6)
+
+
+# ---- one rank: the trip to the host (and Adam, without clipping) overlapped with the backward pass ----
+
+def _one_rank(device: str, offload: bool, clip: float, model=None, steps: int = STEPS):
+    """Trains on one rank; returns the final state and, per boundary backward pass, whether the
+    master weights had already changed when it returned (before engine.step())."""
+    cfg = config(0, 1, gradient_clipping=clip)
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = dict(OFFLOAD)
+    engine = tidal.initialize((model or make_model()).to(device), cfg)
+    engine.offload_chunk = 100  # several chunks: parameters complete them at different times
+    changed_in_backward = []
+    for step in range(steps):
+        for a in range(ACCUM):
+            x, y = (t.to(device) for t in micro_batch(step, a, 0, 1))
+            before = engine.master.clone()
+            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+            if engine.is_gradient_accumulation_boundary():
+                changed_in_backward.append(not torch.equal(before, engine.master))
+            engine.step()
+    return {k: v.cpu() for k, v in engine.full_state_dict().items()}, changed_in_backward, engine
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_gpu, pytest.mark.gpu])])
+def test_one_rank_without_clipping_steps_during_the_backward_pass(device):
+    got, changed, engine = _one_rank(device, True, 0.0)
+    want, _, _ = _one_rank(device, False, 0.0)
+    assert engine.offload_pipeline is not None
+    # the first step learns that every parameter gets its gradient once; later ones step early
+    assert changed == [False] + [True] * (STEPS - 1)
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-5, atol=1e-6)
+    assert_state_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_gpu, pytest.mark.gpu])])
+def test_one_rank_with_clipping_steps_after_the_norm(device):
+    """Clipping needs the global norm: the chunks reach the host during the backward pass and are
+    stepped by engine.step(), with the same weights as without offload."""
+    got, changed, engine = _one_rank(device, True, 0.5)
+    want, _, _ = _one_rank(device, False, 0.5)
+    assert engine.offload_pipeline is not None and changed == [False] * STEPS
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-5, atol=1e-6)
+    assert_state_close(got, want, **tol)
+
+
+class _SharedAcrossCheckpoints(torch.nn.Module):
+    """One linear applied in two reentrant checkpoints: its gradient reaches it in two parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = make_model()
+        self.shared = torch.nn.Linear(self.inner[-2].out_features, self.inner[-2].out_features)
+
+    def forward(self, x):
+        from tidal import checkpointing
+
+        h = checkpointing.checkpoint(lambda t: self.shared(self.inner(t)), x)
+        return checkpointing.checkpoint(lambda t: torch.tanh(self.shared(t)), h)
+
+
+def test_one_rank_gradient_in_two_parts_is_never_stepped_early():
+    torch.manual_seed(1)
+    got, changed, engine = _one_rank("cpu", True, 0.0, _SharedAcrossCheckpoints())
+    torch.manual_seed(1)
+    want, _, _ = _one_rank("cpu", False, 0.0, _SharedAcrossCheckpoints())
+    assert changed == [False] * STEPS and not engine.offload_pipeline.step_early_ok
+    assert_state_close(got, want, rtol=0, atol=0)
+
+
+def test_one_rank_failed_backward_leaves_the_step_to_do():
+    """A backward pass that raises stops the pipeline's host thread; the next one trains as usual."""
+    cfg = config(0, 1, gradient_clipping=0.0, gradient_accumulation_steps=1, train_batch_size=4)
+    cfg["zero_optimization"]["offload_optimizer"] = dict(OFFLOAD)
+    engine = tidal.initialize(make_model(), cfg)
+    x, y = micro_batch(0, 0, 0, 1)
+
+    def boom(grad):
+        raise RuntimeError("boom")
+
+    out = engine(x[:4])
+    out.register_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.backward(torch.nn.functional.mse_loss(out, y[:4]))
+    assert not engine.offload_pipeline.active and not engine.offload_pipeline.worker.is_alive()
+    engine.backward(torch.nn.functional.mse_loss(engine(x[:4]), y[:4]))
+    engine.step()
+    assert engine.optimizer_steps == 1

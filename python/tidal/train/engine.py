@@ -30,9 +30,12 @@ ZeRO-Offload (``zero_optimization.offload_optimizer.device = "cpu"``): the fp32 
 Adam moments of the owned range live in host memory (pinned with ``pin_memory`` when the model is on
 a GPU); at the step the reduced gradient goes to the host in chunks, the C++ Adam steps each chunk as
 its copy lands, and (stage 0, or one rank) each updated chunk is copied back at once; otherwise the
-updated range is all-gathered as usual. ``offload_param`` (stage 3) keeps the parameter shard itself
-in host memory: each module's gather copies its part in. The gradients are still accumulated and
-reduced on the device, after the backward pass rather than overlapped with it.
+updated range is all-gathered as usual. On one rank (stages 0-2) the trip to the host overlaps the
+backward pass instead (:mod:`tidal.train.offload`): each chunk is copied as soon as its gradients are
+final and, without gradient clipping or fp16 loss scaling, stepped right away by a host thread while
+the GPU runs the rest of the backward pass. ``offload_param`` (stage 3) keeps the parameter shard
+itself in host memory: each module's gather copies its part in. With several ranks the gradients are
+reduced on the device after the backward pass, then offloaded.
 
 Activation checkpointing: the config's ``activation_checkpointing`` section configures
 :mod:`tidal.checkpointing` (DeepSpeed's keys) and sets the per-layer ``policy`` of tidal's models.
@@ -199,11 +202,13 @@ def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return out
 
 
-def _offloaded_adam(part, grad: torch.Tensor, chunk: int, publish, **adam) -> None:
+def _offloaded_adam(part, grad: torch.Tensor, chunk: int, publish, host_ready: bool = False, **adam) -> None:
     """Adam on host-resident state (ZeRO-Offload) with the gradient where the reduction left it:
     every chunk's copy to the (pinned) host buffer is queued at once, the C++ Adam steps each chunk
     as soon as its copy lands, and ``publish(lo, hi, chunk)`` (when given) sends the updated chunk
-    back at once, so the copies in both directions overlap the host's arithmetic."""
+    back at once, so the copies in both directions overlap the host's arithmetic. ``host_ready``:
+    the host buffer already holds the gradient (tidal.train.offload copied it during the backward
+    pass)."""
     n = grad.numel()
     on_device = grad.device.type == "cuda"
     if on_device and part.host_grad is None:
@@ -213,7 +218,7 @@ def _offloaded_adam(part, grad: torch.Tensor, chunk: int, publish, **adam) -> No
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         event = None
-        if on_device:
+        if on_device and not host_ready:
             host_grad[lo:hi].copy_(grad[lo:hi], non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(grad.device))
@@ -402,10 +407,18 @@ class Engine:
         self.host_grad = None  # the pinned host buffer gradients go through under optimizer offload
         self.offload_chunk = _OFFLOAD_CHUNK
         self._published: list = []  # parts the last offloaded Adam already copied back
+        self._host_grads_ready = False
         if expert_params:
             self.experts = _ExpertPartition(expert_params, self.stage, edp_group, edp_ranks, self.rank,
                                             int(zero.reduce_bucket_size) // len(edp_ranks), self.compute_dtype,
                                             self.offload_optimizer, self.pin_memory)
+        # ZeRO-Offload on one rank overlaps the gradients' trip to the host (and, without clipping
+        # or loss scaling, Adam itself) with the backward pass: tidal.train.offload
+        self.offload_pipeline = None
+        if self.offload_optimizer and self.stage < 3 and self.world_size == 1 and self.experts is None:
+            from tidal.train.offload import OverlappedOffload
+
+            self.offload_pipeline = OverlappedOffload(self)
 
         opt = config.optimizer
         if opt is None:
@@ -533,11 +546,20 @@ class Engine:
         if extra is not None:
             loss = loss + extra
         scaled = loss.float() * (self.loss_scale / self.gradient_accumulation_steps)
-        with warnings.catch_warnings():
-            # stage 3's backward pre-hooks also fire on modules whose inputs need no gradient (the
-            # first layer); that is what they are for, so torch's notice about it is noise here
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            scaled.backward()
+        pipeline = self.offload_pipeline if self.is_gradient_accumulation_boundary() else None
+        if pipeline is not None:
+            pipeline.begin(step_early=self.config.gradient_clipping <= 0 and self.loss_scaler is None,
+                           adam=self._adam_options(), publish=self._chunk_publisher(self))
+        try:
+            with warnings.catch_warnings():
+                # stage 3's backward pre-hooks also fire on modules whose inputs need no gradient (the
+                # first layer); that is what they are for, so torch's notice about it is noise here
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                scaled.backward()
+        except BaseException:
+            if pipeline is not None:
+                pipeline.abort()
+            raise
         if self.gatherer is not None:  # stage 3: the gradient hooks already moved every gradient
             self.gatherer.release_all()
             self.gatherer.end_of_forward_pass()
@@ -545,6 +567,8 @@ class Engine:
         with torch.no_grad():
             for part in [self] if self.experts is None else [self, self.experts]:
                 _collect_flat_grads(part)
+        if pipeline is not None:
+            pipeline.end_backward()
 
     def step(self) -> None:
         """Ends a micro-batch; at the accumulation boundary, reduces gradients and steps the optimizer."""
@@ -552,7 +576,10 @@ class Engine:
         self.micro_steps += 1
         if not boundary:
             return
-        grads = self._reduce_gradients()
+        ran = self.offload_pipeline is not None and self.offload_pipeline.active
+        stepped = ran and self.offload_pipeline.finish()
+        self._host_grads_ready = ran and not stepped  # the pipeline copied them during the backward pass
+        grads = [] if stepped else self._reduce_gradients()
         scale = self.loss_scale  # the scale this step's gradients carry, before update() may grow it
         skip = False
         if self.loss_scaler is not None:
@@ -560,14 +587,17 @@ class Engine:
         if skip:
             self.skipped_steps += 1
         else:
-            # The loss scale and the clipping coefficient are undone inside the Adam pass (its
-            # grad_scale), not by passes of their own over the gradients.
-            grad_scale = scale
-            if self.config.gradient_clipping > 0:
-                coef = self.config.gradient_clipping / (self._global_norm(grads) / scale + 1e-6)
-                if coef < 1.0:  # torch.nn.utils.clip_grad_norm_'s rule
-                    grad_scale = scale / coef
-            self._adam(grads, grad_scale)
+            if stepped:  # Adam ran chunk by chunk during the backward pass, weights published
+                self._published = [self]
+            else:
+                # The loss scale and the clipping coefficient are undone inside the Adam pass (its
+                # grad_scale), not by passes of their own over the gradients.
+                grad_scale = scale
+                if self.config.gradient_clipping > 0:
+                    coef = self.config.gradient_clipping / (self._global_norm(grads) / scale + 1e-6)
+                    if coef < 1.0:  # torch.nn.utils.clip_grad_norm_'s rule
+                        grad_scale = scale / coef
+                self._adam(grads, grad_scale)
             self._publish_weights()
             self.optimizer_steps += 1
             if self.scheduler is not None:
@@ -613,8 +643,7 @@ class Engine:
         optimizer offload on the host, chunk by chunk, each chunk published to the compute-dtype
         parameters as soon as it is stepped where no collective is needed (stage 0 or one rank)."""
         parts = [self] if self.experts is None else [self, self.experts]
-        adam = dict(step=self.optimizer_steps + 1, lr=self._lr(), betas=self.betas, eps=self.eps,
-                    weight_decay=self.weight_decay, decoupled=self.decoupled, grad_scale=grad_scale)
+        adam = self._adam_options(grad_scale)
         self._published = []
         for part, grad in zip(parts, grads):
             if not self.offload_optimizer:
@@ -625,16 +654,30 @@ class Engine:
                 if target is not None:
                     self._published.append(part)
                 continue
-            size = self.world_size if part is self else part.size
-            publish = None
-            if self.stage < 3 and (self.stage == 0 or size == 1):
-                base = part.owned[0]
-
-                def publish(lo, hi, chunk, flat=part.flat_params, base=base):
-                    with torch.no_grad():
-                        flat[base + lo:base + hi].copy_(chunk, non_blocking=True)
+            publish = self._chunk_publisher(part)
+            if publish is not None:
                 self._published.append(part)
-            _offloaded_adam(part, grad, self.offload_chunk, publish, **adam)
+            _offloaded_adam(part, grad, self.offload_chunk, publish,
+                            host_ready=part is self and self._host_grads_ready, **adam)
+
+    def _adam_options(self, grad_scale: float = 1.0) -> dict:
+        """The keyword arguments of _adam_update for the coming optimizer step."""
+        return dict(step=self.optimizer_steps + 1, lr=self._lr(), betas=self.betas, eps=self.eps,
+                    weight_decay=self.weight_decay, decoupled=self.decoupled, grad_scale=grad_scale)
+
+    def _chunk_publisher(self, part):
+        """``publish(lo, hi, chunk)`` copying an updated chunk of ``part``'s master range into its
+        compute-dtype parameters, or None where that needs a collective (the range is gathered after
+        the step)."""
+        size = self.world_size if part is self else part.size
+        if not (self.stage < 3 and (self.stage == 0 or size == 1)):
+            return None
+        base = part.owned[0]
+
+        def publish(lo, hi, chunk, flat=part.flat_params):
+            with torch.no_grad():
+                flat[base + lo:base + hi].copy_(chunk, non_blocking=True)
+        return publish
 
     def _local_publish_target(self, part) -> torch.Tensor | None:
         """The compute-dtype buffer that is an element-for-element copy of ``part``'s master range
