@@ -92,23 +92,29 @@ def test_offload_on_gpu_keeps_state_in_pinned_host_memory(stage, offload_param, 
 # ---- one rank: the trip to the host (and Adam, without clipping) overlapped with the backward pass ----
 
 def _one_rank(device: str, offload: bool, clip: float, model=None, steps: int = STEPS):
-    """Trains on one rank; returns the final state and, per boundary backward pass, whether the
-    master weights had already changed when it returned (before engine.step())."""
+    """Trains on one rank; returns the final state and, per optimizer step, whether it was stepped
+    during the backward pass: the pipeline stepped its chunks and engine.step() ran no Adam of its
+    own (and the weights did change)."""
     cfg = config(0, 1, gradient_clipping=clip)
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = dict(OFFLOAD)
     engine = tidal.initialize((model or make_model()).to(device), cfg)
     engine.offload_chunk = 100  # several chunks: parameters complete them at different times
-    changed_in_backward = []
+    adam_calls = []
+    engine_adam = engine._adam
+    engine._adam = lambda *a, **k: (adam_calls.append(1), engine_adam(*a, **k))
+    early = []
     for step in range(steps):
         for a in range(ACCUM):
             x, y = (t.to(device) for t in micro_batch(step, a, 0, 1))
-            before = engine.master.clone()
+            before, calls = engine.master.clone(), len(adam_calls)
             engine.backward(torch.nn.functional.mse_loss(engine(x), y))
-            if engine.is_gradient_accumulation_boundary():
-                changed_in_backward.append(not torch.equal(before, engine.master))
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-    return {k: v.cpu() for k, v in engine.full_state_dict().items()}, changed_in_backward, engine
+            if boundary:
+                assert not torch.equal(before, engine.master)
+                early.append(len(adam_calls) == calls)
+    return {k: v.cpu() for k, v in engine.full_state_dict().items()}, early, engine
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_gpu, pytest.mark.gpu])])
@@ -158,11 +164,14 @@ def test_one_rank_gradient_in_two_parts_is_never_stepped_early():
 
 
 def test_one_rank_failed_backward_leaves_the_step_to_do():
-    """A backward pass that raises stops the pipeline's host thread; the next one trains as usual."""
+    """A backward pass that raises (here while the host thread waits to step chunks early) stops
+    that thread; the next one trains as usual."""
     cfg = config(0, 1, gradient_clipping=0.0, gradient_accumulation_steps=1, train_batch_size=4)
     cfg["zero_optimization"]["offload_optimizer"] = dict(OFFLOAD)
     engine = tidal.initialize(make_model(), cfg)
     x, y = micro_batch(0, 0, 0, 1)
+    engine.backward(torch.nn.functional.mse_loss(engine(x[:4]), y[:4]))
+    engine.step()  # the first step shows each parameter firing once: the next ones step early
 
     def boom(grad):
         raise RuntimeError("boom")
@@ -171,7 +180,8 @@ def test_one_rank_failed_backward_leaves_the_step_to_do():
     out.register_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         engine.backward(torch.nn.functional.mse_loss(out, y[:4]))
-    assert not engine.offload_pipeline.active and not engine.offload_pipeline.worker.is_alive()
+    pipeline = engine.offload_pipeline
+    assert pipeline.stepping_early and not pipeline.active and not pipeline.worker.is_alive()
     engine.backward(torch.nn.functional.mse_loss(engine(x[:4]), y[:4]))
     engine.step()
-    assert engine.optimizer_steps == 1
+    assert engine.optimizer_steps == 2 and pipeline.stepped

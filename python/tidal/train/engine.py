@@ -202,13 +202,14 @@ def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return out
 
 
-def _offloaded_adam(part, grad: torch.Tensor, chunk: int, publish, host_ready: bool = False, **adam) -> None:
+def _offloaded_adam(part, grad: torch.Tensor, chunk: int, publish, host_events: list | None = None,
+                    **adam) -> None:
     """Adam on host-resident state (ZeRO-Offload) with the gradient where the reduction left it:
     every chunk's copy to the (pinned) host buffer is queued at once, the C++ Adam steps each chunk
     as soon as its copy lands, and ``publish(lo, hi, chunk)`` (when given) sends the updated chunk
-    back at once, so the copies in both directions overlap the host's arithmetic. ``host_ready``:
-    the host buffer already holds the gradient (tidal.train.offload copied it during the backward
-    pass)."""
+    back at once, so the copies in both directions overlap the host's arithmetic. ``host_events``:
+    the copies were queued during the backward pass (tidal.train.offload); per chunk, the event to
+    wait for (None: already on the host)."""
     n = grad.numel()
     on_device = grad.device.type == "cuda"
     if on_device and part.host_grad is None:
@@ -217,8 +218,8 @@ def _offloaded_adam(part, grad: torch.Tensor, chunk: int, publish, host_ready: b
     ranges = []
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
-        event = None
-        if on_device and not host_ready:
+        event = None if host_events is None else host_events[len(ranges)]
+        if on_device and host_events is None:
             host_grad[lo:hi].copy_(grad[lo:hi], non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(grad.device))
@@ -407,7 +408,7 @@ class Engine:
         self.host_grad = None  # the pinned host buffer gradients go through under optimizer offload
         self.offload_chunk = _OFFLOAD_CHUNK
         self._published: list = []  # parts the last offloaded Adam already copied back
-        self._host_grads_ready = False
+        self._host_events: list | None = None
         if expert_params:
             self.experts = _ExpertPartition(expert_params, self.stage, edp_group, edp_ranks, self.rank,
                                             int(zero.reduce_bucket_size) // len(edp_ranks), self.compute_dtype,
@@ -578,7 +579,8 @@ class Engine:
             return
         ran = self.offload_pipeline is not None and self.offload_pipeline.active
         stepped = ran and self.offload_pipeline.finish()
-        self._host_grads_ready = ran and not stepped  # the pipeline copied them during the backward pass
+        # the pipeline queued their copies to the host during the backward pass
+        self._host_events = self.offload_pipeline.events if ran and not stepped else None
         grads = [] if stepped else self._reduce_gradients()
         scale = self.loss_scale  # the scale this step's gradients carry, before update() may grow it
         skip = False
@@ -658,7 +660,7 @@ class Engine:
             if publish is not None:
                 self._published.append(part)
             _offloaded_adam(part, grad, self.offload_chunk, publish,
-                            host_ready=part is self and self._host_grads_ready, **adam)
+                            host_events=self._host_events if part is self else None, **adam)
 
     def _adam_options(self, grad_scale: float = 1.0) -> dict:
         """The keyword arguments of _adam_update for the coming optimizer step."""

@@ -6,11 +6,12 @@ fp32 accumulator). From then on it is handled by this pipeline:
 
 - its copy to the pinned host buffer is queued at once on a side stream (on a GPU), behind the
   kernels that produced it and ahead of the rest of the backward pass;
-- a host thread waits for the copy and, when the step needs no global quantity (no gradient
-  clipping, no fp16 overflow check), steps the chunk with the C++ Adam right away and sends the
-  updated weights back on the side stream, while the GPU runs the rest of the backward pass. With
-  clipping, the chunks wait on the host for the global norm, computed on the device as without the
-  pipeline (so the weights are the same bit for bit), and ``engine.step()`` steps them.
+- when the step needs no global quantity (no gradient clipping, no fp16 overflow check), a host
+  thread waits for the copy, steps the chunk with the C++ Adam right away and sends the updated
+  weights back on the side stream, while the GPU runs the rest of the backward pass;
+- otherwise ``engine.step()`` computes the global norm on the device as without the pipeline (so
+  the weights are the same bit for bit) and steps each chunk as soon as its copy has landed (most
+  have by then), sending it back at once.
 
 A chunk is stepped early only from the second step on, once the first has shown that every
 parameter receives its gradient once per backward pass (a parameter used by two reentrant
@@ -75,14 +76,17 @@ class OverlappedOffload:
         self.left = list(self.members)
         self.fired = [0] * len(self.engine.slots)
         self.dispatched = [False] * len(self.chunks)
+        self.events: list = [None] * len(self.chunks)  # per chunk: its copy's event (GPU)
         self.refire: set[int] = set()
         self.stepping_early = step_early and self.step_early_ok
         self.adam, self.publish = adam, publish
         self.stepped = False
         self.error = None
-        self.queue = queue.SimpleQueue()
-        self.worker = threading.Thread(target=self._run, name="tidal-offload", daemon=True)
-        self.worker.start()
+        self.worker = None
+        if self.stepping_early:
+            self.queue = queue.SimpleQueue()
+            self.worker = threading.Thread(target=self._run, name="tidal-offload", daemon=True)
+            self.worker.start()
         self.active = True
 
     def _make_hook(self, index: int):
@@ -110,15 +114,18 @@ class OverlappedOffload:
                 self.stream.wait_event(ready)
                 self.host_grad[lo:hi].copy_(self.engine.grad_accum[lo:hi], non_blocking=True)
                 event = self.stream.record_event()
-        self.queue.put((c, event))
+        self.events[c] = event
+        if self.worker is not None:
+            self.queue.put((c, event))
 
     def abort(self) -> None:
         """After a failed backward pass: stops the host thread; the engine's step state is untouched
         unless chunks were already stepped early (then the error says so)."""
         if not self.active:
             return
-        self.queue.put(None)
-        self.worker.join()
+        if self.worker is not None:
+            self.queue.put(None)
+            self.worker.join()
         self.active = False
         if self.on_gpu:
             self.stream.synchronize()
@@ -129,7 +136,8 @@ class OverlappedOffload:
         for c in reversed(range(len(self.chunks))):
             if not self.dispatched[c]:
                 self._dispatch(c)
-        self.queue.put(None)
+        if self.worker is not None:
+            self.queue.put(None)
 
     def _run(self) -> None:
         try:
@@ -160,12 +168,13 @@ class OverlappedOffload:
     # ---- the step ------------------------------------------------------------------------------
 
     def finish(self) -> bool:
-        """Joins the host thread and orders the compute stream after the side stream's copies.
-        Returns whether the chunks were stepped (early); otherwise the host gradients are in place
-        for the engine to step."""
+        """At the step: joins the host thread (when it stepped the chunks) and orders the compute
+        stream after the side stream. Returns whether the chunks were stepped; otherwise the host
+        gradients are in place, or on their way (``events``), for the engine to step."""
         if not self.active:
             return False
-        self.worker.join()
+        if self.worker is not None:
+            self.worker.join()
         self.active = False
         if self.error is not None:
             raise self.error
@@ -180,9 +189,9 @@ class OverlappedOffload:
                     with torch.cuda.stream(self.stream):
                         self.stream.wait_stream(torch.cuda.current_stream(self.engine.device))
                         self.host_grad[lo:hi].copy_(self.engine.grad_accum[lo:hi], non_blocking=True)
-        if self.on_gpu:
+                        self.events[c] = self.stream.record_event()
+        if self.on_gpu and self.stepping_early:  # the next forward reads the published weights
             torch.cuda.current_stream(self.engine.device).wait_stream(self.stream)
-            self.stream.synchronize()
         self.step_early_ok = all(f <= 1 for f in self.fired)
         self.stepped = self.stepping_early
         return self.stepped
