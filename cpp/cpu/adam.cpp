@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // CPU kernel of the fused Adam/AdamW step over flat fp32 buffers: one pass reads grad, param and both
 // moments and writes the three, in torch.optim's single-tensor arithmetic order (see ops_train.h).
-// An AVX2+FMA twin (8 floats a step) next to the portable scalar loop; OpenMP over 64 KiB chunks.
+// AVX-512 (16 floats a step) and AVX2+FMA (8) twins next to the portable scalar loop, the same
+// operations in the same order (equal results bit for bit); OpenMP over 64 KiB chunks.
 #include <cmath>
 #include <cstdint>
 
@@ -44,33 +45,40 @@ void adam_range_base(float* p, const float* g, float* m, float* v, int64_t n, co
 }
 
 #if TIDAL_CPU_HAS_AVX2_TWIN
-TIDAL_CPU_TARGET_AVX2 void adam_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
-                                           const Coefs& c) {
-  const __m256 inv_scale = _mm256_set1_ps(c.inv_grad_scale), decay = _mm256_set1_ps(c.decay);
-  const __m256 l2 = _mm256_set1_ps(c.l2), w = _mm256_set1_ps(c.w1_small ? c.w1 : c.w1 - 1.f);
-  const __m256 beta2 = _mm256_set1_ps(c.beta2), one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
-  const __m256 bc2_sqrt = _mm256_set1_ps(c.bc2_sqrt), eps = _mm256_set1_ps(c.eps);
-  const __m256 neg_step = _mm256_set1_ps(c.neg_step_size);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 pv = _mm256_loadu_ps(p + i), gv = _mm256_loadu_ps(g + i);
-    __m256 mv = _mm256_loadu_ps(m + i), vv = _mm256_loadu_ps(v + i);
-    if (c.has_unscale) gv = _mm256_mul_ps(gv, inv_scale);
-    if (c.has_decay) {
-      if (c.decoupled) pv = _mm256_mul_ps(pv, decay);
-      else gv = _mm256_fmadd_ps(pv, l2, gv);
-    }
-    const __m256 diff = _mm256_sub_ps(gv, mv);
-    mv = _mm256_fmadd_ps(w, diff, c.w1_small ? mv : gv);
-    vv = _mm256_fmadd_ps(_mm256_mul_ps(one_minus_beta2, gv), gv, _mm256_mul_ps(vv, beta2));
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), bc2_sqrt), eps);
-    pv = _mm256_add_ps(pv, _mm256_div_ps(_mm256_mul_ps(neg_step, mv), denom));
-    _mm256_storeu_ps(p + i, pv);
-    _mm256_storeu_ps(m + i, mv);
-    _mm256_storeu_ps(v + i, vv);
+// One body for both vector widths: P is the intrinsics' prefix (_mm256 or _mm512), V their vector
+// type. A macro because each instantiation needs its own target attribute.
+#define TIDAL_ADAM_RANGE_SIMD(NAME, TARGET, V, P)                                                   \
+  TARGET void NAME(float* p, const float* g, float* m, float* v, int64_t n, const Coefs& c) {       \
+    constexpr int kWidth = sizeof(V) / sizeof(float);                                               \
+    const V inv_scale = P##_set1_ps(c.inv_grad_scale), decay = P##_set1_ps(c.decay);                \
+    const V l2 = P##_set1_ps(c.l2), w = P##_set1_ps(c.w1_small ? c.w1 : c.w1 - 1.f);                \
+    const V beta2 = P##_set1_ps(c.beta2), one_minus_beta2 = P##_set1_ps(c.one_minus_beta2);         \
+    const V bc2_sqrt = P##_set1_ps(c.bc2_sqrt), eps = P##_set1_ps(c.eps);                           \
+    const V neg_step = P##_set1_ps(c.neg_step_size);                                                \
+    int64_t i = 0;                                                                                  \
+    for (; i + kWidth <= n; i += kWidth) {                                                          \
+      V pv = P##_loadu_ps(p + i), gv = P##_loadu_ps(g + i);                                         \
+      V mv = P##_loadu_ps(m + i), vv = P##_loadu_ps(v + i);                                         \
+      if (c.has_unscale) gv = P##_mul_ps(gv, inv_scale);                                            \
+      if (c.has_decay) {                                                                            \
+        if (c.decoupled) pv = P##_mul_ps(pv, decay);                                                \
+        else gv = P##_fmadd_ps(pv, l2, gv);                                                         \
+      }                                                                                             \
+      const V diff = P##_sub_ps(gv, mv);                                                            \
+      mv = P##_fmadd_ps(w, diff, c.w1_small ? mv : gv);                                             \
+      vv = P##_fmadd_ps(P##_mul_ps(one_minus_beta2, gv), gv, P##_mul_ps(vv, beta2));                \
+      const V denom = P##_add_ps(P##_div_ps(P##_sqrt_ps(vv), bc2_sqrt), eps);                       \
+      pv = P##_add_ps(pv, P##_div_ps(P##_mul_ps(neg_step, mv), denom));                             \
+      P##_storeu_ps(p + i, pv);                                                                     \
+      P##_storeu_ps(m + i, mv);                                                                     \
+      P##_storeu_ps(v + i, vv);                                                                     \
+    }                                                                                               \
+    adam_range(p + i, g + i, m + i, v + i, n - i, c);                                               \
   }
-  adam_range(p + i, g + i, m + i, v + i, n - i, c);
-}
+
+TIDAL_ADAM_RANGE_SIMD(adam_range_avx2, TIDAL_CPU_TARGET_AVX2, __m256, _mm256)
+TIDAL_ADAM_RANGE_SIMD(adam_range_avx512, TIDAL_CPU_TARGET_AVX512, __m512, _mm512)
+#undef TIDAL_ADAM_RANGE_SIMD
 #endif
 
 // NOTE(tidal): 16 Ki floats per chunk = 64 KiB of each of the 4 streams (256 KiB, about L2); the
@@ -88,7 +96,7 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
 #if TIDAL_CPU_HAS_AVX2_TWIN
-  const auto range_fn = cpu_has_avx2() ? &adam_range_avx2 : &adam_range_base;
+  const auto range_fn = cpu_has_avx512() ? &adam_range_avx512 : cpu_has_avx2() ? &adam_range_avx2 : &adam_range_base;
 #else
   const auto range_fn = &adam_range_base;
 #endif

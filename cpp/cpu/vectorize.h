@@ -3,7 +3,8 @@
 // branch-free exp, select and fp16 widening that loops over them vectorise; an 8-float vector type
 // (GCC/Clang vector extension) for the shapes auto-vectorisation misses; and an AVX2+FMA twin of a
 // hot function, picked once at run time (TIDAL_CPU_TARGET_AVX2 + cpu_has_avx2), next to the
-// baseline (SSE2 on x86-64) version.
+// baseline (SSE2 on x86-64) version; an AVX-512 twin where a kernel has one (TIDAL_CPU_TARGET_AVX512
+// + cpu_has_avx512).
 #pragma once
 
 #include <bit>
@@ -17,10 +18,12 @@
 // The hot loop's body is a TIDAL_CPU_INLINE template; a TIDAL_CPU_TARGET_AVX2 wrapper and a plain one
 // each inline it, so the same source is compiled for both instruction sets.
 #define TIDAL_CPU_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TIDAL_CPU_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define TIDAL_CPU_INLINE __attribute__((always_inline)) inline
 #else
 #define TIDAL_CPU_HAS_AVX2_TWIN 0
 #define TIDAL_CPU_TARGET_AVX2
+#define TIDAL_CPU_TARGET_AVX512
 #define TIDAL_CPU_INLINE inline
 #endif
 
@@ -34,6 +37,21 @@ inline bool cpu_has_avx2() {
     const char* baseline = std::getenv("TIDAL_CPU_BASELINE");
     if (baseline != nullptr && baseline[0] != '\0' && baseline[0] != '0') return false;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+/// True where the AVX-512 twins may run (cpu_has_avx2() and AVX-512F), unless the environment sets
+/// TIDAL_CPU_NO_AVX512=1, which pins the AVX2 versions (to test them on an AVX-512 machine).
+inline bool cpu_has_avx512() {
+#if TIDAL_CPU_HAS_AVX2_TWIN
+  static const bool has = [] {
+    const char* off = std::getenv("TIDAL_CPU_NO_AVX512");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
   }();
   return has;
 #else

@@ -251,3 +251,42 @@ def test_cuda_16bit_grad_matches_the_cpu_kernel(dtype, offset):
         tidal.ops.adam_step_(gp, gg, gm, gv, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, True, 2.0, param_copy=gcopy)
     torch.testing.assert_close(gp.cpu(), p, rtol=0, atol=0)
     torch.testing.assert_close(gcopy.cpu(), copy, rtol=0, atol=0)
+
+
+def steps_for_isa_check(path: str) -> None:
+    """Five AdamW and Adam steps over odd sizes, fp32 and bf16 gradients, with grad_scale; saves
+    the results to ``path`` (run in subprocesses pinning the instruction set)."""
+    out = {}
+    for numel in (1, 15, 17, 100003):
+        for decoupled in (True, False):
+            for grad_dtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(numel)
+                param = torch.randn(numel, generator=g)
+                m, v = torch.zeros(numel), torch.zeros(numel)
+                for step in range(1, 6):
+                    grad = torch.randn(numel, generator=g).to(grad_dtype)
+                    tidal.ops.adam_step_(param, grad, m, v, step, 1e-2, 0.9, 0.99, 1e-8, 0.1, decoupled, 3.0)
+                out[f"{numel}-{decoupled}-{grad_dtype}"] = torch.stack([param, m, v])
+    torch.save(out, path)
+
+
+@pytest.mark.parametrize("pin", ["TIDAL_CPU_NO_AVX512", "TIDAL_CPU_BASELINE"])
+def test_cpu_instruction_sets_agree_bit_for_bit(pin, tmp_path):
+    """The CPU kernel's AVX-512, AVX2 and baseline versions (whichever this machine has, the
+    others pinned by the environment) compute the same values bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    results = {}
+    for name, env in (("default", {}), ("pinned", {pin: "1"})):
+        path = str(tmp_path / f"{name}.pt")
+        code = (f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; "
+                f"import test_adam as t; t.steps_for_isa_check({path!r})")
+        run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = torch.load(path)
+    for key, value in results["default"].items():
+        torch.testing.assert_close(results["pinned"][key], value, rtol=0, atol=0, msg=key)
