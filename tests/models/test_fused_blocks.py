@@ -147,12 +147,13 @@ def test_rotary_qkv_bad_input_is_named():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("policy", [None, "mlp"])
-def test_llama_with_and_without_fusion(device, dtype, policy, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biased qkv, rotated in place
+def test_llama_with_and_without_fusion(family, device, dtype, policy, tmp_path):
     """The loss and every parameter gradient bit for bit with fuse_across_modules on and off, and
     fewer bytes kept for the backward pass with it on, by the per-layer accounting of the fusions
     (counted over the model-dtype tensors kept: the fp32 rotary tables and the int64 positions are
     kept either way)."""
-    build_model(str(tmp_path), tie=True, num_layers=2)
+    build_model(str(tmp_path), family=family, tie=True, num_layers=2)
     model, _ = load_model(str(tmp_path), dtype=dtype, device=device)
     model.set_activation_checkpointing(policy)
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,10 @@
 checkpoint) on 1 and 2 Gloo ranks, and with expert parallelism (ep_size 2 and 4 on 2 and 4 ranks,
 ZeRO stages 0-2) equals a single-process torch AdamW reference whose loss holds the same auxiliary
 terms; the load-balancing loss visibly balances a deliberately skewed router; the capacity rule drops
-exactly the slots past each expert's capacity; config errors name the key."""
+exactly the slots past each expert's capacity; expert-parallel checkpoints resume exactly and load
+at another ep_size, world size and stage; config errors name the key."""
+
+import os
 
 import torch
 import transformers
@@ -110,6 +113,71 @@ def test_expert_parallel_matches_single_process_reference(world, ep_size, stage,
     atol = 2e-6 if world == 2 else 5e-5
     for r in range(world):  # full_state_dict gathers every expert on every rank
         assert_state_close(got[r]["state"], want, rtol=1e-4, atol=atol)
+
+
+def train_with_checkpoint(rank: int, world: int, path: str, ckpt: str, ep_size: int, stage: int,
+                          save_at: int | None, load: bool, resave: str | None = None) -> dict:
+    """Trains to STEPS optimizer steps; with ``load`` first restores ``ckpt``'s "mid" tag (saving it
+    again at once under ``resave`` when given) and carries on from its step; with ``save_at`` saves
+    "mid" after that many steps. Returns the full weights right after loading, at the save, and at
+    the end."""
+    model, _ = load_model(path)
+    engine = tidal.initialize(model, config(world, ep_size, stage))
+    out = {}
+    if load:
+        engine.load_checkpoint(ckpt, "mid")
+        out["loaded"] = {k: v.cpu() for k, v in engine.full_state_dict().items()}
+        if resave:
+            engine.save_checkpoint(resave, "again")
+    micro = GLOBAL // (ACCUM * world)
+    for step in range(engine.global_steps, STEPS):
+        ids = batch(step)
+        for a in range(ACCUM):
+            rows = ids[(a * world + rank) * micro:(a * world + rank + 1) * micro]
+            engine.backward(lm_loss(engine(rows), rows))
+            engine.step()
+        if save_at == step + 1:
+            engine.save_checkpoint(ckpt, "mid")
+            out["saved"] = {k: v.cpu() for k, v in engine.full_state_dict().items()}
+    out["final"] = {k: v.cpu() for k, v in engine.full_state_dict().items()}
+    return out
+
+
+def _same_checkpoint_state(a: str, a_tag: str, b: str, b_tag: str) -> None:
+    """Every parameter's master weights and Adam moments, whole, equal bit for bit in both."""
+    from tidal.train.checkpoint import read_full_state
+
+    (_, want), (_, got) = read_full_state(a, a_tag), read_full_state(b, b_tag)
+    for state in want:
+        assert sorted(got[state]) == sorted(want[state])
+        assert_state_close(got[state], want[state], rtol=0, atol=0)
+
+
+def test_expert_parallel_checkpoints_resume_and_reshard(tmp_path):
+    """An expert-parallel job's checkpoint (ep_size 2 on 2 ranks, ZeRO-2): resumed by the same
+    layout it ends bit for bit where the uninterrupted job ends; loaded with another ep_size, world
+    size or stage (ep_size 1 on 1 rank, ep_size 4 on 4 ranks at stage 1) every weight is the saved
+    one and saving again gives back every master weight and Adam moment; a checkpoint without expert
+    parallelism loads into an expert-parallel job the same way."""
+    path, ckpt = tmp_path / "model", str(tmp_path / "ckpt")
+    save_tiny_moe(path)
+    job = spawn(2, train_with_checkpoint, (str(path), ckpt, 2, 2, 1, False), str(tmp_path))
+    assert os.path.isfile(os.path.join(ckpt, "mid", "experts_rank_00001.safetensors"))
+    resumed = spawn(2, train_with_checkpoint, (str(path), ckpt, 2, 2, None, True), str(tmp_path))
+    assert_state_close(resumed[0]["loaded"], job[0]["saved"], rtol=0, atol=0)
+    assert_state_close(resumed[0]["final"], job[0]["final"], rtol=0, atol=0)  # the Adam moments came back too
+    for world, ep_size, stage in [(1, 1, 0), (4, 4, 1)]:
+        again = str(tmp_path / f"again_{world}_{ep_size}")
+        other = spawn(world, train_with_checkpoint, (str(path), ckpt, ep_size, stage, None, True, again),
+                      str(tmp_path))
+        assert_state_close(other[0]["loaded"], job[0]["saved"], rtol=0, atol=0)
+        _same_checkpoint_state(ckpt, "mid", again, "again")
+    # the other way: a checkpoint without expert parallelism into an expert-parallel job
+    plain_ckpt, again = str(tmp_path / "plain"), str(tmp_path / "again_plain")
+    plain = train_with_checkpoint(0, 1, str(path), plain_ckpt, 1, 0, 1, False)
+    into_ep = spawn(2, train_with_checkpoint, (str(path), plain_ckpt, 2, 2, None, True, again), str(tmp_path))
+    assert_state_close(into_ep[0]["loaded"], plain["saved"], rtol=0, atol=0)
+    _same_checkpoint_state(plain_ckpt, "mid", again, "again")
 
 
 class Block(torch.nn.Module):

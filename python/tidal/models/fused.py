@@ -21,9 +21,21 @@ order). Bias gradients are summed in the model dtype as ``F.linear``'s backward 
 """
 
 import torch
-import torch.nn.functional as F
 
 from tidal import ops
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` into a fresh tensor of its own (F.linear over a 3-D input may
+    return a view of a 2-D result; a custom function's output must not be a view that later code
+    modifies in place, as rotary_qkv_ does)."""
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+    rows = x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(rows, weight.t(), out=out.view(-1, weight.shape[0]))
+    else:
+        torch.addmm(bias, rows, weight.t(), out=out.view(-1, weight.shape[0]))
+    return out
 
 
 def _weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, needs_weight: bool, needs_bias: bool):
@@ -36,7 +48,7 @@ def _weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, needs_weight: bo
 class _NormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, eps: float, weight, bias):
-        out = F.linear(ops.rms_norm(x, norm_weight, eps), weight, bias)
+        out = _linear(ops.rms_norm(x, norm_weight, eps), weight, bias)
         ctx.save_for_backward(x, norm_weight, weight)
         ctx.eps, ctx.has_bias = eps, bias is not None
         return out
@@ -69,7 +81,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
 class _GatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, weight, bias):
-        out = F.linear(ops.silu_and_mul(gate_up), weight, bias)
+        out = _linear(ops.silu_and_mul(gate_up), weight, bias)
         ctx.save_for_backward(gate_up, weight)
         ctx.has_bias = bias is not None
         return out

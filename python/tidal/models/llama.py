@@ -139,7 +139,7 @@ class LlamaAttention(nn.Module):
         if self.sliding_window is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **kwargs)
         else:
-            i = torch.arange(seq, device=hidden.device)
+            i = torch.arange(seq, device=qkv.device)
             distance = i[:, None] - i[None, :]  # query - key
             mask = (distance >= 0) & (distance < self.sliding_window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **kwargs)

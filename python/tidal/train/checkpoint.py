@@ -6,7 +6,13 @@ Layout of ``<dir>/<tag>/``:
   owned (at stage 0 only rank 0 writes: every rank holds the same full state);
 - ``index.json``: per parameter its name, shape and place in the flat buffer; per file its flat range
   and SHA-256; the step counters, the loss scaler and the LR scheduler; ``hf``: what
-  ``tidal.checkpoint.to_hf`` needs to write a Hugging Face checkpoint (see :func:`hf_source`).
+  ``tidal.checkpoint.to_hf`` needs to write a Hugging Face checkpoint (see :func:`hf_source`);
+- under expert parallelism (``moe.ep_size`` = k > 1) also ``experts_rank_<r>.safetensors``: the
+  state of the range rank ``r`` owned of its expert buffer (the slice ``ep_rank`` of every MoE
+  layer's experts), and ``index.json``'s ``experts``: k, the expert buffer's layout (each parameter's
+  local slice shape) and those files with their ``ep_rank``. Loading concatenates the slices into each
+  expert tensor whole, so the loading job may use another ``ep_size`` (1 included) as well as another
+  world size and stage.
 
 A checkpoint is written into ``<tag>.tmp`` and renamed into place once complete, then ``<dir>/latest``
 (the tag) is replaced the same way, so a crash mid-save never leaves a half checkpoint under the real
@@ -72,15 +78,13 @@ def save(engine, directory: str, tag: str | None = None) -> str:
         os.makedirs(tmp)
     _barrier()
 
-    writes = engine.stage > 0 or comm.rank() == 0
-    entry = None
-    if writes:
-        name = f"rank_{comm.rank():05d}.safetensors"
-        path = os.path.join(tmp, name)
-        save_file({k: getattr(engine, k).detach().cpu().contiguous() for k in _STATES}, path)
-        lo, hi = engine.owned
-        entry = {"file": name, "begin": lo, "end": hi, "sha256": _sha256(path)}
-    entries = [e for e in _gather_objects(entry) if e is not None]
+    entries = _write_states(engine, tmp, f"rank_{comm.rank():05d}.safetensors",
+                            engine.stage > 0 or comm.rank() == 0, {})
+    experts = engine.experts
+    if experts is not None:
+        # the first rank of each group holding the same experts writes them whole at stage 0
+        expert_entries = _write_states(experts, tmp, f"experts_rank_{comm.rank():05d}.safetensors",
+                                       experts.stage > 0 or experts.index == 0, {"ep_rank": engine.ep_rank})
 
     if comm.rank() == 0:
         names = {id(p): n for n, p in engine.module.named_parameters()}
@@ -99,12 +103,28 @@ def save(engine, directory: str, tag: str | None = None) -> str:
             "scheduler": None if engine.scheduler is None else engine.scheduler.state_dict(),
             "hf": hf_source(engine.module),
         }
+        if experts is not None:
+            index["experts"] = {"ep_size": engine.ep_size, "files": expert_entries,
+                                "params": [{"name": names[id(s.param)], "shape": list(s.shape), "offset": s.offset,
+                                            "numel": s.numel} for s in experts.slots]}
         _atomic_write_text(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(os.path.join(directory, "latest"), tag)
     _barrier()
     return final
+
+
+def _write_states(part, directory: str, name: str, writes: bool, extra: dict) -> list[dict]:
+    """Collective: each rank with ``writes`` saves ``part``'s owned master weights and moments to
+    ``directory/name``; returns every rank's file entry (flat range, checksum, ``extra``)."""
+    entry = None
+    if writes:
+        path = os.path.join(directory, name)
+        save_file({k: getattr(part, k).detach().cpu().contiguous() for k in _STATES}, path)
+        lo, hi = part.owned
+        entry = {"file": name, "begin": lo, "end": hi, "sha256": _sha256(path), **extra}
+    return [e for e in _gather_objects(entry) if e is not None]
 
 
 def _resolve(directory: str, tag: str | None) -> str:
@@ -142,9 +162,23 @@ def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[
     """
     path = _resolve(directory, tag)
     index = read_index(path)
-    full = {k: {p["name"]: torch.empty(p["numel"]) for p in index["params"]} for k in _STATES}
-    covered = {p["name"]: 0 for p in index["params"]}
-    for entry in index["files"]:
+    full = _assemble(path, index["params"], index["files"])
+    experts = index.get("experts")
+    if experts is not None:  # each expert tensor whole: its ep_size slices along the expert dimension
+        slices = [_assemble(path, experts["params"], [e for e in experts["files"] if e["ep_rank"] == j])
+                  for j in range(experts["ep_size"])]
+        for k in _STATES:
+            for p in experts["params"]:
+                full[k][p["name"]] = torch.cat([s[k][p["name"]] for s in slices])
+    return index, full
+
+
+def _assemble(path: str, params: list[dict], files: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """{state: {name: tensor of its saved shape}} of ``params`` from the flat ranges of ``files``,
+    every file's checksum verified and every element covered."""
+    full = {k: {p["name"]: torch.empty(p["numel"]) for p in params} for k in _STATES}
+    covered = {p["name"]: 0 for p in params}
+    for entry in files:
         file = os.path.join(path, entry["file"])
         if not os.path.isfile(file):
             raise FileNotFoundError(f"checkpoint shard {file} is missing")
@@ -155,28 +189,29 @@ def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[
         except (SafetensorError, OSError) as e:
             raise ValueError(f"checkpoint shard {file} cannot be read: {e}") from None
         lo, hi = entry["begin"], entry["end"]
-        for p in index["params"]:
+        for p in params:
             a, b = max(p["offset"], lo), min(p["offset"] + p["numel"], hi)
             if a >= b:
                 continue
             covered[p["name"]] += b - a
             for k in _STATES:
                 full[k][p["name"]][a - p["offset"]:b - p["offset"]] = tensors[k][a - lo:b - lo]
-    for p in index["params"]:
+    for p in params:
         if covered[p["name"]] != p["numel"]:
             raise ValueError(f"checkpoint {path} holds {covered[p['name']]} of the {p['numel']} elements of "
                              f"parameter {p['name']!r}")
         for k in _STATES:
             full[k][p["name"]] = full[k][p["name"]].view(p["shape"])
-    return index, full
+    return full
 
 
 def load(engine, directory: str, tag: str | None = None) -> str:
     """Collective: restores weights, Adam state, loss scaler, LR scheduler and step counters."""
     index, full = read_full_state(directory, tag)
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    wanted = {names[id(s.param)] for s in engine.slots}
-    saved = {p["name"] for p in index["params"]}
+    experts = engine.experts
+    wanted = {names[id(s.param)] for s in engine.slots + ([] if experts is None else experts.slots)}
+    saved = set(full["master"])
     if wanted != saved:
         raise ValueError(f"the checkpoint's parameters differ from the model's: missing "
                          f"{sorted(wanted - saved)[:5]}, unexpected {sorted(saved - wanted)[:5]}")
@@ -191,6 +226,8 @@ def load(engine, directory: str, tag: str | None = None) -> str:
             getattr(engine, k).copy_(flat[lo:hi])
             if k == "master":
                 engine.set_full_weights(flat)
+    if experts is not None:
+        _load_experts(engine, experts, full, names)
     counters = index["counters"]
     engine.global_steps = counters["global_steps"]
     engine.micro_steps = counters["micro_steps"]
@@ -202,6 +239,28 @@ def load(engine, directory: str, tag: str | None = None) -> str:
         engine.scheduler.load_state_dict(index["scheduler"])
     engine.grad_accum.zero_()
     return _resolve(directory, tag)
+
+
+def _load_experts(engine, experts, full: dict, names: dict) -> None:
+    """The slice ``engine.ep_rank`` of each whole expert tensor into the expert buffer's owned state
+    and its compute-dtype parameters."""
+    j = engine.ep_rank
+    lo, hi = experts.owned
+    with torch.no_grad():
+        flat = torch.zeros(experts.plan.padded_numel, dtype=torch.float32)
+        for k in _STATES:
+            flat.zero_()
+            for s in experts.slots:
+                whole = full[k][names[id(s.param)]]
+                local = s.shape[0]
+                if whole.shape[0] != engine.ep_size * local or tuple(whole.shape[1:]) != tuple(s.shape[1:]):
+                    raise ValueError(f"the checkpoint's {names[id(s.param)]!r} has shape {tuple(whole.shape)}; "
+                                     f"moe.ep_size={engine.ep_size} slices of {tuple(s.shape)} expected")
+                flat[s.offset:s.offset + s.numel] = whole[j * local:(j + 1) * local].reshape(-1)
+            getattr(experts, k).copy_(flat[lo:hi])
+            if k == "master":
+                experts.flat_params.copy_(flat)
+        experts.grad_accum.zero_()
 
 
 def hf_source(module: torch.nn.Module) -> dict | None:

@@ -241,7 +241,7 @@ class _ExpertPartition:
     def __init__(self, params: list[torch.nn.Parameter], stage: int, group, ranks: list[int], rank: int,
                  bucket: int, compute_dtype: torch.dtype, offload: bool = False, pin: bool = False):
         self.group, self.ranks, self.size, self.stage = group, ranks, len(ranks), stage
-        index = ranks.index(rank)
+        self.index = index = ranks.index(rank)  # this rank's place among those holding these experts
         self.plan = _core.zero.make_plan([p.numel() for p in params], self.size, max(bucket, _ALIGNMENT),
                                          _ALIGNMENT, [0])
         self.slots = [_Slot(p, info.flat_offset, info.numel, p.shape) for p, info in zip(params, self.plan.params)]
@@ -306,12 +306,14 @@ class Engine:
         zero = config.zero_optimization
         self.ep_size = config.moe.ep_size
         self.ep_group = self.experts = None
+        self.ep_rank = 0  # which slice of every MoE layer's experts this rank holds
         if self.ep_size > 1:
             self._check_expert_parallel(zero.stage)
             self.ep_group, ep_ranks, edp_group, edp_ranks = _expert_parallel_groups(self.world_size, self.rank,
                                                                                    self.ep_size)
             for block in self.moe_blocks:
                 block.shard_experts(ep_ranks.index(self.rank), self.ep_size, self.ep_group)
+            self.ep_rank = ep_ranks.index(self.rank)
         params, group_starts, module_groups = _params_by_module(model)
         expert_params = []
         if self.ep_size > 1:
@@ -725,20 +727,14 @@ class Engine:
         """Collective: a sharded checkpoint in ``directory/tag`` (see tidal.train.checkpoint)."""
         from tidal.train import checkpoint
 
-        self._no_expert_parallel_checkpoints()
         return checkpoint.save(self, directory, tag)
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> str:
-        """Collective: restores a checkpoint saved at any world size and stage (``latest`` by default)."""
+        """Collective: restores a checkpoint saved at any world size, stage and ``moe.ep_size``
+        (``latest`` by default)."""
         from tidal.train import checkpoint
 
-        self._no_expert_parallel_checkpoints()
         return checkpoint.load(self, directory, tag)
-
-    def _no_expert_parallel_checkpoints(self) -> None:
-        if self.experts is not None:
-            raise ValueError(f"checkpoints of an expert-parallel engine (moe.ep_size={self.ep_size}) are not "
-                             "supported yet; full_state_dict() gathers every weight")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the full fp32 weights on every rank, keyed like ``module.state_dict()``."""
