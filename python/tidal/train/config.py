@@ -2,8 +2,8 @@
 
 ``load_config(dict_or_json_path, world_size)`` checks every key at every level (an unknown one is a
 ValueError naming its full path and the nearest known key), every type and range, resolves the batch
-triple as DeepSpeed does (``train_batch_size = micro * accumulation * world_size``) and fills in
-DeepSpeed's documented defaults.
+triple as DeepSpeed does (``train_batch_size = micro * accumulation * world_size``, or from the
+``elasticity`` section: tidal.train.elasticity) and fills in DeepSpeed's documented defaults.
 """
 
 import dataclasses
@@ -15,6 +15,8 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from tidal.train import elasticity as _elasticity
+from tidal.train.elasticity import ElasticityConfig
 from tidal.train.lr_schedules import SCHEDULER_PARAMS, validate_scheduler_params
 
 
@@ -144,6 +146,7 @@ class TrainConfig:
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+    elasticity: ElasticityConfig = field(default_factory=ElasticityConfig)
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
 
@@ -155,7 +158,7 @@ class TrainConfig:
 
 _TOP_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "zero_optimization",
-             "steps_per_print", "wall_clock_breakdown", "moe", "activation_checkpointing")
+             "steps_per_print", "wall_clock_breakdown", "moe", "activation_checkpointing", "elasticity")
 _OPTIMIZER_TYPES = {"adam": "Adam", "adamw": "AdamW"}
 _OPTIMIZER_PARAMS = ("lr", "betas", "eps", "weight_decay", "adam_w_mode")
 _FP16_KEYS = tuple(f.name for f in dataclasses.fields(FP16Config))
@@ -234,6 +237,17 @@ def _resolve_batch(config: Mapping, world_size: int) -> tuple[int, int, int]:
         raise ValueError(f"train_batch_size={tbs} must equal train_micro_batch_size_per_gpu={micro} * "
                          f"gradient_accumulation_steps={gas} * world_size={world_size} (= {micro * gas * world_size})")
     return tbs, micro, gas
+
+
+def _elastic_batch(config: Mapping, elastic: ElasticityConfig, world_size: int) -> tuple[int, int, int]:
+    """The batch triple elasticity computes for ``world_size`` (tidal.train.elasticity); as in
+    DeepSpeed, batch keys next to it are an error unless ``ignore_non_elastic_batch_info``."""
+    given = [k for k in _TOP_KEYS[:3] if k in config]
+    if given and not elastic.ignore_non_elastic_batch_info:
+        raise ValueError(f"{', '.join(given)} cannot be set with elasticity.enabled: elasticity computes the batch "
+                         "for each world size (set elasticity.ignore_non_elastic_batch_info to true to ignore them)")
+    batch, _, micro = _elasticity.compute(elastic, world_size)
+    return batch, micro, batch // (micro * world_size)
 
 
 def _optimizer(config: Mapping) -> OptimizerConfig | None:
@@ -424,9 +438,12 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
     _check_keys(config, _TOP_KEYS, "")
     # Unknown keys first: a misspelt key is a more useful error than what its absence causes.
     for key, known in (("fp16", _FP16_KEYS), ("bf16", ("enabled",)), ("zero_optimization", _ZERO_KEYS),
-                       ("moe", _MOE_KEYS), ("activation_checkpointing", _AC_KEYS)):
+                       ("moe", _MOE_KEYS), ("activation_checkpointing", _AC_KEYS),
+                       ("elasticity", _elasticity.KEYS)):
         _check_keys(_section(config, key), known, f"{key}.")
-    tbs, micro, gas = _resolve_batch(config, world_size)
+    elastic = _elasticity.parse(_section(config, "elasticity"))
+    tbs, micro, gas = _elastic_batch(config, elastic, world_size) if elastic.enabled else \
+        _resolve_batch(config, world_size)
     bf16 = _section(config, "bf16")
     _check_keys(bf16, ("enabled",), "bf16.")
     fp16 = _fp16(config)
@@ -448,4 +465,5 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
         activation_checkpointing=_activation_checkpointing(config),
         steps_per_print=_int("steps_per_print", config.get("steps_per_print", 10), 1),
         wall_clock_breakdown=_bool("wall_clock_breakdown", config.get("wall_clock_breakdown", False)),
+        elasticity=elastic,
     )
