@@ -73,8 +73,11 @@ def _script(rank: int, world: int, stage: int, actions: list, device: str = "cpu
                     engine.step()
         elif action == "save":
             engine.save_checkpoint(*args)
+        elif action == "save_async":  # written while the next actions run
+            engine.save_checkpoint(*args, async_save=True)
         elif action == "load":
             engine.load_checkpoint(*args)
+    engine.wait_for_checkpoint()
     state = {k: v.cpu() for k, v in engine.full_state_dict().items()}
     return {"state": state, "boundaries": boundaries, "global_steps": engine.global_steps}
 

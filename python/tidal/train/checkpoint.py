@@ -25,6 +25,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 
 import torch
 from safetensors import SafetensorError
@@ -66,11 +68,22 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, directory: str, tag: str | None = None) -> str:
-    """Collective: writes ``engine``'s state to ``directory/tag`` (default ``global_step<N>``)."""
+def save(engine, directory: str, tag: str | None = None, background: bool = False,
+         keep_last: int | None = None, timeout: float = 600.0) -> "PendingSave":
+    """Collective: writes ``engine``'s state to ``directory/tag`` (default ``global_step<N>``).
+
+    The collective part is short: the ranks agree on the files and each copies the state it writes
+    to host memory (pinned on a GPU). The files are then written by a thread of each rank when
+    ``background`` (training goes on meanwhile; :meth:`PendingSave.wait` joins it), else before this
+    returns. Rank 0 completes the checkpoint once every rank's file is written and checksummed:
+    ``index.json``, the rename of ``<tag>.tmp`` into place, ``latest``, and with ``keep_last`` the
+    removal of all but the newest ``keep_last`` complete checkpoints in ``directory``. Until then the
+    checkpoint is not visible, so a job killed mid-save leaves the previous one as it was."""
     tag = tag or f"global_step{engine.global_steps}"
     if os.sep in tag or tag in ("", ".", "..", "latest"):
         raise ValueError(f"tag={tag!r} must be a plain directory name other than 'latest'")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last={keep_last!r} must be a positive integer or None")
     final = os.path.join(directory, tag)
     tmp = final + ".tmp"
     if comm.rank() == 0:
@@ -78,14 +91,15 @@ def save(engine, directory: str, tag: str | None = None) -> str:
         os.makedirs(tmp)
     _barrier()
 
-    entries = _write_states(engine, tmp, f"rank_{comm.rank():05d}.safetensors",
-                            engine.stage > 0 or comm.rank() == 0, {})
+    files = [_snapshot(engine, f"rank_{comm.rank():05d}.safetensors", engine.stage > 0 or comm.rank() == 0, {})]
     experts = engine.experts
     if experts is not None:
         # the first rank of each group holding the same experts writes them whole at stage 0
-        expert_entries = _write_states(experts, tmp, f"experts_rank_{comm.rank():05d}.safetensors",
-                                       experts.stage > 0 or experts.index == 0, {"ep_rank": engine.ep_rank})
+        files.append(_snapshot(experts, f"experts_rank_{comm.rank():05d}.safetensors",
+                               experts.stage > 0 or experts.index == 0, {"ep_rank": engine.ep_rank}))
+    entries = [[e for e in _gather_objects(f["entry"] if f else None) if e is not None] for f in files]
 
+    index = None
     if comm.rank() == 0:
         names = {id(p): n for n, p in engine.module.named_parameters()}
         index = {
@@ -98,33 +112,127 @@ def save(engine, directory: str, tag: str | None = None) -> str:
             # dtype: the module's compute dtype; the shards hold fp32 master weights and moments
             "params": [{"name": names[id(s.param)], "shape": list(s.shape), "dtype": str(s.param.dtype),
                         "offset": s.offset, "numel": s.numel} for s in engine.slots],
-            "files": entries,
+            "files": entries[0],
             "loss_scaler": None if engine.loss_scaler is None else engine.loss_scaler.state_dict(),
             "scheduler": None if engine.scheduler is None else engine.scheduler.state_dict(),
             "hf": hf_source(engine.module),
         }
         if experts is not None:
-            index["experts"] = {"ep_size": engine.ep_size, "files": expert_entries,
+            index["experts"] = {"ep_size": engine.ep_size, "files": entries[1],
                                 "params": [{"name": names[id(s.param)], "shape": list(s.shape), "offset": s.offset,
                                             "numel": s.numel} for s in experts.slots]}
-        _atomic_write_text(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(os.path.join(directory, "latest"), tag)
-    _barrier()
-    return final
+
+    def write() -> None:
+        for f in files:
+            if f is not None:
+                _write_file(os.path.join(tmp, f["entry"]["file"]), f["tensors"])
+        if index is not None:
+            _complete(directory, tag, index, timeout, keep_last)
+
+    pending = PendingSave(final, write, background)
+    if not background:
+        _barrier()  # every rank returns once the checkpoint is in place
+    return pending
 
 
-def _write_states(part, directory: str, name: str, writes: bool, extra: dict) -> list[dict]:
-    """Collective: each rank with ``writes`` saves ``part``'s owned master weights and moments to
-    ``directory/name``; returns every rank's file entry (flat range, checksum, ``extra``)."""
-    entry = None
-    if writes:
-        path = os.path.join(directory, name)
-        save_file({k: getattr(part, k).detach().cpu().contiguous() for k in _STATES}, path)
-        lo, hi = part.owned
-        entry = {"file": name, "begin": lo, "end": hi, "sha256": _sha256(path), **extra}
-    return [e for e in _gather_objects(entry) if e is not None]
+def _write_file(path: str, tensors: dict) -> None:
+    """One rank's shard file, then its checksum beside it (``<file>.sha256``: rank 0 waits for it)."""
+    save_file(tensors, path)
+    _atomic_write_text(path + ".sha256", _sha256(path))
+
+
+class PendingSave:
+    """A checkpoint being written: ``wait()`` blocks until this rank's part is done (on rank 0: the
+    whole checkpoint is in place) and re-raises what went wrong in the writing thread."""
+
+    def __init__(self, path: str, write, background: bool):
+        self.path, self.error = path, None
+        self.thread = None
+        if not background:
+            write()
+            return
+
+        def run():
+            try:
+                write()
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self.error = e
+        # NOTE(tidal): not a daemon: an interpreter that exits waits for the checkpoint to land
+        self.thread = threading.Thread(target=run, name="tidal-checkpoint", daemon=False)
+        self.thread.start()
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def wait(self) -> str:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.path
+
+
+def _snapshot(part, name: str, writes: bool, extra: dict) -> dict | None:
+    """The owned master weights and moments of ``part``, copied to host memory now (pinned from a
+    GPU: one synchronisation), with the file entry they go to; None where this rank writes nothing."""
+    if not writes:
+        return None
+    tensors, on_gpu = {}, None
+    for k in _STATES:
+        t = getattr(part, k).detach()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        host.copy_(t, non_blocking=t.is_cuda)
+        tensors[k] = host
+        on_gpu = t.device if t.is_cuda else on_gpu
+    if on_gpu is not None:
+        torch.cuda.current_stream(on_gpu).synchronize()
+    lo, hi = part.owned
+    return {"tensors": tensors, "entry": {"file": name, "begin": lo, "end": hi, **extra}}
+
+
+def _complete(directory: str, tag: str, index: dict, timeout: float, keep_last: int | None) -> None:
+    """Rank 0, after its own files: waits for every rank's checksum, writes index.json, renames the
+    checkpoint into place, points ``latest`` at it, and prunes to ``keep_last``."""
+    final = os.path.join(directory, tag)
+    tmp = final + ".tmp"
+    deadline = time.monotonic() + timeout
+    entries = index["files"] + (index["experts"]["files"] if "experts" in index else [])
+    for entry in entries:
+        sidecar = os.path.join(tmp, entry["file"] + ".sha256")
+        while not os.path.isfile(sidecar):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"checkpoint {final}: {entry['file']} was not written within {timeout} s")
+            time.sleep(0.01)
+        with open(sidecar) as f:
+            entry["sha256"] = f.read().strip()
+        os.remove(sidecar)
+    _atomic_write_text(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(os.path.join(directory, "latest"), tag)
+    if keep_last is not None:
+        _prune(directory, keep_last, keep=tag)
+
+
+def _prune(directory: str, keep_last: int, keep: str) -> None:
+    """Removes all but the newest ``keep_last`` complete checkpoints (by global step) in ``directory``,
+    never ``keep``."""
+    complete = []
+    for name in os.listdir(directory):
+        index_path = os.path.join(directory, name, "index.json")
+        if name.endswith(".tmp") or not os.path.isfile(index_path):
+            continue
+        try:
+            with open(index_path) as f:
+                steps = json.load(f)["counters"]["global_steps"]
+        except (OSError, ValueError, KeyError):
+            continue
+        complete.append((steps, name))
+    complete.sort()
+    for _, name in complete[:max(0, len(complete) - keep_last)]:
+        if name != keep:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def _resolve(directory: str, tag: str | None) -> str:

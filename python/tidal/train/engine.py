@@ -723,17 +723,31 @@ class Engine:
             else:
                 self.flat_params.copy_(flat)
 
-    def save_checkpoint(self, directory: str, tag: str | None = None) -> str:
-        """Collective: a sharded checkpoint in ``directory/tag`` (see tidal.train.checkpoint)."""
+    def save_checkpoint(self, directory: str, tag: str | None = None, async_save: bool = False,
+                        keep_last: int | None = None) -> str:
+        """Collective: a sharded checkpoint in ``directory/tag`` (see tidal.train.checkpoint); returns
+        its path. With ``async_save`` only the copy of the state to host memory happens here: a
+        thread writes the files while training goes on (the next save, a load, or
+        :meth:`wait_for_checkpoint` waits for it; the checkpoint is visible only once complete).
+        ``keep_last``: keep only the newest that many complete checkpoints in ``directory``."""
         from tidal.train import checkpoint
 
-        return checkpoint.save(self, directory, tag)
+        self.wait_for_checkpoint()
+        self._pending_save = checkpoint.save(self, directory, tag, background=async_save, keep_last=keep_last)
+        return self._pending_save.path
+
+    def wait_for_checkpoint(self) -> str | None:
+        """Blocks until this rank's part of the last asynchronous save is written (rank 0: the whole
+        checkpoint is in place) and re-raises its error; the path, or None with no save pending."""
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        return None if pending is None else pending.wait()
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> str:
         """Collective: restores a checkpoint saved at any world size, stage and ``moe.ep_size``
         (``latest`` by default)."""
         from tidal.train import checkpoint
 
+        self.wait_for_checkpoint()
         return checkpoint.load(self, directory, tag)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
