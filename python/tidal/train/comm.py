@@ -1,18 +1,58 @@
 """The collectives the training engine uses, over torch.distributed (Gloo on CPU, NCCL on CUDA),
-with single-process fallbacks so that one process needs no launcher and no process group."""
+with single-process fallbacks so that one process needs no launcher and no process group.
 
+A collective that cannot complete (a peer died, or stopped answering for longer than the process
+group's timeout) raises :class:`CollectiveError` naming the collective, instead of hanging; the
+timeout is ``TIDAL_COLLECTIVE_TIMEOUT_S`` seconds (torch's default, 30 minutes, otherwise) or what
+``init(timeout_s=...)`` is given. Under torchrun's elastic agent the failed worker exits and the agent
+restarts the job from its latest checkpoint.
+"""
+
+import datetime
+import functools
 import os
 
 import torch
 import torch.distributed as dist
 
+TIMEOUT_ENV = "TIDAL_COLLECTIVE_TIMEOUT_S"
 
-def init(device: torch.device) -> None:
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names it and the process group's size."""
+
+
+def init(device: torch.device, timeout_s: float | None = None) -> None:
     """Joins the job's process group from the environment (torchrun's env://) if there is one."""
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL binds each rank's communicator to the current device
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if timeout_s is None and os.environ.get(TIMEOUT_ENV):
+            try:
+                timeout_s = float(os.environ[TIMEOUT_ENV])
+            except ValueError:
+                raise ValueError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} must be a number of seconds") from None
+        kwargs = {}
+        if timeout_s is not None:
+            if not timeout_s > 0:
+                raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **kwargs)
+
+
+def _named(fn):
+    """Re-raises a backend error of collective ``fn`` as a CollectiveError naming it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as e:
+            if isinstance(e, CollectiveError):
+                raise
+            group = kwargs.get("group")
+            size = dist.get_world_size(group) if dist.is_initialized() else 1
+            raise CollectiveError(f"collective {fn.__name__} over {size} ranks failed: {e}") from e
+    return wrapper
 
 
 def is_distributed() -> bool:
@@ -27,18 +67,21 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+@_named
 def broadcast(t: torch.Tensor, src: int = 0, group=None) -> None:
     """``src`` is a global rank (a member of ``group`` when one is given)."""
     if is_distributed():
         dist.broadcast(t, src=src, group=group)
 
 
+@_named
 def all_reduce(t: torch.Tensor, group=None) -> None:
     """Sum over the ranks of ``group`` (all ranks by default), in place."""
     if is_distributed():
         dist.all_reduce(t, group=group)
 
 
+@_named
 def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
     """``out`` = this rank's chunk of the sum over ranks of ``inp`` ([group size, n] flattened)."""
     if is_distributed():
@@ -47,6 +90,7 @@ def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
         out.copy_(inp.reshape(-1))
 
 
+@_named
 def all_gather(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
     """``out`` = every rank's ``inp`` end to end, in rank order."""
     if is_distributed():
@@ -63,6 +107,7 @@ def new_groups(ranks_per_group: list[list[int]]) -> list:
     return [dist.new_group(ranks) for ranks in ranks_per_group]
 
 
+@_named
 def any_true(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is true on any rank."""
     if not is_distributed():

@@ -784,11 +784,13 @@ def _fused_adam_on(device: torch.device) -> bool:
     return device.type == "cuda" and gpu_available()
 
 
-def initialize(model: torch.nn.Module, config) -> Engine:
+def initialize(model: torch.nn.Module, config, *, collective_timeout: float | None = None) -> Engine:
     """Wraps ``model`` for training with a DeepSpeed-style ``config`` (a dict or a JSON path).
 
     Under ``torchrun`` the process group comes from the environment (Gloo for CPU models, NCCL for
-    CUDA ones); a single process needs no launcher.
+    CUDA ones); a single process needs no launcher. ``collective_timeout`` (seconds; default
+    ``TIDAL_COLLECTIVE_TIMEOUT_S``, else torch's 30 minutes): a collective a peer does not join within
+    it raises tidal.train.comm.CollectiveError naming it, where it would otherwise hang.
     """
-    comm.init(next(model.parameters()).device)
+    comm.init(next(model.parameters()).device, collective_timeout)
     return Engine(model, load_config(config, world_size=comm.world_size()))
