@@ -69,7 +69,7 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def save(engine, directory: str, tag: str | None = None, background: bool = False,
-         keep_last: int | None = None, timeout: float = 600.0) -> "PendingSave":
+         keep_last: int | None = None, timeout: float = 600.0, client_state: dict | None = None) -> "PendingSave":
     """Collective: writes ``engine``'s state to ``directory/tag`` (default ``global_step<N>``).
 
     The collective part is short: the ranks agree on the files and each copies the state it writes
@@ -78,12 +78,19 @@ def save(engine, directory: str, tag: str | None = None, background: bool = Fals
     returns. Rank 0 completes the checkpoint once every rank's file is written and checksummed:
     ``index.json``, the rename of ``<tag>.tmp`` into place, ``latest``, and with ``keep_last`` the
     removal of all but the newest ``keep_last`` complete checkpoints in ``directory``. Until then the
-    checkpoint is not visible, so a job killed mid-save leaves the previous one as it was."""
+    checkpoint is not visible, so a job killed mid-save leaves the previous one as it was.
+    ``client_state`` (JSON-serialisable, rank 0's) is stored in index.json for the loader (e.g. a
+    sampler's position)."""
     tag = tag or f"global_step{engine.global_steps}"
     if os.sep in tag or tag in ("", ".", "..", "latest"):
         raise ValueError(f"tag={tag!r} must be a plain directory name other than 'latest'")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} must be a positive integer or None")
+    if client_state is not None:
+        try:
+            client_state = json.loads(json.dumps(client_state))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"client_state must be JSON-serialisable: {e}") from None
     final = os.path.join(directory, tag)
     tmp = final + ".tmp"
     if comm.rank() == 0:
@@ -116,6 +123,7 @@ def save(engine, directory: str, tag: str | None = None, background: bool = Fals
             "loss_scaler": None if engine.loss_scaler is None else engine.loss_scaler.state_dict(),
             "scheduler": None if engine.scheduler is None else engine.scheduler.state_dict(),
             "hf": hf_source(engine.module),
+            "client_state": client_state,
         }
         if experts is not None:
             index["experts"] = {"ep_size": engine.ep_size, "files": entries[1],
@@ -345,6 +353,7 @@ def load(engine, directory: str, tag: str | None = None) -> str:
         engine.loss_scaler.load_state_dict(index["loss_scaler"])
     if engine.scheduler is not None and index["scheduler"] is not None:
         engine.scheduler.load_state_dict(index["scheduler"])
+    engine.client_state = index.get("client_state")
     engine.grad_accum.zero_()
     return _resolve(directory, tag)
 

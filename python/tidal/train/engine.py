@@ -446,6 +446,7 @@ class Engine:
         self.global_steps = 0
         self.optimizer_steps = 0  # global steps that were not skipped for overflow
         self.skipped_steps = 0
+        self.client_state: dict | None = None  # what the last loaded checkpoint's saver passed
 
     def _materialize_shard(self) -> torch.Tensor:
         """The fp32 owned range of a model built under tidal.zero.Init: a module at a time, each of
@@ -723,17 +724,20 @@ class Engine:
             else:
                 self.flat_params.copy_(flat)
 
-    def save_checkpoint(self, directory: str, tag: str | None = None, async_save: bool = False,
-                        keep_last: int | None = None) -> str:
+    def save_checkpoint(self, directory: str, tag: str | None = None, client_state: dict | None = None,
+                        async_save: bool = False, keep_last: int | None = None) -> str:
         """Collective: a sharded checkpoint in ``directory/tag`` (see tidal.train.checkpoint); returns
         its path. With ``async_save`` only the copy of the state to host memory happens here: a
         thread writes the files while training goes on (the next save, a load, or
         :meth:`wait_for_checkpoint` waits for it; the checkpoint is visible only once complete).
-        ``keep_last``: keep only the newest that many complete checkpoints in ``directory``."""
+        ``keep_last``: keep only the newest that many complete checkpoints in ``directory``.
+        ``client_state``: JSON-serialisable state of the caller's (a sampler's position, ...), given
+        back as ``engine.client_state`` by :meth:`load_checkpoint`."""
         from tidal.train import checkpoint
 
         self.wait_for_checkpoint()
-        self._pending_save = checkpoint.save(self, directory, tag, background=async_save, keep_last=keep_last)
+        self._pending_save = checkpoint.save(self, directory, tag, background=async_save, keep_last=keep_last,
+                                             client_state=client_state)
         return self._pending_save.path
 
     def wait_for_checkpoint(self) -> str | None:
@@ -744,7 +748,7 @@ class Engine:
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> str:
         """Collective: restores a checkpoint saved at any world size, stage and ``moe.ep_size``
-        (``latest`` by default)."""
+        (``latest`` by default); its ``client_state`` is then ``engine.client_state``."""
         from tidal.train import checkpoint
 
         self.wait_for_checkpoint()
