@@ -191,3 +191,27 @@ def test_keep_last(async_save, tmp_path):
     assert sorted(os.listdir(directory)) == ["global_step3", "global_step4", "latest"]
     with pytest.raises(ValueError, match="keep_last=0 must be a positive integer or None"):
         engine.save_checkpoint(directory, keep_last=0)
+
+
+def test_resume_with_other_accumulation_steps_keeps_step_boundaries(tmp_path):
+    """Elasticity changes the accumulation steps with the world size: after loading, a step is again
+    exactly that many micro-batches (the step counter, not the saved micro-batch count, decides)."""
+    import tidal
+    from train_util import make_model
+
+    def engine(gas: int):
+        return tidal.initialize(make_model(), {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas,
+                                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+
+    first = engine(2)
+    for _ in range(3):
+        _train_step(first, 0)  # two micro-batches per _train_step (ACCUM = 2): one step each
+    first.save_checkpoint(str(tmp_path))
+    resumed = engine(3)
+    resumed.load_checkpoint(str(tmp_path))
+    assert resumed.global_steps == 3 and resumed.micro_steps == 9
+    boundaries = []
+    for _ in range(3):
+        boundaries.append(resumed.is_gradient_accumulation_boundary())
+        resumed.micro_steps += 1
+    assert boundaries == [False, False, True]

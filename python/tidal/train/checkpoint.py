@@ -346,7 +346,10 @@ def load(engine, directory: str, tag: str | None = None) -> str:
         _load_experts(engine, experts, full, names)
     counters = index["counters"]
     engine.global_steps = counters["global_steps"]
-    engine.micro_steps = counters["micro_steps"]
+    # NOTE(tidal): re-derived, not restored: the accumulation steps per step change with the world
+    # size (elasticity keeps the global batch), and a boundary must stay a boundary; a checkpoint
+    # taken mid-accumulation restarts that step (its partial gradients are not saved)
+    engine.micro_steps = counters["global_steps"] * engine.gradient_accumulation_steps
     engine.optimizer_steps = counters["optimizer_steps"]
     engine.skipped_steps = counters["skipped_steps"]
     if engine.loss_scaler is not None and index["loss_scaler"] is not None:
