@@ -47,16 +47,11 @@ def _sha256(path: str) -> str:
 
 
 def _gather_objects(obj) -> list:
-    if not comm.is_distributed():
-        return [obj]
-    out = [None] * comm.world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
+    return comm.all_gather_object(obj)
 
 
 def _barrier() -> None:
-    if comm.is_distributed():
-        torch.distributed.barrier()
+    comm.barrier()
 
 
 def _atomic_write_text(path: str, text: str) -> None:

@@ -115,3 +115,19 @@ def any_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+@_named
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@_named
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
