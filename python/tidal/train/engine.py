@@ -609,6 +609,8 @@ class Engine:
                 self.scheduler.step()
         if self.experts is not None:
             self.experts.grad_accum.zero_()
+        if self.offload_pipeline is not None:
+            self.offload_pipeline.before_gradients_change()
         self.grad_accum.zero_()
         self.global_steps += 1
         every = self.config.steps_per_print

@@ -195,3 +195,9 @@ class OverlappedOffload:
         self.step_early_ok = all(f <= 1 for f in self.fired)
         self.stepped = self.stepping_early
         return self.stepped
+
+    def before_gradients_change(self) -> None:
+        """Orders the compute stream after the side stream's copies (GPU work only, no host wait):
+        called before anything writes the gradient buffer again (engine.step() zeroes it)."""
+        if self.on_gpu:
+            torch.cuda.current_stream(self.engine.device).wait_stream(self.stream)
