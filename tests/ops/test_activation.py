@@ -190,6 +190,16 @@ def ref_silu_and_mul_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return want.to(x.dtype)
 
 
+def backward_inputs(layout: str, d: int, dtype, seed: int):
+    """(x [.., 2 d], grad [.., d]) built on the CPU: contiguous, row-strided views, or 3-D."""
+    if layout == "row_strided":
+        return (randn(9, 2 * d + 8, dtype=dtype, seed=seed)[:, : 2 * d],
+                randn(9, d + 3, dtype=dtype, seed=seed + 1, scale=1.0)[:, :d])
+    if layout == "3d":
+        return randn(2, 5, 2 * d, dtype=dtype, seed=seed), randn(2, 5, d, dtype=dtype, seed=seed + 1, scale=1.0)
+    return randn(9, 2 * d, dtype=dtype, seed=seed), randn(9, d, dtype=dtype, seed=seed + 1, scale=1.0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "row_strided", "3d"])
 @pytest.mark.parametrize("d", [1, 8, 689, 2048])
@@ -197,13 +207,7 @@ def ref_silu_and_mul_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tens
 def test_backward_kernel(dtype, d, layout, device):
     """The fused backward op against fp32 autograd (16-byte and scalar paths), on CUDA also against
     the CPU kernel."""
-    if layout == "row_strided":
-        x = randn(9, 2 * d + 8, dtype=dtype, seed=7)[:, : 2 * d]
-        grad = randn(9, d + 3, dtype=dtype, seed=8, scale=1.0)[:, :d]
-    elif layout == "3d":
-        x, grad = randn(2, 5, 2 * d, dtype=dtype, seed=7), randn(2, 5, d, dtype=dtype, seed=8, scale=1.0)
-    else:
-        x, grad = randn(9, 2 * d, dtype=dtype, seed=7), randn(9, d, dtype=dtype, seed=8, scale=1.0)
+    x, grad = backward_inputs(layout, d, dtype, seed=7)
     xd, gd = to_device(x, device), to_device(grad, device)
     got = torch.ops.tidal.silu_and_mul_backward(gd, xd)
     assert got.shape == x.shape and got.dtype == dtype and got.device == xd.device
@@ -219,13 +223,7 @@ def test_backward_kernel(dtype, d, layout, device):
 def test_backward_recompute_equals_forward(dtype, d, layout, device):
     """silu_and_mul_backward(recompute=True): the same input gradient as without, and the forward's
     output bit for bit (the fused training MLP relies on it), 16-byte and scalar paths."""
-    if layout == "row_strided":
-        x = randn(9, 2 * d + 8, dtype=dtype, seed=9)[:, : 2 * d]
-        grad = randn(9, d + 3, dtype=dtype, seed=10, scale=1.0)[:, :d]
-    elif layout == "3d":
-        x, grad = randn(2, 5, 2 * d, dtype=dtype, seed=9), randn(2, 5, d, dtype=dtype, seed=10, scale=1.0)
-    else:
-        x, grad = randn(9, 2 * d, dtype=dtype, seed=9), randn(9, d, dtype=dtype, seed=10, scale=1.0)
+    x, grad = backward_inputs(layout, d, dtype, seed=9)
     xd, gd = to_device(x, device), to_device(grad, device)
     if device == "cuda":
         poison_cuda_allocator(2 * x.numel() * x.element_size())
