@@ -43,7 +43,8 @@ def section(values) -> dict:
 
 @pytest.mark.parametrize("values,world,want", CASES)
 def test_matches_deepspeed(values, world, want):
-    batch, sizes, micro = elasticity.compute(elasticity.parse(section(values)), world)
+    elastic = load_config({"elasticity": section(values)}, world_size=world).elasticity
+    batch, sizes, micro = elasticity.compute(elastic, world)
     assert (batch, micro, sizes) == want
 
 

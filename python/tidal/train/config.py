@@ -239,6 +239,46 @@ def _resolve_batch(config: Mapping, world_size: int) -> tuple[int, int, int]:
     return tbs, micro, gas
 
 
+def _elastic(config: Mapping) -> ElasticityConfig:
+    """The ``elasticity`` section: DeepSpeed's keys, checked; tidal trains without model parallelism."""
+    section = _section(config, "elasticity")
+    default = ElasticityConfig()
+
+    def integer(key: str, minimum: int) -> int:
+        return _int(f"elasticity.{key}", section.get(key, getattr(default, key)), minimum)
+
+    def flag(key: str) -> bool:
+        return _bool(f"elasticity.{key}", section.get(key, getattr(default, key)))
+
+    enabled = flag("enabled")
+    if enabled:
+        for key in ("max_train_batch_size", "micro_batch_sizes"):
+            if key not in section:
+                raise ValueError(f"elasticity.{key} must be given when elasticity.enabled is true")
+    micro = section.get("micro_batch_sizes", list(default.micro_batch_sizes))
+    if (not isinstance(micro, (list, tuple)) or not micro
+            or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in micro)):
+        raise ValueError(f"elasticity.micro_batch_sizes={micro!r} must be a non-empty list of positive integers")
+    elastic = ElasticityConfig(
+        enabled=enabled, max_train_batch_size=integer("max_train_batch_size", 1), micro_batch_sizes=tuple(micro),
+        min_gpus=integer("min_gpus", 1), max_gpus=integer("max_gpus", 1),
+        num_gpus_per_node=integer("num_gpus_per_node", 1), model_parallel_size=integer("model_parallel_size", 1),
+        min_time=integer("min_time", 0), prefer_larger_batch=flag("prefer_larger_batch"),
+        ignore_non_elastic_batch_info=flag("ignore_non_elastic_batch_info"),
+        version=section.get("version", _elasticity.LATEST_VERSION))
+    if elastic.max_gpus < elastic.min_gpus:
+        raise ValueError(f"elasticity.min_gpus={elastic.min_gpus} must be <= elasticity.max_gpus={elastic.max_gpus}")
+    if isinstance(elastic.version, bool) or elastic.version not in (0.1, 0.2):
+        raise ValueError(f"elasticity.version={elastic.version!r} must be 0.1 or 0.2")
+    if elastic.model_parallel_size > 1:
+        raise ValueError(f"elasticity.model_parallel_size={elastic.model_parallel_size}: tidal trains with data "
+                         "parallelism (ZeRO) only; use 1")
+    if elastic.enabled and max(elastic.micro_batch_sizes) > elastic.max_train_batch_size:
+        raise ValueError(f"elasticity.micro_batch_sizes={list(elastic.micro_batch_sizes)} must all be <= "
+                         f"elasticity.max_train_batch_size={elastic.max_train_batch_size}")
+    return elastic
+
+
 def _elastic_batch(config: Mapping, elastic: ElasticityConfig, world_size: int) -> tuple[int, int, int]:
     """The batch triple elasticity computes for ``world_size`` (tidal.train.elasticity); as in
     DeepSpeed, batch keys next to it are an error unless ``ignore_non_elastic_batch_info``."""
@@ -441,7 +481,7 @@ def load_config(config: Mapping | str | os.PathLike, world_size: int) -> TrainCo
                        ("moe", _MOE_KEYS), ("activation_checkpointing", _AC_KEYS),
                        ("elasticity", _elasticity.KEYS)):
         _check_keys(_section(config, key), known, f"{key}.")
-    elastic = _elasticity.parse(_section(config, "elasticity"))
+    elastic = _elastic(config)
     tbs, micro, gas = _elastic_batch(config, elastic, world_size) if elastic.enabled else \
         _resolve_batch(config, world_size)
     bf16 = _section(config, "bf16")

@@ -19,7 +19,6 @@ accumulation steps make up the rest.
 
 import dataclasses
 import math
-from collections.abc import Mapping
 
 # Highly composite numbers: every candidate batch is a base times one of these, so it divides
 # evenly among as many world sizes as possible.
@@ -31,7 +30,8 @@ LATEST_VERSION = 0.2
 
 @dataclasses.dataclass(frozen=True)
 class ElasticityConfig:
-    """The ``elasticity`` section, DeepSpeed's keys and defaults."""
+    """The ``elasticity`` section, DeepSpeed's keys and defaults (validated by
+    tidal.train.config.load_config)."""
 
     enabled: bool = False
     max_train_batch_size: int = 2000
@@ -47,49 +47,6 @@ class ElasticityConfig:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(ElasticityConfig))
-
-
-def parse(section: Mapping) -> ElasticityConfig:
-    """The ``elasticity`` section validated; errors name the key and the value."""
-    def integer(key: str, minimum: int) -> int:
-        value = section.get(key, getattr(ElasticityConfig, key))
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"elasticity.{key}={value!r} must be an integer >= {minimum}")
-        return value
-
-    def flag(key: str) -> bool:
-        value = section.get(key, getattr(ElasticityConfig, key))
-        if not isinstance(value, bool):
-            raise ValueError(f"elasticity.{key}={value!r} must be true or false")
-        return value
-
-    enabled = flag("enabled")
-    if enabled:
-        for key in ("max_train_batch_size", "micro_batch_sizes"):
-            if key not in section:
-                raise ValueError(f"elasticity.{key} must be given when elasticity.enabled is true")
-    micro = section.get("micro_batch_sizes", list(ElasticityConfig.micro_batch_sizes))
-    if (not isinstance(micro, (list, tuple)) or not micro
-            or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in micro)):
-        raise ValueError(f"elasticity.micro_batch_sizes={micro!r} must be a non-empty list of positive integers")
-    config = ElasticityConfig(
-        enabled=enabled, max_train_batch_size=integer("max_train_batch_size", 1), micro_batch_sizes=tuple(micro),
-        min_gpus=integer("min_gpus", 1), max_gpus=integer("max_gpus", 1),
-        num_gpus_per_node=integer("num_gpus_per_node", 1), model_parallel_size=integer("model_parallel_size", 1),
-        min_time=integer("min_time", 0), prefer_larger_batch=flag("prefer_larger_batch"),
-        ignore_non_elastic_batch_info=flag("ignore_non_elastic_batch_info"),
-        version=section.get("version", LATEST_VERSION))
-    if config.max_gpus < config.min_gpus:
-        raise ValueError(f"elasticity.min_gpus={config.min_gpus} must be <= elasticity.max_gpus={config.max_gpus}")
-    if isinstance(config.version, bool) or config.version not in (0.1, 0.2):
-        raise ValueError(f"elasticity.version={config.version!r} must be 0.1 or 0.2")
-    if config.model_parallel_size > 1:
-        raise ValueError(f"elasticity.model_parallel_size={config.model_parallel_size}: tidal trains with data "
-                         "parallelism (ZeRO) only; use 1")
-    if config.enabled and max(config.micro_batch_sizes) > config.max_train_batch_size:
-        raise ValueError(f"elasticity.micro_batch_sizes={list(config.micro_batch_sizes)} must all be <= "
-                         f"elasticity.max_train_batch_size={config.max_train_batch_size}")
-    return config
 
 
 def valid_world_sizes(batch: int, micro_batches, min_gpus: int, max_gpus: int) -> list[int]:

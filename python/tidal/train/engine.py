@@ -447,6 +447,7 @@ class Engine:
         self.optimizer_steps = 0  # global steps that were not skipped for overflow
         self.skipped_steps = 0
         self.client_state: dict | None = None  # what the last loaded checkpoint's saver passed
+        self._pending_save = None  # the last save_checkpoint's writer (tidal.train.checkpoint.PendingSave)
 
     def _materialize_shard(self) -> torch.Tensor:
         """The fp32 owned range of a model built under tidal.zero.Init: a module at a time, each of
@@ -745,7 +746,7 @@ class Engine:
     def wait_for_checkpoint(self) -> str | None:
         """Blocks until this rank's part of the last asynchronous save is written (rank 0: the whole
         checkpoint is in place) and re-raises its error; the path, or None with no save pending."""
-        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        pending, self._pending_save = self._pending_save, None
         return None if pending is None else pending.wait()
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> str:
