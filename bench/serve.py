@@ -277,6 +277,111 @@ def run_tidal(llm, requests, device) -> tuple[float, int, dict]:
     return seconds, tokens, delta
 
 
+class _TimedScheduler:
+    """Forwards to the engine's scheduler, timing schedule() and update() (bench --timeline)."""
+
+    def __init__(self, inner, log_):
+        self._inner, self._log = inner, log_
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def schedule(self):
+        t0 = time.perf_counter()
+        batch = self._inner.schedule()
+        self._log["sched"] = time.perf_counter() - t0
+        self._log["seqs"], self._log["tokens"] = batch.num_seqs, len(batch.input_ids)
+        self._log["prefill"] = batch.num_seqs > 0 and batch.max_seqlen_q > 1
+        self._log["context"] = int(batch.seq_lens.sum()) if batch.num_seqs else 0
+        return batch
+
+    def update(self, batch, sampled):
+        t0 = time.perf_counter()
+        out = self._inner.update(batch, sampled)
+        self._log["update"] = time.perf_counter() - t0
+        return out
+
+
+def step_timeline(llm, requests, device, kv_bytes: int, w_bytes: int, copy_bw: float) -> str:
+    """One untimed generate of `requests` with every engine step split into host phases: schedule(),
+    the runner's launches (staging, graph replay or eager forward, sampler), the wait for the step's
+    tokens, update() and the rest; plus the GPU's span from the step's first launch to its last
+    kernel (CUDA events), and each step's floor: its context's KV bytes (`kv_bytes` per token) and
+    the weights (`w_bytes`) at `copy_bw`. Grouped by kind (steps with prompt tokens / pure decode)
+    and batch size."""
+    engine = llm.engine
+    runner, scheduler = engine.runner, engine.scheduler
+    log_: dict = {}
+    steps: list[dict] = []
+    execute = runner.execute
+
+    def timed_execute(batch, sampling):
+        t0 = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pending = execute(batch, sampling)
+        end.record()
+        log_["launch"], log_["events"] = time.perf_counter() - t0, (start, end)
+        if pending is not None:
+            result = pending.result
+
+            def timed_result():
+                t1 = time.perf_counter()
+                out = result()
+                log_["wait"] = time.perf_counter() - t1
+                return out
+            pending.result = timed_result
+        return pending
+
+    engine.scheduler, runner.execute = _TimedScheduler(scheduler, log_), timed_execute
+    step = engine.step
+
+    def timed_step(*a, **k):
+        log_.clear()
+        t0 = time.perf_counter()
+        out = step(*a, **k)
+        log_["wall"] = time.perf_counter() - t0
+        steps.append(dict(log_))
+        return out
+    engine.step = timed_step
+    llm.reset_prefix_cache()  # as the timed runs: every prompt computed
+    try:
+        t0 = time.perf_counter()
+        llm.generate([p for p, _ in requests], [greedy(m) for _, m in requests], use_tqdm=False)
+        torch.cuda.synchronize(device)
+        generate_s = time.perf_counter() - t0
+    finally:
+        engine.scheduler, engine.step = scheduler, step
+        del runner.execute
+    rows: dict = {}
+    for s in steps:
+        if "events" not in s:
+            continue
+        s["gpu"] = s["events"][0].elapsed_time(s["events"][1]) / 1e3
+        bucket = "prefill" if s["prefill"] else next(f"decode <= {b}" for b in (8, 32, 64, 128, 192, 256, 1 << 30)
+                                                     if s["seqs"] <= b)
+        acc = rows.setdefault(bucket, dict(steps=0, tokens=0, floor=0.0))
+        acc["steps"] += 1
+        acc["tokens"] += s["tokens"]
+        acc["floor"] += (s["context"] * kv_bytes + w_bytes) / copy_bw
+        for k in ("wall", "sched", "launch", "wait", "update", "gpu"):
+            acc[k] = acc.get(k, 0.0) + s.get(k, 0.0)
+    total = sum(a["wall"] for a in rows.values())
+    lines = [f"step timeline: generate {generate_s:.3f} s, {len(steps)} steps, {total:.3f} s in steps",
+             "| steps | n | tokens | wall s | share | schedule ms/step | launch ms/step | wait ms/step | "
+             "update ms/step | other ms/step | GPU span ms/step | GPU idle share | floor ms/step | GPU span / floor |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, a in sorted(rows.items(), key=lambda kv: (kv[0] != "prefill", len(kv[0]), kv[0])):
+        n = a["steps"]
+        other = a["wall"] - a["sched"] - a["launch"] - a["wait"] - a["update"]
+        lines.append(f"| {name} | {n} | {a['tokens']} | {a['wall']:.3f} | {a['wall'] / total:.1%} | "
+                     f"{1e3 * a['sched'] / n:.3f} | {1e3 * a['launch'] / n:.3f} | {1e3 * a['wait'] / n:.3f} | "
+                     f"{1e3 * a['update'] / n:.3f} | {1e3 * other / n:.3f} | {1e3 * a['gpu'] / n:.3f} | "
+                     f"{max(0.0, 1 - a['gpu'] / a['wall']):.1%} | {1e3 * a['floor'] / n:.3f} | "
+                     f"{a['gpu'] / a['floor']:.2f} |")
+    return "\n".join(lines)
+
+
 def check_greedy(llm, hf, vocab: int, device, top_k: int) -> str:
     """tidal's greedy tokens, teacher-forced through transformers, must be in its top_k at every step."""
     rng = random.Random(7)
@@ -424,6 +529,9 @@ def run_qwen3(args, sizes, workloads, device, dtype, ceil, res: Results):
     if llm is not None and "S1" in workloads:
         attempt(res, "S1", "output_tokens_per_s", "tok/s",
                 lambda: tidal_throughput(llm, "S1", s1, sizes["repeats"], device, res))
+        if args.timeline and device.type == "cuda":
+            res.details.append("S1 " + step_timeline(llm, s1, device, kv, w_bytes, ceil[0]))
+            log(res.details[-1])
     if llm is not None and "S4" in workloads:
         s4 = s4_requests(s1, sizes["group"], vocab)
 
@@ -471,6 +579,10 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
     if llm is not None and "S2" in workloads:
         attempt(res, "S2", "ms_per_output_token", "ms",
                 lambda: tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res))
+        if args.timeline and device.type == "cuda":
+            res.details.append("S2 " + step_timeline(llm, [(s2_prompt, sizes["s2_out"])], device, kv, w_bytes,
+                                                     ceil[0]))
+            log(res.details[-1])
     if llm is not None and "S3" in workloads:
         attempt(res, "S3", "requests_per_s", "req/s",
                 lambda: tidal_throughput(llm, "S3", s3, sizes["repeats"], device, res))
@@ -530,6 +642,8 @@ def main() -> int:
                     help="static peer batches timed for S1 and S3 (the first N; <= 0: all)")
     ap.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
     ap.add_argument("--tiny", action="store_true", help="tiny models and workloads on the CPU, fp32: checks the script")
+    ap.add_argument("--timeline", action="store_true",
+                    help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     args = ap.parse_args()
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
     if not workloads <= {"S1", "S2", "S3", "S4"}:

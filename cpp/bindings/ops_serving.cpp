@@ -23,6 +23,21 @@ void bind_ops_serving(py::module_& m) {
       py::arg("out"), py::arg("x"), py::arg("stream") = 0,
       "out = silu(x[:, :d]) * x[:, d:] for DLPack capsules out [num_tokens, d], x [num_tokens, 2 * d].");
   m.def(
+      "skinny_linear",
+      [](py::handle out, py::handle residual, py::handle x, py::handle weight, py::handle bias,
+         py::handle norm_weight, int prologue, float eps, std::uintptr_t stream) {
+        TIDAL_CHECK(prologue >= 0 && prologue <= 2, "prologue=", prologue,
+                    " must be 0 (identity), 1 (rms_norm) or 2 (silu_and_mul)");
+        return ops::skinny_linear(view_optional_capsule(out, "out"), view_optional_capsule(residual, "residual"),
+                                  view_capsule(x, "x"), view_capsule(weight, "weight"),
+                                  view_optional_capsule(bias, "bias"), view_optional_capsule(norm_weight, "norm_weight"),
+                                  static_cast<ops::SkinnyPrologue>(prologue), eps, Stream::from_int(stream));
+      },
+      py::arg("out"), py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("norm_weight"),
+      py::arg("prologue"), py::arg("eps"), py::arg("stream") = 0,
+      "out = f(x) @ weight.T (+ bias), or residual += it, for a few rows on the GPU (DLPack capsules, None for "
+      "absent ones); False when the fused kernel does not take these shapes.");
+  m.def(
       "rotary_embedding",
       [](py::handle positions, py::handle query, py::handle key, int64_t head_dim, py::handle cos_sin_cache,
          bool is_neox, std::uintptr_t stream) {

@@ -75,3 +75,27 @@ def test_rotary_cache_activation_and_noise():
     torch.cuda.synchronize()
     for cpu, gpu in zip(outs["cpu"], outs["cuda"]):
         assert_close(gpu, cpu, dtype=torch.bfloat16 if cpu.dtype == torch.bfloat16 else torch.float32)
+
+
+@pytest.mark.parametrize("m,n,k,prologue,dtype", [
+    (1, 300, 1000, 1, torch.bfloat16),  # rms_norm into the product, more rows than warps
+    (3, 37, 64, 2, torch.float16),      # silu_and_mul, rows padded to 4, the residual add
+    (8, 65, 256, 0, torch.float32),
+])
+def test_skinny_linear_paths(m, n, k, prologue, dtype):
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, 2 * k if prologue == 2 else k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    nw = torch.randn(k, generator=g).to(dtype) if prologue == 1 else None
+    kwargs = dict(norm_weight=nw, gated=prologue == 2)
+    if prologue == 2:
+        res = torch.randn(m, n, generator=g).to(dtype)
+        expected = tidal.ops.skinny_linear(x, w, b, residual=res.clone(), **kwargs)  # the CPU twin
+        got = tidal.ops.skinny_linear(x.cuda(), w.cuda(), b.cuda(), residual=res.cuda(), **kwargs)
+    else:
+        expected = tidal.ops.skinny_linear(x, w, b, **kwargs)
+        got = tidal.ops.skinny_linear(x.cuda(), w.cuda(), b.cuda(),
+                                      **dict(kwargs, norm_weight=None if nw is None else nw.cuda()))
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.cpu().float(), expected.float(), atol=2e-2, rtol=2e-2)

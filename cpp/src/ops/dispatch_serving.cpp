@@ -133,6 +133,57 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
       [&] { gpu::silu_and_mul(out, x, stream); });
 }
 
+bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
+                   TensorView norm_weight, SkinnyPrologue prologue, float eps, Stream stream) {
+  detail::check_rows(x, "x");
+  detail::check_rows(weight, "weight");
+  check_float(x, "x");
+  check_dtype(weight, "weight", x.dtype, "x");
+  check_device(weight, "weight", x, "x");
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
+  const int64_t x_width = prologue == SkinnyPrologue::kSiluMul ? 2 * k : k;
+  TIDAL_CHECK(x.size(1) == x_width, "x.shape=", x.shape_str(), " must be [m, ", x_width, "] for weight.shape=",
+              weight.shape_str(), prologue == SkinnyPrologue::kSiluMul ? " (silu_and_mul halves x)" : "");
+  TIDAL_CHECK((out.data == nullptr) != (residual.data == nullptr), "pass exactly one of out and residual");
+  TensorView& dst = out.data != nullptr ? out : residual;
+  const char* dst_name = out.data != nullptr ? "out" : "residual";
+  detail::check_rows(dst, dst_name);
+  TIDAL_CHECK(dst.size(0) == m && dst.size(1) == n, dst_name, ".shape=", dst.shape_str(), " must be [m, n] = [", m,
+              ", ", n, "]");
+  check_device(dst, dst_name, x, "x");
+  if (out.data != nullptr) {
+    TIDAL_CHECK(out.dtype == x.dtype || out.dtype == DType::kFloat32, "out.dtype=", dtype_name(out.dtype),
+                " must be x.dtype=", dtype_name(x.dtype), " or float32");
+  } else {
+    check_dtype(residual, "residual", x.dtype, "x");
+  }
+  TIDAL_CHECK(!detail::overlaps(dst, x) && !detail::overlaps(dst, weight), dst_name,
+              " overlaps x or weight in memory");
+  if (bias.data != nullptr) {
+    check_vector(bias, "bias", n, "n");
+    check_dtype(bias, "bias", x.dtype, "x");
+    check_device(bias, "bias", x, "x");
+  }
+  if (prologue == SkinnyPrologue::kRmsNorm) {
+    TIDAL_CHECK(norm_weight.data != nullptr, "norm_weight is required for the rms_norm prologue");
+    check_vector(norm_weight, "norm_weight", k, "k");
+    check_dtype(norm_weight, "norm_weight", x.dtype, "x");
+    check_device(norm_weight, "norm_weight", x, "x");
+    TIDAL_CHECK(eps >= 0.0f && std::isfinite(eps), "eps=", eps, " must be finite and >= 0");
+  }
+  TIDAL_CHECK(x.device.type != DeviceType::kCPU, "skinny_linear has no CPU kernel (the tensors are on ",
+              device_name(x.device), "); run the unfused ops there");
+  if (m == 0 || n == 0) return true;
+#if TIDAL_WITH_CUDA
+  if (x.device.type != DeviceType::kCUDA || !gpu::skinny_linear_supported(x, weight)) return false;
+  gpu::skinny_linear(out, residual, x, weight, bias, norm_weight, static_cast<int>(prologue), eps, stream);
+  return true;
+#else
+  (void)stream;
+  return false;
+#endif
+}
+
 namespace {
 
 // The checks rotary_embedding and rotary_embedding_and_cache share; query and key are 3-D.

@@ -1,0 +1,335 @@
+// SPDX-License-Identifier: Apache-2.0
+// A linear layer for a few rows (decode at small batch): y = f(x) W^T (+ bias), with the elementwise
+// op before it and the residual add after it fused in (tidal::gpu::skinny_linear). Built by nvcc,
+// and by hipcc with -DTIDAL_USE_HIP.
+//
+// f is one of: identity; RMSNorm(x) * norm_weight; silu(x[:, :k]) * x[:, k:]. The result either goes
+// to `out` (x's dtype or fp32) or is added into `residual` in place. A Llama layer at batch 1 is
+// then four of these (qkv with the input norm, o_proj + residual, gate_up with the post-attention
+// norm, down_proj with silu_and_mul + residual) plus rotary and attention, instead of ten kernels.
+#include <climits>
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "ops/kernels.h"
+
+namespace tidal::gpu {
+namespace {
+
+// NOTE(tidal): napkin math. Llama-3-8B at batch 1 reads 16 GB of weights per token: 3.8 ms at the
+// H200's 4.2 TB/s copy ceiling, so every GEMV must stream its weight at the ceiling and the rest of
+// the step is overhead. Keeping ~4.5 TB/s busy at ~1 us of DRAM latency takes ~35 KB of loads in
+// flight per SM. Each warp owns whole weight rows (no split-K, so the residual add needs no
+// atomics) and keeps two groups of kUnroll 16-byte vectors per lane in registers: while it
+// multiplies one group, the next is on its way (4 KB per warp, 16+ warps per SM). f(x) is computed
+// once per block into shared memory (m * k elements, at most kMaxSmem), read as 16-byte vectors.
+constexpr int kThreads = 256;
+constexpr int kUnroll = 8;
+#if defined(TIDAL_USE_HIP)
+constexpr int64_t kMaxSmem = 64 * 1024;
+#else
+constexpr int64_t kMaxSmem = 100 * 1024;
+#endif
+constexpr int64_t kMaxRows = 8;
+
+enum Prologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
+
+struct Params {
+  const void* x;          // [m, k] (kSiluMul: [m, 2k]), row stride x_stride
+  const void* weight;     // [n, k], row stride w_stride
+  const void* bias;       // [n] or null
+  const void* norm_weight;  // [k] (kRmsNorm)
+  void* out;              // [m, n] x's dtype or fp32 (out_fp32), row stride out_stride; null with residual
+  void* residual;         // [m, n] x's dtype, row stride residual_stride; null without
+  int64_t x_stride, w_stride, out_stride, residual_stride;
+  int m, n, k;
+  int prologue;
+  bool out_fp32;
+  float eps;
+};
+
+// Waits until the kernel before this one in the stream has finished and its writes are visible.
+// A kernel launched with programmatic stream serialization starts before that (see launch below):
+// everything ahead of this call may only read the weights.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// One weight vector through the non-coherent path, not kept in L1 (each is read once).
+template <typename V>
+__device__ __forceinline__ V load_weight(const V* ptr) {
+#if !defined(TIDAL_USE_HIP)
+  if constexpr (sizeof(V) == 16) {
+    uint4 raw;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                 : "l"(ptr));
+    V out;
+    memcpy(&out, &raw, sizeof(out));
+    return out;
+  }
+#endif
+  return *ptr;
+}
+
+// f(x) for rows [0, m) into xs ([kM, k] in T); rows m .. kM-1 are zeros. All threads take part.
+template <typename T, int kM, int kVec>
+__device__ void prologue(const Params& p, T* xs, float* scratch) {
+  using V = Vec<T, kVec>;
+  const int num_vecs = p.k / kVec;
+  const T* x = static_cast<const T*>(p.x);
+  float inv_rms[kM];
+#pragma unroll
+  for (int r = 0; r < kM; ++r) inv_rms[r] = 1.0f;
+  if (p.prologue == kRmsNorm) {
+    float ss[kM];
+#pragma unroll
+    for (int r = 0; r < kM; ++r) ss[r] = 0.0f;
+    for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+#pragma unroll
+      for (int r = 0; r < kM; ++r) {
+        if (r >= p.m) continue;
+        const V v = load_vec<T, kVec>(x + r * p.x_stride + static_cast<int64_t>(i) * kVec);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const float f = element_to_float(v, j);
+          ss[r] += f * f;
+        }
+      }
+    }
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+#pragma unroll
+    for (int r = 0; r < kM; ++r) {
+      const float s = warp_sum(ss[r]);
+      if (lane == 0) scratch[r * num_warps + warp] = s;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kM; ++r) {
+      float s = 0.0f;
+      for (int w = 0; w < num_warps; ++w) s += scratch[r * num_warps + w];
+      inv_rms[r] = rsqrtf(s / static_cast<float>(p.k) + p.eps);
+    }
+  }
+  const T* nw = static_cast<const T*>(p.norm_weight);
+  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    V w;
+    if (p.prologue == kRmsNorm) w = load_vec_readonly<T, kVec>(nw + static_cast<int64_t>(i) * kVec);
+#pragma unroll
+    for (int r = 0; r < kM; ++r) {
+      V o;
+      if (r >= p.m) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) o.v[j] = from_float<T>(0.0f);
+      } else if (p.prologue == kSiluMul) {
+        const V g = load_vec<T, kVec>(x + r * p.x_stride + static_cast<int64_t>(i) * kVec);
+        const V u = load_vec<T, kVec>(x + r * p.x_stride + p.k + static_cast<int64_t>(i) * kVec);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {  // silu_and_mul's expression and rounding
+          const float gj = element_to_float(g, j);
+          o.v[j] = from_float<T>(gj / (1.0f + __expf(-gj)) * element_to_float(u, j));
+        }
+      } else {
+        const V v = load_vec<T, kVec>(x + r * p.x_stride + static_cast<int64_t>(i) * kVec);
+        if (p.prologue == kRmsNorm) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {  // rms_norm's expression and rounding
+            const float f = element_to_float(v, j) * inv_rms[r];
+            o.v[j] = from_float<T>(f * element_to_float(w, j));
+          }
+        } else {
+          o = v;
+        }
+      }
+      store_vec(xs + r * p.k + static_cast<int64_t>(i) * kVec, o);
+    }
+  }
+  __syncthreads();
+}
+
+// Grid: enough blocks to fill the GPU once; warp g of the grid takes rows g, g + num_warps, ...
+// Block: kThreads threads; dynamic shared memory kM * k elements of T.
+template <typename T, int kM>
+__global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p) {
+  constexpr int kVec = 16 / sizeof(T);
+  using V = Vec<T, kVec>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float scratch[kM * (kThreads / kWarpSize)];  // per row and warp: the norm's partial sums
+  T* xs = reinterpret_cast<T*>(smem_raw);
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int warps_per_block = blockDim.x / kWarpSize;
+  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  const int num_vecs = p.k / kVec;
+  const int group_span = kUnroll * kWarpSize;  // vectors of a row one group covers
+  const V* weight = static_cast<const V*>(p.weight);
+  const int64_t w_vec_stride = p.w_stride / kVec;
+
+  // The warp's work is a sequence of groups (row, first vector of the row).
+  int64_t row = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
+  int base = 0;
+  V cur[kUnroll];
+  const auto load_group = [&](V (&dst)[kUnroll], int64_t r, int b) {
+    const V* w_row = weight + r * w_vec_stride;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = b + u * kWarpSize + lane;
+      if (idx < num_vecs) dst[u] = load_weight(w_row + idx);
+    }
+  };
+  if (row < p.n) load_group(cur, row, base);  // the weights do not depend on the previous kernel
+
+  wait_for_prior_grid();
+  prologue<T, kM, kVec>(p, xs, scratch);
+
+  float acc[kM];
+#pragma unroll
+  for (int r = 0; r < kM; ++r) acc[r] = 0.0f;
+  while (row < p.n) {
+    int64_t next_row = row;
+    int next_base = base + group_span;
+    if (next_base >= num_vecs) {
+      next_row = row + total_warps;
+      next_base = 0;
+    }
+    V nxt[kUnroll];
+    if (next_row < p.n) load_group(nxt, next_row, next_base);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * kWarpSize + lane;
+      if (idx < num_vecs) {
+        float wf[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(cur[u], j);
+#pragma unroll
+        for (int r = 0; r < kM; ++r) {
+          const V xv = load_vec<T, kVec>(xs + r * p.k + static_cast<int64_t>(idx) * kVec);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
+        }
+      }
+    }
+    if (next_row != row) {  // the row is done: reduce over the warp, lane r writes row r's output
+#pragma unroll
+      for (int r = 0; r < kM; ++r) acc[r] = warp_sum(acc[r]);
+      float mine = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kM; ++r) {
+        if (lane == r) mine = acc[r];
+        acc[r] = 0.0f;
+      }
+      if (lane < p.m) {
+        if (p.bias != nullptr) mine += to_float(static_cast<const T*>(p.bias)[row]);
+        if (p.residual != nullptr) {
+          T* res = static_cast<T*>(p.residual) + lane * p.residual_stride + row;
+          *res = from_float<T>(to_float(*res) + mine);
+        } else if (p.out_fp32) {
+          static_cast<float*>(p.out)[lane * p.out_stride + row] = mine;
+        } else {
+          static_cast<T*>(p.out)[lane * p.out_stride + row] = from_float<T>(mine);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
+    row = next_row;
+    base = next_base;
+  }
+}
+
+int multiprocessor_count(int device) {
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int value = 0;
+    TIDAL_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device));
+    counts[device] = value > 0 ? value : 1;
+  }
+  return counts[device];
+}
+
+template <typename T, int kM>
+void launch(const Params& p, int device, cudaStream_t stream) {
+  const auto kernel = skinny_linear_kernel<T, kM>;
+  const int smem = static_cast<int>(kM * static_cast<int64_t>(p.k) * sizeof(T));
+  const int warps_per_block = kThreads / kWarpSize;
+  const int64_t row_blocks = (p.n + warps_per_block - 1) / warps_per_block;
+#if defined(TIDAL_USE_HIP)
+  const int64_t resident = 2 * static_cast<int64_t>(multiprocessor_count(device));
+  const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
+  kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(p);
+  TIDAL_CUDA_CHECK(cudaGetLastError());
+#else
+  if (smem > 48 * 1024) {
+    TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  int per_sm = 0;
+  TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
+  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
+  const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
+  // NOTE(tidal): programmatic dependent launch (sm_90): the blocks start while the previous kernel
+  // drains, load their first weights, and wait in wait_for_prior_grid for its results. Inside a
+  // CUDA graph this removes most of the gap between the dependent kernels of a decode step.
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  TIDAL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+#endif
+}
+
+template <typename T>
+void launch_rows(const Params& p, int device, cudaStream_t stream) {
+  if (p.m <= 1) return launch<T, 1>(p, device, stream);
+  if (p.m <= 2) return launch<T, 2>(p, device, stream);
+  if (p.m <= 4) return launch<T, 4>(p, device, stream);
+  return launch<T, 8>(p, device, stream);
+}
+
+int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
+
+}  // namespace
+
+bool skinny_linear_supported(TensorView x, TensorView weight) {
+  const int64_t m = x.size(0), k = weight.size(1);
+  const int64_t vec = 16 / dtype_size(x.dtype);
+  if (m < 1 || m > kMaxRows || k < 1 || k % vec != 0 || weight.size(0) > INT_MAX || k > INT_MAX) return false;
+  if (padded_rows(m) * k * static_cast<int64_t>(dtype_size(x.dtype)) > kMaxSmem) return false;
+  return is_aligned(x.data, 16) && is_aligned(weight.data, 16) && x.stride(0) % vec == 0 &&
+         weight.stride(0) % vec == 0;
+}
+
+void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
+                   TensorView norm_weight, int prologue_kind, float eps, Stream stream) {
+  Params p{};
+  p.x = x.data;
+  p.weight = weight.data;
+  p.bias = bias.data;
+  p.norm_weight = norm_weight.data;
+  p.out = out.data;
+  p.residual = residual.data;
+  p.x_stride = x.stride(0);
+  p.w_stride = weight.stride(0);
+  p.out_stride = out.data != nullptr ? out.stride(0) : 0;
+  p.residual_stride = residual.data != nullptr ? residual.stride(0) : 0;
+  p.m = static_cast<int>(x.size(0));
+  p.n = static_cast<int>(weight.size(0));
+  p.k = static_cast<int>(weight.size(1));
+  p.prologue = prologue_kind;
+  p.out_fp32 = out.data != nullptr && out.dtype == DType::kFloat32 && x.dtype != DType::kFloat32;
+  p.eps = eps;
+  DeviceGuard guard(x.device.index);
+  const auto s = static_cast<cudaStream_t>(stream.handle);
+  TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, x.device.index, s));
+}
+
+}  // namespace tidal::gpu

@@ -1,0 +1,146 @@
+"""A linear layer for a few rows with its neighbours fused in, as torch ops
+(``torch.ops.tidal.skinny_linear`` and ``torch.ops.tidal.skinny_linear_add_``).
+
+``f(x) @ weight.T (+ bias)``, where f is the identity, ``rms_norm(x, norm_weight, eps)`` or
+``silu_and_mul(x)`` (``gated``); the result is returned, or added into ``residual`` in place. On a GPU,
+for at most 8 rows, one kernel does all of it (decode at small batch: a Llama layer becomes four
+of these plus rotary and attention); otherwise, and on the CPU, the unfused ops run: the same
+rounding of f(x), a matmul, an add.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
+from tidal.ops.activation import silu_and_mul
+from tidal.ops.norm import rms_norm
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_ROWS = 8  # the fused kernel's limit; more rows take the unfused ops
+
+lib.define("skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float eps, bool gated, "
+           "ScalarType? out_dtype) -> Tensor")
+lib.define("skinny_linear_add_(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float eps, bool gated, "
+           "Tensor(a!) residual) -> ()")
+
+
+def _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=None, residual=None):
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x.dtype={x.dtype} is not supported; expected float32, float16 or bfloat16")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"x and weight must be 2-D, got x.shape={tuple(x.shape)}, weight.shape={tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError(f"x.shape={tuple(x.shape)} must be [m, {2 * k if gated else k}] for weight.shape="
+                         f"{tuple(weight.shape)}{' (gated: silu_and_mul halves x)' if gated else ''}")
+    for name, t in (("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("residual", residual)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}.dtype={t.dtype} must equal x.dtype={x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias.shape={tuple(bias.shape)} must be (n,) = ({n},)")
+    if norm_weight is not None:
+        if gated:
+            raise ValueError("norm_weight and gated=True are exclusive: f is one of rms_norm and silu_and_mul")
+        if norm_weight.shape != (k,):
+            raise ValueError(f"norm_weight.shape={tuple(norm_weight.shape)} must be (k,) = ({k},)")
+        if not (eps >= 0.0 and eps != float("inf")):
+            raise ValueError(f"eps={eps} must be finite and >= 0")
+    if residual is not None and residual.shape != (x.shape[0], n):
+        raise ValueError(f"residual.shape={tuple(residual.shape)} must be [m, n] = [{x.shape[0]}, {n}]")
+    if out_shape_dtype is not None and out_shape_dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"out_dtype={out_shape_dtype} must be x.dtype={x.dtype} or torch.float32")
+
+
+def _prologue(norm_weight, gated) -> int:
+    return 2 if gated else 1 if norm_weight is not None else 0
+
+
+def _fused(x, weight, bias, norm_weight, eps, gated, out, residual) -> bool:
+    """Runs the fused kernel when it takes these tensors; False (nothing written) otherwise."""
+    if x.device.type != "cuda" or x.shape[0] > MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return False
+    opt = lambda t: None if t is None else capsule(t)  # noqa: E731
+    return native.skinny_linear(opt(out), opt(residual), capsule(x), capsule(weight), opt(bias),
+                                opt(None if norm_weight is None else norm_weight.contiguous()),
+                                _prologue(norm_weight, gated), float(eps), stream_of(x))
+
+
+def _unfused(x, weight, bias, norm_weight, eps, gated, out_dtype=None) -> torch.Tensor:
+    h = silu_and_mul(x) if gated else rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+    if out_dtype is not None and out_dtype != x.dtype:  # float32 out: the products unrounded, as fused
+        return F.linear(h.to(out_dtype), weight.to(out_dtype), None if bias is None else bias.to(out_dtype))
+    return F.linear(h, weight, bias)
+
+
+def _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype):
+    _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out_dtype)
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if _fused(x, weight, bias, norm_weight, eps, gated, out, None):
+        return out
+    return out.copy_(_unfused(x, weight, bias, norm_weight, eps, gated, out_dtype))
+
+
+def _skinny_linear_add_impl(x, weight, bias, norm_weight, eps, gated, residual):
+    _check(x, weight, bias, norm_weight, eps, gated, residual=residual)
+    if residual.numel() == 0:
+        return
+    if residual.stride(-1) == 1 and _fused(x, weight, bias, norm_weight, eps, gated, None, residual):
+        return
+    residual.add_(_unfused(x, weight, bias, norm_weight, eps, gated))
+
+
+for _key in ("CPU", "CUDA"):
+    lib.impl("skinny_linear", _skinny_linear_impl, _key)
+    lib.impl("skinny_linear_add_", _skinny_linear_add_impl, _key)
+
+
+@torch.library.register_fake("tidal::skinny_linear")
+def _skinny_linear_fake(x, weight, bias, norm_weight, eps, gated, out_dtype):
+    _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out_dtype)
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.register_fake("tidal::skinny_linear_add_")
+def _skinny_linear_add_fake(x, weight, bias, norm_weight, eps, gated, residual):
+    _check(x, weight, bias, norm_weight, eps, gated, residual=residual)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
+                  residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``f(x) @ weight.T (+ bias)`` for ``x`` [m, k] (``gated``: [m, 2k]) and ``weight`` [n, k].
+
+    f: ``rms_norm(x, norm_weight, eps)`` when ``norm_weight`` is given, ``silu_and_mul(x)`` when
+    ``gated``, else the identity; each rounded to x's dtype as those ops round. With ``residual``
+    ([m, n], x's dtype) the result is added into it in place and ``residual`` is returned; otherwise
+    a new [m, n] tensor in ``out_dtype`` (x's dtype, the default, or float32: the fp32 sums
+    unrounded). ``out`` ([m, n], x's dtype or float32): written instead of a new tensor, and
+    returned. Not differentiable (serving).
+    """
+    if out is not None:
+        if residual is not None:
+            raise ValueError("pass at most one of out and residual")
+        _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out.dtype)
+        if out.shape != (x.shape[0], weight.shape[0]):
+            raise ValueError(f"out.shape={tuple(out.shape)} must be [m, n] = [{x.shape[0]}, {weight.shape[0]}]")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device} but x is on {x.device}")
+        if out.numel() and not (out.stride(-1) == 1 and _fused(x, weight, bias, norm_weight, eps, gated, out, None)):
+            out.copy_(_unfused(x, weight, bias, norm_weight, eps, gated, out.dtype))
+        return out
+    if residual is not None:
+        if is_eager_call(x, weight, residual):
+            _skinny_linear_add_impl(x, weight, bias, norm_weight, eps, gated, residual)
+        else:
+            torch.ops.tidal.skinny_linear_add_(x, weight, bias, norm_weight, eps, gated, residual)
+        return residual
+    if is_eager_call(x, weight):
+        return _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype)
+    return torch.ops.tidal.skinny_linear(x, weight, bias, norm_weight, eps, gated, out_dtype)
