@@ -31,9 +31,9 @@ SHAPES = [
     ("llama8b down + silu + add", 1, 4096, 14336, "silu", True),
     ("llama8b lm_head", 1, 128256, 4096, None, False),
     ("llama8b gate_up + norm, m=4", 4, 28672, 4096, "rms_norm", False),
-    ("llama8b gate_up + norm, m=8", 8, 28672, 4096, "rms_norm", False),
+    ("llama8b gate_up + norm, m=2", 2, 28672, 4096, "rms_norm", False),
     ("qwen3-0.6b gate_up + norm", 1, 6144, 1024, "rms_norm", False),
-    ("qwen3-0.6b down + silu + add, m=8", 8, 1024, 3072, "silu", True),
+    ("qwen3-0.6b down + silu + add, m=4", 4, 1024, 3072, "silu", True),
 ]
 EPS = 1e-6
 

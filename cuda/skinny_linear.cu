@@ -19,10 +19,12 @@ namespace {
 // NOTE(tidal): napkin math. Llama-3-8B at batch 1 reads 16 GB of weights per token: 3.8 ms at the
 // H200's 4.2 TB/s copy ceiling, so every GEMV must stream its weight at the ceiling and the rest of
 // the step is overhead. Keeping ~4.5 TB/s busy at ~1 us of DRAM latency takes ~35 KB of loads in
-// flight per SM. Each warp owns whole weight rows (no split-K, so the residual add needs no
-// atomics) and keeps two groups of kUnroll 16-byte vectors per lane in registers: while it
-// multiplies one group, the next is on its way (4 KB per warp, 16+ warps per SM). f(x) is computed
-// once per block into shared memory (m * k elements, at most kMaxSmem), read as 16-byte vectors.
+// flight per SM. Each warp owns a run of whole weight rows (no split-K, so the residual add needs
+// no atomics) and walks it in groups of kUnroll 16-byte vectors per lane (4 KB): while it multiplies
+// one group from registers, the next is loading, and lane 0 has asked L2 for kPrefetchGroups more
+// with one bulk prefetch each. f(x) is computed once per block into shared memory (m * k elements,
+// at most kMaxSmem), read as 16-byte vectors. Past 4 rows the shared-memory reads of x, not DRAM,
+// bound the kernel (8 rows: 2x slower than cuBLAS on H200), so it takes at most 4.
 constexpr int kThreads = 256;
 constexpr int kUnroll = 8;
 #if defined(TIDAL_USE_HIP)
@@ -30,7 +32,10 @@ constexpr int64_t kMaxSmem = 64 * 1024;
 #else
 constexpr int64_t kMaxSmem = 100 * 1024;
 #endif
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 4;
+// Groups a warp prefetches into L2 ahead of the one it loads: DRAM requests in flight without
+// registers (3 groups of 4 KB per warp, ~16 warps per SM: ~190 KB per SM).
+constexpr int kPrefetchGroups = 3;
 
 enum Prologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 
@@ -54,6 +59,25 @@ struct Params {
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel in the stream, if launched with programmatic stream serialization, start its
+// blocks as this one's finish (its own wait still waits for all of this kernel's writes).
+__device__ __forceinline__ void allow_next_grid() {
+#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks for `bytes` (a multiple of 16) at a 16-byte aligned `ptr` to be brought into L2, without
+// registers or waiting: one bulk prefetch (sm_90); nothing elsewhere.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+#else
+  (void)ptr;
+  (void)bytes;
 #endif
 }
 
@@ -150,7 +174,8 @@ __device__ void prologue(const Params& p, T* xs, float* scratch) {
   __syncthreads();
 }
 
-// Grid: enough blocks to fill the GPU once; warp g of the grid takes rows g, g + num_warps, ...
+// Grid: enough blocks to fill the GPU once. Warp g of the grid takes rows [g * rows_per_warp,
+// (g + 1) * rows_per_warp): its weights are one run of memory when rows are packed (w_stride == k).
 // Block: kThreads threads; dynamic shared memory kM * k elements of T.
 template <typename T, int kM>
 __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p) {
@@ -163,13 +188,30 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   const int lane = threadIdx.x % kWarpSize;
   const int warps_per_block = blockDim.x / kWarpSize;
   const int64_t total_warps = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  const int64_t rows_per_warp = (p.n + total_warps - 1) / total_warps;
+  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
+  const int64_t row_end = (warp_id + 1) * rows_per_warp < p.n ? (warp_id + 1) * rows_per_warp : p.n;
   const int num_vecs = p.k / kVec;
   const int group_span = kUnroll * kWarpSize;  // vectors of a row one group covers
   const V* weight = static_cast<const V*>(p.weight);
   const int64_t w_vec_stride = p.w_stride / kVec;
 
-  // The warp's work is a sequence of groups (row, first vector of the row).
-  int64_t row = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
+  // The warp's work is a sequence of groups (row, first vector of the row), row-major.
+  const auto advance = [&](int64_t& r, int& b) {
+    b += group_span;
+    if (b >= num_vecs) {
+      ++r;
+      b = 0;
+    }
+  };
+  // Lane 0 asks L2 for a whole group (the vectors of one row it covers) ahead of its use.
+  const auto prefetch_group = [&](int64_t r, int b) {
+    if (lane == 0 && r < row_end) {
+      const int count = num_vecs - b < group_span ? num_vecs - b : group_span;
+      prefetch_l2(weight + r * w_vec_stride + b, static_cast<uint32_t>(count) * 16u);
+    }
+  };
+  int64_t row = warp_id * rows_per_warp;
   int base = 0;
   V cur[kUnroll];
   const auto load_group = [&](V (&dst)[kUnroll], int64_t r, int b) {
@@ -180,23 +222,30 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
       if (idx < num_vecs) dst[u] = load_weight(w_row + idx);
     }
   };
-  if (row < p.n) load_group(cur, row, base);  // the weights do not depend on the previous kernel
+  // The weights do not depend on the previous kernel: start streaming them before waiting for it.
+  int64_t ahead_row = row;
+  int ahead_base = base;
+  for (int d = 0; d < kPrefetchGroups; ++d) {
+    advance(ahead_row, ahead_base);
+    prefetch_group(ahead_row, ahead_base);
+  }
+  if (row < row_end) load_group(cur, row, base);
 
   wait_for_prior_grid();
+  allow_next_grid();
   prologue<T, kM, kVec>(p, xs, scratch);
 
   float acc[kM];
 #pragma unroll
   for (int r = 0; r < kM; ++r) acc[r] = 0.0f;
-  while (row < p.n) {
+  while (row < row_end) {
     int64_t next_row = row;
-    int next_base = base + group_span;
-    if (next_base >= num_vecs) {
-      next_row = row + total_warps;
-      next_base = 0;
-    }
+    int next_base = base;
+    advance(next_row, next_base);
+    advance(ahead_row, ahead_base);
+    prefetch_group(ahead_row, ahead_base);
     V nxt[kUnroll];
-    if (next_row < p.n) load_group(nxt, next_row, next_base);
+    if (next_row < row_end) load_group(nxt, next_row, next_base);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * kWarpSize + lane;
@@ -263,8 +312,13 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(p);
   TIDAL_CUDA_CHECK(cudaGetLastError());
 #else
-  if (smem > 48 * 1024) {
-    TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  // NOTE(tidal): the dynamic size plus the static scratch must fit the kernel's limit, whose default
+  // is 48 KB in all; raised once per device to what any k this kernel takes can need.
+  static bool raised[64] = {};
+  if (device >= 0 && device < 64 && !raised[device]) {
+    TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kMaxSmem)));
+    raised[device] = true;
   }
   int per_sm = 0;
   TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
@@ -291,11 +345,10 @@ template <typename T>
 void launch_rows(const Params& p, int device, cudaStream_t stream) {
   if (p.m <= 1) return launch<T, 1>(p, device, stream);
   if (p.m <= 2) return launch<T, 2>(p, device, stream);
-  if (p.m <= 4) return launch<T, 4>(p, device, stream);
-  return launch<T, 8>(p, device, stream);
+  return launch<T, 4>(p, device, stream);
 }
 
-int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
+int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : 4; }
 
 }  // namespace
 

@@ -1,8 +1,8 @@
 """skinny_linear (a linear layer over a few rows with rms_norm or silu_and_mul before it and the
 residual add after it) against a pure-torch fp32 reference: on the CPU (the unfused ops) here, and on
 CUDA where there is a GPU, there with the fused kernel asserted to run for the shapes it takes, the
-output poisoned before each run, and against the CPU result. Every dtype, 1 to 8 rows (and 9: the
-unfused path), odd output counts, widths that end mid-vector (the unfused path), bias, out in fp32,
+output poisoned before each run, and against the CPU result. Every dtype, 1 to 4 rows (and 5 to 9:
+the unfused path), odd output counts, widths that end mid-vector (the unfused path), bias, out in fp32,
 and CUDA graph capture."""
 
 import pytest
@@ -115,8 +115,8 @@ def test_out_float32(dtype, device):
 @gpu_only
 @pytest.mark.parametrize("prologue", PROLOGUES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 1, 8), (1, 4096, 4096), (2, 1000, 3584), (4, 33, 1024), (7, 513, 2048),
-                                   (8, 64, 4096)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 8), (1, 4096, 4096), (2, 1000, 3584), (4, 33, 1024), (3, 513, 2048),
+                                   (4, 64, 4096)])
 def test_fused_kernel_runs(m, n, k, dtype, prologue):
     """The shapes a decode step has take the fused kernel (not the unfused fallback) and it is exact
     to the reference; rows past the batch and outputs past n stay untouched."""
@@ -133,9 +133,9 @@ def test_fused_kernel_runs(m, n, k, dtype, prologue):
 
 @gpu_only
 def test_unsupported_shapes_fall_back():
-    """Rows past 8, widths that are not whole 16-byte vectors and f(x) past shared memory: the kernel
+    """Rows past 4, widths that are not whole 16-byte vectors and f(x) past shared memory: the kernel
     declines (writing nothing) and the op still gives the right answer through the unfused ops."""
-    for m, n, k in [(9, 16, 64), (1, 16, 36), (8, 16, 65536)]:
+    for m, n, k in [(5, 16, 64), (1, 16, 36), (4, 16, 65536)]:
         x, w, b, nw = make(m, n, k, torch.bfloat16, "rms_norm", False)
         x, w, nw = x.cuda(), w.cuda(), nw.cuda()
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")

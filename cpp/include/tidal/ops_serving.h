@@ -28,12 +28,12 @@ enum class SkinnyPrologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 ///   y = f(x) weight^T (+ bias),  then  out = y  or  residual += y  (in place),
 /// f = identity; rms_norm(x, norm_weight, eps) (rounded to the dtype, as rms_norm); or
 /// silu_and_mul(x) (rounded, as silu_and_mul). fp32 accumulation; y rounded once.
-/// x:       [m, k] ([m, 2k] for kSiluMul), 1 <= m <= 8; weight: [n, k]; bias: [n] or empty;
+/// x:       [m, k] ([m, 2k] for kSiluMul), m >= 1; weight: [n, k]; bias: [n] or empty;
 ///          norm_weight: [k] (kRmsNorm only); all of one float dtype and device, last dims contiguous.
 /// out:     [m, n] in x's dtype or float32, or empty; residual: [m, n] in x's dtype, or empty;
 ///          exactly one of them. Neither may overlap x or weight.
 /// Returns false, writing nothing, when the kernel does not take these shapes or alignments
-/// (rows past 8, k not a multiple of 16 bytes, f(x) larger than shared memory): the caller runs the
+/// (rows past 4, k not a multiple of 16 bytes, f(x) larger than shared memory): the caller runs the
 /// unfused ops instead.
 bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
                    TensorView norm_weight, SkinnyPrologue prologue, float eps, Stream stream);

@@ -3,7 +3,7 @@
 
 ``f(x) @ weight.T (+ bias)``, where f is the identity, ``rms_norm(x, norm_weight, eps)`` or
 ``silu_and_mul(x)`` (``gated``); the result is returned, or added into ``residual`` in place. On a GPU,
-for at most 8 rows, one kernel does all of it (decode at small batch: a Llama layer becomes four
+for at most 4 rows, one kernel does all of it (decode at small batch: a Llama layer becomes four
 of these plus rotary and attention); otherwise, and on the CPU, the unfused ops run: the same
 rounding of f(x), a matmul, an add.
 """
@@ -16,7 +16,7 @@ from tidal.ops.activation import silu_and_mul
 from tidal.ops.norm import rms_norm
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_ROWS = 8  # the fused kernel's limit; more rows take the unfused ops
+MAX_ROWS = 4  # the fused kernel's limit; more rows take the unfused ops
 
 lib.define("skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float eps, bool gated, "
            "ScalarType? out_dtype) -> Tensor")
