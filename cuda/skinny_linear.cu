@@ -8,6 +8,7 @@
 // then four of these (qkv with the input norm, o_proj + residual, gate_up with the post-attention
 // norm, down_proj with silu_and_mul + residual) plus rotary and attention, instead of ten kernels.
 #include <climits>
+#include <cstdlib>
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -51,6 +52,7 @@ struct Params {
   int prologue;
   bool out_fp32;
   float eps;
+  int flags;  // EXPERIMENT: bit 0 contiguous rows per warp, bits 1-3 prefetch depth, bit 4 early trigger
 };
 
 // Waits until the kernel before this one in the stream has finished and its writes are visible.
@@ -188,9 +190,13 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   const int lane = threadIdx.x % kWarpSize;
   const int warps_per_block = blockDim.x / kWarpSize;
   const int64_t total_warps = static_cast<int64_t>(gridDim.x) * warps_per_block;
-  const int64_t rows_per_warp = (p.n + total_warps - 1) / total_warps;
+  const bool contiguous = p.flags & 1;
+  const int prefetch_depth = (p.flags >> 1) & 7;
+  const int64_t rows_per_warp = contiguous ? (p.n + total_warps - 1) / total_warps : 1;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
-  const int64_t row_end = (warp_id + 1) * rows_per_warp < p.n ? (warp_id + 1) * rows_per_warp : p.n;
+  const int64_t row_end =
+      !contiguous ? p.n : (warp_id + 1) * rows_per_warp < p.n ? (warp_id + 1) * rows_per_warp : p.n;
+  const int64_t row_step = contiguous ? 1 : total_warps;
   const int num_vecs = p.k / kVec;
   const int group_span = kUnroll * kWarpSize;  // vectors of a row one group covers
   const V* weight = static_cast<const V*>(p.weight);
@@ -200,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   const auto advance = [&](int64_t& r, int& b) {
     b += group_span;
     if (b >= num_vecs) {
-      ++r;
+      r += row_step;
       b = 0;
     }
   };
@@ -225,14 +231,14 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   // The weights do not depend on the previous kernel: start streaming them before waiting for it.
   int64_t ahead_row = row;
   int ahead_base = base;
-  for (int d = 0; d < kPrefetchGroups; ++d) {
+  for (int d = 0; d < prefetch_depth; ++d) {
     advance(ahead_row, ahead_base);
     prefetch_group(ahead_row, ahead_base);
   }
   if (row < row_end) load_group(cur, row, base);
 
   wait_for_prior_grid();
-  allow_next_grid();
+  if (p.flags & 16) allow_next_grid();
   prologue<T, kM, kVec>(p, xs, scratch);
 
   float acc[kM];
@@ -242,8 +248,10 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
     int64_t next_row = row;
     int next_base = base;
     advance(next_row, next_base);
-    advance(ahead_row, ahead_base);
-    prefetch_group(ahead_row, ahead_base);
+    if (prefetch_depth > 0) {
+      advance(ahead_row, ahead_base);
+      prefetch_group(ahead_row, ahead_base);
+    }
     V nxt[kUnroll];
     if (next_row < row_end) load_group(nxt, next_row, next_base);
 #pragma unroll
@@ -380,6 +388,8 @@ void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
   p.prologue = prologue_kind;
   p.out_fp32 = out.data != nullptr && out.dtype == DType::kFloat32 && x.dtype != DType::kFloat32;
   p.eps = eps;
+  const char* flags = std::getenv("TIDAL_SKINNY_FLAGS");  // EXPERIMENT
+  p.flags = flags != nullptr ? std::atoi(flags) : 0;
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, x.device.index, s));

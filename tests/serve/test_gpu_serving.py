@@ -11,6 +11,7 @@ import torch
 
 import tidal
 from conftest import HAS_GPU
+from tidal.models import llama
 from tidal.serve.config import resolve_device
 from tidal.serve.gpu_model_runner import capture_sizes
 from tiny_models import EOS, FAMILIES, assert_pool_whole, build_model, hf_greedy
@@ -67,8 +68,12 @@ def family_model(request, tmp_path_factory):
 
 
 @needs_gpu
+@pytest.mark.parametrize("skinny", [0, 4], ids=["cublas", "skinny_linear"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_greedy_matches_transformers_on_gpu(family_model, enforce_eager):
+def test_greedy_matches_transformers_on_gpu(family_model, enforce_eager, skinny, monkeypatch):
+    """Decode steps of up to 4 tokens through cuBLAS or through ops.skinny_linear (norms, activation
+    and residual adds fused into the projections) give transformers' greedy tokens alike."""
+    monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", skinny)
     _, path, hf = family_model
     prompts = _prompts([1, 3, 4, 5, 14, 23, 9, 2])
     expected = [hf_greedy(hf, p, 12) for p in prompts]

@@ -39,7 +39,12 @@ from tidal.models.losses import fused_linear_cross_entropy
 from tidal.models.moe import SparseMoeBlock
 
 ACTIVATION_CHECKPOINTING_POLICIES = (None, "full", "attention", "mlp")
-SKINNY_MAX_TOKENS = ops.linear.MAX_ROWS  # serving steps up to this many tokens use ops.skinny_linear on a GPU
+# Serving steps of up to this many tokens run dense layers through ops.skinny_linear on a GPU (at most
+# ops.linear.MAX_ROWS; 0 turns it off).
+# NOTE(tidal): off by default: on H200 the fused kernel streams Llama-3-8B's projections no faster
+# than cuBLAS plus the separate norm and activation kernels (a layer's four projections at batch 1
+# in a CUDA graph: 133.8 vs 129.8 us; S2 4.96 ms unfused), see bench/bench_skinny_linear.py.
+SKINNY_MAX_TOKENS = 0
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -188,8 +193,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = SparseMoeBlock(config, dtype, device) if config.is_moe_layer(layer) else LlamaMLP(config, dtype, device)
-        # NOTE(tidal): dense layers run decode steps of up to SKINNY_MAX_TOKENS tokens on the GPU
-        # through ops.skinny_linear (Llama-3-8B at batch 1: 6 instead of 10 kernels per layer).
+        # NOTE(tidal): with SKINNY_MAX_TOKENS > 0, dense layers run decode steps of that many tokens
+        # on the GPU through ops.skinny_linear (Llama-3-8B at batch 1: 6 instead of 10 kernels a layer).
         self.skinny_ok = isinstance(self.mlp, LlamaMLP)
 
     def forward(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache):
@@ -197,7 +202,7 @@ class LlamaDecoderLayer(nn.Module):
         ``residual`` and each norm adds the previous block's output into it in place; hidden None
         means nothing is pending (the skinny path below added it already)."""
         num_tokens = (hidden if hidden is not None else residual).shape[0]
-        if self.skinny_ok and num_tokens <= SKINNY_MAX_TOKENS and positions.device.type == "cuda":
+        if self.skinny_ok and num_tokens <= min(SKINNY_MAX_TOKENS, ops.linear.MAX_ROWS) and positions.device.type == "cuda":
             return self._forward_skinny(hidden, residual, positions, cos_sin_cache, attn, kv_cache)
         norm = self.input_layernorm
         if residual is None:
@@ -407,7 +412,8 @@ class LlamaForCausalLM(nn.Module):
         """``hidden`` [num_rows, hidden_size] -> logits [num_rows, vocab_size] fp32; or, with ``out``
         ([num_rows, vocab_size] in the model's dtype), the logits written there unwidened."""
         with torch.no_grad():
-            if out is not None and hidden.shape[0] <= SKINNY_MAX_TOKENS and hidden.device.type == "cuda":
+            if out is not None and hidden.shape[0] <= min(SKINNY_MAX_TOKENS, ops.linear.MAX_ROWS) \
+                    and hidden.device.type == "cuda":
                 return ops.skinny_linear(hidden, self.lm_head.weight, self.lm_head.bias, out=out)
             if out is not None:
                 bias = self.lm_head.bias
