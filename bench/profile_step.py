@@ -95,6 +95,27 @@ def run_case(path, lines, title, num_seqs, prompt_len, max_tokens, max_model_len
     torch.cuda.empty_cache()
 
 
+def run_prefill_case(path, lines, title, num_seqs, prompt_len, max_model_len, vocab):
+    """One step that prefills num_seqs prompts of prompt_len tokens (S1's prefill steps)."""
+    llm = tidal.LLM(path, max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=num_seqs * prompt_len)
+    engine = llm.engine
+    g = torch.Generator().manual_seed(1)
+    params = tidal.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    for round_ in range(2):  # the first round warms up
+        for i in range(num_seqs):
+            engine.add_request(f"p{round_}-{i}", torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+        if round_ == 0:
+            while engine.has_unfinished_requests():
+                engine.step(return_unfinished=False)
+            llm.reset_prefix_cache()
+    lines.append(f"## {title}")
+    profile(engine, 1, lines, title)
+    while engine.has_unfinished_requests():
+        engine.step(return_unfinished=False)
+    del llm, engine
+    torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None)
@@ -106,6 +127,8 @@ def main():
     try:
         run_case(path, lines, "Qwen3-0.6B decode, batch 256, prompt 800", 256, 800, 400, 2048, QWEN3_0_6B["vocab_size"])
         run_case(path, lines, "Qwen3-0.6B decode, batch 1, prompt 128", 1, 128, 400, 2048, QWEN3_0_6B["vocab_size"])
+        run_prefill_case(path, lines, "Qwen3-0.6B prefill, 16 prompts of 512 tokens in one step", 16, 512, 2048,
+                         QWEN3_0_6B["vocab_size"])
     finally:
         shutil.rmtree(path, ignore_errors=True)
     if args.llama:

@@ -52,7 +52,8 @@ struct Params {
   int prologue;
   bool out_fp32;
   float eps;
-  int flags;  // EXPERIMENT: bit 0 contiguous rows per warp, bits 1-3 prefetch depth, bit 4 early trigger
+  int flags;  // EXPERIMENT: bit 0 contiguous rows per warp, bits 1-3 prefetch depth, bit 4 early trigger,
+             // bit 5 one block per SM
 };
 
 // Waits until the kernel before this one in the stream has finished and its writes are visible.
@@ -330,6 +331,7 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   }
   int per_sm = 0;
   TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
+  if (p.flags & 32) per_sm = 1;  // EXPERIMENT: room for the next kernel's blocks beside these
   const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
   const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
   // NOTE(tidal): programmatic dependent launch (sm_90): the blocks start while the previous kernel
