@@ -135,6 +135,11 @@ def main() -> int:
             cells = [flags]
             for name, m, n, k, prologue, residual in SHAPES[:5]:
                 x, w, nw, res = tensors(m, n, k, prologue, residual)
+                want = reference(x, w, nw, res, prologue)
+                got = fused(x, w, nw, None if res is None else res.clone(), prologue).float()
+                if not (got - want).abs().max().item() <= 2e-2 * max(want.abs().max().item(), 1.0):
+                    print(f"MISMATCH flags {flags} {name}", file=sys.stderr)
+                    failed = True
                 cells.append(f"{time_us(lambda: fused(x, w, nw, res, prologue), args.repeats, flush):.1f}")
             cells.append(f"{graph_us(lambda: run_layer(fused), args.repeats):.1f}")
             vrows.append(cells)
