@@ -15,7 +15,6 @@ the gaps between dependent kernels count there.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -87,7 +86,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("--repeats", type=int, default=100)
-    ap.add_argument("--variants", default="", help="EXPERIMENT: comma-separated TIDAL_SKINNY_FLAGS values to compare")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_skinny_linear.py: no CUDA device", file=sys.stderr)
@@ -128,23 +126,6 @@ def main() -> int:
     rows.append(["llama8b layer, 4 projections, graph", "m=1", f"{t_fused:.1f}", f"{t_unfused:.1f}", "",
                  f"{layer_bytes / t_fused / 1e3:,.0f}", f"{layer_bytes / t_fused / 1e3 / copy:.0%}",
                  f"{t_unfused / t_fused:.2f}x"])
-    if args.variants:
-        vrows = []
-        for flags in args.variants.split(","):
-            os.environ["TIDAL_SKINNY_FLAGS"] = flags
-            cells = [flags]
-            for name, m, n, k, prologue, residual in SHAPES[:5]:
-                x, w, nw, res = tensors(m, n, k, prologue, residual)
-                want = reference(x, w, nw, res, prologue)
-                got = fused(x, w, nw, None if res is None else res.clone(), prologue).float()
-                if not (got - want).abs().max().item() <= 2e-2 * max(want.abs().max().item(), 1.0):
-                    print(f"MISMATCH flags {flags} {name}", file=sys.stderr)
-                    failed = True
-                cells.append(f"{time_us(lambda: fused(x, w, nw, res, prologue), args.repeats, flush):.1f}")
-            cells.append(f"{graph_us(lambda: run_layer(fused), args.repeats):.1f}")
-            vrows.append(cells)
-        os.environ.pop("TIDAL_SKINNY_FLAGS")
-        print_table(["flags"] + [r[0] for r in SHAPES[:5]] + ["layer graph"], vrows)
     header = ["shape", "m x n x k", "tidal us", "unfused us", "F.linear us", "tidal GB/s (weights)",
               "% of copy ceiling", "speedup vs unfused"]
     print(f"copy ceiling {copy:,.0f} GB/s ({torch.cuda.get_device_name()})")

@@ -579,14 +579,6 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
     if llm is not None and "S2" in workloads:
         attempt(res, "S2", "ms_per_output_token", "ms",
                 lambda: tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res))
-        for flags in [f for f in args.skinny_flags.split(",") if f]:  # EXPERIMENT: skinny_linear variants
-            os.environ["TIDAL_SKINNY_FLAGS"] = flags
-            llm = None
-            free_memory(device)
-            llm = make_engine(path, device, MAX_MODEL_LEN["llama"], True, MAX_NUM_SEQS["llama"])
-            attempt(res, "S2", "ms_per_output_token", "ms",
-                    lambda: tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res,
-                                     note=f"skinny_linear flags {flags}"))
         if args.timeline and device.type == "cuda":
             res.details.append("S2 " + step_timeline(llm, [(s2_prompt, sizes["s2_out"])], device, kv, w_bytes,
                                                      ceil[0]))
@@ -652,7 +644,6 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models and workloads on the CPU, fp32: checks the script")
     ap.add_argument("--skinny", type=int, default=None,
                     help="decode steps of up to this many tokens through ops.skinny_linear (the model's default otherwise)")
-    ap.add_argument("--skinny-flags", default="", help="EXPERIMENT: S2 once more per TIDAL_SKINNY_FLAGS value")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     args = ap.parse_args()

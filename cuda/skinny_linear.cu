@@ -8,7 +8,6 @@
 // then four of these (qkv with the input norm, o_proj + residual, gate_up with the post-attention
 // norm, down_proj with silu_and_mul + residual) plus rotary and attention, instead of ten kernels.
 #include <climits>
-#include <cstdlib>
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -19,13 +18,14 @@ namespace {
 
 // NOTE(tidal): napkin math. Llama-3-8B at batch 1 reads 16 GB of weights per token: 3.8 ms at the
 // H200's 4.2 TB/s copy ceiling, so every GEMV must stream its weight at the ceiling and the rest of
-// the step is overhead. Keeping ~4.5 TB/s busy at ~1 us of DRAM latency takes ~35 KB of loads in
-// flight per SM. Each warp owns a run of whole weight rows (no split-K, so the residual add needs
-// no atomics) and walks it in groups of kUnroll 16-byte vectors per lane (4 KB): while it multiplies
-// one group from registers, the next is loading, and lane 0 has asked L2 for kPrefetchGroups more
-// with one bulk prefetch each. f(x) is computed once per block into shared memory (m * k elements,
-// at most kMaxSmem), read as 16-byte vectors. Past 4 rows the shared-memory reads of x, not DRAM,
-// bound the kernel (8 rows: 2x slower than cuBLAS on H200), so it takes at most 4.
+// the step is overhead. Warp g of the grid takes rows g, g + warps, ... (no split-K, so the residual
+// add needs no atomics) and walks each in groups of kUnroll 16-byte vectors per lane (4 KB): while
+// it multiplies one group from registers, the next is loading. f(x) is computed once per block into
+// shared memory (m * k elements, at most kMaxSmem), read as 16-byte vectors. Past 4 rows the
+// shared-memory reads of x, not DRAM, bound the kernel (8 rows: 2x slower than cuBLAS on H200), so
+// it takes at most 4. Measured on H200 and not kept (each slower, in the kernel and in S2): a
+// contiguous run of rows per warp, L2 bulk prefetches 1-7 groups ahead, an early
+// griddepcontrol.launch_dependents, and one block per SM to leave room for the next kernel.
 constexpr int kThreads = 256;
 constexpr int kUnroll = 8;
 #if defined(TIDAL_USE_HIP)
@@ -34,9 +34,6 @@ constexpr int64_t kMaxSmem = 64 * 1024;
 constexpr int64_t kMaxSmem = 100 * 1024;
 #endif
 constexpr int64_t kMaxRows = 4;
-// Groups a warp prefetches into L2 ahead of the one it loads: DRAM requests in flight without
-// registers (3 groups of 4 KB per warp, ~16 warps per SM: ~190 KB per SM).
-constexpr int kPrefetchGroups = 3;
 
 enum Prologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 
@@ -52,8 +49,6 @@ struct Params {
   int prologue;
   bool out_fp32;
   float eps;
-  int flags;  // EXPERIMENT: bit 0 contiguous rows per warp, bits 1-3 prefetch depth, bit 4 early trigger,
-             // bit 5 one block per SM
 };
 
 // Waits until the kernel before this one in the stream has finished and its writes are visible.
@@ -62,25 +57,6 @@ struct Params {
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Lets the next kernel in the stream, if launched with programmatic stream serialization, start its
-// blocks as this one's finish (its own wait still waits for all of this kernel's writes).
-__device__ __forceinline__ void allow_next_grid() {
-#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// Asks for `bytes` (a multiple of 16) at a 16-byte aligned `ptr` to be brought into L2, without
-// registers or waiting: one bulk prefetch (sm_90); nothing elsewhere.
-__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
-#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-#else
-  (void)ptr;
-  (void)bytes;
 #endif
 }
 
@@ -177,8 +153,7 @@ __device__ void prologue(const Params& p, T* xs, float* scratch) {
   __syncthreads();
 }
 
-// Grid: enough blocks to fill the GPU once. Warp g of the grid takes rows [g * rows_per_warp,
-// (g + 1) * rows_per_warp): its weights are one run of memory when rows are packed (w_stride == k).
+// Grid: enough blocks to fill the GPU once. Warp g of the grid takes rows g, g + warps, ... .
 // Block: kThreads threads; dynamic shared memory kM * k elements of T.
 template <typename T, int kM>
 __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p) {
@@ -191,13 +166,9 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   const int lane = threadIdx.x % kWarpSize;
   const int warps_per_block = blockDim.x / kWarpSize;
   const int64_t total_warps = static_cast<int64_t>(gridDim.x) * warps_per_block;
-  const bool contiguous = p.flags & 1;
-  const int prefetch_depth = (p.flags >> 1) & 7;
-  const int64_t rows_per_warp = contiguous ? (p.n + total_warps - 1) / total_warps : 1;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
-  const int64_t row_end =
-      !contiguous ? p.n : (warp_id + 1) * rows_per_warp < p.n ? (warp_id + 1) * rows_per_warp : p.n;
-  const int64_t row_step = contiguous ? 1 : total_warps;
+  const int64_t row_end = p.n;
+  const int64_t row_step = total_warps;
   const int num_vecs = p.k / kVec;
   const int group_span = kUnroll * kWarpSize;  // vectors of a row one group covers
   const V* weight = static_cast<const V*>(p.weight);
@@ -211,14 +182,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
       b = 0;
     }
   };
-  // Lane 0 asks L2 for a whole group (the vectors of one row it covers) ahead of its use.
-  const auto prefetch_group = [&](int64_t r, int b) {
-    if (lane == 0 && r < row_end) {
-      const int count = num_vecs - b < group_span ? num_vecs - b : group_span;
-      prefetch_l2(weight + r * w_vec_stride + b, static_cast<uint32_t>(count) * 16u);
-    }
-  };
-  int64_t row = warp_id * rows_per_warp;
+  int64_t row = warp_id;
   int base = 0;
   V cur[kUnroll];
   const auto load_group = [&](V (&dst)[kUnroll], int64_t r, int b) {
@@ -230,16 +194,9 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
     }
   };
   // The weights do not depend on the previous kernel: start streaming them before waiting for it.
-  int64_t ahead_row = row;
-  int ahead_base = base;
-  for (int d = 0; d < prefetch_depth; ++d) {
-    advance(ahead_row, ahead_base);
-    prefetch_group(ahead_row, ahead_base);
-  }
   if (row < row_end) load_group(cur, row, base);
 
   wait_for_prior_grid();
-  if (p.flags & 16) allow_next_grid();
   prologue<T, kM, kVec>(p, xs, scratch);
 
   float acc[kM];
@@ -249,10 +206,6 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
     int64_t next_row = row;
     int next_base = base;
     advance(next_row, next_base);
-    if (prefetch_depth > 0) {
-      advance(ahead_row, ahead_base);
-      prefetch_group(ahead_row, ahead_base);
-    }
     V nxt[kUnroll];
     if (next_row < row_end) load_group(nxt, next_row, next_base);
 #pragma unroll
@@ -331,7 +284,6 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   }
   int per_sm = 0;
   TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
-  if (p.flags & 32) per_sm = 1;  // EXPERIMENT: room for the next kernel's blocks beside these
   const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
   const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
   // NOTE(tidal): programmatic dependent launch (sm_90): the blocks start while the previous kernel
@@ -390,8 +342,6 @@ void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
   p.prologue = prologue_kind;
   p.out_fp32 = out.data != nullptr && out.dtype == DType::kFloat32 && x.dtype != DType::kFloat32;
   p.eps = eps;
-  const char* flags = std::getenv("TIDAL_SKINNY_FLAGS");  // EXPERIMENT
-  p.flags = flags != nullptr ? std::atoi(flags) : 0;
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, x.device.index, s));
