@@ -424,15 +424,15 @@ def tidal_throughput(llm, workload, requests, repeats, device, res: Results, met
     return tok_s
 
 
-def tidal_s2(llm, prompt, n_out, repeats, device, res: Results, note=""):
+def tidal_s2(llm, prompt, n_out, repeats, device, res: Results):
     full, one = [], []
     for _ in range(repeats):
         full.append(run_tidal(llm, [(prompt, n_out)], device)[0])
         one.append(run_tidal(llm, [(prompt, 1)], device)[0])
     t_full, t_one = statistics.median(full), statistics.median(one)
-    res.add("S2", "tidal", "ms_per_output_token", 1e3 * t_full / n_out, "ms", note=note,
+    res.add("S2", "tidal", "ms_per_output_token", 1e3 * t_full / n_out, "ms",
             runs=[round(1e3 * t / n_out, 3) for t in full])
-    res.add("S2", "tidal", "ms_per_output_token_decode", 1e3 * (t_full - t_one) / (n_out - 1), "ms", note=note,
+    res.add("S2", "tidal", "ms_per_output_token_decode", 1e3 * (t_full - t_one) / (n_out - 1), "ms",
             prefill_ms=round(1e3 * t_one, 2))
 
 

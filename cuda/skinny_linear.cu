@@ -167,8 +167,6 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   const int warps_per_block = blockDim.x / kWarpSize;
   const int64_t total_warps = static_cast<int64_t>(gridDim.x) * warps_per_block;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
-  const int64_t row_end = p.n;
-  const int64_t row_step = total_warps;
   const int num_vecs = p.k / kVec;
   const int group_span = kUnroll * kWarpSize;  // vectors of a row one group covers
   const V* weight = static_cast<const V*>(p.weight);
@@ -178,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   const auto advance = [&](int64_t& r, int& b) {
     b += group_span;
     if (b >= num_vecs) {
-      r += row_step;
+      r += total_warps;
       b = 0;
     }
   };
@@ -194,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
     }
   };
   // The weights do not depend on the previous kernel: start streaming them before waiting for it.
-  if (row < row_end) load_group(cur, row, base);
+  if (row < p.n) load_group(cur, row, base);
 
   wait_for_prior_grid();
   prologue<T, kM, kVec>(p, xs, scratch);
@@ -202,12 +200,12 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   float acc[kM];
 #pragma unroll
   for (int r = 0; r < kM; ++r) acc[r] = 0.0f;
-  while (row < row_end) {
+  while (row < p.n) {
     int64_t next_row = row;
     int next_base = base;
     advance(next_row, next_base);
     V nxt[kUnroll];
-    if (next_row < row_end) load_group(nxt, next_row, next_base);
+    if (next_row < p.n) load_group(nxt, next_row, next_base);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * kWarpSize + lane;

@@ -44,8 +44,9 @@ ACTIVATION_CHECKPOINTING_POLICIES = (None, "full", "attention", "mlp")
 # NOTE(tidal): off by default: on H200 a Llama-3-8B layer's four projections at batch 1 take
 # 124.6-133.7 us fused against 129.6-131.1 us as cuBLAS plus the separate norm and activation
 # kernels (graph of one layer, two runs), and S2 is 5.07 ms with it against 5.01 ms without: at
-# m = 1 the down projection (61% of the copy ceiling against cuBLAS's 66%) and lm_head (91-93%
-# against 97%) are slower, and m = 2-4 is 0.79-0.90x of cuBLAS. See bench/bench_skinny_linear.py.
+# m = 1 the down projection (60-61% of the copy ceiling against cuBLAS's 65-67%) and lm_head
+# (91-93% against 96-100%) are slower, and at m = 2-4 it takes 1.06-1.30x cuBLAS's time. See
+# bench/bench_skinny_linear.py.
 SKINNY_MAX_TOKENS = 0
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
