@@ -17,6 +17,13 @@ token ids (no tokenizer); every request is greedy, ignores EOS and generates exa
   group draws one shared run of ids, request i's prompt is ``shared[:len_i // 2]`` followed by
   ``len_i - len_i // 2`` ids of its own (ids from random.Random(4)). Output tokens/s with prefix
   caching on and off (two engines), and their ratio.
+- M1: Mixtral-8x7B's architecture (8 experts, top-2, hidden 4096, inter 14336) with 4 of its 32
+  layers (the full bf16 checkpoint, 93 GB, does not fit the benchmark machine's disk); batches of 1
+  and 64 requests of 128 input and 128 output tokens; decode tokens/s = batch * 127 / (wall time -
+  wall time of max_tokens=1), tidal and transformers eager alike. Then one fused MoE layer at batch
+  64 replayed from a CUDA graph: the expert weight bytes it reads / its time, against the copy
+  ceiling. Floor: the weights a decode step reads (the experts the batch hits, in expectation) plus
+  the KV of every context, at copy bandwidth.
 
 tidal runs after the transformers peers of the same model, whose object stays on the GPU until
 tidal's engine passes a greedy check: tidal's 16 greedy tokens of two prompts, teacher-forced through
@@ -45,7 +52,7 @@ H_q query heads, d head_dim, and kv = L * kv_heads * d * 2 (K and V) * 2 bytes p
 One call runs all four in roughly 5-8 minutes on an H200 with the default --peer-batches 1; split it
 (--workloads S1,S4 then S2,S3) when a call's time is shorter.
 
-    python bench/serve.py --out DIR [--workloads S1,S2,S3,S4] [--peer-batches N] [--no-peers] [--tiny]
+    python bench/serve.py --out DIR [--workloads S1,S2,S3,S4,M1] [--peer-batches N] [--no-peers] [--tiny]
 
 Writes DIR/serve.md (table + details) and DIR/serve.jsonl (one JSON object per measurement).
 """
@@ -76,19 +83,26 @@ QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16
 LLAMA_3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                   intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                   bos_token_id=128000, eos_token_id=128001)
+MIXTRAL_8X7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                    rope_theta=1e6, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2)
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   intermediate_size=128, vocab_size=512, max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
 FULL = dict(s1_num=256, s1_len=(100, 1024), s2_in=128, s2_out=256, s3_num=500, s3_in=202, s3_out=179, group=8,
-            peer_batch=64, repeats=2, copy_elems=1 << 30, matmul_n=8192)
+            peer_batch=64, repeats=2, copy_elems=1 << 30, matmul_n=8192, m1_layers=4, m1_in=128, m1_out=128,
+            m1_batches=(1, 64))
 TINY = dict(s1_num=16, s1_len=(24, 96), s2_in=16, s2_out=16, s3_num=12, s3_in=20, s3_out=18, group=8,
-            peer_batch=4, repeats=1, copy_elems=1 << 22, matmul_n=256)
-MAX_MODEL_LEN = {"qwen3": 2048, "llama": 1024}  # S1/S4: 1024 + 1024; S2/S3: 202 + 179 and 128 + 256
+            peer_batch=4, repeats=1, copy_elems=1 << 22, matmul_n=256, m1_layers=2, m1_in=16, m1_out=12,
+            m1_batches=(1, 4))
+MAX_MODEL_LEN = {"qwen3": 2048, "llama": 1024, "mixtral": 512}  # S1/S4: 1024 + 1024; S2/S3: 202 + 179 and 128 + 256
 TARGETS = {  # (workload, metric): (text, test on (tidal, best peer): True, False or None for "needs the peer")
     ("S1", "output_tokens_per_s"): (">= 27,000 and >= 30x transformers",
                                     lambda t, p: False if t < 27000 else t / p >= 30 if p else None),
     ("S2", "ms_per_output_token"): ("<= 4.4 ms", lambda t, p: t <= 4.4),
     ("S3", "requests_per_s"): (">= 75 req/s", lambda t, p: t >= 75),
     ("S4", "prefix_cache_speedup"): (">= 1.5x", lambda t, p: t >= 1.5),
+    ("M1", "decode_tokens_per_s_batch64"): (">= 20x transformers", lambda t, p: t / p >= 20 if p else None),
+    ("M1", "moe_layer_fraction_of_copy_bandwidth"): (">= 60%", lambda t, p: t >= 0.6),
 }
 START = time.perf_counter()
 
@@ -178,16 +192,26 @@ def measure_ceilings(sizes, device, dtype, res: Results) -> tuple[float, float]:
 
 # ---- models and workloads ---------------------------------------------------------------------
 
-def build_model(name: str, tiny: bool, device, dtype):
+def build_model(name: str, tiny: bool, device, dtype, **overrides):
     """A random-weight transformers model on `device`, saved to a fresh directory: (model, root, path)."""
-    spec = dict(QWEN3_0_6B if name == "qwen3" else LLAMA_3_8B)
+    spec = dict({"qwen3": QWEN3_0_6B, "llama": LLAMA_3_8B, "mixtral": MIXTRAL_8X7B}[name])
     if tiny:
         spec.update(TINY_MODEL)
-    config = (transformers.Qwen3Config if name == "qwen3" else transformers.LlamaConfig)(**spec)
+    spec.update(overrides)
+    config = {"qwen3": transformers.Qwen3Config, "llama": transformers.LlamaConfig,
+              "mixtral": transformers.MixtralConfig}[name](**spec)
     torch.manual_seed(0)
     with torch.device(device):  # init (normal(0, 0.02)) runs on the GPU: seconds for 8B parameters
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
+    if name == "mixtral":
+        # NOTE(tidal): a sharp router (logits x30): routing stays random and balanced across tokens,
+        # and when bf16 noise flips a near-tie between a token's second and third expert, those two
+        # carry little weight next to its first choice, so the flip moves the output less.
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith("gate.weight"):
+                    p.mul_(30)
     need = 1.3 * weight_bytes(model)
     shm = "/dev/shm"
     use_shm = os.path.isdir(shm) and shutil.disk_usage(shm).free > need
@@ -243,7 +267,7 @@ def decode_seconds(requests, kv_bytes: int, w_bytes: int, copy_bw: float) -> flo
 
 # Sequences resident at once: S1/S4 submit 256 requests; S3's 500 all run together (BENCHMARKS.md's
 # floor assumes it), S2 runs one.
-MAX_NUM_SEQS = {"qwen3": 256, "llama": 512, "tiny": 256}
+MAX_NUM_SEQS = {"qwen3": 256, "llama": 512, "mixtral": 64, "tiny": 256}
 
 
 def make_engine(path: str, device, max_model_len: int, prefix_caching: bool, max_num_seqs: int = 256):
@@ -382,13 +406,15 @@ def step_timeline(llm, requests, device, kv_bytes: int, w_bytes: int, copy_bw: f
     return "\n".join(lines)
 
 
-def check_greedy(llm, hf, vocab: int, device, top_k: int) -> str:
-    """tidal's greedy tokens, teacher-forced through transformers, must be in its top_k at every step."""
+def check_greedy(llm, hf, vocab: int, device, top_k: int, lengths=(37, 100), min_fraction: float = 1.0) -> str:
+    """tidal's greedy tokens, teacher-forced through transformers, must be in its top_k at every step
+    (at min_fraction of the steps for mixture-of-experts models: see run_mixtral)."""
     rng = random.Random(7)
-    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (37, 100)]
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
     outputs = llm.generate(prompts, greedy(16), use_tqdm=False)
     llm.reset_prefix_cache()
-    exact = total = 0
+    exact = total = hits = 0
+    misses = []
     for prompt, out in zip(prompts, outputs):
         got = list(out.outputs[0].token_ids)
         if len(got) != 16:
@@ -397,13 +423,16 @@ def check_greedy(llm, hf, vocab: int, device, top_k: int) -> str:
             logits = hf(torch.tensor([prompt + got[:-1]], device=device)).logits[0, len(prompt) - 1:].float()
         ids = torch.tensor(got, device=device)
         in_top = (logits.topk(top_k, dim=-1).indices == ids[:, None]).any(-1)
-        if not in_top.all():
-            step = int((~in_top).nonzero()[0])
-            return (f"FAIL greedy check: at step {step} of a {len(prompt)}-token prompt tidal chose {got[step]}, "
-                    f"not in transformers' top {top_k} {logits[step].topk(top_k).indices.tolist()}")
+        for step in (~in_top).nonzero().flatten().tolist():
+            misses.append(f"at step {step} of a {len(prompt)}-token prompt tidal chose {got[step]}, not in "
+                          f"transformers' top {top_k} {logits[step].topk(top_k).indices.tolist()}")
+        hits += int(in_top.sum())
         exact += int((logits.argmax(-1) == ids).sum())
         total += len(got)
-    return f"greedy check passed: tidal's tokens in transformers' top {top_k} at all {total} steps, argmax at {exact}"
+    summary = f"tidal's tokens in transformers' top {top_k} at {hits} of {total} steps, argmax at {exact}"
+    if hits < min_fraction * total:
+        return f"FAIL greedy check: {summary} (at least {min_fraction:.0%} required); first miss {misses[0]}"
+    return f"greedy check passed: {summary}"
 
 
 def tidal_throughput(llm, workload, requests, repeats, device, res: Results, metric="output_tokens_per_s", note=""):
@@ -491,11 +520,15 @@ def peer_s2(model, prompt, n_out, device, static: bool, res: Results):
 
 # ---- the two models' runs ---------------------------------------------------------------------
 
-def checked_engine(name, path, model, device, dtype, res: Results):
-    """A prefix-caching engine for `path` that passed the greedy check against `model`, else None."""
+def checked_engine(name, path, model, device, dtype, res: Results, before_check=None, **check):
+    """A prefix-caching engine for `path` that passed the greedy check against `model`, else None.
+    before_check(llm) runs first (more checks of its own: an exception fails the engine too)."""
     try:
         llm = make_engine(path, device, MAX_MODEL_LEN[name], True, MAX_NUM_SEQS.get(name, 256))
-        check = check_greedy(llm, model, model.config.vocab_size, device, 10 if dtype == torch.bfloat16 else 2)
+        if before_check is not None:
+            before_check(llm)
+        check = check_greedy(llm, model, model.config.vocab_size, device, 10 if dtype == torch.bfloat16 else 2,
+                             **check)
     except Exception as e:
         llm, check = None, f"FAIL engine start or greedy check: {type(e).__name__}: {e}"
         traceback.print_exc()
@@ -591,12 +624,140 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
     shutil.rmtree(root, ignore_errors=True)
 
 
+def moe_block(llm):
+    from tidal.models.moe import SparseMoeBlock
+    return next(m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoeBlock))
+
+
+def moe_layer_inputs(block, batch: int, device):
+    g = torch.Generator(device=device).manual_seed(batch)
+    x = torch.randn(batch, block.w13.shape[2], generator=g, device=device, dtype=block.w13.dtype)
+    return x, block.gate(x)
+
+
+def moe_layer_error(block, batch: int, device) -> float:
+    """Max |fused_moe - reference| / max |reference| at `batch` tokens, the reference being fp32
+    products of the same bf16 operands, one expert at a time (activations rounded to bf16 as the
+    kernel and transformers' bf16 forward do)."""
+    x, logits = moe_layer_inputs(block, batch, device)
+    out = tidal.ops.fused_moe(x, logits, block.w13, block.w2, block.top_k, block.renormalize, block.fp32_weights)
+    weights, chosen = torch.topk(logits.float().softmax(-1), block.top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True) if block.renormalize else weights
+    want = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    inter = block.w2.shape[2]
+    for e in chosen.unique().tolist():
+        token, slot = torch.where(chosen == e)
+        h = x[token].float() @ block.w13[e].float().T
+        act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()
+        want.index_add_(0, token, (act @ block.w2[e].float().T) * weights[token, slot, None])
+    return ((out.float() - want).abs().max() / want.abs().max()).item()
+
+
+def moe_layer_seconds(block, batch: int, device) -> tuple[float, int]:
+    """(seconds, expert weight bytes read) of one fused MoE layer call at `batch` tokens, replayed from
+    a CUDA graph (as the engine's decode steps run it), median of 20."""
+    x, logits = moe_layer_inputs(block, batch, device)
+    call = lambda: tidal.ops.fused_moe(x, logits, block.w13, block.w2, block.top_k, block.renormalize,
+                                       block.fp32_weights)
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    seconds = median_seconds(graph.replay, 20, device)
+    hit = torch.topk(logits.float(), block.top_k, dim=-1).indices.unique().numel()
+    expert_bytes = (block.w13[0].numel() + block.w2[0].numel()) * block.w13.element_size()
+    return seconds, hit * expert_bytes
+
+
+def decode_rate(time_full, time_one, batch: int, n_out: int) -> float:
+    """Decode tokens/s: the n_out - 1 steps after the first token, prefill excluded."""
+    return batch * (n_out - 1) / (time_full - time_one)
+
+
+def run_mixtral(args, sizes, workloads, device, dtype, ceil, res: Results):
+    """M1: Mixtral-8x7B's architecture with fewer layers (the full 93 GB checkpoint does not fit the
+    benchmark machine's disk twice over); decode tokens/s at each batch size, tidal and transformers,
+    and the fused MoE layer's bandwidth at the largest batch."""
+    layers = sizes["m1_layers"]
+    extra = dict(num_local_experts=4, num_experts_per_tok=2) if args.tiny else {}
+    model, root, path = build_model("mixtral", args.tiny, device, dtype, num_hidden_layers=layers, **extra)
+    config, w_bytes = model.config, weight_bytes(model)
+    experts, top_k = config.num_local_experts, config.num_experts_per_tok
+    expert_bytes = 3 * config.hidden_size * config.intermediate_size * dtype.itemsize
+    kv = kv_bytes_per_token(config, dtype.itemsize)
+    n_in, n_out = sizes["m1_in"], sizes["m1_out"]
+    note = f"Mixtral-8x7B dims, {layers} of 32 layers, input {n_in}, output {n_out}"
+    for batch in sizes["m1_batches"]:
+        requests = fixed_requests(batch, n_in, n_out, config.vocab_size)
+        hit = experts * (1 - (1 - top_k / experts) ** batch)  # expected experts a step reads per layer
+        step_bytes = w_bytes - (experts - hit) * layers * expert_bytes
+        res.add("M1", "floor", f"decode_tokens_per_s_batch{batch}",
+                batch * (n_out - 1) / decode_seconds([(p, n_out - 1) for p, _ in requests], kv, step_bytes, ceil[0]),
+                "tok/s", note=f"{step_bytes / 1e9:.2f} GB of weights per step ({hit:.1f} experts per layer) + KV")
+        if not args.no_peers:
+            system = f"transformers eager (batch {batch})"
+            try:
+                hf_generate(model, [(p[:16], 4) for p, _ in requests[:2]], device)  # warm-up
+                t_full, _ = wall(lambda: hf_generate(model, requests, device), device)
+                t_one, _ = wall(lambda: hf_generate(model, [(p, 1) for p, _ in requests], device), device)
+                res.add("M1", system, f"decode_tokens_per_s_batch{batch}", decode_rate(t_full, t_one, batch, n_out),
+                        "tok/s", note=note)
+            except Exception as e:
+                res.fail("M1", system, f"decode_tokens_per_s_batch{batch}", "tok/s", e)
+    def check_layers(llm):
+        if device.type != "cuda":
+            return
+        block = moe_block(llm)
+        for batch in (1, 64, 1024):
+            err = moe_layer_error(block, batch, device)
+            res.details.append(f"- mixtral: fused_moe at batch {batch}: max error {err:.2e} of the output's range "
+                               "against fp32 products of the same bf16 operands")
+            log(res.details[-1][2:])
+            if not err < 2e-2:
+                raise RuntimeError(f"fused_moe at batch {batch}: max error {err:.3g} of the output's range")
+
+    # NOTE(tidal): routing is discontinuous: where two experts' router logits are within bf16 noise of
+    # each other (random routers put some tokens there at every layer), two correct bf16
+    # implementations choose differently and that token's next logits, over a random LM head, differ
+    # entirely. The kernel is held exact per layer above; the model check allows those few steps.
+    llm = checked_engine("mixtral", path, model, device, dtype, res, before_check=check_layers,
+                         lengths=(37, 100, 64, 80), min_fraction=0.9)
+    del model
+    free_memory(device)
+    if llm is not None:
+        for batch in sizes["m1_batches"]:
+            requests = fixed_requests(batch, n_in, n_out, config.vocab_size)
+
+            def timed(batch=batch, requests=requests):
+                full = [run_tidal(llm, requests, device)[0] for _ in range(sizes["repeats"])]
+                one = [run_tidal(llm, [(p, 1) for p, _ in requests], device)[0] for _ in range(sizes["repeats"])]
+                rates = [decode_rate(f, o, batch, n_out) for f, o in zip(full, one)]
+                res.add("M1", "tidal", f"decode_tokens_per_s_batch{batch}",
+                        decode_rate(statistics.median(full), statistics.median(one), batch, n_out), "tok/s",
+                        note=note, runs=[round(r, 1) for r in rates])
+            attempt(res, "M1", f"decode_tokens_per_s_batch{batch}", "tok/s", timed)
+        if device.type == "cuda":
+            def layer():
+                batch = max(sizes["m1_batches"])
+                seconds, read = moe_layer_seconds(moe_block(llm), batch, device)
+                res.add("M1", "tidal", "moe_layer_us", 1e6 * seconds, "us", note=f"batch {batch}, CUDA graph replay")
+                res.add("M1", "tidal", "moe_layer_fraction_of_copy_bandwidth", read / seconds / ceil[0], "x",
+                        note=f"{read / 1e9:.2f} GB of expert weights at {read / seconds / 1e9:,.0f} GB/s")
+            attempt(res, "M1", "moe_layer_fraction_of_copy_bandwidth", "x", layer)
+    del llm
+    free_memory(device)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 # ---- the table --------------------------------------------------------------------------------
 
 TABLE_ROWS = [("S1", "output_tokens_per_s", "tok/s"), ("S2", "ms_per_output_token", "ms"),
               ("S2", "ms_per_output_token_decode", "ms"), ("S3", "requests_per_s", "req/s"),
               ("S3", "output_tokens_per_s", "tok/s"), ("S4", "output_tokens_per_s", "tok/s"),
-              ("S4", "output_tokens_per_s_no_prefix_cache", "tok/s"), ("S4", "prefix_cache_speedup", "x")]
+              ("S4", "output_tokens_per_s_no_prefix_cache", "tok/s"), ("S4", "prefix_cache_speedup", "x"),
+              ("M1", "decode_tokens_per_s_batch1", "tok/s"), ("M1", "decode_tokens_per_s_batch64", "tok/s"),
+              ("M1", "decode_tokens_per_s_batch4", "tok/s"), ("M1", "moe_layer_us", "us"),
+              ("M1", "moe_layer_fraction_of_copy_bandwidth", "x")]
 
 
 def fmt(value) -> str:
@@ -609,8 +770,8 @@ def build_table(res: Results, workloads) -> tuple[list[str], list[list[str]]]:
     header = ["workload", "metric", "tidal", "peer(s)", "floor", "tidal vs peer", "% of floor", "target", "met"]
     table = []
     for workload, metric, unit in TABLE_ROWS:
-        higher = unit != "ms"
-        if workload not in workloads:
+        higher = unit not in ("ms", "us")
+        if workload not in workloads or not res.get(workload, metric):
             continue
         mine = res.get(workload, metric, "tidal")
         t = mine[0]["value"] if mine else None
@@ -637,7 +798,7 @@ def build_table(res: Results, workloads) -> tuple[list[str], list[list[str]]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for serve.md and serve.jsonl")
-    ap.add_argument("--workloads", default="S1,S2,S3,S4", help="comma-separated subset of S1,S2,S3,S4")
+    ap.add_argument("--workloads", default="S1,S2,S3,S4", help="comma-separated subset of S1,S2,S3,S4,M1")
     ap.add_argument("--peer-batches", type=int, default=1,
                     help="static peer batches timed for S1 and S3 (the first N; <= 0: all)")
     ap.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
@@ -651,8 +812,8 @@ def main() -> int:
         from tidal.models import llama
         llama.SKINNY_MAX_TOKENS = args.skinny
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
-    if not workloads <= {"S1", "S2", "S3", "S4"}:
-        ap.error(f"--workloads {args.workloads!r}: only S1, S2, S3, S4")
+    if not workloads <= {"S1", "S2", "S3", "S4", "M1"}:
+        ap.error(f"--workloads {args.workloads!r}: only S1, S2, S3, S4, M1")
     if not args.tiny and not torch.cuda.is_available():
         print("serve.py: no CUDA device (use --tiny to check the script on the CPU)", file=sys.stderr)
         return 2
@@ -670,6 +831,8 @@ def main() -> int:
         run_qwen3(args, sizes, workloads, device, dtype, ceil, res)
     if workloads & {"S2", "S3"}:
         run_llama(args, sizes, workloads, device, dtype, ceil, res)
+    if "M1" in workloads:
+        run_mixtral(args, sizes, workloads, device, dtype, ceil, res)
 
     header, table = build_table(res, workloads)
     command = "python bench/serve.py " + " ".join(sys.argv[1:])

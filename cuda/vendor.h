@@ -38,6 +38,8 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) { return __float2b
 
 // Every lane of the warp must reach the shuffle (full mask).
 #define TIDAL_SHFL_XOR(value, lane_mask) __shfl_xor_sync(0xffffffffu, (value), (lane_mask))
+// The lanes whose `pred` holds, as bits of a 64-bit word (every lane of the warp must reach it).
+#define TIDAL_BALLOT(pred) static_cast<uint64_t>(__ballot_sync(0xffffffffu, (pred)))
 // Read-only (non-coherent) cached load: only for data no thread of the kernel writes.
 #define TIDAL_LDG(ptr) __ldg(ptr)
 // Orders the shared-memory accesses of the lanes of one warp (the lanes that reach it).

@@ -76,6 +76,8 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) { return bf16_t(v)
 
 // HIP shuffles take no mask: the whole wavefront takes part, as with CUDA's full mask.
 #define TIDAL_SHFL_XOR(value, lane_mask) __shfl_xor((value), (lane_mask))
+// The lanes whose `pred` holds, one bit per lane of the wavefront.
+#define TIDAL_BALLOT(pred) static_cast<uint64_t>(__ballot(pred))
 // AMD has no separate read-only path; a plain load is what hip's own __ldg does.
 #define TIDAL_LDG(ptr) (*(ptr))
 // A wavefront runs in lockstep; the fence makes its LDS writes visible to its other lanes.

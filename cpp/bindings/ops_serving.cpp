@@ -67,16 +67,29 @@ void bind_ops_serving(py::module_& m) {
   m.def(
       "fused_moe",
       [](py::handle out, py::handle x, py::handle router_logits, py::handle w13, py::handle w2, int64_t top_k,
-         bool renormalize, bool fp32_weights, std::uintptr_t stream) {
+         bool renormalize, bool fp32_weights, py::handle workspace, std::uintptr_t stream) {
         const TensorView out_v = view_capsule(out, "out"), x_v = view_capsule(x, "x");
         const TensorView logits_v = view_capsule(router_logits, "router_logits");
         const TensorView w13_v = view_capsule(w13, "w13"), w2_v = view_capsule(w2, "w2");
+        const TensorView workspace_v = view_optional_capsule(workspace, "workspace");
         py::gil_scoped_release release;  // milliseconds on the CPU
-        ops::fused_moe(out_v, x_v, logits_v, w13_v, w2_v, top_k, renormalize, fp32_weights, Stream::from_int(stream));
+        ops::fused_moe(out_v, x_v, logits_v, w13_v, w2_v, top_k, renormalize, fp32_weights, workspace_v,
+                       Stream::from_int(stream));
       },
       py::arg("out"), py::arg("x"), py::arg("router_logits"), py::arg("w13"), py::arg("w2"), py::arg("top_k"),
-      py::arg("renormalize"), py::arg("fp32_weights"), py::arg("stream") = 0,
+      py::arg("renormalize"), py::arg("fp32_weights"), py::arg("workspace") = py::none(), py::arg("stream") = 0,
       "Mixture-of-experts MLP with softmax/top-k routing into out (DLPack capsules).");
+  m.def(
+      "fused_moe_workspace_size",
+      [](int device_type, int device_index, const std::string& dtype, int64_t num_tokens, int64_t hidden,
+         int64_t inter, int64_t num_experts, int64_t top_k) {
+        Device device{device_type == 0 ? DeviceType::kCPU : DeviceType::kCUDA, device_index};
+        DType dt = dtype == "float16" ? DType::kFloat16 : dtype == "bfloat16" ? DType::kBFloat16 : DType::kFloat32;
+        return ops::fused_moe_workspace_size(device, dt, num_tokens, hidden, inter, num_experts, top_k);
+      },
+      py::arg("device_type"), py::arg("device_index"), py::arg("dtype"), py::arg("num_tokens"), py::arg("hidden"),
+      py::arg("inter"), py::arg("num_experts"), py::arg("top_k"),
+      "Bytes of workspace fused_moe needs (device_type 0: CPU, 1: CUDA; dtype 'float32', 'float16', 'bfloat16').");
   m.def(
       "seeded_exponential",
       [](py::handle out, py::handle seeds, py::handle offsets, std::uintptr_t stream) {

@@ -2,7 +2,9 @@
 layers between sparse ones) and Qwen3-MoE models are built and saved with transformers, loaded by tidal
 and compared: the parsed config, training-mode logits and gradients, the per-layer load-balancing loss,
 greedy generation through tidal.LLM (fused MoE op, paged KV cache, chunked prefill), and the weights
-written back in Hugging Face's per-expert layout. On the CPU: the fused MoE op has no CUDA kernel yet."""
+written back in Hugging Face's per-expert layout. Greedy generation runs on the CPU and, where there is
+one, on the GPU (CUDA graphs on and off); a bf16 Mixtral on the GPU (the fused op's tensor-core path)
+gives transformers' bf16 next-token log-probabilities within bf16 tolerance."""
 
 import random
 
@@ -14,6 +16,7 @@ import tidal
 from tidal.models import load_model
 from tidal.models.loader import save_model
 from tidal.models.moe import SparseMoeBlock
+from conftest import gpu_only
 from tiny_models import EOS, assert_pool_whole, build_tokenizer, hf_greedy
 
 BASE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
@@ -115,6 +118,51 @@ def test_greedy_generation_matches_transformers(family_model):
     llm = tidal.LLM(str(path), device="cpu", block_size=4, num_kv_blocks=96, max_num_seqs=3, max_num_batched_tokens=16)
     outputs = llm.generate(prompts, tidal.SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert_pool_whole(llm)
+
+
+@gpu_only
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_greedy_generation_matches_transformers_on_gpu(family_model, enforce_eager):
+    _, path, hf = family_model
+    rng = random.Random(4)
+    prompts = [[rng.randrange(2, 320) for _ in range(n)] for n in (1, 4, 9, 17, 30, 3, 6)]
+    expected = [hf_greedy(hf, p, 12) for p in prompts]
+    llm = tidal.LLM(str(path), device="cuda", block_size=4, num_kv_blocks=128, max_num_seqs=5,
+                    max_num_batched_tokens=16, enforce_eager=enforce_eager)
+    outputs = llm.generate(prompts, tidal.SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert_pool_whole(llm)
+
+
+@gpu_only
+def test_bf16_mixtral_log_probs_on_gpu(tmp_path):
+    """hidden 256 and inter 512: the fused op's tensor-core kernels in the model, against transformers'
+    own bf16 forward on the GPU."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(**{**BASE, "hidden_size": 256, "intermediate_size": 512,
+                                           "num_attention_heads": 4, "num_key_value_heads": 2},
+                                        num_local_experts=8, num_experts_per_tok=2)
+    hf = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():  # a sharp router: a near-tie that bf16 noise flips is between low-weight experts
+        for name, p in hf.named_parameters():
+            if name.endswith("gate.weight"):
+                p.mul_(30)
+    hf.save_pretrained(tmp_path)
+    build_tokenizer(str(tmp_path))
+    hf = hf.to("cuda", torch.bfloat16).eval()
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, 320) for _ in range(n)] for n in (30, 17, 64)]
+    llm = tidal.LLM(str(tmp_path), dtype=torch.bfloat16, device="cuda", block_size=16, num_kv_blocks=64)
+    outs = llm.generate(prompts, tidal.SamplingParams(temperature=0.0, max_tokens=4, logprobs=5, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float().log_softmax(-1).cpu()
+        first = out.outputs[0].token_ids[0]
+        assert first == int(want.argmax()) or want.max() - want[first] < 0.1
+        for token, value in out.outputs[0].logprobs[0].items():
+            assert abs(value - float(want[token])) < 0.1, (token, value, float(want[token]))
     assert_pool_whole(llm)
 
 

@@ -99,3 +99,21 @@ def test_skinny_linear_paths(m, n, k, prologue, dtype):
                                       **dict(kwargs, norm_weight=None if nw is None else nw.cuda()))
     torch.cuda.synchronize()
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,dtype", [
+    (2, 256, 512, 8, 2, torch.bfloat16),    # decode: 16-row tiles, the down product split
+    (24, 128, 192, 4, 2, torch.float16),    # 32-row tiles, a partial column tile
+    (150, 64, 64, 4, 2, torch.bfloat16),    # prefill: 64-row tiles, several per expert
+    (7, 40, 24, 6, 3, torch.float32),       # the SIMT kernel
+])
+def test_fused_moe_paths(num_tokens, hidden, inter, num_experts, top_k, dtype):
+    g = torch.Generator().manual_seed(num_tokens + hidden)
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    logits = torch.randn(num_tokens, num_experts, generator=g)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=g) * hidden ** -0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, generator=g) * inter ** -0.5).to(dtype)
+    expected = tidal.ops.fused_moe(x, logits, w13, w2, top_k)  # the CPU twin, checked in test_moe
+    got = tidal.ops.fused_moe(x.cuda(), logits.cuda(), w13.cuda(), w2.cuda(), top_k)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.cpu().float(), expected.float(), atol=3e-2, rtol=3e-2)

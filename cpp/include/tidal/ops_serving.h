@@ -125,9 +125,19 @@ int64_t paged_attention_workspace_size(Device device, DType dtype, int64_t num_t
 /// router_logits:  [num_tokens, num_experts], x's dtype or float32;
 /// w13:            [num_experts, 2 * inter, hidden] contiguous, gate rows then up rows; x's dtype;
 /// w2:             [num_experts, hidden, inter] contiguous; x's dtype;
-/// top_k:          in [1, num_experts]. CPU kernel now; GPU tensors are an error that says so.
+/// top_k:          in [1, num_experts];
+/// workspace:      at least fused_moe_workspace_size(...) bytes of scratch on x's device (an empty
+///                 view on the CPU, where the size is 0).
+/// On the CPU the work runs on all OpenMP threads. On the GPU: five launches, no host
+/// synchronisation (routing, grouping by expert, one grouped GEMM for every expert's gate-up with
+/// SiLU-and-mul fused, one for down, the weighted combine); the gate-up activations are rounded to
+/// x's dtype between the two products (the CPU keeps them in fp32). At most 512 experts there.
 void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorView w13, TensorView w2, int64_t top_k,
-               bool renormalize, bool fp32_weights, Stream stream);
+               bool renormalize, bool fp32_weights, TensorView workspace, Stream stream);
+
+/// Bytes of workspace fused_moe needs for these shapes on `device` (always 0 on the CPU).
+int64_t fused_moe_workspace_size(Device device, DType dtype, int64_t num_tokens, int64_t hidden, int64_t inter,
+                                 int64_t num_experts, int64_t top_k);
 
 /// Exp(1) noise for seeded sampling (the exponential race argmax(p / E) draws from p):
 ///   out[r, v] = -log(u),  u in (0, 1) from Philox4x32-10 keyed by seeds[r] at counter

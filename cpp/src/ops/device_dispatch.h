@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Device dispatch shared by every op family in cpp/src/ops: run the CPU or GPU kernel for a tensor's
-// device, or say clearly that this build (or this op) has no kernel there. There is never a silent
+// device, or say clearly that this build has no kernel there. There is never a silent
 // fallback from a GPU tensor to the CPU.
 #pragma once
 
@@ -32,16 +32,6 @@ void dispatch(const char* op, Device device, CpuFn&& cpu_fn, [[maybe_unused]] Gp
     case DeviceType::kROCM:
       throw_no_kernel(op, device, "this build of tidal has no HIP kernels (tidal.build_info()['hip'] is False)");
   }
-}
-
-/// For ops whose GPU kernels do not exist yet: the CPU kernel, or an error naming the op.
-template <typename CpuFn>
-void dispatch_cpu_only(const char* op, Device device, CpuFn&& cpu_fn) {
-  if (device.type != DeviceType::kCPU) {
-    throw Error(std::string(op) + (device.type == DeviceType::kCUDA ? ": no CUDA kernel yet" : ": no HIP kernel yet") +
-                "; run on the CPU (the tensors are on " + device_name(device) + ")");
-  }
-  cpu_fn();
 }
 
 }  // namespace tidal::ops::detail

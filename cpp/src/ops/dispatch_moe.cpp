@@ -1,6 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// fused_moe of tidal/ops_serving.h: validate shapes, dtypes and devices, then run the CPU kernel. The
-// GPU kernel is not written yet: a GPU tensor is an error that says so.
+// fused_moe of tidal/ops_serving.h: validate shapes, dtypes and devices, then run the CPU or GPU kernel.
 #include <string>
 
 #include "ops/checks.h"
@@ -11,7 +10,7 @@
 namespace tidal::ops {
 
 void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorView w13, TensorView w2, int64_t top_k,
-               bool renormalize, bool fp32_weights, Stream stream) {
+               bool renormalize, bool fp32_weights, TensorView workspace, Stream stream) {
   detail::check_rows(x, "x");
   detail::check_rows(out, "out");
   detail::check_like(out, "out", x, "x");
@@ -42,10 +41,27 @@ void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorVie
               " but x is on ", device_name(x.device));
   TIDAL_CHECK(top_k >= 1 && top_k <= num_experts, "top_k=", top_k, " must be in [1, num_experts=", num_experts, "]");
   TIDAL_CHECK(!detail::overlaps(out, x), "out overlaps x in memory; pass a distinct out");
+  TIDAL_CHECK(workspace.data == nullptr || workspace.device == x.device, "workspace is on ",
+              device_name(workspace.device), " but x is on ", device_name(x.device));
   if (x.size(0) == 0) return;
-  detail::dispatch_cpu_only("fused_moe", x.device, [&] {
-    cpu::fused_moe(out, x, router_logits, w13, w2, top_k, renormalize, fp32_weights, stream);
-  });
+  detail::dispatch(
+      "fused_moe", x.device,
+      [&] { cpu::fused_moe(out, x, router_logits, w13, w2, top_k, renormalize, fp32_weights, stream); },
+      [&] { gpu::fused_moe(out, x, router_logits, w13, w2, top_k, renormalize, fp32_weights, workspace, stream); });
+}
+
+int64_t fused_moe_workspace_size(Device device, [[maybe_unused]] DType dtype, int64_t num_tokens, int64_t hidden,
+                                 int64_t inter, int64_t num_experts, int64_t top_k) {
+  TIDAL_CHECK(num_tokens >= 0 && hidden >= 1 && inter >= 1 && num_experts >= 1 && top_k >= 1 && top_k <= num_experts,
+              "fused_moe_workspace_size: num_tokens=", num_tokens, ", hidden=", hidden, ", inter=", inter,
+              ", num_experts=", num_experts, ", top_k=", top_k, " must be non-negative, positive, positive, positive "
+              "and in [1, num_experts]");
+  if (device.type != DeviceType::kCUDA) return 0;
+#if TIDAL_WITH_CUDA
+  return gpu::fused_moe_workspace_size(dtype, num_tokens, hidden, inter, num_experts, top_k, device.index);
+#else
+  return 0;
+#endif
 }
 
 }  // namespace tidal::ops

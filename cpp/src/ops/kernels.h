@@ -122,6 +122,13 @@ int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t 
                                        int64_t num_kv_heads, int64_t head_dim, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, int device);
 
+// workspace: fused_moe_workspace_size bytes (routing, the slots sorted by expert, the activations
+// between the two grouped GEMMs and their fp32 partial sums). At most 512 experts.
+void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorView w13, TensorView w2, int64_t top_k,
+               bool renormalize, bool fp32_weights, TensorView workspace, Stream stream);
+int64_t fused_moe_workspace_size(DType dtype, int64_t num_tokens, int64_t hidden, int64_t inter, int64_t num_experts,
+                                 int64_t top_k, int device);
+
 }  // namespace tidal::gpu
 
 // ---- training ops: the fused optimizer step (cpp/cpu/adam.cpp, cuda/adam.cu) ------------------------

@@ -1,12 +1,13 @@
 """The mixture-of-experts MLP as a torch op (``torch.ops.tidal.fused_moe``): routing, the experts'
 gate-up product, SiLU-and-mul, down product and the weighted combine in one call, tokens grouped by
-expert. CPU kernel now; CUDA tensors get the core's "no CUDA kernel yet" error."""
+expert. CPU and CUDA kernels; the CUDA one takes a workspace sized by the core."""
 
 import torch
 
 from tidal.ops._lib import as_rows, capsule, is_eager_call, lib, native, stream_of
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 lib.define("fused_moe(Tensor x, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize, "
            "bool fp32_weights) -> Tensor")
@@ -35,8 +36,13 @@ def _fused_moe_impl(x, router_logits, w13, w2, top_k, renormalize, fp32_weights)
         return out
     rows = as_rows(x, "x")
     logits = as_rows(router_logits, "router_logits")
+    workspace = None
+    if x.device.type == "cuda":
+        size = native.fused_moe_workspace_size(1, x.device.index or 0, _DTYPE_NAMES[x.dtype], rows.shape[0],
+                                               rows.shape[1], w2.shape[2], w13.shape[0], top_k)
+        workspace = capsule(torch.empty(size, dtype=torch.uint8, device=x.device))
     native.fused_moe(capsule(out.view(rows.shape)), capsule(rows), capsule(logits), capsule(w13.contiguous()),
-                     capsule(w2.contiguous()), top_k, renormalize, fp32_weights, stream_of(x))
+                     capsule(w2.contiguous()), top_k, renormalize, fp32_weights, workspace, stream_of(x))
     return out
 
 
@@ -60,7 +66,8 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
         \mathrm{out}_t = \sum_{e \in S} w_e\, W_2^{e}\big(\mathrm{silu}(G^{e} x_t) \odot U^{e} x_t\big)
 
     with the softmax in fp32, the products in fp32 and one rounding of the output; the sum runs in
-    ascending expert order.
+    ascending expert order. On the GPU the gate-up activations are rounded to x's dtype before the
+    down product (as transformers' own forward in that dtype does).
 
     Parameters
     ----------
