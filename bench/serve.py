@@ -695,7 +695,8 @@ def run_mixtral(args, sizes, workloads, device, dtype, ceil, res: Results):
                 batch * (n_out - 1) / decode_seconds([(p, n_out - 1) for p, _ in requests], kv, step_bytes, ceil[0]),
                 "tok/s", note=f"{step_bytes / 1e9:.2f} GB of weights per step ({hit:.1f} experts per layer) + KV")
         if not args.no_peers:
-            system = f"transformers eager (batch {batch})"
+            impl = getattr(config, "_experts_implementation_internal", None) or "default"
+            system = f"transformers eager (batch {batch}, experts {impl})"
             try:
                 hf_generate(model, [(p[:16], 4) for p, _ in requests[:2]], device)  # warm-up
                 t_full, _ = wall(lambda: hf_generate(model, requests, device), device)
