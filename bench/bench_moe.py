@@ -109,7 +109,8 @@ def kernel_breakdown(fn) -> str:
     totals = collections.Counter()
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name.split("(")[0].split("<")[0][-48:]] += event.device_time_total / 10
+            name = event.name.replace("(anonymous namespace)::", "").replace("void ", "")
+            totals[name.split("(")[0].split("<")[0].split("::")[-1][:40]] += event.device_time_total / 10
     return ", ".join(f"{name} {us:.1f} us" for name, us in totals.most_common(8))
 
 

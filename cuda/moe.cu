@@ -30,7 +30,7 @@ namespace {
 // experts, top-2): 128 slots touch all 8 experts, so a layer reads all its expert weights once,
 // 8 * 3 * 4096 * 14336 * 2 B = 2.8 GB: 0.67 ms at 4.2 TB/s, against 45 GFLOP (58 us at the
 // mma.sync rate). The GEMMs are a weight stream: each block streams a 128-row slab of one expert's
-// weights through a 4-stage cp.async pipeline (16 KB a stage), and each expert's tokens fit one
+// weights through a 3- or 4-stage cp.async pipeline (16 KB a stage), and each expert's tokens fit one
 // tile so the slab is read once. Prefill (thousands of tokens) is compute-bound instead: 64-row
 // tiles reuse each weight slab over 64 tokens.
 constexpr int kMaxExperts = 512;
@@ -38,7 +38,12 @@ constexpr int kRouteThreads = 256;
 constexpr int kAlignThreads = 1024;
 constexpr int kTcThreads = 128;   // 4 warps; each covers every row of the tile
 constexpr int kTcBlockK = 64;     // one 128-byte row of a stage per weight row
-constexpr int kTcStages = 4;
+// cp.async stages: 3 for 16-row tiles (55 KB of shared memory: four blocks per SM, so a decode
+// step's few hundred weight slabs all stream at once instead of in one and a bit waves), else 4.
+template <int kBM>
+constexpr int tc_stages() {
+  return kBM == 16 ? 3 : 4;
+}
 constexpr int kGateUpCols = 64;   // gate columns of a gate_up tile (and as many up columns)
 constexpr int kDownCols = 128;    // output columns of a down tile
 constexpr int kSimtThreads = 256;
@@ -261,7 +266,7 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 // Each warp computes all kBM rows of its columns.
 template <typename T, int kBM, bool kGateUp>
 __global__ void __launch_bounds__(kTcThreads) moe_gemm_tc_kernel(GemmArgs a) {
-  constexpr int kRowsB = 128, kChunks = kTcBlockK / 8, kMTiles = kBM / 16;
+  constexpr int kRowsB = 128, kChunks = kTcBlockK / 8, kMTiles = kBM / 16, kTcStages = tc_stages<kBM>();
   constexpr int kStageElems = (kBM + kRowsB) * kTcBlockK;
   extern __shared__ __align__(128) unsigned char smem[];
   T* stages = reinterpret_cast<T*>(smem);  // per stage: A [kBM, 64] then B [128, 64], swizzled
@@ -385,7 +390,7 @@ __global__ void __launch_bounds__(kTcThreads) moe_gemm_tc_kernel(GemmArgs a) {
 
 template <typename T, int kBM, bool kGateUp>
 void launch_gemm_tc(const GemmArgs& args, dim3 grid, cudaStream_t stream) {
-  constexpr int kSmem = kTcStages * (kBM + 128) * kTcBlockK * static_cast<int>(sizeof(T));
+  constexpr int kSmem = tc_stages<kBM>() * (kBM + 128) * kTcBlockK * static_cast<int>(sizeof(T));
   const auto kernel = moe_gemm_tc_kernel<T, kBM, kGateUp>;
   TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   kernel<<<grid, kTcThreads, kSmem, stream>>>(args);
