@@ -101,11 +101,11 @@ Plan make_plan(DType dtype, int64_t num_tokens, int64_t hidden, int64_t inter, i
   p.max_tiles = std::min(p.num_slots, (p.num_slots + used_experts * (p.block_m - 1)) / p.block_m);
   p.padded_rows = p.max_tiles * p.block_m;
   // Split the down GEMM's inner dimension until the grid has two blocks per SM (as the tiles bound
-  // it; the real count is often lower), keeping at least 4 k-steps per split.
+  // it; the real count is often lower), keeping at least 2 k-steps per split.
   const int64_t block_k = p.tensor_cores ? kTcBlockK : kSimtBlockK;
   const int64_t down_blocks = p.max_tiles * ceil_div(hidden, p.tensor_cores ? kDownCols : kSimtDownCols);
   const int64_t target = 2 * static_cast<int64_t>(multiprocessor_count(device));
-  while (p.splits < 16 && down_blocks * p.splits < target && inter >= 2 * p.splits * 4 * block_k) p.splits *= 2;
+  while (p.splits < 16 && down_blocks * p.splits < target && inter >= 2 * p.splits * 2 * block_k) p.splits *= 2;
   p.split_k = align_up(ceil_div(inter, p.splits), block_k);
   int64_t at = 0;
   auto take = [&at](int64_t bytes) {
@@ -127,12 +127,12 @@ Plan make_plan(DType dtype, int64_t num_tokens, int64_t hidden, int64_t inter, i
 
 // ---- 1. routing --------------------------------------------------------------------------------
 
-template <typename T, typename L>
+// kPerLane: experts per lane, the fewest that cover num_experts (loops over it are unrolled).
+template <typename T, typename L, int kPerLane>
 __global__ void __launch_bounds__(kRouteThreads)
     moe_route_kernel(const L* __restrict__ logits, int64_t logits_stride, int num_tokens, int num_experts, int top_k,
                      bool renormalize, bool fp32_weights, int32_t* __restrict__ topk_ids,
                      float* __restrict__ topk_weights) {
-  constexpr int kPerLane = kMaxExperts / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t token = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
   if (token >= num_tokens) return;  // the whole warp: one token per warp
@@ -191,6 +191,32 @@ __global__ void __launch_bounds__(kRouteThreads)
       topk_weights[token * top_k + slot] = w;
     }
     base += __popcll(ballot);
+  }
+}
+
+template <typename T>
+void launch_route(TensorView logits, int64_t num_tokens, int64_t num_experts, int64_t top_k, bool renormalize,
+                  bool fp32_weights, int32_t* topk_ids, float* topk_weights, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>(ceil_div(num_tokens * kWarpSize, kRouteThreads));
+  auto launch = [&](auto per_lane, auto logit_type) {
+    using L = decltype(logit_type);
+    moe_route_kernel<T, L, decltype(per_lane)::value><<<blocks, kRouteThreads, 0, stream>>>(
+        logits.data_ptr<const L>(), logits.stride(0), static_cast<int>(num_tokens), static_cast<int>(num_experts),
+        static_cast<int>(top_k), renormalize, fp32_weights, topk_ids, topk_weights);
+  };
+  auto by_width = [&](auto logit_type) {
+    if (num_experts <= kWarpSize) {
+      launch(std::integral_constant<int, 1>{}, logit_type);
+    } else if (num_experts <= 4 * kWarpSize) {
+      launch(std::integral_constant<int, 4>{}, logit_type);
+    } else {
+      launch(std::integral_constant<int, kMaxExperts / kWarpSize>{}, logit_type);
+    }
+  };
+  if (logits.dtype == DType::kFloat32) {
+    by_width(float{});
+  } else {
+    by_width(T{});
   }
 }
 
@@ -469,23 +495,30 @@ __global__ void __launch_bounds__(kSimtThreads) moe_gemm_simt_kernel(GemmArgs a,
 
 // ---- 5. weighted combine -----------------------------------------------------------------------
 
+// A thread per output element (token blockIdx.x, column blockIdx.y * 256 + threadIdx.x): a decode
+// step's few tokens still spread over many blocks, and each thread's top_k * splits loads are
+// independent of one another.
+constexpr int kCombineThreads = 256;
+
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kCombineThreads)
     moe_combine_kernel(T* __restrict__ out, int64_t out_stride, const float* __restrict__ partial,
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ slot_row, int top_k,
                        int splits, int64_t split_stride, int64_t hidden) {
   const int64_t token = blockIdx.x;
-  for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < top_k; ++j) {
-      const int64_t slot = token * top_k + j;
-      const float* src = partial + static_cast<int64_t>(slot_row[slot]) * hidden + h;
-      float v = 0.0f;
-      for (int s = 0; s < splits; ++s) v += src[s * split_stride];
-      acc += topk_weights[slot] * v;
-    }
-    out[token * out_stride + h] = from_float<T>(acc);
+  const int64_t h = static_cast<int64_t>(blockIdx.y) * kCombineThreads + threadIdx.x;
+  if (h >= hidden) return;
+  float acc = 0.0f;
+#pragma unroll 2
+  for (int j = 0; j < top_k; ++j) {
+    const int64_t slot = token * top_k + j;
+    const float* src = partial + static_cast<int64_t>(slot_row[slot]) * hidden + h;
+    float v = 0.0f;
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) v += src[s * split_stride];
+    acc += topk_weights[slot] * v;
   }
+  out[token * out_stride + h] = from_float<T>(acc);
 }
 
 template <typename T>
@@ -556,16 +589,8 @@ void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorVie
                             is_aligned(act, 16) && is_aligned(partial, 16);
 
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
-    const unsigned route_blocks = static_cast<unsigned>(ceil_div(num_tokens * kWarpSize, kRouteThreads));
-    if (router_logits.dtype == DType::kFloat32) {
-      moe_route_kernel<T, float><<<route_blocks, kRouteThreads, 0, s>>>(
-          router_logits.data_ptr<const float>(), router_logits.stride(0), static_cast<int>(num_tokens),
-          static_cast<int>(num_experts), static_cast<int>(top_k), renormalize, fp32_weights, topk_ids, topk_weights);
-    } else {
-      moe_route_kernel<T, T><<<route_blocks, kRouteThreads, 0, s>>>(
-          router_logits.data_ptr<const T>(), router_logits.stride(0), static_cast<int>(num_tokens),
-          static_cast<int>(num_experts), static_cast<int>(top_k), renormalize, fp32_weights, topk_ids, topk_weights);
-    }
+    launch_route<T>(router_logits, num_tokens, num_experts, top_k, renormalize, fp32_weights, topk_ids, topk_weights,
+                    s);
     moe_align_kernel<<<1, kAlignThreads, 0, s>>>(topk_ids, static_cast<int>(plan.num_slots),
                                                  static_cast<int>(num_experts), plan.block_m, slot_row, sorted_slot,
                                                  tile_expert, num_tiles);
@@ -593,7 +618,8 @@ void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorVie
     down.out = partial;
     down.out_split_stride = plan.padded_rows * hidden;
     launch_gemms<T>(plan, up, down, tensor_cores, s);
-    moe_combine_kernel<T><<<static_cast<unsigned>(num_tokens), 256, 0, s>>>(
+    const dim3 combine_grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(ceil_div(hidden, kCombineThreads)));
+    moe_combine_kernel<T><<<combine_grid, kCombineThreads, 0, s>>>(
         out.data_ptr<T>(), out.stride(0), partial, topk_weights, slot_row, static_cast<int>(top_k), plan.splits,
         plan.padded_rows * hidden, hidden);
   });
