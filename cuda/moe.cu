@@ -39,10 +39,11 @@ constexpr int kAlignThreads = 1024;
 constexpr int kTcThreads = 128;   // 4 warps; each covers every row of the tile
 constexpr int kTcBlockK = 64;     // one 128-byte row of a stage per weight row
 // cp.async stages: 3 for 16-row tiles (55 KB of shared memory: four blocks per SM, so a decode
-// step's few hundred weight slabs all stream at once instead of in one and a bit waves), else 4.
+// step's few hundred weight slabs all stream at once instead of in one and a bit waves) and for
+// 128-row tiles (96 KB: two blocks per SM), else 4.
 template <int kBM>
 constexpr int tc_stages() {
-  return kBM == 16 ? 3 : 4;
+  return kBM == 16 || kBM == 128 ? 3 : 4;
 }
 constexpr int kGateUpCols = 64;   // gate columns of a gate_up tile (and as many up columns)
 constexpr int kDownCols = 128;    // output columns of a down tile
@@ -94,9 +95,9 @@ Plan make_plan(DType dtype, int64_t num_tokens, int64_t hidden, int64_t inter, i
   p.tensor_cores = tensor_core_shapes(dtype, hidden, inter);
   p.num_slots = num_tokens * top_k;
   // Tile height from the slots an expert gets when routing is even: one tile per expert at decode
-  // (each weight slab read once), 64 rows when there are enough tokens to reuse a slab 64 times.
+  // (each weight slab read once), 128 rows when there are enough tokens to reuse a slab that often.
   const int64_t per_expert = ceil_div(p.num_slots, num_experts);
-  p.block_m = per_expert <= 12 ? 16 : per_expert <= 24 ? 32 : 64;
+  p.block_m = per_expert <= 12 ? 16 : per_expert <= 24 ? 32 : per_expert <= 48 ? 64 : 128;
   const int64_t used_experts = std::min(num_experts, p.num_slots);
   p.max_tiles = std::min(p.num_slots, (p.num_slots + used_experts * (p.block_m - 1)) / p.block_m);
   p.padded_rows = p.max_tiles * p.block_m;
@@ -286,13 +287,25 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 
 #if !defined(TIDAL_USE_HIP)
 
-// A block computes a [kBM, 128] tile: for gate_up (kGateUp) the 128 weight rows are 64 gate rows
-// and the 64 up rows of the same columns, and warp w owns gate columns 16w..16w+15 with their up
-// twins, so silu(gate) * up meets in one thread; for down, warp w owns output columns 32w..32w+31.
-// Each warp computes all kBM rows of its columns.
+// A block computes a [kBM, 128] tile with 4 warps: kWarpsM along the rows (kBM / kWarpsM rows
+// each) by 4 / kWarpsM along the columns. For gate_up (kGateUp) the 128 weight rows are 64 gate
+// rows and the 64 up rows of the same columns, and a warp owns a run of gate columns with their up
+// twins, so silu(gate) * up meets in one thread; for down, a warp owns a run of output columns.
+// 16-row to 64-row tiles: one warp row, each warp all kBM rows of 32 weight rows (decode: the
+// weight slab is the traffic, the rows are few). 128-row tiles (prefill): 2 x 2 warps of 64 rows x
+// 64 weight rows, four times the mma.sync work per fragment loaded.
+template <int kBM>
+constexpr int tc_warps_m() {
+  return kBM == 128 ? 2 : 1;
+}
+
 template <typename T, int kBM, bool kGateUp>
 __global__ void __launch_bounds__(kTcThreads) moe_gemm_tc_kernel(GemmArgs a) {
-  constexpr int kRowsB = 128, kChunks = kTcBlockK / 8, kMTiles = kBM / 16, kTcStages = tc_stages<kBM>();
+  constexpr int kRowsB = 128, kChunks = kTcBlockK / 8, kTcStages = tc_stages<kBM>();
+  constexpr int kWarpsM = tc_warps_m<kBM>(), kWarpsN = 4 / kWarpsM;
+  constexpr int kMTiles = kBM / kWarpsM / 16;  // m16 tiles per warp
+  constexpr int kNTiles = kRowsB / kWarpsN / 8;  // n8 tiles per warp (half gate, half up for gate_up)
+  constexpr int kWarpRowsB = kRowsB / kWarpsN;   // weight rows per warp
   constexpr int kStageElems = (kBM + kRowsB) * kTcBlockK;
   extern __shared__ __align__(128) unsigned char smem[];
   T* stages = reinterpret_cast<T*>(smem);  // per stage: A [kBM, 64] then B [128, 64], swizzled
@@ -302,6 +315,7 @@ __global__ void __launch_bounds__(kTcThreads) moe_gemm_tc_kernel(GemmArgs a) {
   if (tile >= *a.num_tiles) return;
   const int expert = a.tile_expert[tile];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * (kGateUp ? kGateUpCols : kDownCols);
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * a.split_k;
   const int64_t k_end = k_begin + a.split_k < a.k ? k_begin + a.split_k : a.k;
@@ -345,14 +359,22 @@ __global__ void __launch_bounds__(kTcThreads) moe_gemm_tc_kernel(GemmArgs a) {
     }
   };
 
-  float acc[kMTiles][4][4];
+  float acc[kMTiles][kNTiles][4];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
-  // the warp's two 16-row slabs of the B tile: (gate, up) or two halves of its 32 columns
-  const int b_base0 = kGateUp ? warp * 16 : warp * 32;
-  const int b_base1 = kGateUp ? kGateUpCols + warp * 16 : warp * 32 + 16;
+    for (int nt = 0; nt < kNTiles; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+  // First B row of the warp's 16-row slab j (two n8 tiles each): gate_up's first half of the slabs
+  // are gate rows, the second half the up rows of the same columns.
+  auto b_slab_row = [&](int j) {
+    if constexpr (kGateUp) {
+      constexpr int kHalf = kNTiles / 4;  // gate slabs per warp
+      return (j < kHalf ? 0 : kGateUpCols) + warp_n * (kWarpRowsB / 2) + (j % kHalf) * 16;
+    } else {
+      return warp_n * kWarpRowsB + j * 16;
+    }
+  };
+  const int a_row0 = warp_m * (kBM / kWarpsM);
 
 #pragma unroll
   for (int s = 0; s < kTcStages - 1; ++s) {
@@ -368,19 +390,22 @@ __global__ void __launch_bounds__(kTcThreads) moe_gemm_tc_kernel(GemmArgs a) {
     const T* s_b = s_a + kBM * kTcBlockK;
 #pragma unroll
     for (int kk = 0; kk < kTcBlockK / 16; ++kk) {
-      uint32_t b0[4], b1[4];
-      ldmatrix_x4(b0, shared_address(s_b + swizzle<kTcBlockK>(b_base0 + (lane & 7) + ((lane >> 4) << 3),
-                                                              kk * 2 + ((lane >> 3) & 1))));
-      ldmatrix_x4(b1, shared_address(s_b + swizzle<kTcBlockK>(b_base1 + (lane & 7) + ((lane >> 4) << 3),
-                                                              kk * 2 + ((lane >> 3) & 1))));
+      uint32_t b[kNTiles / 2][4];
+#pragma unroll
+      for (int j = 0; j < kNTiles / 2; ++j) {
+        ldmatrix_x4(b[j], shared_address(s_b + swizzle<kTcBlockK>(b_slab_row(j) + (lane & 7) + ((lane >> 4) << 3),
+                                                                  kk * 2 + ((lane >> 3) & 1))));
+      }
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         uint32_t frag[4];
-        ldmatrix_x4(frag, shared_address(s_a + swizzle<kTcBlockK>(mt * 16 + (lane & 15), kk * 2 + (lane >> 4))));
-        mma_16816<T>(acc[mt][0], frag, b0[0], b0[1]);
-        mma_16816<T>(acc[mt][1], frag, b0[2], b0[3]);
-        mma_16816<T>(acc[mt][2], frag, b1[0], b1[1]);
-        mma_16816<T>(acc[mt][3], frag, b1[2], b1[3]);
+        ldmatrix_x4(frag, shared_address(s_a + swizzle<kTcBlockK>(a_row0 + mt * 16 + (lane & 15),
+                                                                  kk * 2 + (lane >> 4))));
+#pragma unroll
+        for (int j = 0; j < kNTiles / 2; ++j) {
+          mma_16816<T>(acc[mt][2 * j], frag, b[j][0], b[j][1]);
+          mma_16816<T>(acc[mt][2 * j + 1], frag, b[j][2], b[j][3]);
+        }
       }
     }
   }
@@ -391,22 +416,22 @@ __global__ void __launch_bounds__(kTcThreads) moe_gemm_tc_kernel(GemmArgs a) {
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const int64_t row = static_cast<int64_t>(tile) * kBM + mt * 16 + lane / 4 + rr * 8;
+      const int64_t row = static_cast<int64_t>(tile) * kBM + a_row0 + mt * 16 + lane / 4 + rr * 8;
       if constexpr (kGateUp) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int64_t col = n0 + warp * 16 + nt * 8 + (lane % 4) * 2;
+        for (int nt = 0; nt < kNTiles / 2; ++nt) {
+          const int64_t col = n0 + warp_n * (kWarpRowsB / 2) + nt * 8 + (lane % 4) * 2;
           if (col >= a.n) continue;
-          const float v0 = silu(acc[mt][nt][2 * rr]) * acc[mt][2 + nt][2 * rr];
-          const float v1 = silu(acc[mt][nt][2 * rr + 1]) * acc[mt][2 + nt][2 * rr + 1];
+          const float v0 = silu(acc[mt][nt][2 * rr]) * acc[mt][kNTiles / 2 + nt][2 * rr];
+          const float v1 = silu(acc[mt][nt][2 * rr + 1]) * acc[mt][kNTiles / 2 + nt][2 * rr + 1];
           const uint32_t word = pack2<T>(v0, v1);
           memcpy(static_cast<T*>(a.out) + row * a.n + col, &word, sizeof(word));
         }
       } else {
         float* out = static_cast<float*>(a.out) + blockIdx.z * a.out_split_stride + row * a.n;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int64_t col = n0 + warp * 32 + nt * 8 + (lane % 4) * 2;
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          const int64_t col = n0 + warp_n * kWarpRowsB + nt * 8 + (lane % 4) * 2;
           if (col < a.n) *reinterpret_cast<float2*>(out + col) = make_float2(acc[mt][nt][2 * rr], acc[mt][nt][2 * rr + 1]);
         }
       }
@@ -539,9 +564,13 @@ void launch_gemms(const Plan& plan, GemmArgs up, GemmArgs down, bool tensor_core
           launch_gemm_tc<T, 32, true>(up, up_grid, stream);
           launch_gemm_tc<T, 32, false>(down, down_grid, stream);
           return;
-        default:
+        case 64:
           launch_gemm_tc<T, 64, true>(up, up_grid, stream);
           launch_gemm_tc<T, 64, false>(down, down_grid, stream);
+          return;
+        default:
+          launch_gemm_tc<T, 128, true>(up, up_grid, stream);
+          launch_gemm_tc<T, 128, false>(down, down_grid, stream);
           return;
       }
     }

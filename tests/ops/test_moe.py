@@ -103,7 +103,8 @@ GPU_SHAPES = [
     (1, 512, 1024, 8, 2),     # decode, one 16-row tile per expert, down split 4 ways
     (3, 256, 192, 8, 2),      # inter not a multiple of the 64-column tile
     (64, 128, 256, 8, 2),     # decode batch 64: 32-row tiles
-    (300, 256, 512, 8, 2),    # prefill: 64-row tiles, several per expert
+    (160, 128, 128, 8, 2),    # 64-row tiles
+    (300, 256, 512, 8, 2),    # prefill: 128-row tiles over 2 x 2 warps
     (40, 128, 64, 128, 8),    # Qwen3-MoE-like: many experts, most with one or two slots
     (37, 48, 24, 8, 2),       # hidden and inter multiples of 8 but smaller than a tile
     (9, 33, 17, 5, 3),        # odd sizes: the SIMT kernel

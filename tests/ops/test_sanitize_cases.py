@@ -104,7 +104,8 @@ def test_skinny_linear_paths(m, n, k, prologue, dtype):
 @pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,dtype", [
     (2, 256, 512, 8, 2, torch.bfloat16),    # decode: 16-row tiles, the down product split
     (24, 128, 192, 4, 2, torch.float16),    # 32-row tiles, a partial column tile
-    (150, 64, 64, 4, 2, torch.bfloat16),    # prefill: 64-row tiles, several per expert
+    (80, 128, 192, 4, 2, torch.float16),    # 64-row tiles
+    (150, 64, 64, 4, 2, torch.bfloat16),    # prefill: 128-row tiles over 2 x 2 warps
     (7, 40, 24, 6, 3, torch.float32),       # the SIMT kernel
 ])
 def test_fused_moe_paths(num_tokens, hidden, inter, num_experts, top_k, dtype):
