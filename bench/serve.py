@@ -49,8 +49,8 @@ H_q query heads, d head_dim, and kv = L * kv_heads * d * 2 (K and V) * 2 bytes p
 - S3: seconds = the S1 formula over S3's requests + (2 * P * sum_r n_r + 2 * L * H_q * d * sum_r n_r^2)
   / matmul (prefill: dense matmuls plus causal attention); requests/s = 500 / seconds (about 135).
 
-One call runs all four in roughly 5-8 minutes on an H200 with the default --peer-batches 1; split it
-(--workloads S1,S4 then S2,S3) when a call's time is shorter.
+One call runs all five in roughly 6-10 minutes on an H200 with the default --peer-batches 1; split it
+(--workloads S1,S4 then S2,S3,M1) when a call's time is shorter.
 
     python bench/serve.py --out DIR [--workloads S1,S2,S3,S4,M1] [--peer-batches N] [--no-peers] [--tiny]
 
@@ -799,7 +799,7 @@ def build_table(res: Results, workloads) -> tuple[list[str], list[list[str]]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for serve.md and serve.jsonl")
-    ap.add_argument("--workloads", default="S1,S2,S3,S4", help="comma-separated subset of S1,S2,S3,S4,M1")
+    ap.add_argument("--workloads", default="S1,S2,S3,S4,M1", help="comma-separated subset of S1,S2,S3,S4,M1")
     ap.add_argument("--peer-batches", type=int, default=1,
                     help="static peer batches timed for S1 and S3 (the first N; <= 0: all)")
     ap.add_argument("--no-peers", action="store_true", help="skip the transformers peers")

@@ -61,6 +61,19 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
+/// The SM count of `device` (launchers size grids by it), read once per device.
+inline int multiprocessor_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return 132;
+  if (counts[device] == 0) {
+    int value = 0;
+    TIDAL_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device));
+    counts[device] = value > 0 ? value : 1;
+  }
+  return counts[device];
+}
+
 inline bool is_aligned(const void* ptr, std::uintptr_t bytes) {
   return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
 }

@@ -53,17 +53,6 @@ constexpr int kSimtRows = 16;     // rows a SIMT block computes at once (tiles a
 constexpr int kSimtGateUpCols = 32;
 constexpr int kSimtDownCols = 64;
 
-int multiprocessor_count(int device) {
-  static int counts[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int value = 0;
-    TIDAL_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = value > 0 ? value : 1;
-  }
-  return counts[device];
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 

@@ -13,22 +13,10 @@ namespace tidal::gpu {
 namespace attn {
 namespace {
 
-constexpr int kMaxDevices = 64;
 // NOTE(tidal): a split of fewer keys than this costs more in the reduction than it saves.
 constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kBlocksPerSmTarget = 8;
-
-int multiprocessor_count(int device) {
-  static int counts[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) return 132;
-  if (counts[device] == 0) {
-    int value = 0;
-    TIDAL_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = value > 0 ? value : 1;
-  }
-  return counts[device];
-}
 
 bool has_tensor_core_kernel(DType dtype, int64_t head_dim) {
 #if defined(TIDAL_USE_HIP)

@@ -249,17 +249,6 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   }
 }
 
-int multiprocessor_count(int device) {
-  static int counts[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int value = 0;
-    TIDAL_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = value > 0 ? value : 1;
-  }
-  return counts[device];
-}
-
 template <typename T, int kM>
 void launch(const Params& p, int device, cudaStream_t stream) {
   const auto kernel = skinny_linear_kernel<T, kM>;
