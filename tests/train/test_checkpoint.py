@@ -120,8 +120,10 @@ def test_async_save_is_invisible_until_complete(tmp_path, monkeypatch):
     assert writing.wait(30)
     assert not os.path.exists(path) and not os.path.exists(os.path.join(directory, "latest"))
     _train_step(engine, 1)  # training goes on while the save is pending
+    assert engine.checkpoint_pending()
     release.set()
     assert engine.wait_for_checkpoint() == path
+    assert not engine.checkpoint_pending()
     assert open(os.path.join(directory, "latest")).read() == "a"
     fresh = _engine()
     fresh.load_checkpoint(directory)
@@ -215,3 +217,27 @@ def test_resume_with_other_accumulation_steps_keeps_step_boundaries(tmp_path):
         boundaries.append(resumed.is_gradient_accumulation_boundary())
         resumed.micro_steps += 1
     assert boundaries == [False, False, True]
+
+
+def test_shard_files_are_safetensors_with_their_checksum(tmp_path):
+    """The shard writer's own safetensors layout reads back with safetensors for every dtype it takes,
+    empty and multi-dimensional tensors included, and its sidecar is the file's sha256."""
+    import hashlib
+
+    import torch
+
+    from safetensors.torch import load_file
+
+    from tidal.train import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"master": torch.randn(1000, generator=g), "half": torch.randn(3, 5, generator=g).half(),
+               "bf": torch.randn(7, generator=g).bfloat16(), "ids": torch.arange(-3, 9), "small": torch.arange(5).int(),
+               "bytes": torch.arange(11, dtype=torch.uint8), "empty": torch.zeros(0)}
+    path = str(tmp_path / "rank_00000.safetensors")
+    checkpoint._write_file(path, tensors)
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    assert open(path + ".sha256").read() == hashlib.sha256(open(path, "rb").read()).hexdigest()

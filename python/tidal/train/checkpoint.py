@@ -24,18 +24,22 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import threading
 import time
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tidal.train import comm
 
 FORMAT = "tidal-zero-v1"
 _STATES = ("master", "exp_avg", "exp_avg_sq")
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                       torch.int32: "I32", torch.uint8: "U8"}
+_WRITE_CHUNK = 64 << 20
 
 
 def _sha256(path: str) -> str:
@@ -139,9 +143,36 @@ def save(engine, directory: str, tag: str | None = None, background: bool = Fals
 
 
 def _write_file(path: str, tensors: dict) -> None:
-    """One rank's shard file, then its checksum beside it (``<file>.sha256``: rank 0 waits for it)."""
-    save_file(tensors, path)
-    _atomic_write_text(path + ".sha256", _sha256(path))
+    """One rank's shard file in the safetensors layout (what ``load_file`` reads: the header's length,
+    the JSON header padded to 8 bytes, the tensors' little-endian bytes), fsynced, then its sha256
+    beside it (``<file>.sha256``: rank 0 waits for it), hashed as the bytes go out.
+
+    NOTE(tidal): not ``safetensors.torch.save_file``: it builds the file's bytes holding the GIL, so
+    a background save starved the training thread's kernel launches (Llama-3.2-1B on an H200: steps
+    25% slower for the 30 s a 15 GB save took). Writes of memoryviews and hashlib over large buffers
+    release the GIL; the training thread runs between the 64 MiB chunks."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for part in (struct.pack("<Q", len(blob)), blob):
+            f.write(part)
+            digest.update(part)
+        for t in tensors.values():
+            data = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            for i in range(0, len(data), _WRITE_CHUNK):
+                chunk = data[i:i + _WRITE_CHUNK]
+                f.write(chunk)
+                digest.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    _atomic_write_text(path + ".sha256", digest.hexdigest())
 
 
 class PendingSave:

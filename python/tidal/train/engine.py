@@ -743,6 +743,10 @@ class Engine:
                                              client_state=client_state)
         return self._pending_save.path
 
+    def checkpoint_pending(self) -> bool:
+        """Whether this rank is still writing the last asynchronous save (does not block)."""
+        return self._pending_save is not None and not self._pending_save.done()
+
     def wait_for_checkpoint(self) -> str | None:
         """Blocks until this rank's part of the last asynchronous save is written (rank 0: the whole
         checkpoint is in place) and re-raises its error; the path, or None with no save pending."""
