@@ -73,7 +73,7 @@ if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 stamp "benchmarks"
-for bench in ${BENCHES:-bench/bench_attention.py bench/bench_skinny_linear.py bench/bench_moe.py bench/serve.py bench/train.py}; do
+for bench in ${BENCHES:-bench/bench_attention.py bench/bench_skinny_linear.py bench/bench_moe.py bench/bench_checkpoint.py bench/serve.py bench/train.py}; do
   name="$(basename "$bench" .py)"
   stamp "$name"
   if [ "$name" = "serve" ]; then
