@@ -2,18 +2,26 @@
 # SPDX-License-Identifier: Apache-2.0
 """Elastic training under torchrun: ranks that die, join and leave, and a job that carries on.
 
-Run one agent per node (here: per process, on one machine), any number between the bounds:
+Run one agent per node (here: per process, on one machine), any number between the bounds; kill one
+(its worker with it) and the others carry on smaller; start another and they grow back:
 
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     torchrun --nnodes 2:3 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29400 \\
-        --rdzv-id demo --max-restarts 5 examples/elastic/train.py --out /tmp/elastic --steps 12 --step-seconds 1
+        --rdzv-id demo --max-restarts 5 --rdzv-conf last_call_timeout=2 \\
+        examples/elastic/train.py --out /tmp/elastic --steps 18 --step-seconds 1
+
+NOTE: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each round's workers a store of their own instead of
+the agents' rendezvous store. With the shared store, torch's agents time out assigning ranks when a
+node joins a running job (scale-up; a plain torch.distributed script fails the same way).
 
 What each worker does, every time torchrun's agent (re)starts it:
 - the DeepSpeed config's ``elasticity`` section gives the same global batch at every world size in
   its range (micro-batch and accumulation steps for the world size in hand);
 - the engine loads the latest checkpoint in ``--out`` if there is one (resharding the ZeRO state for
   the new world size) and the sampler resumes at the first sample no completed step has seen;
-- each step ends with a checkpoint (``keep_last=2``) carrying the sampler's position, then a record
-  of the samples each rank trained on in that step (so a step redone after a failure counts once);
+- each step ends with a checkpoint (``keep_last=2``) carrying the sampler's position and the record of
+  every step so far (its world size and the samples all ranks trained on): a step redone after a
+  failure replaces the record of the attempt that never reached its checkpoint;
 - a peer that dies makes the next collective fail within ``TIDAL_COLLECTIVE_TIMEOUT_S`` (CollectiveError)
   instead of hanging; the worker exits and the agent restarts the job at the new world size.
 
@@ -26,6 +34,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 import tidal
 from tidal.train.data import ElasticSampler
@@ -58,9 +67,11 @@ def train(out: str, steps: int, step_seconds: float = 0.0, after_step=None) -> d
     engine = tidal.initialize(model(), CONFIG)
     sampler = ElasticSampler.for_engine(SAMPLES, engine, seed=0)
     checkpoints = os.path.join(out, "checkpoints")
+    trained = []  # per completed step: {"step", "world_size", "samples"}
     if os.path.isfile(os.path.join(checkpoints, "latest")):
         engine.load_checkpoint(checkpoints)
         sampler.load_state_dict(engine.client_state["sampler"])
+        trained = engine.client_state["trained"]
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if engine.rank == 0:
         print(f"[restart {restart}] world size {engine.world_size}, global batch {engine.config.train_batch_size}, "
@@ -73,20 +84,22 @@ def train(out: str, steps: int, step_seconds: float = 0.0, after_step=None) -> d
             seen += ids
             engine.backward(torch.nn.functional.mse_loss(engine(x[ids]), y[ids]))
             engine.step()
+        everyone = [seen]
+        if engine.world_size > 1:
+            everyone = [None] * engine.world_size
+            dist.all_gather_object(everyone, seen)
+        trained.append({"step": engine.global_steps, "world_size": engine.world_size,
+                        "samples": [i for ids in everyone for i in ids]})
         time.sleep(step_seconds)  # room for the demonstration (and its test) to kill or add a node
-        engine.save_checkpoint(checkpoints, client_state={"sampler": sampler.state_dict()}, keep_last=2)
-        # the samples of a step count once its checkpoint is in place (a step redone after a
-        # failure overwrites its record)
-        record = os.path.join(out, "samples", f"step{engine.global_steps:05d}_rank{engine.rank}.json")
-        os.makedirs(os.path.dirname(record), exist_ok=True)
-        with open(record + ".tmp", "w") as f:
-            json.dump({"world_size": engine.world_size, "samples": seen}, f)
-        os.replace(record + ".tmp", record)
+        engine.save_checkpoint(checkpoints, client_state={"sampler": sampler.state_dict(), "trained": trained},
+                               keep_last=2)
         if after_step is not None:
             after_step(engine)
     state = engine.full_state_dict()
     if engine.rank == 0:
         torch.save(state, os.path.join(out, "final.pt"))
+        with open(os.path.join(out, "trained.json"), "w") as f:
+            json.dump(trained, f)
         print(f"done: {engine.global_steps} steps", flush=True)
     return state
 

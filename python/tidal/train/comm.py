@@ -8,6 +8,7 @@ timeout is ``TIDAL_COLLECTIVE_TIMEOUT_S`` seconds (torch's default, 30 minutes, 
 restarts the job from its latest checkpoint.
 """
 
+import atexit
 import datetime
 import functools
 import os
@@ -38,6 +39,16 @@ def init(device: torch.device, timeout_s: float | None = None) -> None:
                 raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
             kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **kwargs)
+        atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    """The process group tidal created, torn down before the interpreter's own teardown. NOTE(tidal):
+    left to the interpreter, a Gloo group whose peers exit first can abort the process at exit
+    ("terminate called without an active exception"), which torchrun's agent takes for a failed
+    worker and restarts the finished job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _named(fn):
