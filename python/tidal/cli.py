@@ -55,7 +55,7 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="tidal: one runtime for training and serving LLMs.")
     parser.add_argument("--version", action="version", version=f"tidal {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,generate,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,generate,serve}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="train the embedded demo model on Python's own source, then generate",
@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompts", nargs="+", default=None, metavar="TEXT", help="prompts to complete")
     demo.add_argument("--max-tokens", type=int, default=96, help="tokens per completion (default 96)")
     demo.add_argument("--device", default="auto", help="training device: auto, cpu or cuda[:N] (default auto)")
+
+    train = sub.add_parser("train", help="train the demo model with a DeepSpeed config (resumable, elastic)",
+                           description="Train the embedded demo model on its corpus with tidal.initialize and the "
+                                       "DeepSpeed config in CONFIG, as one process or one worker of a torchrun job "
+                                       "(`torchrun --nnodes MIN:MAX ... -m tidal train ...`). Resumes from the latest "
+                                       "checkpoint in OUT at any world size; writes the model to OUT/model.")
+    train.add_argument("--config", required=True, help="a DeepSpeed config (JSON)")
+    train.add_argument("--out", required=True, help="checkpoints go to OUT/checkpoints, the model to OUT/model")
+    train.add_argument("--steps", type=int, required=True, help="train to this many optimizer steps")
+    train.add_argument("--size", choices=["small", "medium"], default="small", help="model size (default small)")
+    train.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: by size)")
+    train.add_argument("--save-interval", type=int, default=50, help="checkpoint every N steps (default 50)")
+    train.add_argument("--keep-last", type=int, default=2, help="complete checkpoints kept (default 2)")
+    train.add_argument("--async-save", action="store_true", help="write checkpoints while training goes on")
+    train.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda:N")
 
     gen = sub.add_parser("generate", help="stream a completion of one prompt",
                          description="Generate a completion of --prompt with the model in MODEL (a Hugging Face "
@@ -200,7 +215,19 @@ def cmd_demo(args) -> int:
                     prompts=args.prompts, max_tokens=args.max_tokens, device=args.device)
 
 
-_COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "serve": cmd_serve}
+def cmd_train(args) -> int:
+    from tidal import train_job
+
+    try:
+        train_job.run(args.config, args.out, args.steps, size=args.size, seq_len=args.seq_len,
+                      save_interval=args.save_interval, keep_last=args.keep_last, async_save=args.async_save,
+                      device=args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
+_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,7 @@ def _byte_alphabet() -> list[str]:
     return [out[b] for b in range(256)]
 
 
-def _save_tokenizer(tok, path: Path) -> None:
+def save_tokenizer(tok, path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[1],
@@ -230,7 +230,7 @@ def train(path: Path, size: str, steps: int, device: torch.device, seed: int = 0
     path.mkdir(parents=True, exist_ok=True)
     (path / _MARKER).unlink(missing_ok=True)
     save_model(final, path)
-    _save_tokenizer(tok, path)
+    save_tokenizer(tok, path)
     tail = losses[-min(10, len(losses)):]
     summary = {"size": size, "steps": steps, "first_loss": losses[0], "last_loss": sum(tail) / len(tail),
                "train_seconds": round(train_s, 1), "tokens_per_second": round(tokens / train_s),
