@@ -12,10 +12,13 @@ class EngineConfig:
     ``kv_cache_memory_fraction`` is vLLM's ``gpu_memory_utilization`` (accepted as an alias by
     ``tidal.LLM``): on a GPU, the share of the card that weights, activations and the KV cache may
     take together; on the CPU, the share of available host memory the KV cache may take (capped at
-    4 GiB). ``enforce_eager`` turns CUDA graphs off.
+    4 GiB). ``enforce_eager`` turns CUDA graphs off. ``model`` is a Hugging Face directory, or a
+    tidal model already built (served in place, its weights shared); ``tokenizer`` a directory with
+    tokenizer.json (default: the model's directory; none for a model object, which then takes token
+    ids only).
     """
 
-    model: str
+    model: "str | torch.nn.Module"
     dtype: str | torch.dtype = "auto"
     device: str = "auto"
     block_size: int = 16
@@ -28,6 +31,7 @@ class EngineConfig:
     seed: int = 0
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):

@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from tidal import _core
-from tidal.models.loader import load_model
+from tidal.models.loader import load_model, resolve_dtype
 from tidal.serve.config import EngineConfig, resolve_device
 from tidal.serve.model_runner import make_model_runner
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -74,17 +75,46 @@ class _Request:
                              self.metrics.num_cached_tokens)
 
 
+def _shared_model(model: torch.nn.Module, config: EngineConfig):
+    """A tidal model served in place (its parameters shared with whoever else holds it, such as a
+    training engine): checked, not copied."""
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model, "compute_logits"):
+        raise ValueError(f"model={type(model).__name__} is not a tidal model (tidal.models.load_model builds one)")
+    params = list(model.parameters())
+    if any(p.device.type == "meta" or (p.numel() == 0) for p in params):
+        raise ValueError("model's parameters are not materialised (a ZeRO-3 engine frees them between uses); "
+                         "serve a stage 0-2 engine's module, or a checkpoint")
+    devices, dtypes = {p.device for p in params}, {p.dtype for p in params}
+    if len(devices) != 1 or len(dtypes) != 1:
+        raise ValueError(f"model's parameters must share one device and one dtype, got {sorted(map(str, devices))} "
+                         f"and {sorted(map(str, dtypes))}")
+    device, dtype = devices.pop(), dtypes.pop()
+    if config.device != "auto" and resolve_device(config.device) != device:
+        raise ValueError(f"device={config.device!r} but the model's parameters are on {device}")
+    if config.dtype != "auto" and resolve_dtype(config.dtype, model_config) != dtype:
+        raise ValueError(f"dtype={config.dtype!r} but the model's parameters are {dtype}")
+    return model, model_config
+
+
 class LLMEngine:
     """Continuous batching over the paged KV cache for one model on one device."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device = resolve_device(config.device)
-        self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
+        if isinstance(config.model, torch.nn.Module):
+            self.model, self.model_config = _shared_model(config.model, config)
+            self.device = next(self.model.parameters()).device
+        else:
+            self.device = resolve_device(config.device)
+            self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
+        tokenizer_dir = config.tokenizer or (None if isinstance(config.model, torch.nn.Module) else config.model)
         try:
-            self.tokenizer: Tokenizer | None = Tokenizer(config.model)
+            self.tokenizer: Tokenizer | None = Tokenizer(tokenizer_dir) if tokenizer_dir else None
         except ValueError:
+            if config.tokenizer:
+                raise
             self.tokenizer = None
         self.vocab_size = self.model_config.vocab_size
 

@@ -15,8 +15,14 @@ class LLM:
 
     Parameters
     ----------
-    model : str
-        Directory holding config.json, *.safetensors and (for text prompts) tokenizer.json.
+    model : str or torch.nn.Module
+        Directory holding config.json, *.safetensors and (for text prompts) tokenizer.json; or a
+        tidal model already built (``tidal.models.load_model``, or a training engine's ``module`` at
+        ZeRO stage 0-2), served in place: its parameters are shared, not copied, so a training step's
+        update is what the next generate reads (call :meth:`weights_updated` after it).
+    tokenizer : str or None
+        Directory with tokenizer.json; default the model's directory (none for a model object,
+        which then takes prompts as token ids).
     dtype : str or torch.dtype
         "auto" takes the checkpoint's dtype; or "float32", "bfloat16", "float16".
     device : str
@@ -46,11 +52,12 @@ class LLM:
         start-up for padded batch sizes 1, 2, 4, 8, 16, ..., ``max_num_seqs``.
     """
 
-    def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "auto", block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+    def __init__(self, model: "str | torch.nn.Module", dtype: str | torch.dtype = "auto", device: str = "auto",
+                 block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs",
-                 enforce_eager: bool = False, gpu_memory_utilization: float | None = None):
+                 enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
+                 tokenizer: str | None = None):
         if gpu_memory_utilization is not None:
             kv_cache_memory_fraction = gpu_memory_utilization
         self.engine = LLMEngine(EngineConfig(
@@ -58,8 +65,16 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy,
-            enforce_eager=enforce_eager))
+            enforce_eager=enforce_eager, tokenizer=tokenizer))
         self._ids = itertools.count()
+
+    def weights_updated(self) -> None:
+        """Tells the engine that the weights of the model it serves changed in place (a training step
+        on a shared model): the prefix cache, whose KV blocks the old weights computed, is dropped.
+        Call it between generate calls: requests still running would keep blocks of the old weights."""
+        if not self.reset_prefix_cache():
+            raise RuntimeError("weights_updated() with requests still running: their KV blocks hold the old "
+                               "weights' keys and values; call it between generate() calls")
 
     @property
     def tokenizer(self):
