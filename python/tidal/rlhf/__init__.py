@@ -1,6 +1,8 @@
 """Reinforcement learning from feedback on tidal's two engines (its own folder: it may use both, and
-neither imports it). Today: the loss arithmetic of PPO and GRPO (:mod:`tidal.rlhf.losses`)."""
+neither imports it): the loss arithmetic of PPO and GRPO (:mod:`tidal.rlhf.losses`) and GRPO with
+rollouts served from the weights being trained (:class:`GRPOTrainer`)."""
 
 from tidal.rlhf import losses
+from tidal.rlhf.grpo import GRPOConfig, GRPOTrainer
 
-__all__ = ["losses"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "losses"]

@@ -1,0 +1,191 @@
+"""GRPO (group relative policy optimisation) on one engine pair: the policy trains under
+``tidal.initialize`` and its rollouts come from ``tidal.LLM`` serving the same module in place, so no
+weights are copied between the two (the engine's module at ZeRO stage 0-2).
+
+A step: every prompt is sampled ``num_generations`` times; the reward functions score each completion
+(their scores add up); each score minus its group's mean (divided by the group's standard deviation)
+is the completion's advantage; the policy takes ``num_iterations`` optimizer steps on GRPO's clipped
+objective (:func:`tidal.rlhf.losses.grpo_loss`) with a k3 KL term to a frozen reference copy of the
+initial weights (``beta`` 0 skips the reference). At temperature 1 the old policy's log-probabilities
+are the serving engine's own, checked against the training forward on the same tokens.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from tidal.rlhf import losses
+
+RewardFunc = Callable[..., Sequence[float]]
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """TRL's GRPOConfig names. ``train`` is the DeepSpeed-style config of the policy's training
+    engine (its micro-batch splits each step's ``num_prompts * num_generations`` sequences); ``llm``
+    the keyword arguments of the serving engine (``num_kv_blocks``, ``block_size``, ...)."""
+
+    num_generations: int = 8
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "grpo"
+    num_iterations: int = 1
+    scale_rewards: bool = True
+    seed: int = 0
+    logprob_tolerance: float = 1e-3
+    train: dict = dataclasses.field(default_factory=lambda: {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}, "gradient_clipping": 1.0})
+    llm: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_generations", "max_completion_length", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations} must be at least 2 (advantages are relative "
+                             "to the group)")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be positive")
+
+
+class GRPOTrainer:
+    """Trains ``model`` (a Hugging Face directory) against ``reward_funcs``: callables taking
+    ``prompts`` and ``completions`` (lists of strings, or of token-id lists when the model has no
+    tokenizer) and ``completion_ids``, returning one float per completion."""
+
+    def __init__(self, model: str, reward_funcs: RewardFunc | list[RewardFunc], args: GRPOConfig | None = None,
+                 tokenizer: str | None = None):
+        import tidal
+        from tidal.models import load_model
+
+        self.args = args or GRPOConfig()
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not self.reward_funcs or not all(callable(f) for f in self.reward_funcs):
+            raise ValueError("reward_funcs must be a callable or a non-empty list of callables")
+        stage = (self.args.train.get("zero_optimization") or {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise ValueError(f"zero_optimization.stage={stage!r}: GRPOTrainer serves the policy in place, so the "
+                             "stage must be 0, 1 or 2")
+        policy, _ = load_model(model)
+        policy.train()
+        self.engine = tidal.initialize(policy, self.args.train)
+        self.reference = None
+        if self.args.beta != 0.0:
+            self.reference, _ = load_model(model, device=next(policy.parameters()).device)
+            self.reference.requires_grad_(False)
+        self.llm = tidal.LLM(self.engine.module, tokenizer=tokenizer or model, **self.args.llm)
+        self.step_count = 0
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def step(self, prompts: list) -> dict:
+        """One GRPO step over ``prompts`` (strings, or token-id lists); returns its metrics."""
+        import tidal
+
+        args, g = self.args, self.args.num_generations
+        t0 = time.perf_counter()
+        repeated = [p for p in prompts for _ in range(g)]
+        params = [tidal.SamplingParams(temperature=args.temperature, max_tokens=args.max_completion_length,
+                                       seed=args.seed + self.step_count * len(repeated) + i,
+                                       logprobs=0 if args.temperature == 1.0 else None)
+                  for i in range(len(repeated))]
+        outputs = self.llm.generate(repeated, params, use_tqdm=False)
+        generation_s = time.perf_counter() - t0
+
+        completions = [o.outputs[0] for o in outputs]
+        completion_ids = [list(c.token_ids) for c in completions]
+        texts = [c.text for c in completions] if self.llm.tokenizer is not None else completion_ids
+        rewards = torch.zeros(len(repeated), dtype=torch.float64)
+        for func in self.reward_funcs:
+            scores = list(func(prompts=repeated, completions=texts, completion_ids=completion_ids))
+            if len(scores) != len(repeated):
+                raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned {len(scores)} "
+                                 f"scores for {len(repeated)} completions")
+            rewards += torch.tensor(scores, dtype=torch.float64)
+        advantages = losses.group_advantages(rewards, g, scale=args.scale_rewards).float()
+
+        t1 = time.perf_counter()
+        prompt_ids = [list(o.prompt_token_ids) for o in outputs]
+        ids, mask = _batch(prompt_ids, completion_ids)
+        device = next(self.engine.module.parameters()).device
+        ids, mask, advantages = ids.to(device), mask.to(device), advantages.to(device)
+        serving_old = None
+        if args.temperature == 1.0:
+            serving_old = torch.zeros(mask.shape, dtype=torch.float32)
+            for row, (p, c) in enumerate(zip(prompt_ids, completions)):
+                for j, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+                    serving_old[row, len(p) - 1 + j] = entry[token]
+            serving_old = serving_old.to(device)
+        with torch.no_grad():
+            trained_old = self._logprobs(self.engine, ids)
+            ref = None if self.reference is None else self._logprobs(self.reference, ids)
+        logprob_error = 0.0
+        if serving_old is not None:
+            logprob_error = float(((serving_old - trained_old).abs() * mask).max())
+            if logprob_error > args.logprob_tolerance:
+                raise RuntimeError(f"the serving engine's log-probabilities differ from the training forward's by "
+                                   f"{logprob_error:.3g} (logprob_tolerance={args.logprob_tolerance})")
+        old = trained_old
+
+        micro = self.engine.config.train_micro_batch_size_per_gpu
+        if len(repeated) % micro:
+            raise ValueError(f"{len(prompts)} prompts x num_generations={g} = {len(repeated)} sequences must be a "
+                             f"multiple of train_micro_batch_size_per_gpu={micro}")
+        stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
+        for _ in range(args.num_iterations):
+            for lo in range(0, len(repeated), micro):
+                part = slice(lo, lo + micro)
+                logp = self._logprobs(self.engine, ids[part])
+                loss, s = losses.grpo_loss(logp, old[part], None if ref is None else ref[part], advantages[part],
+                                           mask[part], epsilon_low=args.epsilon,
+                                           epsilon_high=args.epsilon_high or args.epsilon, beta=args.beta,
+                                           loss_type=args.loss_type, max_completion_length=args.max_completion_length)
+                self.engine.backward(loss)
+                self.engine.step()
+                share = micro / len(repeated) / args.num_iterations
+                stats["loss"] += float(loss.detach()) * share
+                stats["kl"] += float(s["kl"]) * share
+                stats["clip_ratio"] += float(s["clip_ratio"]) * share
+        self.llm.weights_updated()
+        training_s = time.perf_counter() - t1
+        self.step_count += 1
+        tokens = sum(len(c) for c in completion_ids)
+        return {"step": self.step_count, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                **stats, "completion_tokens": tokens, "generation_s": generation_s, "training_s": training_s,
+                "generation_tokens_per_s": tokens / max(generation_s, 1e-9), "logprob_error": logprob_error}
+
+    def train(self, prompts: list, steps: int, log: Callable[[dict], None] | None = print) -> list[dict]:
+        """``steps`` steps, each over all of ``prompts``; a log line per step; the metrics of each."""
+        history = []
+        for _ in range(steps):
+            m = self.step(prompts)
+            history.append(m)
+            if log is not None:
+                log(f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f}  loss {m['loss']:+.4f}  "
+                    f"generation {m['generation_s']:.2f} s ({m['generation_tokens_per_s']:,.0f} tok/s)  "
+                    f"training {m['training_s']:.2f} s")
+        return history
+
+    def _logprobs(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """Log-probability of each next token of ``ids`` (position t predicts t + 1; the last column
+        is padding) under ``model``'s training forward, at the sampling temperature."""
+        logits = model(ids)
+        logp = losses.sequence_logprobs(logits[:, :-1], ids[:, 1:], self.args.temperature)
+        return torch.cat((logp, logp.new_zeros(logp.shape[0], 1)), dim=1)
+
+
+def _batch(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + completion`` rows and the mask of the positions that predict a
+    completion token (position ``len(prompt) - 1 + j`` predicts completion token j)."""
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    ids = torch.zeros(len(prompt_ids), width, dtype=torch.int64)
+    mask = torch.zeros(len(prompt_ids), width, dtype=torch.int64)
+    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+        mask[row, len(p) - 1:len(p) - 1 + len(c)] = 1
+    return ids, mask
