@@ -5,10 +5,25 @@
 chat template.
 """
 
+import functools
 import json
 import os
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str):
+    """A chat template compiled in Jinja's sandbox, with transformers' ``raise_exception``."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
 
 
 def _read_json(path: str) -> dict:
@@ -64,6 +79,21 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """``messages`` ({role, content} dicts) rendered by the chat template, as transformers'
+        ``apply_chat_template(..., tokenize=False)`` does; ValueError when there is no template or it
+        fails on these messages."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json has no 'chat_template')")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "")
+        except TemplateError as e:
+            raise ValueError(f"the chat template failed: {e}") from None
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)

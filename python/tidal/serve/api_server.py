@@ -10,7 +10,6 @@ loads the model and serves until SIGINT/SIGTERM, then aborts what is in flight a
 """
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -134,19 +133,6 @@ class _Metrics:
 # ---- chat template -------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _compile_template(source: str):
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
-
-
 def _render_chat(tokenizer, messages) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template (tokenizer_config.json has no 'chat_template'); "
@@ -170,13 +156,10 @@ def _render_chat(tokenizer, messages) -> str:
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
         clean.append({**m, "content": content})
-    from jinja2.exceptions import TemplateError
     try:
-        return _compile_template(tokenizer.chat_template).render(
-            messages=clean, add_generation_prompt=True, bos_token=tokenizer.bos_token or "",
-            eos_token=tokenizer.eos_token or "")
-    except TemplateError as e:
-        raise ApiError(400, f"the chat template failed: {e}", param="messages") from None
+        return tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
 
 
 # ---- request parsing -----------------------------------------------------------------------------
