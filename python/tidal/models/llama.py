@@ -443,6 +443,11 @@ class LlamaForCausalLM(nn.Module):
                 table[cu[s]:cu[s + 1]] = rope.cos_sin(positions[cu[s]:cu[s + 1]], freqs)
         return torch.arange(positions.shape[0], dtype=positions.dtype, device=positions.device), table
 
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The training forward's final-normed hidden states ``[batch, seq, hidden_size]``,
+        differentiable: what a head other than the LM head reads (a reward model's score)."""
+        return self._forward_train(input_ids, head=False)
+
     def _forward_train(self, input_ids: torch.Tensor, head: bool = True) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq] without attn metadata, got shape {tuple(input_ids.shape)}")
