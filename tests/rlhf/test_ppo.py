@@ -54,5 +54,6 @@ def test_errors(tmp_path):
         PPOConfig(num_ppo_epochs=0)
     trainer = PPOTrainer(str(tmp_path), low_ids, _config(train={"train_micro_batch_size_per_gpu": 5,
                                                                 "optimizer": {"type": "AdamW"}}))
-    with pytest.raises(ValueError, match="16 sequences per step must be a multiple of train_micro_batch_size_per_gpu=5"):
+    with pytest.raises(ValueError, match="16 sequences per step must be a multiple of "
+                                         "train_micro_batch_size_per_gpu=5"):
         trainer.step(PROMPTS)

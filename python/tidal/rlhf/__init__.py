@@ -1,7 +1,8 @@
 """Reinforcement learning from feedback on tidal's two engines (its own folder: it may use both, and
 neither imports it): the loss arithmetic of PPO and GRPO (:mod:`tidal.rlhf.losses`), supervised
-fine-tuning (:class:`SFTTrainer`), reward models (:class:`RewardTrainer`), PPO with a critic (:class:`PPOTrainer`) and GRPO with rollouts served from the weights being trained
-(:class:`GRPOTrainer`)."""
+fine-tuning (:class:`SFTTrainer`), reward models (:class:`RewardTrainer`), and PPO with a critic
+(:class:`PPOTrainer`) and GRPO (:class:`GRPOTrainer`) with rollouts served from the weights being
+trained."""
 
 from tidal.rlhf import losses
 from tidal.rlhf.grpo import GRPOConfig, GRPOTrainer

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tidal.rlhf import losses
+from tidal.rlhf import losses, rollout
 
 RewardFunc = Callable[..., Sequence[float]]
 
@@ -100,37 +100,22 @@ class GRPOTrainer:
         completions = [o.outputs[0] for o in outputs]
         completion_ids = [list(c.token_ids) for c in completions]
         texts = [c.text for c in completions] if self.llm.tokenizer is not None else completion_ids
-        rewards = torch.zeros(len(repeated), dtype=torch.float64)
-        for func in self.reward_funcs:
-            scores = list(func(prompts=repeated, completions=texts, completion_ids=completion_ids))
-            if len(scores) != len(repeated):
-                raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned {len(scores)} "
-                                 f"scores for {len(repeated)} completions")
-            rewards += torch.tensor(scores, dtype=torch.float64)
+        rewards = rollout.score(self.reward_funcs, repeated, texts, completion_ids)
         advantages = losses.group_advantages(rewards, g, scale=args.scale_rewards).float()
 
         t1 = time.perf_counter()
         prompt_ids = [list(o.prompt_token_ids) for o in outputs]
-        ids, mask = _batch(prompt_ids, completion_ids)
+        ids, mask = rollout.batch(prompt_ids, completion_ids)
         device = next(self.engine.module.parameters()).device
         ids, mask, advantages = ids.to(device), mask.to(device), advantages.to(device)
-        serving_old = None
-        if args.temperature == 1.0:
-            serving_old = torch.zeros(mask.shape, dtype=torch.float32)
-            for row, (p, c) in enumerate(zip(prompt_ids, completions)):
-                for j, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
-                    serving_old[row, len(p) - 1 + j] = entry[token]
-            serving_old = serving_old.to(device)
         with torch.no_grad():
-            trained_old = self._logprobs(self.engine, ids)
-            ref = None if self.reference is None else self._logprobs(self.reference, ids)
+            old = rollout.next_token_logprobs(self.engine, ids, args.temperature)
+            ref = (None if self.reference is None
+                   else rollout.next_token_logprobs(self.reference, ids, args.temperature))
         logprob_error = 0.0
-        if serving_old is not None:
-            logprob_error = float(((serving_old - trained_old).abs() * mask).max())
-            if logprob_error > args.logprob_tolerance:
-                raise RuntimeError(f"the serving engine's log-probabilities differ from the training forward's by "
-                                   f"{logprob_error:.3g} (logprob_tolerance={args.logprob_tolerance})")
-        old = trained_old
+        if args.temperature == 1.0:  # the serving engine's logprobs are of the untempered distribution
+            logprob_error = rollout.check_logprobs(rollout.serving_logprobs(prompt_ids, completions, mask.shape), old,
+                                                   mask, args.logprob_tolerance)
 
         micro = self.engine.config.train_micro_batch_size_per_gpu
         if len(repeated) % micro:
@@ -140,7 +125,7 @@ class GRPOTrainer:
         for _ in range(args.num_iterations):
             for lo in range(0, len(repeated), micro):
                 part = slice(lo, lo + micro)
-                logp = self._logprobs(self.engine, ids[part])
+                logp = rollout.next_token_logprobs(self.engine, ids[part], args.temperature)
                 loss, s = losses.grpo_loss(logp, old[part], None if ref is None else ref[part], advantages[part],
                                            mask[part], epsilon_low=args.epsilon,
                                            epsilon_high=args.epsilon_high or args.epsilon, beta=args.beta,
@@ -159,33 +144,9 @@ class GRPOTrainer:
                 **stats, "completion_tokens": tokens, "generation_s": generation_s, "training_s": training_s,
                 "generation_tokens_per_s": tokens / max(generation_s, 1e-9), "logprob_error": logprob_error}
 
-    def train(self, prompts: list, steps: int, log: Callable[[dict], None] | None = print) -> list[dict]:
+    def train(self, prompts: list, steps: int, log: Callable[[str], None] | None = print) -> list[dict]:
         """``steps`` steps, each over all of ``prompts``; a log line per step; the metrics of each."""
-        history = []
-        for _ in range(steps):
-            m = self.step(prompts)
-            history.append(m)
-            if log is not None:
-                log(f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f}  loss {m['loss']:+.4f}  "
-                    f"generation {m['generation_s']:.2f} s ({m['generation_tokens_per_s']:,.0f} tok/s)  "
-                    f"training {m['training_s']:.2f} s")
-        return history
-
-    def _logprobs(self, model, ids: torch.Tensor) -> torch.Tensor:
-        """Log-probability of each next token of ``ids`` (position t predicts t + 1; the last column
-        is padding) under ``model``'s training forward, at the sampling temperature."""
-        logits = model(ids)
-        logp = losses.sequence_logprobs(logits[:, :-1], ids[:, 1:], self.args.temperature)
-        return torch.cat((logp, logp.new_zeros(logp.shape[0], 1)), dim=1)
-
-
-def _batch(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + completion`` rows and the mask of the positions that predict a
-    completion token (position ``len(prompt) - 1 + j`` predicts completion token j)."""
-    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    ids = torch.zeros(len(prompt_ids), width, dtype=torch.int64)
-    mask = torch.zeros(len(prompt_ids), width, dtype=torch.int64)
-    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-        mask[row, len(p) - 1:len(p) - 1 + len(c)] = 1
-    return ids, mask
+        return rollout.train_loop(self.step, prompts, steps, lambda m: (
+            f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f}  loss {m['loss']:+.4f}  "
+            f"generation {m['generation_s']:.2f} s ({m['generation_tokens_per_s']:,.0f} tok/s)  "
+            f"training {m['training_s']:.2f} s"), log)

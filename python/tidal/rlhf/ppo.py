@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tidal.rlhf import losses
-from tidal.rlhf.grpo import _batch
+from tidal.rlhf import losses, rollout
+from tidal.rlhf.reward import scalar_head
 
 
 @dataclasses.dataclass
@@ -57,13 +57,7 @@ class ValueModel(nn.Module):
 
     def __init__(self, lm: nn.Module, seed: int = 0):
         super().__init__()
-        self.lm = lm
-        weight = next(lm.parameters())
-        hidden = lm.config.hidden_size
-        self.head = nn.Linear(hidden, 1, bias=False, dtype=weight.dtype, device=weight.device)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(1, hidden, generator=torch.Generator().manual_seed(seed)) /
-                                   (hidden + 1) ** 0.5)
+        self.lm, self.head = lm, scalar_head(lm, seed)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Values [batch, seq] (fp32): position t's value of the sequence so far."""
@@ -110,14 +104,7 @@ class PPOTrainer:
         if self.reward_model is not None:
             with torch.no_grad():
                 return self.reward_model(ids, lengths).double().cpu()
-        total = torch.zeros(len(texts), dtype=torch.float64)
-        for func in self.reward_funcs:
-            scores = list(func(prompts=prompts, completions=texts, completion_ids=completion_ids))
-            if len(scores) != len(texts):
-                raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned {len(scores)} "
-                                 f"scores for {len(texts)} completions")
-            total += torch.tensor(scores, dtype=torch.float64)
-        return total
+        return rollout.score(self.reward_funcs, prompts, texts, completion_ids)
 
     def step(self, prompts: list) -> dict:
         """One PPO step over ``prompts`` (strings, or token-id lists); returns its metrics."""
@@ -137,23 +124,17 @@ class PPOTrainer:
         completion_ids = [list(c.token_ids) for c in completions]
         prompt_ids = [list(o.prompt_token_ids) for o in outputs]
         texts = [c.text for c in completions] if self.llm.tokenizer is not None else completion_ids
-        ids, mask = _batch(prompt_ids, completion_ids)
+        ids, mask = rollout.batch(prompt_ids, completion_ids)
         device = next(self.actor.module.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], device=device)
         scores = self._scores(repeated, texts, completion_ids, ids, lengths).float().to(device)
-        serving = torch.zeros(mask.shape, dtype=torch.float32)
-        for row, (p, c) in enumerate(zip(prompt_ids, completions)):
-            for j, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
-                serving[row, len(p) - 1 + j] = entry[token]
         with torch.no_grad():
-            old_logprobs = self._logprobs(self.actor, ids)
-            ref_logprobs = self._logprobs(self.reference, ids)
+            old_logprobs = rollout.next_token_logprobs(self.actor, ids)
+            ref_logprobs = rollout.next_token_logprobs(self.reference, ids)
             old_values = self.critic(ids)
-        logprob_error = float(((serving.to(device) - old_logprobs).abs() * mask).max())
-        if logprob_error > args.logprob_tolerance:
-            raise RuntimeError(f"the serving engine's log-probabilities differ from the training forward's by "
-                               f"{logprob_error:.3g} (logprob_tolerance={args.logprob_tolerance})")
+        logprob_error = rollout.check_logprobs(rollout.serving_logprobs(prompt_ids, completions, mask.shape),
+                                               old_logprobs, mask, args.logprob_tolerance)
         rewards, kl = losses.token_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value,
                                            args.kl_estimator)
         advantages, returns = losses.gae(rewards, old_values, mask, args.gamma, args.lam)
@@ -173,7 +154,8 @@ class PPOTrainer:
             for lo in range(0, len(repeated), micro):
                 part = order[lo:lo + micro]
                 logits = self.actor(ids[part])
-                logp = self._from_logits(logits, ids[part])
+                logp = torch.cat((losses.sequence_logprobs(logits[:, :-1], ids[part][:, 1:]),
+                                  logits.new_zeros(len(part), 1, dtype=torch.float32)), dim=1)
                 policy_loss, p = losses.ppo_policy_loss(logp, old_logprobs[part], advantages[part], mask[part],
                                                         args.cliprange)
                 self.actor.backward(policy_loss)
@@ -201,20 +183,7 @@ class PPOTrainer:
 
     def train(self, prompts: list, steps: int, log: Callable[[str], None] | None = print) -> list[dict]:
         """``steps`` steps over all of ``prompts``; a log line per step; the metrics of each."""
-        history = []
-        for _ in range(steps):
-            m = self.step(prompts)
-            history.append(m)
-            if log is not None:
-                log(f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f} (coef {m['kl_coef']:.4f})  "
-                    f"policy {m['policy_loss']:+.4f}  value {m['value_loss']:.4f}  entropy {m['entropy']:.3f}  "
-                    f"generation {m['generation_s']:.2f} s  training {m['training_s']:.2f} s")
-        return history
-
-    def _from_logits(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        logp = losses.sequence_logprobs(logits[:, :-1], ids[:, 1:])
-        return torch.cat((logp, logp.new_zeros(logp.shape[0], 1)), dim=1)
-
-    def _logprobs(self, model, ids: torch.Tensor) -> torch.Tensor:
-        return self._from_logits(model(ids), ids)
-
+        return rollout.train_loop(self.step, prompts, steps, lambda m: (
+            f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f} (coef {m['kl_coef']:.4f})  "
+            f"policy {m['policy_loss']:+.4f}  value {m['value_loss']:.4f}  entropy {m['entropy']:.3f}  "
+            f"generation {m['generation_s']:.2f} s  training {m['training_s']:.2f} s"), log)

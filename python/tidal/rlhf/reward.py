@@ -28,18 +28,23 @@ class RewardConfig:
         "gradient_clipping": 1.0})
 
 
+def scalar_head(lm: nn.Module, seed: int = 0) -> nn.Linear:
+    """A [hidden, 1] head on ``lm``'s device and dtype, initialised as TRL's value heads are
+    (normal with standard deviation 1 / sqrt(hidden + 1), seeded)."""
+    weight = next(lm.parameters())
+    hidden = lm.config.hidden_size
+    head = nn.Linear(hidden, 1, bias=False, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1, hidden, generator=torch.Generator().manual_seed(seed)) / (hidden + 1) ** 0.5)
+    return head
+
+
 class RewardModel(nn.Module):
     """``lm``'s final hidden state at each row's last token, through a [hidden, 1] score head."""
 
     def __init__(self, lm: nn.Module, seed: int = 0):
         super().__init__()
-        self.lm = lm
-        weight = next(lm.parameters())
-        hidden = lm.config.hidden_size
-        self.score = nn.Linear(hidden, 1, bias=False, dtype=weight.dtype, device=weight.device)
-        with torch.no_grad():  # TRL's initialisation of the value head
-            self.score.weight.copy_(torch.randn(1, hidden, generator=torch.Generator().manual_seed(seed)) /
-                                    (hidden + 1) ** 0.5)
+        self.lm, self.score = lm, scalar_head(lm, seed)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Rewards [batch] (fp32) of right-padded ``input_ids`` [batch, seq] whose rows hold
@@ -80,7 +85,8 @@ class RewardTrainer:
 
     def encode(self, example: dict, side: str) -> list[int]:
         if "chosen" not in example or "rejected" not in example:
-            raise ValueError(f"a pair needs 'chosen' and 'rejected' (and optionally 'prompt'); got keys {sorted(example)}")
+            raise ValueError(f"a pair needs 'chosen' and 'rejected' (and optionally 'prompt'); got keys "
+                             f"{sorted(example)}")
         ids = self.tokenizer.encode(example.get("prompt", "") + example[side])[: self.args.max_length]
         if not ids:
             raise ValueError(f"an example's {side!r} text encodes to no tokens")

@@ -1,0 +1,71 @@
+"""What GRPOTrainer and PPOTrainer share: scoring completions with reward functions, the
+log-probabilities of a batch's next tokens under a training forward and under the serving engine
+(and their check against each other), and the per-step training loop with its log line."""
+
+from collections.abc import Callable
+
+import torch
+
+from tidal.rlhf import losses
+
+
+def score(reward_funcs: list[Callable], prompts: list, completions: list, completion_ids: list[list[int]]
+          ) -> torch.Tensor:
+    """The sum of every reward function's scores (float64, one per completion)."""
+    total = torch.zeros(len(completions), dtype=torch.float64)
+    for func in reward_funcs:
+        scores = list(func(prompts=prompts, completions=completions, completion_ids=completion_ids))
+        if len(scores) != len(completions):
+            raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned {len(scores)} "
+                             f"scores for {len(completions)} completions")
+        total += torch.tensor(scores, dtype=torch.float64)
+    return total
+
+
+def batch(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + completion`` rows and the mask of the positions that predict a
+    completion token (position ``len(prompt) - 1 + j`` predicts completion token j)."""
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    ids = torch.zeros(len(prompt_ids), width, dtype=torch.int64)
+    mask = torch.zeros(len(prompt_ids), width, dtype=torch.int64)
+    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+        mask[row, len(p) - 1:len(p) - 1 + len(c)] = 1
+    return ids, mask
+
+
+def next_token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each next token of ``ids`` under ``model``'s training forward (column t
+    predicts token t + 1; the last column is padding), at ``temperature``."""
+    logp = losses.sequence_logprobs(model(ids)[:, :-1], ids[:, 1:], temperature)
+    return torch.cat((logp, logp.new_zeros(logp.shape[0], 1)), dim=1)
+
+
+def serving_logprobs(prompt_ids: list[list[int]], completions: list, shape: tuple) -> torch.Tensor:
+    """The serving engine's log-probabilities of the sampled tokens (``logprobs=0`` outputs), laid out
+    as :func:`batch`'s mask."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for row, (p, c) in enumerate(zip(prompt_ids, completions)):
+        for j, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+            out[row, len(p) - 1 + j] = entry[token]
+    return out
+
+
+def check_logprobs(serving: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor, tolerance: float) -> float:
+    """The largest gap between the two on the masked positions; RuntimeError above ``tolerance``."""
+    error = float(((serving.to(trained.device) - trained).abs() * mask).max())
+    if error > tolerance:
+        raise RuntimeError(f"the serving engine's log-probabilities differ from the training forward's by "
+                           f"{error:.3g} (logprob_tolerance={tolerance})")
+    return error
+
+
+def train_loop(step: Callable[[list], dict], prompts: list, steps: int, line: Callable[[dict], str],
+               log: Callable[[str], None] | None) -> list[dict]:
+    """``steps`` calls of ``step(prompts)``; ``log(line(metrics))`` after each; every step's metrics."""
+    history = []
+    for _ in range(steps):
+        history.append(step(prompts))
+        if log is not None:
+            log(line(history[-1]))
+    return history
