@@ -55,7 +55,7 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="tidal: one runtime for training and serving LLMs.")
     parser.add_argument("--version", action="version", version=f"tidal {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,generate,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,rlhf,generate,serve}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="train the embedded demo model on Python's own source, then generate",
@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-last", type=int, default=2, help="complete checkpoints kept (default 2)")
     train.add_argument("--async-save", action="store_true", help="write checkpoints while training goes on")
     train.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda:N")
+
+    rlhf = sub.add_parser("rlhf", help="SFT, reward-model, PPO or GRPO training from a JSON config",
+                          description="Run one RLHF role (sft, rm, ppo, grpo) as the JSON config in --config says "
+                                      "(model, out, data, reward, steps, args: see tidal.rlhf.command); rollouts "
+                                      "are served from the weights being trained.")
+    rlhf.add_argument("role", choices=["sft", "rm", "ppo", "grpo"], help="what to train")
+    rlhf.add_argument("--config", required=True, help="the run's JSON config")
 
     gen = sub.add_parser("generate", help="stream a completion of one prompt",
                          description="Generate a completion of --prompt with the model in MODEL (a Hugging Face "
@@ -227,7 +234,17 @@ def cmd_train(args) -> int:
     return 0
 
 
-_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "serve": cmd_serve}
+def cmd_rlhf(args) -> int:
+    from tidal.rlhf import command
+
+    try:
+        command.run(args.role, args.config)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
+_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "rlhf": cmd_rlhf, "generate": cmd_generate, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
