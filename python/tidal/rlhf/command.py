@@ -26,15 +26,9 @@ ROLES = ("sft", "rm", "ppo", "grpo")
 
 
 def load_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except OSError as e:
-        raise ValueError(f"config {path!r} cannot be read: {e.strerror}") from None
-    except ValueError as e:
-        raise ValueError(f"config {path!r} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"config {path!r} must hold a JSON object")
+    from tidal.train_job import load_config as read_json_object
+
+    config = read_json_object(path)
     for key in ("model", "out", "data"):
         if not isinstance(config.get(key), str):
             raise ValueError(f"config {path!r} needs {key!r} (a path)")
