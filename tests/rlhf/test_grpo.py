@@ -5,7 +5,8 @@ reward of a programmatic reward rises within a dozen steps; bad settings are cle
 
 import pytest
 
-from tidal.rlhf import GRPOConfig, GRPOTrainer
+from tidal.models import load_model
+from tidal.rlhf import GRPOConfig, GRPOTrainer, RewardModel
 from tiny_models import assert_pool_whole, build_model
 
 PROMPTS = [[5, 17, 33, 2], [40, 41, 42], [7, 7, 9, 100, 3], [250, 12]]
@@ -37,6 +38,19 @@ def test_reward_rises_and_logprobs_agree(tmp_path):
     assert_pool_whole(trainer.llm)
 
 
+def test_a_reward_model_scores_the_rollouts(tmp_path):
+    build_model(str(tmp_path))
+    lm, _ = load_model(str(tmp_path))
+    reward_model = RewardModel(lm).requires_grad_(False)
+    trainer = GRPOTrainer(str(tmp_path), args=_config(), reward_model=reward_model)
+    seen = []
+    original = reward_model.forward
+    reward_model.forward = lambda ids, lengths: seen.append(original(ids, lengths)) or seen[-1]
+    metrics = trainer.step(PROMPTS)
+    assert len(seen) == 1 and seen[0].shape == (32,)
+    assert metrics["reward"] == pytest.approx(float(seen[0].double().mean()), rel=1e-6)
+
+
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match="num_generations=1 must be at least 2"):
         GRPOConfig(num_generations=1)
@@ -45,6 +59,8 @@ def test_errors(tmp_path):
     build_model(str(tmp_path))
     with pytest.raises(ValueError, match="reward_funcs must be a callable"):
         GRPOTrainer(str(tmp_path), [], _config())
+    with pytest.raises(ValueError, match="exactly one of reward_funcs and reward_model"):
+        GRPOTrainer(str(tmp_path), args=_config())
     trainer = GRPOTrainer(str(tmp_path), lambda prompts, completions, completion_ids: [1.0], _config(beta=0.0))
     with pytest.raises(ValueError, match="returned 1 scores for 32 completions"):
         trainer.step(PROMPTS)

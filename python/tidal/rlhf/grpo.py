@@ -56,17 +56,17 @@ class GRPOConfig:
 class GRPOTrainer:
     """Trains ``model`` (a Hugging Face directory) against ``reward_funcs``: callables taking
     ``prompts`` and ``completions`` (lists of strings, or of token-id lists when the model has no
-    tokenizer) and ``completion_ids``, returning one float per completion."""
+    tokenizer) and ``completion_ids``, returning one float per completion; or against
+    ``reward_model`` (a :class:`~tidal.rlhf.reward.RewardModel`, frozen) scoring prompt + completion."""
 
-    def __init__(self, model: str, reward_funcs: RewardFunc | list[RewardFunc], args: GRPOConfig | None = None,
-                 tokenizer: str | None = None):
+    def __init__(self, model: str, reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+                 args: GRPOConfig | None = None, tokenizer: str | None = None, reward_model=None):
         import tidal
         from tidal.models import load_model
 
         self.args = args or GRPOConfig()
-        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not self.reward_funcs or not all(callable(f) for f in self.reward_funcs):
-            raise ValueError("reward_funcs must be a callable or a non-empty list of callables")
+        self.reward_funcs = rollout.reward_functions(reward_funcs, reward_model)
+        self.reward_model = reward_model
         stage = (self.args.train.get("zero_optimization") or {}).get("stage", 0)
         if stage not in (0, 1, 2):
             raise ValueError(f"zero_optimization.stage={stage!r}: GRPOTrainer serves the policy in place, so the "
@@ -100,14 +100,14 @@ class GRPOTrainer:
         completions = [o.outputs[0] for o in outputs]
         completion_ids = [list(c.token_ids) for c in completions]
         texts = [c.text for c in completions] if self.llm.tokenizer is not None else completion_ids
-        rewards = rollout.score(self.reward_funcs, repeated, texts, completion_ids)
-        advantages = losses.group_advantages(rewards, g, scale=args.scale_rewards).float()
-
         t1 = time.perf_counter()
         prompt_ids = [list(o.prompt_token_ids) for o in outputs]
         ids, mask = rollout.batch(prompt_ids, completion_ids)
         device = next(self.engine.module.parameters()).device
-        ids, mask, advantages = ids.to(device), mask.to(device), advantages.to(device)
+        ids, mask = ids.to(device), mask.to(device)
+        lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], device=device)
+        rewards = rollout.score(self.reward_funcs, repeated, texts, completion_ids, self.reward_model, ids, lengths)
+        advantages = losses.group_advantages(rewards, g, scale=args.scale_rewards).float().to(device)
         with torch.no_grad():
             old = rollout.next_token_logprobs(self.engine, ids, args.temperature)
             ref = (None if self.reference is None

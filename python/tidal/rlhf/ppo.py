@@ -76,10 +76,7 @@ class PPOTrainer:
         from tidal.models import load_model
 
         self.args = args = args or PPOConfig()
-        if (reward_funcs is None) == (reward_model is None):
-            raise ValueError("give exactly one of reward_funcs and reward_model")
-        self.reward_funcs = [] if reward_funcs is None else (
-            list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+        self.reward_funcs = rollout.reward_functions(reward_funcs, reward_model)
         self.reward_model = reward_model
         for cfg in (args.train, args.critic_train or args.train):
             stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
@@ -99,12 +96,6 @@ class PPOTrainer:
                        if args.target_kl is not None else losses.FixedKLController(args.kl_coef))
         self.llm = tidal.LLM(self.actor.module, tokenizer=tokenizer or model, **args.llm)
         self.step_count = 0
-
-    def _scores(self, prompts, texts, completion_ids, ids, lengths) -> torch.Tensor:
-        if self.reward_model is not None:
-            with torch.no_grad():
-                return self.reward_model(ids, lengths).double().cpu()
-        return rollout.score(self.reward_funcs, prompts, texts, completion_ids)
 
     def step(self, prompts: list) -> dict:
         """One PPO step over ``prompts`` (strings, or token-id lists); returns its metrics."""
@@ -128,7 +119,8 @@ class PPOTrainer:
         device = next(self.actor.module.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], device=device)
-        scores = self._scores(repeated, texts, completion_ids, ids, lengths).float().to(device)
+        scores = rollout.score(self.reward_funcs, repeated, texts, completion_ids, self.reward_model, ids,
+                               lengths).float().to(device)
         with torch.no_grad():
             old_logprobs = rollout.next_token_logprobs(self.actor, ids)
             ref_logprobs = rollout.next_token_logprobs(self.reference, ids)

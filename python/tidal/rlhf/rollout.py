@@ -9,9 +9,25 @@ import torch
 from tidal.rlhf import losses
 
 
-def score(reward_funcs: list[Callable], prompts: list, completions: list, completion_ids: list[list[int]]
-          ) -> torch.Tensor:
-    """The sum of every reward function's scores (float64, one per completion)."""
+def reward_functions(reward_funcs, reward_model) -> list[Callable]:
+    """The reward functions as a list, after checking that exactly one source of reward is given."""
+    if (reward_funcs is None) == (reward_model is None):
+        raise ValueError("give exactly one of reward_funcs and reward_model")
+    if reward_funcs is None:
+        return []
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs or not all(callable(f) for f in funcs):
+        raise ValueError("reward_funcs must be a callable or a non-empty list of callables")
+    return funcs
+
+
+def score(reward_funcs: list[Callable], prompts: list, completions: list, completion_ids: list[list[int]],
+          reward_model=None, ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum of every reward function's scores, or ``reward_model``'s scores of the ``ids`` rows
+    (``lengths`` tokens each): float64 on the CPU, one per completion."""
+    if reward_model is not None:
+        with torch.no_grad():
+            return reward_model(ids, lengths).double().cpu()
     total = torch.zeros(len(completions), dtype=torch.float64)
     for func in reward_funcs:
         scores = list(func(prompts=prompts, completions=completions, completion_ids=completion_ids))
