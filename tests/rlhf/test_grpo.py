@@ -1,9 +1,11 @@
 """GRPOTrainer on a tiny random model on the CPU: rollouts from tidal.LLM serving the training
 engine's module in place; the serving engine's log-probabilities of the sampled tokens equal the
 training forward's (checked inside every step); the first step's KL to the reference is 0; the mean
-reward of a programmatic reward rises within a dozen steps; bad settings are clear errors."""
+reward of a programmatic reward rises within a dozen steps, at ZeRO stage 1 (the module served in place)
+and 3 (a serving copy synced after every step); bad settings are clear errors."""
 
 import pytest
+import torch
 
 from tidal.models import load_model
 from tidal.rlhf import GRPOConfig, GRPOTrainer, RewardModel
@@ -26,15 +28,24 @@ def _config(**kw):
     return GRPOConfig(**base)
 
 
-def test_reward_rises_and_logprobs_agree(tmp_path):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_reward_rises_and_logprobs_agree(tmp_path, stage):
+    """Stage 1 serves the engine's module in place; stage 3 a copy synced after each step."""
     build_model(str(tmp_path))
-    trainer = GRPOTrainer(str(tmp_path), low_ids, _config())
+    config = _config()
+    config.train["zero_optimization"] = {"stage": stage}
+    trainer = GRPOTrainer(str(tmp_path), low_ids, config)
+    assert (trainer.served.copy is None) == (stage != 3)
     history = trainer.train(PROMPTS, steps=12, log=None)
     assert history[0]["kl"] < 1e-6  # the policy starts equal to its reference
     assert all(m["logprob_error"] < 1e-3 for m in history)
     first, last = history[0]["reward"], sum(m["reward"] for m in history[-3:]) / 3
     assert last > first + 0.2, [round(m["reward"], 3) for m in history]
     assert history[-1]["kl"] > 0
+    if stage == 3:  # the serving copy holds the trained weights
+        state = trainer.engine.full_state_dict()
+        for name, param in trainer.served.copy.named_parameters():
+            torch.testing.assert_close(param, state[name], rtol=0, atol=0)
     assert_pool_whole(trainer.llm)
 
 
@@ -64,6 +75,3 @@ def test_errors(tmp_path):
     trainer = GRPOTrainer(str(tmp_path), lambda prompts, completions, completion_ids: [1.0], _config(beta=0.0))
     with pytest.raises(ValueError, match="returned 1 scores for 32 completions"):
         trainer.step(PROMPTS)
-    with pytest.raises(ValueError, match="zero_optimization.stage=3: GRPOTrainer serves the policy in place"):
-        GRPOTrainer(str(tmp_path), low_ids, _config(train={"train_micro_batch_size_per_gpu": 8,
-                                                           "zero_optimization": {"stage": 3}}))

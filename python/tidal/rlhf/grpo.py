@@ -1,6 +1,7 @@
 """GRPO (group relative policy optimisation) on one engine pair: the policy trains under
 ``tidal.initialize`` and its rollouts come from ``tidal.LLM`` serving the same module in place, so no
-weights are copied between the two (the engine's module at ZeRO stage 0-2).
+weights are copied between the two (at ZeRO stage 3, whose parameters exist only while gathered, the
+serving engine holds a copy refreshed from the gathered weights after each step).
 
 A step: every prompt is sampled ``num_generations`` times; the reward functions score each completion
 (their scores add up); each score minus its group's mean (divided by the group's standard deviation)
@@ -67,10 +68,6 @@ class GRPOTrainer:
         self.args = args or GRPOConfig()
         self.reward_funcs = rollout.reward_functions(reward_funcs, reward_model)
         self.reward_model = reward_model
-        stage = (self.args.train.get("zero_optimization") or {}).get("stage", 0)
-        if stage not in (0, 1, 2):
-            raise ValueError(f"zero_optimization.stage={stage!r}: GRPOTrainer serves the policy in place, so the "
-                             "stage must be 0, 1 or 2")
         policy, _ = load_model(model)
         policy.train()
         self.engine = tidal.initialize(policy, self.args.train)
@@ -78,7 +75,8 @@ class GRPOTrainer:
         if self.args.beta != 0.0:
             self.reference, _ = load_model(model, device=next(policy.parameters()).device)
             self.reference.requires_grad_(False)
-        self.llm = tidal.LLM(self.engine.module, tokenizer=tokenizer or model, **self.args.llm)
+        self.served = rollout.ServedPolicy(self.engine, model, tokenizer, self.args.llm)
+        self.llm = self.served.llm
         self.step_count = 0
 
     # ---- one step ---------------------------------------------------------------------------------
@@ -136,7 +134,7 @@ class GRPOTrainer:
                 stats["loss"] += float(loss.detach()) * share
                 stats["kl"] += float(s["kl"]) * share
                 stats["clip_ratio"] += float(s["clip_ratio"]) * share
-        self.llm.weights_updated()
+        self.served.sync()
         training_s = time.perf_counter() - t1
         self.step_count += 1
         tokens = sum(len(c) for c in completion_ids)

@@ -1,5 +1,6 @@
 """PPO with a critic (TRL's PPOTrainer names), on one engine pair: the actor trains under
-``tidal.initialize`` and its rollouts come from ``tidal.LLM`` serving the same module in place.
+``tidal.initialize`` and its rollouts come from ``tidal.LLM`` serving the same module in place (at
+ZeRO stage 3 a copy refreshed from the gathered weights after each step).
 
 A step: each prompt is sampled once per ``num_generations``; the score of a completion comes from
 the reward functions (their scores add up) or a :class:`~tidal.rlhf.reward.RewardModel`; each
@@ -78,11 +79,6 @@ class PPOTrainer:
         self.args = args = args or PPOConfig()
         self.reward_funcs = rollout.reward_functions(reward_funcs, reward_model)
         self.reward_model = reward_model
-        for cfg in (args.train, args.critic_train or args.train):
-            stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
-            if stage not in (0, 1, 2):
-                raise ValueError(f"zero_optimization.stage={stage!r}: PPOTrainer serves the actor in place, so the "
-                                 "stage must be 0, 1 or 2")
         actor, _ = load_model(model)
         actor.train()
         self.actor = tidal.initialize(actor, args.train)
@@ -94,7 +90,8 @@ class PPOTrainer:
         self.critic = tidal.initialize(ValueModel(critic_lm, args.seed), args.critic_train or args.train)
         self.kl_ctl = (losses.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
                        if args.target_kl is not None else losses.FixedKLController(args.kl_coef))
-        self.llm = tidal.LLM(self.actor.module, tokenizer=tokenizer or model, **args.llm)
+        self.served = rollout.ServedPolicy(self.actor, model, tokenizer, args.llm)
+        self.llm = self.served.llm
         self.step_count = 0
 
     def step(self, prompts: list) -> dict:
@@ -165,7 +162,7 @@ class PPOTrainer:
                     stats[name] += float(value.detach()) * share
         mean_kl = float((kl * mask).sum(1).mean())
         self.kl_ctl.update(mean_kl, len(repeated))
-        self.llm.weights_updated()
+        self.served.sync()
         training_s = time.perf_counter() - t1
         self.step_count += 1
         tokens = sum(len(c) for c in completion_ids)

@@ -1,12 +1,39 @@
-"""What GRPOTrainer and PPOTrainer share: scoring completions with reward functions, the
-log-probabilities of a batch's next tokens under a training forward and under the serving engine
-(and their check against each other), and the per-step training loop with its log line."""
+"""What GRPOTrainer and PPOTrainer share: the serving engine over the policy being trained, scoring
+completions, the log-probabilities of a batch's next tokens under a training forward and under the
+serving engine (and their check against each other), and the per-step training loop."""
 
 from collections.abc import Callable
 
 import torch
 
 from tidal.rlhf import losses
+
+
+class ServedPolicy:
+    """``tidal.LLM`` over the policy a training engine holds. At ZeRO stage 0-2 it serves the
+    engine's module itself: the parameters are shared and a step's update is what the next rollout
+    reads. At stage 3 the module's parameters exist only while gathered, so it serves a full copy
+    (read from ``model_dir``) that :meth:`sync` refreshes from the gathered fp32 weights."""
+
+    def __init__(self, engine, model_dir: str, tokenizer: str | None, llm_kwargs: dict):
+        import tidal
+        from tidal.models import load_model
+
+        self.engine, self.copy = engine, None
+        served = engine.module
+        if engine.stage == 3:
+            self.copy, _ = load_model(model_dir, device=engine.device)
+            served = self.copy
+        self.llm = tidal.LLM(served, tokenizer=tokenizer or model_dir, **llm_kwargs)
+
+    def sync(self) -> None:
+        """After a training step (collective at stage 3): the serving weights are the new ones."""
+        if self.copy is not None:
+            state = self.engine.full_state_dict()
+            with torch.no_grad():
+                for name, param in self.copy.named_parameters():
+                    param.copy_(state[name])
+        self.llm.weights_updated()
 
 
 def reward_functions(reward_funcs, reward_model) -> list[Callable]:
