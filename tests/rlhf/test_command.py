@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import tidal
 from tidal.cli import main
@@ -62,6 +63,27 @@ def test_each_role(workdir, role, monkeypatch):
     else:
         llm = tidal.LLM(str(out / "model"), device="cpu", num_kv_blocks=32, max_model_len=64)
         assert llm.generate([[5, 6]], tidal.SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("role", ["grpo", "ppo"])
+def test_a_stopped_run_resumes_where_it_was(workdir, role, monkeypatch, capsys):
+    """Steps 1-2, then a second run to step 4 from the checkpoint, give the weights of one run of 4
+    steps: the rollouts' seeds follow the step, the actor (and critic, KL coefficient) come back."""
+    monkeypatch.chdir(workdir)
+    args = {"train": TRAIN, "max_completion_length": 5, "llm": LLM, "num_generations": 4}
+    if role == "ppo":
+        args.update(num_ppo_epochs=1, critic_train=TRAIN, target_kl=0.01)
+    common = dict(model=str(workdir / "base"), data=str(workdir / "prompts.jsonl"), reward="rlhf_rewards_test:short",
+                  save_interval=1, args=args)
+    stopped, whole = workdir / f"stopped_{role}", workdir / f"whole_{role}"
+    assert main(["rlhf", role, "--config", _write(workdir, "a", out=str(stopped), steps=2, **common)]) == 0
+    assert main(["rlhf", role, "--config", _write(workdir, "b", out=str(stopped), steps=4, **common)]) == 0
+    assert "resumed at step 2" in capsys.readouterr().out
+    assert main(["rlhf", role, "--config", _write(workdir, "c", out=str(whole), steps=4, **common)]) == 0
+    a = load_file(str(stopped / "model" / "model.safetensors"))
+    b = load_file(str(whole / "model" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_config_errors(workdir, capsys):

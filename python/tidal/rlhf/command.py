@@ -7,8 +7,9 @@ The config::
      "data": "FILE.jsonl",            # sft: prompt/completion, messages or text rows; rm: prompt?/chosen/rejected;
                                       # ppo, grpo: rows with a "prompt"
      "reward": "module:function",     # ppo, grpo: one or a list of importable reward functions
-     "steps": 100,                    # optimizer steps (sft, rm: at most; ppo, grpo: exactly)
-     "save_interval": 50,             # ppo, grpo: a checkpoint every N steps (and always at the end)
+     "steps": 100,                    # optimizer steps (sft, rm: at most); ppo, grpo: train to this step
+     "save_interval": 50,             # ppo, grpo: a checkpoint every N steps (and always at the end);
+                                      # a run started again with the same OUT resumes from the latest one
      "args": {...}}                   # the role's config (SFTConfig, RewardConfig, PPOConfig, GRPOConfig fields),
                                       # with "train": the DeepSpeed-style config of its training engine
 
@@ -146,12 +147,25 @@ def run(role: str, config_path: str) -> dict:
             else:
                 trainer = rlhf.PPOTrainer(config["model"], funcs, rlhf.PPOConfig(**args))
                 engine = trainer.actor
+            critic_checkpoints = str(out / "critic_checkpoints")
+            if os.path.isfile(os.path.join(checkpoints, "latest")):  # a run that stopped: carry on from it
+                engine.load_checkpoint(checkpoints)
+                trainer.step_count = engine.client_state["step"]
+                if role == "ppo":
+                    trainer.critic.load_checkpoint(critic_checkpoints)
+                    trainer.kl_ctl.value = engine.client_state["kl_coef"]
+                trainer.served.sync()
+                print(f"tidal rlhf {role}: resumed at step {trainer.step_count}", flush=True)
             interval = config.get("save_interval") or steps
             history = []
-            for _ in range(steps):
+            while trainer.step_count < steps:
                 history += trainer.train(prompts, 1, log=progress)
-                if history[-1]["step"] % interval == 0 or len(history) == steps:
-                    engine.save_checkpoint(checkpoints, keep_last=2)
+                if trainer.step_count % interval == 0 or trainer.step_count == steps:
+                    state = {"step": trainer.step_count}
+                    if role == "ppo":
+                        state["kl_coef"] = trainer.kl_ctl.value
+                        trainer.critic.save_checkpoint(critic_checkpoints, keep_last=2)
+                    engine.save_checkpoint(checkpoints, client_state=state, keep_last=2)
             save_model(engine.module, export)
             _copy_tokenizer(config["model"], export)
     finally:
