@@ -636,20 +636,13 @@ def moe_layer_inputs(block, batch: int, device):
 
 
 def moe_layer_error(block, batch: int, device) -> float:
-    """Max |fused_moe - reference| / max |reference| at `batch` tokens, the reference being fp32
-    products of the same bf16 operands, one expert at a time (activations rounded to bf16 as the
-    kernel and transformers' bf16 forward do)."""
+    """Max |fused_moe - reference| / max |reference| at `batch` tokens, the reference being
+    bench_moe's fp32 products of the same bf16 operands."""
+    from bench_moe import reference
+
     x, logits = moe_layer_inputs(block, batch, device)
     out = tidal.ops.fused_moe(x, logits, block.w13, block.w2, block.top_k, block.renormalize, block.fp32_weights)
-    weights, chosen = torch.topk(logits.float().softmax(-1), block.top_k, dim=-1)
-    weights = weights / weights.sum(-1, keepdim=True) if block.renormalize else weights
-    want = torch.zeros(x.shape, dtype=torch.float32, device=device)
-    inter = block.w2.shape[2]
-    for e in chosen.unique().tolist():
-        token, slot = torch.where(chosen == e)
-        h = x[token].float() @ block.w13[e].float().T
-        act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()
-        want.index_add_(0, token, (act @ block.w2[e].float().T) * weights[token, slot, None])
+    want = reference(x, logits, block.w13, block.w2, block.top_k, block.renormalize)
     return ((out.float() - want).abs().max() / want.abs().max()).item()
 
 

@@ -44,7 +44,7 @@ class GRPOConfig:
     llm: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("num_generations", "max_completion_length", "num_iterations"):
+        for name in ("max_completion_length", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_generations < 2:

@@ -143,8 +143,7 @@ class PPOTrainer:
             for lo in range(0, len(repeated), micro):
                 part = order[lo:lo + micro]
                 logits = self.actor(ids[part])
-                logp = torch.cat((losses.sequence_logprobs(logits[:, :-1], ids[part][:, 1:]),
-                                  logits.new_zeros(len(part), 1, dtype=torch.float32)), dim=1)
+                logp = rollout.logprobs_from_logits(logits, ids[part])
                 policy_loss, p = losses.ppo_policy_loss(logp, old_logprobs[part], advantages[part], mask[part],
                                                         args.cliprange)
                 self.actor.backward(policy_loss)

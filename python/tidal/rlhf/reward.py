@@ -6,12 +6,13 @@ the score of a sequence is the head applied to its last token's final hidden sta
 
 import dataclasses
 import json
-import random
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from tidal.rlhf.epochs import train_epochs
+from tidal.rlhf.sft import collate
 
 
 @dataclasses.dataclass
@@ -93,10 +94,7 @@ class RewardTrainer:
         return ids
 
     def _rewards(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
+        ids, _ = collate([(r, r) for r in rows], self.pad_id)
         device = next(self.engine.module.parameters()).device
         lengths = torch.tensor([len(r) for r in rows], device=device)
         return self.engine(ids.to(device), lengths)
@@ -104,32 +102,21 @@ class RewardTrainer:
     def train(self, max_steps: int | None = None, log=print) -> list[dict]:
         """Epochs over the pairs (shuffled per epoch) in the engine's batches, or ``max_steps``
         optimizer steps; each step's loss and pairwise accuracy."""
-        engine, cfg = self.engine, self.engine.config
-        micro, world, rank = cfg.train_micro_batch_size_per_gpu, engine.world_size, engine.rank
-        history, acc_loss, acc_hits, micro_steps, start = [], 0.0, 0.0, 0, time.perf_counter()
-        for epoch in range(self.args.num_train_epochs):
-            order = list(range(len(self.pairs)))
-            random.Random(self.args.seed + epoch).shuffle(order)
-            usable = len(order) - len(order) % cfg.train_batch_size
-            for lo in range(rank * micro, usable, world * micro):
-                batch = [self.pairs[i] for i in order[lo:lo + micro]]
-                rewards = self._rewards([c for c, _ in batch] + [r for _, r in batch])
-                loss, accuracy = pairwise_loss(rewards[:len(batch)], rewards[len(batch):],
-                                               self.args.center_rewards_coefficient)
-                engine.backward(loss)
-                engine.step()
-                acc_loss += float(loss.detach()) / cfg.gradient_accumulation_steps
-                acc_hits += float(accuracy) / cfg.gradient_accumulation_steps
-                micro_steps += 1
-                if micro_steps % cfg.gradient_accumulation_steps == 0:
-                    history.append({"step": len(history) + 1, "epoch": epoch, "loss": acc_loss, "accuracy": acc_hits,
-                                    "seconds": time.perf_counter() - start})
-                    if log is not None and rank == 0:
-                        log(f"step {len(history):>5}  epoch {epoch}  loss {acc_loss:.4f}  accuracy {acc_hits:.3f}")
-                    acc_loss = acc_hits = 0.0
-                    if max_steps is not None and len(history) >= max_steps:
-                        return history
-        return history
+        engine = self.engine
+
+        def micro_step(indices: list[int]) -> dict:
+            batch = [self.pairs[i] for i in indices]
+            rewards = self._rewards([c for c, _ in batch] + [r for _, r in batch])
+            loss, accuracy = pairwise_loss(rewards[:len(batch)], rewards[len(batch):],
+                                           self.args.center_rewards_coefficient)
+            engine.backward(loss)
+            engine.step()
+            return {"loss": float(loss.detach()), "accuracy": float(accuracy)}
+
+        def line(m: dict) -> str:
+            return f"step {m['step']:>5}  epoch {m['epoch']}  loss {m['loss']:.4f}  accuracy {m['accuracy']:.3f}"
+        return train_epochs(engine, len(self.pairs), self.args.num_train_epochs, self.args.seed, micro_step, line,
+                            max_steps, log)
 
     @torch.no_grad()
     def evaluate(self, pairs: list[dict]) -> float:

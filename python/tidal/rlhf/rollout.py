@@ -77,11 +77,16 @@ def batch(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple
     return ids, mask
 
 
-def next_token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability of each next token of ``ids`` under ``model``'s training forward (column t
+def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each next token of ``ids`` under ``logits`` ``[batch, T, vocab]`` (column t
     predicts token t + 1; the last column is padding), at ``temperature``."""
-    logp = losses.sequence_logprobs(model(ids)[:, :-1], ids[:, 1:], temperature)
+    logp = losses.sequence_logprobs(logits[:, :-1], ids[:, 1:], temperature)
     return torch.cat((logp, logp.new_zeros(logp.shape[0], 1)), dim=1)
+
+
+def next_token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """:func:`logprobs_from_logits` of ``model``'s training forward over ``ids``."""
+    return logprobs_from_logits(model(ids), ids, temperature)
 
 
 def serving_logprobs(prompt_ids: list[list[int]], completions: list, shape: tuple) -> torch.Tensor:

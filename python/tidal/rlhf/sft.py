@@ -11,10 +11,10 @@ TRL's original packing), so short examples waste no padding.
 """
 
 import dataclasses
-import random
-import time
 
 import torch
+
+from tidal.rlhf.epochs import train_epochs
 
 IGNORE = -100
 
@@ -112,37 +112,25 @@ class SFTTrainer:
 
     def train(self, max_steps: int | None = None, log=print) -> list[dict]:
         """Epochs over the rows (shuffled per epoch from ``seed``) in the engine's batches, or
-        ``max_steps`` optimizer steps; returns each step's loss and tokens/s."""
-        engine, cfg = self.engine, self.engine.config
-        micro, world, rank = cfg.train_micro_batch_size_per_gpu, engine.world_size, engine.rank
-        per_step = cfg.train_batch_size
-        history, step_loss, micro_steps, start = [], 0.0, 0, time.perf_counter()
-        tokens = 0
-        for epoch in range(self.args.num_train_epochs):
-            order = list(range(len(self.rows)))
-            random.Random(self.args.seed + epoch).shuffle(order)
-            usable = len(order) - len(order) % per_step  # whole global batches only
-            for lo in range(rank * micro, usable, world * micro):
-                batch = [self.rows[i] for i in order[lo:lo + micro]]
-                ids, labels = collate(batch, self.pad_id)
-                device = next(engine.module.parameters()).device
-                loss = engine(ids.to(device), labels=labels.to(device))
-                engine.backward(loss)
-                engine.step()
-                step_loss += float(loss.detach()) / cfg.gradient_accumulation_steps
-                tokens += int((labels != IGNORE).sum())
-                micro_steps += 1
-                if micro_steps % cfg.gradient_accumulation_steps == 0:
-                    history.append({"step": len(history) + 1, "epoch": epoch, "loss": step_loss,
-                                    "tokens_per_s": tokens / (time.perf_counter() - start)})
-                    if log is not None and rank == 0:
-                        m = history[-1]
-                        log(f"step {m['step']:>5}  epoch {epoch}  loss {m['loss']:.4f}  "
-                            f"{m['tokens_per_s']:,.0f} loss tok/s")
-                    step_loss = 0.0
-                    if max_steps is not None and len(history) >= max_steps:
-                        return history
-        return history
+        ``max_steps`` optimizer steps; returns each step's loss (and the seconds so far)."""
+        engine = self.engine
+        device = next(engine.module.parameters()).device
+        tokens = 0  # tokens that carried a loss, on this rank
+
+        def micro_step(indices: list[int]) -> dict:
+            nonlocal tokens
+            ids, labels = collate([self.rows[i] for i in indices], self.pad_id)
+            loss = engine(ids.to(device), labels=labels.to(device))
+            engine.backward(loss)
+            engine.step()
+            tokens += int((labels != IGNORE).sum())
+            return {"loss": float(loss.detach())}
+
+        def line(m: dict) -> str:
+            return (f"step {m['step']:>5}  epoch {m['epoch']}  loss {m['loss']:.4f}  "
+                    f"{tokens / m['seconds']:,.0f} loss tok/s")
+        return train_epochs(engine, len(self.rows), self.args.num_train_epochs, self.args.seed, micro_step, line,
+                            max_steps, log)
 
     def save_model(self, out: str) -> None:
         """The fine-tuned model in Hugging Face format (with the tokenizer files) in ``out``."""
