@@ -129,10 +129,41 @@ def bench_shape(num_seqs: int, ctx: int, gen, repeats: int, flush, ceiling: floa
             f"{100 * gbs / ceiling:.0f}%"] + peer_cells
 
 
+def sweep(gen, repeats: int, flush, ceiling: float) -> None:
+    """S1's geometry (Qwen3-0.6B: 16 q / 8 kv heads) over the batch sizes S1 drains through, with the
+    key-split count left to the plan (max_seqlen_k 2048, as the decode graphs capture it) and capped
+    at 1, 2 and 4 splits (max_seqlen_k = 128 x cap): % of the copy ceiling per case."""
+    global NUM_HEADS
+    saved, NUM_HEADS = NUM_HEADS, 16
+    caps = [("plan", 2048), ("1", 128), ("2", 256), ("4", 512)]
+    header = ["num_seqs x context"] + [f"splits {name} us / %" for name, _ in caps]
+    rows = []
+    try:
+        for num_seqs in (8, 16, 32, 64, 128, 256):
+            for ctx in (900, 1800):
+                inputs = make_inputs([ctx] * num_seqs, gen, "cuda")
+                nbytes = 2 * num_seqs * ctx * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+                row = [f"{num_seqs} x {ctx}"]
+                for _, max_k in caps:
+                    inputs["max_seqlen_k"] = max_k
+                    check(f"sweep {num_seqs} x {ctx} max_seqlen_k {max_k}", inputs, run_tidal(inputs), [0, num_seqs - 1])
+                    us = time_us(lambda: run_tidal(inputs), repeats, flush)
+                    row.append(f"{us:.1f} / {100 * nbytes / us / 1e3 / ceiling:.0f}%")
+                rows.append(row)
+                print("  ".join(row), flush=True)
+                del inputs
+                torch.cuda.empty_cache()
+    finally:
+        NUM_HEADS = saved
+    print()
+    print_table(header, rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the table as markdown to this file")
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per case (median)")
+    ap.add_argument("--sweep", action="store_true", help="also S1's head geometry over batch sizes and split caps")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device", file=sys.stderr)
@@ -155,6 +186,8 @@ def main() -> int:
         print("  ".join(rows[-1]), flush=True)
     print()
     print_table(header, rows)
+    if args.sweep:
+        sweep(gen, args.repeats, flush, ceiling)
     if args.out:
         write_markdown(args.out, f"paged decode attention (32 q / 8 kv heads, head_dim 128, bf16, block_size 16), "
                        f"{card}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s, "

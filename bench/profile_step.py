@@ -120,6 +120,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--llama", action="store_true", help="also Llama-3-8B at batch 1")
+    parser.add_argument("--drain", action="store_true", help="also batches 96 and 32 at long contexts")
     args = parser.parse_args()
     root = "/dev/shm" if os.path.isdir("/dev/shm") else None
     lines = [f"# Serving step profile ({torch.cuda.get_device_name()})", ""]
@@ -127,6 +128,10 @@ def main():
     try:
         run_case(path, lines, "Qwen3-0.6B decode, batch 256, prompt 800", 256, 800, 400, 2048, QWEN3_0_6B["vocab_size"])
         run_case(path, lines, "Qwen3-0.6B decode, batch 1, prompt 128", 1, 128, 400, 2048, QWEN3_0_6B["vocab_size"])
+        if args.drain:  # the batch sizes S1 drains through, at the long contexts its survivors have
+            for batch, prompt in ((96, 1400), (32, 1700)):
+                run_case(path, lines, f"Qwen3-0.6B decode, batch {batch}, prompt {prompt}", batch, prompt, 300, 2048,
+                         QWEN3_0_6B["vocab_size"])
         run_prefill_case(path, lines, "Qwen3-0.6B prefill, 16 prompts of 512 tokens in one step", 16, 512, 2048,
                          QWEN3_0_6B["vocab_size"])
     finally:

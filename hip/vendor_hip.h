@@ -27,6 +27,8 @@
 #define cudaGetErrorString hipGetErrorString
 #define cudaDeviceGetAttribute hipDeviceGetAttribute
 #define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
+#define cudaMemset hipMemset
+#define cudaDeviceSynchronize hipDeviceSynchronize
 
 // NOTE(tidal): the wavefront size must be a constant in the host pass too (launchers size blocks
 // with it), where __AMDGCN_WAVEFRONT_SIZE does not exist. It is fixed per build: 64 for CDNA

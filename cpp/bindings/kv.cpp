@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Bindings of tidal::kv: KVCacheManager with its ComputedBlocks and KVCacheStats, registered on the
-// tidal._core.kv submodule. Token ids and extra keys arrive as Python lists of ints; no call here runs
+// Bindings of tidal::kv: KVCacheManager with its ComputedBlocks and KVCacheStats, and the
+// SleepableMemory that holds a GPU KV pool, registered on the tidal._core.kv submodule. Token ids and extra keys arrive as Python lists of ints; no call here runs
 // long enough (microseconds) to be worth releasing the GIL.
 #include <cstdint>
 #include <vector>
@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "tidal/device_memory.h"
 #include "tidal/kv/kv_cache_manager.h"
 
 namespace py = pybind11;
@@ -81,6 +82,30 @@ void bind_kv(py::module_& m) {
       .def("free_block_ids", &KVCacheManager::free_block_ids, "Free blocks in LRU order, head first.")
       .def("is_cached", &KVCacheManager::is_cached, py::arg("block_id"))
       .def("cached_tokens", &KVCacheManager::cached_tokens, py::arg("block_id"));
+
+  py::class_<SleepableMemory>(m, "SleepableMemory",
+                              "GPU memory at a fixed address whose pages can be released and mapped "
+                              "again (the KV pool across training steps). torch.as_tensor(mem, "
+                              "device='cuda') views it as uint8 through __cuda_array_interface__.")
+      .def(py::init<int, int64_t>(), py::arg("device"), py::arg("bytes"))
+      .def("release", &SleepableMemory::release, py::call_guard<py::gil_scoped_release>(),
+           "Frees the physical memory after the device's pending work; the contents are lost.")
+      .def("remap", &SleepableMemory::remap, py::call_guard<py::gil_scoped_release>(),
+           "Maps zeroed physical memory at the same address again.")
+      .def_property_readonly("address", &SleepableMemory::address)
+      .def_property_readonly("size", &SleepableMemory::size)
+      .def_property_readonly("device", &SleepableMemory::device)
+      .def_property_readonly("is_mapped", &SleepableMemory::is_mapped)
+      .def_property_readonly("__cuda_array_interface__", [](const SleepableMemory& self) {
+        py::dict d;
+        d["shape"] = py::make_tuple(self.requested());
+        d["typestr"] = "|u1";
+        d["data"] = py::make_tuple(self.address(), false);
+        d["version"] = 3;
+        d["strides"] = py::none();
+        d["stream"] = py::none();
+        return d;
+      });
 }
 
 }  // namespace tidal::bindings

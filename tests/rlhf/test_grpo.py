@@ -20,7 +20,7 @@ def low_ids(prompts, completions, completion_ids):
 
 
 def _config(**kw):
-    base = dict(num_generations=8, max_completion_length=6, beta=0.04, seed=1,
+    base = dict(num_generations=8, max_completion_length=6, beta=0.04, seed=1, device="cpu",
                 train={"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2,
                        "optimizer": {"type": "AdamW", "params": {"lr": 2e-2}}, "gradient_clipping": 1.0},
                 llm={"device": "cpu", "num_kv_blocks": 128, "block_size": 4, "max_model_len": 64})

@@ -17,7 +17,7 @@ def low_ids(prompts, completions, completion_ids):
 
 
 def _config(**kw):
-    base = dict(max_completion_length=6, num_ppo_epochs=2, kl_coef=0.01, seed=1,
+    base = dict(max_completion_length=6, num_ppo_epochs=2, kl_coef=0.01, seed=1, device="cpu",
                 train={"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}},
                 critic_train={"train_micro_batch_size_per_gpu": 8,
                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}},

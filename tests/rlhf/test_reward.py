@@ -28,7 +28,7 @@ def test_pairwise_loss():
 
 def test_training_ranks_the_chosen_side_and_saves_for_transformers(tmp_path):
     build_model(str(tmp_path / "lm"))
-    config = RewardConfig(num_train_epochs=8, train={"train_micro_batch_size_per_gpu": 4,
+    config = RewardConfig(num_train_epochs=8, device="cpu", train={"train_micro_batch_size_per_gpu": 4,
                                                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}})
     trainer = RewardTrainer(str(tmp_path / "lm"), _pairs(range(16)), config)
     history = trainer.train(log=None)

@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 
 def _config(**kw):
-    base = dict(max_length=64, train={"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+    base = dict(max_length=64, device="cpu", train={"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                                       "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}})
     base.update(kw)
     return SFTConfig(**base)

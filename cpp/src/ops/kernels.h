@@ -153,3 +153,19 @@ void adam_step(TensorView param, TensorView grad, TensorView exp_avg, TensorView
                const ops::AdamOptions& options, Stream stream, TensorView param_copy);
 
 }  // namespace tidal::gpu
+
+// ---- device virtual memory (cuda/device_memory.cu), behind tidal::SleepableMemory ----------------
+
+namespace tidal::gpu {
+
+// The size multiple of a physical allocation on `device`.
+int64_t vmm_granularity(int device);
+// Reserves `size` bytes of address space (a multiple of vmm_granularity) and frees a reservation.
+uintptr_t vmm_reserve(int64_t size);
+void vmm_free(uintptr_t address, int64_t size);
+// Creates `size` bytes of physical memory on `device`, maps it read-write at `address`, zeroes it
+// and returns its handle; vmm_unmap (after the device's work is done) unmaps and frees it.
+unsigned long long vmm_map(int device, uintptr_t address, int64_t size);
+void vmm_unmap(int device, uintptr_t address, int64_t size, unsigned long long handle);
+
+}  // namespace tidal::gpu

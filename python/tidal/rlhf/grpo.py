@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tidal.rlhf import losses, rollout
+from tidal.serve.config import resolve_device
 
 RewardFunc = Callable[..., Sequence[float]]
 
@@ -26,7 +27,9 @@ RewardFunc = Callable[..., Sequence[float]]
 class GRPOConfig:
     """TRL's GRPOConfig names. ``train`` is the DeepSpeed-style config of the policy's training
     engine (its micro-batch splits each step's ``num_prompts * num_generations`` sequences); ``llm``
-    the keyword arguments of the serving engine (``num_kv_blocks``, ``block_size``, ...)."""
+    the keyword arguments of the serving engine (``num_kv_blocks``, ``block_size``, ...);
+    ``release_kv_cache`` gives the serving engine's KV cache memory back during training
+    (``LLM.sleep``) and takes it again for each rollout."""
 
     num_generations: int = 8
     max_completion_length: int = 64
@@ -38,10 +41,12 @@ class GRPOConfig:
     num_iterations: int = 1
     scale_rewards: bool = True
     seed: int = 0
+    device: str = "auto"  # where the model trains: "auto" (a GPU when there is one), "cpu", "cuda:N"
     logprob_tolerance: float = 1e-3
     train: dict = dataclasses.field(default_factory=lambda: {
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}, "gradient_clipping": 1.0})
     llm: dict = dataclasses.field(default_factory=dict)
+    release_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_completion_length", "num_iterations"):
@@ -68,14 +73,14 @@ class GRPOTrainer:
         self.args = args or GRPOConfig()
         self.reward_funcs = rollout.reward_functions(reward_funcs, reward_model)
         self.reward_model = reward_model
-        policy, _ = load_model(model)
+        policy, _ = load_model(model, device=resolve_device(self.args.device))
         policy.train()
         self.engine = tidal.initialize(policy, self.args.train)
         self.reference = None
         if self.args.beta != 0.0:
             self.reference, _ = load_model(model, device=next(policy.parameters()).device)
             self.reference.requires_grad_(False)
-        self.served = rollout.ServedPolicy(self.engine, model, tokenizer, self.args.llm)
+        self.served = rollout.ServedPolicy(self.engine, model, tokenizer, self.args.llm, self.args.release_kv_cache)
         self.llm = self.served.llm
         self.step_count = 0
 
@@ -92,7 +97,7 @@ class GRPOTrainer:
                                        seed=args.seed + self.step_count * len(repeated) + i,
                                        logprobs=0 if args.temperature == 1.0 else None)
                   for i in range(len(repeated))]
-        outputs = self.llm.generate(repeated, params, use_tqdm=False)
+        outputs = self.served.generate(repeated, params)
         generation_s = time.perf_counter() - t0
 
         completions = [o.outputs[0] for o in outputs]
@@ -106,16 +111,16 @@ class GRPOTrainer:
         lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], device=device)
         rewards = rollout.score(self.reward_funcs, repeated, texts, completion_ids, self.reward_model, ids, lengths)
         advantages = losses.group_advantages(rewards, g, scale=args.scale_rewards).float().to(device)
+        micro = self.engine.config.train_micro_batch_size_per_gpu
         with torch.no_grad():
-            old = rollout.next_token_logprobs(self.engine, ids, args.temperature)
+            old = rollout.next_token_logprobs(self.engine, ids, args.temperature, chunk=micro)
             ref = (None if self.reference is None
-                   else rollout.next_token_logprobs(self.reference, ids, args.temperature))
+                   else rollout.next_token_logprobs(self.reference, ids, args.temperature, chunk=micro))
         logprob_error = 0.0
         if args.temperature == 1.0:  # the serving engine's logprobs are of the untempered distribution
             logprob_error = rollout.check_logprobs(rollout.serving_logprobs(prompt_ids, completions, mask.shape), old,
                                                    mask, args.logprob_tolerance)
 
-        micro = self.engine.config.train_micro_batch_size_per_gpu
         if len(repeated) % micro:
             raise ValueError(f"{len(prompts)} prompts x num_generations={g} = {len(repeated)} sequences must be a "
                              f"multiple of train_micro_batch_size_per_gpu={micro}")
@@ -134,12 +139,15 @@ class GRPOTrainer:
                 stats["loss"] += float(loss.detach()) * share
                 stats["kl"] += float(s["kl"]) * share
                 stats["clip_ratio"] += float(s["clip_ratio"]) * share
-        self.served.sync()
         training_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.served.sync()
+        sync_s = time.perf_counter() - t2
         self.step_count += 1
         tokens = sum(len(c) for c in completion_ids)
         return {"step": self.step_count, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                 **stats, "completion_tokens": tokens, "generation_s": generation_s, "training_s": training_s,
+                "sync_s": sync_s, "kv_wake_up_s": self.served.wake_up_s,
                 "generation_tokens_per_s": tokens / max(generation_s, 1e-9), "logprob_error": logprob_error}
 
     def train(self, prompts: list, steps: int, log: Callable[[str], None] | None = print) -> list[dict]:
@@ -147,4 +155,4 @@ class GRPOTrainer:
         return rollout.train_loop(self.step, prompts, steps, lambda m: (
             f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f}  loss {m['loss']:+.4f}  "
             f"generation {m['generation_s']:.2f} s ({m['generation_tokens_per_s']:,.0f} tok/s)  "
-            f"training {m['training_s']:.2f} s"), log)
+            f"training {m['training_s']:.2f} s  sync {m['sync_s']:.3f} s"), log)

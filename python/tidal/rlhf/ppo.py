@@ -20,12 +20,14 @@ from torch import nn
 
 from tidal.rlhf import losses, rollout
 from tidal.rlhf.reward import scalar_head
+from tidal.serve.config import resolve_device
 
 
 @dataclasses.dataclass
 class PPOConfig:
     """``train`` / ``critic_train``: DeepSpeed-style configs of the actor's and the critic's engines;
-    ``llm``: the serving engine's keyword arguments."""
+    ``llm``: the serving engine's keyword arguments; ``release_kv_cache``: the serving engine's KV
+    cache memory is given back during training (``LLM.sleep``) and taken again for each rollout."""
 
     num_generations: int = 1
     max_completion_length: int = 64
@@ -41,11 +43,13 @@ class PPOConfig:
     kl_horizon: float = 10000.0
     whiten_advantages: bool = True
     seed: int = 0
+    device: str = "auto"  # where the model trains: "auto" (a GPU when there is one), "cpu", "cuda:N"
     logprob_tolerance: float = 1e-3
     train: dict = dataclasses.field(default_factory=lambda: {
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}, "gradient_clipping": 1.0})
     critic_train: dict | None = None
     llm: dict = dataclasses.field(default_factory=dict)
+    release_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_generations", "max_completion_length", "num_ppo_epochs"):
@@ -79,7 +83,7 @@ class PPOTrainer:
         self.args = args = args or PPOConfig()
         self.reward_funcs = rollout.reward_functions(reward_funcs, reward_model)
         self.reward_model = reward_model
-        actor, _ = load_model(model)
+        actor, _ = load_model(model, device=resolve_device(args.device))
         actor.train()
         self.actor = tidal.initialize(actor, args.train)
         device = next(actor.parameters()).device
@@ -90,7 +94,7 @@ class PPOTrainer:
         self.critic = tidal.initialize(ValueModel(critic_lm, args.seed), args.critic_train or args.train)
         self.kl_ctl = (losses.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
                        if args.target_kl is not None else losses.FixedKLController(args.kl_coef))
-        self.served = rollout.ServedPolicy(self.actor, model, tokenizer, args.llm)
+        self.served = rollout.ServedPolicy(self.actor, model, tokenizer, args.llm, args.release_kv_cache)
         self.llm = self.served.llm
         self.step_count = 0
 
@@ -104,7 +108,7 @@ class PPOTrainer:
         params = [tidal.SamplingParams(temperature=1.0, max_tokens=args.max_completion_length, logprobs=0,
                                        seed=args.seed + self.step_count * len(repeated) + i)
                   for i in range(len(repeated))]
-        outputs = self.llm.generate(repeated, params, use_tqdm=False)
+        outputs = self.served.generate(repeated, params)
         generation_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -118,10 +122,11 @@ class PPOTrainer:
         lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], device=device)
         scores = rollout.score(self.reward_funcs, repeated, texts, completion_ids, self.reward_model, ids,
                                lengths).float().to(device)
+        micro = self.actor.config.train_micro_batch_size_per_gpu
         with torch.no_grad():
-            old_logprobs = rollout.next_token_logprobs(self.actor, ids)
-            ref_logprobs = rollout.next_token_logprobs(self.reference, ids)
-            old_values = self.critic(ids)
+            old_logprobs = rollout.next_token_logprobs(self.actor, ids, chunk=micro)
+            ref_logprobs = rollout.next_token_logprobs(self.reference, ids, chunk=micro)
+            old_values = torch.cat([self.critic(ids[lo:lo + micro]) for lo in range(0, ids.shape[0], micro)])
         logprob_error = rollout.check_logprobs(rollout.serving_logprobs(prompt_ids, completions, mask.shape),
                                                old_logprobs, mask, args.logprob_tolerance)
         rewards, kl = losses.token_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value,
@@ -130,7 +135,6 @@ class PPOTrainer:
         if args.whiten_advantages:
             advantages = losses.masked_whiten(advantages, mask) * mask
 
-        micro = self.actor.config.train_micro_batch_size_per_gpu
         if len(repeated) % micro:
             raise ValueError(f"{len(repeated)} sequences per step must be a multiple of "
                              f"train_micro_batch_size_per_gpu={micro}")
@@ -161,12 +165,15 @@ class PPOTrainer:
                     stats[name] += float(value.detach()) * share
         mean_kl = float((kl * mask).sum(1).mean())
         self.kl_ctl.update(mean_kl, len(repeated))
-        self.served.sync()
         training_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.served.sync()
+        sync_s = time.perf_counter() - t2
         self.step_count += 1
         tokens = sum(len(c) for c in completion_ids)
         return {"step": self.step_count, "reward": float(scores.mean()), "kl": mean_kl, "kl_coef": self.kl_ctl.value,
                 **stats, "completion_tokens": tokens, "generation_s": generation_s, "training_s": training_s,
+                "sync_s": sync_s, "kv_wake_up_s": self.served.wake_up_s,
                 "logprob_error": logprob_error}
 
     def train(self, prompts: list, steps: int, log: Callable[[str], None] | None = print) -> list[dict]:
@@ -174,4 +181,4 @@ class PPOTrainer:
         return rollout.train_loop(self.step, prompts, steps, lambda m: (
             f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f} (coef {m['kl_coef']:.4f})  "
             f"policy {m['policy_loss']:+.4f}  value {m['value_loss']:.4f}  entropy {m['entropy']:.3f}  "
-            f"generation {m['generation_s']:.2f} s  training {m['training_s']:.2f} s"), log)
+            f"generation {m['generation_s']:.2f} s  training {m['training_s']:.2f} s  sync {m['sync_s']:.3f} s"), log)

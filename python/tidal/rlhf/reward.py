@@ -13,6 +13,7 @@ from torch import nn
 
 from tidal.rlhf.epochs import train_epochs
 from tidal.rlhf.sft import collate
+from tidal.serve.config import resolve_device
 
 
 @dataclasses.dataclass
@@ -23,6 +24,7 @@ class RewardConfig:
     max_length: int = 512
     num_train_epochs: int = 1
     seed: int = 0
+    device: str = "auto"  # where the model trains: "auto" (a GPU when there is one), "cpu", "cuda:N"
     center_rewards_coefficient: float | None = None
     train: dict = dataclasses.field(default_factory=lambda: {
         "train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
@@ -79,7 +81,7 @@ class RewardTrainer:
         self.pairs = [(self.encode(e, "chosen"), self.encode(e, "rejected")) for e in train_dataset]
         if not self.pairs:
             raise ValueError("train_dataset holds no pairs")
-        lm, self.model_config = load_model(model)
+        lm, self.model_config = load_model(model, device=resolve_device(self.args.device))
         lm.train()
         self.engine = tidal.initialize(RewardModel(lm, self.args.seed), self.args.train)
         self.pad_id = (self.tokenizer.eos_token_ids or [0])[0]

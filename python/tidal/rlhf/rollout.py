@@ -2,6 +2,8 @@
 completions, the log-probabilities of a batch's next tokens under a training forward and under the
 serving engine (and their check against each other), and the per-step training loop."""
 
+import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -13,26 +15,52 @@ class ServedPolicy:
     """``tidal.LLM`` over the policy a training engine holds. At ZeRO stage 0-2 it serves the
     engine's module itself: the parameters are shared and a step's update is what the next rollout
     reads. At stage 3 the module's parameters exist only while gathered, so it serves a full copy
-    (read from ``model_dir``) that :meth:`sync` refreshes from the gathered fp32 weights."""
+    that :meth:`sync` refreshes module by module as each module's parameters are gathered.
 
-    def __init__(self, engine, model_dir: str, tokenizer: str | None, llm_kwargs: dict):
+    With ``release_kv_cache`` the serving engine sleeps between rollouts: its KV cache's memory is
+    free for the training step and taken back (at the same device address, so the CUDA graphs hold)
+    by the next :meth:`generate`."""
+
+    def __init__(self, engine, model_dir: str, tokenizer: str | None, llm_kwargs: dict,
+                 release_kv_cache: bool = True):
         import tidal
         from tidal.models import load_model
 
         self.engine, self.copy = engine, None
+        self.release_kv_cache = release_kv_cache
         served = engine.module
         if engine.stage == 3:
             self.copy, _ = load_model(model_dir, device=engine.device)
+            self.copy.requires_grad_(False)
+            engine.copy_weights_to(self.copy)
             served = self.copy
-        self.llm = tidal.LLM(served, tokenizer=tokenizer or model_dir, **llm_kwargs)
+        if tokenizer is None and os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+            tokenizer = model_dir  # else prompts and completions are token ids
+        self.llm = tidal.LLM(served, tokenizer=tokenizer, **llm_kwargs)
+        self.wake_up_s = self.sleep_s = 0.0
+        if release_kv_cache:
+            self._sleep()
+
+    def _sleep(self) -> None:
+        t0 = time.perf_counter()
+        self.llm.sleep()
+        self.sleep_s = time.perf_counter() - t0
+
+    def generate(self, prompts: list, params: list) -> list:
+        """``LLM.generate`` over the current weights, the KV cache taken for it and given back after."""
+        if self.llm.is_sleeping:
+            t0 = time.perf_counter()
+            self.llm.wake_up()
+            self.wake_up_s = time.perf_counter() - t0
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.release_kv_cache:
+            self._sleep()
+        return outputs
 
     def sync(self) -> None:
         """After a training step (collective at stage 3): the serving weights are the new ones."""
         if self.copy is not None:
-            state = self.engine.full_state_dict()
-            with torch.no_grad():
-                for name, param in self.copy.named_parameters():
-                    param.copy_(state[name])
+            self.engine.copy_weights_to(self.copy)
         self.llm.weights_updated()
 
 
@@ -84,9 +112,13 @@ def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: f
     return torch.cat((logp, logp.new_zeros(logp.shape[0], 1)), dim=1)
 
 
-def next_token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """:func:`logprobs_from_logits` of ``model``'s training forward over ``ids``."""
-    return logprobs_from_logits(model(ids), ids, temperature)
+def next_token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """:func:`logprobs_from_logits` of ``model``'s training forward over ``ids``, ``chunk`` rows at a
+    time when given (the logits of a whole batch over a large vocabulary need not fit at once)."""
+    if chunk is None or chunk >= ids.shape[0]:
+        return logprobs_from_logits(model(ids), ids, temperature)
+    return torch.cat([logprobs_from_logits(model(ids[lo:lo + chunk]), ids[lo:lo + chunk], temperature)
+                      for lo in range(0, ids.shape[0], chunk)])
 
 
 def serving_logprobs(prompt_ids: list[list[int]], completions: list, shape: tuple) -> torch.Tensor:

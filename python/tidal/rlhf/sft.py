@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from tidal.rlhf.epochs import train_epochs
+from tidal.serve.config import resolve_device
 
 IGNORE = -100
 
@@ -29,6 +30,7 @@ class SFTConfig:
     completion_only_loss: bool = True
     num_train_epochs: int = 1
     seed: int = 0
+    device: str = "auto"  # where the model trains: "auto" (a GPU when there is one), "cpu", "cuda:N"
     train: dict = dataclasses.field(default_factory=lambda: {
         "train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 2e-5}},
         "gradient_clipping": 1.0})
@@ -105,7 +107,7 @@ class SFTTrainer:
         self.rows = [r for r in rows if any(t != IGNORE for t in r[1][1:])]  # rows with a loss to take
         if not self.rows:
             raise ValueError("no example has a completion token within max_length")
-        model_obj, _ = load_model(model)
+        model_obj, _ = load_model(model, device=resolve_device(self.args.device))
         model_obj.train()
         self.engine = tidal.initialize(model_obj, self.args.train)
         self.pad_id = self.tokenizer.eos_token_ids[0]

@@ -149,6 +149,8 @@ class LLMEngine:
         ``priority`` matters under ``scheduling_policy="priority"``: lower values are served first and
         preempted last (vLLM's convention)."""
         params = params or SamplingParams()
+        if self.is_sleeping:
+            raise RuntimeError("the engine is asleep (its KV cache memory is released); call wake_up() first")
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self.process_prompt(prompt, params)
@@ -233,6 +235,26 @@ class LLMEngine:
 
     def stats(self) -> dict:
         return dict(self.scheduler.stats())
+
+    # ---- sleep ----------------------------------------------------------------------------------
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.runner.kv_pool.is_released
+
+    def sleep(self) -> None:
+        """Gives the KV cache's memory back (for a training step in the same process): the prefix
+        cache is dropped, the weights and captured CUDA graphs stay. Only with no request unfinished."""
+        if self._requests:
+            raise RuntimeError(f"sleep() with {len(self._requests)} requests unfinished; call it between "
+                               "generate() calls")
+        if not self.scheduler.reset_prefix_cache():
+            raise RuntimeError("sleep(): the prefix cache could not be reset (blocks still in use)")
+        self.runner.kv_pool.release()
+
+    def wake_up(self) -> None:
+        """Takes the KV cache's memory again (zeroed, at the same device address)."""
+        self.runner.kv_pool.remap()
 
     # ---- the step --------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import torch
 
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
-from tidal.serve.model_runner import allocate_kv_caches, kv_cache_bytes_per_block, min_kv_blocks
+from tidal.serve.model_runner import KVPool, allocate_kv_caches, kv_cache_bytes_per_block, min_kv_blocks
 from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_async
 from tidal.serve.sampling_params import SamplingParams
 
@@ -101,7 +101,8 @@ class GPUModelRunner:
                 f"the KV cache holds {self.num_kv_blocks} blocks of {config.block_size} tokens, fewer than the "
                 f"{floor} one request of max_model_len={max_model_len} needs; raise num_kv_blocks or "
                 f"kv_cache_memory_fraction, or lower max_model_len")
-        self.kv_caches = allocate_kv_caches(model, self.num_kv_blocks, config.block_size, device)
+        self.kv_pool = KVPool(model, self.num_kv_blocks, config.block_size, device)
+        self.kv_caches = self.kv_pool.caches
 
         # The largest step: max_num_tokens tokens of max_num_seqs sequences with full block tables.
         biggest = _Layout(self.max_num_tokens, self.max_num_seqs, self.max_num_seqs,

@@ -76,6 +76,20 @@ class LLM:
             raise RuntimeError("weights_updated() with requests still running: their KV blocks hold the old "
                                "weights' keys and values; call it between generate() calls")
 
+    def sleep(self) -> None:
+        """Releases the KV cache's memory until :meth:`wake_up` (vLLM's sleep mode, for a training
+        step in the same process): the prefix cache is dropped; the weights, which a shared model
+        keeps training in place, and the CUDA graphs stay. Call it between generate calls."""
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        """Takes the KV cache's memory back after :meth:`sleep`; generate works again."""
+        self.engine.wake_up()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

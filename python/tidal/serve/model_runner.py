@@ -6,10 +6,12 @@ tokens. The engine stays device-neutral; each runner owns its device's KV caches
 - :class:`tidal.serve.gpu_model_runner.GPUModelRunner`: KV pool sized by a profiling forward,
   persistent device inputs filled by one pinned copy per step, CUDA graphs for decode steps.
 
-Both expose ``num_kv_blocks``, ``kv_caches`` (one ``(key_cache, value_cache)`` per layer) and
-``execute(batch, sampling) -> PendingSample | None`` (launched; ``.result()`` waits).
+Both expose ``num_kv_blocks``, ``kv_pool`` (a :class:`KVPool`, released while the engine sleeps),
+``kv_caches`` (its ``(key_cache, value_cache)`` per layer) and ``execute(batch, sampling) ->
+PendingSample | None`` (launched; ``.result()`` waits).
 """
 
+import math
 import os
 
 import torch
@@ -38,6 +40,54 @@ def allocate_kv_caches(model, num_blocks: int, block_size: int, device) -> list[
     shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
     return [(torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
             for _ in range(model.num_layers)]
+
+
+class KVPool:
+    """The serving KV caches of every layer in one allocation whose memory can be given back while
+    the engine sleeps (a training step in the same process) and taken again at wake-up, zeroed.
+    On a GPU it is a ``SleepableMemory``: the pages go and come back at the same address, so the
+    captured CUDA graphs stay valid. On the CPU the tensors' storage is resized to nothing and back."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device):
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.nbytes = 2 * model.num_layers * math.prod(shape) * torch.empty((), dtype=model.dtype).element_size()
+        self.device = device
+        self._memory = None
+        if device.type == "cuda":
+            from tidal import _core
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._memory = _core.kv.SleepableMemory(index, self.nbytes)
+            flat = torch.as_tensor(self._memory, device=device)
+        else:
+            flat = torch.zeros(self.nbytes, dtype=torch.uint8)
+        self._flat = flat
+        caches = flat.view(model.dtype).view(model.num_layers, 2, *shape)
+        self.caches = [(caches[i, 0], caches[i, 1]) for i in range(model.num_layers)]
+        self.is_released = False
+
+    def release(self) -> None:
+        """Gives the memory back once the device's pending work is done; the contents are lost."""
+        if self.is_released:
+            return
+        if self._memory is not None:
+            self._memory.release()
+        else:
+            self._flat.untyped_storage().resize_(0)
+        self.is_released = True
+
+    def remap(self) -> None:
+        """Takes the memory again, zeroed; the caches' tensors are the same objects as before."""
+        if not self.is_released:
+            return
+        if self._memory is not None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # what training left cached in torch's allocator
+            self._memory.remap()
+        else:
+            self._flat.untyped_storage().resize_(self.nbytes)
+            self._flat.zero_()
+        self.is_released = False
 
 
 def _available_host_memory() -> int:
@@ -69,7 +119,8 @@ class CPUModelRunner:
                 f"{floor} one request of max_model_len={max_model_len} needs; raise num_kv_blocks "
                 f"or kv_cache_memory_fraction, or lower max_model_len")
         self.num_kv_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(model, num_blocks, config.block_size, device)
+        self.kv_pool = KVPool(model, num_blocks, config.block_size, device)
+        self.kv_caches = self.kv_pool.caches
 
     def execute(self, batch, sampling: list[SequenceSampling]) -> PendingSample | None:
         cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)

@@ -761,6 +761,26 @@ class Engine:
         self.wait_for_checkpoint()
         return checkpoint.load(self, directory, tag)
 
+    def copy_weights_to(self, target: torch.nn.Module) -> None:
+        """Writes the weights the training forward uses (the compute dtype's copy of the master
+        weights) into ``target``'s parameters of the same names, cast to their dtype. At stage 3 this
+        is collective and goes module by module: each group of parameters is gathered, copied and
+        freed, the next group's gather in flight, so no rank ever holds the whole model gathered."""
+        if self.experts is not None and self.ep_size > 1:
+            raise NotImplementedError("copy_weights_to with expert parallelism (ep_size > 1): use full_state_dict()")
+        own = {id(p): name for name, p in self.module.named_parameters()}
+        dest = dict(target.named_parameters())
+        missing = sorted(set(own.values()) - set(dest))
+        if missing:
+            raise ValueError(f"copy_weights_to: target has no parameter {missing[0]!r} "
+                             f"({len(missing)} of the module's parameters missing)")
+        if self.gatherer is not None:
+            self.gatherer.copy_into(lambda slot: dest[own[id(slot.param)]])
+            return
+        with torch.no_grad():
+            for name, param in self.module.named_parameters():
+                dest[name].copy_(param)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the full fp32 weights on every rank, keyed like ``module.state_dict()``."""
         full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.device)

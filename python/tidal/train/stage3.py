@@ -140,6 +140,23 @@ class ParameterGatherer:
                 self.release(group)
         return hook
 
+    def copy_into(self, destination) -> None:
+        """Gathers every group in turn, in the recorded forward order with the next group's gather in
+        flight, and copies each gathered parameter into ``destination(slot)`` (a tensor of its shape)
+        before freeing the group: at most two groups are live at once (collective)."""
+        order = self.order + [g for g in range(len(self.groups)) if g not in self.order]
+        with torch.no_grad():
+            for i, g in enumerate(order):
+                group = self.groups[g]
+                live = group.buffer is not None
+                self._finish(group)
+                if i + 1 < len(order):
+                    self._start(self.groups[order[i + 1]])
+                for slot in group.slots:
+                    destination(slot).copy_(slot.param.data)
+                if not live:
+                    self.release(group)
+
     def end_of_forward_pass(self) -> None:
         """Called after the first backward: the recorded order is complete."""
         self.recording = False
