@@ -65,15 +65,22 @@ def test_each_role(workdir, role, monkeypatch):
         assert llm.generate([[5, 6]], tidal.SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 
-@pytest.mark.parametrize("role", ["grpo", "ppo"])
+@pytest.mark.parametrize("role", ["grpo", "ppo", "sft", "rm"])
 def test_a_stopped_run_resumes_where_it_was(workdir, role, monkeypatch, capsys):
     """Steps 1-2, then a second run to step 4 from the checkpoint, give the weights of one run of 4
-    steps: the rollouts' seeds follow the step, the actor (and critic, KL coefficient) come back."""
+    steps: the rollouts' seeds follow the step, the actor (and critic, KL coefficient) come back;
+    SFT and the reward model skip the batches of the steps already taken (4 steps span 2 epochs)."""
     monkeypatch.chdir(workdir)
-    args = {"train": TRAIN, "max_completion_length": 5, "llm": LLM, "num_generations": 4}
+    if role in ("sft", "rm"):
+        args = {"train": {**TRAIN, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2},
+                "num_train_epochs": 3}
+        data = {"sft": "sft.jsonl", "rm": "rm.jsonl"}[role]
+    else:
+        args = {"train": TRAIN, "max_completion_length": 5, "llm": LLM, "num_generations": 4}
+        data = "prompts.jsonl"
     if role == "ppo":
         args.update(num_ppo_epochs=1, critic_train=TRAIN, target_kl=0.01)
-    common = dict(model=str(workdir / "base"), data=str(workdir / "prompts.jsonl"), reward="rlhf_rewards_test:short",
+    common = dict(model=str(workdir / "base"), data=str(workdir / data), reward="rlhf_rewards_test:short",
                   save_interval=1, args=args)
     stopped, whole = workdir / f"stopped_{role}", workdir / f"whole_{role}"
     assert main(["rlhf", role, "--config", _write(workdir, "a", out=str(stopped), steps=2, **common)]) == 0

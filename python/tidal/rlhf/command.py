@@ -7,9 +7,9 @@ The config::
      "data": "FILE.jsonl",            # sft: prompt/completion, messages or text rows; rm: prompt?/chosen/rejected;
                                       # ppo, grpo: rows with a "prompt"
      "reward": "module:function",     # ppo, grpo: one or a list of importable reward functions
-     "steps": 100,                    # optimizer steps (sft, rm: at most); ppo, grpo: train to this step
-     "save_interval": 50,             # ppo, grpo: a checkpoint every N steps (and always at the end);
-                                      # a run started again with the same OUT resumes from the latest one
+     "steps": 100,                    # train to this optimizer step (sft, rm: at most; the epochs may end first)
+     "save_interval": 50,             # a checkpoint every N steps (and always at the end); a run started
+                                      # again with the same OUT resumes from the latest one
      "args": {...}}                   # the role's config (SFTConfig, RewardConfig, PPOConfig, GRPOConfig fields),
                                       # with "train": the DeepSpeed-style config of its training engine
 
@@ -128,9 +128,20 @@ def run(role: str, config_path: str) -> dict:
             cls, cfg_cls = ((rlhf.SFTTrainer, rlhf.SFTConfig) if role == "sft" else
                             (rlhf.RewardTrainer, rlhf.RewardConfig))
             trainer = cls(config["model"], data, cfg_cls(**args))
-            history = trainer.train(max_steps=steps, log=progress)
-            engine = trainer.engine
-            engine.save_checkpoint(checkpoints, keep_last=1)
+            engine, start = trainer.engine, 0
+            if os.path.isfile(os.path.join(checkpoints, "latest")):  # a run that stopped: carry on from it
+                engine.load_checkpoint(checkpoints)
+                start = engine.client_state["step"]
+                print(f"tidal rlhf {role}: resumed at step {start}", flush=True)
+            interval = config.get("save_interval")
+
+            def save(row: dict) -> None:
+                if interval and row["step"] % interval == 0:
+                    engine.save_checkpoint(checkpoints, client_state={"step": row["step"]}, keep_last=2)
+            history = trainer.train(max_steps=steps, log=progress, start_step=start, after_step=save)
+            last = history[-1]["step"] if history else start
+            if not history or not interval or last % interval:
+                engine.save_checkpoint(checkpoints, client_state={"step": last}, keep_last=2)
             trainer.save_model(str(export))
         else:
             if steps is None:

@@ -101,9 +101,10 @@ class RewardTrainer:
         lengths = torch.tensor([len(r) for r in rows], device=device)
         return self.engine(ids.to(device), lengths)
 
-    def train(self, max_steps: int | None = None, log=print) -> list[dict]:
-        """Epochs over the pairs (shuffled per epoch) in the engine's batches, or ``max_steps``
-        optimizer steps; each step's loss and pairwise accuracy."""
+    def train(self, max_steps: int | None = None, log=print, start_step: int = 0, after_step=None) -> list[dict]:
+        """Epochs over the pairs (shuffled per epoch) in the engine's batches, or up to optimizer step
+        ``max_steps``; each step's loss and pairwise accuracy. ``start_step`` and ``after_step`` as
+        in :meth:`SFTTrainer.train`."""
         engine = self.engine
 
         def micro_step(indices: list[int]) -> dict:
@@ -118,7 +119,7 @@ class RewardTrainer:
         def line(m: dict) -> str:
             return f"step {m['step']:>5}  epoch {m['epoch']}  loss {m['loss']:.4f}  accuracy {m['accuracy']:.3f}"
         return train_epochs(engine, len(self.pairs), self.args.num_train_epochs, self.args.seed, micro_step, line,
-                            max_steps, log)
+                            max_steps, log, start_step, after_step)
 
     @torch.no_grad()
     def evaluate(self, pairs: list[dict]) -> float:

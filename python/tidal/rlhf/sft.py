@@ -112,9 +112,11 @@ class SFTTrainer:
         self.engine = tidal.initialize(model_obj, self.args.train)
         self.pad_id = self.tokenizer.eos_token_ids[0]
 
-    def train(self, max_steps: int | None = None, log=print) -> list[dict]:
-        """Epochs over the rows (shuffled per epoch from ``seed``) in the engine's batches, or
-        ``max_steps`` optimizer steps; returns each step's loss (and the seconds so far)."""
+    def train(self, max_steps: int | None = None, log=print, start_step: int = 0, after_step=None) -> list[dict]:
+        """Epochs over the rows (shuffled per epoch from ``seed``) in the engine's batches, or up to
+        optimizer step ``max_steps``; returns each step's loss (and the seconds so far).
+        ``start_step``: the steps a resumed engine already took (their batches are skipped);
+        ``after_step(row)`` runs after every step (a checkpoint, say)."""
         engine = self.engine
         device = next(engine.module.parameters()).device
         tokens = 0  # tokens that carried a loss, on this rank
@@ -132,7 +134,7 @@ class SFTTrainer:
             return (f"step {m['step']:>5}  epoch {m['epoch']}  loss {m['loss']:.4f}  "
                     f"{tokens / m['seconds']:,.0f} loss tok/s")
         return train_epochs(engine, len(self.rows), self.args.num_train_epochs, self.args.seed, micro_step, line,
-                            max_steps, log)
+                            max_steps, log, start_step, after_step)
 
     def save_model(self, out: str) -> None:
         """The fine-tuned model in Hugging Face format (with the tokenizer files) in ``out``."""
