@@ -13,29 +13,10 @@ namespace tidal::gpu {
 namespace attn {
 namespace {
 
+// NOTE(tidal): a split of fewer keys than this costs more in the reduction than it saves.
+constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kBlocksPerSmTarget = 8;
-// A split count beyond the first must raise the last wave's occupancy by this much to be chosen.
-constexpr double kMinWaveGain = 0.15;
-
-// NOTE(tidal): the tensor-core decode kernel's key splits, from its wave structure. Measured on H200
-// (bench/bench_attention.py --sweep, Qwen3-0.6B heads, contexts 900 and 1800): a grid that fits in
-// one wave of resident blocks runs best when splits fill that wave (batch 32 unsplit: 83 us, split
-// 5 ways into 3.2 waves: 97 us; batch 16 split 2 ways: 53 us, 9 ways: 63 us); past one wave, a split
-// pays only when it fills the last wave better (batch 64, 1.3 waves: unsplit 170 us, 3 splits in
-// 3.9 waves 154 us; batch 128, 2.6 waves: unsplit 269 us, 2 splits 288 us).
-int64_t decode_splits(int64_t blocks, int64_t resident) {
-  if (blocks < resident) return resident / blocks;
-  auto occupancy = [&](int64_t s) {
-    const double waves = static_cast<double>(s * blocks) / static_cast<double>(resident);
-    return waves / std::ceil(waves);
-  };
-  int64_t best = 1;
-  for (int64_t s = 2; s <= 4; ++s) {
-    if (occupancy(s) >= occupancy(best) + kMinWaveGain) best = s;
-  }
-  return best;
-}
 
 bool has_tensor_core_kernel(DType dtype, int64_t head_dim) {
 #if defined(TIDAL_USE_HIP)
@@ -92,23 +73,20 @@ Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_
     plan.rows_per_block = rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
   }
   plan.row_blocks = static_cast<int>((rows + plan.rows_per_block - 1) / plan.rows_per_block);
-  // NOTE(tidal): flash-decoding. With too few blocks the last wave leaves SMs idle, so the key range
-  // of each (sequence, KV head) is split: for the tensor-core decode kernel by its wave structure
-  // (decode_splits), for the SIMT kernel until the grid reaches ~8 blocks per SM (measured on H200 at
-  // batch 64 x 2048 / 8192: 75% / 95% of the copy ceiling; 6 per SM: 75% / 89%, 12: 71% / 89%).
-  // Each split keeps >= kMinKeysPerSplit keys. The split count depends on shapes only, so a CUDA
-  // graph captured at max_seqlen_k = max_model_len stays right for shorter contexts: the kernel
-  // sizes each split from the sequence's own length.
-  const int64_t blocks = std::max<int64_t>(num_seqs * num_kv_heads * plan.row_blocks, 1);
-  const int64_t by_keys = (std::max<int64_t>(max_seqlen_k, 1) + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
-  int64_t wanted = 1;
-  if (plan.decode_tensor_cores && head_dim <= 128) {
-    wanted = decode_splits(blocks, kDecodeBlocksPerSm * multiprocessor_count(device));
-  } else {
-    const int64_t target = kBlocksPerSmTarget * multiprocessor_count(device);
-    if (blocks < target) wanted = (target + blocks - 1) / blocks;
+  // NOTE(tidal): flash-decoding. The decode kernels hold about 3 blocks per SM; with too few blocks
+  // the last wave leaves SMs idle, so the key range of each (sequence, KV head) is split until the
+  // grid reaches ~8 blocks per SM, each split keeping >= kMinKeysPerSplit keys (measured on H200 at
+  // batch 64 x 2048 / 8192: a target of 8 blocks per SM 75% / 95% of the copy ceiling, 6: 75% / 89%,
+  // 12: 71% / 89%). The split count depends on shapes only, so a CUDA graph captured at
+  // max_seqlen_k = max_model_len stays right for shorter contexts: the kernel sizes each split from
+  // the sequence's own length.
+  const int64_t blocks = num_seqs * num_kv_heads * plan.row_blocks;
+  const int64_t target = kBlocksPerSmTarget * multiprocessor_count(device);
+  if (blocks < target) {
+    const int64_t wanted = (target + blocks - 1) / std::max<int64_t>(blocks, 1);
+    const int64_t by_keys = (std::max<int64_t>(max_seqlen_k, 1) + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
+    plan.num_splits = static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
   }
-  plan.num_splits = static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
   return plan;
 }
 

@@ -64,11 +64,6 @@ void launch_decode_bf16(const PagedParams& p, const Plan& plan, cudaStream_t str
 inline constexpr int kSimtThreads = 128;  // 4 warps (CUDA) per block
 inline constexpr int kPrefillRows = 64;   // query rows per block of the tensor-core prefill kernel
 inline constexpr int kDecodeRows = 16;    // and of the tensor-core decode kernel
-inline constexpr int kDecodeBlocksPerSm = 3;  // the tensor-core decode kernel's residency (head_dim 64 and 128)
-// NOTE(tidal): a split of fewer keys than this costs more in the reduction than it saves. The
-// plan's split count is fixed per shape (a CUDA graph captures it at max_model_len); each sequence
-// uses only as many of those splits as its own length gives this many keys (the rest stay empty).
-inline constexpr int kMinKeysPerSplit = 128;
 
 #if !defined(TIDAL_USE_HIP)
 /// Launches a 128-thread attention kernel over `grid` with `smem_bytes` of dynamic shared memory,

@@ -63,9 +63,7 @@ __device__ __forceinline__ bool row_span(const PagedParams& p, int split, RowSpa
   s.first_pos = p.seq_lens[seq] - q_len;
   const int min_pos = s.first_pos + s.first_row / s.group, max_pos = s.first_pos + s.last_row / s.group;
   const int lo = p.sliding_window > 0 ? max(0, min_pos - p.sliding_window + 1) : 0;
-  const int range = max_pos + 1 - lo;
-  const int splits = max(1, min(p.num_splits, (range + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
-  const int per_split = (range + splits - 1) / splits;  // splits past `splits` get no key
+  const int per_split = (max_pos + 1 - lo + p.num_splits - 1) / p.num_splits;
   s.begin = lo + split * per_split;
   s.end = min(max_pos + 1, s.begin + per_split);
   return true;

@@ -204,8 +204,8 @@ void launch_decode_tile(const PagedParams& p, const Plan& plan, cudaStream_t str
 template <typename T>
 void launch_decode(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: launch_decode_tile<T, 64, 4, kDecodeBlocksPerSm>(p, plan, stream); break;
-    case 128: launch_decode_tile<T, 128, 2, kDecodeBlocksPerSm>(p, plan, stream); break;
+    case 64: launch_decode_tile<T, 64, 4, 3>(p, plan, stream); break;
+    case 128: launch_decode_tile<T, 128, 2, 3>(p, plan, stream); break;
     case 256: launch_decode_tile<T, 256, 2>(p, plan, stream); break;
     default: TIDAL_THROW_(Error, "paged_attention: no tensor-core decode kernel for head_dim=", p.head_dim);
   }
