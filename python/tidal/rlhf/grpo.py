@@ -148,11 +148,13 @@ class GRPOTrainer:
         return {"step": self.step_count, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                 **stats, "completion_tokens": tokens, "generation_s": generation_s, "training_s": training_s,
                 "sync_s": sync_s, "kv_wake_up_s": self.served.wake_up_s,
-                "generation_tokens_per_s": tokens / max(generation_s, 1e-9), "logprob_error": logprob_error}
+                "generation_tokens_per_s": tokens / max(generation_s, 1e-9),
+                "training_tokens_per_s": int(lengths.sum()) * args.num_iterations / max(training_s, 1e-9),
+                "logprob_error": logprob_error}
 
     def train(self, prompts: list, steps: int, log: Callable[[str], None] | None = print) -> list[dict]:
         """``steps`` steps, each over all of ``prompts``; a log line per step; the metrics of each."""
         return rollout.train_loop(self.step, prompts, steps, lambda m: (
             f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f}  loss {m['loss']:+.4f}  "
             f"generation {m['generation_s']:.2f} s ({m['generation_tokens_per_s']:,.0f} tok/s)  "
-            f"training {m['training_s']:.2f} s  sync {m['sync_s']:.3f} s"), log)
+            f"training {m['training_s']:.2f} s ({m['training_tokens_per_s']:,.0f} tok/s)  sync {m['sync_s']:.3f} s"), log)

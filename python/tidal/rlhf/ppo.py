@@ -174,6 +174,8 @@ class PPOTrainer:
         return {"step": self.step_count, "reward": float(scores.mean()), "kl": mean_kl, "kl_coef": self.kl_ctl.value,
                 **stats, "completion_tokens": tokens, "generation_s": generation_s, "training_s": training_s,
                 "sync_s": sync_s, "kv_wake_up_s": self.served.wake_up_s,
+                "generation_tokens_per_s": tokens / max(generation_s, 1e-9),
+                "training_tokens_per_s": int(lengths.sum()) * args.num_ppo_epochs / max(training_s, 1e-9),
                 "logprob_error": logprob_error}
 
     def train(self, prompts: list, steps: int, log: Callable[[str], None] | None = print) -> list[dict]:
@@ -181,4 +183,5 @@ class PPOTrainer:
         return rollout.train_loop(self.step, prompts, steps, lambda m: (
             f"step {m['step']:>4}  reward {m['reward']:.3f}  kl {m['kl']:.4f} (coef {m['kl_coef']:.4f})  "
             f"policy {m['policy_loss']:+.4f}  value {m['value_loss']:.4f}  entropy {m['entropy']:.3f}  "
-            f"generation {m['generation_s']:.2f} s  training {m['training_s']:.2f} s  sync {m['sync_s']:.3f} s"), log)
+            f"generation {m['generation_s']:.2f} s ({m['generation_tokens_per_s']:,.0f} tok/s)  "
+            f"training {m['training_s']:.2f} s ({m['training_tokens_per_s']:,.0f} tok/s)  sync {m['sync_s']:.3f} s"), log)
