@@ -1,6 +1,6 @@
 """Training mixture-of-experts models with tidal.initialize: a tiny Qwen3-MoE (from a transformers
 checkpoint) on 1 and 2 Gloo ranks, and with expert parallelism (ep_size 2 and 4 on 2 and 4 ranks,
-ZeRO stages 0-2) equals a single-process torch AdamW reference whose loss holds the same auxiliary
+every ZeRO stage) equals a single-process torch AdamW reference whose loss holds the same auxiliary
 terms; the load-balancing loss visibly balances a deliberately skewed router; the capacity rule drops
 exactly the slots past each expert's capacity; expert-parallel checkpoints resume exactly and load
 at another ep_size, world size and stage; config errors name the key."""
@@ -54,8 +54,9 @@ def train(rank: int, world: int, path: str, ep_size: int = 1, stage: int | None 
     engine = tidal.initialize(model, config(world, ep_size, stage))
     if ep_size > 1:  # this rank holds its slice of every layer's experts, and the step moves them
         block = engine.moe_blocks[0]
-        assert block.w13.shape[0] == block.num_experts // ep_size
-        assert block.first_expert == (rank % ep_size) * block.w13.shape[0]
+        shape = next(s.shape for s in engine.experts.slots if s.param is block.w13)  # empty between gathers at stage 3
+        assert shape[0] == block.num_experts // ep_size
+        assert block.first_expert == (rank % ep_size) * shape[0]
     micro = GLOBAL // (ACCUM * world)
     aux = []
     for step in range(STEPS):
@@ -89,20 +90,22 @@ def reference(path: str, world: int) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_matches_single_process_reference(world, tmp_path):
+@pytest.mark.parametrize("world,stage", [(1, None), (2, None), (1, 3), (2, 3)])
+def test_matches_single_process_reference(world, stage, tmp_path):
+    """Stage 3 gathers each MoE block's experts (and router) around the block's call."""
     path = tmp_path / "model"
     save_tiny_moe(path)
-    got = spawn(world, train, (str(path),), str(tmp_path))
+    got = spawn(world, train, (str(path), 1, stage), str(tmp_path))
     want = reference(str(path), world)
     assert_state_close(got[0]["state"], want, rtol=1e-4, atol=2e-6)
     assert all(a > 0 for a in got[0]["aux"])  # reported every micro-batch
 
 
-@pytest.mark.parametrize("world,ep_size,stage", [(2, 2, 2), (4, 2, 0), (4, 4, 1), (4, 2, 2)])
+@pytest.mark.parametrize("world,ep_size,stage", [(2, 2, 2), (4, 2, 0), (4, 4, 1), (4, 2, 2), (2, 2, 3), (4, 2, 3)])
 def test_expert_parallel_matches_single_process_reference(world, ep_size, stage, tmp_path):
     """Experts split over ep_size ranks, tokens exchanged by all-to-all, expert state ZeRO-partitioned
-    over the ranks holding the same experts: the same weights as one process holding everything."""
+    over the ranks holding the same experts (at stage 3 their parameters too, gathered over those
+    ranks around each MoE block's call): the same weights as one process holding everything."""
     path = tmp_path / "model"
     save_tiny_moe(path)
     got = spawn(world, train, (str(path), ep_size, stage), str(tmp_path))
@@ -156,7 +159,8 @@ def _same_checkpoint_state(a: str, a_tag: str, b: str, b_tag: str) -> None:
 def test_expert_parallel_checkpoints_resume_and_reshard(tmp_path):
     """An expert-parallel job's checkpoint (ep_size 2 on 2 ranks, ZeRO-2): resumed by the same
     layout it ends bit for bit where the uninterrupted job ends; loaded with another ep_size, world
-    size or stage (ep_size 1 on 1 rank, ep_size 4 on 4 ranks at stage 1) every weight is the saved
+    size or stage (ep_size 1 on 1 rank, ep_size 4 on 4 ranks at stage 1, ep_size 2 on 4 ranks at
+    stage 3) every weight is the saved
     one and saving again gives back every master weight and Adam moment; a checkpoint without expert
     parallelism loads into an expert-parallel job the same way."""
     path, ckpt = tmp_path / "model", str(tmp_path / "ckpt")
@@ -166,7 +170,7 @@ def test_expert_parallel_checkpoints_resume_and_reshard(tmp_path):
     resumed = spawn(2, train_with_checkpoint, (str(path), ckpt, 2, 2, None, True), str(tmp_path))
     assert_state_close(resumed[0]["loaded"], job[0]["saved"], rtol=0, atol=0)
     assert_state_close(resumed[0]["final"], job[0]["final"], rtol=0, atol=0)  # the Adam moments came back too
-    for world, ep_size, stage in [(1, 1, 0), (4, 4, 1)]:
+    for world, ep_size, stage in [(1, 1, 0), (4, 4, 1), (4, 2, 3)]:
         again = str(tmp_path / f"again_{world}_{ep_size}")
         other = spawn(world, train_with_checkpoint, (str(path), ckpt, ep_size, stage, None, True, again),
                       str(tmp_path))
@@ -178,6 +182,17 @@ def test_expert_parallel_checkpoints_resume_and_reshard(tmp_path):
     into_ep = spawn(2, train_with_checkpoint, (str(path), plain_ckpt, 2, 2, None, True, again), str(tmp_path))
     assert_state_close(into_ep[0]["loaded"], plain["saved"], rtol=0, atol=0)
     _same_checkpoint_state(plain_ckpt, "mid", again, "again")
+
+
+def test_expert_parallel_stage3_checkpoint_resumes_exactly(tmp_path):
+    """ZeRO stage 3 with expert parallelism (ep_size 2 on 2 ranks): a job resumed from its own
+    checkpoint ends bit for bit where the uninterrupted job ends."""
+    path, ckpt = tmp_path / "model", str(tmp_path / "ckpt")
+    save_tiny_moe(path)
+    job = spawn(2, train_with_checkpoint, (str(path), ckpt, 2, 3, 1, False), str(tmp_path))
+    resumed = spawn(2, train_with_checkpoint, (str(path), ckpt, 2, 3, None, True), str(tmp_path))
+    assert_state_close(resumed[0]["loaded"], job[0]["saved"], rtol=0, atol=0)
+    assert_state_close(resumed[0]["final"], job[0]["final"], rtol=0, atol=0)
 
 
 class Block(torch.nn.Module):

@@ -256,7 +256,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def _mlp_half(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         if isinstance(self.mlp, SparseMoeBlock):
-            return self.mlp.forward_train(self.post_attention_layernorm(x))
+            return self.mlp(self.post_attention_layernorm(x), train=True)
         gate_up = _norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, fused)
         return self.mlp.forward_train(gate_up, fused)
 

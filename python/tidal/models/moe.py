@@ -109,8 +109,11 @@ class SparseMoeBlock(nn.Module):
             self.w2 = nn.Parameter(self.w2[lo:lo + local].clone(), requires_grad=self.w2.requires_grad)
         self.ep_group, self.ep_size, self.first_expert = group, ep_size, lo
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Serving: ``x`` [num_tokens, hidden] -> [num_tokens, hidden]."""
+    def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Serving: ``x`` [num_tokens, hidden] -> [num_tokens, hidden]; ``train``: :meth:`forward_train`
+        (called through the module so that ZeRO stage 3's hooks gather the experts around it)."""
+        if train:
+            return self.forward_train(x)
         if self.ep_group is not None:
             raise RuntimeError("this block holds a slice of the experts (expert-parallel training); serve the "
                                "weights of the engine's full_state_dict()")

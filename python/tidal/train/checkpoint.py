@@ -405,7 +405,7 @@ def _load_experts(engine, experts, full: dict, names: dict) -> None:
                 flat[s.offset:s.offset + s.numel] = whole[j * local:(j + 1) * local].reshape(-1)
             getattr(experts, k).copy_(flat[lo:hi])
             if k == "master":
-                experts.flat_params.copy_(flat)
+                experts.set_weights(flat)
         experts.grad_accum.zero_()
 
 

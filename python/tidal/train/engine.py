@@ -40,10 +40,11 @@ reduced on the device after the backward pass, then offloaded.
 Activation checkpointing: the config's ``activation_checkpointing`` section configures
 :mod:`tidal.checkpointing` (DeepSpeed's keys) and sets the per-layer ``policy`` of tidal's models.
 
-Expert parallelism (``moe.ep_size`` = k > 1, ZeRO stages 0-2): consecutive groups of k ranks split
+Expert parallelism (``moe.ep_size`` = k > 1, every ZeRO stage): consecutive groups of k ranks split
 each mixture-of-experts layer's experts (rank r holds slice r % k) and exchange routed tokens by
 all-to-all. The experts a rank holds live in a flat buffer of their own (:class:`_ExpertPartition`),
-ZeRO-partitioned over the ``world_size / k`` ranks holding the same slice; every other parameter is
+ZeRO-partitioned over the ``world_size / k`` ranks holding the same slice (at stage 3 their
+parameters too, gathered over those ranks around each MoE block's call); every other parameter is
 partitioned over all ranks as above. Gradients of both are averaged over all ranks' micro-batches.
 """
 
@@ -114,12 +115,13 @@ def _collect_flat_grads(part) -> None:
             s.param.grad = s.grad_view
 
 
-def _params_by_module(model: torch.nn.Module):
+def _params_by_module(model: torch.nn.Module, only=None):
     """Trainable parameters in module order (each once, with the first module that owns it), the
-    index where each module's own parameters start, and per module the group indices it uses."""
+    index where each module's own parameters start, and per module the group indices it uses.
+    ``only(param)``: which parameters to take (default all)."""
     params, starts, owner, module_groups = [], [], {}, {}
     for module in model.modules():
-        direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        direct = [p for p in module.parameters(recurse=False) if p.requires_grad and (only is None or only(p))]
         new = [p for p in direct if id(p) not in owner]
         if new:
             starts.append(len(params))
@@ -239,36 +241,66 @@ class _ExpertPartition:
     main buffer is partitioned among all ranks (stages 0-2)."""
 
     def __init__(self, params: list[torch.nn.Parameter], stage: int, group, ranks: list[int], rank: int,
-                 bucket: int, compute_dtype: torch.dtype, offload: bool = False, pin: bool = False):
+                 bucket: int, compute_dtype: torch.dtype, offload: bool = False, pin: bool = False,
+                 group_starts: list[int] | None = None, module_groups: dict | None = None):
         self.group, self.ranks, self.size, self.stage = group, ranks, len(ranks), stage
         self.index = index = ranks.index(rank)  # this rank's place among those holding these experts
         self.plan = _core.zero.make_plan([p.numel() for p in params], self.size, max(bucket, _ALIGNMENT),
-                                         _ALIGNMENT, [0])
+                                         _ALIGNMENT, group_starts if stage == 3 else [0])
         self.slots = [_Slot(p, info.flat_offset, info.numel, p.shape) for p, info in zip(params, self.plan.params)]
         padded, shard = self.plan.padded_numel, self.plan.shard_numel
         self.owned = (0, padded) if stage == 0 else (index * shard, (index + 1) * shard)
-        device = params[0].device
+        self.device = device = params[0].device
+        self.compute_dtype = compute_dtype
         full = torch.zeros(padded, dtype=torch.float32, device=device)
         with torch.no_grad():
             for s in self.slots:
                 full[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
         comm.broadcast(full, src=ranks[0], group=group)
-        self.flat_params = full.to(compute_dtype)
-        with torch.no_grad():
-            for s in self.slots:
-                s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
         lo, hi = self.owned
+        self.flat_params = self.flat_shard = self.gatherer = None
+        if stage == 3:  # this rank keeps its shard; each MoE block's experts are gathered around its call
+            from tidal.train.stage3 import ParameterGatherer
+
+            self.flat_shard = full[lo:hi].to(compute_dtype)
+            with torch.no_grad():
+                for s in self.slots:
+                    s.param.data = torch.empty(0, dtype=compute_dtype, device=device)
+            self.gatherer = ParameterGatherer(self, module_groups, index, self.size, group)
+        else:
+            self.flat_params = full.to(compute_dtype)
+            with torch.no_grad():
+                for s in self.slots:
+                    s.param.data = self.flat_params[s.offset:s.offset + s.numel].view_as(s.param)
         self.master = _host_copy(full[lo:hi], pin) if offload else full[lo:hi].clone()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.grad_accum = torch.zeros(padded, dtype=torch.float32, device=device)
         self.host_grad = None
-        self.compute_dtype = compute_dtype
-        _attach_flat_grads(self)
+        if stage < 3:
+            _attach_flat_grads(self)
+
+    def set_weights(self, flat: torch.Tensor) -> None:
+        """The compute-dtype parameters from the full fp32 flat buffer of this partition (its whole
+        range below stage 3, this rank's shard at stage 3)."""
+        with torch.no_grad():
+            if self.stage == 3:
+                lo, hi = self.owned
+                self.flat_shard.copy_(flat[lo:hi])
+            else:
+                self.flat_params.copy_(flat)
+
+    def publish(self) -> None:
+        """The updated master range into the compute-dtype parameters (collective below stage 3)."""
+        if self.stage == 3:
+            with torch.no_grad():
+                self.flat_shard.copy_(self.master, non_blocking=True)
+        else:
+            _publish(self.master, self.flat_params, self.plan, self.stage, self.size, self.group)
 
     def full_weights(self) -> torch.Tensor:
         """Collective over the group: the fp32 weights of every expert this rank holds, flat."""
-        device = self.flat_params.device
+        device = self.device
         full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=device)
         if self.stage == 0 or self.size == 1:
             full.copy_(self.master)
@@ -316,11 +348,10 @@ class Engine:
             self.ep_rank = ep_ranks.index(self.rank)
         params, group_starts, module_groups = _params_by_module(model)
         expert_params = []
-        if self.ep_size > 1:
+        if self.ep_size > 1:  # the experts form a partition of their own (over their edp group)
             expert_ids = {id(t) for b in self.moe_blocks for t in (b.w13, b.w2) if t.requires_grad}
-            expert_params = [p for p in params if id(p) in expert_ids]
-            params = [p for p in params if id(p) not in expert_ids]
-            group_starts = [0]  # gather groups are a stage-3 notion, and stage 3 is excluded here
+            params, group_starts, module_groups = _params_by_module(model, lambda p: id(p) not in expert_ids)
+            expert_params, expert_starts, expert_groups = _params_by_module(model, lambda p: id(p) in expert_ids)
         if not params:
             raise ValueError("model has no parameter with requires_grad=True")
         self.device = params[0].device
@@ -378,7 +409,7 @@ class Engine:
                         torch.utils.swap_tensors(s.param, torch.nn.Parameter(empty, s.param.requires_grad))
                     else:
                         s.param.data = empty
-            self.gatherer = ParameterGatherer(self, module_groups)
+            self.gatherer = ParameterGatherer(self, module_groups, self.rank, self.world_size)
             for module in self.module.modules():  # its gathers follow module calls: no fusion across them
                 if hasattr(module, "fuse_across_modules"):
                     module.fuse_across_modules = False
@@ -414,7 +445,7 @@ class Engine:
         if expert_params:
             self.experts = _ExpertPartition(expert_params, self.stage, edp_group, edp_ranks, self.rank,
                                             int(zero.reduce_bucket_size) // len(edp_ranks), self.compute_dtype,
-                                            self.offload_optimizer, self.pin_memory)
+                                            self.offload_optimizer, self.pin_memory, expert_starts, expert_groups)
         # ZeRO-Offload on one rank overlaps the gradients' trip to the host (and, without clipping
         # or loss scaling, Adam itself) with the backward pass: tidal.train.offload
         self.offload_pipeline = None
@@ -500,8 +531,6 @@ class Engine:
             raise ValueError(f"moe.ep_size={ep} but the model has no mixture-of-experts layer")
         if world % ep:
             raise ValueError(f"moe.ep_size={ep} must divide the world size {world}")
-        if stage == 3:
-            raise ValueError(f"moe.ep_size={ep} with zero_optimization.stage=3 is not supported; use stages 0-2")
         for block in self.moe_blocks:
             if block.num_experts % ep:
                 raise ValueError(f"moe.ep_size={ep} must divide the model's num_experts={block.num_experts}")
@@ -566,8 +595,9 @@ class Engine:
                 pipeline.abort()
             raise
         if self.gatherer is not None:  # stage 3: the gradient hooks already moved every gradient
-            self.gatherer.release_all()
-            self.gatherer.end_of_forward_pass()
+            for gatherer in [self.gatherer] + ([] if self.experts is None else [self.experts.gatherer]):
+                gatherer.release_all()
+                gatherer.end_of_forward_pass()
             return
         with torch.no_grad():
             for part in [self] if self.experts is None else [self, self.experts]:
@@ -694,8 +724,8 @@ class Engine:
         size = self.world_size if part is self else part.size
         if self.stage < 3 and (self.stage == 0 or size == 1):
             target = part.flat_params
-        elif self.stage == 3 and part is self:
-            target = self.flat_shard
+        elif self.stage == 3:
+            target = part.flat_shard
         else:
             return None
         ok = (target.numel() == part.master.numel() and target.device == part.master.device
@@ -714,7 +744,7 @@ class Engine:
                 _publish(self.master, self.flat_params, self.plan, self.stage, self.world_size, None)
         e = self.experts
         if e is not None and not any(p is e for p in published):
-            _publish(e.master, e.flat_params, e.plan, e.stage, e.size, e.group)
+            e.publish()
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -766,10 +796,14 @@ class Engine:
         weights) into ``target``'s parameters of the same names, cast to their dtype. At stage 3 this
         is collective and goes module by module: each group of parameters is gathered, copied and
         freed, the next group's gather in flight, so no rank ever holds the whole model gathered."""
-        if self.experts is not None and self.ep_size > 1:
-            raise NotImplementedError("copy_weights_to with expert parallelism (ep_size > 1): use full_state_dict()")
-        own = {id(p): name for name, p in self.module.named_parameters()}
         dest = dict(target.named_parameters())
+        if self.experts is not None:  # each rank holds a slice of the experts: assemble them whole
+            state = self.full_state_dict()
+            with torch.no_grad():
+                for name, param in dest.items():
+                    param.copy_(state[name].to(self.compute_dtype))
+            return
+        own = {id(p): name for name, p in self.module.named_parameters()}
         missing = sorted(set(own.values()) - set(dest))
         if missing:
             raise ValueError(f"copy_weights_to: target has no parameter {missing[0]!r} "

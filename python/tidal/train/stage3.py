@@ -29,15 +29,20 @@ class _Group:
 
 
 class ParameterGatherer:
-    """Installs the stage-3 hooks on ``engine.module`` and owns the gathered buffers."""
+    """Installs the stage-3 hooks on the modules of ``module_groups`` and owns the gathered buffers.
 
-    def __init__(self, engine, module_groups: dict):
-        self.engine = engine
-        self.world_size = engine.world_size
-        self.empty = torch.empty(0, dtype=engine.compute_dtype, device=engine.device)
-        self.groups = [_Group(i, info, [engine.slots[j] for j in range(info.param_begin, info.param_end)],
-                              engine.rank)
-                       for i, info in enumerate(engine.plan.groups)]
+    ``part`` is what is partitioned: the engine itself (every parameter but the experts of an
+    expert-parallel model, over all ranks) or its expert partition (the experts this rank's slice
+    holds, over the ranks holding the same slice). It provides ``plan``, ``slots``, ``flat_shard``
+    (this rank's shard in the compute dtype), ``grad_accum``, ``compute_dtype`` and ``device``;
+    ``rank`` and ``size`` are this rank's place in, and the size of, ``group`` (None: every rank)."""
+
+    def __init__(self, part, module_groups: dict, rank: int, size: int, group=None):
+        self.part = part
+        self.world_size, self.group = size, group
+        self.empty = torch.empty(0, dtype=part.compute_dtype, device=part.device)
+        self.groups = [_Group(i, info, [part.slots[j] for j in range(info.param_begin, info.param_end)], rank)
+                       for i, info in enumerate(part.plan.groups)]
         self.order: list[int] = []  # group gather order recorded during the first forward
         self.recording = True
         self.handles = []
@@ -56,14 +61,14 @@ class ParameterGatherer:
         """Starts the all-gather of ``group`` (no-op if live or already in flight)."""
         if group.buffer is not None or group.pending is not None:
             return
-        dtype, device = self.engine.compute_dtype, self.engine.device
+        dtype, device = self.part.compute_dtype, self.part.device
         send = torch.zeros(group.chunk, dtype=dtype, device=device)
         if group.own is not None:
             b, e = group.own
-            send[:e - b].copy_(self.engine.flat_shard[b:e], non_blocking=True)  # from host memory under offload_param
+            send[:e - b].copy_(self.part.flat_shard[b:e], non_blocking=True)  # from host memory under offload_param
         recv = torch.empty(self.world_size * group.chunk, dtype=dtype, device=device)
-        if comm.is_distributed():
-            work = torch.distributed.all_gather_into_tensor(recv, send, async_op=True)
+        if comm.is_distributed() and self.world_size > 1:
+            work = torch.distributed.all_gather_into_tensor(recv, send, group=self.group, async_op=True)
         else:
             recv.copy_(send)
             work = None
@@ -132,8 +137,7 @@ class ParameterGatherer:
 
     def _make_grad_hook(self, group: _Group, slot):
         def hook(param):
-            engine = self.engine
-            engine.grad_accum[slot.offset:slot.offset + slot.numel].add_(param.grad.reshape(-1).float())
+            self.part.grad_accum[slot.offset:slot.offset + slot.numel].add_(param.grad.reshape(-1).float())
             param.grad = None
             group.grads_left -= 1
             if group.grads_left <= 0:
