@@ -201,17 +201,19 @@ void bind_scheduler(py::module_& m) {
       .def(
           "add_request",
           [](PyScheduler& self, int64_t request_id, Tokens prompt_token_ids, StopParams stop,
-             int32_t priority, int64_t share_prompt_with) {
+             int32_t priority, int64_t share_prompt_with, std::vector<uint64_t> extra_keys) {
             locked(self, [&](Scheduler& s) {
               s.add_request(request_id, std::move(prompt_token_ids), std::move(stop), priority,
-                            share_prompt_with);
+                            share_prompt_with, std::move(extra_keys));
               return 0;
             });
           },
           py::arg("request_id"), py::arg("prompt_token_ids"), py::arg("stop"),
           py::arg("priority") = 0, py::arg("share_prompt_with") = -1,
+          py::arg("extra_keys") = std::vector<uint64_t>{},
           "Queues a request (WAITING); share_prompt_with names a sibling whose prompt this one "
-          "waits for (n > 1 sampling).")
+          "waits for (n > 1 sampling); extra_keys holds one prefix-cache key per prompt block "
+          "(image hashes of a multimodal prompt) or nothing.")
       .def(
           "schedule",
           [](PyScheduler& self) {

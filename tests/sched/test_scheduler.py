@@ -169,6 +169,31 @@ def test_prefix_hit_and_share_prompt_with():
     check_pool_whole(s)
 
 
+def test_extra_keys_separate_equal_prompts_with_different_images():
+    """A block's extra key (an image hash) joins its hash: equal tokens under different keys share
+    nothing, under the same keys everything; blocks after a keyed one differ through the chain."""
+    s = make()
+    prompt = list(range(100, 114))  # 3 full blocks + 2 tokens: 4 prompt blocks
+    keys_a, keys_b = [0, 11, 0, 0], [0, 22, 0, 0]
+    s.add_request(1, prompt, sched.StopParams(1), extra_keys=keys_a)
+    drain(s)
+    s.add_request(2, prompt, sched.StopParams(1), extra_keys=keys_b)
+    step(s)
+    assert s.request(2).num_cached_prompt_tokens == 4  # only the block before the keyed one
+    drain(s)
+    s.add_request(3, prompt, sched.StopParams(1), extra_keys=keys_a)
+    step(s)
+    assert s.request(3).num_cached_prompt_tokens == 12
+    drain(s)
+    s.add_request(4, prompt, sched.StopParams(1))  # no keys: the unkeyed chain was never cached
+    step(s)
+    assert s.request(4).num_cached_prompt_tokens == 4
+    drain(s)
+    with pytest.raises(ValueError, match=r"extra_keys.size\(\)=3 of request_id=5 must be 0 or the 4 blocks"):
+        s.add_request(5, prompt, sched.StopParams(1), extra_keys=[1, 2, 3])
+    check_pool_whole(s)
+
+
 @pytest.mark.parametrize(
     "stop, tokens, max_model_len, status, num_out",
     [

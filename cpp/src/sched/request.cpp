@@ -50,14 +50,16 @@ bool is_valid_transition(RequestStatus from, RequestStatus to) {
 }
 
 Request::Request(int64_t request_id, std::vector<int32_t> prompt_token_ids, StopParams stop,
-                 int32_t priority, int64_t arrival, int64_t share_prompt_with)
+                 int32_t priority, int64_t arrival, int64_t share_prompt_with,
+                 std::vector<uint64_t> extra_keys)
     : request_id_(request_id),
       token_ids_(std::move(prompt_token_ids)),
       num_prompt_tokens_(static_cast<int32_t>(token_ids_.size())),
       stop_(std::move(stop)),
       priority_(priority),
       arrival_(arrival),
-      share_prompt_with_(share_prompt_with) {}
+      share_prompt_with_(share_prompt_with),
+      extra_keys_(std::move(extra_keys)) {}
 
 void Request::transition(RequestStatus next) {
   TIDAL_CHECK_STATE(is_valid_transition(status_, next), "request_id=", request_id_,

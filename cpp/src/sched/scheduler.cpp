@@ -46,7 +46,8 @@ Scheduler::Scheduler(SchedulerConfig config)
       kv_(config_.num_kv_blocks, config_.block_size, config_.enable_prefix_caching) {}
 
 void Scheduler::add_request(int64_t request_id, std::vector<int32_t> prompt_token_ids,
-                            StopParams stop, int32_t priority, int64_t share_prompt_with) {
+                            StopParams stop, int32_t priority, int64_t share_prompt_with,
+                            std::vector<uint64_t> extra_keys) {
   TIDAL_CHECK(request_id >= 0, "request_id=", request_id, " must be >= 0");
   TIDAL_CHECK(!has_request(request_id), "request_id=", request_id, " is already known");
   const size_t num_prompt = prompt_token_ids.size();
@@ -62,14 +63,20 @@ void Scheduler::add_request(int64_t request_id, std::vector<int32_t> prompt_toke
               stop.min_tokens, " must be in [0, max_tokens=", stop.max_tokens, "]");
   TIDAL_CHECK(share_prompt_with != request_id, "share_prompt_with=", share_prompt_with,
               " must differ from request_id=", request_id);
+  const size_t bs = static_cast<size_t>(config_.block_size);
+  const size_t num_prompt_blocks = (num_prompt + bs - 1) / bs;
+  TIDAL_CHECK(extra_keys.empty() || extra_keys.size() == num_prompt_blocks, "extra_keys.size()=",
+              extra_keys.size(), " of request_id=", request_id, " must be 0 or the ",
+              num_prompt_blocks, " blocks of its prompt");
 
   // NOTE(tidal): the whole sequence is reserved up front so appending outputs never reallocates.
   const int64_t capacity = std::min<int64_t>(config_.max_model_len,
                                              static_cast<int64_t>(num_prompt) + stop.max_tokens);
   prompt_token_ids.reserve(static_cast<size_t>(capacity));
+  if (!extra_keys.empty()) extra_keys.resize((static_cast<size_t>(capacity) + bs - 1) / bs, 0);
   auto [it, inserted] = requests_.try_emplace(request_id, request_id, std::move(prompt_token_ids),
                                               std::move(stop), priority, next_arrival_++,
-                                              share_prompt_with);
+                                              share_prompt_with, std::move(extra_keys));
   QueueKey key = waiting_key(it->second);
   waiting_.insert(key);
   waiting_keys_[request_id] = key;
@@ -207,7 +214,7 @@ SchedulerOutput Scheduler::schedule() {
     }
     uint64_t first_block = 0;
     if (config_.enable_prefix_caching && r.num_tokens() >= bs) {
-      first_block = kv_.first_block_hash(r.token_ids());
+      first_block = kv_.first_block_hash(r.token_ids(), r.extra_keys().empty() ? 0 : r.extra_keys()[0]);
       if (first_blocks_in_flight.count(first_block) != 0) {
         ++it;
         continue;
@@ -215,7 +222,7 @@ SchedulerOutput Scheduler::schedule() {
     }
     // All but the last token: at least one token is computed, so the step can sample.
     const kv::ComputedBlocks hit =
-        kv_.lookup(r.token_ids().first(static_cast<size_t>(r.num_tokens() - 1)));
+        kv_.lookup(r.token_ids().first(static_cast<size_t>(r.num_tokens() - 1)), r.extra_keys());
     const int32_t num_new = std::min(r.num_tokens() - hit.num_tokens, budget);
     if (!kv_.allocate(r.request_id(), hit.num_tokens + num_new, &hit)) break;  // head of line
     if (config_.enable_prefix_caching && r.num_tokens() >= bs && hit.num_tokens < bs && hit.num_tokens + num_new >= bs) {
@@ -270,7 +277,7 @@ std::vector<FinishedRequest> Scheduler::update(const SchedulerOutput& output,
     Request* r = live(plan[i].request_id);
     if (r == nullptr) continue;  // aborted or finished by the engine since schedule()
     r->num_computed_tokens_ += plan[i].num_new;
-    kv_.cache_full_blocks(r->request_id(), r->token_ids(), r->num_computed_tokens_);
+    kv_.cache_full_blocks(r->request_id(), r->token_ids(), r->num_computed_tokens_, r->extra_keys());
     if (r->num_computed_tokens_ >= r->num_prompt_tokens()) r->is_prompt_computed_ = true;
     if (!plan[i].needs_sample) continue;
 

@@ -86,10 +86,11 @@ class KVCacheManager {
   int32_t num_blocks_total() const { return pool_.num_blocks_total(); }
   int32_t num_blocks_cached() const { return pool_.num_blocks_cached(); }
   int32_t block_size() const { return pool_.block_size(); }
-  /// The chain hash a sequence's first full block (the first block_size of `token_ids`, no extra
-  /// key) is cached under: lets a scheduler see that two prompts start alike before either is cached.
-  uint64_t first_block_hash(std::span<const int32_t> token_ids) const {
-    return pool_.hash_block(kv::kRootHash, token_ids.first(static_cast<size_t>(block_size())), 0);
+  /// The chain hash a sequence's first full block (the first block_size of `token_ids`, with
+  /// `extra_key`) is cached under: lets a scheduler see that two prompts start alike before either
+  /// is cached.
+  uint64_t first_block_hash(std::span<const int32_t> token_ids, uint64_t extra_key = 0) const {
+    return pool_.hash_block(kv::kRootHash, token_ids.first(static_cast<size_t>(block_size())), extra_key);
   }
   bool is_prefix_caching_enabled() const { return pool_.is_prefix_caching_enabled(); }
   KVCacheStats stats() const;

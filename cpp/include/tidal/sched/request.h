@@ -50,7 +50,8 @@ class Request {
   /// `arrival`: the scheduler's monotonically increasing arrival number. Arguments are validated
   /// by Scheduler::add_request, not here.
   Request(int64_t request_id, std::vector<int32_t> prompt_token_ids, StopParams stop,
-          int32_t priority, int64_t arrival, int64_t share_prompt_with);
+          int32_t priority, int64_t arrival, int64_t share_prompt_with,
+          std::vector<uint64_t> extra_keys = {});
 
   /// Moves to `next`, or throws tidal::Error naming the request id and both states when the
   /// transition is not one listed at RequestStatus.
@@ -83,6 +84,9 @@ class Request {
   /// The request whose prompt this one waits for (n > 1 sampling), or -1.
   int64_t share_prompt_with() const { return share_prompt_with_; }
   int32_t num_preemptions() const { return num_preemptions_; }
+  /// Prefix-cache extra key of each block of the whole sequence (an image's content hash for the
+  /// blocks its placeholder tokens fall in; 0 elsewhere), or empty when no block has one.
+  std::span<const uint64_t> extra_keys() const { return extra_keys_; }
 
  private:
   friend class Scheduler;
@@ -99,6 +103,7 @@ class Request {
   int32_t num_cached_prompt_tokens_ = -1;
   bool is_prompt_computed_ = false;
   int32_t num_preemptions_ = 0;
+  std::vector<uint64_t> extra_keys_;
 };
 
 }  // namespace tidal::sched

@@ -80,9 +80,13 @@ class Scheduler {
   /// or > max_tokens, share_prompt_with == request_id. `share_prompt_with` (n > 1 sampling) names a
   /// sibling whose prompt is the same: this request is not admitted until that one's prompt has been
   /// computed and cached (or it finished or is unknown), so its prefix lookup hits the shared full
-  /// blocks and only the partial last block is recomputed.
+  /// blocks and only the partial last block is recomputed. `extra_keys` is empty or holds one
+  /// prefix-cache key per block the prompt touches (ceil(prompt length / block_size)): a multimodal
+  /// prompt's image hashes, so prompts whose tokens match but whose images differ share no block
+  /// (0 = no key; blocks past the prompt get 0). A wrong size throws std::invalid_argument.
   void add_request(int64_t request_id, std::vector<int32_t> prompt_token_ids, StopParams stop,
-                   int32_t priority = 0, int64_t share_prompt_with = -1);
+                   int32_t priority = 0, int64_t share_prompt_with = -1,
+                   std::vector<uint64_t> extra_keys = {});
 
   /// Plans one step (see ARCHITECTURE.md "Serving path"). Removes the requests finished since the
   /// last call, schedules running requests in running order (growing their block tables, preempting
