@@ -29,11 +29,12 @@ FAMILIES = {
 }
 
 
-def build_tokenizer(path: str) -> Tokenizer:
+def build_tokenizer(path: str, extra_special_tokens: tuple[str, ...] = ()) -> Tokenizer:
+    """The test tokenizer; ``extra_special_tokens`` get the ids after ``</s>`` (2, 3, ...)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<s>", "</s>", *extra_special_tokens],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])

@@ -107,7 +107,7 @@ def _hf_source(path: str) -> dict:
 def _tidal_model(hf_config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype, path: str):
     """tidal's model for ``hf_config`` holding ``weights`` (keyed by its own parameter names) in ``dtype``."""
     config = ModelConfig.from_dict(hf_config, source=f"{path}/index.json hf_config")
-    model = get_model_class(config.architecture)(config, dtype=dtype, device="cpu")
+    model = get_model_class(config.multimodal_architecture or config.architecture)(config, dtype=dtype, device="cpu")
     params = dict(model.named_parameters())  # a tied lm_head shares the embedding: listed once, saved once
     _check_names(set(params), set(weights), path)
     with torch.no_grad():

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    serve.add_argument("--allow-media-urls", action="store_true",
+                       help="fetch http(s) image and video URLs in chat requests (default: data URLs only)")
+    serve.add_argument("--max-media-per-prompt", type=int, default=8,
+                       help="most images and videos in one request (default 8)")
+    serve.add_argument("--encoder-cache-bytes", type=int, default=1 << 30,
+                       help="bound of the cache of image and video embeddings (default 1 GiB)")
     _add_engine_args(serve, serve=True)
     return parser
 
@@ -201,15 +207,19 @@ def cmd_serve(args) -> int:
                               kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-                              seed=args.seed, enforce_eager=args.enforce_eager)
+                              seed=args.seed, enforce_eager=args.enforce_eager,
+                              encoder_cache_bytes=args.encoder_cache_bytes)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if args.max_media_per_prompt < 0:
+        raise CLIError(f"--max-media-per-prompt={args.max_media_per_prompt} must be >= 0")
     try:
-        from tidal.serve.api_server import run_server
+        from tidal.serve.api_server import MediaOptions, run_server
     except ImportError as e:  # fastapi/uvicorn missing, or a build without the server
         raise CLIError(f"the server is unavailable: {e}") from None
 
-    run_server(config, host=args.host, port=args.port, api_key=args.api_key, served_model_name=served)
+    media = MediaOptions(allow_urls=args.allow_media_urls, max_per_prompt=args.max_media_per_prompt)
+    run_server(config, host=args.host, port=args.port, api_key=args.api_key, served_model_name=served, media=media)
     return 0
 
 

@@ -18,12 +18,17 @@ import torch
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+#: Vision-language architectures: an image encoder in front of one of the language models above
+#: (LLaVA: a Llama-family model; Qwen2.5-VL: Qwen2 with multimodal rotary positions).
+MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
 # Used only when a config has no "architectures" entry (e.g. written by PretrainedConfig.save_pretrained).
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                               "qwen3_moe": "Qwen3MoeForCausalLM"}
+                               "qwen3_moe": "Qwen3MoeForCausalLM", "llava": "LlavaForConditionalGeneration",
+                               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                               "qwen2_5_vl_text": "Qwen2ForCausalLM"}
 
 #: RoPE variants implemented by tidal.models.rope ("default" is stored as ``rope_scaling=None``).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -89,6 +94,13 @@ class ModelConfig:
         ``mlp_only_layers``; every layer of Mixtral).
     router_aux_loss_coef : float
         The load-balancing loss coefficient of the config (training).
+    multimodal_architecture : str or None
+        For a vision-language checkpoint, its architecture (one of
+        :data:`MULTIMODAL_ARCHITECTURES`); every other field then describes its language model,
+        whose family ``architecture`` names.
+    mrope_section : tuple of int or None
+        Multimodal rotary positions (Qwen2.5-VL): how many of the ``head_dim // 2`` rotary
+        frequencies take the temporal, height and width position; None for plain RoPE.
     hf_config : dict
         The parsed config.json, unchanged, for saving a model back in Hugging Face format.
     """
@@ -124,6 +136,8 @@ class ModelConfig:
     routing_weights_fp32: bool = False
     moe_layers: tuple[bool, ...] = ()
     router_aux_loss_coef: float = 0.0
+    multimodal_architecture: str | None = None
+    mrope_section: tuple[int, ...] | None = None
     hf_config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -145,6 +159,8 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
         """Build from an already parsed config.json; ``source`` names it in error messages."""
         arch = _architecture(raw, source)
+        if arch in MULTIMODAL_ARCHITECTURES:
+            return _multimodal(cls, raw, arch, source)
 
         def need(key: str):
             if raw.get(key) is None:
@@ -176,7 +192,10 @@ class ModelConfig:
             attention_bias = o_proj_bias = False
 
         sliding_window, window_layers = _sliding_window(raw, arch, num_layers, source)
-        rope_theta, rope_scaling = _rope(raw, source)
+        rope_theta, rope_scaling, mrope_section = _rope(raw, source)
+        if mrope_section is not None and sum(mrope_section) != int(head_dim) // 2:
+            raise ValueError(f"{source}: mrope_section={list(mrope_section)} must sum to head_dim // 2 = "
+                             f"{int(head_dim) // 2}")
         max_pos = int(raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch])
         if rope_scaling is not None and rope_scaling["rope_type"] == "llama3":
             rope_scaling.setdefault("original_max_position_embeddings", max_pos)
@@ -194,7 +213,8 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), sliding_window=sliding_window,
             sliding_window_layers=window_layers, hidden_act="silu", dtype=_dtype(raw, source),
-            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, **moe, hf_config=raw)
+            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, **moe, mrope_section=mrope_section,
+            hf_config=raw)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether layer ``layer``'s MLP is a mixture-of-experts block."""
@@ -210,11 +230,47 @@ def _architecture(raw: dict, source: str) -> str:
     if not archs and raw.get("model_type") in _ARCHITECTURE_OF_MODEL_TYPE:
         archs = [_ARCHITECTURE_OF_MODEL_TYPE[raw["model_type"]]]
     for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
+        if arch in SUPPORTED_ARCHITECTURES or arch in MULTIMODAL_ARCHITECTURES:
             return arch
     named = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
     raise ValueError(f"{source}: architecture {named!r} is not supported; supported: "
-                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                     f"{', '.join(SUPPORTED_ARCHITECTURES + MULTIMODAL_ARCHITECTURES)}")
+
+
+def _multimodal(cls, raw: dict, arch: str, source: str) -> "ModelConfig":
+    """A vision-language config: its language model's ModelConfig, marked with ``arch``, keeping the
+    whole config.json as ``hf_config``. Its text part is ``text_config`` (or, in Qwen2.5-VL's older
+    layout, the top-level keys)."""
+    if not isinstance(raw.get("vision_config"), dict):
+        raise ValueError(f"{source}: a {arch} config needs a 'vision_config' object")
+    if arch == "LlavaForConditionalGeneration":
+        text = dict(raw.get("text_config") or {"model_type": "llama"})
+        if "architectures" not in text:
+            model_type = text.get("model_type", "llama")
+            if model_type not in _ARCHITECTURE_OF_MODEL_TYPE or \
+                    _ARCHITECTURE_OF_MODEL_TYPE[model_type] in MULTIMODAL_ARCHITECTURES + MOE_ARCHITECTURES:
+                raise ValueError(f"{source}: text_config model_type={model_type!r} is not a supported LLaVA "
+                                 f"language model")
+            text["architectures"] = [_ARCHITECTURE_OF_MODEL_TYPE[model_type]]
+        for key in ("vocab_size", "tie_word_embeddings"):  # some configs keep these at the top level
+            if key in raw and key not in text:
+                text[key] = raw[key]
+    else:  # Qwen2.5-VL: Qwen2 with multimodal rotary positions
+        text = {k: v for k, v in raw.items() if k not in ("vision_config", "text_config", "architectures")}
+        text.update(raw.get("text_config") or {})
+        text["architectures"] = ["Qwen2ForCausalLM"]
+        text.setdefault("max_position_embeddings", 128000)
+        text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+        if text.get("rope_parameters") is None and text.get("rope_scaling") is None:
+            raise ValueError(f"{source}: a Qwen2.5-VL config needs rope_scaling (or rope_parameters) with "
+                             f"'mrope_section'")
+    text.setdefault("dtype", raw.get("dtype", raw.get("torch_dtype")))
+    config = cls.from_dict(text, source=f"{source} (text_config)")
+    if arch == "Qwen2_5_VLForConditionalGeneration" and config.mrope_section is None:
+        raise ValueError(f"{source}: a Qwen2.5-VL config needs 'mrope_section' in its RoPE parameters")
+    from dataclasses import replace
+
+    return replace(config, multimodal_architecture=arch, hf_config=raw)
 
 
 def _moe(raw: dict, arch: str, num_layers: int, source: str) -> dict:
@@ -282,14 +338,22 @@ def _sliding_window(raw: dict, arch: str, num_layers: int, source: str) -> tuple
     return (window if any(layers) else None), layers
 
 
-def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from any of the three layouts: transformers 5's ``rope_parameters``
-    (theta inside, ``rope_type``), or legacy top-level ``rope_theta`` plus ``rope_scaling`` with
-    ``rope_type`` or ``type``."""
+def _rope(raw: dict, source: str) -> tuple[float, dict | None, tuple[int, ...] | None]:
+    """(rope_theta, rope_scaling, mrope_section) from any of the three layouts: transformers 5's
+    ``rope_parameters`` (theta inside, ``rope_type``), or legacy top-level ``rope_theta`` plus
+    ``rope_scaling`` with ``rope_type`` or ``type``. Qwen2.5-VL's ``"mrope"`` type (or an
+    ``mrope_section`` key) is plain RoPE over three position components."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     params = dict(params)
     theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    mrope = params.pop("mrope_section", None)
+    mrope = None if mrope is None else tuple(int(s) for s in mrope)
+    params.pop("mrope_interleaved", None)
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "mrope":
+        if mrope is None:
+            raise ValueError(f"{source}: rope type 'mrope' needs 'mrope_section'")
+        rope_type = "default"
     params.pop("type", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"{source}: rope_type={rope_type!r} is not supported; supported: "
@@ -297,11 +361,13 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
     if rope_type == "default":
-        return theta, None
+        return theta, None, mrope
+    if mrope is not None:
+        raise ValueError(f"{source}: mrope_section with rope_type={rope_type!r} is not supported")
     required = {"linear": ("factor",), "dynamic": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
     for key in required:
         if params.get(key) is None:
             raise ValueError(f"{source}: rope_type={rope_type!r} needs {key!r} in its RoPE parameters")
     params["rope_type"] = rope_type
-    return theta, params
+    return theta, params, mrope

@@ -371,7 +371,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: AttentionMetadata | None = None,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Serving (``attn`` given) or training (``attn`` None) forward.
 
         Serving: ``input_ids`` and ``positions`` ``[num_tokens]`` int64 (sequence after sequence, as
@@ -379,7 +379,10 @@ class LlamaForCausalLM(nn.Module):
         ``[num_blocks, block_size, num_kv_heads, head_dim]``; the new tokens' keys and values are
         written at ``attn.slot_mapping``. Returns the final-normed hidden states
         ``[num_tokens, hidden_size]`` (feed the rows to sample to :meth:`compute_logits`). Runs
-        without autograd.
+        without autograd. ``inputs_embeds`` ``[num_tokens, hidden_size]`` replaces the token
+        embeddings (a vision-language model's, with image features at the placeholder rows; it is
+        written to in place). With multimodal rotary positions (``config.mrope_section``),
+        ``positions`` may be ``[3, num_tokens]``: temporal, height and width position per token.
 
         Training: ``input_ids`` ``[batch, seq]``, every sequence starting at position 0 (right
         padding is harmless under the causal mask). Returns logits ``[batch, seq, vocab_size]`` in
@@ -402,7 +405,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"len(kv_caches)={len(kv_caches)} must equal num_layers={self.num_layers}")
         with torch.no_grad():
             rope_positions, cos_sin_cache = self._rope_inputs(positions, attn)
-            hidden, residual = self.model.embed_tokens(input_ids), None
+            hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
             for layer, kv_cache in zip(self.model.layers, kv_caches):
                 hidden, residual = layer(hidden, residual, rope_positions, cos_sin_cache, attn, kv_cache)
             norm = self.model.norm
@@ -428,7 +432,11 @@ class LlamaForCausalLM(nn.Module):
         """(positions, table) for rotary_embedding_: the model's table, unless a sequence is past
         max_position_embeddings under dynamic NTK (see tidal.models.rope): then a per-token table
         ``[num_tokens, head_dim]`` indexed by row number, with those sequences' rows computed for
-        their own length. The check reads only ``attn.max_seqlen_k`` (a host int): no sync otherwise."""
+        their own length. The check reads only ``attn.max_seqlen_k`` (a host int): no sync otherwise.
+        Multimodal positions ``[3, num_tokens]`` likewise get a per-token table, each rotary
+        frequency taking the component ``config.mrope_section`` assigns it."""
+        if positions.dim() == 2:
+            return self._mrope_inputs(positions)
         max_pos = self.config.max_position_embeddings
         if not self._dynamic_rope or attn.max_seqlen_k <= max_pos:
             self.ensure_rope_positions(attn.max_seqlen_k)
@@ -442,6 +450,24 @@ class LlamaForCausalLM(nn.Module):
                 freqs = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len, max_pos)
                 table[cu[s]:cu[s + 1]] = rope.cos_sin(positions[cu[s]:cu[s + 1]], freqs)
         return torch.arange(positions.shape[0], dtype=positions.dtype, device=positions.device), table
+
+    def _mrope_inputs(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row numbers, per-token table) for positions ``[3, num_tokens]``: the table's columns of
+        frequency ``i`` (cos and sin halves) come from the row of the component section ``i`` is in.
+        The caller makes sure the table covers the largest position (ensure_rope_positions)."""
+        section = self.config.mrope_section
+        if section is None or positions.shape[0] != len(section):
+            raise ValueError(f"positions of shape {tuple(positions.shape)} need a model with multimodal rotary "
+                             f"positions of {positions.shape[0]} components; mrope_section={section}")
+        rows = [self.cos_sin_cache[p] for p in positions]  # each [num_tokens, head_dim]
+        table = rows[0].clone()
+        half, start = self.cos_sin_cache.shape[1] // 2, 0
+        for component, width in enumerate(section):
+            if component:
+                for offset in (0, half):  # the cos half, then the sin half
+                    table[:, offset + start:offset + start + width] = rows[component][:, offset + start:offset + start + width]
+            start += width
+        return torch.arange(positions.shape[1], dtype=positions.dtype, device=positions.device), table
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The training forward's final-normed hidden states ``[batch, seq, hidden_size]``,

@@ -115,10 +115,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     from tidal import zero
 
     if zero.is_active():  # shapes only: tidal.initialize reads each tensor into the shards
-        model = get_model_class(config.architecture)(config, dtype=resolve_dtype(dtype, config), device="meta")
+        model = get_model_class(config.multimodal_architecture or config.architecture)(config, dtype=resolve_dtype(dtype, config), device="meta")
         model._tidal_checkpoint_files = files
         return model.eval(), config
-    model = get_model_class(config.architecture)(config, dtype=resolve_dtype(dtype, config), device=device)
+    model = get_model_class(config.multimodal_architecture or config.architecture)(config, dtype=resolve_dtype(dtype, config), device=device)
     model.load_weights(iter_safetensors(files))
     return model.eval(), config
 

@@ -17,9 +17,10 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from tidal.serve.async_engine import AsyncLLMEngine
-from tidal.serve.engine import EngineConfig
+from tidal.serve.engine import EngineConfig, ProcessedPrompt
 from tidal.serve.outputs import RequestOutput
 from tidal.serve.sampling_params import SamplingParams
 
@@ -133,31 +134,117 @@ class _Metrics:
 # ---- chat template -------------------------------------------------------------------------------
 
 
-def _render_chat(tokenizer, messages) -> str:
+_MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
+_MAX_MEDIA_BYTES = 64 << 20
+
+
+@dataclass
+class MediaOptions:
+    """What the server accepts in chat content parts: ``allow_urls`` fetches http(s) image and
+    video URLs (off by default: only data URLs); ``max_per_prompt`` bounds the items of one
+    request; ``fetch_timeout`` (seconds) and ``max_bytes`` bound a fetch."""
+
+    allow_urls: bool = False
+    max_per_prompt: int = 8
+    fetch_timeout: float = 10.0
+    max_bytes: int = _MAX_MEDIA_BYTES
+
+
+def _media_bytes(url, where: str, options: MediaOptions) -> bytes:
+    """The bytes a content part's URL holds: a base64 data URL, or (when allowed) an http(s) URL."""
+    import base64
+    import binascii
+
+    if not isinstance(url, str):
+        raise ApiError(400, f"{where}.url must be a string", param="messages")
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ApiError(400, f"{where}: a data URL must be 'data:<type>;base64,<data>'", param="messages")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: the data URL's base64 payload does not decode", param="messages") from None
+    elif url.startswith(("http://", "https://")):
+        if not options.allow_urls:
+            raise ApiError(400, f"{where}: this server takes images as data URLs only (start it with "
+                                f"--allow-media-urls to fetch http(s) URLs)", param="messages", code="url_not_allowed")
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=options.fetch_timeout) as response:
+                data = response.read(options.max_bytes + 1)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ApiError(400, f"{where}: fetching {url[:100]!r} failed: {e}", param="messages") from None
+    else:
+        raise ApiError(400, f"{where}.url must be a data URL or an http(s) URL, got {url[:40]!r}", param="messages")
+    if len(data) > options.max_bytes:
+        raise ApiError(400, f"{where}: the item is larger than {options.max_bytes} bytes", param="messages")
+    return data
+
+
+def _render_chat(tokenizer, messages, placeholders: dict[str, str] | None = None,
+                 media: MediaOptions | None = None) -> tuple[str, dict]:
+    """(prompt text, multi_modal_data) of a chat request. ``placeholders`` (modality -> the text
+    that stands for one item; None for a text-only model) decides whether image and video parts are
+    allowed. The template sees each such part as ``{"type": "image"}`` (what vision-language chat
+    templates expect); one that ignores them gets string content with the placeholder text instead."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template (tokenizer_config.json has no 'chat_template'); "
                             "use /v1/completions", param="messages", code="no_chat_template")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    clean = []
+    media = media or MediaOptions()
+    parted, flat = [], []
+    data: dict[str, list[bytes]] = {}
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is supported
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-                texts.append(part["text"])
-            content = "".join(texts)
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
-        clean.append({**m, "content": content})
+        if isinstance(content, list):  # content parts: text, and images/videos on a multimodal model
+            parts, texts = [], []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                where = f"messages[{i}].content[{j}]"
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                    texts.append(part["text"])
+                elif kind in _MEDIA_PARTS:
+                    modality = _MEDIA_PARTS[kind]
+                    if placeholders is None:
+                        raise ApiError(400, f"{where}: this model takes text only; {kind} parts are not supported",
+                                       param="messages", code="multimodal_not_supported")
+                    if modality not in placeholders:
+                        raise ApiError(400, f"{where}: this model does not take {modality}s", param="messages")
+                    spec = part.get(kind)
+                    url = spec.get("url") if isinstance(spec, dict) else spec
+                    items = data.setdefault(modality, [])
+                    if sum(len(v) for v in data.values()) >= media.max_per_prompt:
+                        raise ApiError(400, f"{where}: more than {media.max_per_prompt} images and videos in one "
+                                            f"request", param="messages", code="too_many_items")
+                    items.append(_media_bytes(url, f"{where}.{kind}", media))
+                    parts.append({"type": modality})
+                    texts.append(placeholders[modality])
+                else:
+                    allowed = "text parts" if placeholders is None else \
+                        "text, " + " and ".join(k for k, v in _MEDIA_PARTS.items() if v in placeholders) + " parts"
+                    raise ApiError(400, f"{where}: only {allowed} are supported", param="messages")
+            parted.append({**m, "content": parts})
+            flat.append({**m, "content": "".join(texts)})
+        elif content is None or isinstance(content, str):
+            parted.append({**m, "content": content or ""})
+            flat.append({**m, "content": content or ""})
+        else:
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of content parts", param="messages")
     try:
-        return tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+        if data:
+            text = tokenizer.apply_chat_template(parted, add_generation_prompt=True)
+            wanted = {mod: len(items) for mod, items in data.items()}
+            if any(text.count(placeholders[mod]) < n for mod, n in wanted.items()):
+                text = tokenizer.apply_chat_template(flat, add_generation_prompt=True)
+            return text, data
+        return tokenizer.apply_chat_template(flat, add_generation_prompt=True), {}
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from None
 
@@ -259,8 +346,10 @@ class _Inflight:
         self.queue.put_nowait(("cancel", reason))
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None):
-    """The FastAPI application serving ``engine`` under the model name ``served_model_name``."""
+def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
+              media: MediaOptions | None = None):
+    """The FastAPI application serving ``engine`` under the model name ``served_model_name``;
+    ``media`` says which image and video inputs chat requests may carry (a vision-language model)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -268,6 +357,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     core = engine.engine
     tokenizer = core.tokenizer
+    media = media or MediaOptions()
+    placeholders = None  # modality -> the text a chat template writes for one item
+    if core.is_multimodal and tokenizer is not None:
+        placeholders = {m: tokenizer.decode(core.model.prompt_placeholder(m), skip_special_tokens=False)
+                        for m in core.model.modalities}
     max_model_len = core.max_model_len
     metrics = _Metrics()
     inflight: set[_Inflight] = set()
@@ -326,14 +420,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             raise ApiError(400, "stream must be a boolean", param="stream")
         return body
 
-    def prepare(prompts: list, params: SamplingParams) -> list[tuple[list[int], SamplingParams]]:
-        """Tokenized prompts with per-prompt params; a ValueError of the engine becomes a 400."""
+    def prepare(prompts: list, params: SamplingParams) -> list[tuple[ProcessedPrompt, SamplingParams]]:
+        """Processed prompts with per-prompt params; a ValueError of the engine becomes a 400."""
         out = []
         for p in prompts:
             try:
-                _, ids = core.process_prompt(p, params)
+                processed = core.process_prompt(p, params)
             except ValueError as e:
-                raise _bad_param(e) from None
+                raise ApiError(400, str(e), param="messages") if isinstance(p, dict) else _bad_param(e) from None
+            ids = processed.token_ids
             if params.max_tokens is None:
                 try:
                     per = SamplingParams(**{**_fields(params), "max_tokens": max(max_model_len - len(ids), 1)})
@@ -341,13 +436,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                     raise _bad_param(e) from None
             else:
                 per = params
-            out.append((ids, per))
+            out.append((processed, per))
         return out
 
     def start(prepared, request_id: str) -> _Inflight:
         item = _Inflight()
 
-        async def consume(index: int, ids: list[int], params: SamplingParams):
+        async def consume(index: int, ids: ProcessedPrompt, params: SamplingParams):
             last = None
             reason = "abort"
             try:
@@ -393,7 +488,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                     t.cancel()
 
     def usage(prepared, finals: dict[int, RequestOutput]) -> dict:
-        prompt_tokens = sum(len(ids) for ids, _ in prepared)
+        prompt_tokens = sum(len(p.token_ids) for p, _ in prepared)
         completion = sum(len(o.token_ids) for out in finals.values() for o in out.outputs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
@@ -427,12 +522,17 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     async def serve(request: Request, chat: bool):
         body = await read_body(request)
         params, want_logprobs = _sampling_params(body, chat)
+        data = None
         if chat:
-            text = _render_chat(tokenizer, body.get("messages"))
-            prompts = [tokenizer.encode(text, add_special_tokens=False)]
+            text, data = _render_chat(tokenizer, body.get("messages"), placeholders, media)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts = [{"prompt_token_ids": ids, "multi_modal_data": data} if data else ids]
         else:
             prompts = _prompts(body)
-        prepared = prepare(prompts, params)
+        if data:  # decoding and resizing images is CPU work: off the event loop
+            prepared = await asyncio.to_thread(prepare, prompts, params)
+        else:
+            prepared = prepare(prompts, params)
         n = params.n
         stream = body.get("stream", False)
         stream_options = body.get("stream_options") or {}
@@ -570,7 +670,7 @@ async def _closing(gen, item: _Inflight):
 
 
 def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               served_model_name: str | None = None) -> None:
+               served_model_name: str | None = None, media: MediaOptions | None = None) -> None:
     """Loads the model and serves until SIGINT or SIGTERM: then stops accepting connections, aborts the
     requests in flight (their clients get finish_reason / an error), shuts the engine down and returns."""
     import contextlib
@@ -579,7 +679,7 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
 
     engine = AsyncLLMEngine.from_config(engine_config)
     name = served_model_name or os.path.basename(os.path.normpath(engine_config.model))
-    app = build_app(engine, name, api_key)
+    app = build_app(engine, name, api_key, media)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -46,10 +46,10 @@ class AsyncLLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request_id={request_id!r} is already in use")
-        prompt_text, prompt_ids = self.engine.process_prompt(prompt, params)
+        processed = self.engine.process_prompt(prompt, params)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._pending_adds.append((request_id, prompt_text, prompt_ids, params, priority))
+        self._pending_adds.append((request_id, processed, params, priority))
         self._ensure_loop()
         finished = False
         try:
@@ -106,13 +106,12 @@ class AsyncLLMEngine:
         while self._pending_aborts:
             self.engine.abort_request(self._pending_aborts.pop(0))
         while self._pending_adds:
-            request_id, prompt_text, prompt_ids, params, priority = self._pending_adds.pop(0)
+            request_id, processed, params, priority = self._pending_adds.pop(0)
             queue = self._queues.get(request_id)
             if queue is None:  # aborted before it started
                 continue
             try:
-                self.engine.add_request(request_id, prompt_ids, params, priority)
-                self.engine.set_prompt_text(request_id, prompt_text)
+                self.engine.add_request(request_id, processed, params, priority)
             except Exception as e:
                 queue.put_nowait(e)
                 self._queues.pop(request_id, None)

@@ -15,7 +15,8 @@ class EngineConfig:
     4 GiB). ``enforce_eager`` turns CUDA graphs off. ``model`` is a Hugging Face directory, or a
     tidal model already built (served in place, its weights shared); ``tokenizer`` a directory with
     tokenizer.json (default: the model's directory; none for a model object, which then takes token
-    ids only).
+    ids only). ``encoder_cache_bytes`` bounds a vision-language model's cache of image and video
+    embeddings (by content hash, least recently used out).
     """
 
     model: "str | torch.nn.Module"
@@ -32,6 +33,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False
     tokenizer: str | None = None
+    encoder_cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -46,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction!r} must be in (0, 1]")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be None or an integer >= 2")
+        if not isinstance(self.encoder_cache_bytes, int) or self.encoder_cache_bytes < 0:
+            raise ValueError(f"encoder_cache_bytes={self.encoder_cache_bytes!r} must be an integer >= 0")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager={self.enforce_eager!r} must be a bool")
 

@@ -19,6 +19,7 @@ from tidal import _core
 from tidal.models.loader import load_model, resolve_dtype
 from tidal.serve.config import EngineConfig, resolve_device
 from tidal.serve.model_runner import make_model_runner
+from tidal.serve.multimodal import EncoderCache, MultiModalProcessor, MultiModalPrompt, gather_step_inputs
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tidal.serve.sampler import SequenceSampling
 from tidal.serve.sampling_params import SamplingParams
@@ -56,6 +57,17 @@ class _Sequence:
 
 
 @dataclass
+class ProcessedPrompt:
+    """A prompt ready to queue (what :meth:`LLMEngine.process_prompt` returns and ``add_request``
+    also takes): its text if it had one, its token ids (placeholders expanded), and a multimodal
+    prompt's state."""
+
+    text: str | None
+    token_ids: list[int]
+    multimodal: MultiModalPrompt | None = None
+
+
+@dataclass
 class _Request:
     request_id: str
     prompt: str | None
@@ -64,6 +76,7 @@ class _Request:
     metrics: RequestMetrics
     seqs: list[_Sequence] = field(default_factory=list)
     error: str | None = None
+    multimodal: MultiModalPrompt | None = None
 
     @property
     def finished(self) -> bool:
@@ -139,12 +152,22 @@ class LLMEngine:
         self._eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
         if not self._eos_token_ids and self.model_config.eos_token_ids:
             self._eos_token_ids = list(self.model_config.eos_token_ids)
+        self.is_multimodal = bool(getattr(self.model, "modalities", ()))
+        self._mm_processor = None
+        if self.is_multimodal:
+            self._mm_processor = MultiModalProcessor(
+                self.model, None if isinstance(config.model, torch.nn.Module) else config.model)
+        self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
+        self._mm_counts = {"encoder_runs": 0, "encoder_cache_hits": 0}
 
     # ---- requests --------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: "str | list[int] | dict", params: SamplingParams | None = None,
                     priority: int = 0) -> None:
-        """Queues a prompt (text, or token ids) for generation. Bad input is a ValueError naming it.
+        """Queues a prompt for generation: text, token ids, or (vLLM's shape) a dict with "prompt" or
+        "prompt_token_ids", and for a vision-language model "multi_modal_data" ({"image": an image
+        or a list, "video": frames, a file or a list}) and "mm_processor_kwargs" ({"fps": ...,
+        "max_frames": ...} for videos read from files). Bad input is a ValueError naming it.
 
         ``priority`` matters under ``scheduling_policy="priority"``: lower values are served first and
         preempted last (vLLM's convention)."""
@@ -153,8 +176,11 @@ class LLMEngine:
             raise RuntimeError("the engine is asleep (its KV cache memory is released); call wake_up() first")
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
-        prompt_text, prompt_ids = self.process_prompt(prompt, params)
-        request = _Request(request_id, prompt_text, prompt_ids, params, RequestMetrics(time.monotonic()))
+        if not isinstance(prompt, ProcessedPrompt):
+            prompt = self.process_prompt(prompt, params)
+        prompt_text, prompt_ids, multimodal = prompt.text, prompt.token_ids, prompt.multimodal
+        request = _Request(request_id, prompt_text, prompt_ids, params, RequestMetrics(time.monotonic()),
+                           multimodal=multimodal)
         first_seq = -1
         for index in range(params.n):
             seq_id = next(self._seq_ids)
@@ -174,21 +200,46 @@ class LLMEngine:
             stop = _sched.StopParams(params.max_tokens, min_tokens=params.min_tokens,
                                      stop_token_ids=params.stop_token_ids, eos_token_ids=self._eos_token_ids,
                                      ignore_eos=params.ignore_eos)
-            self.scheduler.add_request(seq_id, prompt_ids, stop, priority=priority, share_prompt_with=first_seq)
+            self.scheduler.add_request(seq_id, prompt_ids, stop, priority=priority, share_prompt_with=first_seq,
+                                       extra_keys=multimodal.extra_keys if multimodal else [])
             if first_seq < 0:
                 first_seq = seq_id
         self._requests[request_id] = request
 
-    def process_prompt(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
-        """(prompt text or None, prompt token ids), or a ValueError naming what is wrong."""
+    def process_prompt(self, prompt: "str | list[int] | dict", params: SamplingParams) -> ProcessedPrompt:
+        """The prompt tokenized (and a multimodal one's items preprocessed, its placeholders
+        expanded to their rows), or a ValueError naming what is wrong. A ProcessedPrompt is returned as it is."""
+        if isinstance(prompt, ProcessedPrompt):
+            return prompt
+        data, options = None, None
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
+            if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+                raise ValueError(f"a prompt dict holds 'prompt' or 'prompt_token_ids' (one of them), optionally "
+                                 f"'multi_modal_data' and 'mm_processor_kwargs'; got keys {sorted(prompt)}")
+            data, options = prompt.get("multi_modal_data"), prompt.get("mm_processor_kwargs")
+            prompt = prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
+            if isinstance(prompt, dict):
+                raise ValueError("a prompt dict's 'prompt' must be a string or token ids")
         prompt_text, prompt_ids = self._tokenize(prompt)
+        multimodal = None
+        if data:
+            if not self.is_multimodal:
+                raise ValueError(f"multi_modal_data given, but {self.model_config.architecture} is a text-only model")
+            multimodal = self._mm_processor.process(prompt_ids, data, self.config.block_size, options)
+            prompt_ids = multimodal.token_ids
+            if multimodal.mrope is not None and int(multimodal.mrope.max(initial=0)) >= self.max_model_len:
+                raise ValueError(f"the prompt's rotary positions reach {int(multimodal.mrope.max())}; they must stay "
+                                 f"below max_model_len={self.max_model_len}")
+        elif options:
+            raise ValueError("mm_processor_kwargs given without multi_modal_data")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must be shorter than "
                              f"max_model_len={self.max_model_len}")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids={bad} holds ids outside the vocabulary (size {self.vocab_size})")
-        return prompt_text, prompt_ids
+        return ProcessedPrompt(prompt_text, prompt_ids, multimodal)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -210,10 +261,6 @@ class LLMEngine:
             raise ValueError("prompt is empty: it must hold at least one token")
         return text, ids
 
-    def set_prompt_text(self, request_id: str, prompt: str | None) -> None:
-        """Records the prompt's text for outputs of a request added as token ids."""
-        self._requests[request_id].prompt = prompt
-
     def abort_request(self, request_id: str) -> bool:
         """Ends every sample of the request with finish_reason "abort" and frees its blocks."""
         request = self._requests.get(request_id)
@@ -234,7 +281,30 @@ class LLMEngine:
         return len(self._requests)
 
     def stats(self) -> dict:
-        return dict(self.scheduler.stats())
+        stats = dict(self.scheduler.stats())
+        if self.is_multimodal:  # items encoded, items served from the encoder cache, its size
+            stats.update(self._mm_counts, encoder_cache_entries=len(self.encoder_cache),
+                         encoder_cache_bytes=self.encoder_cache.bytes)
+        return stats
+
+    def _encode_item(self, prompt: MultiModalPrompt, index: int, item) -> torch.Tensor:
+        """An item's embeddings: held by its request, else from the encoder cache, else encoded
+        (counted in stats' encoder_runs) and cached. The request holds them until consumed."""
+        embeds = prompt.held.get(index)
+        if embeds is None:
+            embeds = self.encoder_cache.get(item.content_hash)
+            if embeds is not None:
+                self._mm_counts["encoder_cache_hits"] += 1
+            else:
+                grid = None if item.grid_thw is None else torch.tensor([item.grid_thw])
+                embeds = self.model.encode_multimodal(item.modality, item.pixel_values, grid)[0]
+                if embeds.shape[0] != item.num_tokens:
+                    raise RuntimeError(f"the encoder gave {embeds.shape[0]} rows for a {item.modality} that takes "
+                                       f"{item.num_tokens} placeholder tokens")
+                self._mm_counts["encoder_runs"] += 1
+                self.encoder_cache.put(item.content_hash, embeds)
+            prompt.held[index] = embeds
+        return embeds
 
     # ---- sleep ----------------------------------------------------------------------------------
 
@@ -279,7 +349,13 @@ class LLMEngine:
         needs_sample = batch.needs_sample
         sample_ids = [s for s, need in zip(seq_ids, needs_sample.tolist()) if need]
         try:
-            pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids])
+            mm = None
+            if self.is_multimodal:
+                requests = [self._seqs[s].request for s in seq_ids]
+                mm = gather_step_inputs(batch, [r.multimodal for r in requests],
+                                        [len(r.prompt_token_ids) for r in requests], self._encode_item,
+                                        self.model.uses_mrope)
+            pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], mm)
             changed = self._process_lagged()  # overlaps the device's work on this step
             result = pending.result() if pending is not None else None
         except Exception as e:  # the whole step failed: each of its sequences ends in error

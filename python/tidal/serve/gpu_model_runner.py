@@ -21,7 +21,8 @@ import torch
 
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
-from tidal.serve.model_runner import KVPool, allocate_kv_caches, kv_cache_bytes_per_block, min_kv_blocks
+from tidal.serve.model_runner import (KVPool, allocate_kv_caches, kv_cache_bytes_per_block, min_kv_blocks,
+                                     multimodal_inputs)
 from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_async
 from tidal.serve.sampling_params import SamplingParams
 
@@ -277,11 +278,11 @@ class GPUModelRunner:
 
     # ---- the step ----------------------------------------------------------------------------------
 
-    def execute(self, batch, sampling: list[SequenceSampling]) -> PendingSample | None:
+    def execute(self, batch, sampling: list[SequenceSampling], mm=None) -> PendingSample | None:
         if not sampling and not batch.needs_sample.any():
-            self._run_eager(batch)
+            self._run_eager(batch, mm)
             return None
-        size = self._graph_size(batch)
+        size = None if mm is not None else self._graph_size(batch)  # image rows and 3-D positions: eager
         with torch.inference_mode():
             if size is not None:
                 self._stage_inputs(batch, size)
@@ -294,15 +295,18 @@ class GPUModelRunner:
                     rows = torch.from_numpy(np.nonzero(needs)[0]).pin_memory().to(self.device, non_blocking=True)
                     logits = self._logits.index_select(0, rows)
             else:
-                logits = self._run_eager(batch)
+                logits = self._run_eager(batch, mm)
                 if logits is None:
                     return None
             return sample_async(logits, sampling)
 
-    def _run_eager(self, batch) -> torch.Tensor | None:
+    def _run_eager(self, batch, mm=None) -> torch.Tensor | None:
         with torch.inference_mode():
             inputs = self._stage_inputs(batch, None)
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+            positions, inputs_embeds = inputs.positions, None
+            if mm is not None:
+                positions, inputs_embeds = multimodal_inputs(self.model, inputs.input_ids, positions, mm)
+            hidden = self.model(inputs.input_ids, positions, inputs.attn, self.kv_caches, inputs_embeds=inputs_embeds)
             if inputs.sample_rows is None or inputs.sample_rows.numel() == 0:
                 return None
             return self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))

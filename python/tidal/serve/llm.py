@@ -50,6 +50,9 @@ class LLM:
     enforce_eager : bool
         Run every step eagerly; by default decode steps on a GPU replay CUDA graphs captured at
         start-up for padded batch sizes 1, 2, 4, 8, 16, ..., ``max_num_seqs``.
+    encoder_cache_bytes : int
+        For a vision-language model: the bound of the cache of image and video embeddings, keyed by
+        content hash, so an image seen again skips the vision encoder.
     """
 
     def __init__(self, model: "str | torch.nn.Module", dtype: str | torch.dtype = "auto", device: str = "auto",
@@ -57,7 +60,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs",
                  enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, encoder_cache_bytes: int = 1 << 30):
         if gpu_memory_utilization is not None:
             kv_cache_memory_fraction = gpu_memory_utilization
         self.engine = LLMEngine(EngineConfig(
@@ -65,7 +68,7 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy,
-            enforce_eager=enforce_eager, tokenizer=tokenizer))
+            enforce_eager=enforce_eager, tokenizer=tokenizer, encoder_cache_bytes=encoder_cache_bytes))
         self._ids = itertools.count()
 
     def weights_updated(self) -> None:
@@ -98,11 +101,13 @@ class LLM:
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """Generates for every prompt and returns the finished outputs in input order.
 
-        ``prompts`` is a string, a list of token ids, or a list of either. ``sampling_params`` is
+        ``prompts`` is a string, a list of token ids, a dict (vLLM's shape: ``{"prompt": ...}`` or
+        ``{"prompt_token_ids": ...}``, with ``"multi_modal_data": {"image": ...}`` for a
+        vision-language model), or a list of these. ``sampling_params`` is
         one SamplingParams for all prompts or a list with one per prompt; ``priority`` one int per
         prompt (used with ``scheduling_policy="priority"``).
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:

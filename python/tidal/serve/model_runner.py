@@ -7,8 +7,9 @@ tokens. The engine stays device-neutral; each runner owns its device's KV caches
   persistent device inputs filled by one pinned copy per step, CUDA graphs for decode steps.
 
 Both expose ``num_kv_blocks``, ``kv_pool`` (a :class:`KVPool`, released while the engine sleeps),
-``kv_caches`` (its ``(key_cache, value_cache)`` per layer) and ``execute(batch, sampling) ->
-PendingSample | None`` (launched; ``.result()`` waits).
+``kv_caches`` (its ``(key_cache, value_cache)`` per layer) and ``execute(batch, sampling, mm=None) ->
+PendingSample | None`` (launched; ``.result()`` waits); ``mm`` is a step's multimodal inputs
+(tidal.serve.multimodal.MultiModalStep), which both runners apply with :func:`multimodal_inputs`.
 """
 
 import math
@@ -90,6 +91,19 @@ class KVPool:
         self.is_released = False
 
 
+def multimodal_inputs(model, input_ids: torch.Tensor, positions: torch.Tensor, mm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, inputs_embeds) of a step with multimodal inputs: the token embeddings with the
+    items' rows written at their placeholder rows, and 3-D positions where the step has them."""
+    embeds = model.model.embed_tokens(input_ids)
+    if mm.embeds is not None:
+        rows = torch.from_numpy(mm.rows).to(embeds.device, non_blocking=True)
+        embeds.index_copy_(0, rows, mm.embeds.to(embeds.device, embeds.dtype))
+    if mm.positions is not None:
+        model.ensure_rope_positions(int(mm.positions.max()) + 1)
+        positions = torch.from_numpy(mm.positions).to(embeds.device, non_blocking=True)
+    return positions, embeds
+
+
 def _available_host_memory() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -122,7 +136,7 @@ class CPUModelRunner:
         self.kv_pool = KVPool(model, num_blocks, config.block_size, device)
         self.kv_caches = self.kv_pool.caches
 
-    def execute(self, batch, sampling: list[SequenceSampling]) -> PendingSample | None:
+    def execute(self, batch, sampling: list[SequenceSampling], mm=None) -> PendingSample | None:
         cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(batch.slot_mapping),
@@ -135,7 +149,10 @@ class CPUModelRunner:
         input_ids = torch.from_numpy(batch.input_ids).to(torch.long)
         positions = torch.from_numpy(batch.positions)
         with torch.inference_mode():
-            hidden = self.model(input_ids, positions, attn, self.kv_caches)
+            inputs_embeds = None
+            if mm is not None:
+                positions, inputs_embeds = multimodal_inputs(self.model, input_ids, positions, mm)
+            hidden = self.model(input_ids, positions, attn, self.kv_caches, inputs_embeds=inputs_embeds)
             last_rows = (cu_seqlens_q[1:] - 1)[torch.from_numpy(batch.needs_sample).bool()]
             if last_rows.numel() == 0:
                 return None

@@ -1,0 +1,9 @@
+"""Vision-language inputs: images and videos preprocessed into the pixel tensors a vision tower
+takes, placeholder token counts, video decoding (PyAV) and content hashes for the caches."""
+
+from tidal.multimodal.processing import (CLIPImageProcessor, ImageProcessor, ProcessedImages, ProcessedVideo,
+                                         Qwen2VLImageProcessor, SiglipImageProcessor, content_hash, load_video,
+                                         smart_resize)
+
+__all__ = ["CLIPImageProcessor", "ImageProcessor", "ProcessedImages", "ProcessedVideo", "Qwen2VLImageProcessor",
+           "SiglipImageProcessor", "content_hash", "load_video", "smart_resize"]
