@@ -40,24 +40,31 @@ def _save_tokenizer(path: str, special: tuple[str, ...], image_text: str, video_
                    "chat_template": template}, f)
 
 
-def build_llava(path: str, seed: int = 0, image_size: int = 56, strategy: str = "default"):
-    """LLaVA with a 3-layer CLIP tower over 56x56 images (16 patches: 16 placeholder rows under the
-    "default" strategy) and a 2-layer Llama; returns the transformers model."""
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=image_size, patch_size=14)
+def build_llava(path: str, seed: int = 0, image_size: int = 56, strategy: str = "default", tower: str = "clip",
+                feature_layer: int | list[int] = -2):
+    """LLaVA with a 3-layer CLIP (or SigLIP) tower over 56x56 images (16 patches: 16 placeholder
+    rows, CLIP under the "default" strategy dropping its class token) and a 2-layer Llama; returns
+    the transformers model."""
+    vision_config = transformers.CLIPVisionConfig if tower == "clip" else transformers.SiglipVisionConfig
+    vision = vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=image_size, patch_size=14)
     text = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     intermediate_size=96, vocab_size=VOCAB_SIZE, max_position_embeddings=128,
                                     bos_token_id=BOS, eos_token_id=EOS, rms_norm_eps=1e-6)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE,
-                                      vision_feature_select_strategy=strategy, vision_feature_layer=-2)
+                                      vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer)
     model = transformers.LlavaForConditionalGeneration(config)
     _randomize(model, seed)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     _save_tokenizer(path, ("<image>",), "<image>", None)
     # transformers 5 names its Pillow processors ...Pil; before 5 the plain names were the Pillow ones
-    getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(size={"shortest_edge": image_size},
-                                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    if tower == "clip":
+        getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    else:
+        getattr(transformers, "SiglipImageProcessorPil", transformers.SiglipImageProcessor)(
+            size={"height": image_size, "width": image_size}).save_pretrained(path)
     return model
 
 

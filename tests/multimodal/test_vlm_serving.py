@@ -71,14 +71,26 @@ def test_llava_greedy_matches_transformers(llava, device):
     expected = [_llava_expected(path, hf, _expand(p, LLAVA_IMAGE, [16] * len(i)), i, 8)
                 for p, i in zip(prompts, images)]
     # a budget of 8 tokens splits each 16-row image over chunks; max_num_seqs=2 queues the third
-    llm = tidal.LLM(path, device=device, block_size=BLOCK, num_kv_blocks=64, max_num_seqs=2, max_num_batched_tokens=8,
-                    enforce_eager=True)
+    llm = tidal.LLM(path, device=device, block_size=BLOCK, num_kv_blocks=64, max_num_seqs=2, max_num_batched_tokens=8)
     outs = llm.generate([{"prompt_token_ids": p, "multi_modal_data": {"image": i}} for p, i in zip(prompts, images)],
                         greedy(8), use_tqdm=False)
     for prompt, image_list, want, out in zip(prompts, images, expected, outs):
         assert out.prompt_token_ids == _expand(prompt, LLAVA_IMAGE, [16] * len(image_list))
         assert out.outputs[0].token_ids == want
     assert llm.stats()["encoder_runs"] == 2  # red and wide, once each
+    assert_pool_whole(llm)
+
+
+def test_llava_with_a_siglip_tower_and_two_feature_layers(tmp_path):
+    path = str(tmp_path / "siglip")
+    hf = build_llava(path, tower="siglip", strategy="full", feature_layer=[-3, -1])
+    images = [random_image(70, 50, seed=5), random_image(56, 56, seed=6)]  # resized to 56x56, no crop
+    prompt = [BOS, 33, LLAVA_IMAGE, 34, LLAVA_IMAGE, 35]
+    want = _llava_expected(path, hf, _expand(prompt, LLAVA_IMAGE, [16, 16]), images, 8)
+    llm = tidal.LLM(path, block_size=BLOCK, num_kv_blocks=64, max_num_batched_tokens=12)
+    out = llm.generate({"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}, greedy(8),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
     assert_pool_whole(llm)
 
 
@@ -241,8 +253,8 @@ def test_qwen2_5_vl_greedy_matches_transformers(qwen, device):
         counts_v = [int(g.prod()) // 4 for g in inputs.get("video_grid_thw", [])]
         full = _expand(_expand(ids, QWEN_IMAGE, counts_i), QWEN_VIDEO, counts_v)
         expected.append((full, hf_generate(hf, full, 8, **inputs)))
-    llm = tidal.LLM(path, device=device, block_size=BLOCK, num_kv_blocks=128, max_num_batched_tokens=16,
-                    enforce_eager=True)
+    # on a GPU, decode steps replay CUDA graphs with the M-RoPE offset folded into 1-D positions
+    llm = tidal.LLM(path, device=device, block_size=BLOCK, num_kv_blocks=128, max_num_batched_tokens=16)
     outs = llm.generate([{"prompt_token_ids": ids, "multi_modal_data": data} for ids, data in cases], greedy(8),
                         use_tqdm=False)
     for (full, want), out in zip(expected, outs):

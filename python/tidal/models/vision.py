@@ -6,10 +6,9 @@ image is a full, non-causal sequence of ``num_patches`` (+1 class token for CLIP
 
 Parameter names equal the Hugging Face checkpoint's below the tower's prefix
 (``embeddings.patch_embedding.weight``, ``encoder.layers.0.self_attn.q_proj.weight``, ...), so a
-loader maps ``vision_tower.<name>`` to ``named_parameters()`` directly.
+loader maps ``vision_tower.<name>`` to ``named_parameters()`` directly. SigLIP's attention-pooling
+head is not built: no vision-language model reads it (a loader skips its tensors).
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -161,40 +160,3 @@ class VisionTransformer(nn.Module):
         if not 0 <= i <= self.num_layers:
             raise ValueError(f"vision_feature_layer={index} is outside the tower's {self.num_layers + 1} hidden states")
         return i
-
-    def load_weights(self, weights, source: str = "vision tower") -> set[str]:
-        """Copies ``(name, tensor)`` pairs named as in the checkpoint below the tower's prefix; returns
-        the names loaded. SigLIP's pooling head (``head.*``) is skipped: no vision-language model
-        reads it. ValueError naming an unknown tensor or a shape mismatch."""
-        params, loaded = dict(self.named_parameters()), set()
-        with torch.no_grad():
-            for name, tensor in weights:
-                if name.startswith("head.") or name == "embeddings.position_ids":
-                    continue
-                if name not in params:
-                    raise ValueError(f"unexpected tensor {name!r} in the {source}")
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"tensor {name!r} of the {source} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
-                loaded.add(name)
-        return loaded
-
-    def initialize_weights(self, std: float, generator: torch.Generator | None = None) -> None:
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                    module.weight.normal_(0.0, std, generator=generator)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
-                elif isinstance(module, nn.LayerNorm):
-                    module.weight.fill_(1.0)
-                    module.bias.zero_()
-            if self.embeddings.class_embedding is not None:
-                self.embeddings.class_embedding.normal_(0.0, std, generator=generator)
-
-
-def patch_grid(num_positions: int) -> int:
-    """Side of the square patch grid behind ``num_positions`` tokens (with or without a class token)."""
-    side = math.isqrt(num_positions)
-    return side if side * side == num_positions else math.isqrt(num_positions - 1)

@@ -148,6 +148,8 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     ``<image>`` placeholder token."""
 
     _NAME_RULES = (
+        # SigLIP's attention-pooling head and old position-id buffers: nothing in LLaVA reads them
+        (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(?:head\..*|embeddings\.position_ids)$", "skip:"),
         (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.*)$", r"vision_tower:\1"),
         (r"^(?:model\.)?multi_modal_projector\.(.*)$", r"multi_modal_projector:\1"),
         (r"^language_model\.lm_head\.(.*)$", r"text:lm_head.\1"),
