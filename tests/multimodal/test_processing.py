@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tidal.multimodal import (CLIPImageProcessor, ImageProcessor, Qwen2VLImageProcessor, SiglipImageProcessor,
-                              content_hash, load_video, smart_resize)
+Image = pytest.importorskip("PIL.Image")  # Pillow: a dependency, absent where tidal came in --no-deps
+from tidal.multimodal import (CLIPImageProcessor, ImageProcessor, Qwen2VLImageProcessor,  # noqa: E402
+                              SiglipImageProcessor, content_hash, load_video, smart_resize)
 
 transformers = pytest.importorskip("transformers")
 av = pytest.importorskip("av")

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
+pytest.importorskip("PIL")
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import uvicorn  # noqa: E402

@@ -12,12 +12,14 @@ import torch
 
 import tidal
 from tidal.models import load_model, save_model
-from tidal.multimodal import ImageProcessor
-from tiny_models import BOS, assert_pool_whole, build_model
-from tiny_vlm import (LLAVA_IMAGE, QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, build_llava, build_qwen2_5_vl,
-                      hf_generate, random_frames, random_image)
 
-from conftest import DEVICES
+pytest.importorskip("PIL")  # Pillow: a dependency, absent where tidal came in --no-deps
+from tidal.multimodal import ImageProcessor  # noqa: E402
+from tiny_models import BOS, assert_pool_whole, build_model  # noqa: E402
+from tiny_vlm import (LLAVA_IMAGE, QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO,  # noqa: E402
+                      build_llava, build_qwen2_5_vl, hf_generate, random_frames, random_image)
+
+from conftest import DEVICES  # noqa: E402
 
 BLOCK = 4
 
