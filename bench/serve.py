@@ -49,10 +49,13 @@ H_q query heads, d head_dim, and kv = L * kv_heads * d * 2 (K and V) * 2 bytes p
 - S3: seconds = the S1 formula over S3's requests + (2 * P * sum_r n_r + 2 * L * H_q * d * sum_r n_r^2)
   / matmul (prefill: dense matmuls plus causal attention); requests/s = 500 / seconds (about 135).
 
-One call runs all five in roughly 6-10 minutes on an H200 with the default --peer-batches 1; split it
-(--workloads S1,S4 then S2,S3,M1) when a call's time is shorter.
+- V1: vision-language serving (Qwen2.5-VL-7B's architecture, images, the encoder cache): see
+  bench/serve_vl.py.
 
-    python bench/serve.py --out DIR [--workloads S1,S2,S3,S4,M1] [--peer-batches N] [--no-peers] [--tiny]
+One call runs S1-M1 in roughly 6-10 minutes on an H200 with the default --peer-batches 1; split it
+(--workloads S1,S4 then S2,S3,M1, then V1) when a call's time is shorter.
+
+    python bench/serve.py --out DIR [--workloads S1,S2,S3,S4,M1,V1] [--peer-batches N] [--no-peers] [--tiny]
 
 Writes DIR/serve.md (table + details) and DIR/serve.jsonl (one JSON object per measurement).
 """
@@ -103,6 +106,8 @@ TARGETS = {  # (workload, metric): (text, test on (tidal, best peer): True, Fals
     ("S4", "prefix_cache_speedup"): (">= 1.5x", lambda t, p: t >= 1.5),
     ("M1", "decode_tokens_per_s_batch64"): (">= 20x transformers", lambda t, p: t / p >= 20 if p else None),
     ("M1", "moe_layer_fraction_of_copy_bandwidth"): (">= 60%", lambda t, p: t >= 0.6),
+    ("V1", "requests_per_s"): (">= 10x transformers", lambda t, p: t / p >= 10 if p else None),
+    ("V1", "requests_per_s_shared_images"): (">= 10x transformers", lambda t, p: t / p >= 10 if p else None),
 }
 START = time.perf_counter()
 
@@ -751,7 +756,8 @@ TABLE_ROWS = [("S1", "output_tokens_per_s", "tok/s"), ("S2", "ms_per_output_toke
               ("S4", "output_tokens_per_s_no_prefix_cache", "tok/s"), ("S4", "prefix_cache_speedup", "x"),
               ("M1", "decode_tokens_per_s_batch1", "tok/s"), ("M1", "decode_tokens_per_s_batch64", "tok/s"),
               ("M1", "decode_tokens_per_s_batch4", "tok/s"), ("M1", "moe_layer_us", "us"),
-              ("M1", "moe_layer_fraction_of_copy_bandwidth", "x")]
+              ("M1", "moe_layer_fraction_of_copy_bandwidth", "x"), ("V1", "requests_per_s", "req/s"),
+              ("V1", "requests_per_s_shared_images", "req/s")]
 
 
 def fmt(value) -> str:
@@ -792,7 +798,7 @@ def build_table(res: Results, workloads) -> tuple[list[str], list[list[str]]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for serve.md and serve.jsonl")
-    ap.add_argument("--workloads", default="S1,S2,S3,S4,M1", help="comma-separated subset of S1,S2,S3,S4,M1")
+    ap.add_argument("--workloads", default="S1,S2,S3,S4,M1,V1", help="comma-separated subset of S1,S2,S3,S4,M1,V1")
     ap.add_argument("--peer-batches", type=int, default=1,
                     help="static peer batches timed for S1 and S3 (the first N; <= 0: all)")
     ap.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
@@ -806,8 +812,8 @@ def main() -> int:
         from tidal.models import llama
         llama.SKINNY_MAX_TOKENS = args.skinny
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
-    if not workloads <= {"S1", "S2", "S3", "S4", "M1"}:
-        ap.error(f"--workloads {args.workloads!r}: only S1, S2, S3, S4, M1")
+    if not workloads <= {"S1", "S2", "S3", "S4", "M1", "V1"}:
+        ap.error(f"--workloads {args.workloads!r}: only S1, S2, S3, S4, M1, V1")
     if not args.tiny and not torch.cuda.is_available():
         print("serve.py: no CUDA device (use --tiny to check the script on the CPU)", file=sys.stderr)
         return 2
@@ -827,6 +833,9 @@ def main() -> int:
         run_llama(args, sizes, workloads, device, dtype, ceil, res)
     if "M1" in workloads:
         run_mixtral(args, sizes, workloads, device, dtype, ceil, res)
+    if "V1" in workloads:
+        import serve_vl
+        serve_vl.run(args, device, dtype, res)
 
     header, table = build_table(res, workloads)
     command = "python bench/serve.py " + " ".join(sys.argv[1:])
