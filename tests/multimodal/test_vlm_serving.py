@@ -112,6 +112,22 @@ def test_llava_text_prompt_and_chat_template_placeholders(llava):
     assert_pool_whole(llm)
 
 
+def test_n_samples_share_the_image(llava):
+    """n=2: the second sample waits for the first's prompt blocks, then recomputes only the partial
+    last block, which holds image rows: they come from the encoder cache, not the encoder."""
+    path, hf = llava
+    image = random_image(56, 56, seed=9)
+    prompt = [BOS, 21, 22, LLAVA_IMAGE]  # 19 tokens expanded: the last block is partial and all image
+    want = _llava_expected(path, hf, _expand(prompt, LLAVA_IMAGE, [16]), [image], 6)
+    llm = tidal.LLM(path, block_size=BLOCK, num_kv_blocks=64)
+    out = llm.generate({"prompt_token_ids": prompt, "multi_modal_data": {"image": image}}, tidal.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=2),
+                       use_tqdm=False)[0]
+    assert [o.token_ids for o in out.outputs] == [want, want]
+    stats = llm.stats()
+    assert stats["encoder_runs"] == 1 and stats["encoder_cache_hits"] == 1
+    assert_pool_whole(llm)
+
+
 def test_preemption_recomputes_images_equal(llava):
     path, hf = llava
     images = [random_image(56, 56, seed=10 + i) for i in range(4)]

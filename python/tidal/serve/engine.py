@@ -158,6 +158,7 @@ class LLMEngine:
             self._mm_processor = MultiModalProcessor(
                 self.model, None if isinstance(config.model, torch.nn.Module) else config.model)
         self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
+        self._mm_prompts: dict[int, MultiModalPrompt] = {}  # seq id -> state, of unfinished multimodal requests
         self._mm_counts = {"encoder_runs": 0, "encoder_cache_hits": 0}
 
     # ---- requests --------------------------------------------------------------------------------
@@ -197,6 +198,8 @@ class LLMEngine:
                             detokenizer, [] if params.logprobs is not None else None)
             self._seqs[seq_id] = seq
             request.seqs.append(seq)
+            if multimodal is not None:
+                self._mm_prompts[seq_id] = multimodal
             stop = _sched.StopParams(params.max_tokens, min_tokens=params.min_tokens,
                                      stop_token_ids=params.stop_token_ids, eos_token_ids=self._eos_token_ids,
                                      ignore_eos=params.ignore_eos)
@@ -349,12 +352,8 @@ class LLMEngine:
         needs_sample = batch.needs_sample
         sample_ids = [s for s, need in zip(seq_ids, needs_sample.tolist()) if need]
         try:
-            mm = None
-            if self.is_multimodal:
-                requests = [self._seqs[s].request for s in seq_ids]
-                mm = gather_step_inputs(batch, [r.multimodal for r in requests],
-                                        [len(r.prompt_token_ids) for r in requests], self._encode_item,
-                                        self.model.uses_mrope)
+            mm = gather_step_inputs(batch, self._mm_prompts, self._encode_item, self.model.uses_mrope) \
+                if self._mm_prompts else None
             pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], mm)
             changed = self._process_lagged()  # overlaps the device's work on this step
             result = pending.result() if pending is not None else None
@@ -454,6 +453,7 @@ class LLMEngine:
         """Forgets a finished request (its blocks were freed by the scheduler already)."""
         for seq in request.seqs:
             self._seqs.pop(seq.seq_id, None)
+            self._mm_prompts.pop(seq.seq_id, None)
         self._requests.pop(request.request_id, None)
 
     def _collect(self, request_ids, return_unfinished: bool = True) -> list[RequestOutput]:

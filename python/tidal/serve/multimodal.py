@@ -236,52 +236,60 @@ def _is_frame_list(modality: str, value) -> bool:
     return not isinstance(first, (list, tuple, str, bytes)) and not (isinstance(first, np.ndarray) and first.ndim == 4)
 
 
-def gather_step_inputs(batch, prompts: list[MultiModalPrompt | None], num_prompt_tokens: list[int],
-                       encode, uses_mrope: bool) -> MultiModalStep | None:
+def gather_step_inputs(batch, prompts: dict[int, MultiModalPrompt], encode, uses_mrope: bool) -> MultiModalStep | None:
     """The multimodal inputs of one scheduled batch, or None when it needs none.
 
-    ``prompts[s]`` is the multimodal state of the batch's sequence ``s`` (None for a text prompt),
-    ``num_prompt_tokens[s]`` its prompt length; ``encode(item) -> embeddings`` returns an item's
-    embeddings (from a request's hold, the encoder cache, or the encoder). Shifts
-    ``batch.positions`` in place for decode tokens of multimodal prompts under M-RoPE.
+    ``prompts`` maps the sequence id of every unfinished multimodal request's sample to its state;
+    ``encode(prompt, index, item) -> embeddings`` returns an item's embeddings (from the request's
+    hold, the encoder cache, or the encoder). Under M-RoPE, decode tokens of multimodal prompts get
+    their 1-D position shifted in ``batch.positions`` (in place, vectorised); only sequences whose
+    chunk touches their prompt are looked at one by one.
     """
-    if all(p is None for p in prompts):
+    if not prompts:
+        return None
+    ids = batch.request_ids
+    seqs = np.flatnonzero(np.isin(ids, np.fromiter(prompts, dtype=np.int64, count=len(prompts))))
+    if seqs.size == 0:
         return None
     cu, positions = batch.cu_seqlens_q, batch.positions
-    rows: list[np.ndarray] = []
+    states = [prompts[int(ids[s])] for s in seqs]
+    lo, hi = cu[seqs].astype(np.int64), cu[seqs + 1].astype(np.int64)
+    n_prompt = np.fromiter((len(p.token_ids) for p in states), dtype=np.int64, count=len(states))
+    prefilling = positions[lo] < n_prompt  # the chunk starts inside the prompt
+    if uses_mrope and not prefilling.all():  # decode rows: idx + delta in all three components
+        dec = ~prefilling
+        deltas = np.fromiter((p.mrope_delta for p in states), dtype=np.int64, count=len(states))[dec]
+        counts = (hi - lo)[dec]
+        rows = np.repeat(lo[dec], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        positions[rows] += np.repeat(deltas, counts)
+    rows_out: list[np.ndarray] = []
     embeds: list[torch.Tensor] = []
     mrope_rows: list[tuple[int, int, np.ndarray]] = []
-    needs_3d = False
-    for s, prompt in enumerate(prompts):
-        if prompt is None:
-            continue
-        lo, hi = int(cu[s]), int(cu[s + 1])
-        if hi == lo:
-            continue
-        start, end = int(positions[lo]), int(positions[hi - 1]) + 1  # token indices of this chunk
+    for k in np.flatnonzero(prefilling):
+        prompt, a_lo, a_hi = states[k], int(lo[k]), int(hi[k])
+        start, end = int(positions[a_lo]), int(positions[a_hi - 1]) + 1  # token indices of this chunk
         for index, item in enumerate(prompt.items):
             a, b = max(start, item.offset), min(end, item.offset + item.num_tokens)
             if a >= b:
                 continue
             emb = encode(prompt, index, item)
-            rows.append(np.arange(lo + a - start, lo + b - start, dtype=np.int64))
+            rows_out.append(np.arange(a_lo + a - start, a_lo + b - start, dtype=np.int64))
             embeds.append(emb[a - item.offset:b - item.offset])
             if b == item.offset + item.num_tokens:
                 prompt.held.pop(index, None)  # consumed: later needs (a preemption) go to the cache
         if uses_mrope:
-            idx = positions[lo:hi].copy()
-            decode = idx >= num_prompt_tokens[s]
-            p3 = np.broadcast_to(idx + prompt.mrope_delta, (3, hi - lo)).copy()
+            idx = positions[a_lo:a_hi].copy()
+            decode = idx >= n_prompt[k]
+            p3 = np.broadcast_to(idx + prompt.mrope_delta, (3, a_hi - a_lo)).copy()
             p3[:, ~decode] = prompt.mrope[:, idx[~decode]]
-            mrope_rows.append((lo, hi, p3))
-            needs_3d = needs_3d or not decode.all()
-            positions[lo:hi] = np.where(decode, idx + prompt.mrope_delta, idx)
+            mrope_rows.append((a_lo, a_hi, p3))
+            positions[a_lo:a_hi] = np.where(decode, idx + prompt.mrope_delta, idx)
     pos3 = None
-    if needs_3d:  # text sequences' rows: their 1-D position in all three components
+    if mrope_rows:  # other rows: their (shifted) 1-D position in all three components
         pos3 = np.broadcast_to(positions, (3, len(positions))).copy()
-        for lo, hi, p3 in mrope_rows:
-            pos3[:, lo:hi] = p3
-    if not rows and pos3 is None:
+        for a_lo, a_hi, p3 in mrope_rows:
+            pos3[:, a_lo:a_hi] = p3
+    if not rows_out and pos3 is None:
         return None
-    return MultiModalStep(np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
+    return MultiModalStep(np.concatenate(rows_out) if rows_out else np.zeros(0, dtype=np.int64),
                           torch.cat(embeds) if embeds else None, pos3)
