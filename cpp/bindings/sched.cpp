@@ -215,6 +215,44 @@ void bind_scheduler(py::module_& m) {
           "waits for (n > 1 sampling); extra_keys holds one prefix-cache key per prompt block "
           "(image hashes of a multimodal prompt) or nothing.")
       .def(
+          "hold_blocks",
+          [](PyScheduler& self, int64_t request_id, int64_t hold_id) {
+            return locked(self, [&](Scheduler& s) { return s.hold_blocks(request_id, hold_id); });
+          },
+          py::arg("request_id"), py::arg("hold_id"),
+          "Keeps the request's blocks alive under hold_id (< 0) until release_blocks(hold_id); returns "
+          "the block table (disaggregated prefill).")
+      .def(
+          "reserve_blocks",
+          [](PyScheduler& self, int64_t request_id, int32_t num_tokens) {
+            return locked(self, [&](Scheduler& s) { return s.reserve_blocks(request_id, num_tokens); });
+          },
+          py::arg("request_id"), py::arg("num_tokens"),
+          "Allocates blocks for num_tokens tokens under a future request's id (disaggregated decode); "
+          "False when the pool lacks them.")
+      .def(
+          "release_blocks",
+          [](PyScheduler& self, int64_t id) {
+            locked(self, [&](Scheduler& s) {
+              s.release_blocks(id);
+              return 0;
+            });
+          },
+          py::arg("id"), "Frees blocks of hold_blocks() or reserve_blocks().")
+      .def(
+          "add_computed_request",
+          [](PyScheduler& self, int64_t request_id, Tokens token_ids, int32_t num_prompt_tokens,
+             int32_t num_computed_tokens, StopParams stop, int32_t priority) {
+            return locked(self, [&](Scheduler& s) {
+              return s.add_computed_request(request_id, std::move(token_ids), num_prompt_tokens,
+                                            num_computed_tokens, std::move(stop), priority);
+            });
+          },
+          py::arg("request_id"), py::arg("token_ids"), py::arg("num_prompt_tokens"),
+          py::arg("num_computed_tokens"), py::arg("stop"), py::arg("priority") = 0,
+          "A request whose first num_computed_tokens tokens' KV is in its reserved blocks: RUNNING at "
+          "once; False when max_num_seqs requests run already (disaggregated decode).")
+      .def(
           "schedule",
           [](PyScheduler& self) {
             py::gil_scoped_release nogil;

@@ -144,6 +144,14 @@ void KVCacheManager::cache_full_blocks(int64_t request_id, std::span<const int32
   state.num_hashed_blocks = std::max(state.num_hashed_blocks, num_full);
 }
 
+void KVCacheManager::share(int64_t src_id, int64_t dst_id) {
+  const RequestState& src = request(src_id);
+  TIDAL_CHECK(requests_.count(dst_id) == 0, "dst_id=", dst_id, " already holds blocks");
+  RequestState copy = src;
+  for (int32_t id : copy.block_table) pool_.add_ref(id);
+  requests_.emplace(dst_id, std::move(copy));
+}
+
 void KVCacheManager::free(int64_t request_id) {
   auto it = requests_.find(request_id);
   TIDAL_CHECK_INDEX(it != requests_.end(), "request_id=", request_id, " is not a known request");

@@ -49,7 +49,8 @@ void Scheduler::add_request(int64_t request_id, std::vector<int32_t> prompt_toke
                             StopParams stop, int32_t priority, int64_t share_prompt_with,
                             std::vector<uint64_t> extra_keys) {
   TIDAL_CHECK(request_id >= 0, "request_id=", request_id, " must be >= 0");
-  TIDAL_CHECK(!has_request(request_id), "request_id=", request_id, " is already known");
+  TIDAL_CHECK(!has_request(request_id) && reserved_.count(request_id) == 0, "request_id=", request_id,
+              " is already known");
   const size_t num_prompt = prompt_token_ids.size();
   TIDAL_CHECK(num_prompt >= 1, "prompt_token_ids of request_id=", request_id, " is empty");
   TIDAL_CHECK(num_prompt < static_cast<size_t>(config_.max_model_len), "prompt length=", num_prompt,
@@ -80,6 +81,75 @@ void Scheduler::add_request(int64_t request_id, std::vector<int32_t> prompt_toke
   QueueKey key = waiting_key(it->second);
   waiting_.insert(key);
   waiting_keys_[request_id] = key;
+}
+
+std::vector<int32_t> Scheduler::hold_blocks(int64_t request_id, int64_t hold_id) {
+  TIDAL_CHECK(hold_id < 0, "hold_id=", hold_id, " must be < 0");
+  TIDAL_CHECK(held_.count(hold_id) == 0, "hold_id=", hold_id, " is already in use");
+  kv_.share(request_id, hold_id);
+  held_.insert(hold_id);
+  return kv_.block_table(hold_id);
+}
+
+bool Scheduler::reserve_blocks(int64_t request_id, int32_t num_tokens) {
+  TIDAL_CHECK(request_id >= 0, "request_id=", request_id, " must be >= 0");
+  TIDAL_CHECK(!has_request(request_id) && reserved_.count(request_id) == 0, "request_id=", request_id,
+              " is already known");
+  TIDAL_CHECK(num_tokens >= 1, "num_tokens=", num_tokens, " must be >= 1");
+  if (!kv_.allocate(request_id, num_tokens)) return false;  // creates no table when it fails
+  reserved_.insert(request_id);
+  return true;
+}
+
+void Scheduler::release_blocks(int64_t id) {
+  const bool held = held_.erase(id) != 0;
+  const bool reserved = !held && reserved_.erase(id) != 0;
+  TIDAL_CHECK_INDEX(held || reserved, "id=", id, " holds no blocks of hold_blocks() or reserve_blocks()");
+  kv_.free(id);
+}
+
+bool Scheduler::add_computed_request(int64_t request_id, std::vector<int32_t> token_ids,
+                                     int32_t num_prompt_tokens, int32_t num_computed_tokens,
+                                     StopParams stop, int32_t priority) {
+  TIDAL_CHECK(reserved_.count(request_id) != 0, "request_id=", request_id,
+              " has no blocks reserved (reserve_blocks)");
+  const auto num_tokens = static_cast<int32_t>(token_ids.size());
+  TIDAL_CHECK(num_prompt_tokens >= 1 && num_prompt_tokens <= num_tokens, "num_prompt_tokens=",
+              num_prompt_tokens, " must be in [1, token_ids.size()=", num_tokens, "]");
+  TIDAL_CHECK(num_computed_tokens >= 1 && num_computed_tokens < num_tokens, "num_computed_tokens=",
+              num_computed_tokens, " must be in [1, token_ids.size()=", num_tokens, ")");
+  TIDAL_CHECK(num_tokens < config_.max_model_len, "token_ids.size()=", num_tokens, " of request_id=", request_id,
+              " must be < max_model_len=", config_.max_model_len);
+  for (size_t i = 0; i < token_ids.size(); ++i) {
+    TIDAL_CHECK(token_ids[i] >= 0, "token_ids[", i, "]=", token_ids[i], " of request_id=", request_id,
+                " must be >= 0");
+  }
+  TIDAL_CHECK(stop.max_tokens >= 1, "max_tokens=", stop.max_tokens, " must be >= 1");
+  TIDAL_CHECK(stop.min_tokens >= 0 && stop.min_tokens <= stop.max_tokens, "min_tokens=", stop.min_tokens,
+              " must be in [0, max_tokens=", stop.max_tokens, "]");
+  const int32_t num_outputs = num_tokens - num_prompt_tokens;
+  TIDAL_CHECK(num_outputs < stop.max_tokens, "request_id=", request_id, " already has ", num_outputs,
+              " output tokens: max_tokens=", stop.max_tokens, " leaves nothing to generate");
+  const int64_t have = static_cast<int64_t>(kv_.block_table(request_id).size()) * config_.block_size;
+  TIDAL_CHECK(have >= num_computed_tokens, "request_id=", request_id, " has blocks for ", have,
+              " tokens, fewer than num_computed_tokens=", num_computed_tokens);
+  if (running_.size() >= static_cast<size_t>(config_.max_num_seqs)) return false;
+
+  const int64_t capacity = std::min<int64_t>(config_.max_model_len,
+                                             static_cast<int64_t>(num_prompt_tokens) + stop.max_tokens);
+  std::vector<int32_t> prompt(token_ids.begin(), token_ids.begin() + num_prompt_tokens);
+  prompt.reserve(static_cast<size_t>(std::max<int64_t>(capacity, num_tokens)));
+  auto [it, inserted] = requests_.try_emplace(request_id, request_id, std::move(prompt), std::move(stop),
+                                              priority, next_arrival_++, -1);
+  Request& r = it->second;
+  r.token_ids_.insert(r.token_ids_.end(), token_ids.begin() + num_prompt_tokens, token_ids.end());
+  r.transition(RequestStatus::kRunning);
+  r.num_computed_tokens_ = num_computed_tokens;
+  r.num_cached_prompt_tokens_ = std::min(num_computed_tokens, num_prompt_tokens);
+  r.is_prompt_computed_ = num_computed_tokens >= num_prompt_tokens;
+  reserved_.erase(request_id);
+  insert_running(r);
+  return true;
 }
 
 Request& Scheduler::mut_request(int64_t request_id) {

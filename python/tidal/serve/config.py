@@ -16,7 +16,11 @@ class EngineConfig:
     tidal model already built (served in place, its weights shared); ``tokenizer`` a directory with
     tokenizer.json (default: the model's directory; none for a model object, which then takes token
     ids only). ``encoder_cache_bytes`` bounds a vision-language model's cache of image and video
-    embeddings (by content hash, least recently used out).
+    embeddings (by content hash, least recently used out). ``kv_role`` ("prefill" or "decode")
+    makes the engine one half of disaggregated serving (tidal.serve.disagg): KV blocks move between
+    the two through ``kv_connector`` ("torch": torch.distributed point-to-point, a prefill engine
+    hosting its bootstrap store on ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a
+    transfer not done within ``kv_transfer_timeout`` seconds fails its request.
     """
 
     model: "str | torch.nn.Module"
@@ -34,6 +38,11 @@ class EngineConfig:
     enforce_eager: bool = False
     tokenizer: str | None = None
     encoder_cache_bytes: int = 1 << 30
+    kv_role: str | None = None
+    kv_connector: str = "torch"
+    kv_host: str = "127.0.0.1"
+    kv_port: int = 0
+    kv_transfer_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -48,6 +57,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction!r} must be in (0, 1]")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be None or an integer >= 2")
+        if self.kv_role not in (None, "prefill", "decode"):
+            raise ValueError(f"kv_role={self.kv_role!r} must be None, 'prefill' or 'decode'")
+        if self.kv_connector not in ("torch", "nixl"):
+            raise ValueError(f"kv_connector={self.kv_connector!r} must be 'torch' or 'nixl'")
+        if not self.kv_transfer_timeout > 0:
+            raise ValueError(f"kv_transfer_timeout={self.kv_transfer_timeout!r} must be > 0")
         if not isinstance(self.encoder_cache_bytes, int) or self.encoder_cache_bytes < 0:
             raise ValueError(f"encoder_cache_bytes={self.encoder_cache_bytes!r} must be an integer >= 0")
         if not isinstance(self.enforce_eager, bool):

@@ -18,6 +18,7 @@ import torch
 from tidal import _core
 from tidal.models.loader import load_model, resolve_dtype
 from tidal.serve.config import EngineConfig, resolve_device
+from tidal.serve.disagg import KVTransfers
 from tidal.serve.model_runner import make_model_runner
 from tidal.serve.multimodal import EncoderCache, MultiModalProcessor, MultiModalPrompt, gather_step_inputs
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -77,6 +78,9 @@ class _Request:
     seqs: list[_Sequence] = field(default_factory=list)
     error: str | None = None
     multimodal: MultiModalPrompt | None = None
+    remote_decode: bool = False  # prefill role: hold the blocks for a decode engine
+    kv_hold: str | None = None  # the transfer id of those held blocks
+    kv_transfer_params: dict | None = None  # prefill role: what the decode engine needs
 
     @property
     def finished(self) -> bool:
@@ -85,7 +89,8 @@ class _Request:
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids),
                              [s.output() for s in self.seqs], self.finished, self.metrics, self.error,
-                             self.metrics.num_cached_tokens)
+                             self.metrics.num_cached_tokens,
+                             self.kv_transfer_params if self.finished else None)
 
 
 def _shared_model(model: torch.nn.Module, config: EngineConfig):
@@ -159,34 +164,50 @@ class LLMEngine:
                 self.model, None if isinstance(config.model, torch.nn.Module) else config.model)
         self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
         self._mm_prompts: dict[int, MultiModalPrompt] = {}  # seq id -> state, of unfinished multimodal requests
+        self.transfers: KVTransfers | None = None
+        if config.kv_role is not None:
+            if self.is_multimodal:
+                raise ValueError(f"kv_role={config.kv_role!r}: disaggregated serving of vision-language models is "
+                                 f"not supported")
+            self.transfers = KVTransfers(self, config)
         self._mm_counts = {"encoder_runs": 0, "encoder_cache_hits": 0}
 
     # ---- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: "str | list[int] | dict", params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, kv_transfer_params: dict | None = None) -> None:
         """Queues a prompt for generation: text, token ids, or (vLLM's shape) a dict with "prompt" or
         "prompt_token_ids", and for a vision-language model "multi_modal_data" ({"image": an image
         or a list, "video": frames, a file or a list}) and "mm_processor_kwargs" ({"fps": ...,
         "max_frames": ...} for videos read from files). Bad input is a ValueError naming it.
 
         ``priority`` matters under ``scheduling_policy="priority"``: lower values are served first and
-        preempted last (vLLM's convention)."""
+        preempted last (vLLM's convention). ``kv_transfer_params`` (disaggregated serving, see
+        tidal.serve.disagg): ``{"do_remote_decode": True}`` on a prefill engine; a prefill engine's
+        output ``kv_transfer_params`` on a decode engine."""
         params = params or SamplingParams()
+        if kv_transfer_params is not None:
+            self._check_transfer(kv_transfer_params, params)
         if self.is_sleeping:
             raise RuntimeError("the engine is asleep (its KV cache memory is released); call wake_up() first")
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
-        if not isinstance(prompt, ProcessedPrompt):
+        incoming = self.transfers is not None and self.transfers.role == "decode" and kv_transfer_params is not None
+        if incoming:  # the prompt's ids are the ones the prefill engine computed
+            prompt = ProcessedPrompt(prompt if isinstance(prompt, str) else None,
+                                     [int(t) for t in kv_transfer_params["prompt_token_ids"]])
+        elif not isinstance(prompt, ProcessedPrompt):
             prompt = self.process_prompt(prompt, params)
         prompt_text, prompt_ids, multimodal = prompt.text, prompt.token_ids, prompt.multimodal
         request = _Request(request_id, prompt_text, prompt_ids, params, RequestMetrics(time.monotonic()),
-                           multimodal=multimodal)
+                           multimodal=multimodal, remote_decode=kv_transfer_params is not None and not incoming)
         first_seq = -1
         for index in range(params.n):
             seq_id = next(self._seq_ids)
             seed = None
-            if not params.is_greedy:
+            if incoming and not params.is_greedy:
+                seed = kv_transfer_params.get("seed")  # the prefill engine's, so samples continue alike
+            elif not params.is_greedy:
                 seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
                 seed = seed if index == 0 else (seed * 1_000_003 + index) % (1 << 63)
             detokenizer = None
@@ -200,14 +221,38 @@ class LLMEngine:
             request.seqs.append(seq)
             if multimodal is not None:
                 self._mm_prompts[seq_id] = multimodal
-            stop = _sched.StopParams(params.max_tokens, min_tokens=params.min_tokens,
-                                     stop_token_ids=params.stop_token_ids, eos_token_ids=self._eos_token_ids,
-                                     ignore_eos=params.ignore_eos)
-            self.scheduler.add_request(seq_id, prompt_ids, stop, priority=priority, share_prompt_with=first_seq,
+            if incoming:
+                self.transfers.add(seq, kv_transfer_params, priority)
+                continue
+            self.scheduler.add_request(seq_id, prompt_ids, self.stop_params(params), priority=priority,
+                                       share_prompt_with=first_seq,
                                        extra_keys=multimodal.extra_keys if multimodal else [])
             if first_seq < 0:
                 first_seq = seq_id
         self._requests[request_id] = request
+
+    def stop_params(self, params: SamplingParams):
+        """The scheduler's stop conditions of a request with ``params``."""
+        return _sched.StopParams(params.max_tokens, min_tokens=params.min_tokens, stop_token_ids=params.stop_token_ids,
+                                 eos_token_ids=self._eos_token_ids, ignore_eos=params.ignore_eos)
+
+    def _check_transfer(self, kv_transfer_params: dict, params: SamplingParams) -> None:
+        if not isinstance(kv_transfer_params, dict):
+            raise ValueError(f"kv_transfer_params must be an object, got {type(kv_transfer_params).__name__}")
+        role = None if self.transfers is None else self.transfers.role
+        if role is None:
+            raise ValueError("kv_transfer_params given, but this engine serves with no kv_role (start it with "
+                             "kv_role='prefill' or 'decode')")
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: disaggregated serving takes one sample per request")
+        if role == "prefill":
+            if kv_transfer_params.get("do_remote_decode") is not True:
+                raise ValueError("a prefill engine takes kv_transfer_params={'do_remote_decode': true}")
+        else:
+            self.transfers.check_params(kv_transfer_params)
+            if params.max_tokens < 2:
+                raise ValueError(f"max_tokens={params.max_tokens}: the prefill engine's first token ends the request; "
+                                 f"a decode engine needs max_tokens >= 2")
 
     def process_prompt(self, prompt: "str | list[int] | dict", params: SamplingParams) -> ProcessedPrompt:
         """The prompt tokenized (and a multimodal one's items preprocessed, its placeholders
@@ -272,6 +317,8 @@ class LLMEngine:
         for seq in request.seqs:
             if seq.finish_reason is None:
                 self.scheduler.abort_request(seq.seq_id)
+                if self.transfers is not None:
+                    self.transfers.abort(seq.seq_id)
                 self._finish(seq, "abort")
         self._release(request)
         return True
@@ -339,9 +386,12 @@ class LLMEngine:
         strings, outputs) runs during the next step, while the GPU computes it: the scheduler and
         the samplers see every token at once, outputs arrive one step later. A step that finds
         nothing to schedule, or leaves nothing unfinished, flushes what is pending."""
+        arrived = self.transfers.poll() if self.transfers is not None else set()
         batch = self.scheduler.schedule()
         if batch.num_seqs == 0:
-            return self._collect(self._process_lagged(), return_unfinished)
+            if arrived == set() and self.transfers is not None and self.transfers.pending:
+                time.sleep(0.001)  # waiting on KV transfers alone: do not spin
+            return self._collect(self._process_lagged() | arrived, return_unfinished)
         now = time.monotonic()
         seq_ids = batch.request_ids.tolist()
         for seq_id in seq_ids:
@@ -358,7 +408,7 @@ class LLMEngine:
             changed = self._process_lagged()  # overlaps the device's work on this step
             result = pending.result() if pending is not None else None
         except Exception as e:  # the whole step failed: each of its sequences ends in error
-            changed = self._process_lagged()
+            changed = self._process_lagged() | arrived
             for seq_id in seq_ids:
                 seq = self._seqs.get(seq_id)
                 if seq is None or seq.finish_reason is not None:
@@ -368,9 +418,12 @@ class LLMEngine:
                 changed.add(seq.request.request_id)
             return self._collect(changed, return_unfinished)
 
+        changed |= arrived  # decode role: first tokens of requests whose KV arrived
         sampled = np.full(len(seq_ids), -1, dtype=np.int32)
         if result is not None:  # None: only prompt chunks that end before their last token
             sampled[needs_sample] = result.token_ids
+            if self.transfers is not None and self.transfers.role == "prefill":
+                self._hold_for_decode(sample_ids, result)
         finished = {f.request_id: _FINISH_REASONS[f.status] for f in self.scheduler.update(batch, sampled)}
         kept = []
         for row, seq_id in enumerate(sample_ids):
@@ -383,6 +436,32 @@ class LLMEngine:
         if not self.scheduler.has_unfinished_requests():
             changed |= self._process_lagged()
         return self._collect(changed, return_unfinished)
+
+    def _hold_for_decode(self, sample_ids: list[int], result) -> None:
+        """Prefill role: requests that sampled their first token keep their blocks for a decode
+        engine (before update() frees them)."""
+        for row, seq_id in enumerate(sample_ids):
+            seq = self._seqs.get(seq_id)
+            if seq is not None and seq.request.remote_decode and seq.request.kv_hold is None \
+                    and seq.finish_reason is None:
+                self.transfers.hold(seq, result.token_ids[row], result.logprobs[row])
+
+    def poll_transfers(self) -> list[RequestOutput]:
+        """Advances KV transfers between steps (an engine with held blocks and nothing to run)."""
+        if self.transfers is None:
+            return []
+        return self._collect(self.transfers.poll())
+
+    @property
+    def has_pending_transfers(self) -> bool:
+        return self.transfers is not None and self.transfers.pending
+
+    def append_first_token(self, seq: _Sequence, token_id: int, logprobs) -> None:
+        """Decode role: the prefill engine's first token, as this engine's first output."""
+        self._append_token(seq, token_id, logprobs, None, time.monotonic())
+
+    def fail_sequence(self, seq: _Sequence, message: str) -> None:
+        self._fail(seq, message)
 
     def _process_lagged(self) -> set[str]:
         """The bookkeeping of the last step's tokens; returns the ids of the requests it changed."""
@@ -442,6 +521,8 @@ class LLMEngine:
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         seq.finish_reason = reason
+        if self.transfers is not None and seq.request.kv_hold is not None:
+            self.transfers.on_finish(seq.request, reason)
         if seq.request.finished:
             seq.request.metrics.finished_time = time.monotonic()
 

@@ -67,6 +67,12 @@ class KVPool:
         self.caches = [(caches[i, 0], caches[i, 1]) for i in range(model.num_layers)]
         self.is_released = False
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """The whole pool as bytes, ``[num_layers, 2, num_blocks, block_bytes]`` flattened (what a KV
+        connector registers)."""
+        return self._flat
+
     def release(self) -> None:
         """Gives the memory back once the device's pending work is done; the contents are lost."""
         if self.is_released:

@@ -51,3 +51,4 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None  # why the request failed, when a sample's finish_reason is "error"
     num_cached_tokens: int = field(default=0)
+    kv_transfer_params: dict | None = None  # disaggregated prefill: what a decode engine needs (finished only)

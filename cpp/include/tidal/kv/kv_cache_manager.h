@@ -66,6 +66,11 @@ class KVCacheManager {
   void cache_full_blocks(int64_t request_id, std::span<const int32_t> token_ids, int32_t num_tokens,
                          std::span<const uint64_t> extra_keys = {});
 
+  /// Gives `dst_id` (new) the block table of `src_id`, each block gaining a reference: the blocks
+  /// outlive free(src_id) until free(dst_id). std::out_of_range for an unknown `src_id`,
+  /// std::invalid_argument for a known `dst_id`.
+  void share(int64_t src_id, int64_t dst_id);
+
   /// Releases the request's blocks last block first, so a prompt's tail is evicted before its shared
   /// head; blocks reaching ref_count 0 go to the free-list tail and keep their hash. Unknown id:
   /// std::out_of_range.

@@ -9,6 +9,7 @@
 #include <set>
 #include <span>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "tidal/kv/kv_cache_manager.h"
@@ -87,6 +88,32 @@ class Scheduler {
   void add_request(int64_t request_id, std::vector<int32_t> prompt_token_ids, StopParams stop,
                    int32_t priority = 0, int64_t share_prompt_with = -1,
                    std::vector<uint64_t> extra_keys = {});
+
+  // ---- disaggregated serving ----
+  /// Prefill side: keeps the blocks of `request_id` (its computed KV) alive under `hold_id` (< 0, a
+  /// namespace apart from request ids) past the request's end, until release_blocks(hold_id), so
+  /// a decode engine can read them. Returns the block table. std::invalid_argument for
+  /// hold_id >= 0 or one in use, std::out_of_range when the request holds no blocks.
+  std::vector<int32_t> hold_blocks(int64_t request_id, int64_t hold_id);
+
+  /// Decode side: allocates blocks for `num_tokens` tokens under `request_id` (not yet a request)
+  /// for KV received from a prefill engine; false (nothing changed) when the pool lacks them.
+  /// std::invalid_argument for a negative or known id or num_tokens < 1.
+  bool reserve_blocks(int64_t request_id, int32_t num_tokens);
+
+  /// Frees blocks held (hold_blocks) or reserved (reserve_blocks) and not taken by
+  /// add_computed_request. std::out_of_range for an id that is neither.
+  void release_blocks(int64_t id);
+
+  /// Decode side: a request whose first `num_computed_tokens` tokens have their KV in the blocks
+  /// reserved under `request_id`. `token_ids` holds the prompt (`num_prompt_tokens`) then the output
+  /// tokens already generated elsewhere (the prefill engine's first token); it runs at once (RUNNING,
+  /// scheduled from num_computed_tokens on). Returns false, changing nothing, when max_num_seqs
+  /// requests run already. std::invalid_argument (naming it) for an id not reserved, blocks that do
+  /// not cover num_computed_tokens, num_computed_tokens not in [1, token_ids.size()), outputs
+  /// reaching max_tokens or max_model_len, or bad stop params as in add_request.
+  bool add_computed_request(int64_t request_id, std::vector<int32_t> token_ids, int32_t num_prompt_tokens,
+                            int32_t num_computed_tokens, StopParams stop, int32_t priority = 0);
 
   /// Plans one step (see ARCHITECTURE.md "Serving path"). Removes the requests finished since the
   /// last call, schedules running requests in running order (growing their block tables, preempting
@@ -174,6 +201,8 @@ class Scheduler {
   std::set<QueueKey> waiting_;    // waiting and preempted requests, admission order
   std::unordered_map<int64_t, QueueKey> waiting_keys_;
   std::vector<int64_t> finished_;  // finished since the last schedule(), removed by the next
+  std::unordered_set<int64_t> held_;      // hold ids of hold_blocks()
+  std::unordered_set<int64_t> reserved_;  // request ids of reserve_blocks() not yet added
   int64_t next_arrival_ = 0;
   int64_t next_front_ = -1;  // FCFS: minor key of the next preempted request, decreasing
   int64_t num_preemptions_ = 0;

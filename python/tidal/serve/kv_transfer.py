@@ -1,0 +1,400 @@
+"""KV-cache transfer between a prefill engine and a decode engine (disaggregated serving).
+
+A prefill engine keeps a finished prompt's blocks (held by the scheduler) until a decode engine has
+read them; the decode engine reserves blocks of its own and reads the prefill engine's blocks into
+them, all layers' keys and values of all the request's blocks in one transfer. Two connectors behind
+one interface:
+
+- :class:`NixlConnector`: NIXL (UCX underneath: GPU memory directly where the hardware allows, host
+  memory over TCP or shared memory otherwise). Each engine registers its whole KV pool once; the
+  decode engine issues one READ of the request's block segments and the prefill engine learns of
+  its end through NIXL's notification carrying the transfer id.
+- :class:`TorchConnector`: torch.distributed point-to-point (Gloo; NCCL for GPU pools) over a
+  two-rank group per engine pair, bootstrapped through a TCPStore the prefill engine hosts. The
+  decode engine sends the transfer id and block ids; the prefill engine answers with the blocks.
+  It is the test reference and the fallback where NIXL is not installed.
+
+Both copy the same bytes: the pool is one allocation ``[num_layers, 2, num_blocks, block_bytes]``
+(tidal.serve.model_runner.KVPool), so a block of one layer's keys is one contiguous segment.
+Connectors are driven by the engine thread (``start_read``, ``poll_reads``, ``poll_done``);
+their own threads only move bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CONNECTORS = ("torch", "nixl")
+
+
+class KVTransferError(RuntimeError):
+    """A transfer failed: the peer is gone, timed out, or no longer holds the blocks."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What both ends must agree on for their blocks to be interchangeable."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def of(cls, model, block_size: int) -> "KVLayout":
+        return cls(model.num_layers, block_size, model.num_kv_heads, model.head_dim, str(model.dtype))
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.num_kv_heads * self.head_dim * torch.empty((), dtype=_dtype(self.dtype)).element_size()
+
+    def check(self, remote: dict, engine: str) -> None:
+        theirs = KVLayout(**remote)
+        if theirs != self:
+            raise KVTransferError(f"engine {engine!r} has KV layout {theirs}, this engine {self}: serve the same "
+                                  f"model with the same dtype and block_size on both")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+class KVConnector:
+    """The interface the engine drives. Prefill side: :meth:`publish`, :meth:`poll_done`,
+    :meth:`unpublish`; decode side: :meth:`start_read`, :meth:`poll_reads`; both: :meth:`info`
+    (what a peer needs, JSON-able) and :meth:`close`."""
+
+    kind = ""
+
+    def __init__(self, flat: torch.Tensor, layout: KVLayout, num_blocks: int, engine_id: str, timeout: float):
+        self.flat, self.layout, self.num_blocks = flat, layout, num_blocks
+        self.engine_id, self.timeout = engine_id, timeout
+        self._published: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    # ---- prefill side ----
+    def publish(self, transfer_id: str, block_ids: list[int]) -> None:
+        with self._lock:
+            self._published[transfer_id] = list(block_ids)
+
+    def unpublish(self, transfer_id: str) -> None:
+        with self._lock:
+            self._published.pop(transfer_id, None)
+
+    def poll_done(self) -> list[str]:
+        """Transfer ids whose blocks a decode engine has finished reading."""
+        raise NotImplementedError
+
+    # ---- decode side ----
+    def start_read(self, transfer_id: str, remote: dict, remote_blocks: list[int], local_blocks: list[int]) -> None:
+        raise NotImplementedError
+
+    def poll_reads(self) -> list[tuple[str, str | None]]:
+        """(transfer id, None or the error) of each read that ended since the last call."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # ---- helpers ----
+    def block_view(self) -> torch.Tensor:
+        """The pool as ``[2 * num_layers, num_blocks, block_bytes]`` bytes."""
+        return self.flat.view(2 * self.layout.num_layers, self.num_blocks, self.layout.block_bytes)
+
+
+# ---- NIXL -------------------------------------------------------------------------------------------
+
+
+def nixl_available() -> bool:
+    try:
+        import nixl._api  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class NixlConnector(KVConnector):
+    kind = "nixl"
+
+    def __init__(self, flat, layout, num_blocks, engine_id, timeout):
+        super().__init__(flat, layout, num_blocks, engine_id, timeout)
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+        except Exception as e:
+            raise ImportError(f"kv_connector='nixl' needs NIXL (pip install nixl): {type(e).__name__}: {e}; "
+                              f"kv_connector='torch' needs nothing more") from None
+        self._agent = nixl_agent(engine_id, nixl_agent_config(backends=["UCX"]))
+        self._mem = "VRAM" if flat.is_cuda else "DRAM"
+        self._device = (flat.device.index or 0) if flat.is_cuda else 0
+        self._agent.register_memory(flat)
+        self._remotes: dict[str, str] = {}  # engine id -> agent name
+        self._reads: dict[str, tuple[object, float]] = {}  # transfer id -> (handle, deadline)
+
+    def info(self) -> dict:
+        return {"kind": "nixl", "engine_id": self.engine_id, "layout": vars(self.layout), "num_blocks": self.num_blocks,
+                "base": self.flat.data_ptr(), "device": self._device, "mem": self._mem,
+                "metadata": base64.b64encode(self._agent.get_agent_metadata()).decode()}
+
+    def _descs(self, segs: np.ndarray, device: int, mem: str):
+        """NIXL descriptors of ``segs`` ([n, 2] address, length) on ``device``."""
+        rows = np.column_stack([segs[:, 0], segs[:, 1], np.full(len(segs), device, dtype=np.int64)])
+        return self._agent.get_xfer_descs(rows, mem)
+
+    def start_read(self, transfer_id, remote, remote_blocks, local_blocks):
+        if len(remote_blocks) != len(local_blocks):
+            raise KVTransferError(f"{len(remote_blocks)} remote blocks for {len(local_blocks)} local ones")
+        self.layout.check(remote["layout"], remote["engine_id"])
+        name = self._remotes.get(remote["engine_id"])
+        if name is None:
+            name = self._agent.add_remote_agent(base64.b64decode(remote["metadata"]))
+            self._remotes[remote["engine_id"]] = name
+        # one READ of every (layer, keys or values, block) segment; the two pools differ in size, so
+        # each side's addresses follow its own num_blocks
+        local = self._block_segments(local_blocks, self.num_blocks, self.flat.data_ptr())
+        far = self._block_segments(remote_blocks, int(remote["num_blocks"]), int(remote["base"]))
+        handle = self._agent.initialize_xfer(
+            "READ", self._descs(local, self._device, self._mem), self._descs(far, int(remote["device"]), remote["mem"]),
+            name, transfer_id.encode())
+        state = self._agent.transfer(handle)
+        if state == "ERR":
+            raise KVTransferError(f"NIXL could not start the read of transfer {transfer_id}")
+        self._reads[transfer_id] = (handle, time.monotonic() + self.timeout)
+
+    def _block_segments(self, block_ids: list[int], num_blocks: int, base: int) -> np.ndarray:
+        """One (address, length) per (plane, block): both sides list them in the same order."""
+        bb = self.layout.block_bytes
+        ids = np.asarray(block_ids, dtype=np.int64)
+        planes = np.arange(2 * self.layout.num_layers, dtype=np.int64)[:, None]
+        offsets = (planes * num_blocks + ids[None, :]) * bb + base
+        return np.stack([offsets.reshape(-1), np.full(offsets.size, bb, dtype=np.int64)], axis=1)
+
+    def poll_reads(self):
+        ended = []
+        now = time.monotonic()
+        for transfer_id, (handle, deadline) in list(self._reads.items()):
+            state = self._agent.check_xfer_state(handle)
+            if state == "PROC" and now < deadline:
+                continue
+            error = None if state == "DONE" else (
+                f"NIXL read of transfer {transfer_id} failed" if state == "ERR" else
+                f"NIXL read of transfer {transfer_id} timed out after {self.timeout:.0f} s")
+            if state in ("DONE", "ERR"):
+                self._agent.release_xfer_handle(handle)
+            ended.append((transfer_id, error))
+            del self._reads[transfer_id]
+        return ended
+
+    def poll_done(self):
+        done = []
+        for messages in self._agent.get_new_notifs().values():
+            done.extend(m.decode() for m in messages)
+        return done
+
+    def close(self):
+        self._reads.clear()
+
+
+# ---- torch.distributed ------------------------------------------------------------------------------
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class TorchConnector(KVConnector):
+    """torch.distributed send/recv over one two-rank group per (prefill, decode) engine pair."""
+
+    kind = "torch"
+    _OK, _UNKNOWN = 0, 1
+
+    def __init__(self, flat, layout, num_blocks, engine_id, timeout, host: str = "127.0.0.1", port: int = 0,
+                 serve: bool = False):
+        super().__init__(flat, layout, num_blocks, engine_id, timeout)
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.host = host
+        self._done: queue.Queue[str] = queue.Queue()
+        self._ended: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self._pairs: dict[str, _Pair] = {}
+        self._closed = threading.Event()
+        self._store = None
+        if serve:  # the prefill side hosts the store its decode peers bootstrap through
+            self.port = port or _free_port(host)
+            self._store = dist.TCPStore(host, self.port, is_master=True, wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=timeout))
+            self._store.add("peers", 0)
+            threading.Thread(target=self._accept, name="tidal-kv-accept", daemon=True).start()
+        else:
+            self.port = 0
+
+    def info(self) -> dict:
+        return {"kind": "torch", "engine_id": self.engine_id, "layout": vars(self.layout), "num_blocks": self.num_blocks,
+                "host": self.host, "port": self.port}
+
+    def _group(self, store, rank: int):
+        backend = "nccl" if self.flat.is_cuda else "gloo"
+        prefix = self._dist.PrefixStore("g", store)
+        timeout = datetime.timedelta(seconds=self.timeout)
+        if backend == "gloo":
+            return self._dist.ProcessGroupGloo(prefix, rank, 2, timeout)
+        options = self._dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return self._dist.ProcessGroupNCCL(prefix, rank, 2, options)
+
+    # ---- prefill side: answer reads ----
+    def _accept(self) -> None:
+        seen = 0
+        while not self._closed.is_set():
+            try:
+                count = self._store.add("peers", 0)
+            except Exception:
+                return
+            while seen < count:
+                seen += 1
+                peer = self._store.get(f"peer/{seen}").decode()
+                threading.Thread(target=self._serve_peer, args=(peer,), name=f"tidal-kv-{peer}", daemon=True).start()
+            time.sleep(0.02)
+
+    def _serve_peer(self, peer: str) -> None:
+        try:
+            group = self._group(self._dist.PrefixStore(f"pair/{peer}", self._store), 0)
+            view = self.block_view()
+            while not self._closed.is_set():
+                header = torch.zeros(2, dtype=torch.int64)
+                group.recv([header], 1, 0).wait()
+                n, id_len = int(header[0]), int(header[1])
+                ids, name = torch.empty(n, dtype=torch.int64), torch.empty(id_len, dtype=torch.uint8)
+                group.recv([ids], 1, 1).wait()
+                group.recv([name], 1, 2).wait()
+                transfer_id = bytes(name.tolist()).decode()
+                with self._lock:
+                    blocks = self._published.get(transfer_id)
+                reply = torch.tensor([self._OK if blocks is not None and blocks[:n] == ids.tolist() else self._UNKNOWN])
+                group.send([reply.to(self.flat.device)], 1, 3).wait()
+                if int(reply[0]) != self._OK:
+                    continue
+                payload = view[:, ids.to(self.flat.device)].contiguous()  # [planes, n, block_bytes]
+                group.send([payload], 1, 4).wait()
+                self._done.put(transfer_id)
+        except Exception:  # the decode engine went away: its reads fail on its side; holds time out here
+            return
+
+    def poll_done(self):
+        done = []
+        while not self._done.empty():
+            done.append(self._done.get_nowait())
+        return done
+
+    # ---- decode side: read ----
+    def start_read(self, transfer_id, remote, remote_blocks, local_blocks):
+        if len(remote_blocks) != len(local_blocks):
+            raise KVTransferError(f"{len(remote_blocks)} remote blocks for {len(local_blocks)} local ones")
+        self.layout.check(remote["layout"], remote["engine_id"])
+        pair = self._pairs.get(remote["engine_id"])
+        if pair is None or not pair.alive:
+            pair = _Pair(self, remote)
+            self._pairs[remote["engine_id"]] = pair
+        pair.jobs.put((transfer_id, list(remote_blocks), list(local_blocks)))
+
+    def poll_reads(self):
+        ended = []
+        while not self._ended.empty():
+            ended.append(self._ended.get_nowait())
+        return ended
+
+    def close(self):
+        self._closed.set()
+        for pair in self._pairs.values():
+            pair.jobs.put(None)
+
+
+class _Pair:
+    """The decode side of one engine pair: a thread that bootstraps the group, then reads in order."""
+
+    def __init__(self, connector: TorchConnector, remote: dict):
+        self.connector, self.remote = connector, remote
+        self.jobs: queue.Queue = queue.Queue()
+        self.alive = True
+        threading.Thread(target=self._run, name=f"tidal-kv-read-{remote['engine_id']}", daemon=True).start()
+
+    def _fail_all(self, message: str, first: str | None = None) -> None:
+        self.alive = False
+        if first is not None:
+            self.connector._ended.put((first, message))
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self.connector._ended.put((job[0], message))
+
+    def _run(self) -> None:
+        c, dist = self.connector, self.connector._dist
+        me = f"{c.engine_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            store = dist.TCPStore(self.remote["host"], int(self.remote["port"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=c.timeout))
+            n = store.add("peers", 1)
+            store.set(f"peer/{n}", me)
+            group = c._group(dist.PrefixStore(f"pair/{me}", store), 1)
+        except Exception as e:
+            self._fail_all(f"cannot reach the prefill engine {self.remote['engine_id']!r} at "
+                           f"{self.remote['host']}:{self.remote['port']}: {type(e).__name__}: {e}")
+            return
+        view = c.block_view()
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            transfer_id, remote_blocks, local_blocks = job
+            try:
+                name = torch.frombuffer(bytearray(transfer_id.encode()), dtype=torch.uint8)
+                group.send([torch.tensor([len(remote_blocks), name.numel()], dtype=torch.int64)], 0, 0).wait()
+                group.send([torch.tensor(remote_blocks, dtype=torch.int64)], 0, 1).wait()
+                group.send([name], 0, 2).wait()
+                reply = torch.zeros(1, dtype=torch.int64, device=c.flat.device)
+                group.recv([reply], 0, 3).wait()
+                if int(reply[0]) != TorchConnector._OK:
+                    c._ended.put((transfer_id, f"the prefill engine no longer holds the blocks of transfer "
+                                               f"{transfer_id} (it timed out or was released)"))
+                    continue
+                payload = torch.empty(view.shape[0], len(remote_blocks), view.shape[2], dtype=torch.uint8,
+                                      device=c.flat.device)
+                group.recv([payload], 0, 4).wait()
+                view[:, torch.tensor(local_blocks, device=c.flat.device)] = payload
+                c._ended.put((transfer_id, None))
+            except Exception as e:
+                self._fail_all(f"reading transfer {transfer_id} from the prefill engine "
+                               f"{self.remote['engine_id']!r} failed: {type(e).__name__}: {e}", transfer_id)
+                return
+
+
+def make_connector(kind: str, pool, model, block_size: int, engine_id: str, timeout: float, role: str,
+                   host: str = "127.0.0.1", port: int = 0) -> KVConnector:
+    """The connector ``kind`` ("torch" or "nixl") over the engine's KV pool."""
+    if kind not in CONNECTORS:
+        raise ValueError(f"kv_connector={kind!r} must be one of {CONNECTORS}")
+    layout = KVLayout.of(model, block_size)
+    num_blocks = pool.caches[0][0].shape[0]
+    if kind == "nixl":
+        return NixlConnector(pool.flat, layout, num_blocks, engine_id, timeout)
+    return TorchConnector(pool.flat, layout, num_blocks, engine_id, timeout, host=host, port=port,
+                          serve=role == "prefill")
