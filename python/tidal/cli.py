@@ -116,11 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most images and videos in one request (default 8)")
     serve.add_argument("--encoder-cache-bytes", type=int, default=1 << 30,
                        help="bound of the cache of image and video embeddings (default 1 GiB)")
+    serve.add_argument("--role", choices=["prefill", "decode", "router"], default=None,
+                       help="disaggregated serving: a prefill or decode engine, or the router in front of them")
+    serve.add_argument("--prefill", action="append", default=[], metavar="URL",
+                       help="router: a prefill engine's base URL (repeat for several)")
+    serve.add_argument("--decode", action="append", default=[], metavar="URL",
+                       help="router: a decode engine's base URL (repeat for several)")
+    serve.add_argument("--kv-connector", choices=["torch", "nixl"], default="torch",
+                       help="how KV blocks move between engines (default torch: torch.distributed; nixl: NIXL)")
+    serve.add_argument("--kv-host", default=None,
+                       help="prefill engine: the address decode engines reach its KV store at (default: --host)")
+    serve.add_argument("--kv-port", type=int, default=0, help="prefill engine: its KV store's port (default: free)")
+    serve.add_argument("--kv-transfer-timeout", type=float, default=30.0,
+                       help="seconds a KV transfer may take before its request fails (default 30)")
     _add_engine_args(serve, serve=True)
     return parser
 
 
 # ---- commands ----------------------------------------------------------------------------------
+
+def _serve_router(args) -> int:
+    if args.model is not None:
+        raise CLIError("--role router serves no model: give the engines with --prefill URL and --decode URL")
+    if not args.prefill or not args.decode:
+        raise CLIError("--role router needs at least one --prefill URL and one --decode URL")
+    for url in args.prefill + args.decode:
+        if not url.startswith(("http://", "https://")):
+            raise CLIError(f"engine URL {url!r} must start with http:// or https://")
+    from tidal.serve.router import run_router
+
+    run_router(args.prefill, args.decode, host=args.host, port=args.port, api_key=args.api_key,
+               served_model_name=args.served_model_name)
+    return 0
+
 
 def _check_model_dir(path: str) -> None:
     if not os.path.isdir(path):
@@ -191,6 +219,10 @@ def _kv_blocks_for_one(model: str, max_model_len: int | None, block_size: int = 
 
 
 def cmd_serve(args) -> int:
+    if args.role == "router":
+        return _serve_router(args)
+    if args.prefill or args.decode:
+        raise CLIError("--prefill and --decode are the router's (--role router)")
     model = args.model
     if model is None:
         from tidal import demo
@@ -208,7 +240,9 @@ def cmd_serve(args) -> int:
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                               seed=args.seed, enforce_eager=args.enforce_eager,
-                              encoder_cache_bytes=args.encoder_cache_bytes)
+                              encoder_cache_bytes=args.encoder_cache_bytes, kv_role=args.role,
+                              kv_connector=args.kv_connector, kv_host=args.kv_host or args.host,
+                              kv_port=args.kv_port, kv_transfer_timeout=args.kv_transfer_timeout)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.max_media_per_prompt < 0:

@@ -88,3 +88,18 @@ def test_argument_errors_exit_2():
     assert r.returncode == 2 and "invalid int value" in r.stderr
     r = _run()
     assert r.returncode == 2
+
+
+def test_serve_role_errors(tiny_model):
+    cases = [
+        (("serve", "--role", "router", "--decode", "http://127.0.0.1:1"), "at least one --prefill URL"),
+        (("serve", tiny_model, "--role", "router", "--prefill", "http://a:1", "--decode", "http://b:1"),
+         "serves no model"),
+        (("serve", "--role", "router", "--prefill", "a:1", "--decode", "http://b:1"), "must start with http://"),
+        (("serve", tiny_model, "--prefill", "http://a:1"), "the router's"),
+    ]
+    for args, match in cases:
+        r = _run(*args)
+        assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = _run("serve", "--role", "middle")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -194,6 +194,50 @@ def test_extra_keys_separate_equal_prompts_with_different_images():
     check_pool_whole(s)
 
 
+def test_disaggregated_hold_reserve_and_computed_requests():
+    """Prefill side: a finished request's blocks live on under a hold until released. Decode side:
+    reserved blocks become a running request's with its KV computed; it is scheduled from its first
+    output token on. Errors name the argument; the pool is whole after each path."""
+    s = make(max_num_seqs=2)
+    prompt = list(range(100, 110))  # 10 tokens: 3 blocks
+    s.add_request(1, prompt, sched.StopParams(1))
+    out = s.schedule()
+    with pytest.raises(ValueError, match="hold_id=5 must be < 0"):
+        s.hold_blocks(1, 5)
+    table = s.hold_blocks(1, -1)  # between schedule() and the update() that ends the request
+    with pytest.raises(ValueError, match="hold_id=-1 is already in use"):
+        s.hold_blocks(1, -1)
+    assert len(table) == 3
+    s.update(out, np.array([7], dtype=np.int32))
+    s.schedule()  # request 1 finished (max_tokens=1): its blocks stay held
+    assert s.kv_cache.num_blocks_used == 3 and all(s.kv_cache.ref_count(b) == 1 for b in table)
+    s.release_blocks(-1)
+    check_pool_whole(s)
+
+    assert s.reserve_blocks(7, 10) and len(s.kv_cache.block_table(7)) == 3
+    with pytest.raises(ValueError, match="request_id=7 is already known"):
+        s.add_request(7, [1, 2], sched.StopParams(2))
+    with pytest.raises(ValueError, match="num_computed_tokens=11 must be in"):
+        s.add_computed_request(7, prompt + [5], 10, 11, sched.StopParams(4))
+    with pytest.raises(ValueError, match="already has 1 output tokens: max_tokens=1"):
+        s.add_computed_request(7, prompt + [5], 10, 10, sched.StopParams(1))
+    with pytest.raises(ValueError, match="request_id=8 has no blocks reserved"):
+        s.add_computed_request(8, prompt + [5], 10, 10, sched.StopParams(4))
+    assert s.add_computed_request(7, prompt + [5], 10, 10, sched.StopParams(3))
+    r = s.request(7)
+    assert r.status == S.RUNNING and r.num_computed_tokens == 10 and r.num_output_tokens == 1
+    out, _ = step(s)
+    assert out.request_ids.tolist() == [7] and out.input_ids.tolist() == [5] and out.positions.tolist() == [10]
+    assert out.needs_sample.tolist() == [True]
+    drain(s)
+    assert s.reserve_blocks(9, 4)
+    s.release_blocks(9)
+    with pytest.raises(IndexError, match="id=9 holds no blocks"):
+        s.release_blocks(9)
+    assert not s.reserve_blocks(10, 33 * 4)  # more than the pool
+    check_pool_whole(s)
+
+
 @pytest.mark.parametrize(
     "stop, tokens, max_model_len, status, num_out",
     [

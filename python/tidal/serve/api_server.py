@@ -439,14 +439,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             out.append((processed, per))
         return out
 
-    def start(prepared, request_id: str) -> _Inflight:
+    def start(prepared, request_id: str, kv_transfer_params: dict | None = None) -> _Inflight:
         item = _Inflight()
 
         async def consume(index: int, ids: ProcessedPrompt, params: SamplingParams):
             last = None
             reason = "abort"
             try:
-                async for output in engine.generate(ids, params, request_id=f"{request_id}-{index}"):
+                async for output in engine.generate(ids, params, request_id=f"{request_id}-{index}",
+                                                    kv_transfer_params=kv_transfer_params):
                     last = output
                     item.queue.put_nowait((index, output))
                 if last is not None and last.finished:
@@ -544,7 +545,18 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
         now = int(time.time())
-        item = start(prepared, request_id)
+        kv_transfer_params = body.get("kv_transfer_params")  # disaggregated serving: set by the router
+        if kv_transfer_params is not None:
+            if core.transfers is None:
+                raise ApiError(400, "kv_transfer_params given, but this server runs no prefill or decode role",
+                               param="kv_transfer_params")
+            if len(prepared) != 1:
+                raise ApiError(400, "disaggregated serving takes one prompt per request", param="prompt")
+            try:
+                core.check_transfer_params(kv_transfer_params, prepared[0][1])
+            except ValueError as e:
+                raise ApiError(400, str(e), param="kv_transfer_params") from None
+        item = start(prepared, request_id, kv_transfer_params)
 
         if not stream:
             finals: dict[int, RequestOutput] = {}
@@ -566,8 +578,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                                         "logprobs": completion_logprobs(sample, 0, 0) if want_logprobs else None,
                                         "finish_reason": sample.finish_reason,
                                         "stop_reason": sample.stop_reason})
-            return JSONResponse({"id": request_id, "object": obj, "created": now, "model": served_model_name,
-                                 "choices": choices, "usage": usage(prepared, finals)})
+            response = {"id": request_id, "object": obj, "created": now, "model": served_model_name,
+                        "choices": choices, "usage": usage(prepared, finals)}
+            if core.transfers is not None and core.transfers.role == "prefill" and kv_transfer_params is not None:
+                response["kv_transfer_params"] = finals[0].kv_transfer_params
+            return JSONResponse(response)
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 

@@ -36,7 +36,8 @@ class AsyncLLMEngine:
     # ---- public ----------------------------------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's output each time it advances; the last one has ``finished`` set.
 
         Bad input raises ValueError before anything is queued. Leaving the iteration early (a
@@ -47,9 +48,11 @@ class AsyncLLMEngine:
         if request_id in self._queues:
             raise ValueError(f"request_id={request_id!r} is already in use")
         processed = self.engine.process_prompt(prompt, params)
+        if kv_transfer_params is not None:
+            self.engine.check_transfer_params(kv_transfer_params, params)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._pending_adds.append((request_id, processed, params, priority))
+        self._pending_adds.append((request_id, processed, params, priority, kv_transfer_params))
         self._ensure_loop()
         finished = False
         try:
@@ -106,12 +109,12 @@ class AsyncLLMEngine:
         while self._pending_aborts:
             self.engine.abort_request(self._pending_aborts.pop(0))
         while self._pending_adds:
-            request_id, processed, params, priority = self._pending_adds.pop(0)
+            request_id, processed, params, priority, kv_transfer_params = self._pending_adds.pop(0)
             queue = self._queues.get(request_id)
             if queue is None:  # aborted before it started
                 continue
             try:
-                self.engine.add_request(request_id, processed, params, priority)
+                self.engine.add_request(request_id, processed, params, priority, kv_transfer_params)
             except Exception as e:
                 queue.put_nowait(e)
                 self._queues.pop(request_id, None)
@@ -122,7 +125,14 @@ class AsyncLLMEngine:
             self._apply_pending()
             if not self.engine.has_unfinished_requests():
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if self.engine.has_pending_transfers:  # blocks held for a decode engine: keep polling
+                    self.engine.poll_transfers()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=0.005)
+                    except asyncio.TimeoutError:
+                        pass
+                else:
+                    await self._wakeup.wait()
                 continue
             self._stepping = True
             try:

@@ -187,7 +187,7 @@ class LLMEngine:
         output ``kv_transfer_params`` on a decode engine."""
         params = params or SamplingParams()
         if kv_transfer_params is not None:
-            self._check_transfer(kv_transfer_params, params)
+            self.check_transfer_params(kv_transfer_params, params)
         if self.is_sleeping:
             raise RuntimeError("the engine is asleep (its KV cache memory is released); call wake_up() first")
         if request_id in self._requests:
@@ -236,7 +236,8 @@ class LLMEngine:
         return _sched.StopParams(params.max_tokens, min_tokens=params.min_tokens, stop_token_ids=params.stop_token_ids,
                                  eos_token_ids=self._eos_token_ids, ignore_eos=params.ignore_eos)
 
-    def _check_transfer(self, kv_transfer_params: dict, params: SamplingParams) -> None:
+    def check_transfer_params(self, kv_transfer_params: dict, params: SamplingParams) -> None:
+        """ValueError naming what is wrong with a request's kv_transfer_params for this engine."""
         if not isinstance(kv_transfer_params, dict):
             raise ValueError(f"kv_transfer_params must be an object, got {type(kv_transfer_params).__name__}")
         role = None if self.transfers is None else self.transfers.role

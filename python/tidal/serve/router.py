@@ -30,7 +30,7 @@ falls silent is given up after ``request_timeout`` seconds without a byte. A cli
 mid-stream closes the upstream connection, so the decode engine aborts the request.
 
 ``build_router_app(prefill_urls, decode_urls, ...)`` makes the application; ``run_router(...)``
-serves it until SIGINT/SIGTERM; ``python -m tidal.serve.router --prefill URL --decode URL`` runs it.
+serves it until SIGINT/SIGTERM.
 """
 
 import asyncio
@@ -112,6 +112,10 @@ def _error_response(status: int, message: str, type: str, param: str | None = No
 
 def _error_event(message: str, type: str = "service_unavailable", code: str | None = "engine_failed") -> str:
     return f"data: {json.dumps({'error': {'message': message, 'type': type, 'param': None, 'code': code}})}\n\n"
+
+
+def _is_done(event: str) -> bool:
+    return event.startswith("data:") and event[len("data:"):].strip() == "[DONE]"
 
 
 def _is_error_body(content: bytes) -> bool:
@@ -444,19 +448,21 @@ def build_router_app(prefill_urls: list[str], decode_urls: list[str], api_key: s
                 if lines:
                     event, lines = "\n".join(lines), []
                     yield event + "\n\n"
-                    if event == "data: [DONE]":
+                    if _is_done(event):
                         done = True
                         break
-            if not done and lines == ["data: [DONE]"]:  # no blank line after the last event
+            if not done and len(lines) == 1 and _is_done(lines[0]):  # no blank line after the last event
                 yield "data: [DONE]\n\n"
                 done = True
             if not done:
                 yield _error_event(f"the decode engine {engine.url} ended the stream before data: [DONE]",
                                    code="incomplete_stream")
-        except httpx.TransportError as e:
-            mark_down(engine, _describe(e))
-            yield _error_event(f"the decode engine {engine.url} failed mid-stream: {_describe(e)}; it is marked "
-                               f"down, retry the request")
+        except httpx.HTTPError as e:
+            broken = isinstance(e, httpx.TransportError)  # not a bad byte in an answer: the engine or its link
+            if broken:
+                mark_down(engine, _describe(e))
+            yield _error_event(f"the decode engine {engine.url} failed mid-stream: {_describe(e)}"
+                               + ("; it is marked down, retry the request" if broken else ""))
         if not done:
             yield "data: [DONE]\n\n"
 
@@ -520,6 +526,7 @@ def build_router_app(prefill_urls: list[str], decode_urls: list[str], api_key: s
         if served_model_name is not None:
             return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
                                                 "owned_by": "tidal"}]}
+        answers = []
         for engine in engines:
             if not engine.healthy:
                 continue
@@ -530,6 +537,10 @@ def build_router_app(prefill_urls: list[str], decode_urls: list[str], api_key: s
                 continue
             if r.status_code == 200:
                 return Response(r.content, media_type="application/json")
+            answers.append(f"{engine.url} answered {r.status_code}")
+        if answers:
+            raise ApiError(502, f"no engine listed its models: {'; '.join(answers)}", type="bad_gateway",
+                           code="bad_engine_answer")
         raise ApiError(503, f"no healthy engine answered /v1/models (prefill {pools['prefill'].describe_down()}; "
                             f"decode {pools['decode'].describe_down()})", type="service_unavailable",
                        code="no_healthy_engine")
@@ -587,30 +598,3 @@ def run_router(prefill_urls: list[str], decode_urls: list[str], host: str = "127
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
     _Server(config).run()
 
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m tidal.serve.router --prefill URL [URL ...] --decode URL [URL ...]``."""
-    import argparse
-    import os
-
-    parser = argparse.ArgumentParser(prog="python -m tidal.serve.router", description=__doc__.split("\n")[0])
-    parser.add_argument("--prefill", nargs="+", required=True, help="prefill engine base URLs")
-    parser.add_argument("--decode", nargs="+", required=True, help="decode engine base URLs")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"),
-                        help="key clients must send (default: $TIDAL_API_KEY)")
-    parser.add_argument("--engine-api-key", default=os.environ.get("TIDAL_ENGINE_API_KEY"),
-                        help="key sent to the engines (default: $TIDAL_ENGINE_API_KEY)")
-    parser.add_argument("--health-interval", type=float, default=1.0)
-    parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--served-model-name", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    run_router(args.prefill, args.decode, host=args.host, port=args.port, api_key=args.api_key,
-               engine_api_key=args.engine_api_key, health_interval=args.health_interval,
-               request_timeout=args.request_timeout, served_model_name=args.served_model_name)
-
-
-if __name__ == "__main__":
-    main()
