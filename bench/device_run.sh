@@ -73,13 +73,13 @@ if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 stamp "benchmarks"
-for bench in ${BENCHES:-bench/bench_attention.py bench/bench_skinny_linear.py bench/bench_moe.py bench/bench_checkpoint.py bench/serve.py bench/train.py bench/rlhf.py}; do
+for bench in ${BENCHES:-bench/bench_attention.py bench/bench_skinny_linear.py bench/bench_moe.py bench/bench_checkpoint.py bench/serve.py bench/train.py bench/rlhf.py bench/disagg.py}; do
   name="$(basename "$bench" .py)"
   stamp "$name"
   if [ "$name" = "serve" ]; then
     # shellcheck disable=SC2086
     "$PY" "$bench" --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -40
-  elif [ "$name" = "rlhf" ]; then
+  elif [ "$name" = "rlhf" ] || [ "$name" = "disagg" ]; then
     "$PY" "$bench" --out "$OUT" 2>&1 | tee "$OUT/$name.log" | tail -12
   elif [ "$name" = "train" ]; then
     # shellcheck disable=SC2086
