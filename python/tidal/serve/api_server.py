@@ -10,6 +10,7 @@ loads the model and serves until SIGINT/SIGTERM, then aborts what is in flight a
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -39,10 +40,36 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
-def _error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None):
+def error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None):
     from fastapi.responses import JSONResponse
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
                         status_code=status)
+
+
+def install_error_handlers(app, log: logging.Logger) -> None:
+    """Every error of ``app`` in OpenAI's body shape: ApiError as raised, a body that fails
+    validation as a 400, HTTP errors (404, 405) with their status, anything else a logged 500
+    without a traceback."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return error_response(400, "invalid request", "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc):
+        log.exception("unhandled error serving %s", request.url.path)
+        return error_response(500, f"internal server error: {type(exc).__name__}", "internal_server_error")
 
 
 def _bad_param(e: Exception) -> ApiError:
@@ -351,9 +378,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     """The FastAPI application serving ``engine`` under the model name ``served_model_name``;
     ``media`` says which image and video inputs chat requests may carry (a vision-language model)."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     core = engine.engine
     tokenizer = core.tokenizer
@@ -378,29 +403,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     app.state.abort_all = abort_all
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return _error_response(400, "invalid request", "invalid_request_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(exc.status_code, str(exc.detail), kind)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request, exc):
-        logger.exception("unhandled error serving %s", request.url.path)
-        return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_server_error")
+    install_error_handlers(app, logger)
 
     def check_auth(request: Request) -> None:
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {api_key}":
+        if not hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode()):  # constant time
             raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            type="authentication_error", code="invalid_api_key")
 

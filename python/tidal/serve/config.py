@@ -18,7 +18,7 @@ class EngineConfig:
     ids only). ``encoder_cache_bytes`` bounds a vision-language model's cache of image and video
     embeddings (by content hash, least recently used out). ``kv_role`` ("prefill" or "decode")
     makes the engine one half of disaggregated serving (tidal.serve.disagg): KV blocks move between
-    the two through ``kv_connector`` ("torch": torch.distributed point-to-point, a prefill engine
+    the two through ``kv_connector`` ("torch": torch.distributed point-to-point over Gloo, a prefill engine
     hosting its bootstrap store on ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a
     transfer not done within ``kv_transfer_timeout`` seconds fails its request.
     """

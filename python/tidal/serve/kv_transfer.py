@@ -9,8 +9,9 @@ one interface:
   memory over TCP or shared memory otherwise). Each engine registers its whole KV pool once; the
   decode engine issues one READ of the request's block segments and the prefill engine learns of
   its end through NIXL's notification carrying the transfer id.
-- :class:`TorchConnector`: torch.distributed point-to-point (Gloo; NCCL for GPU pools) over a
-  two-rank group per engine pair, bootstrapped through a TCPStore the prefill engine hosts. The
+- :class:`TorchConnector`: torch.distributed point-to-point (Gloo; GPU blocks staged through host
+  memory) over a two-rank group per engine pair, bootstrapped through a TCPStore the prefill
+  engine hosts. The
   decode engine sends the transfer id and block ids; the prefill engine answers with the blocks.
   It is the test reference and the fallback where NIXL is not installed.
 
@@ -249,14 +250,11 @@ class TorchConnector(KVConnector):
                 "host": self.host, "port": self.port}
 
     def _group(self, store, rank: int):
-        backend = "nccl" if self.flat.is_cuda else "gloo"
-        prefix = self._dist.PrefixStore("g", store)
-        timeout = datetime.timedelta(seconds=self.timeout)
-        if backend == "gloo":
-            return self._dist.ProcessGroupGloo(prefix, rank, 2, timeout)
-        options = self._dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return self._dist.ProcessGroupNCCL(prefix, rank, 2, options)
+        # NOTE(tidal): Gloo, with GPU blocks staged through host memory: NCCL refuses two ranks on
+        # one GPU (the one-card disaggregated setup); NIXL is the connector that reads GPU memory
+        # directly.
+        return self._dist.ProcessGroupGloo(self._dist.PrefixStore("g", store), rank, 2,
+                                           datetime.timedelta(seconds=self.timeout))
 
     # ---- prefill side: answer reads ----
     def _accept(self) -> None:
@@ -287,10 +285,10 @@ class TorchConnector(KVConnector):
                 with self._lock:
                     blocks = self._published.get(transfer_id)
                 reply = torch.tensor([self._OK if blocks is not None and blocks[:n] == ids.tolist() else self._UNKNOWN])
-                group.send([reply.to(self.flat.device)], 1, 3).wait()
+                group.send([reply], 1, 3).wait()
                 if int(reply[0]) != self._OK:
                     continue
-                payload = view[:, ids.to(self.flat.device)].contiguous()  # [planes, n, block_bytes]
+                payload = view[:, ids.to(self.flat.device)].cpu()  # [planes, n, block_bytes]
                 group.send([payload], 1, 4).wait()
                 self._done.put(transfer_id)
         except Exception:  # the decode engine went away: its reads fail on its side; holds time out here
@@ -370,16 +368,15 @@ class _Pair:
                 group.send([torch.tensor([len(remote_blocks), name.numel()], dtype=torch.int64)], 0, 0).wait()
                 group.send([torch.tensor(remote_blocks, dtype=torch.int64)], 0, 1).wait()
                 group.send([name], 0, 2).wait()
-                reply = torch.zeros(1, dtype=torch.int64, device=c.flat.device)
+                reply = torch.zeros(1, dtype=torch.int64)
                 group.recv([reply], 0, 3).wait()
                 if int(reply[0]) != TorchConnector._OK:
                     c._ended.put((transfer_id, f"the prefill engine no longer holds the blocks of transfer "
                                                f"{transfer_id} (it timed out or was released)"))
                     continue
-                payload = torch.empty(view.shape[0], len(remote_blocks), view.shape[2], dtype=torch.uint8,
-                                      device=c.flat.device)
+                payload = torch.empty(view.shape[0], len(remote_blocks), view.shape[2], dtype=torch.uint8)
                 group.recv([payload], 0, 4).wait()
-                view[:, torch.tensor(local_blocks, device=c.flat.device)] = payload
+                view[:, torch.tensor(local_blocks, device=c.flat.device)] = payload.to(c.flat.device)
                 c._ended.put((transfer_id, None))
             except Exception as e:
                 self._fail_all(f"reading transfer {transfer_id} from the prefill engine "

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tidal.serve.api_server import ApiError
+from tidal.serve.api_server import ApiError, error_response, install_error_handlers
 
 logger = logging.getLogger("tidal.serve.router")
 
@@ -102,12 +102,6 @@ class _Pool:
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-def _error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None):
-    from fastapi.responses import JSONResponse
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status)
 
 
 def _error_event(message: str, type: str = "service_unavailable", code: str | None = "engine_failed") -> str:
@@ -262,9 +256,7 @@ def build_router_app(prefill_urls: list[str], decode_urls: list[str], api_key: s
         Seconds one ``/health`` poll may take before the engine counts as down.
     """
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     prefill_urls = _check_urls("prefill_urls", prefill_urls)
     decode_urls = _check_urls("decode_urls", decode_urls)
@@ -327,23 +319,7 @@ def build_router_app(prefill_urls: list[str], decode_urls: list[str], api_key: s
     app = FastAPI(title="tidal router", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pools = pools
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return _error_response(400, "invalid request", "invalid_request_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(exc.status_code, str(exc.detail), kind)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request, exc):
-        logger.exception("unhandled error serving %s", request.url.path)
-        return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_server_error")
+    install_error_handlers(app, logger)
 
     expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
 
@@ -550,7 +526,7 @@ def build_router_app(prefill_urls: list[str], decode_urls: list[str], api_key: s
         down = [role for role in ROLES if not pools[role].any_healthy()]
         if down:
             message = "; ".join(f"no healthy {role} engine ({pools[role].describe_down()})" for role in down)
-            return _error_response(503, message, "service_unavailable", code="no_healthy_engine")
+            return error_response(503, message, "service_unavailable", code="no_healthy_engine")
         return {role: [{"url": e.url, "healthy": e.healthy, "in_flight": e.in_flight, "error": e.error}
                        for e in pools[role].engines] for role in ROLES}
 
