@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most images and videos in one request (default 8)")
     serve.add_argument("--encoder-cache-bytes", type=int, default=1 << 30,
                        help="bound of the cache of image and video embeddings (default 1 GiB)")
+    limits = serve.add_argument_group("limits of one request (a public server's protection)")
+    limits.add_argument("--max-request-bytes", type=int, default=32 << 20, help="request body size (default 32 MiB)")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt tokens (default max_model_len)")
+    limits.add_argument("--max-n", type=int, default=16, help="samples per request (default 16)")
+    limits.add_argument("--max-logprobs", type=int, default=20, help="logprobs / top_logprobs (default 20)")
+    limits.add_argument("--max-stop-strings", type=int, default=16, help="stop strings (default 16)")
+    limits.add_argument("--max-stop-length", type=int, default=256, help="characters of a stop string (default 256)")
+    limits.add_argument("--max-concurrent-requests", type=int, default=1024,
+                        help="requests in flight; past it a 429 with Retry-After (default 1024)")
     serve.add_argument("--role", choices=["prefill", "decode", "router"], default=None,
                        help="disaggregated serving: a prefill or decode engine, or the router in front of them")
     serve.add_argument("--prefill", action="append", default=[], metavar="URL",
@@ -248,12 +257,20 @@ def cmd_serve(args) -> int:
     if args.max_media_per_prompt < 0:
         raise CLIError(f"--max-media-per-prompt={args.max_media_per_prompt} must be >= 0")
     try:
-        from tidal.serve.api_server import MediaOptions, run_server
+        from tidal.serve.api_server import MediaOptions, ServerLimits, run_server
     except ImportError as e:  # fastapi/uvicorn missing, or a build without the server
         raise CLIError(f"the server is unavailable: {e}") from None
 
     media = MediaOptions(allow_urls=args.allow_media_urls, max_per_prompt=args.max_media_per_prompt)
-    run_server(config, host=args.host, port=args.port, api_key=args.api_key, served_model_name=served, media=media)
+    try:
+        limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                              max_n=args.max_n, max_logprobs=args.max_logprobs, max_stop_strings=args.max_stop_strings,
+                              max_stop_length=args.max_stop_length,
+                              max_concurrent_requests=args.max_concurrent_requests)
+    except ValueError as e:
+        raise CLIError(str(e).replace("max_", "--max-", 1).replace("_", "-")) from None
+    run_server(config, host=args.host, port=args.port, api_key=args.api_key, served_model_name=served, media=media,
+               limits=limits)
     return 0
 
 

@@ -15,6 +15,8 @@ from tidal.serve.kv_transfer import nixl_available
 from tidal.serve.sampling_params import SamplingParams
 from tiny_models import assert_pool_whole, build_model
 
+from conftest import DEVICES
+
 CONNECTORS = ["torch", pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="NIXL not installed"))]
 PROMPTS = [[5, 9, 13, 2, 40, 41, 42], list(range(60, 83)), [7] * 3, list(range(100, 117))]
 
@@ -75,16 +77,17 @@ def tokens(outputs: dict) -> list[list[int]]:
     return [outputs[k].outputs[0].token_ids for k in sorted(outputs, key=int)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("connector", CONNECTORS)
 @pytest.mark.parametrize("num_decode", [1, 3])
-def test_disaggregated_equals_colocated(model_path, connector, num_decode):
+def test_disaggregated_equals_colocated(model_path, connector, num_decode, device):
     params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
               SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=1.2, top_k=20, seed=3, max_tokens=6, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, repetition_penalty=1.3)]
-    want = run(engine(model_path), PROMPTS, params)
-    prefill = engine(model_path, "prefill", connector)
-    decodes = [engine(model_path, "decode", connector) for _ in range(num_decode)]
+    want = run(engine(model_path, device=device), PROMPTS, params)
+    prefill = engine(model_path, "prefill", connector, device=device)
+    decodes = [engine(model_path, "decode", connector, device=device) for _ in range(num_decode)]
     got = run_disagg(prefill, decodes, PROMPTS, params)
     assert tokens(got) == tokens(want)
     for k in want:

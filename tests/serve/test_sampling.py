@@ -199,6 +199,9 @@ def test_logprobs_hold_the_sampled_and_top_tokens(llm):
     (dict(min_p=2.0), "min_p"), (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(logprobs=-1), "logprobs"),
     (dict(presence_penalty=3.0), "presence_penalty"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(stop=[""]), "stop"),
+    # past 32-bit counts and ids or 64-bit seeds: an error here, not an overflow that fails a whole step
+    (dict(max_tokens=1 << 31), "max_tokens"), (dict(top_k=1 << 31), "top_k"), (dict(n=1 << 31), "n"),
+    (dict(seed=1 << 63), "seed"), (dict(seed=-(1 << 63) - 1), "seed"), (dict(stop_token_ids=[1 << 31]), "stop_token_ids"),
 ])
 def test_bad_sampling_params_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name}="):

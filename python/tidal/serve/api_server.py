@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from tidal.serve import openapi
 from tidal.serve.async_engine import AsyncLLMEngine
 from tidal.serve.engine import EngineConfig, ProcessedPrompt
 from tidal.serve.outputs import RequestOutput
@@ -32,18 +33,20 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 class ApiError(Exception):
-    """An error answered in OpenAI's body shape."""
+    """An error answered in OpenAI's body shape (``headers``: extra response headers, e.g. Retry-After)."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
 
-def error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None):
+def error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None):
     from fastapi.responses import JSONResponse
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def install_error_handlers(app, log: logging.Logger) -> None:
@@ -55,7 +58,7 @@ def install_error_handlers(app, log: logging.Logger) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
@@ -159,6 +162,49 @@ class _Metrics:
 
 
 # ---- chat template -------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerLimits:
+    """What one request may ask of a public server (each past its bound is a 400, a body past
+    ``max_request_bytes`` a 413, a request past ``max_concurrent_requests`` in flight a 429 with
+    ``Retry-After``). ``max_prompt_tokens`` None means the engine's ``max_model_len``."""
+
+    max_request_bytes: int = 32 << 20
+    max_prompt_tokens: int | None = None
+    max_n: int = 16
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    max_concurrent_requests: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_n", "max_stop_strings", "max_stop_length", "max_concurrent_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs={self.max_logprobs!r} must be an integer >= 0")
+        if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)
+                                                   or self.max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens!r} must be None or an integer >= 1")
+
+    def check(self, params: SamplingParams, chat: bool = False) -> None:
+        """400 for a request past the per-request bounds."""
+        if params.n > self.max_n:
+            raise ApiError(400, f"n={params.n} exceeds this server's limit of {self.max_n}", param="n")
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            name = "top_logprobs" if chat else "logprobs"  # chat asks for the top ones by that name
+            raise ApiError(400, f"{name}={params.logprobs} exceeds this server's limit of {self.max_logprobs}",
+                           param=name)
+        stops = params.stop_strings
+        if len(stops) > self.max_stop_strings:
+            raise ApiError(400, f"stop has {len(stops)} strings; this server takes at most {self.max_stop_strings}",
+                           param="stop")
+        long = [s for s in stops if len(s) > self.max_stop_length]
+        if long:
+            raise ApiError(400, f"stop string {long[0][:40]!r}... is {len(long[0])} characters long; this server takes "
+                                f"at most {self.max_stop_length}", param="stop")
 
 
 _MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
@@ -374,15 +420,18 @@ class _Inflight:
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
-              media: MediaOptions | None = None):
+              media: MediaOptions | None = None, limits: ServerLimits | None = None):
     """The FastAPI application serving ``engine`` under the model name ``served_model_name``;
-    ``media`` says which image and video inputs chat requests may carry (a vision-language model)."""
+    ``media`` says which image and video inputs chat requests may carry (a vision-language model),
+    ``limits`` what one request may ask (defaults that protect a public server)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     core = engine.engine
     tokenizer = core.tokenizer
     media = media or MediaOptions()
+    limits = limits or ServerLimits()
+    max_prompt_tokens = min(limits.max_prompt_tokens or core.max_model_len, core.max_model_len)
     placeholders = None  # modality -> the text a chat template writes for one item
     if core.is_multimodal and tokenizer is not None:
         placeholders = {m: tokenizer.decode(core.model.prompt_placeholder(m), skip_special_tokens=False)
@@ -392,7 +441,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     inflight: set[_Inflight] = set()
     created = int(time.time())
 
-    app = FastAPI(title="tidal", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tidal", version=__import__("tidal").__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -415,8 +465,18 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     async def read_body(request: Request) -> dict:
         check_auth(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_request_bytes:
+            raise ApiError(413, f"the request body has {declared} bytes; this server takes at most "
+                                f"{limits.max_request_bytes}", code="request_too_large")
+        raw = bytearray()
+        async for piece in request.stream():  # bounded however the body is framed (chunked included)
+            raw += piece
+            if len(raw) > limits.max_request_bytes:
+                raise ApiError(413, f"the request body is larger than this server's {limits.max_request_bytes} "
+                                    f"bytes", code="request_too_large")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(bytes(raw))
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -438,6 +498,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages") if isinstance(p, dict) else _bad_param(e) from None
             ids = processed.token_ids
+            if len(ids) > max_prompt_tokens:
+                raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt_tokens}",
+                               param="messages" if isinstance(p, dict) else "prompt", code="prompt_too_long")
             if params.max_tokens is None:
                 try:
                     per = SamplingParams(**{**_fields(params), "max_tokens": max(max_model_len - len(ids), 1)})
@@ -530,8 +593,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         return {"content": content}
 
     async def serve(request: Request, chat: bool):
+        if len(inflight) >= limits.max_concurrent_requests:
+            raise ApiError(429, f"{len(inflight)} requests are in flight, this server's limit; retry shortly",
+                           type="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
         body = await read_body(request)
         params, want_logprobs = _sampling_params(body, chat)
+        limits.check(params, chat)
         data = None
         if chat:
             text, data = _render_chat(tokenizer, body.get("messages"), placeholders, media)
@@ -646,26 +713,27 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         return StreamingResponse(_closing(events(), item), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **openapi.generation_route(openapi.completion_request(limits),
+                                                            openapi.COMPLETION_RESPONSE))
     async def completions(request: Request):
         return await serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **openapi.generation_route(openapi.chat_request(limits), openapi.CHAT_RESPONSE))
     async def chat_completions(request: Request):
         return await serve(request, chat=True)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **openapi.models_route())
     async def models(request: Request):
         check_auth(request)
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
                                             "owned_by": "tidal", "root": core.config.model,
                                             "max_model_len": max_model_len}]}
 
-    @app.get("/health")
+    @app.get("/health", **openapi.text_route("the engine is up (empty body)"))
     async def health():
         return PlainTextResponse("")
 
-    @app.get("/metrics")
+    @app.get("/metrics", **openapi.text_route("Prometheus text format"))
     async def get_metrics():
         return PlainTextResponse(metrics.render(engine.stats(), served_model_name),
                                  media_type="text/plain; version=0.0.4")
@@ -694,7 +762,8 @@ async def _closing(gen, item: _Inflight):
 
 
 def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               served_model_name: str | None = None, media: MediaOptions | None = None) -> None:
+               served_model_name: str | None = None, media: MediaOptions | None = None,
+               limits: ServerLimits | None = None) -> None:
     """Loads the model and serves until SIGINT or SIGTERM: then stops accepting connections, aborts the
     requests in flight (their clients get finish_reason / an error), shuts the engine down and returns."""
     import contextlib
@@ -703,7 +772,7 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
 
     engine = AsyncLLMEngine.from_config(engine_config)
     name = served_model_name or os.path.basename(os.path.normpath(engine_config.model))
-    app = build_app(engine, name, api_key, media)
+    app = build_app(engine, name, api_key, media, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -94,6 +94,7 @@ class AsyncLLMEngine:
             except asyncio.CancelledError:
                 pass
             self._loop_task = None
+        self.engine.close()
         self._executor.shutdown(wait=True)
 
     # ---- the loop --------------------------------------------------------------------------------

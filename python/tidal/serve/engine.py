@@ -285,6 +285,8 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must be shorter than "
                              f"max_model_len={self.max_model_len}")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {self.vocab_size}")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids={bad} holds ids outside the vocabulary (size {self.vocab_size})")
@@ -446,6 +448,11 @@ class LLMEngine:
             if seq is not None and seq.request.remote_decode and seq.request.kv_hold is None \
                     and seq.finish_reason is None:
                 self.transfers.hold(seq, result.token_ids[row], result.logprobs[row])
+
+    def close(self) -> None:
+        """Ends what runs beside the engine (its KV connector's threads). Idempotent."""
+        if self.transfers is not None:
+            self.transfers.close()
 
     def poll_transfers(self) -> list[RequestOutput]:
         """Advances KV transfers between steps (an engine with held blocks and nothing to run)."""

@@ -23,6 +23,7 @@ their own threads only move bytes.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import datetime
 import queue
@@ -30,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +73,24 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
+_OPEN: "weakref.WeakSet[KVConnector]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Connectors still open at exit end their threads first (all are told, then all are waited
+    for, so a prefill engine's thread hears its decode peer leave): a thread still inside a
+    torch.distributed call when the interpreter finalizes aborts the process."""
+    connectors = list(_OPEN)
+    for connector in connectors:
+        connector.signal_close()
+    for connector in connectors:
+        try:
+            connector.close()
+        except Exception:
+            pass
+
+
 class KVConnector:
     """The interface the engine drives. Prefill side: :meth:`publish`, :meth:`poll_done`,
     :meth:`unpublish`; decode side: :meth:`start_read`, :meth:`poll_reads`; both: :meth:`info`
@@ -83,6 +103,7 @@ class KVConnector:
         self.engine_id, self.timeout = engine_id, timeout
         self._published: dict[str, list[int]] = {}
         self._lock = threading.Lock()
+        _OPEN.add(self)
 
     # ---- prefill side ----
     def publish(self, transfer_id: str, block_ids: list[int]) -> None:
@@ -107,6 +128,9 @@ class KVConnector:
 
     def info(self) -> dict:
         raise NotImplementedError
+
+    def signal_close(self) -> None:
+        """Tells the connector's threads to end (close() then waits for them)."""
 
     def close(self) -> None:
         pass
@@ -235,13 +259,16 @@ class TorchConnector(KVConnector):
         self._ended: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._pairs: dict[str, _Pair] = {}
         self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor: threading.Thread | None = None
         self._store = None
         if serve:  # the prefill side hosts the store its decode peers bootstrap through
             self.port = port or _free_port(host)
             self._store = dist.TCPStore(host, self.port, is_master=True, wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=timeout))
             self._store.add("peers", 0)
-            threading.Thread(target=self._accept, name="tidal-kv-accept", daemon=True).start()
+            self._acceptor = threading.Thread(target=self._accept, name="tidal-kv-accept", daemon=True)
+            self._acceptor.start()
         else:
             self.port = 0
 
@@ -267,7 +294,9 @@ class TorchConnector(KVConnector):
             while seen < count:
                 seen += 1
                 peer = self._store.get(f"peer/{seen}").decode()
-                threading.Thread(target=self._serve_peer, args=(peer,), name=f"tidal-kv-{peer}", daemon=True).start()
+                thread = threading.Thread(target=self._serve_peer, args=(peer,), name=f"tidal-kv-{peer}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
             time.sleep(0.02)
 
     def _serve_peer(self, peer: str) -> None:
@@ -278,6 +307,8 @@ class TorchConnector(KVConnector):
                 header = torch.zeros(2, dtype=torch.int64)
                 group.recv([header], 1, 0).wait()
                 n, id_len = int(header[0]), int(header[1])
+                if n < 0:  # the decode engine closed its end
+                    break
                 ids, name = torch.empty(n, dtype=torch.int64), torch.empty(id_len, dtype=torch.uint8)
                 group.recv([ids], 1, 1).wait()
                 group.recv([name], 1, 2).wait()
@@ -291,6 +322,7 @@ class TorchConnector(KVConnector):
                 payload = view[:, ids.to(self.flat.device)].cpu()  # [planes, n, block_bytes]
                 group.send([payload], 1, 4).wait()
                 self._done.put(transfer_id)
+            del group  # torn down here, while close() waits for this thread
         except Exception:  # the decode engine went away: its reads fail on its side; holds time out here
             return
 
@@ -317,10 +349,25 @@ class TorchConnector(KVConnector):
             ended.append(self._ended.get_nowait())
         return ended
 
+    def signal_close(self):
+        if not self._closed.is_set():
+            self._closed.set()
+            for pair in self._pairs.values():
+                pair.jobs.put(None)
+
     def close(self):
-        self._closed.set()
+        """Ends the decode side's pairs (each tells its prefill engine it is leaving) and stops
+        accepting; threads still blocked on a peer that vanished end at the transfer timeout."""
+        self.signal_close()
+        # NOTE(tidal): a daemon thread that returns from a torch.distributed call after the
+        # interpreter began finalizing is unwound by force through C++ frames, which aborts the
+        # process; so every thread that calls into the store or a group is joined here.
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=5)
         for pair in self._pairs.values():
-            pair.jobs.put(None)
+            pair.thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
 
 class _Pair:
@@ -330,7 +377,8 @@ class _Pair:
         self.connector, self.remote = connector, remote
         self.jobs: queue.Queue = queue.Queue()
         self.alive = True
-        threading.Thread(target=self._run, name=f"tidal-kv-read-{remote['engine_id']}", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name=f"tidal-kv-read-{remote['engine_id']}", daemon=True)
+        self.thread.start()
 
     def _fail_all(self, message: str, first: str | None = None) -> None:
         self.alive = False
@@ -361,6 +409,10 @@ class _Pair:
         while True:
             job = self.jobs.get()
             if job is None:
+                try:  # tell the prefill engine's thread for this pair to end
+                    group.send([torch.tensor([-1, 0], dtype=torch.int64)], 0, 0).wait()
+                except Exception:
+                    pass
                 return
             transfer_id, remote_blocks, local_blocks = job
             try:

@@ -7,6 +7,9 @@ parameter and the value.
 from dataclasses import dataclass, field
 
 
+_INT32, _INT64 = 1 << 31, 1 << 63
+
+
 @dataclass
 class SamplingParams:
     """Decoding parameters of one request.
@@ -67,20 +70,23 @@ class SamplingParams:
         def bad(name: str, value, rule: str) -> ValueError:
             return ValueError(f"{name}={value!r} {rule}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", self.n, "must be an integer >= 1")
+        # NOTE(tidal): counts and ids reach the scheduler as 32-bit ints and seeds the sampler as
+        # 64-bit ones: larger values are errors here, not overflows inside a step (which would fail
+        # every request of that step).
+        if not isinstance(self.n, int) or not 1 <= self.n < _INT32:
+            raise bad("n", self.n, "must be an integer in [1, 2**31)")
         if not self.temperature >= 0.0 or self.temperature == float("inf"):
             raise bad("temperature", self.temperature, "must be finite and >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
-            raise bad("top_k", self.top_k, "must be -1 (disabled) or an integer >= 1")
+        if not isinstance(self.top_k, int) or self.top_k == 0 or not -1 <= self.top_k < _INT32:
+            raise bad("top_k", self.top_k, "must be -1 (disabled) or an integer in [1, 2**31)")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", self.min_p, "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be an integer or None")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -_INT64 <= self.seed < _INT64):
+            raise bad("seed", self.seed, "must be None or an integer in [-2**63, 2**63)")
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < _INT32:
+            raise bad("max_tokens", self.max_tokens, "must be an integer in [1, 2**31)")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", self.min_tokens, "must be an integer >= 0")
         if self.min_tokens > self.max_tokens:
@@ -102,8 +108,8 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
         ids = self.stop_token_ids or []
-        if any(not isinstance(t, int) or t < 0 for t in ids):
-            raise bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+        if any(not isinstance(t, int) or not 0 <= t < _INT32 for t in ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids in [0, 2**31)")
         self.stop_token_ids = list(ids)
 
     @property
