@@ -95,10 +95,10 @@ def _hf_source(path: str) -> dict:
     """The checkpoint's ``"hf"`` record, checked before any shard is read."""
     source = _train_checkpoint.read_index(path).get("hf")
     if not isinstance(source, dict) or not isinstance(source.get("hf_config"), dict):
-        raise ValueError(f"checkpoint {path} has no Hugging Face config: the module it was saved from was not "
-                         f"a known model (tidal's Llama-family model or a transformers PreTrainedModel), so "
-                         f"its parameters have no Hugging Face names to convert to")
-    if source.get("kind") not in _KINDS:
+        raise ValueError(f"checkpoint {path} has no Hugging Face config (index.json's 'hf'): the module it was "
+                         f"saved from was not a known model (tidal's Llama-family model or a transformers "
+                         f"PreTrainedModel), so its parameters have no Hugging Face names to convert to")
+    if not isinstance(source.get("kind"), str) or source["kind"] not in _KINDS:
         raise ValueError(f"checkpoint {path}: unknown model kind {source.get('kind')!r} in index.json; "
                          f"expected one of {', '.join(_KINDS)}")
     return source

@@ -2,7 +2,7 @@
 
 ``tokenizer.json`` is read with the ``tokenizers`` library (the fast tokenizer transformers uses);
 ``tokenizer_config.json`` and ``generation_config.json`` add the special tokens, the EOS ids and the
-chat template.
+chat template. A malformed file is a ValueError naming it.
 """
 
 import functools
@@ -27,17 +27,46 @@ def _compile_template(source: str):
 
 
 def _read_json(path: str) -> dict:
+    """The JSON object in ``path``; {} when there is no such file."""
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except OSError as e:
+        raise ValueError(f"{path!r} cannot be read: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path!r} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(value).__name__}, expected an object")
+    return value
 
 
-def _token_content(value) -> str | None:
+def _token_content(value, key: str, path: str) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{path!r}: {key} must be a string or {{\"content\": string}}, got {value!r}")
     return value
+
+
+def _chat_template(value, path: str) -> str | None:
+    """tokenizer_config.json's ``chat_template``: a string, or a list of ``{"name", "template"}``
+    (the one named "default" is used, as transformers does without a name)."""
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{path!r}: chat_template must be a string or a list of {{\"name\", \"template\"}}")
+    return value
+
+
+def _token_ids(value, path: str) -> list[int]:
+    """``eos_token_id`` as generation_config.json / config.json write it: an id, a list of ids or null."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path!r}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return ids
 
 
 class Tokenizer:
@@ -56,18 +85,19 @@ class Tokenizer:
         tokenizer_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
             raise ValueError(f"no tokenizer.json in {path!r}; pass prompts as lists of token ids instead")
-        self._tok = _HFTokenizer.from_file(tokenizer_file)
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        generation = _read_json(os.path.join(path, "generation_config.json"))
-        model_config = _read_json(os.path.join(path, "config.json"))
-        self.chat_template = config.get("chat_template")
-        self.bos_token = _token_content(config.get("bos_token"))
-        self.eos_token = _token_content(config.get("eos_token"))
+        try:
+            self._tok = _HFTokenizer.from_file(tokenizer_file)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise ValueError(f"{tokenizer_file!r} is not a valid tokenizer: {str(e)[:200]}") from None
+        config_file = os.path.join(path, "tokenizer_config.json")
+        config = _read_json(config_file)
+        self.chat_template = _chat_template(config.get("chat_template"), config_file)
+        self.bos_token = _token_content(config.get("bos_token"), "bos_token", config_file)
+        self.eos_token = _token_content(config.get("eos_token"), "eos_token", config_file)
         eos: list[int] = []
-        for source in (generation.get("eos_token_id"), model_config.get("eos_token_id")):
-            if isinstance(source, int):
-                source = [source]
-            for token_id in source or []:
+        for name in ("generation_config.json", "config.json"):
+            file = os.path.join(path, name)
+            for token_id in _token_ids(_read_json(file).get("eos_token_id"), file):
                 if token_id not in eos:
                     eos.append(token_id)
         if self.eos_token is not None:

@@ -7,6 +7,7 @@ names the value.
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _DEFAULT_MAX_POSITIONS = {"LlamaForCausalLM": 2048, "MistralForCausalLM": 4096 * 32,
                           "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768, "MixtralForCausalLM": 4096 * 32,
                           "Qwen2MoeForCausalLM": 32768, "Qwen3MoeForCausalLM": 32768}
+
+# NOTE(models): bounds checked before anything is built, so a corrupt config.json is an error rather
+# than a model of 2**40 columns: sizes fit int32 (the kernels' indices), the deepest released models
+# have ~130 layers, and the rotary table (max_position_embeddings x head_dim fp32, built on the CPU
+# even for a meta model) stays under 8 GB, which a 10M-token context of head_dim 128 still fits.
+_MAX_SIZE = 1 << 31
+_MAX_LAYERS = 1024
+_MAX_ROPE_TABLE = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -149,32 +158,41 @@ class ModelConfig:
             raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
         if not file.is_file():
             raise FileNotFoundError(f"no config.json in {str(path)!r}")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
-        return cls.from_dict(raw, source=str(file))
+        return cls.from_dict(read_json(file), source=str(file))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
-        """Build from an already parsed config.json; ``source`` names it in error messages."""
+        """Build from an already parsed config.json; ``source`` names it in error messages, which are
+        all ValueErrors (a value of the wrong JSON type included)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            return cls._from_dict(raw, source)
+        except (TypeError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as e:
+            # NOTE(models): the checks below name the common cases; this catches a wrong JSON type
+            # deeper in (a list where the RoPE parameters' object belongs, ...)
+            raise ValueError(f"{source}: malformed value ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any], source: str) -> "ModelConfig":
         arch = _architecture(raw, source)
         if arch in MULTIMODAL_ARCHITECTURES:
             return _multimodal(cls, raw, arch, source)
 
-        def need(key: str):
+        def need(key: str, maximum: int = _MAX_SIZE) -> int:
             if raw.get(key) is None:
                 raise ValueError(f"{source}: required key {key!r} is missing")
-            return raw[key]
+            return _int(raw[key], key, source, maximum=maximum)
 
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        num_layers = int(need("num_hidden_layers"))
+        hidden, heads = need("hidden_size"), need("num_attention_heads")
+        num_layers = need("num_hidden_layers", maximum=_MAX_LAYERS)
         head_dim = raw.get("head_dim")
         if head_dim is None:
             head_dim = 128 if arch == "Qwen3ForCausalLM" else hidden // heads
+        head_dim = _int(head_dim, "head_dim", source)
         kv_heads = raw.get("num_key_value_heads")
-        kv_heads = heads if kv_heads is None else int(kv_heads)
-        if kv_heads <= 0 or heads % kv_heads != 0:
+        kv_heads = heads if kv_heads is None else _int(kv_heads, "num_key_value_heads", source)
+        if heads % kv_heads != 0:
             raise ValueError(f"{source}: num_attention_heads={heads} must be a multiple of "
                              f"num_key_value_heads={kv_heads}")
 
@@ -193,27 +211,35 @@ class ModelConfig:
 
         sliding_window, window_layers = _sliding_window(raw, arch, num_layers, source)
         rope_theta, rope_scaling, mrope_section = _rope(raw, source)
-        if mrope_section is not None and sum(mrope_section) != int(head_dim) // 2:
+        if mrope_section is not None and sum(mrope_section) != head_dim // 2:
             raise ValueError(f"{source}: mrope_section={list(mrope_section)} must sum to head_dim // 2 = "
-                             f"{int(head_dim) // 2}")
-        max_pos = int(raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch])
+                             f"{head_dim // 2}")
+        max_pos = _int(raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch], "max_position_embeddings",
+                       source)
+        if max_pos * head_dim > _MAX_ROPE_TABLE:
+            raise ValueError(f"{source}: max_position_embeddings={max_pos} x head_dim={head_dim} is past the "
+                             f"{_MAX_ROPE_TABLE} entries a rotary table may have")
         if rope_scaling is not None and rope_scaling["rope_type"] == "llama3":
             rope_scaling.setdefault("original_max_position_embeddings", max_pos)
 
         eos = raw.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+        eos_ids = () if eos is None else tuple(_int(i, "eos_token_id", source, minimum=0)
+                                               for i in (eos if isinstance(eos, list) else [eos]))
+        bos = raw.get("bos_token_id")
+        bos = None if bos is None else _int(bos, "bos_token_id", source, minimum=0)
         moe = _moe(raw, arch, num_layers, source)
         return cls(
             architecture=arch, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads, head_dim=int(head_dim),
-            intermediate_size=int(need("intermediate_size")), vocab_size=int(need("vocab_size")),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
+            num_key_value_heads=kv_heads, head_dim=head_dim,
+            intermediate_size=need("intermediate_size"), vocab_size=need("vocab_size"),
+            rms_norm_eps=_float(raw.get("rms_norm_eps", 1e-6), "rms_norm_eps", source), rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=max_pos, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias, o_proj_bias=o_proj_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), sliding_window=sliding_window,
             sliding_window_layers=window_layers, hidden_act="silu", dtype=_dtype(raw, source),
-            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, **moe, mrope_section=mrope_section,
+            bos_token_id=bos, eos_token_ids=eos_ids, **moe, mrope_section=mrope_section,
             hf_config=raw)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -227,10 +253,12 @@ class ModelConfig:
 
 def _architecture(raw: dict, source: str) -> str:
     archs = raw.get("architectures") or []
-    if not archs and raw.get("model_type") in _ARCHITECTURE_OF_MODEL_TYPE:
+    if not isinstance(archs, list):
+        raise ValueError(f"{source}: architectures={archs!r} must be a list of class names")
+    if not archs and isinstance(raw.get("model_type"), str) and raw["model_type"] in _ARCHITECTURE_OF_MODEL_TYPE:
         archs = [_ARCHITECTURE_OF_MODEL_TYPE[raw["model_type"]]]
     for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES or arch in MULTIMODAL_ARCHITECTURES:
+        if isinstance(arch, str) and (arch in SUPPORTED_ARCHITECTURES or arch in MULTIMODAL_ARCHITECTURES):
             return arch
     named = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
     raise ValueError(f"{source}: architecture {named!r} is not supported; supported: "
@@ -243,6 +271,8 @@ def _multimodal(cls, raw: dict, arch: str, source: str) -> "ModelConfig":
     layout, the top-level keys)."""
     if not isinstance(raw.get("vision_config"), dict):
         raise ValueError(f"{source}: a {arch} config needs a 'vision_config' object")
+    if not isinstance(raw.get("text_config") or {}, dict):
+        raise ValueError(f"{source}: text_config must be an object")
     if arch == "LlavaForConditionalGeneration":
         text = dict(raw.get("text_config") or {"model_type": "llama"})
         if "architectures" not in text:
@@ -282,35 +312,35 @@ def _moe(raw: dict, arch: str, num_layers: int, source: str) -> dict:
     top_k = raw.get("num_experts_per_tok")
     if num_experts is None or top_k is None:
         raise ValueError(f"{source}: a {arch} config needs num_experts (or num_local_experts) and num_experts_per_tok")
-    num_experts, top_k = int(num_experts), int(top_k)
-    if num_experts < 1 or not 1 <= top_k <= num_experts:
+    num_experts, top_k = _int(num_experts, "num_experts", source), _int(top_k, "num_experts_per_tok", source)
+    if top_k > num_experts:
         raise ValueError(f"{source}: num_experts_per_tok={top_k} must be in [1, num_experts={num_experts}]")
     if arch == "MixtralForCausalLM":
-        inter = int(raw["intermediate_size"])
+        inter = _int(raw["intermediate_size"], "intermediate_size", source)
         layers, shared, norm, fp32 = (True,) * num_layers, 0, True, True
     else:
         if raw.get("moe_intermediate_size") is None:
             raise ValueError(f"{source}: required key 'moe_intermediate_size' is missing")
-        inter = int(raw["moe_intermediate_size"])
-        step = int(raw.get("decoder_sparse_step", 1))
-        if step < 1:
-            raise ValueError(f"{source}: decoder_sparse_step={step} must be >= 1")
+        inter = _int(raw["moe_intermediate_size"], "moe_intermediate_size", source)
+        step = _int(raw.get("decoder_sparse_step", 1), "decoder_sparse_step", source)
         dense = set(raw.get("mlp_only_layers") or [])
         layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
-        shared = int(raw.get("shared_expert_intermediate_size") or 0) if arch == "Qwen2MoeForCausalLM" else 0
+        shared = raw.get("shared_expert_intermediate_size") or 0 if arch == "Qwen2MoeForCausalLM" else 0
+        shared = _int(shared, "shared_expert_intermediate_size", source, minimum=0)
         norm, fp32 = bool(raw.get("norm_topk_prob", False)), False
     if raw.get("router_jitter_noise"):
         raise ValueError(f"{source}: router_jitter_noise={raw['router_jitter_noise']} is not supported")
     return dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=inter,
                 shared_expert_intermediate_size=shared, norm_topk_prob=norm, routing_weights_fp32=fp32,
-                moe_layers=layers, router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.0) or 0.0))
+                moe_layers=layers, router_aux_loss_coef=_float(raw.get("router_aux_loss_coef", 0.0) or 0.0,
+                                                                "router_aux_loss_coef", source))
 
 
 def _dtype(raw: dict, source: str) -> torch.dtype | None:
     name = raw.get("dtype", raw.get("torch_dtype"))
     if name is None:
         return None
-    if name not in _DTYPES:
+    if not isinstance(name, str) or name not in _DTYPES:
         raise ValueError(f"{source}: dtype={name!r} is not supported; expected one of float32, float16, bfloat16")
     return _DTYPES[name]
 
@@ -322,18 +352,16 @@ def _sliding_window(raw: dict, arch: str, num_layers: int, source: str) -> tuple
         window = None
     if arch == "LlamaForCausalLM" or window is None:
         return None, (False,) * num_layers
-    window = int(window)
-    if window <= 0:
-        raise ValueError(f"{source}: sliding_window={window} must be positive")
+    window = _int(window, "sliding_window", source)
     if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return window, (True,) * num_layers
     layer_types = raw.get("layer_types")
     if layer_types is None:
-        first = int(raw.get("max_window_layers", 28))
+        first = _int(raw.get("max_window_layers", 28), "max_window_layers", source, minimum=0)
         layers = tuple(i >= first for i in range(num_layers))
     else:
-        if len(layer_types) != num_layers:
-            raise ValueError(f"{source}: layer_types has {len(layer_types)} entries for {num_layers} layers")
+        if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+            raise ValueError(f"{source}: layer_types must be a list of one entry per layer ({num_layers})")
         layers = tuple(t == "sliding_attention" for t in layer_types)
     return (window if any(layers) else None), layers
 
@@ -344,10 +372,14 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None, tuple[int, ...] |
     ``rope_scaling`` with ``rope_type`` or ``type``. Qwen2.5-VL's ``"mrope"`` type (or an
     ``mrope_section`` key) is plain RoPE over three position components."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: the RoPE parameters must be an object, got {params!r}")
     params = dict(params)
-    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    theta = _float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)), "rope_theta", source, positive=True)
     mrope = params.pop("mrope_section", None)
-    mrope = None if mrope is None else tuple(int(s) for s in mrope)
+    if mrope is not None and not isinstance(mrope, list):
+        raise ValueError(f"{source}: mrope_section={mrope!r} must be a list of integers")
+    mrope = None if mrope is None else tuple(_int(s, "mrope_section", source, minimum=0) for s in mrope)
     params.pop("mrope_interleaved", None)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "mrope":
@@ -355,7 +387,7 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None, tuple[int, ...] |
             raise ValueError(f"{source}: rope type 'mrope' needs 'mrope_section'")
         rope_type = "default"
     params.pop("type", None)
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"{source}: rope_type={rope_type!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
@@ -369,5 +401,43 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None, tuple[int, ...] |
     for key in required:
         if params.get(key) is None:
             raise ValueError(f"{source}: rope_type={rope_type!r} needs {key!r} in its RoPE parameters")
+        params[key] = _float(params[key], key, source, positive=True)
+    if "original_max_position_embeddings" in params:
+        params["original_max_position_embeddings"] = _int(params["original_max_position_embeddings"],
+                                                          "original_max_position_embeddings", source)
     params["rope_type"] = rope_type
     return theta, params, mrope
+
+
+def read_json(file: Path) -> Any:
+    """The parsed JSON ``file``; FileNotFoundError or ValueError naming it (not UTF-8 text, invalid
+    JSON, nested past the parser's recursion limit, an integer literal past Python's 4300 digits)."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(file)!r} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{str(file)!r} cannot be read: {e}") from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{str(file)!r} is not valid JSON: {str(e)[:200]}") from None
+
+
+def _int(value: Any, key: str, source: str, minimum: int = 1, maximum: int = _MAX_SIZE) -> int:
+    """``value`` (an int, or a float holding one: some configs write 4096.0) in [minimum, maximum)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < maximum:
+        raise ValueError(f"{source}: {key}={value!r} must be an integer in [{minimum}, {maximum})")
+    return value
+
+
+def _float(value: Any, key: str, source: str, positive: bool = False) -> float:
+    """``value`` as a finite float (positive where asked)."""
+    number = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if not isinstance(value, int) or abs(value) < 1 << 1000 else math.inf
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise ValueError(f"{source}: {key}={value!r} must be a {'positive' if positive else 'finite'} number")
+    return number

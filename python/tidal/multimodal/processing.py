@@ -82,8 +82,8 @@ def _read_json(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, ...
+        raise ValueError(f"{path}: not a readable JSON file ({str(e)[:200]})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -313,7 +313,7 @@ class ImageProcessor:
         config, source = found
         name = config.get("image_processor_type") or str(config.get("feature_extractor_type") or "").replace(
             "FeatureExtractor", "ImageProcessor")
-        base = name.removesuffix("Fast").removesuffix("Pil") if isinstance(name, str) else name
+        base = name.removesuffix("Fast").removesuffix("Pil") if isinstance(name, str) else None
         if base not in _PROCESSORS:
             raise ValueError(f"{source}: image_processor_type {name!r} is not supported; supported: "
                              f"{', '.join(sorted(_PROCESSORS))} (plain, Fast or Pil)")

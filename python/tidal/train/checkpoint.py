@@ -22,6 +22,7 @@ for the loading job's own plan: the world size and the stage may differ from the
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -258,27 +259,38 @@ def _prune(directory: str, keep_last: int, keep: str) -> None:
         if name.endswith(".tmp") or not os.path.isfile(index_path):
             continue
         try:
-            with open(index_path) as f:
-                steps = json.load(f)["counters"]["global_steps"]
-        except (OSError, ValueError, KeyError):
+            with open(index_path, "rb") as f:
+                steps = json.loads(f.read())["counters"]["global_steps"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
-        complete.append((steps, name))
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            complete.append((steps, name))
     complete.sort()
     for _, name in complete[:max(0, len(complete) - keep_last)]:
         if name != keep:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def _is_plain_name(name) -> bool:
+    """A file or directory name inside the checkpoint's directory, not a path out of it."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name \
+        and "\x00" not in name
+
+
 def _resolve(directory: str, tag: str | None) -> str:
+    named_by = ""
     if tag is None:
         latest = os.path.join(directory, "latest")
         if not os.path.isfile(latest):
             raise FileNotFoundError(f"no checkpoint tag given and {latest} does not exist")
-        with open(latest) as f:
-            tag = f.read().strip()
+        with open(latest, "rb") as f:
+            tag = f.read(4096).decode("utf-8", errors="replace").strip()
+        if not _is_plain_name(tag) or "\ufffd" in tag:
+            raise ValueError(f"{latest} names {tag[:100]!r}, not a checkpoint directory in {directory}")
+        named_by = f" (named by {latest})"
     path = os.path.join(directory, tag)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path}{named_by} does not exist")
     return path
 
 
@@ -286,15 +298,68 @@ def read_index(path: str) -> dict:
     """The index.json of the checkpoint directory ``path``; a missing or corrupt one is named."""
     index_path = os.path.join(path, "index.json")
     try:
-        with open(index_path) as f:
-            index = json.load(f)
+        with open(index_path, "rb") as f:
+            index = json.loads(f.read())
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint index {index_path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint index {index_path} is corrupt: {e}") from None
+    except OSError as e:
+        raise ValueError(f"checkpoint index {index_path} cannot be read: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"checkpoint index {index_path} is corrupt: {str(e)[:200]}") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"checkpoint index {index_path} is corrupt: a JSON {type(index).__name__}, not an object")
     if index.get("format") != FORMAT:
-        raise ValueError(f"{index_path} has format {index.get('format')!r}; expected {FORMAT!r}")
+        raise ValueError(f"{index_path} has format {str(index.get('format'))[:100]!r}; expected {FORMAT!r}")
+    _check_index(index, index_path)
     return index
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_index(index: dict, index_path: str) -> None:
+    """ValueError naming ``index_path`` where a value the loader reads is missing or of the wrong
+    type, a file entry names a path out of the checkpoint, or the expert files miss an ep_rank."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"checkpoint index {index_path} is corrupt: {what}")
+
+    counters = index.get("counters")
+    if not isinstance(counters, dict) or \
+            not all(_is_count(counters.get(k)) for k in ("global_steps", "optimizer_steps", "skipped_steps")):
+        raise bad("'counters' needs non-negative integers global_steps, optimizer_steps and skipped_steps")
+    for key in ("loss_scaler", "scheduler"):
+        if not isinstance(index.get(key), (dict, type(None))):
+            raise bad(f"{key!r} must be an object or null")
+    _check_part(index, bad, "")
+    experts = index.get("experts")
+    if experts is None:
+        return
+    if not isinstance(experts, dict) or not _is_count(experts.get("ep_size")) or experts["ep_size"] < 1:
+        raise bad("'experts' needs a positive integer ep_size")
+    _check_part(experts, bad, "experts ")
+    ranks = {e.get("ep_rank") for e in experts["files"]}
+    if len(ranks) != experts["ep_size"] or ranks != set(range(len(ranks))):  # the length first: ep_size may be 10**12
+        raise bad(f"the expert files' ep_rank must cover 0 .. {experts['ep_size'] - 1} exactly")
+
+
+def _check_part(part: dict, bad, where: str) -> None:
+    """``params`` and ``files`` of the index (or of its ``experts``)."""
+    params, files = part.get("params"), part.get("files")
+    if not isinstance(params, list) or not isinstance(files, list):
+        raise bad(f"{where}'params' and 'files' must be lists")
+    names = set()
+    for p in params:
+        if not (isinstance(p, dict) and isinstance(p.get("name"), str) and p["name"] not in names
+                and _is_count(p.get("offset")) and _is_count(p.get("numel")) and isinstance(p.get("shape"), list)
+                and all(_is_count(d) for d in p["shape"]) and math.prod(p["shape"]) == p["numel"]):
+            raise bad(f"{where}parameter {str(p)[:200]} needs a unique name, an offset, and a shape of numel elements")
+        names.add(p["name"])
+    for e in files:
+        if not (isinstance(e, dict) and _is_plain_name(e.get("file")) and _is_count(e.get("begin"))
+                and _is_count(e.get("end")) and e["begin"] <= e["end"] and isinstance(e.get("sha256"), str)):
+            raise bad(f"{where}file entry {str(e)[:200]} needs a file name in the checkpoint's directory, "
+                      f"0 <= begin <= end and a sha256")
 
 
 def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -317,15 +382,29 @@ def read_full_state(directory: str, tag: str | None = None) -> tuple[dict, dict[
 
 def _assemble(path: str, params: list[dict], files: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
     """{state: {name: tensor of its saved shape}} of ``params`` from the flat ranges of ``files``,
-    every file's checksum verified and every element covered."""
-    full = {k: {p["name"]: torch.empty(p["numel"]) for p in params} for k in _STATES}
-    covered = {p["name"]: 0 for p in params}
+    every file's checksum and header verified (before anything is allocated: the files bound what
+    the index may ask for) and every element covered."""
+    from tidal.models.loader import read_safetensors_header
+
     for entry in files:
         file = os.path.join(path, entry["file"])
         if not os.path.isfile(file):
             raise FileNotFoundError(f"checkpoint shard {file} is missing")
         if _sha256(file) != entry["sha256"]:
-            raise ValueError(f"checkpoint shard {file} is corrupt or truncated (SHA-256 mismatch)")
+            raise ValueError(f"checkpoint shard {file} is corrupt or truncated (SHA-256 mismatch with "
+                             f"{os.path.join(path, 'index.json')})")
+        n = entry["end"] - entry["begin"]
+        header = read_safetensors_header(file)
+        if set(header) != set(_STATES) or any(t.dtype != "F32" or t.shape != (n,) for t in header.values()):
+            raise ValueError(f"checkpoint shard {file} does not hold {', '.join(_STATES)} as F32 vectors of the "
+                             f"{n} elements its index entry says")
+    held, wanted = sum(e["end"] - e["begin"] for e in files), sum(p["numel"] for p in params)
+    if wanted > held:
+        raise ValueError(f"checkpoint {path}: index.json's parameters have {wanted} elements, its files hold {held}")
+    full = {k: {p["name"]: torch.empty(p["numel"]) for p in params} for k in _STATES}
+    covered = {p["name"]: 0 for p in params}
+    for entry in files:
+        file = os.path.join(path, entry["file"])
         try:
             tensors = load_file(file)
         except (SafetensorError, OSError) as e:
@@ -340,8 +419,8 @@ def _assemble(path: str, params: list[dict], files: list[dict]) -> dict[str, dic
                 full[k][p["name"]][a - p["offset"]:b - p["offset"]] = tensors[k][a - lo:b - lo]
     for p in params:
         if covered[p["name"]] != p["numel"]:
-            raise ValueError(f"checkpoint {path} holds {covered[p['name']]} of the {p['numel']} elements of "
-                             f"parameter {p['name']!r}")
+            raise ValueError(f"checkpoint {path} (index.json) holds {covered[p['name']]} of the {p['numel']} elements "
+                             f"of parameter {p['name']!r}")
         for k in _STATES:
             full[k][p["name"]] = full[k][p["name"]].view(p["shape"])
     return full
@@ -349,14 +428,21 @@ def _assemble(path: str, params: list[dict], files: list[dict]) -> dict[str, dic
 
 def load(engine, directory: str, tag: str | None = None) -> str:
     """Collective: restores weights, Adam state, loss scaler, LR scheduler and step counters."""
-    index, full = read_full_state(directory, tag)
+    path = _resolve(directory, tag)
+    index, full = read_full_state(os.path.dirname(path), os.path.basename(path))
+    index_path = os.path.join(path, "index.json")
     names = {id(p): n for n, p in engine.module.named_parameters()}
     experts = engine.experts
     wanted = {names[id(s.param)] for s in engine.slots + ([] if experts is None else experts.slots)}
     saved = set(full["master"])
     if wanted != saved:
-        raise ValueError(f"the checkpoint's parameters differ from the model's: missing "
+        raise ValueError(f"the parameters of checkpoint {index_path} differ from the model's: missing "
                          f"{sorted(wanted - saved)[:5]}, unexpected {sorted(saved - wanted)[:5]}")
+    for s in engine.slots:
+        shape = tuple(full["master"][names[id(s.param)]].shape)
+        if shape != tuple(s.shape):
+            raise ValueError(f"checkpoint {index_path}: parameter {names[id(s.param)]!r} has shape {shape}, the "
+                             f"model's is {tuple(s.shape)}")
     padded = engine.plan.padded_numel
     lo, hi = engine.owned
     with torch.no_grad():
@@ -369,7 +455,7 @@ def load(engine, directory: str, tag: str | None = None) -> str:
             if k == "master":
                 engine.set_full_weights(flat)
     if experts is not None:
-        _load_experts(engine, experts, full, names)
+        _load_experts(engine, experts, full, names, index_path)
     counters = index["counters"]
     engine.global_steps = counters["global_steps"]
     # NOTE(tidal): re-derived, not restored: the accumulation steps per step change with the world
@@ -378,16 +464,18 @@ def load(engine, directory: str, tag: str | None = None) -> str:
     engine.micro_steps = counters["global_steps"] * engine.gradient_accumulation_steps
     engine.optimizer_steps = counters["optimizer_steps"]
     engine.skipped_steps = counters["skipped_steps"]
-    if engine.loss_scaler is not None and index["loss_scaler"] is not None:
-        engine.loss_scaler.load_state_dict(index["loss_scaler"])
-    if engine.scheduler is not None and index["scheduler"] is not None:
-        engine.scheduler.load_state_dict(index["scheduler"])
+    for key, part in (("loss_scaler", engine.loss_scaler), ("scheduler", engine.scheduler)):
+        if part is not None and index.get(key) is not None:
+            try:
+                part.load_state_dict(index[key])
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                raise ValueError(f"checkpoint {index_path}: its {key!r} state cannot be restored: {e}") from None
     engine.client_state = index.get("client_state")
     engine.grad_accum.zero_()
-    return _resolve(directory, tag)
+    return path
 
 
-def _load_experts(engine, experts, full: dict, names: dict) -> None:
+def _load_experts(engine, experts, full: dict, names: dict, index_path: str) -> None:
     """The slice ``engine.ep_rank`` of each whole expert tensor into the expert buffer's owned state
     and its compute-dtype parameters."""
     j = engine.ep_rank
@@ -400,7 +488,7 @@ def _load_experts(engine, experts, full: dict, names: dict) -> None:
                 whole = full[k][names[id(s.param)]]
                 local = s.shape[0]
                 if whole.shape[0] != engine.ep_size * local or tuple(whole.shape[1:]) != tuple(s.shape[1:]):
-                    raise ValueError(f"the checkpoint's {names[id(s.param)]!r} has shape {tuple(whole.shape)}; "
+                    raise ValueError(f"checkpoint {index_path}: {names[id(s.param)]!r} has shape {tuple(whole.shape)}; "
                                      f"moe.ep_size={engine.ep_size} slices of {tuple(s.shape)} expected")
                 flat[s.offset:s.offset + s.numel] = whole[j * local:(j + 1) * local].reshape(-1)
             getattr(experts, k).copy_(flat[lo:hi])
