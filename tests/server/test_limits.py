@@ -17,7 +17,7 @@ from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
-LIMITS = ServerLimits(max_request_bytes=2000, max_prompt_tokens=40, max_n=2, max_logprobs=3, max_stop_strings=2,
+LIMITS = ServerLimits(max_request_bytes=2000, max_prompt_tokens=20, max_n=2, max_logprobs=3, max_stop_strings=2,
                       max_stop_length=5, max_concurrent_requests=2)
 
 
@@ -46,7 +46,7 @@ def _post(base, body, path="/v1/completions", **kw):
 
 
 @pytest.mark.parametrize("body, param, match", [
-    ({"prompt": [5] * 41, "max_tokens": 1}, "prompt", "41 tokens; this server takes at most 40"),
+    ({"prompt": [5] * 21, "max_tokens": 1}, "prompt", "21 tokens; this server takes at most 20"),
     ({"prompt": "x", "n": 3, "temperature": 1.0}, "n", "n=3 exceeds"),
     ({"prompt": "x", "logprobs": 4}, "logprobs", "logprobs=4 exceeds"),
     ({"prompt": "x", "stop": ["a", "b", "c"]}, "stop", "3 strings"),
@@ -104,6 +104,44 @@ def test_requests_in_flight_past_the_limit_get_429(server):
         time.sleep(0.05)
     assert _post(base, {"prompt": "x", "max_tokens": 1}).status_code == 200  # room again
     assert_pool_whole(engine.engine)
+
+
+def test_a_burst_is_held_to_the_limit(server):
+    """Requests arriving together are counted from the moment they pass the check, not once their
+    body is read: a burst of 8 against a limit of 2 admits at most 2 at a time."""
+    base, engine = server
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"prompt": [5, 6, 7], "max_tokens": 60, "ignore_eos": True}
+            return await asyncio.gather(*(client.post(base + "/v1/completions", json=body) for _ in range(8)))
+
+    statuses = [r.status_code for r in asyncio.run(main())]
+    assert set(statuses) <= {200, 429} and 1 <= statuses.count(200) <= 2, statuses
+    deadline = time.time() + 10
+    while engine.engine.has_unfinished_requests() and time.time() < deadline:
+        time.sleep(0.05)
+    assert_pool_whole(engine.engine)
+
+
+def test_a_huge_text_prompt_is_refused_before_tokenizing(server):
+    base, _ = server
+    start = time.time()
+    r = _post(base, {"prompt": "x" * 1900})  # under the body limit, past 64 characters per allowed token (20)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text
+    r = _post(base, {"messages": [{"role": "user", "content": "y" * 1900}]}, "/v1/chat/completions")
+    assert r.status_code == 400, r.text
+    assert time.time() - start < 10
+
+
+def test_a_client_leaving_mid_body_is_not_a_server_error(server):
+    import socket
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\": \"de")
+    assert _post(base, {"prompt": "x", "max_tokens": 1}).status_code == 200  # still serving
 
 
 def test_limits_are_validated():

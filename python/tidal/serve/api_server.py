@@ -425,6 +425,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     ``media`` says which image and video inputs chat requests may carry (a vision-language model),
     ``limits`` what one request may ask (defaults that protect a public server)."""
     from fastapi import FastAPI, Request
+    from starlette.requests import ClientDisconnect
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     core = engine.engine
@@ -470,11 +471,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             raise ApiError(413, f"the request body has {declared} bytes; this server takes at most "
                                 f"{limits.max_request_bytes}", code="request_too_large")
         raw = bytearray()
-        async for piece in request.stream():  # bounded however the body is framed (chunked included)
-            raw += piece
-            if len(raw) > limits.max_request_bytes:
-                raise ApiError(413, f"the request body is larger than this server's {limits.max_request_bytes} "
-                                    f"bytes", code="request_too_large")
+        try:
+            async for piece in request.stream():  # bounded however the body is framed (chunked included)
+                raw += piece
+                if len(raw) > limits.max_request_bytes:
+                    raise ApiError(413, f"the request body is larger than this server's {limits.max_request_bytes} "
+                                        f"bytes", code="request_too_large")
+        except ClientDisconnect:  # nobody is left to answer; not a server error
+            raise ApiError(400, "the client disconnected before sending its whole body",
+                           code="client_disconnected") from None
         try:
             body = json.loads(bytes(raw))
         except (ValueError, UnicodeDecodeError) as e:
@@ -592,24 +597,46 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                                               "bytes": list(token_str(t).encode("utf-8"))} for t, lp in ranked]})
         return {"content": content}
 
+    admitting = [0]  # requests past the limit check and not yet in `inflight`
+
     async def serve(request: Request, chat: bool):
-        if len(inflight) >= limits.max_concurrent_requests:
-            raise ApiError(429, f"{len(inflight)} requests are in flight, this server's limit; retry shortly",
-                           type="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+        if len(inflight) + admitting[0] >= limits.max_concurrent_requests:
+            raise ApiError(429, f"{len(inflight) + admitting[0]} requests are in flight, this server's limit; retry "
+                                f"shortly", type="rate_limit_error", code="too_many_requests",
+                           headers={"Retry-After": "1"})
+        admitting[0] += 1
+        try:
+            return await admitted(request, chat)
+        finally:
+            admitting[0] -= 1
+
+    def check_length(text: str, param: str) -> None:
+        # NOTE(tidal): no tokenizer turns more than a few dozen characters into one token, so a text
+        # past 64 characters per allowed token is refused before it is tokenized (which would hold
+        # memory and a thread for seconds per megabyte)
+        if len(text) > 64 * max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(text)} characters, far past this server's limit of "
+                                f"{max_prompt_tokens} tokens", param=param, code="prompt_too_long")
+
+    def tokenized(text: str, data: dict) -> list:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return [{"prompt_token_ids": ids, "multi_modal_data": data} if data else ids]
+
+    async def admitted(request: Request, chat: bool):
         body = await read_body(request)
         params, want_logprobs = _sampling_params(body, chat)
         limits.check(params, chat)
-        data = None
         if chat:
             text, data = _render_chat(tokenizer, body.get("messages"), placeholders, media)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            prompts = [{"prompt_token_ids": ids, "multi_modal_data": data} if data else ids]
+            check_length(text, "messages")
+            prompts = await asyncio.to_thread(tokenized, text, data)
         else:
             prompts = _prompts(body)
-        if data:  # decoding and resizing images is CPU work: off the event loop
-            prepared = await asyncio.to_thread(prepare, prompts, params)
-        else:
-            prepared = prepare(prompts, params)
+            for p in prompts:
+                if isinstance(p, str):
+                    check_length(p, "prompt")
+        # tokenizing and (multimodal) decoding and resizing images are CPU work: off the event loop
+        prepared = await asyncio.to_thread(prepare, prompts, params)
         n = params.n
         stream = body.get("stream", False)
         stream_options = body.get("stream_options") or {}
