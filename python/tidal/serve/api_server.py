@@ -820,6 +820,10 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
             self._tidal_loop = asyncio.get_running_loop()
             await super().serve(sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    # NOTE(tidal): idle keep-alive connections live 65 s (uvicorn's default is 5 s): a client pool
+    # that reuses one the server has just closed sees a connection error, which 512 streaming
+    # clients on a busy CPU met (bench/load.py)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
+                            timeout_keep_alive=65)
     server = _Server(config)
     server.run()

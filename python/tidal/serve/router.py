@@ -571,6 +571,10 @@ def run_router(prefill_urls: list[str], decode_urls: list[str], host: str = "127
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a graceful shutdown: return normally, do not re-raise
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    # NOTE(tidal): idle keep-alive connections live 65 s (uvicorn's default is 5 s): a client pool
+    # that reuses one the server has just closed sees a connection error, which 512 streaming
+    # clients on a busy CPU met (bench/load.py)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
+                            timeout_keep_alive=65)
     _Server(config).run()
 
