@@ -9,8 +9,9 @@
 #   WHEEL=dist/tidal-*.whl SANITIZE=0 bash bench/device_run.sh
 #
 # Knobs (environment): WHEEL (install this wheel, falling back to a source build if it does not
-# import), TESTS (pytest arguments; "none" skips), SANITIZE (1: memcheck over the kernel tests),
-# BENCHES (scripts to run), SERVE_ARGS / TRAIN_ARGS (extra arguments of bench/serve.py / bench/train.py).
+# import), TESTS (pytest arguments; "none" skips), SANITIZE (1: compute-sanitizer memcheck, racecheck
+# and initcheck over the kernel tests), BENCHES (scripts to run), SERVE_ARGS / TRAIN_ARGS (extra
+# arguments of bench/serve.py / bench/train.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,13 +64,20 @@ if [ "${TESTS:-all}" != "none" ]; then
 fi
 
 if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
-  stamp "compute-sanitizer memcheck over the serving kernel tests (CUDA cases)"
-  compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_sanitize_cases.py \
-    >"$OUT/sanitizer.log" 2>&1
-  rc=$?
-  tail -15 "$OUT/sanitizer.log"
-  [ "$rc" -eq 0 ] || { echo "compute-sanitizer: exit $rc"; status=1; }
+  # memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory data races;
+  # initcheck: reads of device memory never written. One log each; any error fails the status.
+  # NOTE(tidal): torch's caching allocator is off under the sanitizer, so every tensor is its own
+  # cudaMalloc: memcheck then sees an access past a tensor's end (inside a cached segment it cannot),
+  # and initcheck sees a tensor's memory as unwritten until the tensor itself is written.
+  for tool in memcheck racecheck initcheck; do
+    stamp "compute-sanitizer $tool over the serving kernel tests (CUDA cases)"
+    log="$OUT/sanitizer_$tool.log"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_sanitize_cases.py >"$log" 2>&1
+    rc=$?
+    tail -15 "$log"
+    [ "$rc" -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc (see $log)"; status=1; }
+  done
 fi
 
 stamp "benchmarks"
