@@ -25,8 +25,25 @@ _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "
 _FINISH = {"type": ["string", "null"]}
 
 
+def _nullable(schema: dict) -> dict:
+    """``schema`` or null: the handlers read a null optional field as absent."""
+    if "oneOf" in schema:
+        return {"oneOf": [*schema["oneOf"], {"type": "null"}]}
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    return {**schema, "type": kinds if "null" in kinds else [*kinds, "null"]}
+
+
+#: Optional fields a null does not stand for "absent" in: the handlers reject ``"stream": null``.
+_NOT_NULLABLE = {"stream"}
+
+
 def _sampling(limits) -> dict:
     """The sampling fields completions and chat share."""
+    return {name: schema if name in _NOT_NULLABLE else _nullable(schema)
+            for name, schema in _sampling_fields(limits).items()}
+
+
+def _sampling_fields(limits) -> dict:
     stop_item = {"type": "string", "minLength": 1, "maxLength": limits.max_stop_length}
     return {
         "model": {"type": "string"}, "stream": {"type": "boolean"},
@@ -58,7 +75,7 @@ def chat_request(limits) -> dict:
     return {"type": "object", "required": ["messages"], "properties": {
         **_sampling(limits), "messages": {"type": "array", "items": message, "minItems": 1},
         "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
-        "logprobs": {"type": "boolean"},
+        "logprobs": {"type": ["boolean", "null"]},
         "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_logprobs}}}
 
 
