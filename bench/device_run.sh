@@ -10,8 +10,8 @@
 #
 # Knobs (environment): WHEEL (install this wheel, falling back to a source build if it does not
 # import), TESTS (pytest arguments; "none" skips), SANITIZE (1: compute-sanitizer memcheck, racecheck
-# and initcheck over the kernel tests), BENCHES (scripts to run), SERVE_ARGS / TRAIN_ARGS (extra
-# arguments of bench/serve.py / bench/train.py).
+# and initcheck over the kernel tests), BENCHES (scripts to run; "none" skips), SERVE_ARGS /
+# TRAIN_ARGS (extra arguments of bench/serve.py / bench/train.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,6 +80,7 @@ if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 
+[ "${BENCHES:-}" = none ] && { stamp "done (status $status)"; exit "$status"; }
 stamp "benchmarks"
 for bench in ${BENCHES:-bench/bench_attention.py bench/bench_skinny_linear.py bench/bench_moe.py bench/bench_checkpoint.py bench/serve.py bench/train.py bench/rlhf.py bench/disagg.py}; do
   name="$(basename "$bench" .py)"
