@@ -5,9 +5,6 @@ a server not started to fetch them, and images on a text-only model are 400s nam
 
 import base64
 import io
-import socket
-import threading
-import time
 
 import pytest
 
@@ -16,12 +13,12 @@ pytest.importorskip("openai")
 pytest.importorskip("PIL")
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 
 import tidal  # noqa: E402
 from tidal.serve.api_server import MediaOptions, build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 from tiny_vlm import build_llava, build_qwen2_5_vl, random_frames, random_image  # noqa: E402
 
@@ -37,27 +34,16 @@ def _png_url(image) -> str:
 def _serve(path: str, media: MediaOptions | None = None):
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(path, block_size=4, num_kv_blocks=256, max_model_len=128)))
     app = build_app(engine, MODEL, media=media)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", engine, server, thread
+    return LiveServer(app), engine
 
 
 @pytest.fixture(scope="module")
 def llava_server(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("llava_server"))
     build_llava(path)
-    base, engine, server, thread = _serve(path, MediaOptions(max_per_prompt=2))
-    yield base, engine, path
-    server.should_exit = True
-    thread.join(timeout=10)
+    live, engine = _serve(path, MediaOptions(max_per_prompt=2))
+    with live:
+        yield live.url, engine, path
 
 
 def _chat(base: str, content, **kw):
@@ -118,13 +104,13 @@ def test_images_on_a_text_model_are_400(tmp_path):
     config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with open(config_file, "w") as f:
         json.dump(config, f)
-    base, engine, server, thread = _serve(path)
+    live, engine = _serve(path)
+    base = live.url
     try:
         r = _chat(base, [{"type": "image_url", "image_url": {"url": _png_url(random_image(8, 8, seed=3))}}])
         assert r.status_code == 400 and "text only" in r.json()["error"]["message"]
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        live.stop()
 
 
 def test_qwen_chat_with_a_video_data_url(tmp_path):
@@ -141,7 +127,8 @@ def test_qwen_chat_with_a_video_data_url(tmp_path):
         for packet in stream.encode():
             container.mux(packet)
     url = "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
-    base, engine, server, thread = _serve(path)
+    live, engine = _serve(path)
+    base = live.url
     try:
         r = _chat(base, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "?"}])
         assert r.status_code == 200, r.text
@@ -149,5 +136,4 @@ def test_qwen_chat_with_a_video_data_url(tmp_path):
         assert engine.engine.stats()["encoder_runs"] == 1
         assert_pool_whole(engine.engine)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        live.stop()

@@ -3,10 +3,8 @@ happy paths, raw httpx for bad requests, and a client that walks away mid-stream
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -15,23 +13,17 @@ pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 
 from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
+from live_server import LiveServer, free_port  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
 MODEL = "tiny-llama"
 KEY = "sk-test"
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +38,8 @@ def server(tmp_path_factory):
         json.dump(config, f)
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(path, block_size=4, num_kv_blocks=512, max_model_len=96)))
     app = build_app(engine, MODEL, api_key=KEY)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
-    yield base, engine, path
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(app) as live:
+        yield live.url, engine, path
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +219,7 @@ print("RETURNED", flush=True)
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_run_server_graceful_shutdown(server, sig):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _RUN_SERVER, server[2], str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -7,10 +7,8 @@ same engine restarted takes new requests."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -19,42 +17,17 @@ pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 
 from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
 from tidal.serve.router import build_router_app  # noqa: E402
+from live_server import LiveServer, free_port  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
 MODEL = "tiny"
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Thread:
-    """A uvicorn server in a daemon thread."""
-
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def _engine(path, role=None):
@@ -92,8 +65,8 @@ def cluster(model_path):
     colocated = _engine(model_path)
     prefill = _engine(model_path, "prefill")
     decodes = [_engine(model_path, "decode") for _ in range(2)]
-    servers = [_Thread(build_app(e, MODEL)) for e in [colocated, prefill, *decodes]]
-    router = _Thread(build_router_app([servers[1].url], [s.url for s in servers[2:]], health_interval=0.2))
+    servers = [LiveServer(build_app(e, MODEL)) for e in [colocated, prefill, *decodes]]
+    router = LiveServer(build_router_app([servers[1].url], [s.url for s in servers[2:]], health_interval=0.2))
     _wait_healthy(router.url)
     yield dict(colocated=servers[0].url, router=router.url, engines=[prefill, *decodes])
     for s in [router, *servers]:
@@ -135,15 +108,15 @@ def test_completions_and_chat_equal_colocated(cluster):
 
 
 def test_a_killed_decode_engine_fails_its_stream_and_a_restart_serves(model_path):
-    prefill = _Thread(build_app(_engine(model_path, "prefill"), MODEL))
-    port = _free_port()
+    prefill = LiveServer(build_app(_engine(model_path, "prefill"), MODEL))
+    port = free_port()
     command = [sys.executable, "-m", "tidal", "serve", model_path, "--role", "decode", "--port", str(port),
                "--device", "cpu", "--block-size", "4", "--max-model-len", "128", "--kv-transfer-timeout", "5",
                "--served-model-name", MODEL]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     decode = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     decode_url = f"http://127.0.0.1:{port}"
-    router = _Thread(build_router_app([prefill.url], [decode_url], health_interval=0.2))
+    router = LiveServer(build_router_app([prefill.url], [decode_url], health_interval=0.2))
     try:
         _wait_healthy(decode_url)
         _wait_healthy(router.url)

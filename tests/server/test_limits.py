@@ -3,18 +3,17 @@ top_logprobs, stop strings (count and length), requests in flight (429 with Retr
 key compared in constant time; a model name is only ever compared, never opened as a path."""
 
 import asyncio
-import threading
 import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 
 from tidal.serve.api_server import ServerLimits, build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
 LIMITS = ServerLimits(max_request_bytes=2000, max_prompt_tokens=20, max_n=2, max_logprobs=3, max_stop_strings=2,
@@ -23,22 +22,11 @@ LIMITS = ServerLimits(max_request_bytes=2000, max_prompt_tokens=20, max_n=2, max
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import socket
     path = str(tmp_path_factory.mktemp("limits"))
     build_model(path, max_position_embeddings=128)
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(path, block_size=4, num_kv_blocks=256, max_model_len=128)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine, "m", limits=LIMITS), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(build_app(engine, "m", limits=LIMITS)) as live:
+        yield live.url, engine
 
 
 def _post(base, body, path="/v1/completions", **kw):

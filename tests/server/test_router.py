@@ -6,7 +6,6 @@ fail without an error body, or report themselves unhealthy."""
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,41 +17,17 @@ pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import PlainTextResponse, StreamingResponse  # noqa: E402
 
 from tidal.serve.router import build_router_app  # noqa: E402
+from live_server import LiveServer, free_port  # noqa: E402
 
 MODEL = "tiny"
 PIECES = ["Hel", "lo", " world"]
 REJECTION = b'{"error":{"message":"temperature=-1 must be finite and >= 0","type":"invalid_request_error",' \
             b'"param":"temperature","code":null}}'
 ORDER: list[tuple[str, str]] = []  # (role, engine name) of every completion request, in arrival order
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
-                                        timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.01)
-    return srv, thread, f"http://127.0.0.1:{port}"
-
-
-def _stop(srv: uvicorn.Server, thread: threading.Thread) -> None:
-    srv.should_exit = True
-    thread.join(timeout=10)
 
 
 def _wait_until(predicate, timeout: float = 5.0, what: str = "condition"):
@@ -77,7 +52,8 @@ class FakeEngine:
         app.get("/health")(lambda: PlainTextResponse("", status_code=self.health))
         app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": MODEL, "object": "model",
                                                                     "owned_by": self.name}]})
-        self.srv, self.thread, self.url = _serve(app)
+        self.live = LiveServer(app, log_level="critical", timeout_graceful_shutdown=1)
+        self.url = self.live.url
 
     def reset(self) -> None:
         self.received: list[tuple[str, dict, str | None]] = []  # (path, body, authorization header)
@@ -162,7 +138,7 @@ def fakes():
     decode = [FakeEngine("decode", f"d{i}") for i in range(3)]
     yield prefill, decode
     for e in prefill + decode:
-        _stop(e.srv, e.thread)
+        e.live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +146,8 @@ def router(fakes):
     prefill, decode = fakes
     app = build_router_app([e.url for e in prefill], [e.url for e in decode], health_interval=0.1,
                            request_timeout=5.0)
-    srv, thread, url = _serve(app)
-    yield url
-    _stop(srv, thread)
+    with LiveServer(app, log_level="critical", timeout_graceful_shutdown=1) as live:
+        yield live.url
 
 
 def _health(url: str) -> httpx.Response:
@@ -483,7 +458,8 @@ def test_auth_and_engine_key(fakes):
     prefill, decode = fakes
     app = build_router_app([prefill[0].url], [decode[0].url], api_key="sk-router", engine_api_key="sk-engine",
                            health_interval=0.1, request_timeout=5.0, served_model_name=MODEL)
-    srv, thread, url = _serve(app)
+    live = LiveServer(app, log_level="critical", timeout_graceful_shutdown=1)
+    url = live.url
     try:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
         _assert_error(_post(url, "/v1/completions", body), 401, "authentication_error")
@@ -498,17 +474,18 @@ def test_auth_and_engine_key(fakes):
         assert httpx.get(url + "/v1/models", headers=auth, timeout=5).json()["data"][0]["id"] == MODEL
         assert _health(url).status_code == 200  # no key needed, as on the engines
     finally:
-        _stop(srv, thread)
+        live.stop()
 
 
 def test_unreachable_engine_is_skipped(fakes):
     doomed = FakeEngine("decode", "doomed")
     app = build_router_app([fakes[0][0].url], [doomed.url, fakes[1][0].url], health_interval=60.0,
                            request_timeout=5.0)
-    srv, thread, url = _serve(app)
+    live = LiveServer(app, log_level="critical", timeout_graceful_shutdown=1)
+    url = live.url
     try:
         assert all(_healthy(url, "decode").values())
-        _stop(doomed.srv, doomed.thread)  # gone between two health checks: the first pick still takes it
+        doomed.live.stop()  # gone between two health checks: the first pick still takes it
         for i in range(2):
             r = _post(url, "/v1/completions", {"prompt": f"x{i}", "max_tokens": 4})
             assert r.status_code == 200, r.text
@@ -516,7 +493,7 @@ def test_unreachable_engine_is_skipped(fakes):
         state = {e["url"]: e for e in _health(url).json()["decode"]}
         assert state[doomed.url]["healthy"] is False and "Connect" in state[doomed.url]["error"]
     finally:
-        _stop(srv, thread)
+        live.stop()
 
 
 def test_build_router_app_checks_arguments():
@@ -537,7 +514,7 @@ print("RETURNED", flush=True)
 
 
 def test_run_router_stops_on_sigterm(fakes):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _RUN_ROUTER, fakes[0][0].url, fakes[1][0].url, str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

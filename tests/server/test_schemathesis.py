@@ -4,21 +4,19 @@ and extra fields) against a live loopback server. No response may be a 5xx, ever
 the status codes, content types and body schemas the document declares, and a body the schema rejects
 must be rejected. The KV pool is whole afterwards."""
 
-import socket
-import threading
 import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
-import uvicorn  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis import checks  # noqa: E402
 
 from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
@@ -33,18 +31,9 @@ def api_schema(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("schemathesis"))
     build_model(path, max_position_embeddings=64)
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(path, block_size=4, num_kv_blocks=256, max_model_len=64)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, "m"), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    SERVED["engine"] = engine
-    yield schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
-    server.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(build_app(engine, "m"), log_level="error") as live:
+        SERVED["engine"] = engine
+        yield schemathesis.openapi.from_url(f"{live.url}/openapi.json")
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
