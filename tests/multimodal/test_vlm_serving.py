@@ -337,3 +337,29 @@ def test_image_bytes_decode_like_the_image(llava):
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
     assert llm.stats()["encoder_runs"] == 1
     assert_pool_whole(llm)
+
+
+def test_encoded_images_are_decoded_once(llava, qwen, monkeypatch):
+    """Bytes are decoded once per item, for both the processor and the content hash."""
+    from PIL import Image
+
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+
+    def png(seed):
+        buffer = io.BytesIO()
+        random_image(56, 56, seed=seed).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    llm = tidal.LLM(llava[0], block_size=BLOCK, num_kv_blocks=64)
+    llm.generate({"prompt_token_ids": [BOS, LLAVA_IMAGE, 5], "multi_modal_data": {"image": png(81)}}, greedy(2),
+                 use_tqdm=False)
+    assert len(opened) == 1
+    llm = tidal.LLM(qwen[0], block_size=BLOCK, num_kv_blocks=64)
+    opened.clear()
+    frames = [png(i) for i in range(4)]
+    llm.generate({"prompt_token_ids": _qwen_prompt(["video", 40]), "multi_modal_data": {"video": [frames]}}, greedy(2),
+                 use_tqdm=False)
+    assert len(opened) == 4  # one per frame
+    assert_pool_whole(llm)

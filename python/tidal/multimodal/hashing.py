@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from tidal.multimodal.processing import _decode
+from tidal.multimodal.processing import decode_image
 
 
 def _hash_image(h, image: Image.Image | np.ndarray) -> None:
@@ -51,8 +51,8 @@ def content_hash(item) -> int:
             raise ValueError("item: an empty list of frames has no content to hash")
         h.update(f"video|{len(item)}|".encode())
         for i, frame in enumerate(item):
-            _hash_image(h, _decode(frame, f"item[{i}]"))
+            _hash_image(h, decode_image(frame, f"item[{i}]"))
     else:
         h.update(b"image|")
-        _hash_image(h, _decode(item, "item"))
+        _hash_image(h, decode_image(item, "item"))
     return int.from_bytes(h.digest(), "little") or 1

@@ -167,8 +167,9 @@ class _Settings:
 # ---- images in ----------------------------------------------------------------------------------------
 
 
-def _decode(image: Any, where: str) -> Image.Image | np.ndarray:
-    """A PIL image or a validated uint8 array ``[H, W]`` / ``[H, W, 1|3|4]`` from any accepted input."""
+def decode_image(image: Any, where: str = "image") -> Image.Image | np.ndarray:
+    """A PIL image or a validated uint8 array ``[H, W]`` / ``[H, W, 1|3|4]`` from any accepted input
+    (encoded bytes are decoded; an image or array is returned as it is). ValueError naming ``where``."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, np.ndarray):
@@ -328,7 +329,7 @@ class ImageProcessor:
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError(f"images must be a non-empty list of images, got "
                              f"{type(images).__name__ if not isinstance(images, (list, tuple)) else 'an empty list'}")
-        rgbs = [_to_rgb(_decode(im, f"images[{i}]"), self.settings.do_convert_rgb, f"images[{i}]")
+        rgbs = [_to_rgb(decode_image(im, f"images[{i}]"), self.settings.do_convert_rgb, f"images[{i}]")
                 for i, im in enumerate(images)]
         return self._process(rgbs)
 
@@ -591,7 +592,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
             raise ValueError(f"frames must be a non-empty list of frames, got "
                              f"{type(frames).__name__ if not isinstance(frames, (list, tuple)) else 'an empty list'}")
         s = self.video_settings
-        rgbs = [_to_rgb(_decode(f, f"frames[{i}]"), s.do_convert_rgb, f"frames[{i}]") for i, f in enumerate(frames)]
+        rgbs = [_to_rgb(decode_image(f, f"frames[{i}]"), s.do_convert_rgb, f"frames[{i}]") for i, f in enumerate(frames)]
         for i, rgb in enumerate(rgbs):
             if rgb.shape != rgbs[0].shape:
                 raise ValueError(f"frames[{i}]: {rgb.shape[1]}x{rgb.shape[0]}, but frames[0] is "

@@ -149,16 +149,18 @@ class MultiModalProcessor:
         return prompt
 
     def _item(self, modality: str, value, index: int, options: dict) -> MultiModalItem:
-        from tidal.multimodal import content_hash, load_video
-
         where = f"multi_modal_data[{modality!r}][{index}]"
         try:
-            return self._process_item(modality, value, options, content_hash, load_video)
+            return self._process_item(modality, value, options)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
-    def _process_item(self, modality: str, value, options: dict, content_hash, load_video) -> MultiModalItem:
+    def _process_item(self, modality: str, value, options: dict) -> MultiModalItem:
+        from tidal.multimodal import content_hash, decode_image, load_video
+
+        # encoded bytes are decoded once here, for both the processor and the hash
         if modality == "image":
+            value = decode_image(value)
             processed = self.processor([value])
             grid = None if processed.grid_thw is None else tuple(int(v) for v in processed.grid_thw[0])
             return MultiModalItem("image", content_hash(value), processed.pixel_values, grid,
@@ -169,7 +171,7 @@ class MultiModalProcessor:
         if isinstance(value, str) or hasattr(value, "read"):
             frames = load_video(value, fps=fps, max_frames=options.get("max_frames"))
         else:
-            frames = list(value)
+            frames = [decode_image(f, f"frames[{i}]") for i, f in enumerate(value)]
         processed = self.processor.process_video(frames, fps=fps)
         grid = tuple(int(v) for v in processed.grid_thw[0])
         return MultiModalItem("video", content_hash(frames), processed.pixel_values, grid,
