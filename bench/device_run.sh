@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with no network: install tidal (a wheel built elsewhere for this
-# Python when one is given, else a build for sm_90 with all cores), run the tests (GPU tests
-# included), compute-sanitizer over the kernel tests, and the benchmarks with their peers, writing
-# every log under $OUT (default bench/out). The last lines printed are the summary tables.
+# One command for a GPU machine with no network: install tidal (a wheel built elsewhere by
+# packaging/build_wheels.sh for this Python when one is given, else that script run here for sm_90
+# with all cores), run the tests (GPU tests included), compute-sanitizer over the kernel tests, and
+# the benchmarks with their peers, writing every log under $OUT (default bench/out). The last lines
+# printed are the summary tables.
 #
 #   bash bench/device_run.sh                      # everything
 #   TESTS="tests/ops -k cuda" BENCHES="bench/bench_attention.py" bash bench/device_run.sh
@@ -28,6 +29,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 # Pass TIDAL_COMMIT from the machine that made the tree: a copy may carry another .git.
 export TIDAL_COMMIT="${TIDAL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
+# What the image lacks, carried as wheels under .whl/peers: the training peers (DeepSpeed and its
+# pure-Python dependencies; BENCHMARKS.md), the server's and the load test's packages, auditwheel.
+if compgen -G ".whl/peers/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-index .whl/peers/*.whl >"$OUT/peers_install.log" 2>&1 ||
+    echo "the peer wheels did not install (see peers_install.log)"
+fi
+
 install_ok=0
 if [ -n "${WHEEL:-}" ]; then
   stamp "install $WHEEL"
@@ -42,19 +50,16 @@ if [ -n "${WHEEL:-}" ]; then
   fi
 fi
 if [ "$install_ok" -eq 0 ]; then
-  stamp "build (sm_${TIDAL_CUDA_ARCHS})"
-  if ! "$PY" -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
+  # The release script, for this machine's Python: the GPU tests run on what a user would install.
+  stamp "build the wheel with packaging/build_wheels.sh (sm_${TIDAL_CUDA_ARCHS})"
+  if ! bash packaging/build_wheels.sh --python "$(command -v "$PY")" --no-isolation \
+        --cuda-archs "$TIDAL_CUDA_ARCHS" --out "$OUT/dist" >"$OUT/build.log" 2>&1 ||
+     ! "$PY" -m pip install --no-deps --no-index --force-reinstall "$OUT"/dist/tidal-*.whl >>"$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"
     exit 1
   fi
 fi
 (cd /tmp && "$PY" -c "import json, tidal; print(json.dumps(tidal.build_info()))") | tee "$OUT/build_info.json"
-# The training peers not on the image (DeepSpeed and its pure-Python dependencies; BENCHMARKS.md),
-# carried as wheels under .whl/peers.
-if compgen -G ".whl/peers/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-deps --no-index .whl/peers/*.whl >"$OUT/peers_install.log" 2>&1 ||
-    echo "the peer wheels did not install (see peers_install.log)"
-fi
 
 if [ "${TESTS:-all}" != "none" ]; then
   stamp "tests"

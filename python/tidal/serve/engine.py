@@ -19,6 +19,7 @@ from tidal import _core
 from tidal.models.loader import load_model, resolve_dtype
 from tidal.serve.config import EngineConfig, resolve_device
 from tidal.serve.disagg import KVTransfers
+from tidal.serve.host_memory import HostMemoryTrimmer
 from tidal.serve.model_runner import make_model_runner
 from tidal.serve.multimodal import EncoderCache, MultiModalProcessor, MultiModalPrompt, gather_step_inputs
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -163,6 +164,7 @@ class LLMEngine:
             self._mm_processor = MultiModalProcessor(
                 self.model, None if isinstance(config.model, torch.nn.Module) else config.model)
         self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
+        self._host_memory = HostMemoryTrimmer()  # RSS stays flat in a long-running server
         self._mm_prompts: dict[int, MultiModalPrompt] = {}  # seq id -> state, of unfinished multimodal requests
         self.transfers: KVTransfers | None = None
         if config.kv_role is not None:
@@ -394,7 +396,9 @@ class LLMEngine:
         if batch.num_seqs == 0:
             if arrived == set() and self.transfers is not None and self.transfers.pending:
                 time.sleep(0.001)  # waiting on KV transfers alone: do not spin
-            return self._collect(self._process_lagged() | arrived, return_unfinished)
+            outputs = self._collect(self._process_lagged() | arrived, return_unfinished)
+            self._host_memory.maybe_trim(idle=not self.scheduler.has_unfinished_requests())
+            return outputs
         now = time.monotonic()
         seq_ids = batch.request_ids.tolist()
         for seq_id in seq_ids:
@@ -436,9 +440,12 @@ class LLMEngine:
             seq.sampling.output_token_ids.append(result.token_ids[row])  # the next step samples after it
             kept.append((seq, result.token_ids[row], result.logprobs[row], finished.get(seq_id)))
         self._lagged = (kept, time.monotonic())
-        if not self.scheduler.has_unfinished_requests():
+        idle = not self.scheduler.has_unfinished_requests()
+        if idle:
             changed |= self._process_lagged()
-        return self._collect(changed, return_unfinished)
+        outputs = self._collect(changed, return_unfinished)
+        self._host_memory.maybe_trim(idle)
+        return outputs
 
     def _hold_for_decode(self, sample_ids: list[int], result) -> None:
         """Prefill role: requests that sampled their first token keep their blocks for a decode
