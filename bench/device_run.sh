@@ -12,7 +12,7 @@
 # Knobs (environment): WHEEL (install this wheel, falling back to a source build if it does not
 # import), TESTS (pytest arguments; "none" skips), SANITIZE (1: compute-sanitizer memcheck, racecheck
 # and initcheck over the kernel tests), BENCHES (scripts to run; "none" skips), SERVE_ARGS /
-# TRAIN_ARGS (extra arguments of bench/serve.py / bench/train.py).
+# TRAIN_ARGS / LOAD_ARGS (extra arguments of bench/serve.py / bench/train.py / bench/load.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,6 +95,9 @@ for bench in ${BENCHES:-bench/bench_attention.py bench/bench_skinny_linear.py be
     "$PY" "$bench" --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -40
   elif [ "$name" = "rlhf" ] || [ "$name" = "disagg" ]; then
     "$PY" "$bench" --out "$OUT" 2>&1 | tee "$OUT/$name.log" | tail -12
+  elif [ "$name" = "load" ]; then
+    # shellcheck disable=SC2086
+    "$PY" "$bench" --out "$OUT" --device cuda ${LOAD_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -12
   elif [ "$name" = "train" ]; then
     # shellcheck disable=SC2086
     "$PY" "$bench" --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -30
