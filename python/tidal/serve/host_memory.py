@@ -5,8 +5,9 @@ buffers, step inputs). glibc's malloc keeps such freed memory in its heaps (its 
 rises after large frees, so later large blocks come from the heap too), and a long-running server's
 RSS then climbs although the memory in use does not: measured on the CPU engine over 2,600 requests,
 the bytes malloc has in use stayed at 119 MiB while its free-but-kept bytes grew from 6 to 200 MiB
-and RSS by the same. ``malloc_trim(0)`` hands those pages back (7-8 ms there); the engine calls it
-when it goes idle and every few seconds while busy, so RSS stays flat (tests/serve/test_host_memory.py).
+and RSS by the same. ``malloc_trim(0)`` hands those pages back (7-8 ms there; RSS then stayed within
+4 MiB over the same requests); the engine calls it when it goes idle and every 10 s while busy.
+It gives back only free memory: growth in the bytes in use (bench/RESULTS.md, "Soak") is another matter.
 """
 
 from __future__ import annotations
