@@ -185,9 +185,11 @@ def main() -> int:
                 servers.wait(url)
             else:
                 share = ["--gpu-memory-utilization", "0.45", "--kv-connector", args.kv_connector]
+                # One after the other: each engine sizes its KV pool from what it added to the card,
+                # which another engine loading at the same moment would blur.
                 prefill = servers.start("prefill", common + share + ["--role", "prefill"])
-                decode = servers.start("decode", common + share + ["--role", "decode"])
                 servers.wait(prefill)
+                decode = servers.start("decode", common + share + ["--role", "decode"])
                 servers.wait(decode)
                 url = servers.start("router", ["--role", "router", "--prefill", prefill, "--decode", decode])
                 servers.wait(url)

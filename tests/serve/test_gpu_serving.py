@@ -168,3 +168,26 @@ def test_kv_pool_is_sized_by_the_profiling_forward(tmp_path):
     torch.cuda.empty_cache()
     with pytest.raises(ValueError, match=r"max_model_len=.* does not fit .* bytes per token.*weights"):
         tidal.LLM(str(tmp_path), device="cuda", kv_cache_memory_fraction=1e-6)
+
+
+@needs_gpu
+def test_each_engine_sizes_its_pool_from_its_own_share(tmp_path):
+    # Two engines on one card (disaggregated roles do this): the second is charged neither the
+    # first's weights nor its KV pool, only its own, and its pool never exceeds what is free.
+    build_model(str(tmp_path))
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    first = tidal.LLM(str(tmp_path), device="cuda", kv_cache_memory_fraction=0.3, max_num_seqs=8,
+                      max_num_batched_tokens=256, enforce_eager=True)
+    second = tidal.LLM(str(tmp_path), device="cuda", kv_cache_memory_fraction=0.3, max_num_seqs=8,
+                       max_num_batched_tokens=256, enforce_eager=True)
+    pool_bytes = [sum(k.numel() * k.element_size() * 2 for k, _ in llm.engine.runner.kv_caches)
+                  for llm in (first, second)]
+    # Before each engine counted only itself, the second's budget was 0.3 of the card minus the
+    # first's 0.3: no pool at all.
+    assert pool_bytes[1] > 0.9 * pool_bytes[0] > 0
+    assert sum(pool_bytes) <= 0.6 * total
+    for llm in (first, second):
+        out = llm.generate([[5, 6, 7]], _greedy(3, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+        assert_pool_whole(llm)

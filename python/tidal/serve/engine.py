@@ -20,7 +20,7 @@ from tidal.models.loader import load_model, resolve_dtype
 from tidal.serve.config import EngineConfig, resolve_device
 from tidal.serve.disagg import KVTransfers
 from tidal.serve.host_memory import HostMemoryTrimmer
-from tidal.serve.model_runner import make_model_runner
+from tidal.serve.model_runner import device_memory_baseline, make_model_runner
 from tidal.serve.multimodal import EncoderCache, MultiModalProcessor, MultiModalPrompt, gather_step_inputs
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tidal.serve.sampler import SequenceSampling
@@ -121,11 +121,15 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        # The device's memory before this engine adds to it: the KV pool's budget counts only this
+        # process's memory, so several engines (disaggregated roles) can share one GPU.
         if isinstance(config.model, torch.nn.Module):
             self.model, self.model_config = _shared_model(config.model, config)
             self.device = next(self.model.parameters()).device
+            baseline = device_memory_baseline(self.device)
         else:
             self.device = resolve_device(config.device)
+            baseline = device_memory_baseline(self.device)
             self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
         tokenizer_dir = config.tokenizer or (None if isinstance(config.model, torch.nn.Module) else config.model)
@@ -142,7 +146,7 @@ class LLMEngine:
         if self.max_model_len > max_positions and not self.model_config.rope_scaling:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_positions}")
-        self.runner = make_model_runner(self.model, config, self.max_model_len, self.device)
+        self.runner = make_model_runner(self.model, config, self.max_model_len, self.device, baseline)
         num_blocks = self.num_kv_blocks = self.runner.num_kv_blocks
         self.kv_caches = self.runner.kv_caches
         self.scheduler = _sched.Scheduler(_sched.SchedulerConfig(

@@ -21,8 +21,8 @@ import torch
 
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
-from tidal.serve.model_runner import (KVPool, allocate_kv_caches, kv_cache_bytes_per_block, min_kv_blocks,
-                                     multimodal_inputs)
+from tidal.serve.model_runner import (KVPool, MemoryBaseline, allocate_kv_caches, kv_cache_bytes_per_block,
+                                     min_kv_blocks, multimodal_inputs)
 from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_async
 from tidal.serve.sampling_params import SamplingParams
 
@@ -78,8 +78,10 @@ def _format_gib(n: float) -> str:
 class GPUModelRunner:
     """Runs the model on one CUDA device with persistent inputs and CUDA graphs for decode."""
 
-    def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device):
+    def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device,
+                 memory_baseline: MemoryBaseline | None = None):
         self.model, self.config, self.device = model, config, device
+        self.memory_baseline = memory_baseline
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.max_num_seqs = config.max_num_seqs
@@ -126,7 +128,8 @@ class GPUModelRunner:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        weights = torch.cuda.memory_allocated(device)
+        base = self.memory_baseline or MemoryBaseline(0, 0, 0)
+        weights = torch.cuda.memory_allocated(device) - base.allocated  # this engine's weights
         num_tokens = self.max_num_tokens
         lengths = [min(self.max_model_len, num_tokens - start) for start in range(0, num_tokens, self.max_model_len)]
         lengths = lengths[: self.max_num_seqs]
@@ -152,14 +155,21 @@ class GPUModelRunner:
             sample(logits, [SequenceSampling(params, [0], [], seed=i) for i in range(rows)])
         del caches, logits, attn
         torch.cuda.synchronize(device)
-        activations = torch.cuda.max_memory_allocated(device) - weights
+        activations = torch.cuda.max_memory_allocated(device) - base.allocated - weights
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        outside = max(total - free - torch.cuda.memory_reserved(device), 0)  # CUDA context, other processes
+        reserved = torch.cuda.memory_reserved(device)
+        if self.memory_baseline is None:  # everything on the card outside torch: context, other processes
+            outside = max(total - free - reserved, 0)
+        else:  # what this process added outside torch since it started (libraries, workspaces)
+            outside = max((base.free - free) - (reserved - base.reserved), 0)
         graphs = 0
         if self.use_graphs:  # the decode graphs' pool: activations of max_num_seqs rows, plus slack
             graphs = 2 * self.max_num_seqs * self.vocab_size * 4 + _GIB // 2
         budget = cfg.kv_cache_memory_fraction * total - weights - activations - outside - graphs
+        # NOTE(tidal): the fraction is this engine's share; whatever other processes hold, the pool
+        # never takes more than is free now (keeping the graphs' pool and a margin).
+        budget = min(budget, free - graphs - _GIB // 4)
         num_blocks = int(max(budget, 0) // per_block)
         floor = min_kv_blocks(self.max_model_len, self.block_size)
         if num_blocks < floor:
@@ -170,8 +180,8 @@ class GPUModelRunner:
                 f"kv_cache_memory_fraction={cfg.kv_cache_memory_fraction} x {_format_gib(total)} only "
                 f"{_format_gib(max(budget, 0))} is left after the weights ({_format_gib(weights)}), peak "
                 f"activations at max_num_batched_tokens={cfg.max_num_batched_tokens} ({_format_gib(activations)}), "
-                f"CUDA graphs ({_format_gib(graphs)}) and memory outside torch ({_format_gib(outside)}; "
-                f"{_format_gib(free)} free now); lower max_model_len or max_num_batched_tokens, or raise "
+                f"CUDA graphs ({_format_gib(graphs)}) and this process's memory outside torch "
+                f"({_format_gib(outside)}; {_format_gib(free)} free now); lower max_model_len or max_num_batched_tokens, or raise "
                 f"kv_cache_memory_fraction")
         return num_blocks
 

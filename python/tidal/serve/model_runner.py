@@ -14,6 +14,7 @@ PendingSample | None`` (launched; ``.result()`` waits); ``mm`` is a step's multi
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -166,10 +167,29 @@ class CPUModelRunner:
             return sample_async(logits, sampling)
 
 
-def make_model_runner(model, config: EngineConfig, max_model_len: int, device: torch.device):
-    """The runner for ``device``: GPUModelRunner on CUDA, CPUModelRunner otherwise."""
+class MemoryBaseline(NamedTuple):
+    """The card before an engine loads anything (bytes): what KV pool sizing subtracts, so that
+    neither other processes nor other engines of this process are charged to this engine."""
+
+    free: int  # free on the card
+    reserved: int  # reserved by torch's allocator in this process
+    allocated: int  # allocated by torch's allocator in this process
+
+
+def device_memory_baseline(device: torch.device) -> MemoryBaseline | None:
+    """MemoryBaseline of ``device`` now; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return MemoryBaseline(free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
+
+
+def make_model_runner(model, config: EngineConfig, max_model_len: int, device: torch.device,
+                      memory_baseline: MemoryBaseline | None = None):
+    """The runner for ``device``: GPUModelRunner on CUDA, CPUModelRunner otherwise.
+    ``memory_baseline`` is device_memory_baseline() taken before the model was loaded."""
     if device.type == "cuda":
         from tidal.serve.gpu_model_runner import GPUModelRunner
 
-        return GPUModelRunner(model, config, max_model_len, device)
+        return GPUModelRunner(model, config, max_model_len, device, memory_baseline)
     return CPUModelRunner(model, config, max_model_len, device)
