@@ -97,6 +97,9 @@ def test_disaggregated_equals_colocated(model_path, connector, num_decode, devic
             for a, b in zip(got[k].outputs[0].logprobs, want[k].outputs[0].logprobs):
                 assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
     assert got["1"].num_cached_tokens == len(PROMPTS[1])  # the decode engine computed none of the prompt
+    if connector == "torch":  # pools on one card are copied on it; off the GPU the blocks travel the group
+        pairs = [p for d in decodes for p in d.transfers.connector._pairs.values()]
+        assert pairs and all(p.direct == (device == "cuda") for p in pairs)
     for e in [prefill, *decodes]:
         assert_pool_whole(e)
 

@@ -9,11 +9,13 @@ one interface:
   memory over TCP or shared memory otherwise). Each engine registers its whole KV pool once; the
   decode engine issues one READ of the request's block segments and the prefill engine learns of
   its end through NIXL's notification carrying the transfer id.
-- :class:`TorchConnector`: torch.distributed point-to-point (Gloo; GPU blocks staged through host
-  memory) over a two-rank group per engine pair, bootstrapped through a TCPStore the prefill
-  engine hosts. The
-  decode engine sends the transfer id and block ids; the prefill engine answers with the blocks.
-  It is the test reference and the fallback where NIXL is not installed.
+- :class:`TorchConnector`: torch.distributed point-to-point (Gloo) over a two-rank group per engine
+  pair, bootstrapped through a TCPStore the prefill engine hosts. The decode engine sends the
+  transfer id and block ids; the prefill engine answers with the blocks (GPU blocks staged through
+  host memory), or, where both pools are on the same GPU (engines sharing a card, in one process or
+  through a CUDA IPC handle of the prefill pool), the decode engine copies the blocks on the device
+  itself and the group carries only the request and its acknowledgement. It is the test reference
+  and the fallback where NIXL is not installed.
 
 Both copy the same bytes: the pool is one allocation ``[num_layers, 2, num_blocks, block_bytes]``
 (tidal.serve.model_runner.KVPool), so a block of one layer's keys is one contiguous segment.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import atexit
 import base64
 import datetime
+import os
 import queue
 import socket
 import threading
@@ -273,8 +276,29 @@ class TorchConnector(KVConnector):
             self.port = 0
 
     def info(self) -> dict:
-        return {"kind": "torch", "engine_id": self.engine_id, "layout": vars(self.layout), "num_blocks": self.num_blocks,
-                "host": self.host, "port": self.port}
+        info = {"kind": "torch", "engine_id": self.engine_id, "layout": vars(self.layout), "num_blocks": self.num_blocks,
+                "host": self.host, "port": self.port, "node": socket.gethostname(), "pid": os.getpid()}
+        if self.flat.is_cuda:
+            info["cuda_ipc"] = _ipc_handle(self.flat)
+        return info
+
+    def _same_gpu_view(self, remote: dict) -> torch.Tensor | None:
+        """The remote pool as ``[2 * num_layers, num_blocks, block_bytes]`` on this engine's GPU, when
+        both pools live on the same card of this machine; None otherwise (the blocks then come over
+        the group)."""
+        ipc = remote.get("cuda_ipc")
+        if not self.flat.is_cuda or ipc is None or remote.get("node") != socket.gethostname():
+            return None
+        if ipc["device_uuid"] != str(torch.cuda.get_device_properties(self.flat.device).uuid):
+            return None
+        shape = (2 * self.layout.num_layers, int(remote["num_blocks"]), self.layout.block_bytes)
+        if remote.get("pid") == os.getpid():  # an engine of this process: its pool is at hand
+            peer = next((c for c in list(_OPEN) if c.engine_id == remote["engine_id"]), None)
+            return None if peer is None else peer.flat.view(torch.uint8).view(shape)
+        try:
+            return _open_ipc(ipc, self.flat.device).view(shape)
+        except Exception:  # e.g. a driver without CUDA IPC between these processes: fall back
+            return None
 
     def _group(self, store, rank: int):
         # NOTE(tidal): Gloo, with GPU blocks staged through host memory: NCCL refuses two ranks on
@@ -304,9 +328,9 @@ class TorchConnector(KVConnector):
             group = self._group(self._dist.PrefixStore(f"pair/{peer}", self._store), 0)
             view = self.block_view()
             while not self._closed.is_set():
-                header = torch.zeros(2, dtype=torch.int64)
+                header = torch.zeros(3, dtype=torch.int64)
                 group.recv([header], 1, 0).wait()
-                n, id_len = int(header[0]), int(header[1])
+                n, id_len, direct = int(header[0]), int(header[1]), bool(header[2])
                 if n < 0:  # the decode engine closed its end
                     break
                 ids, name = torch.empty(n, dtype=torch.int64), torch.empty(id_len, dtype=torch.uint8)
@@ -319,8 +343,11 @@ class TorchConnector(KVConnector):
                 group.send([reply], 1, 3).wait()
                 if int(reply[0]) != self._OK:
                     continue
-                payload = view[:, ids.to(self.flat.device)].cpu()  # [planes, n, block_bytes]
-                group.send([payload], 1, 4).wait()
+                if direct:  # the decode engine copies on the device; wait for its acknowledgement
+                    group.recv([torch.zeros(1, dtype=torch.int64)], 1, 4).wait()
+                else:
+                    payload = view[:, ids.to(self.flat.device)].cpu()  # [planes, n, block_bytes]
+                    group.send([payload], 1, 4).wait()
                 self._done.put(transfer_id)
             del group  # torn down here, while close() waits for this thread
         except Exception:  # the decode engine went away: its reads fail on its side; holds time out here
@@ -377,6 +404,7 @@ class _Pair:
         self.connector, self.remote = connector, remote
         self.jobs: queue.Queue = queue.Queue()
         self.alive = True
+        self.direct = False  # set by the thread: blocks copied on the GPU rather than sent
         self.thread = threading.Thread(target=self._run, name=f"tidal-kv-read-{remote['engine_id']}", daemon=True)
         self.thread.start()
 
@@ -406,18 +434,22 @@ class _Pair:
                            f"{self.remote['host']}:{self.remote['port']}: {type(e).__name__}: {e}")
             return
         view = c.block_view()
+        remote_view = c._same_gpu_view(self.remote)
+        self.direct = remote_view is not None
+        stream = torch.cuda.Stream(c.flat.device) if self.direct else None
         while True:
             job = self.jobs.get()
             if job is None:
                 try:  # tell the prefill engine's thread for this pair to end
-                    group.send([torch.tensor([-1, 0], dtype=torch.int64)], 0, 0).wait()
+                    group.send([torch.tensor([-1, 0, 0], dtype=torch.int64)], 0, 0).wait()
                 except Exception:
                     pass
                 return
             transfer_id, remote_blocks, local_blocks = job
             try:
                 name = torch.frombuffer(bytearray(transfer_id.encode()), dtype=torch.uint8)
-                group.send([torch.tensor([len(remote_blocks), name.numel()], dtype=torch.int64)], 0, 0).wait()
+                header = [len(remote_blocks), name.numel(), int(self.direct)]
+                group.send([torch.tensor(header, dtype=torch.int64)], 0, 0).wait()
                 group.send([torch.tensor(remote_blocks, dtype=torch.int64)], 0, 1).wait()
                 group.send([name], 0, 2).wait()
                 reply = torch.zeros(1, dtype=torch.int64)
@@ -426,14 +458,43 @@ class _Pair:
                     c._ended.put((transfer_id, f"the prefill engine no longer holds the blocks of transfer "
                                                f"{transfer_id} (it timed out or was released)"))
                     continue
-                payload = torch.empty(view.shape[0], len(remote_blocks), view.shape[2], dtype=torch.uint8)
-                group.recv([payload], 0, 4).wait()
-                view[:, torch.tensor(local_blocks, device=c.flat.device)] = payload.to(c.flat.device)
+                local = torch.tensor(local_blocks, device=c.flat.device)
+                if self.direct:  # one gather and one scatter on the card, then the acknowledgement
+                    with torch.cuda.stream(stream):
+                        view[:, local] = remote_view[:, torch.tensor(remote_blocks, device=c.flat.device)]
+                    stream.synchronize()
+                    group.send([torch.zeros(1, dtype=torch.int64)], 0, 4).wait()
+                else:
+                    payload = torch.empty(view.shape[0], len(remote_blocks), view.shape[2], dtype=torch.uint8)
+                    group.recv([payload], 0, 4).wait()
+                    view[:, local] = payload.to(c.flat.device)
                 c._ended.put((transfer_id, None))
             except Exception as e:
                 self._fail_all(f"reading transfer {transfer_id} from the prefill engine "
                                f"{self.remote['engine_id']!r} failed: {type(e).__name__}: {e}", transfer_id)
                 return
+
+
+def _ipc_handle(flat: torch.Tensor) -> dict:
+    """A CUDA IPC handle of the allocation under ``flat`` (JSON-able), for a process on the same card."""
+    (device, handle, size, offset, counter, counter_offset, event, event_sync) = flat.untyped_storage()._share_cuda_()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return {"device_uuid": str(torch.cuda.get_device_properties(device).uuid), "handle": b64(handle),
+            "size": size, "offset": offset, "ref_counter": b64(counter), "ref_counter_offset": counter_offset,
+            "event": b64(event or b""), "event_sync": bool(event_sync),
+            "byte_offset": flat.storage_offset() * flat.element_size(), "nbytes": flat.numel() * flat.element_size()}
+
+
+def _open_ipc(ipc: dict, device: torch.device) -> torch.Tensor:
+    """The bytes of another process's allocation from :func:`_ipc_handle`, on ``device``."""
+    raw = base64.b64decode
+    with torch.cuda.device(device):
+        storage = torch.UntypedStorage._new_shared_cuda(
+            device.index if device.index is not None else torch.cuda.current_device(), raw(ipc["handle"]),
+            int(ipc["size"]), int(ipc["offset"]), raw(ipc["ref_counter"]), int(ipc["ref_counter_offset"]),
+            raw(ipc["event"]), bool(ipc["event_sync"]))
+    whole = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (storage.nbytes(),), (1,))
+    return whole.narrow(0, int(ipc["byte_offset"]), int(ipc["nbytes"]))
 
 
 def make_connector(kind: str, pool, model, block_size: int, engine_id: str, timeout: float, role: str,
