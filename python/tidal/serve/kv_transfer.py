@@ -12,9 +12,8 @@ one interface:
 - :class:`TorchConnector`: torch.distributed point-to-point (Gloo) over a two-rank group per engine
   pair, bootstrapped through a TCPStore the prefill engine hosts. The decode engine sends the
   transfer id and block ids; the prefill engine answers with the blocks (GPU blocks staged through
-  host memory), or, where both pools are on the same GPU (engines sharing a card, in one process or
-  through a CUDA IPC handle of the prefill pool), the decode engine copies the blocks on the device
-  itself and the group carries only the request and its acknowledgement. It is the test reference
+  host memory), or, where both pools are on the same GPU in one process, the decode engine copies
+  the blocks on the device itself and the group carries only the request and its acknowledgement. It is the test reference
   and the fallback where NIXL is not installed.
 
 Both copy the same bytes: the pool is one allocation ``[num_layers, 2, num_blocks, block_bytes]``
@@ -279,26 +278,22 @@ class TorchConnector(KVConnector):
         info = {"kind": "torch", "engine_id": self.engine_id, "layout": vars(self.layout), "num_blocks": self.num_blocks,
                 "host": self.host, "port": self.port, "node": socket.gethostname(), "pid": os.getpid()}
         if self.flat.is_cuda:
-            info["cuda_ipc"] = _ipc_handle(self.flat)
+            info["device_uuid"] = str(torch.cuda.get_device_properties(self.flat.device).uuid)
         return info
 
     def _same_gpu_view(self, remote: dict) -> torch.Tensor | None:
-        """The remote pool as ``[2 * num_layers, num_blocks, block_bytes]`` on this engine's GPU, when
-        both pools live on the same card of this machine; None otherwise (the blocks then come over
-        the group)."""
-        ipc = remote.get("cuda_ipc")
-        if not self.flat.is_cuda or ipc is None or remote.get("node") != socket.gethostname():
+        """The remote pool as ``[2 * num_layers, num_blocks, block_bytes]``, when it belongs to an
+        engine of this process on this engine's GPU; None otherwise (the blocks then come over the
+        group)."""
+        # NOTE(tidal): engines of two processes on one card go through host memory: the pools are
+        # driver-mapped allocations (sleep mode), which need an exported shareable handle rather
+        # than a CUDA IPC handle of torch's allocator.
+        if (not self.flat.is_cuda or remote.get("node") != socket.gethostname() or remote.get("pid") != os.getpid()
+                or remote.get("device_uuid") != str(torch.cuda.get_device_properties(self.flat.device).uuid)):
             return None
-        if ipc["device_uuid"] != str(torch.cuda.get_device_properties(self.flat.device).uuid):
-            return None
+        peer = next((c for c in list(_OPEN) if c.engine_id == remote["engine_id"]), None)
         shape = (2 * self.layout.num_layers, int(remote["num_blocks"]), self.layout.block_bytes)
-        if remote.get("pid") == os.getpid():  # an engine of this process: its pool is at hand
-            peer = next((c for c in list(_OPEN) if c.engine_id == remote["engine_id"]), None)
-            return None if peer is None else peer.flat.view(torch.uint8).view(shape)
-        try:
-            return _open_ipc(ipc, self.flat.device).view(shape)
-        except Exception:  # e.g. a driver without CUDA IPC between these processes: fall back
-            return None
+        return None if peer is None else peer.flat.view(torch.uint8).view(shape)
 
     def _group(self, store, rank: int):
         # NOTE(tidal): Gloo, with GPU blocks staged through host memory: NCCL refuses two ranks on
@@ -473,28 +468,6 @@ class _Pair:
                 self._fail_all(f"reading transfer {transfer_id} from the prefill engine "
                                f"{self.remote['engine_id']!r} failed: {type(e).__name__}: {e}", transfer_id)
                 return
-
-
-def _ipc_handle(flat: torch.Tensor) -> dict:
-    """A CUDA IPC handle of the allocation under ``flat`` (JSON-able), for a process on the same card."""
-    (device, handle, size, offset, counter, counter_offset, event, event_sync) = flat.untyped_storage()._share_cuda_()
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return {"device_uuid": str(torch.cuda.get_device_properties(device).uuid), "handle": b64(handle),
-            "size": size, "offset": offset, "ref_counter": b64(counter), "ref_counter_offset": counter_offset,
-            "event": b64(event or b""), "event_sync": bool(event_sync),
-            "byte_offset": flat.storage_offset() * flat.element_size(), "nbytes": flat.numel() * flat.element_size()}
-
-
-def _open_ipc(ipc: dict, device: torch.device) -> torch.Tensor:
-    """The bytes of another process's allocation from :func:`_ipc_handle`, on ``device``."""
-    raw = base64.b64decode
-    with torch.cuda.device(device):
-        storage = torch.UntypedStorage._new_shared_cuda(
-            device.index if device.index is not None else torch.cuda.current_device(), raw(ipc["handle"]),
-            int(ipc["size"]), int(ipc["offset"]), raw(ipc["ref_counter"]), int(ipc["ref_counter_offset"]),
-            raw(ipc["event"]), bool(ipc["event_sync"]))
-    whole = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (storage.nbytes(),), (1,))
-    return whole.narrow(0, int(ipc["byte_offset"]), int(ipc["nbytes"]))
 
 
 def make_connector(kind: str, pool, model, block_size: int, engine_id: str, timeout: float, role: str,
