@@ -10,8 +10,9 @@ class EngineConfig:
     """The engine options of ``tidal.LLM``.
 
     ``kv_cache_memory_fraction`` is vLLM's ``gpu_memory_utilization`` (accepted as an alias by
-    ``tidal.LLM``): on a GPU, the share of the card that weights, activations and the KV cache may
-    take together; on the CPU, the share of available host memory the KV cache may take (capped at
+    ``tidal.LLM``): on a GPU, the share of the card that this engine's weights, activations and KV
+    cache may take together (what other processes or engines hold is not charged to it, but the KV
+    cache never takes more than is free); on the CPU, the share of available host memory the KV cache may take (capped at
     4 GiB). ``enforce_eager`` turns CUDA graphs off. ``model`` is a Hugging Face directory, or a
     tidal model already built (served in place, its weights shared); ``tokenizer`` a directory with
     tokenizer.json (default: the model's directory; none for a model object, which then takes token
