@@ -12,16 +12,17 @@ class EngineConfig:
     ``kv_cache_memory_fraction`` is vLLM's ``gpu_memory_utilization`` (accepted as an alias by
     ``tidal.LLM``): on a GPU, the share of the card that this engine's weights, activations and KV
     cache may take together (what other processes or engines hold is not charged to it, but the KV
-    cache never takes more than is free); on the CPU, the share of available host memory the KV cache may take (capped at
-    4 GiB). ``enforce_eager`` turns CUDA graphs off. ``model`` is a Hugging Face directory, or a
-    tidal model already built (served in place, its weights shared); ``tokenizer`` a directory with
-    tokenizer.json (default: the model's directory; none for a model object, which then takes token
-    ids only). ``encoder_cache_bytes`` bounds a vision-language model's cache of image and video
-    embeddings (by content hash, least recently used out). ``kv_role`` ("prefill" or "decode")
-    makes the engine one half of disaggregated serving (tidal.serve.disagg): KV blocks move between
-    the two through ``kv_connector`` ("torch": torch.distributed point-to-point over Gloo, a prefill engine
-    hosting its bootstrap store on ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a
-    transfer not done within ``kv_transfer_timeout`` seconds fails its request.
+    cache never takes more than is free); on the CPU, the share of available host memory the KV
+    cache may take (capped at 4 GiB). ``enforce_eager`` turns CUDA graphs off. ``model`` is a
+    Hugging Face directory, or a tidal model already built (served in place, its weights shared);
+    ``tokenizer`` a directory with tokenizer.json (default: the model's directory; none for a model
+    object, which then takes token ids only). ``encoder_cache_bytes`` bounds a vision-language
+    model's cache of image and video embeddings (by content hash, least recently used out).
+    ``kv_role`` ("prefill" or "decode") makes the engine one half of disaggregated serving
+    (tidal.serve.disagg): KV blocks move between the two through ``kv_connector`` ("torch":
+    torch.distributed point-to-point over Gloo, a prefill engine hosting its bootstrap store on
+    ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a transfer not done within
+    ``kv_transfer_timeout`` seconds fails its request.
     """
 
     model: "str | torch.nn.Module"

@@ -79,7 +79,7 @@ class GPUModelRunner:
     """Runs the model on one CUDA device with persistent inputs and CUDA graphs for decode."""
 
     def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device,
-                 memory_baseline: MemoryBaseline | None = None):
+                 memory_baseline: MemoryBaseline):
         self.model, self.config, self.device = model, config, device
         self.memory_baseline = memory_baseline
         self.block_size = config.block_size
@@ -128,7 +128,7 @@ class GPUModelRunner:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        base = self.memory_baseline or MemoryBaseline(0, 0, 0)
+        base = self.memory_baseline
         weights = torch.cuda.memory_allocated(device) - base.allocated  # this engine's weights
         num_tokens = self.max_num_tokens
         lengths = [min(self.max_model_len, num_tokens - start) for start in range(0, num_tokens, self.max_model_len)]
@@ -158,11 +158,9 @@ class GPUModelRunner:
         activations = torch.cuda.max_memory_allocated(device) - base.allocated - weights
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        reserved = torch.cuda.memory_reserved(device)
-        if self.memory_baseline is None:  # everything on the card outside torch: context, other processes
-            outside = max(total - free - reserved, 0)
-        else:  # what this process added outside torch since it started (libraries, workspaces)
-            outside = max((base.free - free) - (reserved - base.reserved), 0)
+        # What this engine added outside torch's allocator since it started (libraries, workspaces);
+        # other processes and engines are not charged to it.
+        outside = max((base.free - free) - (torch.cuda.memory_reserved(device) - base.reserved), 0)
         graphs = 0
         if self.use_graphs:  # the decode graphs' pool: activations of max_num_seqs rows, plus slack
             graphs = 2 * self.max_num_seqs * self.vocab_size * 4 + _GIB // 2
@@ -181,8 +179,8 @@ class GPUModelRunner:
                 f"{_format_gib(max(budget, 0))} is left after the weights ({_format_gib(weights)}), peak "
                 f"activations at max_num_batched_tokens={cfg.max_num_batched_tokens} ({_format_gib(activations)}), "
                 f"CUDA graphs ({_format_gib(graphs)}) and this process's memory outside torch "
-                f"({_format_gib(outside)}; {_format_gib(free)} free now); lower max_model_len or max_num_batched_tokens, or raise "
-                f"kv_cache_memory_fraction")
+                f"({_format_gib(outside)}; {_format_gib(free)} free now); lower max_model_len or "
+                f"max_num_batched_tokens, or raise kv_cache_memory_fraction")
         return num_blocks
 
     # ---- step inputs -------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ one interface:
   pair, bootstrapped through a TCPStore the prefill engine hosts. The decode engine sends the
   transfer id and block ids; the prefill engine answers with the blocks (GPU blocks staged through
   host memory), or, where both pools are on the same GPU in one process, the decode engine copies
-  the blocks on the device itself and the group carries only the request and its acknowledgement. It is the test reference
-  and the fallback where NIXL is not installed.
+  the blocks on the device itself and the group carries only the request and its acknowledgement.
+  It is the test reference and the fallback where NIXL is not installed.
 
 Both copy the same bytes: the pool is one allocation ``[num_layers, 2, num_blocks, block_bytes]``
 (tidal.serve.model_runner.KVPool), so a block of one layer's keys is one contiguous segment.
@@ -275,8 +275,9 @@ class TorchConnector(KVConnector):
             self.port = 0
 
     def info(self) -> dict:
-        info = {"kind": "torch", "engine_id": self.engine_id, "layout": vars(self.layout), "num_blocks": self.num_blocks,
-                "host": self.host, "port": self.port, "node": socket.gethostname(), "pid": os.getpid()}
+        info = {"kind": "torch", "engine_id": self.engine_id, "layout": vars(self.layout),
+                "num_blocks": self.num_blocks, "host": self.host, "port": self.port,
+                "node": socket.gethostname(), "pid": os.getpid()}
         if self.flat.is_cuda:
             info["device_uuid"] = str(torch.cuda.get_device_properties(self.flat.device).uuid)
         return info

@@ -185,9 +185,9 @@ def device_memory_baseline(device: torch.device) -> MemoryBaseline | None:
 
 
 def make_model_runner(model, config: EngineConfig, max_model_len: int, device: torch.device,
-                      memory_baseline: MemoryBaseline | None = None):
+                      memory_baseline: MemoryBaseline | None):
     """The runner for ``device``: GPUModelRunner on CUDA, CPUModelRunner otherwise.
-    ``memory_baseline`` is device_memory_baseline() taken before the model was loaded."""
+    ``memory_baseline`` is device_memory_baseline(device), taken before the model was loaded."""
     if device.type == "cuda":
         from tidal.serve.gpu_model_runner import GPUModelRunner
 
