@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include "tensor.h"
+#include "tidal/ops_quant.h"
 #include "tidal/ops_serving.h"
 
 namespace py = pybind11;
@@ -15,6 +16,28 @@ namespace py = pybind11;
 namespace tidal::bindings {
 
 void bind_ops_serving(py::module_& m) {
+  m.def(
+      "quant_linear",
+      [](py::handle out, py::handle x, py::handle qweight, py::handle scales, py::handle zeros, py::handle bias,
+         int format, std::uintptr_t stream) {
+        return ops::quant_linear(view_capsule(out, "out"), view_capsule(x, "x"), view_capsule(qweight, "qweight"),
+                                 view_capsule(scales, "scales"), view_optional_capsule(zeros, "zeros"),
+                                 view_optional_capsule(bias, "bias"), static_cast<ops::WeightFormat>(format),
+                                 Stream::from_int(stream));
+      },
+      py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
+      py::arg("format"), py::arg("stream") = 0,
+      "out = x @ w.T (+ bias) with w the dequantized weight (DLPack capsules, None for absent zeros or bias); "
+      "False, writing nothing, when the GPU kernel does not take these shapes.");
+  m.def(
+      "dequantize_weight",
+      [](py::handle out, py::handle qweight, py::handle scales, py::handle zeros, int format, std::uintptr_t stream) {
+        ops::dequantize_weight(view_capsule(out, "out"), view_capsule(qweight, "qweight"),
+                               view_capsule(scales, "scales"), view_optional_capsule(zeros, "zeros"),
+                               static_cast<ops::WeightFormat>(format), Stream::from_int(stream));
+      },
+      py::arg("out"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("format"),
+      py::arg("stream") = 0, "out = (code - zero) * scale, the quantized weight widened to out's dtype.");
   m.def(
       "silu_and_mul",
       [](py::handle out, py::handle x, std::uintptr_t stream) {

@@ -169,3 +169,26 @@ unsigned long long vmm_map(int device, uintptr_t address, int64_t size);
 void vmm_unmap(int device, uintptr_t address, int64_t size, unsigned long long handle);
 
 }  // namespace tidal::gpu
+
+// ---- quantized linear layers (cpp/cpu/quant_linear.cpp, cuda/quant_linear.cu) ----------------------
+// Contracts of tidal/ops_quant.h; format: WeightFormat's value; arguments validated there.
+
+namespace tidal::cpu {
+
+void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
+                  TensorView bias, int format, Stream stream);
+void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format,
+                       Stream stream);
+
+}  // namespace tidal::cpu
+
+namespace tidal::gpu {
+
+// Whether quant_linear's kernel takes these shapes (at most 8 rows, whole 16-byte chunks per group).
+bool quant_linear_supported(TensorView x, TensorView qweight, TensorView scales, int format);
+void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
+                  TensorView bias, int format, Stream stream);
+void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format,
+                       Stream stream);
+
+}  // namespace tidal::gpu

@@ -261,6 +261,14 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp.forward_train(gate_up, fused)
 
 
+def _tensor_names(linear: nn.Module) -> tuple[str, ...]:
+    """The checkpoint tensors of a (possibly quantized, tidal.quant.QuantLinear) linear layer."""
+    names = getattr(linear, "tensor_names", None)
+    if names is not None:
+        return names
+    return ("weight", "bias") if linear.bias is not None else ("weight",)
+
+
 def _norm_linear(norm: RMSNorm, linear: nn.Linear, x: torch.Tensor, fused: bool) -> torch.Tensor:
     """``linear(norm(x))``; as one autograd function keeping ``x`` only when ``fused``, else through
     the two module calls (ZeRO stage 3 gathers each module's parameters around its own call)."""
@@ -514,12 +522,13 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             p, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
             q, kv = attn.q_size, attn.kv_size
-            for suffix in ("weight", "bias") if cfg.attention_bias else ("weight",):
+            for suffix in _tensor_names(attn.qkv_proj):
                 fused = getattr(attn.qkv_proj, suffix)
-                targets[f"{p}self_attn.q_proj.{suffix}"] = (fused, 0, q)
-                targets[f"{p}self_attn.k_proj.{suffix}"] = (fused, q, q + kv)
-                targets[f"{p}self_attn.v_proj.{suffix}"] = (fused, q + kv, q + 2 * kv)
-            for suffix in ("weight", "bias") if cfg.o_proj_bias else ("weight",):
+                rows = (None, None) if suffix == "input_scale" else None  # one scale for the fused layer
+                targets[f"{p}self_attn.q_proj.{suffix}"] = (fused, *(rows or (0, q)))
+                targets[f"{p}self_attn.k_proj.{suffix}"] = (fused, *(rows or (q, q + kv)))
+                targets[f"{p}self_attn.v_proj.{suffix}"] = (fused, *(rows or (q + kv, q + 2 * kv)))
+            for suffix in _tensor_names(attn.o_proj):
                 targets[f"{p}self_attn.o_proj.{suffix}"] = (getattr(attn.o_proj, suffix), None, None)
             if cfg.qk_norm:
                 targets[f"{p}self_attn.q_norm.weight"] = (attn.q_norm.weight, None, None)
@@ -527,11 +536,12 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(mlp, SparseMoeBlock):
                 targets.update(mlp.hf_targets(p, "mixtral" if cfg.architecture == "MixtralForCausalLM" else "qwen"))
             inter = cfg.intermediate_size
-            dense_suffixes = ("weight", "bias") if cfg.mlp_bias else ("weight",)
-            for suffix in () if isinstance(mlp, SparseMoeBlock) else dense_suffixes:
+            for suffix in () if isinstance(mlp, SparseMoeBlock) else _tensor_names(mlp.gate_up_proj):
                 fused = getattr(mlp.gate_up_proj, suffix)
-                targets[f"{p}mlp.gate_proj.{suffix}"] = (fused, 0, inter)
-                targets[f"{p}mlp.up_proj.{suffix}"] = (fused, inter, 2 * inter)
+                rows = (None, None) if suffix == "input_scale" else None
+                targets[f"{p}mlp.gate_proj.{suffix}"] = (fused, *(rows or (0, inter)))
+                targets[f"{p}mlp.up_proj.{suffix}"] = (fused, *(rows or (inter, 2 * inter)))
+            for suffix in () if isinstance(mlp, SparseMoeBlock) else _tensor_names(mlp.down_proj):
                 targets[f"{p}mlp.down_proj.{suffix}"] = (getattr(mlp.down_proj, suffix), None, None)
             targets[f"{p}input_layernorm.weight"] = (layer.input_layernorm.weight, None, None)
             targets[f"{p}post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, None, None)
@@ -556,8 +566,12 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"unexpected tensor {name!r} for {self.config.architecture}")
                 param, lo, hi = targets[name]
                 dst = param if lo is None else param[lo:hi]
+                if name.endswith(".scales") and tensor.numel() == 1:  # one scale for the whole layer
+                    tensor = tensor.reshape(1, 1).expand(dst.shape)
                 if tuple(tensor.shape) != tuple(dst.shape):
                     raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+                if name.endswith(".input_scale"):  # fused layers take the largest of their parts' scales
+                    tensor = torch.maximum(dst, tensor.to(dst.device))  # starts at 0
                 dst.copy_(tensor)
                 loaded.add(name)
         missing = [name for name in targets if name not in loaded]

@@ -222,8 +222,8 @@ def iter_safetensors(files: list[Path], progress: bool | None = None,
             bar.close()
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
-               device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
+               quantization: str | None = None) -> tuple[torch.nn.Module, ModelConfig]:
     """Build the model a Hugging Face directory describes and load its weights.
 
     Parameters
@@ -235,6 +235,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
         Parameter dtype; "auto" takes the config's ``dtype`` / ``torch_dtype`` (float32 if absent).
     device : torch.device or str
         Where the parameters go.
+    quantization : None, "int8", "int4", "fp8", "gptq", "awq" or "compressed-tensors"
+        Serve the decoder's dense linear layers quantized (tidal.quant): a float checkpoint's weights
+        are rounded to int8, int4 (groups of 128) or FP8 as they load; a checkpoint whose config.json
+        has a ``quantization_config`` is read in its published layout whatever this says (None), or
+        must agree with it.
 
     Returns
     -------
@@ -252,7 +257,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     weights_file = str(files[0] if len(files) == 1 else path / "model.safetensors.index.json")
     model_class = get_model_class(config.multimodal_architecture or config.architecture)
     dtype = resolve_dtype(dtype, config)
-    from tidal import zero
+    from tidal import quant, zero
+
+    qconfig = quant.resolve(quantization, config.hf_config)
+    if qconfig is not None and zero.is_active():
+        raise ValueError(f"quantization={quantization!r}: quantized models are for serving, not tidal.zero.Init")
 
     # shapes only, to compare with the files before anything is allocated; under tidal.zero.Init this
     # is the model returned: tidal.initialize reads each tensor into the shards
@@ -260,6 +269,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
         meta = model_class(config, dtype=dtype, device="meta")
     except (RuntimeError, ValueError, TypeError, ArithmeticError) as e:
         raise ValueError(f"{config_file!r} describes a model that cannot be built: {e}") from None
+    if qconfig is not None and qconfig.is_prequantized:
+        quant.prepare_model(meta, qconfig)  # its codes are buffers: the float parameters left are a lower bound
     num_params = sum(p.numel() for p in meta.parameters())
     num_values = sum(t.numel for header in headers.values() for t in header.values())
     if num_params > num_values:
@@ -270,6 +281,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
         return meta.eval(), config
     del meta
     model = model_class(config, dtype=dtype, device=device)
+    if qconfig is not None and qconfig.is_prequantized:
+        quant.prepare_model(model, qconfig)
     reading = {}  # the tensor load_weights was given last (None once all were), or that a file failed
 
     def weights():
@@ -283,13 +296,16 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
         reading["name"] = None
 
     try:
-        model.load_weights(weights())
+        model.load_weights(weights() if qconfig is None or not qconfig.is_prequantized else
+                           quant.read_tensors(weights(), qconfig))
     except ValueError as e:
         if reading.get("failed") or "name" not in reading:  # a file's own error, naming it
             raise
         name = reading["name"]
         where = str(next(f for f in files if name in headers[f])) if name is not None else weights_file
         raise ValueError(f"{where!r} does not fit the model {config_file!r} describes: {e}") from None
+    if qconfig is not None and not qconfig.is_prequantized:
+        quant.quantize_model_(model, qconfig)
     return model.eval(), config
 
 

@@ -45,6 +45,7 @@ class EngineConfig:
     kv_host: str = "127.0.0.1"
     kv_port: int = 0
     kv_transfer_timeout: float = 30.0
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -67,6 +68,13 @@ class EngineConfig:
             raise ValueError(f"kv_transfer_timeout={self.kv_transfer_timeout!r} must be > 0")
         if not isinstance(self.encoder_cache_bytes, int) or self.encoder_cache_bytes < 0:
             raise ValueError(f"encoder_cache_bytes={self.encoder_cache_bytes!r} must be an integer >= 0")
+        from tidal.quant import QUANTIZATION_CHOICES
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization={self.quantization!r} must be None or one of {QUANTIZATION_CHOICES}")
+        if self.quantization is not None and isinstance(self.model, torch.nn.Module):
+            raise ValueError(f"quantization={self.quantization!r} applies to a model loaded from a directory; a "
+                             f"model object is served as it is (tidal.quant.quantize_model_ quantizes one in place)")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager={self.enforce_eager!r} must be a bool")
 

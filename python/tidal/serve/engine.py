@@ -130,7 +130,8 @@ class LLMEngine:
         else:
             self.device = resolve_device(config.device)
             baseline = device_memory_baseline(self.device)
-            self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
+            self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device,
+                                                           quantization=config.quantization)
         self.dtype = next(self.model.parameters()).dtype
         tokenizer_dir = config.tokenizer or (None if isinstance(config.model, torch.nn.Module) else config.model)
         try:

@@ -53,6 +53,12 @@ class LLM:
     encoder_cache_bytes : int
         For a vision-language model: the bound of the cache of image and video embeddings, keyed by
         content hash, so an image seen again skips the vision encoder.
+    quantization : None, "int8", "int4", "fp8", "gptq", "awq" or "compressed-tensors"
+        Serve the decoder's linear layers quantized (tidal.quant): "int8" and "int4" (groups of 128,
+        with zero points) store weights only, activations stay in ``dtype``; "fp8" stores FP8 E4M3
+        weights and quantizes activations per token. A float checkpoint is rounded as it loads; a
+        GPTQ, AWQ or compressed-tensors checkpoint is read in its own layout (chosen from its
+        ``quantization_config``: None is enough).
     """
 
     def __init__(self, model: "str | torch.nn.Module", dtype: str | torch.dtype = "auto", device: str = "auto",
@@ -60,7 +66,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs",
                  enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
-                 tokenizer: str | None = None, encoder_cache_bytes: int = 1 << 30):
+                 tokenizer: str | None = None, encoder_cache_bytes: int = 1 << 30, quantization: str | None = None):
         if gpu_memory_utilization is not None:
             kv_cache_memory_fraction = gpu_memory_utilization
         self.engine = LLMEngine(EngineConfig(
@@ -68,7 +74,8 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy,
-            enforce_eager=enforce_eager, tokenizer=tokenizer, encoder_cache_bytes=encoder_cache_bytes))
+            enforce_eager=enforce_eager, tokenizer=tokenizer, encoder_cache_bytes=encoder_cache_bytes,
+            quantization=quantization))
         self._ids = itertools.count()
 
     def weights_updated(self) -> None:

@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU kernels of the quantized linear layer: each output row's codes are widened to fp32 weights
+// ((code - zero) * scale) once and dotted with every input row, so the weight is read at its
+// quantized size (a quarter of fp32 for int8 and FP8, an eighth for int4); and dequantize_weight,
+// the same widening written out. Output rows split over OpenMP threads; the dot loop has an AVX2 twin.
+#include <bit>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/dispatch_float.h"
+#include "cpu/vectorize.h"
+#include "ops/kernels.h"
+
+namespace tidal::cpu {
+namespace {
+
+constexpr int kInt4 = 1, kFp8 = 2;
+
+/// FP8 E4M3 (fn) bits to float: the 7 magnitude bits placed under float's exponent field and
+/// rebiased by 2^(127 - 7), which is exact for normals and subnormals alike.
+inline float fp8_e4m3_to_float(uint8_t bits) {
+  const uint32_t word = (static_cast<uint32_t>(bits & 0x80u) << 24) | (static_cast<uint32_t>(bits & 0x7fu) << 20);
+  return std::bit_cast<float>(word) * 0x1p120f;
+}
+
+/// w[i] = (code(row, i) - zero) * scale for the k inputs of output row `row`.
+void widen_row(float* w, TensorView qweight, TensorView scales, TensorView zeros, int format, int64_t row, int64_t k) {
+  const int64_t num_groups = scales.size(1), group = k / num_groups;
+  const float* s = scales.data_ptr<const float>() + row * num_groups;
+  if (format == kInt4) {
+    const uint8_t* q = qweight.data_ptr<const uint8_t>() + row * (k / 2);
+    const uint8_t* z = zeros.data_ptr<const uint8_t>() + row * num_groups;
+    for (int64_t i = 0; i < k; ++i) {
+      const int code = (q[i / 2] >> (4 * (i % 2))) & 0xf;
+      w[i] = static_cast<float>(code - z[i / group]) * s[i / group];
+    }
+  } else if (format == kFp8) {
+    const uint8_t* q = qweight.data_ptr<const uint8_t>() + row * k;
+    for (int64_t i = 0; i < k; ++i) w[i] = fp8_e4m3_to_float(q[i]) * s[i / group];
+  } else {
+    const int8_t* q = qweight.data_ptr<const int8_t>() + row * k;
+    for (int64_t i = 0; i < k; ++i) w[i] = static_cast<float>(q[i]) * s[i / group];
+  }
+}
+
+TIDAL_CPU_INLINE float dot(const float* a, const float* b, int64_t k) {
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < k; ++i) total += a[i] * b[i];
+  return total;
+}
+
+TIDAL_CPU_TARGET_AVX2 float dot_avx2(const float* a, const float* b, int64_t k) { return dot(a, b, k); }
+float dot_base(const float* a, const float* b, int64_t k) { return dot(a, b, k); }
+
+template <typename T>
+void quant_linear_impl(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
+                       TensorView bias, int format) {
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
+  std::vector<float> xf(static_cast<size_t>(m * k));
+  for (int64_t r = 0; r < m; ++r) {
+    const T* row = x.data_ptr<const T>() + r * x.stride(0);
+    for (int64_t i = 0; i < k; ++i) xf[r * k + i] = widen(row[i]);
+  }
+  const auto dot_fn = cpu_has_avx2() ? &dot_avx2 : &dot_base;
+  const T* b = bias.data == nullptr ? nullptr : bias.data_ptr<const T>();
+  T* o = out.data_ptr<T>();
+  const int64_t out_stride = out.stride(0);
+#if defined(_OPENMP)
+#pragma omp parallel if (n * k >= (1 << 16))
+#endif
+  {
+    std::vector<float> w(static_cast<size_t>(k));
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (int64_t j = 0; j < n; ++j) {
+      widen_row(w.data(), qweight, scales, zeros, format, j, k);
+      const float add = b == nullptr ? 0.f : widen(b[j]);
+      for (int64_t r = 0; r < m; ++r) o[r * out_stride + j] = from_float<T>(dot_fn(w.data(), xf.data() + r * k, k) + add);
+    }
+  }
+}
+
+template <typename T>
+void dequantize_impl(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format) {
+  const int64_t n = out.size(0), k = out.size(1);
+  T* o = out.data_ptr<T>();
+#if defined(_OPENMP)
+#pragma omp parallel if (n * k >= (1 << 16))
+#endif
+  {
+    std::vector<float> w(static_cast<size_t>(k));
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (int64_t j = 0; j < n; ++j) {
+      widen_row(w.data(), qweight, scales, zeros, format, j, k);
+      for (int64_t i = 0; i < k; ++i) o[j * k + i] = from_float<T>(w[i]);
+    }
+  }
+}
+
+}  // namespace
+
+void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
+                  TensorView bias, int format, Stream /*stream*/) {
+  TIDAL_CPU_DISPATCH_FLOAT(x.dtype, T, quant_linear_impl<T>(out, x, qweight, scales, zeros, bias, format));
+}
+
+void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format,
+                       Stream /*stream*/) {
+  TIDAL_CPU_DISPATCH_FLOAT(out.dtype, T, dequantize_impl<T>(out, qweight, scales, zeros, format));
+}
+
+}  // namespace tidal::cpu

@@ -1,0 +1,158 @@
+"""Quantized linear layers as torch ops (``torch.ops.tidal.quant_linear`` and
+``torch.ops.tidal.dequantize_weight``).
+
+A quantized weight ``w`` [n, k] is stored as codes plus fp32 scales per output row and group of
+``g = k / num_groups`` inputs (and, for int4, zero points)::
+
+    w[j, i] = (code[j, i] - zero[j, i // g]) * scale[j, i // g]
+
+``"int8"``: int8 codes ``[n, k]``, no zero point; ``"int4"``: two codes a byte (input 2c in the low
+nibble of byte c), ``[n, k / 2]`` uint8, zero points ``[n, num_groups]`` uint8; ``"fp8"``: FP8 E4M3
+codes ``[n, k]`` (stored as their uint8 bits).
+
+How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (decode) through tidal's kernel, which widens the
+codes in registers and so reads the weight at its quantized size; more rows through a dense matmul on
+the dequantized weight, or, for ``"fp8"``, with the activations quantized per token to FP8 as well
+(``torch._scaled_mm`` on GPUs with FP8 tensor cores, the same arithmetic emulated in fp32 elsewhere).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
+
+WEIGHT_FORMATS = {"int8": 0, "int4": 1, "fp8": 2}
+GEMV_MAX_ROWS = 8  # the kernel's limit; more rows take the dense matmul
+FP8_MAX = 448.0  # the largest finite FP8 E4M3 value
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+lib.define("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int format, "
+           "Tensor? input_scale) -> Tensor")
+lib.define("dequantize_weight(Tensor qweight, Tensor scales, Tensor? zeros, int format, ScalarType dtype) -> Tensor")
+
+
+def _format_code(format: str) -> int:
+    if format not in WEIGHT_FORMATS:
+        raise ValueError(f"format={format!r} must be one of {sorted(WEIGHT_FORMATS)}")
+    return WEIGHT_FORMATS[format]
+
+
+def _in_features(qweight: torch.Tensor, fmt: int) -> int:
+    return qweight.shape[1] * 2 if fmt == WEIGHT_FORMATS["int4"] else qweight.shape[1]
+
+
+def _check(x, qweight, scales, zeros, bias, fmt, input_scale):
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x.dtype={x.dtype} is not supported; expected float32, float16 or bfloat16")
+    if x.dim() != 2 or qweight.dim() != 2:
+        raise ValueError(f"x and qweight must be 2-D, got x.shape={tuple(x.shape)}, qweight.shape={tuple(qweight.shape)}")
+    k = _in_features(qweight, fmt)
+    if x.shape[1] != k:
+        raise ValueError(f"x.shape={tuple(x.shape)} must be [m, {k}] for qweight.shape={tuple(qweight.shape)}")
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (qweight.shape[0],)):
+        raise ValueError(f"bias must be [{qweight.shape[0]}] in x.dtype={x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if input_scale is not None and (fmt != WEIGHT_FORMATS["fp8"] or input_scale.numel() != 1):
+        raise ValueError("input_scale (a static activation scale) is one float32 value, for format 'fp8' only")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _dequantize(qweight, scales, zeros, fmt, dtype) -> torch.Tensor:
+    out = torch.empty((qweight.shape[0], _in_features(qweight, fmt)), dtype=dtype, device=qweight.device)
+    native.dequantize_weight(capsule(out), capsule(qweight), capsule(scales),
+                             None if zeros is None else capsule(zeros), fmt, stream_of(qweight))
+    return out
+
+
+def quantize_fp8_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = None):
+    """``(codes, scale)``: ``x`` [m, k] as FP8 E4M3 codes and fp32 scales [m, 1] with
+    ``x ~ codes * scale``; the scale is ``max |x[t]| / 448`` per row, or ``input_scale`` (a static
+    per-tensor scale) for every row."""
+    xf = x.float()
+    if input_scale is None:
+        scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    else:
+        scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _fp8_linear(x, qweight, scales, bias, input_scale) -> torch.Tensor:
+    """W8A8: activations per token (or by the static ``input_scale``) and weights per row in FP8."""
+    n, k = qweight.shape
+    xq, x_scale = quantize_fp8_per_token(x, input_scale)
+    if (x.dtype == torch.bfloat16 and scales.shape[1] == 1 and n % 16 == 0 and k % 16 == 0
+            and _has_fp8_tensor_cores(x.device)):
+        return torch._scaled_mm(xq, qweight.view(torch.float8_e4m3fn).t(), scale_a=x_scale.contiguous(),
+                                scale_b=scales.view(1, n), bias=bias, out_dtype=x.dtype)
+    w = _dequantize(qweight, scales, None, WEIGHT_FORMATS["fp8"], torch.float32)
+    out = (xq.float() * x_scale) @ w.t()
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def _quant_linear_impl(x, qweight, scales, zeros, bias, fmt, input_scale):
+    _check(x, qweight, scales, zeros, bias, fmt, input_scale)
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    m, n = x.shape[0], qweight.shape[0]
+    if m <= GEMV_MAX_ROWS:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if m == 0 or native.quant_linear(capsule(out), capsule(x), capsule(qweight), capsule(scales),
+                                         None if zeros is None else capsule(zeros),
+                                         None if bias is None else capsule(bias), fmt, stream_of(x)):
+            return out
+    if fmt == WEIGHT_FORMATS["fp8"]:
+        return _fp8_linear(x, qweight, scales, bias, input_scale)
+    return F.linear(x, _dequantize(qweight, scales, zeros, fmt, x.dtype), bias)
+
+
+def _dequantize_impl(qweight, scales, zeros, fmt, dtype):
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype={dtype} is not supported; expected float32, float16 or bfloat16")
+    return _dequantize(qweight, scales, zeros, fmt, dtype)
+
+
+for _key in ("CPU", "CUDA"):
+    lib.impl("quant_linear", _quant_linear_impl, _key)
+    lib.impl("dequantize_weight", _dequantize_impl, _key)
+
+
+@torch.library.register_fake("tidal::quant_linear")
+def _quant_linear_fake(x, qweight, scales, zeros, bias, fmt, input_scale):
+    _check(x, qweight, scales, zeros, bias, fmt, input_scale)
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@torch.library.register_fake("tidal::dequantize_weight")
+def _dequantize_fake(qweight, scales, zeros, fmt, dtype):
+    return qweight.new_empty((qweight.shape[0], _in_features(qweight, fmt)), dtype=dtype)
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, format: str = "int8",
+                 input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` for ``x`` [..., k] and the quantized weight ``w`` [n, k] (see the module
+    docstring for the layouts); returns [..., n] in x's dtype. ``input_scale``: a static per-tensor
+    FP8 activation scale (``"fp8"`` only; None quantizes activations per token). Not differentiable."""
+    fmt = _format_code(format)
+    rows = x.reshape(-1, x.shape[-1])
+    if is_eager_call(rows, qweight):
+        out = _quant_linear_impl(rows, qweight, scales, zeros, bias, fmt, input_scale)
+    else:
+        out = torch.ops.tidal.quant_linear(rows, qweight, scales, zeros, bias, fmt, input_scale)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                      format: str = "int8", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight ``w`` [n, k] = (code - zero) * scale, rounded once to ``dtype``."""
+    fmt = _format_code(format)
+    if is_eager_call(qweight):
+        return _dequantize_impl(qweight, scales, zeros, fmt, dtype)
+    return torch.ops.tidal.dequantize_weight(qweight, scales, zeros, fmt, dtype)

@@ -1,0 +1,168 @@
+"""The quantized linear layer of serving, the round-to-nearest quantizers that make its codes from a
+float weight, and the swap of a model's dense linear layers for it.
+
+Which layers: every decoder layer's ``qkv_proj``, ``o_proj``, ``gate_up_proj`` and ``down_proj``
+(what vLLM and the published GPTQ/AWQ checkpoints quantize). The embeddings, the LM head, the norms,
+a mixture-of-experts block's experts and a vision tower keep the model's dtype.
+"""
+
+import torch
+from torch import nn
+
+from tidal.ops.quant import FP8_MAX, dequantize_weight, quant_linear
+from tidal.quant.config import QuantConfig
+
+QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+INT8_MAX = 127.0
+INT4_MAX = 15
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ w.T (+ bias)`` with ``w`` [out_features, in_features] stored as ``format`` codes.
+
+    Buffers (tidal.ops.quant's layouts): ``qweight`` (int8 [n, k], uint8 [n, k / 2] for int4, FP8
+    bits as uint8 [n, k]); ``scales`` float32 [n, num_groups]; ``zeros`` uint8 [n, num_groups] (int4);
+    ``input_scale`` float32 [1] (FP8 with a static activation scale). ``bias`` stays in ``dtype``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig,
+                 dtype: torch.dtype, device):
+        super().__init__()
+        group = config.group_size or in_features
+        if in_features % group:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group}")
+        if config.format == "int4" and group % 2:
+            raise ValueError(f"int4 needs an even group_size, got {group}")
+        self.in_features, self.out_features, self.format = in_features, out_features, config.format
+        num_groups = in_features // group
+        code_dtype = torch.int8 if config.format == "int8" else torch.uint8
+        codes = in_features // 2 if config.format == "int4" else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, codes, dtype=code_dtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, num_groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, num_groups, dtype=torch.uint8, device=device)
+                             if config.format == "int4" else None)
+        self.register_buffer("input_scale", torch.zeros(1, dtype=torch.float32, device=device)
+                             if config.static_input_scale else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The checkpoint-facing tensors of this layer, in tidal's layout."""
+        names = ["qweight", "scales"]
+        if self.zeros is not None:
+            names.append("zeros")
+        if self.input_scale is not None:
+            names.append("input_scale")
+        if self.bias is not None:
+            names.append("bias")
+        return tuple(names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.format, self.input_scale)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``w`` [out_features, in_features] as the codes say, in ``dtype``."""
+        return dequantize_weight(self.qweight, self.scales, self.zeros, self.format, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"num_groups={self.scales.shape[1]}, bias={self.bias is not None}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> "QuantLinear":
+        """A QuantLinear holding ``linear``'s weight rounded to the nearest codes (no calibration)."""
+        w = linear.weight.detach()
+        layer = cls(w.shape[1], w.shape[0], linear.bias is not None, config, w.dtype, w.device)
+        codes, scales, zeros = quantize_weight(w, config.format, config.group_size)
+        layer.qweight.copy_(codes)
+        layer.scales.copy_(scales)
+        if zeros is not None:
+            layer.zeros.copy_(zeros)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[n, k] codes in 0..15 -> [n, k / 2] uint8, input 2c in the low nibble of byte c."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: [n, k / 2] uint8 -> [n, k] uint8 codes."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def int4_scales_zeros(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 scales and zero points [n, num_groups] for ``w`` [n, k]: each group's range,
+    widened to hold 0, split into 15 steps (GPTQ's and AWQ's rule)."""
+    n, k = w.shape
+    g = group_size or k
+    groups = w.float().reshape(n, k // g, g)
+    lo = groups.amin(dim=2).clamp(max=0.0)
+    hi = groups.amax(dim=2).clamp(min=0.0)
+    scales = ((hi - lo) / INT4_MAX).clamp(min=1e-10)
+    zeros = torch.round(-lo / scales).clamp(0, INT4_MAX)
+    return scales, zeros.to(torch.uint8)
+
+
+def quantize_int4(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """[n, k] codes in 0..15 (uint8, unpacked) of ``w`` at the given scales and zero points."""
+    n, k = w.shape
+    g = k // scales.shape[1]
+    q = torch.round(w.float().reshape(n, -1, g) / scales[..., None]) + zeros[..., None].float()
+    return q.clamp(0, INT4_MAX).to(torch.uint8).reshape(n, k)
+
+
+def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None):
+    """``(codes, scales, zeros)`` of ``w`` [n, k] by rounding to nearest, in tidal.ops.quant's
+    layouts: int8 and FP8 symmetric per output row (``max |w[j]|`` maps to 127 or 448), int4
+    asymmetric per group of ``group_size`` inputs (default: the whole row). zeros is None but for int4."""
+    w = w.detach()
+    if format == "int4":
+        scales, zeros = int4_scales_zeros(w, group_size)
+        return pack_int4(quantize_int4(w, scales, zeros)), scales, zeros
+    if group_size is not None:
+        raise ValueError(f"group_size={group_size} applies to int4 only; {format} scales each output row")
+    top = INT8_MAX if format == "int8" else FP8_MAX
+    scales = (w.float().abs().amax(dim=1, keepdim=True) / top).clamp(min=1e-12)
+    scaled = w.float() / scales
+    if format == "int8":
+        return torch.round(scaled).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales, None
+    if format == "fp8":
+        return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8), scales, None
+    raise ValueError(f"format={format!r} must be 'int8', 'int4' or 'fp8'")
+
+
+def _projections(model: nn.Module):
+    """``(parent, attribute name)`` of every dense linear layer of the decoder that is quantized."""
+    for layer in model.model.layers:  # a vision-language model's text half too (its vision tower stays)
+        for parent in (layer.self_attn, layer.mlp):
+            for name in QUANTIZED_PROJECTIONS:
+                if isinstance(getattr(parent, name, None), (nn.Linear, QuantLinear)):
+                    yield parent, name
+        layer.skinny_ok = False  # the fused few-row path reads float weights
+
+
+def prepare_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Swap every quantized projection of ``model`` for an empty QuantLinear of the same shape and
+    device: what a pre-quantized checkpoint's tensors are then loaded into."""
+    for parent, name in list(_projections(model)):
+        linear = getattr(parent, name)
+        setattr(parent, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config,
+                                          linear.weight.dtype, linear.weight.device))
+    return model
+
+
+def quantize_model_(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Round every quantized projection of ``model`` (loaded in float) to ``config.format`` in place,
+    one layer at a time (each float weight is freed as its codes are made)."""
+    for parent, name in list(_projections(model)):
+        linear = getattr(parent, name)
+        if isinstance(linear, nn.Linear):
+            setattr(parent, name, QuantLinear.from_linear(linear, config))
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.empty_cache()  # the float weights' memory goes back, so the KV cache can take it
+    return model

@@ -1,0 +1,182 @@
+"""quant_linear and dequantize_weight (int8, int4 with zero points, FP8 E4M3 codes) against a pure-torch
+fp32 reference: the weight widened code by code, then a matmul. On the CPU here; on CUDA where there is
+a GPU, with the kernel asserted to run for the shapes it takes, outputs poisoned first, and against the
+CPU result. Every activation dtype, 1 to 8 rows (the kernel) and more (the dense path; FP8 quantizes the
+activations there), odd output counts, groups, widths the kernel does not take, bias, CUDA graphs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tidal
+from conftest import DEVICES, TOLERANCES, gpu_only, poison_cuda_allocator
+from tidal.ops._lib import capsule, native, stream_of
+from tidal.ops.quant import WEIGHT_FORMATS
+from tidal.quant import quantize_weight
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FORMATS = ["int8", "int4", "fp8"]
+
+
+def fp8_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 (fn) bit patterns to fp32 by the format's definition (not through torch's cast)."""
+    b = bits.to(torch.int64)
+    sign = torch.where(b & 0x80 != 0, -1.0, 1.0)
+    exponent, mantissa = (b >> 3) & 0xF, (b & 7).double()
+    normal = (1 + mantissa / 8) * torch.pow(2.0, (exponent - 7).double())
+    subnormal = mantissa / 8 * 2.0 ** -6
+    return (sign * torch.where(exponent == 0, subnormal, normal)).float()
+
+
+def reference_weight(codes, scales, zeros, fmt) -> torch.Tensor:
+    """w = (code - zero) * scale, fp32, from the layouts' definitions."""
+    if fmt == "int4":
+        codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(codes.shape[0], -1)
+    values = fp8_to_float(codes) if fmt == "fp8" else codes.float()
+    n, k = values.shape
+    g = k // scales.shape[1]
+    z = zeros.float() if zeros is not None else torch.zeros_like(scales)
+    return ((values.reshape(n, -1, g) - z[..., None]) * scales[..., None]).reshape(n, k)
+
+
+def reference(x, w, b, fmt):
+    """fp32 x @ w.T (+ b); for FP8 past the kernel's rows, with x quantized per token to FP8 first."""
+    xf = x.float()
+    if fmt == "fp8" and x.shape[0] > tidal.ops.quant.GEMV_MAX_ROWS:
+        scale = (xf.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-12)
+        xf = (xf / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+    return xf @ w.t() + (0.0 if b is None else b.float())
+
+
+def make(m, n, k, dtype, fmt, group, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    codes, scales, zeros = quantize_weight(w, fmt, group if fmt == "int4" else None)
+    x = (2 * torch.randn(m, k, generator=g)).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, codes, scales, zeros, b
+
+
+def tolerance(dtype, k):
+    atol, rtol = TOLERANCES[dtype]
+    return atol * max(1.0, k ** 0.5 / 4), rtol
+
+
+SHAPES = [(1, 64, 64, 32), (3, 37, 256, 64), (8, 300, 1024, 128), (5, 129, 512, None), (9, 40, 128, 32),
+          (33, 24, 96, 32), (2, 16, 48, 16), (4, 8, 20, 10)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,group", SHAPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_quant_linear(m, n, k, group, dtype, fmt, bias, device):
+    x, codes, scales, zeros, b = make(m, n, k, dtype, fmt, group, bias, seed=m + n + k)
+    w = reference_weight(codes, scales, zeros, fmt)
+    expected = reference(x, w, b, fmt)
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    if device == "cuda":
+        poison_cuda_allocator(m * n * x.element_size())
+    out = tidal.ops.quant_linear(dev(x), dev(codes), dev(scales), dev(zeros), dev(b), fmt)
+    assert out.shape == (m, n) and out.dtype == dtype and out.device.type == device
+    atol, rtol = tolerance(dtype, k)
+    if fmt == "fp8" and m > tidal.ops.quant.GEMV_MAX_ROWS and device == "cuda":
+        atol, rtol = 4 * atol, 4 * rtol  # FP8 tensor cores round the products' sums differently
+    torch.testing.assert_close(out.float().cpu(), expected.to(dtype).float(), atol=atol, rtol=rtol)
+    if device == "cuda":  # the CPU twin agrees
+        cpu = tidal.ops.quant_linear(x, codes, scales, zeros, b, fmt)
+        torch.testing.assert_close(out.cpu().float(), cpu.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_weight(fmt, dtype, device):
+    _, codes, scales, zeros, _ = make(1, 45, 192, dtype, fmt, 64, False, seed=3)
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = tidal.ops.dequantize_weight(dev(codes), dev(scales), dev(zeros), fmt, dtype)
+    torch.testing.assert_close(out.cpu(), reference_weight(codes, scales, zeros, fmt).to(dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_weight_round_trip(fmt):
+    """The quantizers' codes reproduce the weight within half a step of each scale."""
+    w = torch.randn(33, 256) * 0.1
+    codes, scales, zeros = quantize_weight(w, fmt, 64 if fmt == "int4" else None)
+    err = (reference_weight(codes, scales, zeros, fmt) - w).abs()
+    if fmt == "fp8":  # 3 mantissa bits: half a unit in the last place, relative
+        assert (err <= w.abs() * 2 ** -4 + scales * 2 ** -9).all()
+    else:
+        step = scales.repeat_interleave(256 // scales.shape[1], dim=1)
+        assert (err <= step / 2 + 1e-7).all()
+
+
+@gpu_only
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,group", [(1, 64, 64, 32), (4, 37, 256, 64), (8, 300, 1024, 128), (6, 129, 512, None)])
+def test_kernel_runs_for_its_shapes(m, n, k, group, dtype, fmt):
+    """The decode kernel itself (not the dense fallback) takes these shapes and matches the reference."""
+    x, codes, scales, zeros, b = make(m, n, k, dtype, fmt, group, True, seed=k)
+    cuda = [None if t is None else t.cuda() for t in (x, codes, scales, zeros, b)]
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    opt = lambda t: None if t is None else capsule(t)  # noqa: E731
+    assert native.quant_linear(capsule(out), capsule(cuda[0]), capsule(cuda[1]), capsule(cuda[2]), opt(cuda[3]),
+                               opt(cuda[4]), WEIGHT_FORMATS[fmt], stream_of(cuda[0]))
+    expected = reference(x, reference_weight(codes, scales, zeros, fmt), b, fmt)
+    torch.testing.assert_close(out.float().cpu(), expected.to(dtype).float(), atol=tolerance(dtype, k)[0],
+                               rtol=tolerance(dtype, k)[1])
+
+
+@gpu_only
+def test_kernel_declines_shapes_it_does_not_take():
+    x, codes, scales, zeros, _ = make(9, 16, 64, torch.bfloat16, "int4", 32, False)
+    out = torch.empty(9, 16, dtype=torch.bfloat16, device="cuda")
+    assert not native.quant_linear(capsule(out), capsule(x.cuda()), capsule(codes.cuda()), capsule(scales.cuda()),
+                                   capsule(zeros.cuda()), None, WEIGHT_FORMATS["int4"], 0)
+
+
+@gpu_only
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_graph_capture(fmt):
+    x, codes, scales, zeros, b = make(4, 96, 256, torch.bfloat16, fmt, 64, True)
+    args = [None if t is None else t.cuda() for t in (x, codes, scales, zeros, b)]
+    eager = tidal.ops.quant_linear(*args, fmt)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tidal.ops.quant_linear(*args, fmt)  # warm-up outside capture
+        with torch.cuda.graph(graph, stream=stream):
+            captured = tidal.ops.quant_linear(*args, fmt)
+    torch.cuda.current_stream().wait_stream(stream)
+    args[0].mul_(-1)
+    graph.replay()
+    torch.testing.assert_close(captured, -eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    x, codes, scales, zeros, b = make(3, 32, 64, torch.float32, fmt, 32, True)
+    torch.library.opcheck(torch.ops.tidal.quant_linear, (x, codes, scales, zeros, b, WEIGHT_FORMATS[fmt], None))
+    torch.library.opcheck(torch.ops.tidal.dequantize_weight, (codes, scales, zeros, WEIGHT_FORMATS[fmt], torch.float32))
+
+
+def test_bad_arguments_name_what_is_wrong():
+    x, codes, scales, zeros, _ = make(2, 16, 64, torch.float32, "int4", 32, False)
+    with pytest.raises(ValueError, match="format='int3'"):
+        tidal.ops.quant_linear(x, codes, scales, zeros, None, "int3")
+    with pytest.raises(ValueError, match=r"x.shape=\(2, 32\)"):
+        tidal.ops.quant_linear(x[:, :32], codes, scales, zeros, None, "int4")
+    with pytest.raises(ValueError, match="zeros"):
+        tidal.ops.quant_linear(x, codes, scales, None, None, "int4")
+    with pytest.raises(ValueError, match="scales"):
+        tidal.ops.quant_linear(x, codes, scales[:, :1].repeat(1, 3).contiguous(), zeros, None, "int4")
+    fp8_codes, fp8_scales, _ = quantize_weight(torch.randn(16, 64), "fp8")
+    with pytest.raises(ValueError, match="qweight.dtype=uint8 must be int8"):
+        tidal.ops.quant_linear(x, fp8_codes, fp8_scales, None, None, "int8")
+    int8_codes, int8_scales, _ = quantize_weight(torch.randn(16, 64), "int8")
+    with pytest.raises(ValueError, match="has no zero points"):
+        tidal.ops.quant_linear(x, int8_codes, int8_scales, zeros, None, "int8")
+    with pytest.raises(ValueError, match="group_size=32 applies to int4 only"):
+        quantize_weight(torch.randn(16, 64), "int8", 32)
