@@ -89,8 +89,8 @@ LLAMA_3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32
 MIXTRAL_8X7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                     intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
                     rope_theta=1e6, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2)
-TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  intermediate_size=128, vocab_size=512, max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
+TINY_MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+                  intermediate_size=256, vocab_size=512, max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
 FULL = dict(s1_num=256, s1_len=(100, 1024), s2_in=128, s2_out=256, s3_num=500, s3_in=202, s3_out=179, group=8,
             peer_batch=64, repeats=2, copy_elems=1 << 30, matmul_n=8192, m1_layers=4, m1_in=128, m1_out=128,
             m1_batches=(1, 64))
@@ -440,7 +440,8 @@ def check_greedy(llm, hf, vocab: int, device, top_k: int, lengths=(37, 100), min
     return f"greedy check passed: {summary}"
 
 
-def tidal_throughput(llm, workload, requests, repeats, device, res: Results, metric="output_tokens_per_s", note=""):
+def tidal_throughput(llm, workload, requests, repeats, device, res: Results, metric="output_tokens_per_s", note="",
+                     system="tidal"):
     """Times `requests` `repeats` times; adds `metric` (output tokens/s) and, for S3, requests_per_s."""
     runs, deltas = [], []
     for _ in range(repeats):
@@ -450,23 +451,23 @@ def tidal_throughput(llm, workload, requests, repeats, device, res: Results, met
         log(f"{workload}: {tokens} tokens in {seconds:.2f} s, {delta}")
     seconds = statistics.median(s for s, _ in runs)
     tok_s = runs[0][1] / seconds
-    res.add(workload, "tidal", metric, tok_s, "tok/s", note=note,
+    res.add(workload, system, metric, tok_s, "tok/s", note=note,
             runs=[round(t / s, 1) for s, t in runs], stats=deltas[-1])
     if workload == "S3":
-        res.add(workload, "tidal", "requests_per_s", len(requests) / seconds, "req/s", note=note,
+        res.add(workload, system, "requests_per_s", len(requests) / seconds, "req/s", note=note,
                 runs=[round(len(requests) / s, 2) for s, _ in runs])
     return tok_s
 
 
-def tidal_s2(llm, prompt, n_out, repeats, device, res: Results):
+def tidal_s2(llm, prompt, n_out, repeats, device, res: Results, system="tidal"):
     full, one = [], []
     for _ in range(repeats):
         full.append(run_tidal(llm, [(prompt, n_out)], device)[0])
         one.append(run_tidal(llm, [(prompt, 1)], device)[0])
     t_full, t_one = statistics.median(full), statistics.median(one)
-    res.add("S2", "tidal", "ms_per_output_token", 1e3 * t_full / n_out, "ms",
+    res.add("S2", system, "ms_per_output_token", 1e3 * t_full / n_out, "ms",
             runs=[round(1e3 * t / n_out, 3) for t in full])
-    res.add("S2", "tidal", "ms_per_output_token_decode", 1e3 * (t_full - t_one) / (n_out - 1), "ms",
+    res.add("S2", system, "ms_per_output_token_decode", 1e3 * (t_full - t_one) / (n_out - 1), "ms",
             prefill_ms=round(1e3 * t_one, 2))
 
 
@@ -626,7 +627,55 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
                 lambda: tidal_throughput(llm, "S3", s3, sizes["repeats"], device, res))
     del llm
     free_memory(device)
+    for scheme in args.quantization:
+        attempt(res, "S2", "ms_per_output_token", "ms",
+                lambda: run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res))
+        free_memory(device)
     shutil.rmtree(root, ignore_errors=True)
+
+
+QUANT_TARGETS = {"int4": 1.6, "int8": 2.6, "fp8": 2.6}  # S2 ms per output token (BENCHMARKS.md, quantization)
+
+
+def run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res: Results):
+    """S2 (and S3) with the decoder's linear layers quantized as they load; the floor counts the
+    quantized model's bytes (codes, scales, the float embeddings, norms and LM head)."""
+    seconds, llm = wall(lambda: tidal.LLM(path, device=str(device), max_num_batched_tokens=8192,
+                                          max_model_len=MAX_MODEL_LEN["llama"], quantization=scheme), device)
+    model = llm.engine.model
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not model.cos_sin_cache}
+    read = sum(t.numel() * t.element_size() for t in tensors.values())
+    read -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()  # one row read
+    log(f"tidal.LLM(quantization={scheme!r}) ready in {seconds:.1f} s; {read / 1e9:.2f} GB read per token")
+    system = f"tidal {scheme}"
+    for metric in ("ms_per_output_token", "ms_per_output_token_decode"):
+        res.add("S2", f"floor {scheme}", metric, 1e3 * read / ceil[0], "ms",
+                note=f"{read / 1e9:.2f} GB of quantized weights per token at copy bandwidth")
+    tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res, system=system)
+    if "S3" in workloads:
+        tidal_throughput(llm, "S3", s3, sizes["repeats"], device, res, system=system)
+
+
+def build_quant_table(res: Results, schemes) -> tuple[list[str], list[list[str]]]:
+    """Per scheme: S2 against its floor and target, S3 against bf16's."""
+    header = ["scheme", "S2 ms/token", "S2 decode ms/token", "S2 floor ms", "% of floor", "S2 target", "met",
+              "S3 req/s", "S3 vs bf16"]
+    bf16 = res.get("S3", "requests_per_s", "tidal")
+    bf16 = bf16[0]["value"] if bf16 else None
+    table = []
+    for scheme in schemes:
+        def value(workload, metric, system=f"tidal {scheme}"):
+            rows = res.get(workload, metric, system)
+            return rows[0]["value"] if rows else None
+        s2, dec, floor = (value("S2", "ms_per_output_token"), value("S2", "ms_per_output_token_decode"),
+                          value("S2", "ms_per_output_token", f"floor {scheme}"))
+        s3 = value("S3", "requests_per_s")
+        target = QUANT_TARGETS.get(scheme)
+        table.append([scheme, fmt(s2), fmt(dec), fmt(floor), f"{100 * floor / s2:.0f}%" if s2 and floor else "-",
+                      f"<= {target} ms" if target else "-", "-" if s2 is None or target is None else
+                      ("yes" if s2 <= target else "no"), fmt(s3),
+                      f"{s3 / bf16:.2f}x" + (" (target >= 1.3x)" if scheme == "fp8" else "") if s3 and bf16 else "-"])
+    return header, table
 
 
 def moe_block(llm):
@@ -805,6 +854,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models and workloads on the CPU, fp32: checks the script")
     ap.add_argument("--skinny", type=int, default=None,
                     help="decode steps of up to this many tokens through ops.skinny_linear (the model's default otherwise)")
+    ap.add_argument("--quantization", default="int8,int4,fp8",
+                    help="S2/S3 also with these quantizations of Llama-3-8B (comma-separated; 'none' skips)")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     args = ap.parse_args()
@@ -812,6 +863,7 @@ def main() -> int:
         from tidal.models import llama
         llama.SKINNY_MAX_TOKENS = args.skinny
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
+    args.quantization = [q.strip() for q in args.quantization.split(",") if q.strip() and q.strip() != "none"]
     if not workloads <= {"S1", "S2", "S3", "S4", "M1", "V1"}:
         ap.error(f"--workloads {args.workloads!r}: only S1, S2, S3, S4, M1, V1")
     if not args.tiny and not torch.cuda.is_available():
@@ -838,12 +890,16 @@ def main() -> int:
         serve_vl.run(args, device, dtype, res)
 
     header, table = build_table(res, workloads)
+    quant_header, quant_table = build_quant_table(res, args.quantization) if workloads & {"S2", "S3"} else ([], [])
     command = "python bench/serve.py " + " ".join(sys.argv[1:])
     md = os.path.join(args.out, "serve.md")
     write_markdown(md, f"serving workloads, {card}, torch {torch.__version__}, transformers "
                    f"{transformers.__version__}, copy {ceil[0] / 1e9:,.0f} GB/s, matmul {ceil[1] / 1e12:,.0f} "
                    f"TFLOP/s, `{command}`", header, table)
     with open(md, "a") as f:
+        if quant_table:
+            f.write("\n## Llama-3-8B quantized (S2, S3)\n| " + " | ".join(quant_header) + " |\n|"
+                    + " --- |" * len(quant_header) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in quant_table))
         f.write("\n`*`: see the note of that row below.\n\n## Ceilings and floors\n"
                 + __doc__[__doc__.index("Ceilings (same run)"):__doc__.index("    python bench/serve.py")]
                 + "## Checks\n" + "\n".join(res.details) + "\n")
@@ -860,6 +916,9 @@ def main() -> int:
             f.write(json.dumps(r) + "\n")
     print()
     print_table(header, table)
+    if quant_table:
+        print()
+        print_table(quant_header, quant_table)
     for x in res.failures:
         print(f"FAILED: {x}", file=sys.stderr)
     return 1 if res.failures else 0
