@@ -11,9 +11,10 @@ nibble of byte c), ``[n, k / 2]`` uint8, zero points ``[n, num_groups]`` uint8; 
 codes ``[n, k]`` (stored as their uint8 bits).
 
 How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (decode) through tidal's kernel, which widens the
-codes in registers and so reads the weight at its quantized size; more rows through a dense matmul on
-the dequantized weight, or, for ``"fp8"``, with the activations quantized per token to FP8 as well
-(``torch._scaled_mm`` on GPUs with FP8 tensor cores, the same arithmetic emulated in fp32 elsewhere).
+codes in registers and so reads the weight at its quantized size (a shape the GPU kernel does not
+take: a dense matmul on the weight dequantized to x's dtype); more rows through that dense matmul,
+or, for ``"fp8"``, with the activations quantized per token to FP8 as well (``torch._scaled_mm`` on
+GPUs with FP8 tensor cores, the same arithmetic emulated in fp32 elsewhere).
 """
 
 import torch
@@ -107,7 +108,7 @@ def _quant_linear_impl(x, qweight, scales, zeros, bias, fmt, input_scale):
                                          None if zeros is None else capsule(zeros),
                                          None if bias is None else capsule(bias), fmt, stream_of(x)):
             return out
-    if fmt == WEIGHT_FORMATS["fp8"]:
+    if fmt == WEIGHT_FORMATS["fp8"] and m > GEMV_MAX_ROWS:
         return _fp8_linear(x, qweight, scales, bias, input_scale)
     return F.linear(x, _dequantize(qweight, scales, zeros, fmt, x.dtype), bias)
 
