@@ -344,11 +344,11 @@ def step_timeline(llm, requests, device, kv_bytes: int, w_bytes: int, copy_bw: f
     steps: list[dict] = []
     execute = runner.execute
 
-    def timed_execute(batch, sampling):
+    def timed_execute(batch, sampling, *args):
         t0 = time.perf_counter()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        pending = execute(batch, sampling)
+        pending = execute(batch, sampling, *args)
         end.record()
         log_["launch"], log_["events"] = time.perf_counter() - t0, (start, end)
         if pending is not None:

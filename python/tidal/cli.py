@@ -2,7 +2,8 @@
 
 ``tidal demo`` trains and serves the embedded demo model; ``tidal generate MODEL --prompt TEXT``
 streams one completion to stdout; ``tidal serve [MODEL]`` runs the OpenAI-compatible server (the demo
-model when MODEL is left out); ``tidal --version``.
+model when MODEL is left out); ``tidal eval-ppl MODEL --file FILE`` prints the model's perplexity on
+a text; ``tidal --version``.
 
 Argument errors exit 2 with argparse's message; an error in what was asked (a model directory that is
 missing or unreadable, a bad option value) prints one line ``tidal: error: ...`` and exits 1.
@@ -55,7 +56,7 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="tidal: one runtime for training and serving LLMs.")
     parser.add_argument("--version", action="version", version=f"tidal {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,rlhf,generate,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,rlhf,generate,eval-ppl,serve}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="train the embedded demo model on Python's own source, then generate",
@@ -101,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text to complete")
     _add_sampling_args(gen)
     _add_engine_args(gen, serve=False)
+
+    ppl = sub.add_parser("eval-ppl", help="print a model's perplexity on a text file",
+                         description="Tokenize FILE with the model's tokenizer, score it in windows of at most "
+                                     "--context tokens with the serving engine's prompt log-probs, and print the "
+                                     "perplexity exp(mean negative log-likelihood) and the number of tokens scored.")
+    ppl.add_argument("model", metavar="MODEL", help="a Hugging Face model directory")
+    ppl.add_argument("--file", required=True, help="the text (UTF-8)")
+    ppl.add_argument("--context", type=int, default=None,
+                     help="most tokens in one window (default: max_model_len - 1)")
+    ppl.add_argument("--stride", type=int, default=None,
+                     help="tokens between the starts of windows; below --context, windows overlap and each "
+                          "token is scored with more context (default: --context, disjoint windows)")
+    ppl.add_argument("--quantization", default=None,
+                     help="serve the weights quantized (tidal.LLM's quantization): int8, int4 or fp8, rounded as "
+                          "they load; a gptq, awq or compressed-tensors checkpoint is read as stored without it")
+    _add_engine_args(ppl, serve=False)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
                            description="Serve MODEL (a Hugging Face directory; the demo model when left out, "
@@ -214,6 +231,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval_ppl(args) -> int:
+    _check_model_dir(args.model)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read --file {args.file!r}: {e}") from None
+    import tidal
+    from tidal.serve.eval import perplexity
+
+    # a pool for two windows beside one step's token budget (8192): what a prefill-only run keeps in flight
+    num_kv_blocks = 2 * _kv_blocks_for_one(args.model, args.max_model_len) + 8192 // 16
+    try:
+        llm = tidal.LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                        num_kv_blocks=num_kv_blocks, enforce_eager=args.enforce_eager,
+                        quantization=args.quantization)
+    except Exception as e:  # noqa: BLE001  (whatever a broken directory raises: one line, no traceback)
+        raise CLIError(f"cannot load {args.model!r}: {e}") from None
+    if llm.tokenizer is None:
+        raise CLIError(f"{args.model!r} has no tokenizer.json; `tidal eval-ppl` needs one to tokenize --file")
+    try:
+        result = perplexity(llm, text, context=args.context, stride=args.stride)
+    except ValueError as e:
+        raise CLIError(str(e).replace("context=", "--context=").replace("stride=", "--stride=")) from None
+    print(f"perplexity: {result.perplexity:.4f}")
+    print(f"nll: {result.nll:.6f}")
+    print(f"tokens: {result.num_tokens}")
+    print(f"windows: {result.num_windows}")
+    return 0
+
+
 def _kv_blocks_for_one(model: str, max_model_len: int | None, block_size: int = 16) -> int:
     """A KV pool for one request (``tidal generate`` needs no more; allocating the default pool --
     a share of all memory -- would only cost time)."""
@@ -305,7 +353,8 @@ def cmd_rlhf(args) -> int:
     return 0
 
 
-_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "rlhf": cmd_rlhf, "generate": cmd_generate, "serve": cmd_serve}
+_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "rlhf": cmd_rlhf, "generate": cmd_generate, "serve": cmd_serve,
+             "eval-ppl": cmd_eval_ppl}
 
 
 def main(argv: list[str] | None = None) -> int:

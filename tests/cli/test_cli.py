@@ -1,4 +1,5 @@
-"""The ``tidal`` command: --version, ``generate`` streaming a completion, and its errors."""
+"""The ``tidal`` command: --version, ``generate`` streaming a completion, ``eval-ppl`` printing a
+perplexity (in process, through ``main``), and their errors."""
 
 import importlib.metadata
 import os
@@ -103,3 +104,41 @@ def test_serve_role_errors(tiny_model):
         assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = _run("serve", "--role", "middle")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_eval_ppl_prints_the_perplexity(tiny_model, tmp_path, capsys):
+    from tidal.cli import main
+    from tidal.serve.eval import perplexity
+
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("The quick brown fox jumps over the lazy dog. " * 6 + "def add(a, b):\n    return a + b\n")
+    assert main(["eval-ppl", tiny_model, "--file", str(text_file), "--context", "32", "--device", "cpu"]) == 0
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    want = perplexity(tidal.LLM(tiny_model, device="cpu", num_kv_blocks=64), text_file.read_text(), context=32)
+    assert float(printed["perplexity"]) == pytest.approx(want.perplexity, rel=1e-4)
+    assert int(printed["tokens"]) == want.num_tokens and int(printed["windows"]) == want.num_windows > 1
+
+    for args, match in [(["--file", str(tmp_path / "missing.txt")], "cannot read --file"),
+                        (["--file", str(text_file), "--context", "1"], "--context=1 must be an integer >= 2"),
+                        (["--file", str(text_file), "--context", "8", "--stride", "9"], "--stride=9 must be")]:
+        assert main(["eval-ppl", tiny_model, *args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("tidal: error:") and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_ppl_passes_quantization_through(tiny_model, tmp_path, capsys, monkeypatch):
+    from tidal.cli import main
+
+    seen = []
+
+    def fake_llm(model, **kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("not loaded")
+
+    monkeypatch.setattr(tidal, "LLM", fake_llm)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("def add(a, b):\n    return a + b\n")
+    assert main(["eval-ppl", tiny_model, "--file", str(text_file), "--quantization", "int8"]) == 1
+    assert main(["eval-ppl", tiny_model, "--file", str(text_file)]) == 1
+    assert seen[0]["quantization"] == "int8" and seen[1].get("quantization") is None
+    assert "cannot load" in capsys.readouterr().err

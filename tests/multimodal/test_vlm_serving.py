@@ -1,8 +1,8 @@
 """Vision-language serving: tidal.LLM's greedy tokens equal transformers' generate for tiny random
 LLaVA and Qwen2.5-VL models (one image, several images of different sizes, a video, images split
 across prefill chunks, preemption), the encoder cache (a repeated image never reaches the vision
-tower again and its prefix blocks hit; a different image with the same text hits nothing), the
-checkpoint round trip, and errors that name what is wrong. After every scenario the KV pool is whole."""
+tower again and its prefix blocks hit; a different image with the same text hits nothing), prompt
+log-probs over image rows, the checkpoint round trip, and errors that name what is wrong. After every scenario the KV pool is whole."""
 
 import io
 
@@ -164,6 +164,28 @@ def test_encoder_cache_and_prefix_blocks(llava):
     other = run(b)
     assert other.num_cached_tokens == 0  # same text, different image: no block is shared
     assert llm.stats()["encoder_runs"] == 2
+    assert_pool_whole(llm)
+
+
+def test_prompt_logprobs_over_image_rows(llava):
+    """Prompt log-probs of an image prompt chunked through its image rows equal transformers'; the
+    request takes none of the cached blocks an identical request left."""
+    path, hf = llava
+    image = random_image(56, 56, seed=22)
+    request = {"prompt_token_ids": [BOS, 50, 51, LLAVA_IMAGE, 52, 53], "multi_modal_data": {"image": image}}
+    llm = tidal.LLM(path, block_size=BLOCK, num_kv_blocks=64, max_num_batched_tokens=8)
+    first = llm.generate(request, greedy(2), use_tqdm=False)[0]
+    out = llm.generate(request, greedy(2, prompt_logprobs=2), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == first.outputs[0].token_ids
+    ids = out.prompt_token_ids
+    pixels = ImageProcessor.from_pretrained(path)([image]).pixel_values
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float().log_softmax(-1)
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    for p in range(1, len(ids)):
+        entry = out.prompt_logprobs[p]
+        assert set(entry) == set(torch.topk(want[p - 1], 2).indices.tolist()) | {ids[p]}
+        assert all(abs(v - want[p - 1, t].item()) < 1e-4 for t, v in entry.items())
     assert_pool_whole(llm)
 
 

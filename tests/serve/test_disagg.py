@@ -183,6 +183,7 @@ def test_bad_transfer_params_are_errors(model_path):
         (plain, {"do_remote_decode": True}, SamplingParams(), "no kv_role"),
         (prefill, {"transfer_id": "x"}, SamplingParams(), "do_remote_decode"),
         (prefill, {"do_remote_decode": True}, SamplingParams(n=2, temperature=1.0), "n=2"),
+        (prefill, {"do_remote_decode": True}, SamplingParams(prompt_logprobs=1), "prompt_logprobs=1"),
         (decode, {"do_remote_decode": True}, SamplingParams(max_tokens=4), "lacks"),
         (decode, {"transfer_id": "x", "engine": {"kind": "nixl"}, "block_ids": [1], "num_computed_tokens": 3,
                   "prompt_token_ids": [1, 2, 3], "first_token": 4}, SamplingParams(max_tokens=4), "connector"),

@@ -122,6 +122,33 @@ def test_32_concurrent_requests(server):
     assert len({o.id for o in outs}) == 32
 
 
+def test_completion_prompt_logprobs(server):
+    base, engine, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    url = base + "/v1/completions"
+    body = {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    r = httpx.post(url, headers=auth, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    ids = engine.engine.tokenizer.encode("def add(a, b):")
+    entries = choice["prompt_logprobs"]
+    assert len(entries) == len(ids) == r.json()["usage"]["prompt_tokens"] and entries[0] is None
+    for token_id, entry in zip(ids[1:], entries[1:]):
+        assert str(token_id) in entry and len(entry) in (2, 3)
+        ranks = sorted(v["rank"] for v in entry.values() if v["rank"] is not None)
+        assert ranks == [1, 2] and all(v["logprob"] <= 0 and isinstance(v["decoded_token"], str)
+                                       for v in entry.values())
+        assert (entry[str(token_id)]["rank"] is None) == (len(entry) == 3)
+    plain = httpx.post(url, headers=auth, json={**body, "prompt_logprobs": None}, timeout=30).json()
+    assert "prompt_logprobs" not in plain["choices"][0] and plain["choices"][0]["text"] == choice["text"]
+    _assert_error(httpx.post(url, headers=auth, json={**body, "stream": True}, timeout=10), 400, "prompt_logprobs")
+    _assert_error(httpx.post(url, headers=auth, json={**body, "prompt_logprobs": -1}, timeout=10), 400,
+                  "prompt_logprobs")
+    _assert_error(httpx.post(url, headers=auth, json={**body, "prompt_logprobs": "2"}, timeout=10), 400,
+                  "prompt_logprobs")
+    assert_pool_whole(engine)
+
+
 def _assert_error(r, status, param=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]

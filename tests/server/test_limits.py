@@ -1,6 +1,7 @@
 """A public server's limits: body size (413, declared or streamed), prompt tokens, n, logprobs,
-top_logprobs, stop strings (count and length), requests in flight (429 with Retry-After); the API
-key compared in constant time; a model name is only ever compared, never opened as a path."""
+top_logprobs, prompt_logprobs, stop strings (count and length), requests in flight (429 with
+Retry-After); the API key compared in constant time; a model name is only ever compared, never opened
+as a path."""
 
 import asyncio
 import time
@@ -37,6 +38,7 @@ def _post(base, body, path="/v1/completions", **kw):
     ({"prompt": [5] * 21, "max_tokens": 1}, "prompt", "21 tokens; this server takes at most 20"),
     ({"prompt": "x", "n": 3, "temperature": 1.0}, "n", "n=3 exceeds"),
     ({"prompt": "x", "logprobs": 4}, "logprobs", "logprobs=4 exceeds"),
+    ({"prompt": "x", "prompt_logprobs": 4}, "prompt_logprobs", "prompt_logprobs=4 exceeds"),
     ({"prompt": "x", "stop": ["a", "b", "c"]}, "stop", "3 strings"),
     ({"prompt": "x", "stop": "abcdef"}, "stop", "6 characters"),
     ({"prompt": "x", "model": "../../etc/passwd"}, "model", "does not exist"),

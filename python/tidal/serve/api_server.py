@@ -197,6 +197,9 @@ class ServerLimits:
             name = "top_logprobs" if chat else "logprobs"  # chat asks for the top ones by that name
             raise ApiError(400, f"{name}={params.logprobs} exceeds this server's limit of {self.max_logprobs}",
                            param=name)
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.max_logprobs:
+            raise ApiError(400, f"prompt_logprobs={params.prompt_logprobs} exceeds this server's limit of "
+                                f"{self.max_logprobs}", param="prompt_logprobs")
         stops = params.stop_strings
         if len(stops) > self.max_stop_strings:
             raise ApiError(400, f"stop has {len(stops)} strings; this server takes at most {self.max_stop_strings}",
@@ -376,6 +379,7 @@ def _sampling_params(body: dict, chat: bool) -> tuple[SamplingParams, bool]:
         logprobs = _get(body, "logprobs", (int,))
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ApiError(400, f"logprobs={logprobs!r} must be in [0, 20]", param="logprobs")
+        kwargs["prompt_logprobs"] = _get(body, "prompt_logprobs", (int,))
     if kwargs["min_tokens"] and max_tokens is None:
         max_tokens = max(kwargs["min_tokens"], 16)
     try:
@@ -587,6 +591,25 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             text_offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
+    def prompt_logprobs(output: RequestOutput, top: int) -> list:
+        """An output's prompt log-probs as a completions choice carries them: None for the first token,
+        then {token id: {"logprob", "rank", "decoded_token"}}; a prompt token outside the top ones has
+        rank null."""
+        out = []
+        for token_id, entry in zip(output.prompt_token_ids, output.prompt_logprobs or []):
+            if entry is None:
+                out.append(None)
+                continue
+            outside = len(entry) > top
+            top_ones = [kv for kv in entry.items() if not (outside and kv[0] == token_id)]
+            ranked = sorted(top_ones, key=lambda kv: -kv[1])
+            item = {str(t): {"logprob": lp, "rank": i + 1, "decoded_token": token_str(t)}
+                    for i, (t, lp) in enumerate(ranked)}
+            if outside:
+                item[str(token_id)] = {"logprob": entry[token_id], "rank": None, "decoded_token": token_str(token_id)}
+            out.append(item)
+        return out
+
     def chat_logprobs(sample, start: int, top: int) -> dict:
         content = []
         for token_id, lps in zip(sample.token_ids[start:], (sample.logprobs or [])[start:]):
@@ -626,6 +649,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         body = await read_body(request)
         params, want_logprobs = _sampling_params(body, chat)
         limits.check(params, chat)
+        if params.prompt_logprobs is not None and body.get("stream", False):
+            raise ApiError(400, "prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         if chat:
             text, data = _render_chat(tokenizer, body.get("messages"), placeholders, media)
             check_length(text, "messages")
@@ -681,6 +706,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                                         "logprobs": completion_logprobs(sample, 0, 0) if want_logprobs else None,
                                         "finish_reason": sample.finish_reason,
                                         "stop_reason": sample.stop_reason})
+                        if params.prompt_logprobs is not None:
+                            choices[-1]["prompt_logprobs"] = prompt_logprobs(finals[index], params.prompt_logprobs)
             response = {"id": request_id, "object": obj, "created": now, "model": served_model_name,
                         "choices": choices, "usage": usage(prepared, finals)}
             if core.transfers is not None and core.transfers.role == "prefill" and kv_transfer_params is not None:

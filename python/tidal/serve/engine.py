@@ -23,6 +23,7 @@ from tidal.serve.host_memory import HostMemoryTrimmer
 from tidal.serve.model_runner import device_memory_baseline, make_model_runner
 from tidal.serve.multimodal import EncoderCache, MultiModalProcessor, MultiModalPrompt, gather_step_inputs
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tidal.serve.prompt_logprobs import PromptLogprobs, isolated_cache_keys, plan_prompt_rows
 from tidal.serve.sampler import SequenceSampling
 from tidal.serve.sampling_params import SamplingParams
 from tidal.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -82,6 +83,7 @@ class _Request:
     remote_decode: bool = False  # prefill role: hold the blocks for a decode engine
     kv_hold: str | None = None  # the transfer id of those held blocks
     kv_transfer_params: dict | None = None  # prefill role: what the decode engine needs
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -91,7 +93,8 @@ class _Request:
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids),
                              [s.output() for s in self.seqs], self.finished, self.metrics, self.error,
                              self.metrics.num_cached_tokens,
-                             self.kv_transfer_params if self.finished else None)
+                             self.kv_transfer_params if self.finished else None,
+                             None if self.prompt_logprobs is None else self.prompt_logprobs.output())
 
 
 def _shared_model(model: torch.nn.Module, config: EngineConfig):
@@ -171,6 +174,8 @@ class LLMEngine:
         self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
         self._host_memory = HostMemoryTrimmer()  # RSS stays flat in a long-running server
         self._mm_prompts: dict[int, MultiModalPrompt] = {}  # seq id -> state, of unfinished multimodal requests
+        self._prompt_logprobs: dict[int, PromptLogprobs] = {}  # seq id -> its request's, while the prompt computes
+        self._cache_salts = itertools.count(1)
         self.transfers: KVTransfers | None = None
         if config.kv_role is not None:
             if self.is_multimodal:
@@ -208,6 +213,12 @@ class LLMEngine:
         prompt_text, prompt_ids, multimodal = prompt.text, prompt.token_ids, prompt.multimodal
         request = _Request(request_id, prompt_text, prompt_ids, params, RequestMetrics(time.monotonic()),
                            multimodal=multimodal, remote_decode=kv_transfer_params is not None and not incoming)
+        extra_keys = multimodal.extra_keys if multimodal else []
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = PromptLogprobs(prompt_ids, params.prompt_logprobs)
+            if self.config.enable_prefix_caching:
+                salt = (1 << 63) | next(self._cache_salts)
+                extra_keys = isolated_cache_keys(len(prompt_ids), self.config.block_size, extra_keys, salt)
         first_seq = -1
         for index in range(params.n):
             seq_id = next(self._seq_ids)
@@ -228,12 +239,13 @@ class LLMEngine:
             request.seqs.append(seq)
             if multimodal is not None:
                 self._mm_prompts[seq_id] = multimodal
+            if request.prompt_logprobs is not None and not request.prompt_logprobs.is_complete:
+                self._prompt_logprobs[seq_id] = request.prompt_logprobs
             if incoming:
                 self.transfers.add(seq, kv_transfer_params, priority)
                 continue
             self.scheduler.add_request(seq_id, prompt_ids, self.stop_params(params), priority=priority,
-                                       share_prompt_with=first_seq,
-                                       extra_keys=multimodal.extra_keys if multimodal else [])
+                                       share_prompt_with=first_seq, extra_keys=extra_keys)
             if first_seq < 0:
                 first_seq = seq_id
         self._requests[request_id] = request
@@ -253,6 +265,9 @@ class LLMEngine:
                              "kv_role='prefill' or 'decode')")
         if params.n != 1:
             raise ValueError(f"n={params.n}: disaggregated serving takes one sample per request")
+        if params.prompt_logprobs is not None:
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs}: disaggregated serving does not return "
+                             f"prompt log-probs")
         if role == "prefill":
             if kv_transfer_params.get("do_remote_decode") is not True:
                 raise ValueError("a prefill engine takes kv_transfer_params={'do_remote_decode': true}")
@@ -292,8 +307,10 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must be shorter than "
                              f"max_model_len={self.max_model_len}")
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {self.vocab_size}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"{name}={value} exceeds the vocabulary size {self.vocab_size}")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids={bad} holds ids outside the vocabulary (size {self.vocab_size})")
@@ -416,9 +433,12 @@ class LLMEngine:
         try:
             mm = gather_step_inputs(batch, self._mm_prompts, self._encode_item, self.model.uses_mrope) \
                 if self._mm_prompts else None
-            pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], mm)
+            prompt_rows = plan_prompt_rows(batch, seq_ids, self._prompt_logprobs) if self._prompt_logprobs else None
+            pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], mm, prompt_rows)
             changed = self._process_lagged()  # overlaps the device's work on this step
             result = pending.result() if pending is not None else None
+            if prompt_rows is not None:
+                self._deliver_prompt_logprobs(prompt_rows, result)
         except Exception as e:  # the whole step failed: each of its sequences ends in error
             changed = self._process_lagged() | arrived
             for seq_id in seq_ids:
@@ -451,6 +471,13 @@ class LLMEngine:
         outputs = self._collect(changed, return_unfinished)
         self._host_memory.maybe_trim(idle)
         return outputs
+
+    def _deliver_prompt_logprobs(self, prompt_rows, result) -> None:
+        if result is None or result.prompt_logprobs is None:
+            raise RuntimeError("the model runner returned no prompt log-probs for a step that needs them")
+        prompt_rows.deliver(result.prompt_logprobs)
+        for seq_id in [s for s, state in self._prompt_logprobs.items() if state.is_complete]:
+            del self._prompt_logprobs[seq_id]
 
     def _hold_for_decode(self, sample_ids: list[int], result) -> None:
         """Prefill role: requests that sampled their first token keep their blocks for a decode
@@ -555,6 +582,7 @@ class LLMEngine:
         for seq in request.seqs:
             self._seqs.pop(seq.seq_id, None)
             self._mm_prompts.pop(seq.seq_id, None)
+            self._prompt_logprobs.pop(seq.seq_id, None)
         self._requests.pop(request.request_id, None)
 
     def _collect(self, request_ids, return_unfinished: bool = True) -> list[RequestOutput]:

@@ -9,7 +9,8 @@
 - CUDA graphs: pure decode steps replay graphs captured at start-up for padded batch sizes 1, 2, 4,
   8, then multiples of 8 up to ``max_num_seqs`` (forward and logits); ``enforce_eager=True`` turns
   them off. A captured graph reads its inputs from fixed offsets of the device buffer and its block
-  tables from a persistent table, so replay needs no re-capture.
+  tables from a persistent table, so replay needs no re-capture. A step that computes prompt
+  log-probs runs eagerly (a one-token prompt chunk among decodes looks like a decode step).
 """
 
 import gc
@@ -23,6 +24,7 @@ from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
 from tidal.serve.model_runner import (KVPool, MemoryBaseline, allocate_kv_caches, kv_cache_bytes_per_block,
                                      min_kv_blocks, multimodal_inputs)
+from tidal.serve.prompt_logprobs import PendingPromptLogprobs, PromptRows, compute_prompt_logprobs
 from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_async
 from tidal.serve.sampling_params import SamplingParams
 
@@ -286,11 +288,14 @@ class GPUModelRunner:
 
     # ---- the step ----------------------------------------------------------------------------------
 
-    def execute(self, batch, sampling: list[SequenceSampling], mm=None) -> PendingSample | None:
+    def execute(self, batch, sampling: list[SequenceSampling], mm=None,
+                prompt_rows: PromptRows | None = None) -> PendingSample | None:
         if not sampling and not batch.needs_sample.any():
-            self._run_eager(batch, mm)
-            return None
-        size = None if mm is not None else self._graph_size(batch)  # image rows and 3-D positions: eager
+            _, prompt = self._run_eager(batch, mm, prompt_rows)
+            return None if prompt is None else PendingSample.of_prompt_logprobs(prompt)
+        # image rows and 3-D positions, or prompt log-probs (logits of more rows than a graph has): eager
+        size = None if mm is not None or prompt_rows is not None else self._graph_size(batch)
+        prompt = None
         with torch.inference_mode():
             if size is not None:
                 self._stage_inputs(batch, size)
@@ -303,18 +308,25 @@ class GPUModelRunner:
                     rows = torch.from_numpy(np.nonzero(needs)[0]).pin_memory().to(self.device, non_blocking=True)
                     logits = self._logits.index_select(0, rows)
             else:
-                logits = self._run_eager(batch, mm)
+                logits, prompt = self._run_eager(batch, mm, prompt_rows)
                 if logits is None:
-                    return None
-            return sample_async(logits, sampling)
+                    return None if prompt is None else PendingSample.of_prompt_logprobs(prompt)
+            pending = sample_async(logits, sampling)
+            pending.prompt_logprobs = prompt
+            return pending
 
-    def _run_eager(self, batch, mm=None) -> torch.Tensor | None:
+    def _run_eager(self, batch, mm=None, prompt_rows: PromptRows | None = None
+                   ) -> tuple[torch.Tensor | None, PendingPromptLogprobs | None]:
+        """(logits of the rows to sample or None, the prompt log-probs of ``prompt_rows`` or None)."""
         with torch.inference_mode():
             inputs = self._stage_inputs(batch, None)
             positions, inputs_embeds = inputs.positions, None
             if mm is not None:
                 positions, inputs_embeds = multimodal_inputs(self.model, inputs.input_ids, positions, mm)
             hidden = self.model(inputs.input_ids, positions, inputs.attn, self.kv_caches, inputs_embeds=inputs_embeds)
+            prompt = None
+            if prompt_rows is not None:
+                prompt = compute_prompt_logprobs(self.model, hidden, prompt_rows, rows_per_slice=self.max_num_seqs)
             if inputs.sample_rows is None or inputs.sample_rows.numel() == 0:
-                return None
-            return self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+                return None, prompt
+            return self.model.compute_logits(hidden.index_select(0, inputs.sample_rows)), prompt

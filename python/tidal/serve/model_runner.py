@@ -7,9 +7,11 @@ tokens. The engine stays device-neutral; each runner owns its device's KV caches
   persistent device inputs filled by one pinned copy per step, CUDA graphs for decode steps.
 
 Both expose ``num_kv_blocks``, ``kv_pool`` (a :class:`KVPool`, released while the engine sleeps),
-``kv_caches`` (its ``(key_cache, value_cache)`` per layer) and ``execute(batch, sampling, mm=None) ->
-PendingSample | None`` (launched; ``.result()`` waits); ``mm`` is a step's multimodal inputs
-(tidal.serve.multimodal.MultiModalStep), which both runners apply with :func:`multimodal_inputs`.
+``kv_caches`` (its ``(key_cache, value_cache)`` per layer) and ``execute(batch, sampling, mm=None,
+prompt_rows=None) -> PendingSample | None`` (launched; ``.result()`` waits); ``mm`` is a step's
+multimodal inputs (tidal.serve.multimodal.MultiModalStep), which both runners apply with
+:func:`multimodal_inputs`; ``prompt_rows`` (tidal.serve.prompt_logprobs.PromptRows) the rows whose
+prompt log-probs the step computes besides the sampled rows' logits, attached to the PendingSample.
 """
 
 import math
@@ -20,6 +22,7 @@ import torch
 
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
+from tidal.serve.prompt_logprobs import PromptRows, compute_prompt_logprobs
 from tidal.serve.sampler import PendingSample, SequenceSampling, sample_async
 
 # NOTE(tidal): on the CPU the KV cache competes with everything else in host memory, so the default
@@ -143,7 +146,8 @@ class CPUModelRunner:
         self.kv_pool = KVPool(model, num_blocks, config.block_size, device)
         self.kv_caches = self.kv_pool.caches
 
-    def execute(self, batch, sampling: list[SequenceSampling], mm=None) -> PendingSample | None:
+    def execute(self, batch, sampling: list[SequenceSampling], mm=None,
+                prompt_rows: PromptRows | None = None) -> PendingSample | None:
         cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(batch.slot_mapping),
@@ -160,11 +164,14 @@ class CPUModelRunner:
             if mm is not None:
                 positions, inputs_embeds = multimodal_inputs(self.model, input_ids, positions, mm)
             hidden = self.model(input_ids, positions, attn, self.kv_caches, inputs_embeds=inputs_embeds)
+            prompt = None if prompt_rows is None else compute_prompt_logprobs(self.model, hidden, prompt_rows)
             last_rows = (cu_seqlens_q[1:] - 1)[torch.from_numpy(batch.needs_sample).bool()]
             if last_rows.numel() == 0:
-                return None
+                return None if prompt is None else PendingSample.of_prompt_logprobs(prompt)
             logits = self.model.compute_logits(hidden[last_rows.long()])
-            return sample_async(logits, sampling)
+            pending = sample_async(logits, sampling)
+            pending.prompt_logprobs = prompt
+            return pending
 
 
 class MemoryBaseline(NamedTuple):

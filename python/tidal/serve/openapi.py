@@ -64,7 +64,8 @@ def completion_request(limits) -> dict:
                         _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}
     return {"type": "object", "required": ["prompt"], "properties": {
         **_sampling(limits), "prompt": prompt,
-        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_logprobs}}}
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_logprobs},
+        "prompt_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_logprobs}}}
 
 
 def chat_request(limits) -> dict:
@@ -85,7 +86,8 @@ COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created",
                            "model": {"type": "string"}, "usage": _USAGE,
                            "choices": {"type": "array", "items": {
                                "type": "object", "required": ["index", "text", "finish_reason"], "properties": {
-                                   "index": _INT, "text": {"type": "string"}, "finish_reason": _FINISH}}}}}
+                                   "index": _INT, "text": {"type": "string"}, "finish_reason": _FINISH,
+                                   "prompt_logprobs": {"type": "array", "items": {"type": ["object", "null"]}}}}}}}
 CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                  "properties": {
                      "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": _INT,

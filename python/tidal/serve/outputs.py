@@ -43,6 +43,13 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """What a request has produced so far: one CompletionOutput per sample.
+
+    ``prompt_logprobs`` (with ``SamplingParams.prompt_logprobs``) has one entry per prompt token: None
+    for the first, then ``{token_id: logprob}`` holding the prompt token and the most likely ones at
+    that position, as ``CompletionOutput.logprobs`` does for generated tokens.
+    """
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -52,3 +59,4 @@ class RequestOutput:
     error: str | None = None  # why the request failed, when a sample's finish_reason is "error"
     num_cached_tokens: int = field(default=0)
     kv_transfer_params: dict | None = None  # disaggregated prefill: what a decode engine needs (finished only)
+    prompt_logprobs: list[dict[int, float] | None] | None = None

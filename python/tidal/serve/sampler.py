@@ -13,12 +13,16 @@ device in one pinned copy, and the step ends with one copy of the results back.
 """
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tidal import ops
 from tidal.serve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tidal.serve.prompt_logprobs import PendingPromptLogprobs, PromptLogprobsResult
 
 
 @dataclass
@@ -119,6 +123,8 @@ class SampleResult:
     token_ids: list[int]
     # per row: None, or {token_id: logprob} holding the sampled token and the top-`logprobs` ones
     logprobs: list[dict[int, float] | None]
+    # the step's prompt log-probs, when the runner was asked for them
+    prompt_logprobs: "PromptLogprobsResult | None" = None
 
 
 def _needs_processing(seq: SequenceSampling) -> bool:
@@ -152,16 +158,25 @@ class PendingSample:
 
     def __init__(self, host: torch.Tensor, event, seqs: list[SequenceSampling], wanted: list[int], top_k: int):
         self._host, self._event, self._seqs, self._wanted, self._top_k = host, event, seqs, wanted, top_k
+        self.prompt_logprobs: "PendingPromptLogprobs | None" = None  # attached by the runner
+
+    @classmethod
+    def of_prompt_logprobs(cls, prompt_logprobs: "PendingPromptLogprobs") -> "PendingSample":
+        """A step that samples no row but computed prompt log-probs."""
+        pending = cls(torch.empty(0, dtype=torch.float64), None, [], [], 0)
+        pending.prompt_logprobs = prompt_logprobs
+        return pending
 
     def result(self) -> SampleResult:
         if self._event is not None:
             self._event.synchronize()
+        prompt = None if self.prompt_logprobs is None else self.prompt_logprobs.result()
         host, seqs, wanted = self._host.numpy(), self._seqs, self._wanted
         n, w, kk = len(seqs), len(wanted), self._top_k
         token_list = host[:n].astype(np.int64).tolist()
         logprobs: list[dict[int, float] | None] = [None] * n
         if not wanted:
-            return SampleResult(token_list, logprobs)
+            return SampleResult(token_list, logprobs, prompt)
         chosen = host[n:n + w]
         top_ids = host[n + w:n + w + w * kk].astype(np.int64).reshape(w, kk)
         top_vals = host[n + w + w * kk:].reshape(w, kk)
@@ -170,7 +185,7 @@ class PendingSample:
             entry = {int(t): float(v) for t, v in zip(top_ids[j, :want_k], top_vals[j, :want_k])} if want_k else {}
             entry[token_list[i]] = float(chosen[j])
             logprobs[i] = entry
-        return SampleResult(token_list, logprobs)
+        return SampleResult(token_list, logprobs, prompt)
 
 
 def _to_host(packed: torch.Tensor) -> tuple[torch.Tensor, object]:

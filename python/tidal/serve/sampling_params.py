@@ -37,6 +37,11 @@ class SamplingParams:
     logprobs : int or None
         Return the log-probabilities of the sampled token and the ``logprobs`` most likely tokens
         at each position (from the model's raw distribution).
+    prompt_logprobs : int or None
+        Return, for every prompt token after the first, its log-probability given the tokens before
+        it and the ``prompt_logprobs`` most likely tokens at that position (0: the prompt token
+        alone), as ``RequestOutput.prompt_logprobs``. Such a request computes its whole prompt:
+        it takes no prompt blocks from the prefix cache that other requests computed.
     presence_penalty, frequency_penalty : float
         Subtracted from the logits of tokens already generated: once, or once per occurrence.
         In [-2, 2].
@@ -59,6 +64,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -91,8 +97,10 @@ class SamplingParams:
             raise bad("min_tokens", self.min_tokens, "must be an integer >= 0")
         if self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"must be <= max_tokens={self.max_tokens}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", self.logprobs, "must be None or an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise bad(name, value, "must be None or an integer >= 0")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
