@@ -3,7 +3,8 @@
 ``tidal demo`` trains and serves the embedded demo model; ``tidal generate MODEL --prompt TEXT``
 streams one completion to stdout; ``tidal serve [MODEL]`` runs the OpenAI-compatible server (the demo
 model when MODEL is left out); ``tidal eval-ppl MODEL --file FILE`` prints the model's perplexity on
-a text; ``tidal --version``.
+a text; ``tidal quantize MODEL --method awq|gptq|int8|fp8 --out DIR`` writes a quantized checkpoint;
+``tidal --version``.
 
 Argument errors exit 2 with argparse's message; an error in what was asked (a model directory that is
 missing or unreadable, a bad option value) prints one line ``tidal: error: ...`` and exits 1.
@@ -56,7 +57,7 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="tidal: one runtime for training and serving LLMs.")
     parser.add_argument("--version", action="version", version=f"tidal {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,rlhf,generate,eval-ppl,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,rlhf,generate,eval-ppl,quantize,serve}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="train the embedded demo model on Python's own source, then generate",
@@ -118,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve the weights quantized (tidal.LLM's quantization): int8, int4 or fp8, rounded as "
                           "they load; a gptq, awq or compressed-tensors checkpoint is read as stored without it")
     _add_engine_args(ppl, serve=False)
+
+    quant = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (GPTQ, AWQ, int8, FP8)",
+                           description="Quantize MODEL's decoder weights and write a checkpoint in the method's "
+                                       "published layout (GPTQ or AWQ int4, compressed-tensors int8 or FP8), which "
+                                       "tidal serves and transformers loads. GPTQ and AWQ calibrate on --calib "
+                                       "(or the demo corpus), one layer at a time.")
+    quant.add_argument("model", metavar="MODEL", help="a Hugging Face model directory (float weights)")
+    quant.add_argument("--method", required=True, choices=["awq", "gptq", "int8", "fp8"])
+    quant.add_argument("--out", required=True, help="the directory to write")
+    quant.add_argument("--calib", default=None, help="calibration text (UTF-8) for awq and gptq; default: the "
+                                                     "demo corpus (the Python standard library's source)")
+    quant.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale and zero point")
+    quant.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    quant.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    quant.add_argument("--device", default="auto", help="where to calibrate: auto (the GPU when there is one), "
+                                                        "cpu or cuda[:N]")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
                            description="Serve MODEL (a Hugging Face directory; the demo model when left out, "
@@ -262,6 +279,22 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    _check_model_dir(args.model)
+    from tidal.quant.command import quantize
+
+    try:
+        config = quantize(args.model, args.method, args.out, calib=args.calib, group_size=args.group_size,
+                          num_samples=args.num_samples, seq_len=args.seq_len, device=args.device,
+                          progress=sys.stderr.isatty())
+    except (ValueError, OSError) as e:
+        raise CLIError(str(e).replace("group_size=", "--group-size=").replace("num_samples=", "--num-samples=")
+                       .replace("seq_len=", "--seq-len=")) from None
+    group = f", groups of {config.group_size}" if config.group_size else ""
+    print(f"wrote {args.out}: {config.format} ({config.source}{group})")
+    return 0
+
+
 def _kv_blocks_for_one(model: str, max_model_len: int | None, block_size: int = 16) -> int:
     """A KV pool for one request (``tidal generate`` needs no more; allocating the default pool --
     a share of all memory -- would only cost time)."""
@@ -354,7 +387,7 @@ def cmd_rlhf(args) -> int:
 
 
 _COMMANDS = {"demo": cmd_demo, "train": cmd_train, "rlhf": cmd_rlhf, "generate": cmd_generate, "serve": cmd_serve,
-             "eval-ppl": cmd_eval_ppl}
+             "eval-ppl": cmd_eval_ppl, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

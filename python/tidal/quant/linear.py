@@ -144,6 +144,9 @@ def _projections(model: nn.Module):
                 if isinstance(getattr(parent, name, None), (nn.Linear, QuantLinear)):
                     yield parent, name
         layer.skinny_ok = False  # the fused few-row path reads float weights
+    # the no-metadata forward (logits of whole sequences) calls each projection as a module, not
+    # through fused functions of float weights
+    model.fuse_across_modules = False
 
 
 def prepare_model(model: nn.Module, config: QuantConfig) -> nn.Module:
