@@ -99,7 +99,7 @@ for bench in ${BENCHES:-bench/bench_attention.py bench/bench_skinny_linear.py be
   if [ "$name" = "serve" ]; then
     # shellcheck disable=SC2086
     "$PY" "$bench" --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -40
-  elif [ "$name" = "rlhf" ] || [ "$name" = "disagg" ]; then
+  elif [ "$name" = "rlhf" ] || [ "$name" = "disagg" ] || [ "$name" = "quant_quality" ]; then
     "$PY" "$bench" --out "$OUT" 2>&1 | tee "$OUT/$name.log" | tail -12
   elif [ "$name" = "load" ]; then
     # shellcheck disable=SC2086
