@@ -18,29 +18,51 @@ constexpr int kInt4 = 1, kFp8 = 2;
 
 /// FP8 E4M3 (fn) bits to float: the 7 magnitude bits placed under float's exponent field and
 /// rebiased by 2^(127 - 7), which is exact for normals and subnormals alike.
-inline float fp8_e4m3_to_float(uint8_t bits) {
+TIDAL_CPU_INLINE float fp8_e4m3_to_float(uint8_t bits) {
   const uint32_t word = (static_cast<uint32_t>(bits & 0x80u) << 24) | (static_cast<uint32_t>(bits & 0x7fu) << 20);
   return std::bit_cast<float>(word) * 0x1p120f;
 }
 
-/// w[i] = (code(row, i) - zero) * scale for the k inputs of output row `row`.
-void widen_row(float* w, TensorView qweight, TensorView scales, TensorView zeros, int format, int64_t row, int64_t k) {
+/// w[i] = (code(row, i) - zero) * scale for the k inputs of output row `row`, a group at a time (the
+/// inner loops have no division and vectorise).
+TIDAL_CPU_INLINE void widen_row(float* w, TensorView qweight, TensorView scales, TensorView zeros, int format,
+                                int64_t row, int64_t k) {
   const int64_t num_groups = scales.size(1), group = k / num_groups;
   const float* s = scales.data_ptr<const float>() + row * num_groups;
   if (format == kInt4) {
     const uint8_t* q = qweight.data_ptr<const uint8_t>() + row * (k / 2);
     const uint8_t* z = zeros.data_ptr<const uint8_t>() + row * num_groups;
-    for (int64_t i = 0; i < k; ++i) {
-      const int code = (q[i / 2] >> (4 * (i % 2))) & 0xf;
-      w[i] = static_cast<float>(code - z[i / group]) * s[i / group];
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const float scale = s[g], zero = static_cast<float>(z[g]);
+      const uint8_t* qg = q + g * group / 2;
+      float* wg = w + g * group;
+      for (int64_t i = 0; i < group / 2; ++i) {
+        wg[2 * i] = (static_cast<float>(qg[i] & 0xf) - zero) * scale;
+        wg[2 * i + 1] = (static_cast<float>(qg[i] >> 4) - zero) * scale;
+      }
     }
-  } else if (format == kFp8) {
-    const uint8_t* q = qweight.data_ptr<const uint8_t>() + row * k;
-    for (int64_t i = 0; i < k; ++i) w[i] = fp8_e4m3_to_float(q[i]) * s[i / group];
-  } else {
-    const int8_t* q = qweight.data_ptr<const int8_t>() + row * k;
-    for (int64_t i = 0; i < k; ++i) w[i] = static_cast<float>(q[i]) * s[i / group];
+    return;
   }
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const float scale = s[g];
+    float* wg = w + g * group;
+    if (format == kFp8) {
+      const uint8_t* qg = qweight.data_ptr<const uint8_t>() + row * k + g * group;
+      for (int64_t i = 0; i < group; ++i) wg[i] = fp8_e4m3_to_float(qg[i]) * scale;
+    } else {
+      const int8_t* qg = qweight.data_ptr<const int8_t>() + row * k + g * group;
+      for (int64_t i = 0; i < group; ++i) wg[i] = static_cast<float>(qg[i]) * scale;
+    }
+  }
+}
+
+TIDAL_CPU_TARGET_AVX2 void widen_row_avx2(float* w, TensorView qweight, TensorView scales, TensorView zeros,
+                                          int format, int64_t row, int64_t k) {
+  widen_row(w, qweight, scales, zeros, format, row, k);
+}
+void widen_row_base(float* w, TensorView qweight, TensorView scales, TensorView zeros, int format, int64_t row,
+                    int64_t k) {
+  widen_row(w, qweight, scales, zeros, format, row, k);
 }
 
 TIDAL_CPU_INLINE float dot(const float* a, const float* b, int64_t k) {
@@ -67,6 +89,7 @@ void quant_linear_impl(TensorView out, TensorView x, TensorView qweight, TensorV
     for (int64_t i = 0; i < k; ++i) xf[r * k + i] = widen(row[i]);
   }
   const auto dot_fn = cpu_has_avx2() ? &dot_avx2 : &dot_base;
+  const auto widen_fn = cpu_has_avx2() ? &widen_row_avx2 : &widen_row_base;
   const T* b = bias.data == nullptr ? nullptr : bias.data_ptr<const T>();
   T* o = out.data_ptr<T>();
   const int64_t out_stride = out.stride(0);
@@ -79,7 +102,7 @@ void quant_linear_impl(TensorView out, TensorView x, TensorView qweight, TensorV
 #pragma omp for schedule(static)
 #endif
     for (int64_t j = 0; j < n; ++j) {
-      widen_row(w.data(), qweight, scales, zeros, format, j, k);
+      widen_fn(w.data(), qweight, scales, zeros, format, j, k);
       const float add = b == nullptr ? 0.f : widen(b[j]);
       for (int64_t r = 0; r < m; ++r) o[r * out_stride + j] = from_float<T>(dot_fn(w.data(), xf.data() + r * k, k) + add);
     }
@@ -90,6 +113,7 @@ template <typename T>
 void dequantize_impl(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format) {
   const int64_t n = out.size(0), k = out.size(1);
   T* o = out.data_ptr<T>();
+  const auto widen_fn = cpu_has_avx2() ? &widen_row_avx2 : &widen_row_base;
 #if defined(_OPENMP)
 #pragma omp parallel if (n * k >= (1 << 16))
 #endif
@@ -99,7 +123,7 @@ void dequantize_impl(TensorView out, TensorView qweight, TensorView scales, Tens
 #pragma omp for schedule(static)
 #endif
     for (int64_t j = 0; j < n; ++j) {
-      widen_row(w.data(), qweight, scales, zeros, format, j, k);
+      widen_fn(w.data(), qweight, scales, zeros, format, j, k);
       for (int64_t i = 0; i < k; ++i) o[j * k + i] = from_float<T>(w[i]);
     }
   }
