@@ -38,6 +38,10 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
                    help="weights and activations dtype; auto takes the checkpoint's (default)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N] (default auto)")
     p.add_argument("--enforce-eager", action="store_true", help="run every step eagerly (no CUDA graphs)")
+    p.add_argument("--quantization", default=None,
+                   choices=["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors"],
+                   help="serve the decoder's linear layers quantized: int8, int4 or fp8 rounded as they load; a "
+                        "gptq, awq or compressed-tensors checkpoint is read in its own layout without it")
     if not serve:
         p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
         return
@@ -115,9 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=None,
                      help="tokens between the starts of windows; below --context, windows overlap and each "
                           "token is scored with more context (default: --context, disjoint windows)")
-    ppl.add_argument("--quantization", default=None,
-                     help="serve the weights quantized (tidal.LLM's quantization): int8, int4 or fp8, rounded as "
-                          "they load; a gptq, awq or compressed-tensors checkpoint is read as stored without it")
     _add_engine_args(ppl, serve=False)
 
     quant = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (GPTQ, AWQ, int8, FP8)",
@@ -213,6 +214,7 @@ def cmd_generate(args) -> int:
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                          quantization=args.quantization,
                           max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
                           enforce_eager=args.enforce_eager)
     try:
@@ -332,7 +334,8 @@ def cmd_serve(args) -> int:
                               seed=args.seed, enforce_eager=args.enforce_eager,
                               encoder_cache_bytes=args.encoder_cache_bytes, kv_role=args.role,
                               kv_connector=args.kv_connector, kv_host=args.kv_host or args.host,
-                              kv_port=args.kv_port, kv_transfer_timeout=args.kv_transfer_timeout)
+                              kv_port=args.kv_port, kv_transfer_timeout=args.kv_transfer_timeout,
+                              quantization=args.quantization)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.max_media_per_prompt < 0:

@@ -112,6 +112,9 @@ def test_command_line(model_dir, tmp_path, capsys):
     assert "int8 (compressed-tensors)" in capsys.readouterr().out
     assert main(["eval-ppl", str(tmp_path / "q"), "--file", str(model_dir / "calib.txt"), "--context", "64"]) == 0
     assert "perplexity:" in capsys.readouterr().out
+    assert main(["generate", str(model_dir), "--prompt", "def", "--max-tokens", "3", "--temperature", "0",
+                 "--quantization", "int4"]) == 0
+    capsys.readouterr()
     # a quantized checkpoint is not quantized again; bad sizes name the option
     assert main(["quantize", str(tmp_path / "q"), "--method", "gptq", "--out", str(tmp_path / "qq")]) == 1
     assert "quantized already" in capsys.readouterr().err
