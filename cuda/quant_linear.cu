@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "ops/fp8.h"
 #include "ops/kernels.h"
 
 namespace tidal::gpu {
@@ -45,7 +46,6 @@ __device__ __forceinline__ float fp8_e4m3_unscaled(uint32_t word, int j) {
   const uint32_t b = word >> (8 * j);
   return __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20));
 }
-__device__ __forceinline__ float fp8_e4m3_to_float(uint32_t bits) { return fp8_e4m3_unscaled(bits, 0) * 0x1p120f; }
 
 /// Code j (0..7 for int4, 0..3 otherwise) of one 32-bit word, minus the zero point, as a float;
 /// `offset` is 2^23 + zero (int4), 2^23 + 128 (int8, whose word arrives with its sign bits flipped).
@@ -172,7 +172,7 @@ __global__ void dequantize_weight_kernel(T* __restrict__ out, const uint8_t* __r
       out[row * k + 2 * byte + 1] = from_float<T>(static_cast<float>(static_cast<int>(bits >> 4) - z) * s);
     } else {
       const float s = scales[row * num_groups + byte / group];
-      const float w = kFormat == kFp8 ? fp8_e4m3_to_float(bits) : static_cast<float>(static_cast<int8_t>(bits));
+      const float w = kFormat == kFp8 ? fp8::to_float(bits) : static_cast<float>(static_cast<int8_t>(bits));
       out[i] = from_float<T>(w * s);
     }
   }

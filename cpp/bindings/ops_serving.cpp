@@ -39,6 +39,14 @@ void bind_ops_serving(py::module_& m) {
       py::arg("out"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("format"),
       py::arg("stream") = 0, "out = (code - zero) * scale, the quantized weight widened to out's dtype.");
   m.def(
+      "quantize_fp8_per_token",
+      [](py::handle codes, py::handle scales, py::handle x, py::handle static_scale, std::uintptr_t stream) {
+        ops::quantize_fp8_per_token(view_capsule(codes, "codes"), view_capsule(scales, "scales"), view_capsule(x, "x"),
+                                    view_optional_capsule(static_scale, "static_scale"), Stream::from_int(stream));
+      },
+      py::arg("codes"), py::arg("scales"), py::arg("x"), py::arg("static_scale"), py::arg("stream") = 0,
+      "x [m, k] as FP8 E4M3 codes (uint8 bits) and per-row fp32 scales: max |x[t]| / 448, or static_scale.");
+  m.def(
       "silu_and_mul",
       [](py::handle out, py::handle x, std::uintptr_t stream) {
         ops::silu_and_mul(view_capsule(out, "out"), view_capsule(x, "x"), Stream::from_int(stream));

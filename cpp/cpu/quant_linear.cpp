@@ -3,25 +3,21 @@
 // ((code - zero) * scale) once and dotted with every input row, so the weight is read at its
 // quantized size (a quarter of fp32 for int8 and FP8, an eighth for int4); and dequantize_weight,
 // the same widening written out. Output rows split over OpenMP threads; the dot loop has an AVX2 twin.
+#include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "cpu/dispatch_float.h"
 #include "cpu/vectorize.h"
+#include "ops/fp8.h"
 #include "ops/kernels.h"
 
 namespace tidal::cpu {
 namespace {
 
 constexpr int kInt4 = 1, kFp8 = 2;
-
-/// FP8 E4M3 (fn) bits to float: the 7 magnitude bits placed under float's exponent field and
-/// rebiased by 2^(127 - 7), which is exact for normals and subnormals alike.
-TIDAL_CPU_INLINE float fp8_e4m3_to_float(uint8_t bits) {
-  const uint32_t word = (static_cast<uint32_t>(bits & 0x80u) << 24) | (static_cast<uint32_t>(bits & 0x7fu) << 20);
-  return std::bit_cast<float>(word) * 0x1p120f;
-}
 
 /// w[i] = (code(row, i) - zero) * scale for the k inputs of output row `row`, a group at a time (the
 /// inner loops have no division and vectorise).
@@ -48,7 +44,7 @@ TIDAL_CPU_INLINE void widen_row(float* w, TensorView qweight, TensorView scales,
     float* wg = w + g * group;
     if (format == kFp8) {
       const uint8_t* qg = qweight.data_ptr<const uint8_t>() + row * k + g * group;
-      for (int64_t i = 0; i < group; ++i) wg[i] = fp8_e4m3_to_float(qg[i]) * scale;
+      for (int64_t i = 0; i < group; ++i) wg[i] = fp8::to_float(qg[i]) * scale;
     } else {
       const int8_t* qg = qweight.data_ptr<const int8_t>() + row * k + g * group;
       for (int64_t i = 0; i < group; ++i) wg[i] = static_cast<float>(qg[i]) * scale;
@@ -129,7 +125,33 @@ void dequantize_impl(TensorView out, TensorView qweight, TensorView scales, Tens
   }
 }
 
+template <typename T>
+void quantize_fp8_impl(TensorView codes, TensorView scales, TensorView x, TensorView static_scale) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const float fixed = static_scale.data == nullptr ? 0.f : *static_scale.data_ptr<const float>();
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (m * k >= (1 << 16))
+#endif
+  for (int64_t t = 0; t < m; ++t) {
+    const T* row = x.data_ptr<const T>() + t * x.stride(0);
+    float scale = fixed;
+    if (static_scale.data == nullptr) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(widen(row[i])));
+      scale = std::max(amax / 448.f, 1e-12f);
+    }
+    scales.data_ptr<float>()[t] = scale;
+    uint8_t* out = codes.data_ptr<uint8_t>() + t * k;
+    for (int64_t i = 0; i < k; ++i) out[i] = fp8::from_float(std::clamp(widen(row[i]) / scale, -448.f, 448.f));
+  }
+}
+
 }  // namespace
+
+void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale,
+                            Stream /*stream*/) {
+  TIDAL_CPU_DISPATCH_FLOAT(x.dtype, T, quantize_fp8_impl<T>(codes, scales, x, static_scale));
+}
 
 void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
                   TensorView bias, int format, Stream /*stream*/) {

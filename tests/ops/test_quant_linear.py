@@ -182,3 +182,33 @@ def test_bad_arguments_name_what_is_wrong():
         tidal.ops.quant_linear(x, int8_codes, int8_scales, zeros, None, "int8")
     with pytest.raises(ValueError, match="group_size=32 applies to int4 only"):
         quantize_weight(torch.randn(16, 64), "int8", 32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_quantize_fp8_per_token(dtype, static, device):
+    """Scales and codes bit for bit those of the pure-torch reference (torch's own FP8 cast), magnitudes
+    over 11 decades, a row of zeros, odd widths."""
+    from tidal.ops.quant import quantize_fp8_per_token
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(37, 301, generator=g) * torch.logspace(-8, 3, 301)).to(dtype)
+    x[3] = 0
+    input_scale = torch.tensor([0.01]) if static else None
+    xf = x.float()
+    scale = input_scale.reshape(1, 1).expand(37, 1) if static else (xf.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
+    want = (xf / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    codes, got_scale = quantize_fp8_per_token(x.to(device), None if input_scale is None else input_scale.to(device))
+    assert torch.equal(got_scale.cpu(), scale.float())
+    assert torch.equal(codes.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_conversion_of_every_float16(device):
+    from tidal.ops.quant import quantize_fp8_per_token
+
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    values = values[torch.isfinite(values)].clamp(-448, 448).reshape(1, -1)
+    codes, _ = quantize_fp8_per_token(values.to(device), torch.tensor([1.0], device=device))
+    assert torch.equal(codes.cpu().view(torch.uint8), values.to(torch.float8_e4m3fn).view(torch.uint8))

@@ -38,4 +38,11 @@ bool quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView s
 void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, WeightFormat format,
                        Stream stream);
 
+/// Activations to FP8 E4M3 per row (W8A8's dynamic per-token scaling):
+///   scale[t] = max(max_i |x[t, i]| / 448, 1e-12)   (or static_scale for every row when given)
+///   codes[t, i] = e4m3(clamp(x[t, i] / scale[t], -448, 448))   rounded to nearest even
+/// x: [m, k] float32, float16 or bfloat16, last dim contiguous; codes: [m, k] uint8 (E4M3 bits),
+/// contiguous; scales: [m] float32 (written); static_scale: [1] float32 or empty. One device.
+void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
+
 }  // namespace tidal::ops

@@ -105,4 +105,29 @@ void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, Te
       [&] { gpu::dequantize_weight(out, qweight, scales, zeros, static_cast<int>(format), stream); });
 }
 
+void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream) {
+  detail::check_rows(x, "x");
+  TIDAL_CHECK(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16, "x.dtype=",
+              dtype_name(x.dtype), " is not supported; expected float32, float16 or bfloat16");
+  TIDAL_CHECK(codes.dtype == DType::kUInt8 && codes.ndim == 2 && codes.is_contiguous() && codes.size(0) == x.size(0) &&
+                  codes.size(1) == x.size(1),
+              "codes must be a contiguous uint8 [m, k] = [", x.size(0), ", ", x.size(1), "] tensor, got dtype ",
+              dtype_name(codes.dtype), " and shape ", codes.shape_str());
+  TIDAL_CHECK(scales.dtype == DType::kFloat32 && scales.numel() == x.size(0) && scales.is_contiguous(),
+              "scales must be a contiguous float32 tensor of m=", x.size(0), " values, got dtype ",
+              dtype_name(scales.dtype), " and shape ", scales.shape_str());
+  TIDAL_CHECK(static_scale.data == nullptr || (static_scale.dtype == DType::kFloat32 && static_scale.numel() == 1),
+              "static_scale must be one float32 value, got dtype ", dtype_name(static_scale.dtype), " and shape ",
+              static_scale.shape_str());
+  for (const auto& [t, name] : {std::pair{&codes, "codes"}, std::pair{&scales, "scales"}}) {
+    TIDAL_CHECK(t->device == x.device, name, " is on ", device_name(t->device), " but x is on ", device_name(x.device));
+  }
+  TIDAL_CHECK(static_scale.data == nullptr || static_scale.device == x.device, "static_scale is on ",
+              device_name(static_scale.device), " but x is on ", device_name(x.device));
+  if (x.size(0) == 0) return;
+  detail::dispatch(
+      "quantize_fp8_per_token", x.device, [&] { cpu::quantize_fp8_per_token(codes, scales, x, static_scale, stream); },
+      [&] { gpu::quantize_fp8_per_token(codes, scales, x, static_scale, stream); });
+}
+
 }  // namespace tidal::ops

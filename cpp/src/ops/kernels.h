@@ -179,6 +179,7 @@ void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView s
                   TensorView bias, int format, Stream stream);
 void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format,
                        Stream stream);
+void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
 
 }  // namespace tidal::cpu
 
@@ -190,5 +191,6 @@ void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView s
                   TensorView bias, int format, Stream stream);
 void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format,
                        Stream stream);
+void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
 
 }  // namespace tidal::gpu

@@ -67,15 +67,20 @@ def _dequantize(qweight, scales, zeros, fmt, dtype) -> torch.Tensor:
 
 
 def quantize_fp8_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = None):
-    """``(codes, scale)``: ``x`` [m, k] as FP8 E4M3 codes and fp32 scales [m, 1] with
-    ``x ~ codes * scale``; the scale is ``max |x[t]| / 448`` per row, or ``input_scale`` (a static
-    per-tensor scale) for every row."""
-    xf = x.float()
-    if input_scale is None:
-        scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-    else:
-        scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    """``(codes, scale)``: ``x`` [m, k] as FP8 E4M3 codes (``torch.float8_e4m3fn``) and fp32 scales
+    [m, 1] with ``x ~ codes * scale``; the scale is ``max(max |x[t]| / 448, 1e-12)`` per row, or
+    ``input_scale`` (a static per-tensor scale) for every row; codes round ``x / scale``, clamped to
+    +-448, to nearest even. One kernel (tidal's), CPU and GPU alike."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [m, k], got shape {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    native.quantize_fp8_per_token(capsule(codes), capsule(scale), capsule(x),
+                                  None if input_scale is None else capsule(input_scale.float().reshape(1)),
+                                  stream_of(x))
+    return codes.view(torch.float8_e4m3fn), scale
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:
