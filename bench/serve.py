@@ -629,7 +629,8 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
     free_memory(device)
     for scheme in args.quantization:
         attempt(res, "S2", "ms_per_output_token", "ms",
-                lambda: run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res))
+                lambda: run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res,
+                                      args.quantization_s3))
         free_memory(device)
     shutil.rmtree(root, ignore_errors=True)
 
@@ -637,7 +638,7 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
 QUANT_TARGETS = {"int4": 1.6, "int8": 2.6, "fp8": 2.6}  # S2 ms per output token (BENCHMARKS.md, quantization)
 
 
-def run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res: Results):
+def run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res: Results, s3_schemes=()):
     """S2 (and S3) with the decoder's linear layers quantized as they load; the floor counts the
     quantized model's bytes (codes, scales, the float embeddings, norms and LM head)."""
     seconds, llm = wall(lambda: tidal.LLM(path, device=str(device), max_num_batched_tokens=8192,
@@ -652,7 +653,7 @@ def run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, r
         res.add("S2", f"floor {scheme}", metric, 1e3 * read / ceil[0], "ms",
                 note=f"{read / 1e9:.2f} GB of quantized weights per token at copy bandwidth")
     tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res, system=system)
-    if "S3" in workloads:
+    if "S3" in workloads and scheme in s3_schemes:
         tidal_throughput(llm, "S3", s3, sizes["repeats"], device, res, system=system)
 
 
@@ -667,13 +668,17 @@ def build_quant_table(res: Results, schemes) -> tuple[list[str], list[list[str]]
         def value(workload, metric, system=f"tidal {scheme}"):
             rows = res.get(workload, metric, system)
             return rows[0]["value"] if rows else None
+
+        def cell(v, workload, metric):  # "-" when not run, "failed" when run without a value
+            return fmt(v) if res.get(workload, metric, f"tidal {scheme}") else "-"
         s2, dec, floor = (value("S2", "ms_per_output_token"), value("S2", "ms_per_output_token_decode"),
                           value("S2", "ms_per_output_token", f"floor {scheme}"))
         s3 = value("S3", "requests_per_s")
         target = QUANT_TARGETS.get(scheme)
-        table.append([scheme, fmt(s2), fmt(dec), fmt(floor), f"{100 * floor / s2:.0f}%" if s2 and floor else "-",
+        table.append([scheme, cell(s2, "S2", "ms_per_output_token"), cell(dec, "S2", "ms_per_output_token_decode"),
+                      fmt(floor) if floor else "-", f"{100 * floor / s2:.0f}%" if s2 and floor else "-",
                       f"<= {target} ms" if target else "-", "-" if s2 is None or target is None else
-                      ("yes" if s2 <= target else "no"), fmt(s3),
+                      ("yes" if s2 <= target else "no"), cell(s3, "S3", "requests_per_s"),
                       f"{s3 / bf16:.2f}x" + (" (target >= 1.3x)" if scheme == "fp8" else "") if s3 and bf16 else "-"])
     return header, table
 
@@ -856,6 +861,8 @@ def main() -> int:
                     help="decode steps of up to this many tokens through ops.skinny_linear (the model's default otherwise)")
     ap.add_argument("--quantization", default="int8,int4,fp8",
                     help="S2/S3 also with these quantizations of Llama-3-8B (comma-separated; 'none' skips)")
+    ap.add_argument("--quantization-s3", default="fp8",
+                    help="the quantizations that also run S3 (comma-separated; the target is FP8's)")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     args = ap.parse_args()
@@ -864,6 +871,7 @@ def main() -> int:
         llama.SKINNY_MAX_TOKENS = args.skinny
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
     args.quantization = [q.strip() for q in args.quantization.split(",") if q.strip() and q.strip() != "none"]
+    args.quantization_s3 = [q.strip() for q in args.quantization_s3.split(",") if q.strip()]
     if not workloads <= {"S1", "S2", "S3", "S4", "M1", "V1"}:
         ap.error(f"--workloads {args.workloads!r}: only S1, S2, S3, S4, M1, V1")
     if not args.tiny and not torch.cuda.is_available():

@@ -15,8 +15,7 @@ namespace tidal::gpu {
 namespace {
 
 constexpr int kInt8 = 0, kInt4 = 1, kFp8 = 2;
-constexpr int kWarps = 4;   // warps per block
-constexpr int kUnroll = 2;  // chunks in flight per lane and output row
+constexpr int kWarps = 4;  // warps per block
 // NOTE(tidal): each warp owns kRowsPerWarp output rows and every lane walks the k chunks of all of
 // them at once, so one load and widening of x serves kRowsPerWarp rows. The codes are widened without
 // integer-to-float conversions (a quarter-rate instruction): a code placed under the exponent of
@@ -60,7 +59,8 @@ __device__ __forceinline__ float widen_code(uint32_t word, int j, float offset) 
   }
 }
 
-template <typename T, int kFormat, int kMaxRows, int kRowsPerWarp>
+// kUnroll: chunks in flight per lane and output row.
+template <typename T, int kFormat, int kMaxRows, int kRowsPerWarp, int kUnroll>
 __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_kernel(Params p) {
   constexpr int kCodes = codes_per_chunk<kFormat>();  // per 16-byte chunk
   constexpr int kCodesPerWord = kCodes / 4;
@@ -153,44 +153,65 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_kernel(Params 
   }
 }
 
-/// One thread per byte of codes: 2 weights for int4, 1 otherwise.
-template <typename T, int kFormat>
+/// One thread per 16-byte chunk of codes (16 or 32 weights, written as 16-byte stores) when the rows
+/// are whole chunks and groups whole chunks (kVector); otherwise one thread per byte.
+template <typename T, int kFormat, bool kVector>
 __global__ void dequantize_weight_kernel(T* __restrict__ out, const uint8_t* __restrict__ qweight,
                                          const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
                                          int64_t n, int64_t k, int64_t num_groups) {
+  constexpr int kCodes = kVector ? codes_per_chunk<kFormat>() : (kFormat == kInt4 ? 2 : 1);
+  constexpr int kBytes = kVector ? 16 : 1;
   const int64_t row_bytes = kFormat == kInt4 ? k / 2 : k, group = k / num_groups;
-  const int64_t total = n * row_bytes;
+  const int64_t total = n * row_bytes / kBytes;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / row_bytes, byte = i % row_bytes;
-    const uint32_t bits = qweight[i];
-    if constexpr (kFormat == kInt4) {
-      const int64_t g = row * num_groups + 2 * byte / group;  // a byte never straddles groups (even group)
-      const float s = scales[g];
-      const int z = zeros[g];
-      out[row * k + 2 * byte] = from_float<T>(static_cast<float>(static_cast<int>(bits & 0xfu) - z) * s);
-      out[row * k + 2 * byte + 1] = from_float<T>(static_cast<float>(static_cast<int>(bits >> 4) - z) * s);
+    const int64_t row = i * kBytes / row_bytes, col = i * kBytes % row_bytes * kCodes / kBytes;  // first input
+    const int64_t g = row * num_groups + col / group;  // a chunk (or an int4 byte) never straddles groups
+    const float scale = scales[g] * (kFormat == kFp8 ? 0x1p120f : 1.f);
+    const float offset = kMagic + (kFormat == kInt4 ? static_cast<float>(zeros[g]) : kFormat == kInt8 ? 128.f : 0.f);
+    uint32_t words[4] = {};
+    if constexpr (kVector) {
+      const uint4 raw = TIDAL_LDG(reinterpret_cast<const uint4*>(qweight) + i);
+      words[0] = raw.x, words[1] = raw.y, words[2] = raw.z, words[3] = raw.w;
     } else {
-      const float s = scales[row * num_groups + byte / group];
-      const float w = kFormat == kFp8 ? fp8::to_float(bits) : static_cast<float>(static_cast<int8_t>(bits));
-      out[i] = from_float<T>(w * s);
+      words[0] = qweight[i];
+    }
+    T* dst = out + row * k + col;
+#pragma unroll
+    for (int v = 0; v < kCodes / (kVector ? 8 : kCodes); ++v) {  // 8 outputs (16 bytes of bf16) per store
+      constexpr int kPer = kVector ? 8 : kCodes;
+      Vec<T, kPer> values;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int c = v * kPer + j, per_word = kFormat == kInt4 ? 8 : 4;
+        const uint32_t word = kFormat == kInt8 ? words[c / per_word] ^ 0x80808080u : words[c / per_word];
+        values.v[j] = from_float<T>(widen_code<kFormat>(word, c % per_word, offset) * scale);
+      }
+      if constexpr (kVector && sizeof(T) * kPer == 16) {
+        store_vec<T, kPer>(dst + v * kPer, values);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) dst[v * kPer + j] = values.v[j];
+      }
     }
   }
 }
 
-template <typename T, int kFormat, int kMaxRows, int kRowsPerWarp>
+template <typename T, int kFormat, int kMaxRows, int kRowsPerWarp, int kUnroll>
 void launch(const Params& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
   const dim3 grid((p.n + kRowsPerBlock - 1) / kRowsPerBlock), block(kWarps * kWarpSize);
-  quant_linear_kernel<T, kFormat, kMaxRows, kRowsPerWarp><<<grid, block, 0, stream>>>(p);
+  quant_linear_kernel<T, kFormat, kMaxRows, kRowsPerWarp, kUnroll><<<grid, block, 0, stream>>>(p);
   TIDAL_CUDA_CHECK(cudaGetLastError());
 }
 
 template <typename T, int kFormat>
 void launch_rows(const Params& p, cudaStream_t stream) {
-  if (p.m <= 1) return launch<T, kFormat, 1, 4>(p, stream);
-  if (p.m <= 4) return launch<T, kFormat, 4, 2>(p, stream);
-  launch<T, kFormat, 8, 2>(p, stream);
+  // NOTE(tidal): at m = 1 (H100, Llama-3-8B shapes) 4 rows a warp left 4096-row layers with ~8 warps
+  // per SM and 33-43% of the copy ceiling: 2 rows a warp, each lane keeping 4 chunks per row in flight.
+  if (p.m <= 1) return launch<T, kFormat, 1, 2, 4>(p, stream);
+  if (p.m <= 4) return launch<T, kFormat, 4, 2, 2>(p, stream);
+  launch<T, kFormat, 8, 2, 2>(p, stream);
 }
 
 template <typename T>
@@ -238,19 +259,25 @@ void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, Te
   DeviceGuard guard(out.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
   constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads,
-                                           int64_t{multiprocessor_count(out.device.index)} * 32);
   const auto* q = static_cast<const uint8_t*>(qweight.data);
   const auto* sc = static_cast<const float*>(scales.data);
   const auto* z = static_cast<const uint8_t*>(zeros.data);
+  const int64_t codes = format == kInt4 ? 32 : 16;
+  const bool vector = k % codes == 0 && (k / num_groups) % codes == 0 && is_aligned(out.data, 16) &&
+                      is_aligned(qweight.data, 16);
   TIDAL_DISPATCH_FLOAT(out.dtype, T, {
     T* o = static_cast<T*>(out.data);
+    const auto run = [&](auto kernel, int64_t threads) {
+      const int64_t blocks = std::min<int64_t>((threads + kThreads - 1) / kThreads,
+                                               int64_t{multiprocessor_count(out.device.index)} * 32);
+      kernel<<<blocks, kThreads, 0, s>>>(o, q, sc, z, n, k, num_groups);
+    };
     if (format == kInt4) {
-      dequantize_weight_kernel<T, kInt4><<<blocks, kThreads, 0, s>>>(o, q, sc, z, n, k, num_groups);
+      vector ? run(dequantize_weight_kernel<T, kInt4, true>, total / 16) : run(dequantize_weight_kernel<T, kInt4, false>, total);
     } else if (format == kFp8) {
-      dequantize_weight_kernel<T, kFp8><<<blocks, kThreads, 0, s>>>(o, q, sc, z, n, k, num_groups);
+      vector ? run(dequantize_weight_kernel<T, kFp8, true>, total / 16) : run(dequantize_weight_kernel<T, kFp8, false>, total);
     } else {
-      dequantize_weight_kernel<T, kInt8><<<blocks, kThreads, 0, s>>>(o, q, sc, z, n, k, num_groups);
+      vector ? run(dequantize_weight_kernel<T, kInt8, true>, total / 16) : run(dequantize_weight_kernel<T, kInt8, false>, total);
     }
   });
   TIDAL_CUDA_CHECK(cudaGetLastError());
