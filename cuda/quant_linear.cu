@@ -223,7 +223,13 @@ void launch_format(const Params& p, int format, cudaStream_t stream) {
 
 }  // namespace
 
+// The tensor-core kernel (quant_linear_tc.cu): bf16/fp16 activations, int4 and int8, up to 32 rows.
+bool quant_linear_tc_supported(TensorView x, TensorView qweight, TensorView scales, int format);
+void quant_linear_tc(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
+                     TensorView bias, int format, Stream stream);
+
 bool quant_linear_supported(TensorView x, TensorView qweight, TensorView scales, int format) {
+  if (quant_linear_tc_supported(x, qweight, scales, format)) return true;
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
   const int64_t codes = format == kInt4 ? 32 : 16, group = k / scales.size(1);
   const int64_t vec = 16 / dtype_size(x.dtype);
@@ -233,6 +239,9 @@ bool quant_linear_supported(TensorView x, TensorView qweight, TensorView scales,
 
 void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
                   TensorView bias, int format, Stream stream) {
+  if (quant_linear_tc_supported(x, qweight, scales, format)) {
+    return quant_linear_tc(out, x, qweight, scales, zeros, bias, format, stream);
+  }
   Params p{};
   p.x = x.data;
   p.qweight = static_cast<const uint8_t*>(qweight.data);

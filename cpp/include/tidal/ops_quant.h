@@ -27,9 +27,11 @@ enum class WeightFormat : int { kInt8 = 0, kInt4 = 1, kFp8E4M3 = 2 };
 ///          num_groups dividing k (1: one scale per output row); zeros: [n, num_groups] uint8
 ///          (kInt4), else empty; bias: [n] in x's dtype or empty; out: [m, n] in x's dtype, last
 ///          dim contiguous, not overlapping x. All on one device.
-/// On the GPU, returns false (writing nothing) when the kernel does not take these shapes: more
-/// than 8 rows, or rows not made of whole 16-byte chunks (k a multiple of 16 codes, 32 for kInt4,
-/// each group a whole number of chunks, 16-byte aligned rows). The CPU kernel takes every shape.
+/// On the GPU, returns false (writing nothing) when no kernel takes these shapes: the tensor-core
+/// kernel takes int4 and int8 with bf16 or fp16 x, up to 32 rows, groups of a multiple of 128 (int4)
+/// or 64 (int8) inputs; the SIMT kernel up to 8 rows whose codes are whole 16-byte chunks (k a
+/// multiple of 16 codes, 32 for kInt4, each group whole chunks, 16-byte aligned rows). The CPU kernel
+/// takes every shape.
 bool quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
                   TensorView bias, WeightFormat format, Stream stream);
 

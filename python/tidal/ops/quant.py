@@ -10,8 +10,9 @@ A quantized weight ``w`` [n, k] is stored as codes plus fp32 scales per output r
 nibble of byte c), ``[n, k / 2]`` uint8, zero points ``[n, num_groups]`` uint8; ``"fp8"``: FP8 E4M3
 codes ``[n, k]`` (stored as their uint8 bits).
 
-How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (decode) through tidal's kernel, which widens the
-codes in registers and so reads the weight at its quantized size (a shape the GPU kernel does not
+How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (decode; on a GPU ``TC_MAX_ROWS`` for int4 and
+int8 with 16-bit activations, on tensor cores) through tidal's kernels, which widen the codes in
+registers and so read the weight at its quantized size (a shape the GPU kernel does not
 take: a dense matmul on the weight dequantized to x's dtype); more rows through that dense matmul,
 or, for ``"fp8"``, with the activations quantized per token to FP8 as well (``torch._scaled_mm`` on
 GPUs with FP8 tensor cores, the same arithmetic emulated in fp32 elsewhere).
@@ -24,6 +25,7 @@ from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
 
 WEIGHT_FORMATS = {"int8": 0, "int4": 1, "fp8": 2}
 GEMV_MAX_ROWS = 8  # the kernel's limit; more rows take the dense matmul
+TC_MAX_ROWS = 32  # the GPU's tensor-core kernel (int4 and int8 with 16-bit x) goes to here
 FP8_MAX = 448.0  # the largest finite FP8 E4M3 value
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -107,7 +109,8 @@ def _quant_linear_impl(x, qweight, scales, zeros, bias, fmt, input_scale):
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
     m, n = x.shape[0], qweight.shape[0]
-    if m <= GEMV_MAX_ROWS:
+    tensor_cores = x.device.type == "cuda" and fmt != WEIGHT_FORMATS["fp8"] and x.dtype != torch.float32
+    if m <= (TC_MAX_ROWS if tensor_cores else GEMV_MAX_ROWS):
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if m == 0 or native.quant_linear(capsule(out), capsule(x), capsule(qweight), capsule(scales),
                                          None if zeros is None else capsule(zeros),
