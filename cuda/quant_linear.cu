@@ -78,25 +78,32 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_kernel(Params 
   }
   float acc[kRowsPerWarp][kMaxRows] = {};
   for (int c0 = lane; c0 < chunks; c0 += kWarpSize * kUnroll) {
+    // every load of these chunks first (codes, scales, zero points), then the math
     uint4 raw[kUnroll][kRowsPerWarp];
+    float scales[kUnroll][kRowsPerWarp];
+    int zeros[kUnroll][kRowsPerWarp];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
-        if (c0 + u * kWarpSize < chunks) raw[u][r] = TIDAL_LDG(codes[r] + c0 + u * kWarpSize);
+        const int c = c0 + u * kWarpSize;
+        if (c < chunks) {
+          raw[u][r] = TIDAL_LDG(codes[r] + c);
+          const int64_t g = static_cast<int64_t>(min(row0 + r, p.n - 1)) * p.num_groups + c / chunks_per_group;
+          scales[u][r] = TIDAL_LDG(p.scales + g);
+          if constexpr (kFormat == kInt4) zeros[u][r] = TIDAL_LDG(p.zeros + g);
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * kWarpSize;
       if (c < chunks) {
-        const int group = c / chunks_per_group;
         float scale[kRowsPerWarp], offset[kRowsPerWarp];
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int64_t g = static_cast<int64_t>(min(row0 + r, p.n - 1)) * p.num_groups + group;
-          scale[r] = p.scales[g] * (kFormat == kFp8 ? 0x1p120f : 1.f);
-          offset[r] = kMagic + (kFormat == kInt4 ? static_cast<float>(p.zeros[g]) : kFormat == kInt8 ? 128.f : 0.f);
+          scale[r] = scales[u][r] * (kFormat == kFp8 ? 0x1p120f : 1.f);
+          offset[r] = kMagic + (kFormat == kInt4 ? static_cast<float>(zeros[u][r]) : kFormat == kInt8 ? 128.f : 0.f);
         }
         float dot[kRowsPerWarp][kMaxRows] = {};
 #pragma unroll

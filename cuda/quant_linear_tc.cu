@@ -103,25 +103,34 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Para
   const T* x = static_cast<const T*>(p.x);
   float acc[kTiles][4] = {};
   for (int b0 = warp; b0 < num_blocks; b0 += kWarps * kUnroll) {
+    // every load of the k blocks first (codes, scales, zero points), then the math
     uint4 raw0[kUnroll], raw1[kUnroll];
+    float scale0[kUnroll], scale1[kUnroll];
+    int zero0[kUnroll], zero1[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int b = b0 + u * kWarps;
       if (b < num_blocks) {
         raw0[u] = TIDAL_LDG(codes0 + 4 * b);
         raw1[u] = TIDAL_LDG(codes1 + 4 * b);
+        const int64_t g0 = static_cast<int64_t>(min(row0, p.n - 1)) * p.num_groups + b / blocks_per_group;
+        const int64_t g1 = static_cast<int64_t>(min(row1, p.n - 1)) * p.num_groups + b / blocks_per_group;
+        scale0[u] = TIDAL_LDG(p.scales + g0);
+        scale1[u] = TIDAL_LDG(p.scales + g1);
+        if constexpr (kFormat == kInt4) {
+          zero0[u] = TIDAL_LDG(p.zeros + g0);
+          zero1[u] = TIDAL_LDG(p.zeros + g1);
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int b = b0 + u * kWarps;
       if (b < num_blocks) {
-        const int64_t g0 = static_cast<int64_t>(min(row0, p.n - 1)) * p.num_groups + b / blocks_per_group;
-        const int64_t g1 = static_cast<int64_t>(min(row1, p.n - 1)) * p.num_groups + b / blocks_per_group;
         uint32_t off0 = 0, off1 = 0;
         if constexpr (kFormat == kInt4) {
-          off0 = offset_pair<T>(p.zeros[g0]);
-          off1 = offset_pair<T>(p.zeros[g1]);
+          off0 = offset_pair<T>(zero0[u]);
+          off1 = offset_pair<T>(zero1[u]);
         }
         const uint32_t w0[4] = {raw0[u].x, raw0[u].y, raw0[u].z, raw0[u].w};
         const uint32_t w1[4] = {raw1[u].x, raw1[u].y, raw1[u].z, raw1[u].w};
@@ -166,7 +175,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Para
             }
           }
         }
-        const float s0 = p.scales[g0], s1 = p.scales[g1];
+        const float s0 = scale0[u], s1 = scale1[u];
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
           acc[t][0] = fmaf(s0, blk[t][0], acc[t][0]);

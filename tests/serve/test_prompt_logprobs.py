@@ -13,7 +13,7 @@ import torch
 
 import tidal
 from conftest import DEVICES, cuda_param
-from tidal.serve import model_runner, prompt_logprobs
+from tidal.serve import gpu_model_runner, model_runner, prompt_logprobs
 from tiny_models import FAMILIES, VOCAB_SIZE, assert_pool_whole, build_model
 
 BLOCK = 4
@@ -75,6 +75,7 @@ def count_rows(monkeypatch):
         return original(model, hidden, prompt_rows, *args, **kwargs)
 
     monkeypatch.setattr(model_runner, "compute_prompt_logprobs", counted)
+    monkeypatch.setattr(gpu_model_runner, "compute_prompt_logprobs", counted)
     return rows
 
 
