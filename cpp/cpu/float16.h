@@ -7,6 +7,8 @@
 #include <bit>
 #include <cstdint>
 
+#include "ops/fp8.h"
+
 namespace tidal::cpu {
 
 struct Half {
@@ -16,6 +18,13 @@ struct Half {
 struct BFloat16 {
   uint16_t bits;
 };
+
+/// An FP8 E4M3 (fn) KV-cache element (tidal/ops_serving.h: a uint8 cache holds these, scale 1).
+struct Fp8E4M3 {
+  uint8_t bits;
+};
+
+inline float to_float(Fp8E4M3 v) { return fp8::to_float(v.bits); }
 
 inline float to_float(float v) { return v; }
 
@@ -39,6 +48,10 @@ T from_float(float v);
 
 template <>
 inline float from_float<float>(float v) { return v; }
+
+/// Rounded to nearest even, saturated to +-448 (the KV cache's conversion).
+template <>
+inline Fp8E4M3 from_float<Fp8E4M3>(float v) { return {fp8::from_float(v)}; }
 
 template <>
 inline BFloat16 from_float<BFloat16>(float v) {

@@ -186,10 +186,11 @@ TIDAL_CPU_INLINE void load_row(float* __restrict dst, const T* __restrict src, i
 }
 
 // One work item. kHeadDim > 0 fixes head_dim at compile time (the common sizes), so the inner
-// loops unroll completely; 0 reads it from the problem.
-template <typename T, int64_t kHeadDim>
+// loops unroll completely; 0 reads it from the problem. C: the caches' element type (T, or
+// Fp8E4M3 for an FP8 cache).
+template <typename T, typename C, int64_t kHeadDim>
 TIDAL_CPU_INLINE void attend(const Problem& pb, const WorkItem& item) {
-  constexpr bool kIsFloat = std::is_same_v<T, float>;
+  constexpr bool kIsFloat = std::is_same_v<C, float>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t hd = kHeadDim > 0 ? kHeadDim : pb.head_dim, bs = pb.block_size;
   const int64_t seq_len = pb.seq_lens[item.seq * pb.seq_lens_stride];
@@ -227,8 +228,8 @@ TIDAL_CPU_INLINE void attend(const Problem& pb, const WorkItem& item) {
   alignas(64) float v_tile[kIsFloat ? 1 : kKeyTile * kMaxHeadDim];
   const float* key_rows[kKeyTile];
   const float* value_rows[kKeyTile];
-  const T* key_cache = static_cast<const T*>(pb.key_cache) + item.kv_head * hd;
-  const T* value_cache = static_cast<const T*>(pb.value_cache) + item.kv_head * hd;
+  const C* key_cache = static_cast<const C*>(pb.key_cache) + item.kv_head * hd;
+  const C* value_cache = static_cast<const C*>(pb.value_cache) + item.kv_head * hd;
   for (int64_t k0 = keys_begin; k0 < keys_end; k0 += kKeyTile) {
     const int64_t k1 = std::min(keys_end, k0 + kKeyTile);
     for (int64_t k = k0; k < k1;) {  // one run of consecutive slots per block
@@ -236,8 +237,8 @@ TIDAL_CPU_INLINE void attend(const Problem& pb, const WorkItem& item) {
       const int64_t slot = static_cast<int64_t>(block_table[block * pb.block_tables_stride_block]) * bs + offset;
       for (int64_t i = 0; i < run; ++i) {
         const int64_t t = k - k0 + i;
-        const T* k_src = key_cache + (slot + i) * pb.slot_stride;
-        const T* v_src = value_cache + (slot + i) * pb.slot_stride;
+        const C* k_src = key_cache + (slot + i) * pb.slot_stride;
+        const C* v_src = value_cache + (slot + i) * pb.slot_stride;
         if constexpr (kIsFloat) {
           key_rows[t] = k_src;
           value_rows[t] = v_src;
@@ -271,24 +272,24 @@ TIDAL_CPU_INLINE void attend(const Problem& pb, const WorkItem& item) {
 
 using AttendFn = void (*)(const Problem&, const WorkItem&);
 
-template <typename T, int64_t kHeadDim>
+template <typename T, typename C, int64_t kHeadDim>
 TIDAL_CPU_TARGET_AVX2 void attend_avx2(const Problem& pb, const WorkItem& item) {
-  attend<T, kHeadDim>(pb, item);
+  attend<T, C, kHeadDim>(pb, item);
 }
 
-template <typename T>
+template <typename T, typename C>
 void attend_base(const Problem& pb, const WorkItem& item) {
-  attend<T, 0>(pb, item);
+  attend<T, C, 0>(pb, item);
 }
 
 // NOTE(tidal): head_dim 64 and 128 get their own AVX2 versions (fully unrolled inner loops, about
 // 15% faster); the baseline, for CPUs without AVX2, keeps one generic version to bound code size.
-template <typename T>
+template <typename T, typename C>
 AttendFn pick_attend(int64_t head_dim) {
-  if (!cpu_has_avx2()) return &attend_base<T>;
-  if (head_dim == 64) return &attend_avx2<T, 64>;
-  if (head_dim == 128) return &attend_avx2<T, 128>;
-  return &attend_avx2<T, 0>;
+  if (!cpu_has_avx2()) return &attend_base<T, C>;
+  if (head_dim == 64) return &attend_avx2<T, C, 64>;
+  if (head_dim == 128) return &attend_avx2<T, C, 128>;
+  return &attend_avx2<T, C, 0>;
 }
 
 template <typename Int>
@@ -328,7 +329,7 @@ void paged_attention_impl(TensorView out, TensorView query, TensorView key_cache
       }
     }
   }
-  const AttendFn run = pick_attend<T>(head_dim);
+  const AttendFn run = key_cache.dtype == DType::kUInt8 ? pick_attend<T, Fp8E4M3>(head_dim) : pick_attend<T, T>(head_dim);
   const int64_t num_items = static_cast<int64_t>(items.size());
   [[maybe_unused]] const bool parallel = num_items > 1 && work >= kParallelMinWork;
 #if defined(_OPENMP)

@@ -5,6 +5,7 @@
 // rotary_embedding_and_cache: optional per-head RMSNorm, rotary, and the KV-cache write in one pass.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dispatch_float.h"
@@ -58,9 +59,10 @@ void rotary_embedding_impl(TensorView positions, TensorView query, TensorView ke
   }
 }
 
-// One head through (optional RMSNorm) -> (optional rotary) into dst, staged in fp32.
-template <typename T>
-void norm_rotate_head(const T* src, T* dst, int64_t head_dim, const T* norm_weight, float eps, const float* cos,
+// One head through (optional RMSNorm) -> (optional rotary) into dst (T, or the cache's element type
+// C), staged in fp32 and rounded once.
+template <typename T, typename C = T>
+void norm_rotate_head(const T* src, C* dst, int64_t head_dim, const T* norm_weight, float eps, const float* cos,
                       const float* sin, int64_t rotary_dim, bool is_neox, float* row) {
   float sum_sq = 0.0f;
   for (int64_t e = 0; e < head_dim; ++e) {
@@ -83,11 +85,12 @@ void norm_rotate_head(const T* src, T* dst, int64_t head_dim, const T* norm_weig
         out = e % 2 == 0 ? row[e] * cos[i] - row[e + 1] * sin[i] : row[e] * cos[i] + row[e - 1] * sin[i];
       }
     }
-    dst[e] = from_float<T>(out);
+    dst[e] = from_float<C>(out);
   }
 }
 
-template <typename T>
+// C: the caches' element type, T or Fp8E4M3.
+template <typename T, typename C>
 void rotary_embedding_and_cache_impl(TensorView positions, TensorView query, TensorView key, TensorView value,
                                      TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
                                      TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
@@ -109,13 +112,20 @@ void rotary_embedding_and_cache_impl(TensorView positions, TensorView query, Ten
     }
     const int64_t slot = slot_mapping.data_ptr<const int64_t>()[t * slot_mapping.stride(0)];
     if (slot < 0) continue;  // padding
-    T* k_dst = key_cache.data_ptr<T>() + slot * num_kv_heads * head_dim;
-    T* v_dst = value_cache.data_ptr<T>() + slot * num_kv_heads * head_dim;
+    C* k_dst = static_cast<C*>(key_cache.data) + slot * num_kv_heads * head_dim;
+    C* v_dst = static_cast<C*>(value_cache.data) + slot * num_kv_heads * head_dim;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       const T* k = key.data_ptr<const T>() + t * key.stride(0) + h * key.stride(1);
-      norm_rotate_head(k, k_dst + h * head_dim, head_dim, k_weight, eps, cos, sin, rotary_dim, is_neox, row.data());
+      norm_rotate_head<T, C>(k, k_dst + h * head_dim, head_dim, k_weight, eps, cos, sin, rotary_dim, is_neox,
+                             row.data());
       const T* v = value.data_ptr<const T>() + t * value.stride(0) + h * value.stride(1);
-      for (int64_t e = 0; e < head_dim; ++e) v_dst[h * head_dim + e] = v[e];
+      for (int64_t e = 0; e < head_dim; ++e) {
+        if constexpr (std::is_same_v<C, T>) {
+          v_dst[h * head_dim + e] = v[e];
+        } else {
+          v_dst[h * head_dim + e] = from_float<C>(to_float(v[e]));
+        }
+      }
     }
   }
 }
@@ -126,10 +136,16 @@ void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorVi
                                 TensorView key_cache, TensorView value_cache, TensorView slot_mapping,
                                 TensorView cos_sin_cache, bool is_neox, TensorView q_norm_weight,
                                 TensorView k_norm_weight, float eps, Stream) {
-  TIDAL_CPU_DISPATCH_FLOAT(query.dtype, T,
-                           rotary_embedding_and_cache_impl<T>(positions, query, key, value, key_cache, value_cache,
-                                                              slot_mapping, cos_sin_cache, is_neox, q_norm_weight,
-                                                              k_norm_weight, eps));
+  const bool fp8_cache = key_cache.dtype == DType::kUInt8;
+  TIDAL_CPU_DISPATCH_FLOAT(query.dtype, T, {
+    if (fp8_cache) {
+      rotary_embedding_and_cache_impl<T, Fp8E4M3>(positions, query, key, value, key_cache, value_cache, slot_mapping,
+                                                  cos_sin_cache, is_neox, q_norm_weight, k_norm_weight, eps);
+    } else {
+      rotary_embedding_and_cache_impl<T, T>(positions, query, key, value, key_cache, value_cache, slot_mapping,
+                                            cos_sin_cache, is_neox, q_norm_weight, k_norm_weight, eps);
+    }
+  });
 }
 
 void rotary_embedding(TensorView positions, TensorView query, TensorView key, TensorView cos_sin_cache,

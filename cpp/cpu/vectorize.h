@@ -71,6 +71,7 @@ TIDAL_CPU_INLINE float select(bool cond, float a, float b) {
 /// over it vectorises (float16.h's Half version branches on the exponent and stays scalar).
 TIDAL_CPU_INLINE float widen(float v) { return v; }
 TIDAL_CPU_INLINE float widen(BFloat16 v) { return to_float(v); }
+TIDAL_CPU_INLINE float widen(Fp8E4M3 v) { return to_float(v); }
 TIDAL_CPU_INLINE float widen(Half v) {
   const uint32_t bits = v.bits, exponent = (bits >> 10) & 0x1fu;
   const uint32_t sign = (bits & 0x8000u) << 16, magnitude = (bits & 0x7fffu) << 13;

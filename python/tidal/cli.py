@@ -42,6 +42,8 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
                    choices=["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors"],
                    help="serve the decoder's linear layers quantized: int8, int4 or fp8 rounded as they load; a "
                         "gptq, awq or compressed-tensors checkpoint is read in its own layout without it")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="the KV cache's element type: auto (the model's) or fp8 (E4M3 codes; the CPU path only)")
     if not serve:
         p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
         return
@@ -214,7 +216,7 @@ def cmd_generate(args) -> int:
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                          quantization=args.quantization,
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                           max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
                           enforce_eager=args.enforce_eager)
     try:
@@ -265,7 +267,7 @@ def cmd_eval_ppl(args) -> int:
     try:
         llm = tidal.LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         num_kv_blocks=num_kv_blocks, enforce_eager=args.enforce_eager,
-                        quantization=args.quantization)
+                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     except Exception as e:  # noqa: BLE001  (whatever a broken directory raises: one line, no traceback)
         raise CLIError(f"cannot load {args.model!r}: {e}") from None
     if llm.tokenizer is None:
@@ -335,7 +337,7 @@ def cmd_serve(args) -> int:
                               encoder_cache_bytes=args.encoder_cache_bytes, kv_role=args.role,
                               kv_connector=args.kv_connector, kv_host=args.kv_host or args.host,
                               kv_port=args.kv_port, kv_transfer_timeout=args.kv_transfer_timeout,
-                              quantization=args.quantization)
+                              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.max_media_per_prompt < 0:

@@ -76,7 +76,8 @@ void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorVi
 /// key, value:               [num_tokens, num_kv_heads, head_dim], any token and head strides,
 ///                           last dim contiguous.
 /// key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_dim], contiguous, the
-///                           dtype of key.
+///                           dtype of key; or, on the CPU, uint8 holding FP8 E4M3 codes (scale 1:
+///                           each element rounded to nearest even, saturated at +-448).
 /// slot_mapping:             [num_tokens] int64.
 void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, TensorView value_cache,
                        TensorView slot_mapping, Stream stream);
@@ -93,7 +94,8 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
 /// out, query:               [num_tokens, num_heads, head_dim], any token and head strides, last
 ///                           dim contiguous; head_dim <= 256; same dtype as the caches.
 /// key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_dim], contiguous;
-///                           num_heads % num_kv_heads == 0.
+///                           num_heads % num_kv_heads == 0; query's dtype, or (CPU) uint8 FP8
+///                           E4M3 codes, widened exactly as they are read.
 /// block_tables:             [num_seqs, max_num_blocks] int32, entries in [0, num_blocks) as far
 ///                           as each sequence reads.
 /// seq_lens:                 [num_seqs] int32, context length including this step's tokens;

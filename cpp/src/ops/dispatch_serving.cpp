@@ -208,6 +208,19 @@ void check_rotary(const TensorView& positions, const TensorView& query, const Te
   if (positions.device.is_cpu()) check_positions(positions, cos_sin_cache.size(0));
 }
 
+// The caches hold `x`'s dtype, or FP8 E4M3 codes (uint8, scale 1) on the CPU.
+void check_cache_dtype(const TensorView& key_cache, const TensorView& value_cache, const TensorView& x,
+                       const char* x_name) {
+  if (key_cache.dtype == DType::kUInt8) {
+    TIDAL_CHECK(x.device.is_cpu(), "key_cache holds FP8 codes (uint8): an FP8 KV cache runs on the CPU only; "
+                "use the model's dtype for the cache on ", device_name(x.device));
+    check_dtype(value_cache, "value_cache", DType::kUInt8, "key_cache");
+    return;
+  }
+  check_dtype(key_cache, "key_cache", x.dtype, x_name);
+  check_dtype(value_cache, "value_cache", x.dtype, x_name);
+}
+
 // The checks reshape_and_cache and rotary_embedding_and_cache share: key and value 3-D.
 void check_cache_write(const TensorView& key, const TensorView& value, const TensorView& key_cache,
                        const TensorView& value_cache, const TensorView& slot_mapping) {
@@ -229,8 +242,7 @@ void check_cache_write(const TensorView& key, const TensorView& value, const Ten
                   value_cache.size(3) == key_cache.size(3),
               "value_cache.shape=", value_cache.shape_str(), " must equal key_cache.shape=", key_cache.shape_str());
   TIDAL_CHECK(value_cache.is_contiguous(), "value_cache must be contiguous");
-  check_dtype(key_cache, "key_cache", key.dtype, "key");
-  check_dtype(value_cache, "value_cache", key.dtype, "key");
+  check_cache_dtype(key_cache, value_cache, key, "key");
   check_device(key_cache, "key_cache", key, "key");
   check_device(value_cache, "value_cache", key, "key");
   check_dtype(slot_mapping, "slot_mapping", DType::kInt64);
@@ -339,8 +351,7 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
                   value_cache.size(2) == num_kv_heads && value_cache.size(3) == head_dim,
               "value_cache.shape=", value_cache.shape_str(), " must equal key_cache.shape=", key_cache.shape_str());
   TIDAL_CHECK(value_cache.is_contiguous(), "value_cache must be contiguous");
-  check_dtype(key_cache, "key_cache", query.dtype, "query");
-  check_dtype(value_cache, "value_cache", query.dtype, "query");
+  check_cache_dtype(key_cache, value_cache, query, "query");
   check_device(key_cache, "key_cache", query, "query");
   check_device(value_cache, "value_cache", query, "query");
   TIDAL_CHECK(block_tables.ndim == 2, "block_tables must be 2-D [num_seqs, max_num_blocks], got shape ",

@@ -6,6 +6,7 @@ flash-decoding) and a tensor-core kernel for prefill and mixed batches in fp16 /
 import torch
 
 from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
+from tidal.ops.kv_cache import check_cache_dtypes
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
@@ -35,9 +36,8 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, 
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads=query.shape[1]={num_heads} must be a multiple of "
                          f"num_kv_heads=key_cache.shape[2]={num_kv_heads}")
+    check_cache_dtypes(key_cache, value_cache, query, "query")
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if t.dtype != query.dtype:
-            raise ValueError(f"{name}.dtype={t.dtype} must equal query.dtype={query.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if block_tables.dim() != 2:

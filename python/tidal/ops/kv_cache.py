@@ -11,6 +11,21 @@ lib.define("reshape_and_cache_(Tensor key, Tensor value, Tensor(a!) key_cache, T
            "Tensor slot_mapping) -> ()")
 
 
+def check_cache_dtypes(key_cache, value_cache, x, x_name: str) -> None:
+    """The caches hold ``x``'s dtype, or FP8 E4M3 codes as uint8 (scale 1) on the CPU."""
+    if key_cache.dtype == torch.uint8:
+        if x.device.type != "cpu":
+            raise ValueError(f"key_cache holds FP8 codes (uint8): an FP8 KV cache runs on the CPU only; use "
+                             f"{x.dtype} caches on {x.device}")
+        if value_cache.dtype != torch.uint8:
+            raise ValueError(f"value_cache.dtype={value_cache.dtype} must be torch.uint8 like key_cache's")
+        return
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}.dtype={t.dtype} must equal {x_name}.dtype={x.dtype} (or be torch.uint8: "
+                             f"FP8 codes, on the CPU)")
+
+
 def _check(key, value, key_cache, value_cache, slot_mapping) -> None:
     if key.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"key.dtype={key.dtype} is not supported; expected float32, float16 or bfloat16")
@@ -24,9 +39,9 @@ def _check(key, value, key_cache, value_cache, slot_mapping) -> None:
     if value_cache.shape != key_cache.shape:
         raise ValueError(f"value_cache.shape={tuple(value_cache.shape)} must equal "
                          f"key_cache.shape={tuple(key_cache.shape)}")
-    for name, t in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if t.dtype != key.dtype:
-            raise ValueError(f"{name}.dtype={t.dtype} must equal key.dtype={key.dtype}")
+    if value.dtype != key.dtype:
+        raise ValueError(f"value.dtype={value.dtype} must equal key.dtype={key.dtype}")
+    check_cache_dtypes(key_cache, value_cache, key, "key")
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")

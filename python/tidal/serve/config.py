@@ -22,7 +22,8 @@ class EngineConfig:
     (tidal.serve.disagg): KV blocks move between the two through ``kv_connector`` ("torch":
     torch.distributed point-to-point over Gloo, a prefill engine hosting its bootstrap store on
     ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a transfer not done within
-    ``kv_transfer_timeout`` seconds fails its request.
+    ``kv_transfer_timeout`` seconds fails its request. ``quantization`` and ``kv_cache_dtype``: as
+    ``tidal.LLM`` says.
     """
 
     model: "str | torch.nn.Module"
@@ -46,8 +47,14 @@ class EngineConfig:
     kv_port: int = 0
     kv_transfer_timeout: float = 30.0
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype == "fp8_e4m3":
+            self.kv_cache_dtype = "fp8"
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} must be 'auto' (the model's dtype) or 'fp8' "
+                             f"(FP8 E4M3 codes, scale 1; the CPU path only)")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be 'fcfs' or 'priority'")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -98,6 +98,9 @@ class GPUModelRunner:
         self.use_graphs = not config.enforce_eager and not (
             dynamic_rope and max_model_len > model.config.max_position_embeddings)
 
+        if config.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} runs on the CPU only: the GPU attention kernels "
+                             f"read caches of the model's dtype; use kv_cache_dtype='auto' on {device}")
         per_block = kv_cache_bytes_per_block(model, config.block_size, model.dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks(per_block)
         floor = min_kv_blocks(max_model_len, config.block_size)

@@ -57,8 +57,9 @@ class KVLayout:
     dtype: str
 
     @classmethod
-    def of(cls, model, block_size: int) -> "KVLayout":
-        return cls(model.num_layers, block_size, model.num_kv_heads, model.head_dim, str(model.dtype))
+    def of(cls, model, block_size: int, dtype: torch.dtype | None = None) -> "KVLayout":
+        """``dtype``: the caches' element type (the model's unless the KV cache is FP8)."""
+        return cls(model.num_layers, block_size, model.num_kv_heads, model.head_dim, str(dtype or model.dtype))
 
     @property
     def block_bytes(self) -> int:
@@ -476,7 +477,7 @@ def make_connector(kind: str, pool, model, block_size: int, engine_id: str, time
     """The connector ``kind`` ("torch" or "nixl") over the engine's KV pool."""
     if kind not in CONNECTORS:
         raise ValueError(f"kv_connector={kind!r} must be one of {CONNECTORS}")
-    layout = KVLayout.of(model, block_size)
+    layout = KVLayout.of(model, block_size, pool.caches[0][0].dtype)
     num_blocks = pool.caches[0][0].shape[0]
     if kind == "nixl":
         return NixlConnector(pool.flat, layout, num_blocks, engine_id, timeout)

@@ -47,15 +47,23 @@ def allocate_kv_caches(model, num_blocks: int, block_size: int, device) -> list[
             for _ in range(model.num_layers)]
 
 
+def kv_cache_dtype(model, config: EngineConfig) -> torch.dtype:
+    """The KV caches' element type: the model's, or uint8 holding FP8 E4M3 codes
+    (``kv_cache_dtype="fp8"``; the CPU path only)."""
+    return torch.uint8 if config.kv_cache_dtype == "fp8" else model.dtype
+
+
 class KVPool:
     """The serving KV caches of every layer in one allocation whose memory can be given back while
     the engine sleeps (a training step in the same process) and taken again at wake-up, zeroed.
     On a GPU it is a ``SleepableMemory``: the pages go and come back at the same address, so the
-    captured CUDA graphs stay valid. On the CPU the tensors' storage is resized to nothing and back."""
+    captured CUDA graphs stay valid. On the CPU the tensors' storage is resized to nothing and back.
+    ``dtype``: the caches' element type (the model's by default; uint8 for FP8 codes)."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype | None = None):
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.nbytes = 2 * model.num_layers * math.prod(shape) * torch.empty((), dtype=model.dtype).element_size()
+        dtype = dtype or model.dtype
+        self.nbytes = 2 * model.num_layers * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         self.device = device
         self._memory = None
         if device.type == "cuda":
@@ -67,7 +75,7 @@ class KVPool:
         else:
             flat = torch.zeros(self.nbytes, dtype=torch.uint8)
         self._flat = flat
-        caches = flat.view(model.dtype).view(model.num_layers, 2, *shape)
+        caches = flat.view(dtype).view(model.num_layers, 2, *shape)
         self.caches = [(caches[i, 0], caches[i, 1]) for i in range(model.num_layers)]
         self.is_released = False
 
@@ -130,7 +138,8 @@ class CPUModelRunner:
 
     def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device):
         self.model, self.device = model, device
-        per_block = kv_cache_bytes_per_block(model, config.block_size, model.dtype)
+        cache_dtype = kv_cache_dtype(model, config)
+        per_block = kv_cache_bytes_per_block(model, config.block_size, cache_dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
@@ -143,7 +152,7 @@ class CPUModelRunner:
                 f"{floor} one request of max_model_len={max_model_len} needs; raise num_kv_blocks "
                 f"or kv_cache_memory_fraction, or lower max_model_len")
         self.num_kv_blocks = num_blocks
-        self.kv_pool = KVPool(model, num_blocks, config.block_size, device)
+        self.kv_pool = KVPool(model, num_blocks, config.block_size, device, cache_dtype)
         self.kv_caches = self.kv_pool.caches
 
     def execute(self, batch, sampling: list[SequenceSampling], mm=None,
