@@ -170,3 +170,35 @@ def test_bad_quantization_arguments(model_dir, tmp_path):
     build_model(str(tmp_path / "odd"), "llama", hidden_size=96, intermediate_size=160)
     with pytest.raises(ValueError, match="group_size=128"):
         tidal.LLM(str(tmp_path / "odd"), quantization="int4")
+
+
+def test_static_fp8_activation_scales(model_dir, tmp_path):
+    """A compressed-tensors FP8 checkpoint with static activation scales: each fused layer takes the
+    largest of its parts' scales, and past the decode kernel's rows the activations are quantized with
+    it (the layer's output equals that arithmetic done in fp32)."""
+    from safetensors.torch import load_file, save_file
+
+    from tidal.quant import quantize_model_
+
+    source, _ = load_model(model_dir)
+    quantize_model_(source, QuantConfig("fp8"))
+    save_quantized_model(source, tmp_path, QuantConfig("fp8", None, "compressed-tensors"))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    scales = {}
+    for i, name in enumerate(sorted(n for n in tensors if n.endswith(".weight_scale"))):
+        prefix = name[:-len(".weight_scale")]
+        scales[prefix] = torch.tensor([0.01 + 0.001 * i])
+        tensors[f"{prefix}.input_scale"] = scales[prefix]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_model(tmp_path)
+    qkv = loaded.model.layers[0].self_attn.qkv_proj
+    parts = [scales[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"]
+    assert torch.equal(qkv.input_scale, torch.stack(parts).max().reshape(1))
+    x = torch.randn(12, qkv.in_features)
+    codes = (x / qkv.input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * qkv.input_scale
+    want = codes @ qkv.dequantized_weight().t()
+    torch.testing.assert_close(qkv(x), want, atol=1e-4, rtol=1e-4)
