@@ -7,6 +7,7 @@ every scenario; on a GPU the same, through the decode kernel and CUDA graphs."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import tidal
 from conftest import DEVICES
 from tidal.models import load_model, save_model
 from tidal.quant import QuantConfig, QuantLinear, save_quantized_model
-from tidal.quant.formats import _pack_int32, _unpack_int32, read_tensors, write_tensors
+from tidal.quant.formats import _pack_int32, _unpack_int32, quantization_config, read_tensors, write_tensors
 from tiny_models import assert_pool_whole, build_model, hf_greedy
 
 FORMATS = ["int8", "int4", "fp8"]
@@ -142,7 +143,7 @@ def test_awq_packing_against_hand_made_words():
 
 
 @pytest.mark.parametrize("raw,match", [
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "desc_act=True"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True}, "desc_act=True"),
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "bits=8"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version='gemv'"),
     ({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes'"),
@@ -202,3 +203,70 @@ def test_static_fp8_activation_scales(model_dir, tmp_path):
     codes = (x / qkv.input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * qkv.input_scale
     want = codes @ qkv.dequantized_weight().t()
     torch.testing.assert_close(qkv(x), want, atol=1e-4, rtol=1e-4)
+
+
+def write_act_order_gptq(model_dir, path, group=32, seed=0):
+    """A GPTQ desc_act checkpoint made by hand from the float model: each fused layer's input gets a
+    random order, groups are runs of that order, the codes are stored in the model's input order with
+    g_idx saying each input's group. Returns {layer prefix: dequantized weight}."""
+    from safetensors.torch import save_file
+
+    from tidal.quant.linear import int4_scales_zeros, quantize_int4
+
+    model, _ = load_model(model_dir)
+    state = {name: t.clone() for name, t in model.hf_state_dict()}
+    gen = torch.Generator().manual_seed(seed)
+    tensors, weights, config = {}, {}, QuantConfig("int4", group, "gptq", gptq_zero_offset=1)
+    perms = {}
+    for name, w in state.items():
+        prefix, _, suffix = name.rpartition(".")
+        projection = prefix.rsplit(".", 1)[-1]
+        if suffix != "weight" or projection not in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"):
+            tensors[name] = w
+            continue
+        shared = prefix.rsplit(".", 1)[0] + {"q_proj": ".qkv", "k_proj": ".qkv", "v_proj": ".qkv",
+                                             "gate_proj": ".gu", "up_proj": ".gu"}.get(projection, "." + projection)
+        perm = perms.setdefault(shared, torch.randperm(w.shape[1], generator=gen))
+        scales, zeros = int4_scales_zeros(w[:, perm], group)
+        scales = scales.half().float()
+        codes = quantize_int4(w[:, perm], scales, zeros)[:, torch.argsort(perm)]  # back in input order
+        g_idx = torch.argsort(perm) // group  # input i sits at position argsort(perm)[i] of the order
+        tensors.update(write_tensors(prefix, codes, scales, zeros, config))
+        tensors[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
+        weights[prefix] = (codes.float() - zeros.float()[:, g_idx]) * scales[:, g_idx]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    raw["quantization_config"] = {**quantization_config(config), "desc_act": True}
+    (path / "config.json").write_text(json.dumps(raw))
+    return weights
+
+
+def test_act_order_gptq(model_dir, tmp_path):
+    """GPTQ with desc_act: the codes reordered at load, x gathered to match; the layers' weights equal
+    the checkpoint's by definition, and greedy tokens equal transformers' on those weights."""
+    weights = write_act_order_gptq(model_dir, tmp_path)
+    loaded, _ = load_model(tmp_path)
+    modules = {name: m for name, m in loaded.named_modules()}
+    for layer in range(2):
+        attn = modules[f"model.layers.{layer}.self_attn.qkv_proj"]
+        assert attn.input_perm is not None
+        want = torch.cat([weights[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"])
+        torch.testing.assert_close(attn.dequantized_weight(), want, atol=0, rtol=0)
+        down = modules[f"model.layers.{layer}.mlp.down_proj"]
+        torch.testing.assert_close(down.dequantized_weight(), weights[f"model.layers.{layer}.mlp.down_proj"],
+                                   atol=0, rtol=0)
+    reference, _ = load_model(model_dir)
+    ref_modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized_layers(loaded).items():
+            ref_modules[name].weight.copy_(layer.dequantized_weight())
+    save_model(reference, tmp_path / "ref")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ref"), torch_dtype=torch.float32).eval()
+    batch = prompts([5, 12, 19], seed=3)
+    llm = tidal.LLM(str(tmp_path), tokenizer=model_dir, block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
+    outputs = llm.generate(batch, tidal.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf, p, 8) for p in batch]
+    assert_pool_whole(llm)
+    with pytest.raises(ValueError, match="act-order codes"):
+        save_quantized_model(loaded, tmp_path / "again", QuantConfig("int4", 32, "gptq"))

@@ -524,7 +524,8 @@ class LlamaForCausalLM(nn.Module):
             q, kv = attn.q_size, attn.kv_size
             for suffix in _tensor_names(attn.qkv_proj):
                 fused = getattr(attn.qkv_proj, suffix)
-                rows = (None, None) if suffix == "input_scale" else None  # one scale for the fused layer
+                # one static input scale and one input order (act-order) for the fused layer
+                rows = (None, None) if suffix in ("input_scale", "g_idx") else None
                 targets[f"{p}self_attn.q_proj.{suffix}"] = (fused, *(rows or (0, q)))
                 targets[f"{p}self_attn.k_proj.{suffix}"] = (fused, *(rows or (q, q + kv)))
                 targets[f"{p}self_attn.v_proj.{suffix}"] = (fused, *(rows or (q + kv, q + 2 * kv)))
@@ -538,7 +539,7 @@ class LlamaForCausalLM(nn.Module):
             inter = cfg.intermediate_size
             for suffix in () if isinstance(mlp, SparseMoeBlock) else _tensor_names(mlp.gate_up_proj):
                 fused = getattr(mlp.gate_up_proj, suffix)
-                rows = (None, None) if suffix == "input_scale" else None
+                rows = (None, None) if suffix in ("input_scale", "g_idx") else None
                 targets[f"{p}mlp.gate_proj.{suffix}"] = (fused, *(rows or (0, inter)))
                 targets[f"{p}mlp.up_proj.{suffix}"] = (fused, *(rows or (inter, 2 * inter)))
             for suffix in () if isinstance(mlp, SparseMoeBlock) else _tensor_names(mlp.down_proj):
@@ -572,6 +573,9 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
                 if name.endswith(".input_scale"):  # fused layers take the largest of their parts' scales
                     tensor = torch.maximum(dst, tensor.to(dst.device))  # starts at 0
+                if name.endswith(".g_idx") and bool((dst >= 0).all()) and not torch.equal(dst, tensor.to(dst.device)):
+                    raise ValueError(f"tensor {name!r} orders its inputs (act-order g_idx) unlike the other layers "
+                                     f"fused with it; tidal needs one order per fused layer")
                 dst.copy_(tensor)
                 loaded.add(name)
         missing = [name for name in targets if name not in loaded]

@@ -304,6 +304,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: torc
         name = reading["name"]
         where = str(next(f for f in files if name in headers[f])) if name is not None else weights_file
         raise ValueError(f"{where!r} does not fit the model {config_file!r} describes: {e}") from None
+    if qconfig is not None and qconfig.act_order:
+        quant.finalize_act_order_(model)
     if qconfig is not None and not qconfig.is_prequantized:
         quant.quantize_model_(model, qconfig)
     return model.eval(), config

@@ -29,6 +29,9 @@ class QuantConfig:
         FP8 only: the checkpoint gives each layer a static activation scale (else per token).
     gptq_zero_offset : int
         GPTQ only: what the stored zero points lack (1 in the original ``gptq`` layout, 0 in ``gptq_v2``).
+    act_order : bool
+        GPTQ's ``desc_act``: each layer's ``g_idx`` puts its inputs in groups out of order; tidal
+        reorders the codes' columns at load so groups are runs again, and permutes ``x`` to match.
     """
 
     format: str
@@ -36,6 +39,7 @@ class QuantConfig:
     source: str = "rtn"
     static_input_scale: bool = False
     gptq_zero_offset: int = 0
+    act_order: bool = False
 
     @property
     def is_prequantized(self) -> bool:
@@ -96,13 +100,14 @@ def _group_size(raw: dict) -> int | None:
 def _gptq(raw: dict) -> QuantConfig:
     if raw.get("bits", 4) != 4:
         raise _bad("bits", raw.get("bits"), "tidal serves 4-bit GPTQ")
-    if raw.get("desc_act", False):
-        raise _bad("desc_act", raw.get("desc_act"), "act-order GPTQ checkpoints (groups in activation order) are "
-                   "not supported; quantize with desc_act=false")
     fmt = raw.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise _bad("checkpoint_format", fmt, "expected 'gptq' or 'gptq_v2'")
-    return QuantConfig("int4", _group_size(raw), "gptq", gptq_zero_offset=1 if fmt == "gptq" else 0)
+    act_order = bool(raw.get("desc_act", False))
+    if act_order and _group_size(raw) is None:
+        raise _bad("desc_act", raw.get("desc_act"), "act-order needs groups (group_size=-1 has one per row)")
+    return QuantConfig("int4", _group_size(raw), "gptq", gptq_zero_offset=1 if fmt == "gptq" else 0,
+                       act_order=act_order)
 
 
 def _awq(raw: dict) -> QuantConfig:

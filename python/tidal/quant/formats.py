@@ -77,6 +77,17 @@ def _check_g_idx(name: str, g_idx: torch.Tensor, config: QuantConfig) -> None:
                          f"checkpoints whose groups are consecutive runs of {group} inputs")
 
 
+def _checked_act_order(name: str, g_idx: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """An act-order ``g_idx`` as int64, checked: every group holds exactly ``group_size`` inputs."""
+    g_idx = g_idx.to(torch.int64)
+    k, group = g_idx.numel(), config.group_size
+    counts = torch.bincount(g_idx.cpu(), minlength=k // group) if g_idx.numel() and g_idx.min() >= 0 else None
+    if k % group or counts is None or counts.numel() != k // group or not (counts == group).all():
+        raise ValueError(f"tensor {name!r} is not an act-order g_idx of {k // max(group, 1)} groups of {group} "
+                         f"inputs each")
+    return g_idx
+
+
 def read_tensors(weights: Iterator[tuple[str, torch.Tensor]], config: QuantConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's ``(name, tensor)`` stream with every quantized layer's tensors turned into
     tidal's layout and names (``<layer>.qweight``, ``.scales``, ``.zeros``, ``.input_scale``);
@@ -85,7 +96,10 @@ def read_tensors(weights: Iterator[tuple[str, torch.Tensor]], config: QuantConfi
         prefix, _, suffix = name.rpartition(".")
         if config.source in ("gptq", "awq"):
             if suffix == "g_idx":
-                _check_g_idx(name, tensor, config)
+                if config.act_order:
+                    yield name, _checked_act_order(name, tensor, config)
+                else:
+                    _check_g_idx(name, tensor, config)
                 continue
             if suffix in ("qweight", "qzeros") and tensor.dtype != torch.int32:
                 raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; {config.source} packs int32 words")
@@ -189,6 +203,9 @@ def save_quantized_model(model: torch.nn.Module, path, config: QuantConfig) -> N
     for name, (param, lo, hi) in model._hf_targets().items():
         part = param.detach() if lo is None else param.detach()[lo:hi]
         prefix, _, suffix = name.rpartition(".")
+        if suffix == "g_idx":
+            raise ValueError(f"{prefix} has act-order codes (read from a desc_act GPTQ checkpoint); tidal writes "
+                             f"layouts with consecutive groups only")
         if suffix in ("qweight", "scales", "zeros"):
             layers.setdefault(prefix, {})[suffix] = part
         else:  # float tensors, a quantized layer's bias and its static input scale

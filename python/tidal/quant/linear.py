@@ -43,6 +43,11 @@ class QuantLinear(nn.Module):
                              if config.format == "int4" else None)
         self.register_buffer("input_scale", torch.zeros(1, dtype=torch.float32, device=device)
                              if config.static_input_scale else None)
+        # act-order (GPTQ desc_act): each input's group as the checkpoint gives it (-1 until loaded),
+        # then, after finalize_act_order(), the permutation that gathers x into group-contiguous order
+        self.register_buffer("g_idx", torch.full((in_features,), -1, dtype=torch.int64, device=device)
+                             if config.act_order else None)
+        self.register_buffer("input_perm", None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
@@ -54,16 +59,34 @@ class QuantLinear(nn.Module):
             names.append("zeros")
         if self.input_scale is not None:
             names.append("input_scale")
+        if self.g_idx is not None:
+            names.append("g_idx")
         if self.bias is not None:
             names.append("bias")
         return tuple(names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.format, self.input_scale)
 
+    def finalize_act_order(self) -> None:
+        """Reorder the codes' columns so each group's inputs are a run (``g_idx`` sorted, stably) and
+        keep that order in ``input_perm``, which forward() gathers x by."""
+        if self.g_idx is None or self.input_perm is not None:
+            return
+        if bool((self.g_idx < 0).any()):
+            raise ValueError("an act-order layer's g_idx was never loaded")
+        perm = torch.argsort(self.g_idx, stable=True)
+        self.qweight.copy_(pack_int4(unpack_int4(self.qweight)[:, perm]))
+        self.input_perm = perm
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``w`` [out_features, in_features] as the codes say, in ``dtype``."""
-        return dequantize_weight(self.qweight, self.scales, self.zeros, self.format, dtype)
+        """``w`` [out_features, in_features] as the codes say, in ``dtype`` (inputs in the model's order)."""
+        w = dequantize_weight(self.qweight, self.scales, self.zeros, self.format, dtype)
+        if self.input_perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.input_perm, w)
+        return w
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
@@ -147,6 +170,15 @@ def _projections(model: nn.Module):
     # the no-metadata forward (logits of whole sequences) calls each projection as a module, not
     # through fused functions of float weights
     model.fuse_across_modules = False
+
+
+def finalize_act_order_(model: nn.Module) -> nn.Module:
+    """After a checkpoint's tensors are loaded: every act-order layer's codes reordered (see
+    :meth:`QuantLinear.finalize_act_order`)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.finalize_act_order()
+    return model
 
 
 def prepare_model(model: nn.Module, config: QuantConfig) -> nn.Module:
