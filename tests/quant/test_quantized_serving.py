@@ -147,7 +147,7 @@ def test_awq_packing_against_hand_made_words():
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "bits=8"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version='gemv'"),
     ({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes'"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "format='pack-quantized'"),
+    ({"quant_method": "compressed-tensors", "format": "marlin-24"}, "format='marlin-24'"),
 ])
 def test_unsupported_checkpoint_settings_are_named(model_dir, tmp_path, raw, match):
     import shutil
@@ -270,3 +270,70 @@ def test_act_order_gptq(model_dir, tmp_path):
     assert_pool_whole(llm)
     with pytest.raises(ValueError, match="act-order codes"):
         save_quantized_model(loaded, tmp_path / "again", QuantConfig("int4", 32, "gptq"))
+
+
+def pack_int32_columns(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """compressed-tensors' pack_to_int32 from its definition: eight 4-bit values a word along ``dim``,
+    value 8c + b of that dimension in bits 4b of word c."""
+    v = values.to(torch.int64)
+    v = v.reshape(v.shape[0], -1, 8) if dim == 1 else v.t().reshape(v.shape[1], -1, 8)
+    words = sum(v[..., b] << (4 * b) for b in range(8))
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return words if dim == 1 else words.t().contiguous()
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_compressed_tensors_pack_quantized(model_dir, tmp_path, symmetric):
+    """W4A16 pack-quantized checkpoints (groups of 32): the layers' weights equal the checkpoint's by
+    the format's definition, and greedy tokens equal transformers' on those weights."""
+    from safetensors.torch import save_file
+
+    from tidal.quant.linear import int4_scales_zeros, quantize_int4
+
+    model, _ = load_model(model_dir)
+    tensors, weights = {}, {}
+    for name, w in ((n, t.clone()) for n, t in model.hf_state_dict()):
+        prefix, _, suffix = name.rpartition(".")
+        if suffix != "weight" or not prefix.endswith("_proj"):
+            tensors[name] = w
+            continue
+        scales, zeros = int4_scales_zeros(w, 32)
+        if symmetric:
+            scales = (w.reshape(w.shape[0], -1, 32).abs().amax(-1) / 7).clamp(min=1e-8)
+            zeros = torch.full_like(zeros, 8)
+        codes = quantize_int4(w, scales, zeros)  # unsigned: the stored signed value + 8
+        tensors[f"{prefix}.weight_packed"] = pack_int32_columns(codes, 1)
+        tensors[f"{prefix}.weight_scale"] = scales.to(torch.bfloat16)
+        tensors[f"{prefix}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int32)
+        if not symmetric:
+            tensors[f"{prefix}.weight_zero_point"] = pack_int32_columns(zeros, 0)
+        s = scales.to(torch.bfloat16).float()
+        weights[prefix] = ((codes.float().reshape(w.shape[0], -1, 32) - zeros.float()[..., None]) * s[..., None]
+                           ).reshape(w.shape)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    raw["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": symmetric,
+            "dynamic": False, "actorder": None}}}}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded, _ = load_model(tmp_path)
+    modules = dict(loaded.named_modules())
+    qkv = modules["model.layers.1.self_attn.qkv_proj"]
+    want = torch.cat([weights[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv"])
+    torch.testing.assert_close(qkv.dequantized_weight(), want, atol=0, rtol=0)
+    torch.testing.assert_close(modules["model.layers.0.mlp.down_proj"].dequantized_weight(),
+                               weights["model.layers.0.mlp.down_proj"], atol=0, rtol=0)
+    reference, _ = load_model(model_dir)
+    ref_modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized_layers(loaded).items():
+            ref_modules[name].weight.copy_(layer.dequantized_weight())
+    save_model(reference, tmp_path / "ref")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ref"), torch_dtype=torch.float32).eval()
+    batch = prompts([6, 13], seed=4)
+    llm = tidal.LLM(str(tmp_path), tokenizer=model_dir, block_size=4, num_kv_blocks=64)
+    outputs = llm.generate(batch, tidal.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf, p, 8) for p in batch]
+    assert_pool_whole(llm)

@@ -30,8 +30,11 @@ class QuantConfig:
     gptq_zero_offset : int
         GPTQ only: what the stored zero points lack (1 in the original ``gptq`` layout, 0 in ``gptq_v2``).
     act_order : bool
-        GPTQ's ``desc_act``: each layer's ``g_idx`` puts its inputs in groups out of order; tidal
-        reorders the codes' columns at load so groups are runs again, and permutes ``x`` to match.
+        GPTQ's ``desc_act`` (compressed-tensors' ``actorder``): each layer's ``g_idx`` puts its inputs
+        in groups out of order; tidal reorders the codes' columns at load so groups are runs again, and
+        permutes ``x`` to match.
+    zero_points : bool
+        int4 only: the checkpoint stores zero points (else they are 8: symmetric codes).
     """
 
     format: str
@@ -40,6 +43,7 @@ class QuantConfig:
     static_input_scale: bool = False
     gptq_zero_offset: int = 0
     act_order: bool = False
+    zero_points: bool = True
 
     @property
     def is_prequantized(self) -> bool:
@@ -124,9 +128,9 @@ def _awq(raw: dict) -> QuantConfig:
 
 def _compressed_tensors(raw: dict) -> QuantConfig:
     fmt = raw.get("format")
-    if fmt not in ("float-quantized", "int-quantized", "naive-quantized"):
-        raise _bad("format", fmt, "tidal reads 'float-quantized', 'int-quantized' and 'naive-quantized' "
-                   "(8-bit, unpacked) compressed-tensors checkpoints")
+    if fmt not in ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized"):
+        raise _bad("format", fmt, "tidal reads 'float-quantized', 'int-quantized', 'naive-quantized' (8-bit, "
+                   "unpacked) and 'pack-quantized' (4-bit) compressed-tensors checkpoints")
     groups = raw.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise _bad("config_groups", groups, "expected exactly one group")
@@ -139,6 +143,8 @@ def _compressed_tensors(raw: dict) -> QuantConfig:
         raise _bad("ignore", ignore, "only the LM head may stay unquantized")
     weights = group.get("weights") or {}
     kind, strategy = weights.get("type"), weights.get("strategy")
+    if fmt == "pack-quantized":
+        return _pack_quantized(name, weights, group.get("input_activations"))
     if weights.get("num_bits") != 8 or kind not in ("int", "float"):
         raise _bad(f"config_groups.{name}.weights", weights, "expected 8-bit 'int' or 'float' weights")
     if strategy not in ("channel", "tensor") or not weights.get("symmetric", True):
@@ -163,3 +169,23 @@ def _compressed_tensors(raw: dict) -> QuantConfig:
         raise _bad(f"config_groups.{name}.input_activations.strategy", acts.get("strategy"),
                    "static activation scales must be per tensor")
     return QuantConfig("fp8", None, "compressed-tensors", static_input_scale=True)
+
+
+def _pack_quantized(name: str, weights: dict, acts) -> QuantConfig:
+    """compressed-tensors' W4A16: int4 codes packed eight to an int32 along the inputs."""
+    if weights.get("num_bits") != 4 or weights.get("type") != "int":
+        raise _bad(f"config_groups.{name}.weights", weights, "tidal reads 4-bit 'int' pack-quantized weights")
+    if acts is not None:
+        raise _bad(f"config_groups.{name}.input_activations", acts, "int4 weights are served with float "
+                   "activations (W4A16)")
+    strategy = weights.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise _bad(f"config_groups.{name}.weights.strategy", strategy, "expected 'group' or 'channel'")
+    group = _group_size({"group_size": weights.get("group_size")}) if strategy == "group" else None
+    if strategy == "group" and group is None:
+        raise _bad(f"config_groups.{name}.weights.group_size", weights.get("group_size"), "a group strategy needs one")
+    act_order = weights.get("actorder") not in (None, False, "static")
+    if act_order and group is None:
+        raise _bad(f"config_groups.{name}.weights.actorder", weights.get("actorder"), "act-order needs groups")
+    return QuantConfig("int4", group, "compressed-tensors", act_order=act_order,
+                       zero_points=not weights.get("symmetric", True))

@@ -11,7 +11,11 @@ int32 [num_groups, n / 8], packed along the outputs in the order 0, 2, 4, 6, 1, 
 
 compressed-tensors (``format: float-quantized`` / ``int-quantized`` / ``naive-quantized``):
 ``weight`` FP8 E4M3 or int8 [n, k], ``weight_scale`` [n, 1] (per channel) or one value (per
-tensor), ``input_scale`` one value (static FP8 activations).
+tensor), ``input_scale`` one value (static FP8 activations). ``pack-quantized`` (W4A16):
+``weight_packed`` int32 [n, k / 8] (input 8c + b in bits 4b of word c), each code stored as the
+signed value plus 8; ``weight_scale`` [n, num_groups]; ``weight_zero_point`` int32
+[n / 8, num_groups] packed along the outputs the same way (asymmetric only; else the zero is 8);
+``weight_shape`` [2]; ``weight_g_idx`` [k] with act-order.
 
 Every layout means ``w = (code - zero) * scale``; tidal's (tidal.ops.quant) keeps the outputs as
 rows: codes [n, k] (int4: two a byte), scales float32 [n, num_groups], zeros uint8 [n, num_groups].
@@ -122,7 +126,9 @@ def read_tensors(weights: Iterator[tuple[str, torch.Tensor]], config: QuantConfi
                     yield name, tensor.t().float().contiguous()
                 else:
                     yield name, tensor
-        else:  # compressed-tensors
+        elif config.format == "int4":  # compressed-tensors pack-quantized
+            yield from _read_pack_quantized(name, prefix, suffix, tensor, config)
+        else:  # compressed-tensors, 8-bit
             if suffix == "weight" and tensor.dtype in (torch.float8_e4m3fn, torch.int8):
                 expected = torch.int8 if config.format == "int8" else torch.float8_e4m3fn
                 if tensor.dtype != expected:
@@ -139,6 +145,30 @@ def read_tensors(weights: Iterator[tuple[str, torch.Tensor]], config: QuantConfi
                                      f"compressed-tensors checkpoints")
             else:
                 yield name, tensor
+
+
+def _read_pack_quantized(name, prefix, suffix, tensor, config: QuantConfig):
+    if suffix in ("weight_packed", "weight_zero_point") and tensor.dtype != torch.int32:
+        raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; pack-quantized packs int32 words")
+    if suffix == "weight_packed":
+        yield f"{prefix}.qweight", pack_int4(_unpack_int32(tensor, 1))
+    elif suffix == "weight_scale":
+        scales = tensor.float().reshape(tensor.shape[0], -1).contiguous()
+        yield f"{prefix}.scales", scales
+        if not config.zero_points:  # symmetric: every zero point is 8
+            yield f"{prefix}.zeros", torch.full(scales.shape, 8, dtype=torch.uint8)
+    elif suffix == "weight_zero_point":
+        if config.zero_points:
+            yield f"{prefix}.zeros", _unpack_int32(tensor, 0).contiguous()
+    elif suffix == "weight_shape":
+        return
+    elif suffix == "weight_g_idx":
+        if config.act_order:
+            yield f"{prefix}.g_idx", _checked_act_order(name, tensor, config)
+        else:
+            _check_g_idx(name, tensor, config)
+    else:
+        yield name, tensor
 
 
 def write_tensors(prefix: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
