@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib", default=None, help="calibration text (UTF-8) for awq and gptq; default: the "
                                                      "demo corpus (the Python standard library's source)")
     quant.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale and zero point")
+    quant.add_argument("--act-order", action="store_true",
+                       help="gptq: round inputs by decreasing activation magnitude, groups in that order (desc_act)")
     quant.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     quant.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     quant.add_argument("--device", default="auto", help="where to calibrate: auto (the GPU when there is one), "
@@ -290,10 +292,10 @@ def cmd_quantize(args) -> int:
     try:
         config = quantize(args.model, args.method, args.out, calib=args.calib, group_size=args.group_size,
                           num_samples=args.num_samples, seq_len=args.seq_len, device=args.device,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), act_order=args.act_order)
     except (ValueError, OSError) as e:
         raise CLIError(str(e).replace("group_size=", "--group-size=").replace("num_samples=", "--num-samples=")
-                       .replace("seq_len=", "--seq-len=")) from None
+                       .replace("seq_len=", "--seq-len=").replace("act_order", "--act-order")) from None
     group = f", groups of {config.group_size}" if config.group_size else ""
     print(f"wrote {args.out}: {config.format} ({config.source}{group})")
     return 0

@@ -80,10 +80,15 @@ def _dense(parent: nn.Module, name: str) -> nn.Linear | None:
     return module if isinstance(module, nn.Linear) else None
 
 
-def _replace(parent: nn.Module, name: str, codes, scales, zeros, config: QuantConfig) -> None:
+def _replace(parent: nn.Module, name: str, codes, scales, zeros, config: QuantConfig, g_idx=None) -> None:
+    """``codes`` [n, k] in input order (``g_idx``: act-order groups of the inputs)."""
     linear = getattr(parent, name)
     layer = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config,
                         linear.weight.dtype, linear.weight.device)
+    if g_idx is not None:  # the loaded layout: codes in group order, x gathered to match
+        layer.g_idx.copy_(g_idx)
+        layer.input_perm = torch.argsort(g_idx, stable=True)
+        codes = codes[:, layer.input_perm]
     layer.qweight.copy_(pack_int4(codes))
     layer.scales.copy_(scales)
     layer.zeros.copy_(zeros)
@@ -112,8 +117,18 @@ def _gptq_layer(runner: _LayerRunner, layer: nn.Module, config: QuantConfig) -> 
             hook.remove()
     for parent, name in projections:
         w = getattr(parent, name).weight.detach()
-        codes, scales, zeros = gptq_quantize(w, accumulators[(id(parent), name)].hessian, config.group_size)
-        _replace(parent, name, codes, scales, zeros, config)
+        hessian = accumulators[(id(parent), name)].hessian
+        if not config.act_order:
+            codes, scales, zeros = gptq_quantize(w, hessian, config.group_size)
+            _replace(parent, name, codes, scales, zeros, config)
+            continue
+        # act-order: inputs by decreasing Hessian diagonal (the most salient rounded first, with the
+        # most columns left to absorb their error); groups are runs of that order
+        order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+        codes, scales, zeros = gptq_quantize(w[:, order], hessian[order][:, order], config.group_size)
+        g_idx = torch.empty_like(order)
+        g_idx[order] = torch.arange(order.numel(), device=order.device) // config.group_size
+        _replace(parent, name, codes[:, torch.argsort(order)], scales, zeros, config, g_idx)
 
 
 def _awq_layer(runner: _LayerRunner, layer: nn.Module, config: QuantConfig, max_tokens: int = 4096) -> None:
@@ -173,11 +188,12 @@ def quantize_model_layer(layer: nn.Module, config: QuantConfig) -> None:
 
 def quantize(model_dir: str, method: str, out: str, calib: str | None = None, group_size: int = 128,
              num_samples: int = 128, seq_len: int = 512, device: str = "auto", batch: int = 8,
-             progress: bool = True) -> QuantConfig:
+             progress: bool = True, act_order: bool = False) -> QuantConfig:
     """Quantize the checkpoint in ``model_dir`` with ``method`` and write it to ``out`` (config.json with
     its ``quantization_config``, model.safetensors, the tokenizer's files). ``calib``: a UTF-8 text file
     for GPTQ and AWQ (the demo corpus when None), cut into ``num_samples`` windows of ``seq_len``
-    tokens. Returns the QuantConfig written."""
+    tokens. ``act_order`` (GPTQ's desc_act): GPTQ rounds each layer's inputs by decreasing Hessian
+    diagonal, groups following that order. Returns the QuantConfig written."""
     from tidal.models.config import ModelConfig
     from tidal.models.loader import load_model
     from tidal.serve.config import resolve_device
@@ -196,7 +212,10 @@ def quantize(model_dir: str, method: str, out: str, calib: str | None = None, gr
         config = QuantConfig(method, None, "compressed-tensors")
         quantize_model_(model, config)
     else:
-        config = QuantConfig("int4", group_size, method, gptq_zero_offset=1 if method == "gptq" else 0)
+        if act_order and method != "gptq":
+            raise ValueError(f"act_order applies to method='gptq', not {method!r}")
+        config = QuantConfig("int4", group_size, method, gptq_zero_offset=1 if method == "gptq" else 0,
+                             act_order=act_order)
         tokenizer = Tokenizer(model_dir)
         text = None if calib is None else Path(calib).read_text(encoding="utf-8")
         ids = calibration_ids(tokenizer, text, num_samples, min(seq_len, model.cos_sin_cache.shape[0])).to(device)

@@ -172,10 +172,11 @@ def _read_pack_quantized(name, prefix, suffix, tensor, config: QuantConfig):
 
 
 def write_tensors(prefix: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  config: QuantConfig) -> dict[str, torch.Tensor]:
+                  config: QuantConfig, g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One linear layer's tensors in ``config.source``'s published layout, from tidal's: ``codes``
     [n, k] unpacked (uint8 0..15 for int4, int8, or FP8 bits as uint8), ``scales`` [n, num_groups]
-    float32, ``zeros`` [n, num_groups] uint8 (int4). Names are ``prefix + '.' + tensor``."""
+    float32, ``zeros`` [n, num_groups] uint8 (int4); ``g_idx`` [k] (GPTQ act-order: each input's
+    group; the codes in input order). Names are ``prefix + '.' + tensor``."""
     codes, scales = codes.cpu(), scales.cpu()
     if config.source == "gptq":
         k = codes.shape[1]
@@ -184,7 +185,8 @@ def write_tensors(prefix: str, codes: torch.Tensor, scales: torch.Tensor, zeros:
         return {f"{prefix}.qweight": _pack_int32(codes.t().contiguous(), 0),
                 f"{prefix}.qzeros": _pack_int32(stored_zeros.t().contiguous(), 1),
                 f"{prefix}.scales": scales.t().to(torch.float16).contiguous(),
-                f"{prefix}.g_idx": (torch.arange(k, dtype=torch.int32) // group)}
+                f"{prefix}.g_idx": (torch.arange(k, dtype=torch.int32) // group if g_idx is None
+                                    else g_idx.cpu().to(torch.int32))}
     if config.source == "awq":
         return {f"{prefix}.qweight": _pack_int32(_awq_pack_order(codes.t().contiguous()), 1),
                 f"{prefix}.qzeros": _pack_int32(_awq_pack_order(zeros.cpu().t().contiguous()), 1),
@@ -198,7 +200,7 @@ def write_tensors(prefix: str, codes: torch.Tensor, scales: torch.Tensor, zeros:
 def quantization_config(config: QuantConfig) -> dict:
     """The ``quantization_config`` entry of config.json for a checkpoint written by :func:`write_tensors`."""
     if config.source == "gptq":
-        return {"quant_method": "gptq", "bits": 4, "group_size": config.group_size or -1, "desc_act": False,
+        return {"quant_method": "gptq", "bits": 4, "group_size": config.group_size or -1, "desc_act": config.act_order,
                 "sym": False, "true_sequential": True, "damp_percent": 0.01, "static_groups": False,
                 "checkpoint_format": "gptq" if config.gptq_zero_offset else "gptq_v2"}
     if config.source == "awq":
@@ -233,16 +235,18 @@ def save_quantized_model(model: torch.nn.Module, path, config: QuantConfig) -> N
     for name, (param, lo, hi) in model._hf_targets().items():
         part = param.detach() if lo is None else param.detach()[lo:hi]
         prefix, _, suffix = name.rpartition(".")
-        if suffix == "g_idx":
-            raise ValueError(f"{prefix} has act-order codes (read from a desc_act GPTQ checkpoint); tidal writes "
-                             f"layouts with consecutive groups only")
-        if suffix in ("qweight", "scales", "zeros"):
+        if suffix in ("qweight", "scales", "zeros", "g_idx"):
             layers.setdefault(prefix, {})[suffix] = part
         else:  # float tensors, a quantized layer's bias and its static input scale
             tensors[name] = part.to("cpu", copy=True).contiguous()
     for prefix, parts in layers.items():
         codes = unpack_int4(parts["qweight"]) if config.format == "int4" else parts["qweight"]
-        tensors.update(write_tensors(prefix, codes, parts["scales"], parts.get("zeros"), config))
+        g_idx = parts.get("g_idx")
+        if g_idx is not None:  # act-order: the codes sit in group order (argsort of g_idx); store them by input
+            if config.source != "gptq":
+                raise ValueError(f"{prefix} has act-order codes; only the GPTQ layout stores them")
+            codes = codes[:, torch.argsort(torch.argsort(g_idx, stable=True))]
+        tensors.update(write_tensors(prefix, codes, parts["scales"], parts.get("zeros"), config, g_idx))
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     dtype_name = str(model.dtype).removeprefix("torch.")
     raw = {**model.config.hf_config, "dtype": dtype_name, "quantization_config": quantization_config(config)}
