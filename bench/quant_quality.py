@@ -69,7 +69,8 @@ def main() -> int:
                    "int4 rtn": (str(path), "int4")}
         for method in ("gptq", "awq"):
             out = os.path.join(cache, f"{size}-{method}")
-            quantize(str(path), method, out, group_size=group, num_samples=args.calib_samples, seq_len=512, device=device,
+            quantize(str(path), method, out, group_size=group, num_samples=args.calib_samples, seq_len=512,
+                     device=device,
                      progress=False)
             schemes[f"int4 {method}"] = (out, None)
         base = None

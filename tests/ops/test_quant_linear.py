@@ -205,7 +205,8 @@ def test_quantize_fp8_per_token(dtype, static, device):
     x[3] = 0
     input_scale = torch.tensor([0.01]) if static else None
     xf = x.float()
-    scale = input_scale.reshape(1, 1).expand(37, 1) if static else (xf.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
+    scale = input_scale.reshape(1, 1).expand(37, 1) if static else \
+        (xf.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
     want = (xf / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
     codes, got_scale = quantize_fp8_per_token(x.to(device), None if input_scale is None else input_scale.to(device))
     assert torch.equal(got_scale.cpu(), scale.float())

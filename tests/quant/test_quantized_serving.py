@@ -268,8 +268,13 @@ def test_act_order_gptq(model_dir, tmp_path):
     outputs = llm.generate(batch, tidal.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf, p, 8) for p in batch]
     assert_pool_whole(llm)
-    with pytest.raises(ValueError, match="act-order codes"):
-        save_quantized_model(loaded, tmp_path / "again", QuantConfig("int4", 32, "gptq"))
+    # written back: the very tensors it was read from
+    from safetensors.torch import load_file
+
+    save_quantized_model(loaded, tmp_path / "again",
+                         QuantConfig("int4", 32, "gptq", gptq_zero_offset=1, act_order=True))
+    first, again = load_file(str(tmp_path / "model.safetensors")), load_file(str(tmp_path / "again/model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 def pack_int32_columns(values: torch.Tensor, dim: int) -> torch.Tensor:

@@ -48,12 +48,14 @@ def _check(x, qweight, scales, zeros, bias, fmt, input_scale):
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x.dtype={x.dtype} is not supported; expected float32, float16 or bfloat16")
     if x.dim() != 2 or qweight.dim() != 2:
-        raise ValueError(f"x and qweight must be 2-D, got x.shape={tuple(x.shape)}, qweight.shape={tuple(qweight.shape)}")
+        raise ValueError(f"x and qweight must be 2-D, got x.shape={tuple(x.shape)}, "
+                         f"qweight.shape={tuple(qweight.shape)}")
     k = _in_features(qweight, fmt)
     if x.shape[1] != k:
         raise ValueError(f"x.shape={tuple(x.shape)} must be [m, {k}] for qweight.shape={tuple(qweight.shape)}")
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (qweight.shape[0],)):
-        raise ValueError(f"bias must be [{qweight.shape[0]}] in x.dtype={x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(f"bias must be [{qweight.shape[0]}] in x.dtype={x.dtype}, "
+                         f"got {tuple(bias.shape)} {bias.dtype}")
     if input_scale is not None and (fmt != WEIGHT_FORMATS["fp8"] or input_scale.numel() != 1):
         raise ValueError("input_scale (a static activation scale) is one float32 value, for format 'fp8' only")
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):

@@ -9,5 +9,6 @@ from tidal.quant.config import QUANTIZATION_CHOICES, QuantConfig, resolve
 from tidal.quant.formats import quantization_config, read_tensors, save_quantized_model, write_tensors
 from tidal.quant.linear import QuantLinear, finalize_act_order_, prepare_model, quantize_model_, quantize_weight
 
-__all__ = ["QUANTIZATION_CHOICES", "QuantConfig", "QuantLinear", "finalize_act_order_", "prepare_model", "quantization_config",
+__all__ = ["QUANTIZATION_CHOICES", "QuantConfig", "QuantLinear", "finalize_act_order_", "prepare_model",
+           "quantization_config",
            "quantize_model_", "quantize_weight", "read_tensors", "resolve", "save_quantized_model", "write_tensors"]

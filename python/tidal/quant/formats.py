@@ -92,7 +92,8 @@ def _checked_act_order(name: str, g_idx: torch.Tensor, config: QuantConfig) -> t
     return g_idx
 
 
-def read_tensors(weights: Iterator[tuple[str, torch.Tensor]], config: QuantConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensors(weights: Iterator[tuple[str, torch.Tensor]],
+                 config: QuantConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's ``(name, tensor)`` stream with every quantized layer's tensors turned into
     tidal's layout and names (``<layer>.qweight``, ``.scales``, ``.zeros``, ``.input_scale``);
     the float tensors pass through. ValueError naming a tensor whose layout is not ``config``'s."""
@@ -136,7 +137,8 @@ def read_tensors(weights: Iterator[tuple[str, torch.Tensor]], config: QuantConfi
                                      f"{config.format}")
                 yield f"{prefix}.qweight", tensor.view(torch.uint8) if tensor.dtype != torch.int8 else tensor
             elif suffix == "weight_scale":
-                yield f"{prefix}.scales", tensor.float().reshape(-1, 1) if tensor.numel() > 1 else tensor.float().reshape(1)
+                scales = tensor.float()
+                yield f"{prefix}.scales", scales.reshape(-1, 1) if scales.numel() > 1 else scales.reshape(1)
             elif suffix == "input_scale":
                 yield name, tensor.float().reshape(1)
             elif suffix == "weight_zero_point":
