@@ -159,16 +159,23 @@ def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None)
     raise ValueError(f"format={format!r} must be 'int8', 'int4' or 'fp8'")
 
 
-def _projections(model: nn.Module):
+def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """``(parent, attribute name)`` of every dense linear layer of the decoder that is quantized."""
+    found = []
     for layer in model.model.layers:  # a vision-language model's text half too (its vision tower stays)
         for parent in (layer.self_attn, layer.mlp):
             for name in QUANTIZED_PROJECTIONS:
                 if isinstance(getattr(parent, name, None), (nn.Linear, QuantLinear)):
-                    yield parent, name
-        layer.skinny_ok = False  # the fused few-row path reads float weights
-    # the no-metadata forward (logits of whole sequences) calls each projection as a module, not
-    # through fused functions of float weights
+                    found.append((parent, name))
+    return found
+
+
+def _serve_quantized(model: nn.Module) -> None:
+    """The model's paths that read float weights directly, turned off: the fused few-row layer of
+    serving, and the fused norm/projection functions of the whole-sequence forward (which then calls
+    each projection as a module)."""
+    for layer in model.model.layers:
+        layer.skinny_ok = False
     model.fuse_across_modules = False
 
 
@@ -184,20 +191,22 @@ def finalize_act_order_(model: nn.Module) -> nn.Module:
 def prepare_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap every quantized projection of ``model`` for an empty QuantLinear of the same shape and
     device: what a pre-quantized checkpoint's tensors are then loaded into."""
-    for parent, name in list(_projections(model)):
+    for parent, name in _projections(model):
         linear = getattr(parent, name)
         setattr(parent, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config,
                                           linear.weight.dtype, linear.weight.device))
+    _serve_quantized(model)
     return model
 
 
 def quantize_model_(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Round every quantized projection of ``model`` (loaded in float) to ``config.format`` in place,
     one layer at a time (each float weight is freed as its codes are made)."""
-    for parent, name in list(_projections(model)):
+    for parent, name in _projections(model):
         linear = getattr(parent, name)
         if isinstance(linear, nn.Linear):
             setattr(parent, name, QuantLinear.from_linear(linear, config))
+    _serve_quantized(model)
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.empty_cache()  # the float weights' memory goes back, so the KV cache can take it
     return model
