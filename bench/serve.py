@@ -640,9 +640,16 @@ QUANT_TARGETS = {"int4": 1.6, "int8": 2.6, "fp8": 2.6}  # S2 ms per output token
 
 def run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res: Results, s3_schemes=()):
     """S2 (and S3) with the decoder's linear layers quantized as they load; the floor counts the
-    quantized model's bytes (codes, scales, the float embeddings, norms and LM head)."""
+    quantized model's bytes (codes, scales, the float embeddings, norms and LM head). A scheme
+    "WEIGHTS/fp8kv" also keeps the KV cache in FP8 ("bf16/fp8kv": float weights, FP8 cache)."""
+    weights, _, cache = scheme.partition("/")
+    if cache not in ("", "fp8kv"):
+        raise ValueError(f"scheme {scheme!r}: the part after '/' can only be 'fp8kv'")
+    quantization = None if weights == "bf16" else weights
+    kv_cache_dtype = "fp8" if cache else "auto"
     seconds, llm = wall(lambda: tidal.LLM(path, device=str(device), max_num_batched_tokens=8192,
-                                          max_model_len=MAX_MODEL_LEN["llama"], quantization=scheme), device)
+                                          max_model_len=MAX_MODEL_LEN["llama"], quantization=quantization,
+                                          kv_cache_dtype=kv_cache_dtype), device)
     model = llm.engine.model
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not model.cos_sin_cache}
     read = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -674,12 +681,13 @@ def build_quant_table(res: Results, schemes) -> tuple[list[str], list[list[str]]
         s2, dec, floor = (value("S2", "ms_per_output_token"), value("S2", "ms_per_output_token_decode"),
                           value("S2", "ms_per_output_token", f"floor {scheme}"))
         s3 = value("S3", "requests_per_s")
-        target = QUANT_TARGETS.get(scheme)
+        weights = scheme.partition("/")[0]
+        target = QUANT_TARGETS.get(weights)
         table.append([scheme, cell(s2, "S2", "ms_per_output_token"), cell(dec, "S2", "ms_per_output_token_decode"),
                       fmt(floor) if floor else "-", f"{100 * floor / s2:.0f}%" if s2 and floor else "-",
                       f"<= {target} ms" if target else "-", "-" if s2 is None or target is None else
                       ("yes" if s2 <= target else "no"), cell(s3, "S3", "requests_per_s"),
-                      f"{s3 / bf16:.2f}x" + (" (target >= 1.3x)" if scheme == "fp8" else "") if s3 and bf16 else "-"])
+                      f"{s3 / bf16:.2f}x" + (" (target >= 1.3x)" if weights == "fp8" else "") if s3 and bf16 else "-"])
     return header, table
 
 
@@ -860,7 +868,8 @@ def main() -> int:
     ap.add_argument("--skinny", type=int, default=None,
                     help="decode steps of up to this many tokens through ops.skinny_linear (the model's default otherwise)")
     ap.add_argument("--quantization", default="int8,int4,fp8",
-                    help="S2/S3 also with these quantizations of Llama-3-8B (comma-separated; 'none' skips)")
+                    help="S2/S3 also with these quantizations of Llama-3-8B (comma-separated; 'none' skips; "
+                         "WEIGHTS/fp8kv adds an FP8 KV cache, bf16/fp8kv alone)")
     ap.add_argument("--quantization-s3", default="fp8",
                     help="the quantizations that also run S3 (comma-separated; the target is FP8's)")
     ap.add_argument("--timeline", action="store_true",

@@ -58,11 +58,51 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return word;
 }
 
+// Four FP8 E4M3 codes (byte i of `codes` is code i) as four T values, exactly: codes 0-1 packed in
+// `lo`, 2-3 in `hi`. Each code's sign and seven magnitude bits are laid into a T whose exponent field
+// is the code's four exponent bits, so the T is the code's value times 2^(7 - bias(T)); one paired
+// multiply by 2^(bias(T) - 7) rebiases it, the codes below 2^-6 (subnormal in both) included.
+template <typename T>
+__device__ __forceinline__ void fp8x4_to(uint32_t codes, uint32_t& lo, uint32_t& hi) {
+  // bytes [0, c0, 0, c1] and [0, c2, 0, c3]: each code's sign lands on a 16-bit sign bit
+  const uint32_t a = __byte_perm(codes, 0u, 0x1404), b = __byte_perm(codes, 0u, 0x3424);
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    const uint32_t x = (a & 0x80008000u) | ((a & 0x7f007f00u) >> 4), y = (b & 0x80008000u) | ((b & 0x7f007f00u) >> 4);
+    // 2^120 in both halves; adding -0 keeps every product's sign, zero included
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(x), "r"(0x7b807b80u), "r"(0x80008000u));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(y), "r"(0x7b807b80u), "r"(0x80008000u));
+  } else {
+    const uint32_t x = (a & 0x80008000u) | ((a & 0x7f007f00u) >> 1), y = (b & 0x80008000u) | ((b & 0x7f007f00u) >> 1);
+    // 2^8 in both halves
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(x), "r"(0x5c005c00u), "r"(0x80008000u));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(y), "r"(0x5c005c00u), "r"(0x80008000u));
+  }
+}
+
 // Element offset of 16-byte chunk `chunk` of row `row` in a [rows, kHeadDim] tile: chunks are
 // XOR-swizzled by row % 8 so the 8 rows an ldmatrix phase reads hit 8 different bank groups.
 template <int kHeadDim>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+// A [kRows, kHeadDim] tile of FP8 codes (row-major, unswizzled, as cp.async landed it) converted
+// into T in the swizzled layout the ldmatrix loads read; all 128 threads of the block take part.
+template <typename T, int kHeadDim, int kRows>
+__device__ __forceinline__ void convert_fp8_tile(const uint8_t* src, T* dst, int tid) {
+  constexpr int kCodeChunks = kHeadDim / 16;  // 16 codes become two 16-byte chunks of T
+#pragma unroll
+  for (int i = tid; i < kRows * kCodeChunks; i += 128) {
+    const int row = i / kCodeChunks, c = i % kCodeChunks;
+    const uint4 codes = *reinterpret_cast<const uint4*>(src + row * kHeadDim + c * 16);
+    uint4 first, second;
+    fp8x4_to<T>(codes.x, first.x, first.y);
+    fp8x4_to<T>(codes.y, first.z, first.w);
+    fp8x4_to<T>(codes.z, second.x, second.y);
+    fp8x4_to<T>(codes.w, second.z, second.w);
+    *reinterpret_cast<uint4*>(dst + swizzle<kHeadDim>(row, 2 * c)) = first;
+    *reinterpret_cast<uint4*>(dst + swizzle<kHeadDim>(row, 2 * c + 1)) = second;
+  }
 }
 
 // The online-softmax step of a FlashAttention-2 warp on m16n8 accumulator fragments: each lane

@@ -18,17 +18,6 @@ constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kBlocksPerSmTarget = 8;
 
-bool has_tensor_core_kernel(DType dtype, int64_t head_dim) {
-#if defined(TIDAL_USE_HIP)
-  (void)dtype;
-  (void)head_dim;
-  return false;
-#else
-  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) &&
-         (head_dim == 64 || head_dim == 128 || head_dim == 256);
-#endif
-}
-
 template <typename T>
 __global__ void __launch_bounds__(128) paged_attention_reduce_kernel(PagedParams p) {
   const int64_t row = blockIdx.x;  // token * num_heads + head
@@ -52,8 +41,19 @@ __global__ void __launch_bounds__(128) paged_attention_reduce_kernel(PagedParams
 
 }  // namespace
 
+bool has_tensor_core_kernel(DType dtype, int64_t head_dim) {
+#if defined(TIDAL_USE_HIP)
+  (void)dtype;
+  (void)head_dim;
+  return false;
+#else
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) &&
+         (head_dim == 64 || head_dim == 128 || head_dim == 256);
+#endif
+}
+
 Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores) {
+               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores, bool fp8_cache) {
   Plan plan;
   const int64_t group = num_heads / num_kv_heads;
   const int64_t rows = std::max<int64_t>(max_seqlen_q, 1) * group;
@@ -65,8 +65,9 @@ Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_
   }
   // NOTE(tidal): decode with a KV head per 2 or more query heads goes to tensor cores (see
   // paged_decode.cuh): even 2 rows of an m16 tile cost fewer instructions per key than the SIMT
-  // kernel's per-row FMAs and shuffles. Multi-head attention (group 1) keeps the SIMT kernel.
-  if (allow_tensor_cores && max_seqlen_q <= 1 && group >= 2 && has_tensor_core_kernel(dtype, head_dim)) {
+  // kernel's per-row FMAs and shuffles. Multi-head attention (group 1) keeps the SIMT kernel, unless
+  // the cache holds FP8 codes, which only the tensor-core kernels read.
+  if (allow_tensor_cores && max_seqlen_q <= 1 && (group >= 2 || fp8_cache) && has_tensor_core_kernel(dtype, head_dim)) {
     plan.decode_tensor_cores = true;
     plan.rows_per_block = kDecodeRows;
   } else {
@@ -109,6 +110,9 @@ void launch_split_reduce(const PagedParams& p, DType dtype, int64_t num_tokens, 
 int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t num_seqs, int64_t num_heads,
                                        int64_t num_kv_heads, int64_t head_dim, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, int device) {
+  // NOTE(tidal): an FP8 cache changes the plan only for decode with one query head per KV head (the
+  // tensor-core kernel instead of the SIMT one); a decode row fits one block of either, so the split
+  // count, and with it this size, is the same for both caches.
   const attn::Plan plan =
       attn::make_plan(dtype, num_seqs, num_heads, num_kv_heads, head_dim, max_seqlen_q, max_seqlen_k, device);
   return attn::workspace_bytes(plan, num_tokens, num_heads, head_dim);
@@ -122,12 +126,20 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
   const int64_t num_seqs = block_tables.size(0);
   if (num_tokens == 0 || num_seqs == 0) return;
   DeviceGuard guard(query.device.index);
+  const bool fp8_cache = key_cache.dtype == DType::kUInt8;
+  TIDAL_CHECK(!fp8_cache || attn::has_tensor_core_kernel(query.dtype, head_dim), "an FP8 KV cache on the GPU needs ",
+              "float16 or bfloat16 queries with head_dim 64, 128 or 256 on CUDA; got query.dtype=",
+              dtype_name(query.dtype), ", head_dim=", head_dim);
   attn::Plan plan = attn::make_plan(query.dtype, num_seqs, num_heads, key_cache.size(2), head_dim, max_seqlen_q,
-                                    max_seqlen_k, query.device.index);
+                                    max_seqlen_k, query.device.index, /*allow_tensor_cores=*/true, fp8_cache);
   // The tensor-core kernels move Q in 16-byte chunks.
-  if ((plan.tensor_cores || plan.decode_tensor_cores) &&
-      (!is_aligned(query.data, 16) || query.stride(0) % 8 != 0 || query.stride(1) % 8 != 0 || out.stride(0) % 2 != 0 ||
-       out.stride(1) % 2 != 0 || !is_aligned(key_cache.data, 16) || !is_aligned(value_cache.data, 16))) {
+  const bool tensor_core_aligned = is_aligned(query.data, 16) && query.stride(0) % 8 == 0 &&
+                                   query.stride(1) % 8 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 &&
+                                   is_aligned(key_cache.data, 16) && is_aligned(value_cache.data, 16);
+  TIDAL_CHECK(!fp8_cache || tensor_core_aligned, "an FP8 KV cache on the GPU needs 16-byte aligned query and caches, ",
+              "query strides that are multiples of 8 and even out strides; got query strides (", query.stride(0), ", ",
+              query.stride(1), "), out strides (", out.stride(0), ", ", out.stride(1), ")");
+  if ((plan.tensor_cores || plan.decode_tensor_cores) && !tensor_core_aligned) {
     // The caller sized the workspace for the tensor-core plan (the prefill kernel never splits
     // keys): the SIMT plan may split into no more slices than that.
     const int sized_splits = plan.tensor_cores ? 1 : plan.num_splits;
@@ -170,7 +182,12 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
     p.split_ml = p.split_acc + num_tokens * num_heads * plan.num_splits * head_dim;
   }
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  if (plan.decode_tensor_cores) {
+  if (fp8_cache && plan.decode_tensor_cores) {
+    attn::launch_decode_fp8(p, plan, query.dtype, s);
+  } else if (fp8_cache) {
+    attn::launch_prefill_fp8(p, plan, query.dtype, s);
+    return;  // the prefill kernel never splits keys
+  } else if (plan.decode_tensor_cores) {
     if (query.dtype == DType::kBFloat16) {
       attn::launch_decode_bf16(p, plan, s);
     } else {

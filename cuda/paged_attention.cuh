@@ -42,8 +42,14 @@ struct Plan {
 };
 
 /// `allow_tensor_cores` false: the SIMT kernel for every case (inputs the tensor-core kernel cannot load).
+/// `fp8_cache`: the caches hold FP8 codes, which only the tensor-core kernels read; decode then takes
+/// the tensor-core kernel for every GQA group size, 1 included.
 Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores = true);
+               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores = true,
+               bool fp8_cache = false);
+
+/// Whether the tensor-core kernels exist for these queries (fp16 / bf16, head_dim 64, 128 or 256, CUDA).
+bool has_tensor_core_kernel(DType dtype, int64_t head_dim);
 
 /// Bytes of fp32 scratch the split-K path needs (0 when the plan does not split).
 int64_t workspace_bytes(const Plan& plan, int64_t num_tokens, int64_t num_heads, int64_t head_dim);
@@ -60,6 +66,10 @@ void launch_prefill_bf16(const PagedParams& p, const Plan& plan, cudaStream_t st
 // The tensor-core decode kernel (CUDA only).
 void launch_decode_f16(const PagedParams& p, const Plan& plan, cudaStream_t stream);
 void launch_decode_bf16(const PagedParams& p, const Plan& plan, cudaStream_t stream);
+// Both tensor-core kernels over an FP8 E4M3 cache (uint8 codes, scale 1), `dtype` the query's
+// (fp16 or bf16; CUDA only). An FP8 cache has no SIMT kernel.
+void launch_decode_fp8(const PagedParams& p, const Plan& plan, DType dtype, cudaStream_t stream);
+void launch_prefill_fp8(const PagedParams& p, const Plan& plan, DType dtype, cudaStream_t stream);
 
 inline constexpr int kSimtThreads = 128;  // 4 warps (CUDA) per block
 inline constexpr int kPrefillRows = 64;   // query rows per block of the tensor-core prefill kernel

@@ -5,10 +5,13 @@
 // 16 rows x one KV head x one key split, 4 warps; each key tile of kBlockN = 64 keys goes through a
 // ring of kStages shared-memory stages by cp.async, warp w takes the tile's keys [16 w, 16 w + 16)
 // with an online softmax of its own, and the warps' states are merged at the end (store_rows).
+// With an FP8 cache (C = uint8_t, E4M3 codes) the ring holds the codes, half the bytes, and each
+// tile is converted into T in a buffer of its own before the products read it.
 // NVIDIA-only (inline PTX): under HIP the SIMT kernel takes every case instead.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/async_copy.cuh"
 #include "cuda/mma.cuh"
@@ -24,33 +27,40 @@ namespace tidal::gpu::attn {
 // issue was. Per key and KV head it spends ~60 warp instructions (per-row FMAs on 16 lanes, four
 // shuffles per row for the dot products, bf16 unpacking); here 16 keys x 16 rows cost 32 mma.sync
 // and 12 ldmatrix per warp for head_dim 128, under 3 instructions per key.
-template <typename T, int kHeadDim, int kStages>
+template <typename T, typename C, int kHeadDim, int kStages>
 struct DecodeTiles {
+  static constexpr bool kFp8 = std::is_same_v<C, uint8_t>;
   static constexpr int kBlockM = 16;  // rows: (token, head of the group) pairs
   static constexpr int kBlockN = 64;  // keys per tile, 16 per warp
   static constexpr int kTileElems = kBlockN * kHeadDim;
-  static constexpr int kLoads = kBlockN * (kHeadDim / 8) / 128;  // K (and V) rows' chunks per thread per tile
-  static constexpr int kSmemBytes =
-      std::max(2 * kStages * kTileElems * static_cast<int>(sizeof(T)),
-               kSimtWarps * kBlockM * kHeadDim * static_cast<int>(sizeof(float)));
+  static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(C));  // cache elements per 16-byte chunk
+  static constexpr int kChunks = kHeadDim / kChunkElems;                // chunks per K (or V) row
+  static constexpr int kLoads = kBlockN * kChunks / 128;  // K (and V) rows' chunks per thread per tile
+  static constexpr int kRingBytes = 2 * kStages * kTileElems * static_cast<int>(sizeof(C));
+  static constexpr int kConvertBytes = kFp8 ? 2 * kTileElems * static_cast<int>(sizeof(T)) : 0;
+  static constexpr int kSmemBytes = std::max(kRingBytes + kConvertBytes,
+                                             kSimtWarps * kBlockM * kHeadDim * static_cast<int>(sizeof(float)));
 };
 
-template <typename T, int kHeadDim, int kStages, int kMinBlocks = 1>
+template <typename T, typename C, int kHeadDim, int kStages, int kMinBlocks = 1>
 __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedParams p) {
-  using Tiles = DecodeTiles<T, kHeadDim, kStages>;
+  using Tiles = DecodeTiles<T, C, kHeadDim, kStages>;
+  constexpr bool kFp8 = Tiles::kFp8;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
-  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  constexpr int kChunks = Tiles::kChunks;
   constexpr int kDimSteps = kHeadDim / 16;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* s_kv = reinterpret_cast<T*>(smem);  // [kStages][K, V][kBlockN, kHeadDim], swizzled
+  // [kStages][K, V][kBlockN, kHeadDim] of C: swizzled T, or FP8 codes row-major
+  C* s_kv = reinterpret_cast<C*>(smem);
+  T* s_convert = reinterpret_cast<T*>(smem + Tiles::kRingBytes);  // [K, V][kBlockN, kHeadDim], FP8 only
   __shared__ float red_m[kSimtWarps * kBlockM], red_l[kSimtWarps * kBlockM];
 
   const int kv_head = blockIdx.y % p.num_kv_heads, split = blockIdx.y / p.num_kv_heads;
   RowSpan s;
   if (!row_span<kBlockM>(p, split, s)) return;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const T* k_cache = static_cast<const T*>(p.key_cache);
-  const T* v_cache = static_cast<const T*>(p.value_cache);
+  const C* k_cache = static_cast<const C*>(p.key_cache);
+  const C* v_cache = static_cast<const C*>(p.value_cache);
   const int32_t* table = p.block_tables + blockIdx.z * p.block_table_stride;
   const int num_rows = s.last_row - s.first_row + 1;
   const int num_tiles = s.end > s.begin ? (s.end - s.begin + kBlockN - 1) / kBlockN : 0;
@@ -68,17 +78,17 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
   // Requests tile t into stage t % kStages; keys past the split's end are zero-filled and never
   // read from the cache.
   auto request = [&](int t, const int32_t (&blocks)[Tiles::kLoads]) {
-    T* k_dst = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
-    T* v_dst = k_dst + Tiles::kTileElems;
+    C* k_dst = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
+    C* v_dst = k_dst + Tiles::kTileElems;
 #pragma unroll
     for (int n = 0; n < Tiles::kLoads; ++n) {
       const int i = n * 128 + tid, row = i / kChunks, chunk = i % kChunks;
       const int j = s.begin + t * kBlockN + row;
       const int in_block = p.block_shift >= 0 ? j & (p.block_size - 1) : j % p.block_size;
       const int64_t src = blocks[n] >= 0 ? ((static_cast<int64_t>(blocks[n]) * p.block_size + in_block) *
-                                                p.num_kv_heads + kv_head) * kHeadDim + chunk * 8
+                                                p.num_kv_heads + kv_head) * kHeadDim + chunk * Tiles::kChunkElems
                                          : 0;
-      const int dst = swizzle<kHeadDim>(row, chunk);
+      const int dst = kFp8 ? row * kHeadDim + chunk * Tiles::kChunkElems : swizzle<kHeadDim>(row, chunk);
       cp_async_16(shared_address(k_dst + dst), k_cache + src, blocks[n] >= 0);
       cp_async_16(shared_address(v_dst + dst), v_cache + src, blocks[n] >= 0);
     }
@@ -127,7 +137,16 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
     if (t + kStages - 1 < num_tiles) request(t + kStages - 1, blocks);
     cp_async_commit();
     if (t + kStages < num_tiles) lookup(t + kStages, blocks);
-    const T* k_tile = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
+    const T* k_tile;
+    if constexpr (kFp8) {
+      const C* codes = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
+      convert_fp8_tile<T, kHeadDim, kBlockN>(codes, s_convert, tid);
+      convert_fp8_tile<T, kHeadDim, kBlockN>(codes + Tiles::kTileElems, s_convert + Tiles::kTileElems, tid);
+      __syncthreads();  // the converted tile is whole; the barrier above kept it from the last tile's readers
+      k_tile = s_convert;
+    } else {
+      k_tile = reinterpret_cast<const T*>(s_kv) + (t % kStages) * 2 * Tiles::kTileElems;
+    }
     const T* v_tile = k_tile + Tiles::kTileElems;
     // S = Q K^T for the warp's 16 keys: two n8 tiles.
     float sc[2][4] = {};
@@ -187,12 +206,12 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
   store_rows<T, kBlockM, kHeadDim>(p, s, kv_head, split, red_acc, red_m, red_l);
 }
 
-template <typename T, int kHeadDim, int kStages, int kMinBlocks = 1>
+template <typename T, typename C, int kHeadDim, int kStages, int kMinBlocks = 1>
 void launch_decode_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads * plan.num_splits),
                   static_cast<unsigned>(p.num_seqs));
-  launch_with_smem(paged_decode_kernel<T, kHeadDim, kStages, kMinBlocks>, grid,
-                   DecodeTiles<T, kHeadDim, kStages>::kSmemBytes, stream, p);
+  launch_with_smem(paged_decode_kernel<T, C, kHeadDim, kStages, kMinBlocks>, grid,
+                   DecodeTiles<T, C, kHeadDim, kStages>::kSmemBytes, stream, p);
 }
 
 // NOTE(tidal): a stage is 2 x 64 keys x head_dim x 2 bytes (32 KB for head_dim 128). Measured on
@@ -200,13 +219,14 @@ void launch_decode_tile(const PagedParams& p, const Plan& plan, cudaStream_t str
 // each, registers capped at 168) reached 75% / 95% / 83% of the copy ceiling at batch 64 x 2048,
 // 64 x 8192 and 256 x 1024; three stages at two blocks per SM 72-76% / 89% / 82%; four and five
 // stages at one block per SM 41-48%: more warps to hide the per-tile latency beat deeper
-// prefetch. head_dim 64 takes four 16 KB stages, head_dim 256 two 64 KB ones.
-template <typename T>
+// prefetch. head_dim 64 takes four 16 KB stages, head_dim 256 two 64 KB ones. An FP8 cache (C =
+// uint8_t) keeps the stage counts: its ring is half the bytes plus one converted tile, no larger.
+template <typename T, typename C = T>
 void launch_decode(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: launch_decode_tile<T, 64, 4, 3>(p, plan, stream); break;
-    case 128: launch_decode_tile<T, 128, 2, 3>(p, plan, stream); break;
-    case 256: launch_decode_tile<T, 256, 2>(p, plan, stream); break;
+    case 64: launch_decode_tile<T, C, 64, 4, 3>(p, plan, stream); break;
+    case 128: launch_decode_tile<T, C, 128, 2, 3>(p, plan, stream); break;
+    case 256: launch_decode_tile<T, C, 256, 2>(p, plan, stream); break;
     default: TIDAL_THROW_(Error, "paged_attention: no tensor-core decode kernel for head_dim=", p.head_dim);
   }
 }

@@ -4,10 +4,13 @@
 // registers, P fed back to the second product from the accumulators), with K and V tiles gathered
 // through the block table by cp.async into swizzled shared memory, double-buffered. A block is 64
 // query rows ((token, head of the KV group) pairs of one sequence) x one KV head, 4 warps of 16
-// rows. NVIDIA-only (inline PTX): under HIP the SIMT kernel takes every case instead.
+// rows. With an FP8 cache (C = uint8_t, E4M3 codes) the double buffer holds the codes, and each
+// tile is converted into T in a buffer of its own before the products read it.
+// NVIDIA-only (inline PTX): under HIP the SIMT kernel takes every case instead.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/async_copy.cuh"
 #include "cuda/mma.cuh"
@@ -23,17 +26,29 @@ namespace tidal::gpu::attn {
 // peak is enough. A 64-key tile of K and V for head_dim 128 in bf16 is 32 KB; Q (16 KB) + two
 // stages of K and V (64 KB) = 80 KB of shared memory: two blocks per SM.
 
-template <typename T, int kHeadDim, int kBlockN>
+// Shared memory: Q, the K and V double buffers of C, and for an FP8 cache one converted K and V tile.
+template <typename T, typename C, int kHeadDim, int kBlockN>
+constexpr int prefill_smem_bytes() {
+  const int converted = std::is_same_v<C, uint8_t> ? 2 * kBlockN * kHeadDim * static_cast<int>(sizeof(T)) : 0;
+  return kPrefillRows * kHeadDim * static_cast<int>(sizeof(T)) +
+         4 * kBlockN * kHeadDim * static_cast<int>(sizeof(C)) + converted;
+}
+
+template <typename T, typename C, int kHeadDim, int kBlockN>
 __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
+  constexpr bool kFp8 = std::is_same_v<C, uint8_t>;
   constexpr int kBlockM = kPrefillRows;
-  constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
+  constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks of T per row
+  constexpr int kChunkElems = 16 / static_cast<int>(sizeof(C));  // cache elements per 16-byte chunk
+  constexpr int kCacheChunks = kHeadDim / kChunkElems;            // and such chunks per K (or V) row
   constexpr int kDimSteps = kHeadDim / 16;
   constexpr int kKeyTiles = kBlockN / 8;  // n8 tiles of S
   constexpr bool kQInRegisters = kHeadDim <= 128;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* s_q = reinterpret_cast<T*>(smem);      // [kBlockM, kHeadDim]
-  T* s_k = s_q + kBlockM * kHeadDim;        // [2, kBlockN, kHeadDim]
-  T* s_v = s_k + 2 * kBlockN * kHeadDim;    // [2, kBlockN, kHeadDim]
+  T* s_q = reinterpret_cast<T*>(smem);                          // [kBlockM, kHeadDim]
+  C* s_k = reinterpret_cast<C*>(s_q + kBlockM * kHeadDim);      // [2, kBlockN, kHeadDim]
+  C* s_v = s_k + 2 * kBlockN * kHeadDim;                        // [2, kBlockN, kHeadDim]
+  T* s_convert = reinterpret_cast<T*>(s_v + 2 * kBlockN * kHeadDim);  // [K, V][kBlockN, kHeadDim], FP8 only
 
   const int seq = blockIdx.z, kv_head = blockIdx.y;
   const int q_begin = p.cu_seqlens_q[seq];
@@ -53,8 +68,8 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const T* query = static_cast<const T*>(p.query);
-  const T* k_cache = static_cast<const T*>(p.key_cache);
-  const T* v_cache = static_cast<const T*>(p.value_cache);
+  const C* k_cache = static_cast<const C*>(p.key_cache);
+  const C* v_cache = static_cast<const C*>(p.value_cache);
   const int32_t* table = p.block_tables + seq * p.block_table_stride;
 
   for (int i = tid; i < kBlockM * kChunks; i += 128) {
@@ -68,15 +83,17 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
   }
   auto load_kv = [&](int tile, int buf) {
     const int n0 = tile * kBlockN;
-    for (int i = tid; i < kBlockN * kChunks; i += 128) {
-      const int row = i / kChunks, chunk = i % kChunks, j = n0 + row;
+    for (int i = tid; i < kBlockN * kCacheChunks; i += 128) {
+      const int row = i / kCacheChunks, chunk = i % kCacheChunks, j = n0 + row;
       const bool valid = j >= kv_lo && j < kv_hi;  // blocks outside [kv_lo, kv_hi) are never read
       int64_t offset = 0;
       if (valid) {
         const int64_t block = table[j / p.block_size];
-        offset = ((block * p.block_size + j % p.block_size) * p.num_kv_heads + kv_head) * kHeadDim + chunk * 8;
+        offset = ((block * p.block_size + j % p.block_size) * p.num_kv_heads + kv_head) * kHeadDim +
+                 chunk * kChunkElems;
       }
-      const int dst = buf * kBlockN * kHeadDim + swizzle<kHeadDim>(row, chunk);
+      const int dst = buf * kBlockN * kHeadDim +
+                      (kFp8 ? row * kHeadDim + chunk * kChunkElems : swizzle<kHeadDim>(row, chunk));
       cp_async_16(shared_address(s_k + dst), k_cache + offset, valid);
       cp_async_16(shared_address(s_v + dst), v_cache + offset, valid);
     }
@@ -110,9 +127,19 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
       cp_async_wait<0>();
     }
     __syncthreads();
+    const T* k_tile;
+    const T* v_tile;
+    if constexpr (kFp8) {
+      convert_fp8_tile<T, kHeadDim, kBlockN>(s_k + buf * kBlockN * kHeadDim, s_convert, tid);
+      convert_fp8_tile<T, kHeadDim, kBlockN>(s_v + buf * kBlockN * kHeadDim, s_convert + kBlockN * kHeadDim, tid);
+      __syncthreads();  // the converted tiles are whole (the barrier closing the last tile kept their readers)
+      k_tile = s_convert;
+      v_tile = s_convert + kBlockN * kHeadDim;
+    } else {
+      k_tile = reinterpret_cast<const T*>(s_k) + buf * kBlockN * kHeadDim;
+      v_tile = reinterpret_cast<const T*>(s_v) + buf * kBlockN * kHeadDim;
+    }
     if (warp_active) {
-      const T* k_tile = s_k + buf * kBlockN * kHeadDim;
-      const T* v_tile = s_v + buf * kBlockN * kHeadDim;
       if (kQInRegisters && tile == tile_lo) {
 #pragma unroll
         for (int kk = 0; kk < kDimSteps; ++kk) {
@@ -188,20 +215,20 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
   }
 }
 
-template <typename T, int kHeadDim, int kBlockN>
+template <typename T, typename C, int kHeadDim, int kBlockN>
 void launch_prefill_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
-  constexpr int kSmem = (kPrefillRows + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.num_seqs));
-  launch_with_smem(paged_prefill_kernel<T, kHeadDim, kBlockN>, grid, kSmem, stream, p);
+  launch_with_smem(paged_prefill_kernel<T, C, kHeadDim, kBlockN>, grid, prefill_smem_bytes<T, C, kHeadDim, kBlockN>(),
+                   stream, p);
 }
 
-template <typename T>
+template <typename T, typename C = T>
 void launch_prefill(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: launch_prefill_tile<T, 64, 64>(p, plan, stream); break;
-    case 128: launch_prefill_tile<T, 128, 64>(p, plan, stream); break;
-    case 256: launch_prefill_tile<T, 256, 32>(p, plan, stream); break;
+    case 64: launch_prefill_tile<T, C, 64, 64>(p, plan, stream); break;
+    case 128: launch_prefill_tile<T, C, 128, 64>(p, plan, stream); break;
+    case 256: launch_prefill_tile<T, C, 256, 32>(p, plan, stream); break;
     default: TIDAL_THROW_(Error, "paged_attention: no tensor-core kernel for head_dim=", p.head_dim);
   }
 }

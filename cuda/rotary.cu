@@ -5,10 +5,14 @@
 // value copied into its slot). The general kernel: a warp per (token, head job), a job being a query,
 // key or value head; the head is staged in fp32 in shared memory so any rotary pairing and head_dim
 // work. Plain Neox rotary over 16-byte-aligned heads (training, prefill) takes a streaming kernel.
+// An FP8 cache (uint8 E4M3 codes, scale 1) gets each key and value element rounded to nearest even
+// and saturated at +-448, as the CPU twin writes it.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
+#include "ops/fp8.h"
 #include "ops/kernels.h"
 
 namespace tidal::gpu {
@@ -41,9 +45,10 @@ struct RopeArgs {
   // value: [num_tokens, num_kv_heads, head_dim], only with caches
   const void* value;
   int64_t v_token_stride, v_head_stride;
-  // caches: [num_blocks, block_size, num_kv_heads, head_dim] contiguous, or null
+  // caches: [num_blocks, block_size, num_kv_heads, head_dim] contiguous, or null; T or FP8 codes
   void* key_cache;
   void* value_cache;
+  bool fp8_cache;
   const int64_t* slot_mapping;  // [num_tokens]
   int64_t slot_stride;
   int64_t num_slots;
@@ -58,10 +63,20 @@ __device__ __forceinline__ float load_float(const void* base, int64_t i) {
   return to_float(static_cast<const T*>(base)[i]);
 }
 
+// An element as a cache of D stores it: T, or its FP8 E4M3 code.
+template <typename D, typename T>
+__device__ __forceinline__ D cache_element(float v) {
+  if constexpr (std::is_same_v<D, uint8_t>) {
+    return fp8::from_float(v);
+  } else {
+    return from_float<T>(v);
+  }
+}
+
 // One head: src -> (optional RMSNorm) -> (optional rotary) -> dst; `row` is this warp's
 // [head_dim] fp32 staging area.
-template <typename T>
-__device__ void process_head(const RopeArgs& a, const T* src, T* dst, const void* norm_weight, bool rotate,
+template <typename T, typename D = T>
+__device__ void process_head(const RopeArgs& a, const T* src, D* dst, const void* norm_weight, bool rotate,
                              const float* cos, float* row) {
   const int lane = threadIdx.x % kWarpSize;
   const int head_dim = a.head_dim;
@@ -90,7 +105,7 @@ __device__ void process_head(const RopeArgs& a, const T* src, T* dst, const void
         out = (e % 2 == 0) ? row[e] * c - row[e + 1] * s : row[e] * c + row[e - 1] * s;
       }
     }
-    dst[e] = from_float<T>(out);
+    dst[e] = cache_element<D, T>(out);
   }
   TIDAL_SYNCWARP();  // the staging row is reused by this warp's next head
 }
@@ -121,14 +136,24 @@ __global__ void __launch_bounds__(kWarps * kWarpSize) rotary_kernel(RopeArgs a) 
       if (!to_cache) {
         process_head<T>(a, k, k, a.k_norm_weight, rotate, cos, rows[warp]);
       } else if (slot >= 0) {
-        T* dst = static_cast<T*>(a.key_cache) + slot_offset + static_cast<int64_t>(h) * a.head_dim;
-        process_head<T>(a, k, dst, a.k_norm_weight, rotate, cos, rows[warp]);
+        const int64_t offset = slot_offset + static_cast<int64_t>(h) * a.head_dim;
+        if (a.fp8_cache) {
+          process_head<T>(a, k, static_cast<uint8_t*>(a.key_cache) + offset, a.k_norm_weight, rotate, cos, rows[warp]);
+        } else {
+          process_head<T>(a, k, static_cast<T*>(a.key_cache) + offset, a.k_norm_weight, rotate, cos, rows[warp]);
+        }
       }
     } else if (slot >= 0) {
       const int h = job - a.num_heads - a.num_kv_heads;
       const T* v = static_cast<const T*>(a.value) + t * a.v_token_stride + h * a.v_head_stride;
-      T* dst = static_cast<T*>(a.value_cache) + slot_offset + static_cast<int64_t>(h) * a.head_dim;
-      for (int e = threadIdx.x % kWarpSize; e < a.head_dim; e += kWarpSize) dst[e] = v[e];
+      const int64_t offset = slot_offset + static_cast<int64_t>(h) * a.head_dim;
+      for (int e = threadIdx.x % kWarpSize; e < a.head_dim; e += kWarpSize) {
+        if (a.fp8_cache) {
+          static_cast<uint8_t*>(a.value_cache)[offset + e] = fp8::from_float(to_float(v[e]));
+        } else {
+          static_cast<T*>(a.value_cache)[offset + e] = v[e];
+        }
+      }
     }
   }
 }
@@ -253,6 +278,7 @@ void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorVi
   a.v_head_stride = value.stride(1);
   a.key_cache = key_cache.data;
   a.value_cache = value_cache.data;
+  a.fp8_cache = key_cache.dtype == DType::kUInt8;
   a.slot_mapping = slot_mapping.data_ptr<const int64_t>();
   a.slot_stride = slot_mapping.stride(0);
   a.num_slots = key_cache.size(0) * key_cache.size(1);

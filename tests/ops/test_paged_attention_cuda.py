@@ -270,3 +270,96 @@ def test_side_stream(name):
         out = tidal.ops.paged_attention(*args, **batch.max_seqlens())
     torch.cuda.current_stream().wait_stream(side)
     assert_close(out, expected)
+
+
+# ---- FP8 E4M3 caches (uint8 codes, scale 1): the tensor-core kernels convert them in shared memory ----
+
+def fp8_codes(x: torch.Tensor) -> torch.Tensor:
+    return x.float().clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def to_fp8_caches(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 codes of the batch's caches (keys spread wider, some saturated); the batch's own caches
+    become the codes widened back, so its reference and 16-bit run read exactly what the codes hold."""
+    k_codes = fp8_codes(batch.key_cache.float() * 3)
+    v_codes = fp8_codes(batch.value_cache.float() / 4)  # values down to FP8's subnormals
+    dtype = batch.key_cache.dtype
+    batch.key_cache = k_codes.view(torch.float8_e4m3fn).float().to(dtype)
+    batch.value_cache = v_codes.view(torch.float8_e4m3fn).float().to(dtype)
+    return k_codes, v_codes
+
+
+def check_fp8(batch: Batch, sliding_window=-1, **max_seqlens):
+    k_codes, v_codes = to_fp8_caches(batch)
+    expected = batch.reference(sliding_window)
+    args = list(batch.args(sliding_window, device="cuda"))
+    args[1], args[2] = k_codes.cuda(), v_codes.cuda()
+    out = tidal.ops.paged_attention(*args, **max_seqlens)
+    assert out.dtype == batch.query.dtype and out.shape == batch.query.shape
+    assert_close(out, expected)
+    assert_close(out, batch.run(sliding_window, "cuda", **max_seqlens))  # the kernel over widened caches
+
+
+@pytest.mark.parametrize("block_size", [16, 1, 32])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "chunked_prefill", "mixed"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_caches(dtype, head_dim, kind, block_size):
+    batch = Batch(batch_kinds(block_size)[kind], 8, 2, head_dim, block_size, dtype, seed=head_dim + block_size)
+    check_fp8(batch, **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 4), (8, 1), (32, 1)], ids=lambda h: f"h{h[0]}_kv{h[1]}")
+@pytest.mark.parametrize("contexts", [(3000, 700), (1, 2, 17, 120)], ids=["split", "short"])
+def test_fp8_decode_gqa_ratios_and_splits(contexts, heads):
+    """Decode over FP8 takes the tensor-core kernel for every group, one query head per KV head
+    included, split-K for few long sequences."""
+    batch = Batch(decode_seqs(contexts), *heads, 128, 16, torch.bfloat16, seed=heads[0] + heads[1])
+    assert splits_keys(batch) == (max(contexts) > 128)
+    check_fp8(batch, **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("window", [1, 7, 100])
+def test_fp8_sliding_window_and_long_prefix(window):
+    seqs = batch_kinds(16)["mixed"] + [(37, 1500), (1, 2000)]
+    batch = Batch(seqs, 8, 2, 128, 16, torch.bfloat16, seed=window)
+    check_fp8(batch, window, **batch.max_seqlens())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_codes_are_read_exactly(dtype):
+    """Every finite code (NaN's two left out), subnormals and +-448 included: a query row that sees one
+    key returns that key's value row, so each output element is its code's value, bit for bit."""
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)  # 254 codes: two rows of 127
+    v_codes = torch.zeros(1, 16, 1, 128, dtype=torch.uint8)
+    v_codes[0, 0, 0, :127], v_codes[0, 1, 0, :127] = codes[:127], codes[127:]
+    k_codes = torch.zeros_like(v_codes)
+    k_codes[0, 0] = fp8_codes(torch.full((1, 128), -448.0))  # key 0 loses to key 1 against a positive query
+    k_codes[0, 1] = fp8_codes(torch.full((1, 128), 448.0))
+    rows = [v_codes[0, i, 0].view(torch.float8_e4m3fn).to(dtype) for i in range(2)]
+    cuda = lambda *xs: [torch.tensor(x, dtype=torch.int32, device="cuda") for x in xs]  # noqa: E731
+
+    def run(seq_lens, cu_seqlens_q, max_seqlen_q):
+        query = torch.ones(cu_seqlens_q[-1], 1, 128, dtype=dtype, device="cuda")
+        table, lens, cu = cuda([[0]] * len(seq_lens), seq_lens, cu_seqlens_q)
+        return tidal.ops.paged_attention(query, k_codes.cuda(), v_codes.cuda(), table, lens, cu, 1.0, -1,
+                                         max_seqlen_q, max(seq_lens)).cpu()
+
+    out = run([1, 2], [0, 1, 2], 1)  # decode: one key, then key 1 alone carries the softmax
+    assert torch.equal(out[0, 0], rows[0]) and torch.equal(out[1, 0], rows[1])
+    out = run([1, 2], [0, 1, 3], 2)  # the prefill kernel: rows 0 and 1 see key 0 alone, row 2 key 1
+    assert torch.equal(out[0, 0], rows[0]) and torch.equal(out[1, 0], rows[0]) and torch.equal(out[2, 0], rows[1])
+
+
+def test_fp8_caches_refused_where_no_kernel_reads_them():
+    codes = torch.zeros(2, 16, 2, 64, dtype=torch.uint8, device="cuda")
+    args = (codes, codes.clone(), torch.zeros(1, 2, dtype=torch.int32, device="cuda"),
+            torch.tensor([5], dtype=torch.int32, device="cuda"), torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+            0.125, -1, 1, 5)
+    with pytest.raises(ValueError, match="FP8 KV cache on the GPU needs float16 or bfloat16 .* query.dtype=float32"):
+        tidal.ops.paged_attention(torch.randn(1, 4, 64, device="cuda"), *args)
+    odd = torch.zeros(2, 16, 2, 40, dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="head_dim=40"):
+        tidal.ops.paged_attention(torch.randn(1, 4, 40, device="cuda", dtype=torch.bfloat16), odd, odd.clone(),
+                                  *args[2:])

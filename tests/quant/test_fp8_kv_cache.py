@@ -1,8 +1,10 @@
-"""kv_cache_dtype="fp8": KV caches of FP8 E4M3 codes (uint8, scale 1) on the CPU. The cache writes
+"""kv_cache_dtype="fp8": KV caches of FP8 E4M3 codes (uint8, scale 1) on the CPU and the GPU. The cache writes
 (reshape_and_cache, rotary_embedding_and_cache) store torch's own FP8 cast of what a float cache would
 hold in fp32; paged attention over FP8 caches equals paged attention over those caches widened back;
 an engine holds 4x the blocks of an fp32 cache in the same memory, serves within FP8's error of the
-float cache, and keeps its pool whole; on a GPU the FP8 cache is refused by name."""
+float cache, and keeps its pool whole; on a GPU the cache writes equal the CPU's bit for bit, an engine
+serves within FP8's error of a bf16 cache, and a model no GPU kernel can read FP8 for is refused by name.
+The GPU attention kernels over FP8 caches: tests/ops/test_paged_attention_cuda.py."""
 
 import pytest
 import torch
@@ -110,15 +112,74 @@ def test_bad_kv_cache_dtype_is_named(model_dir):
 
 
 @gpu_only
-def test_gpu_refuses_an_fp8_cache(model_dir):
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' runs on the CPU only"):
-        tidal.LLM(model_dir, device="cuda", kv_cache_dtype="fp8")
-    query = torch.randn(1, 2, 64, device="cuda")
-    codes = torch.zeros(1, 4, 2, 64, dtype=torch.uint8, device="cuda")
-    with pytest.raises(ValueError, match="FP8 KV cache runs on the CPU only"):
-        tidal.ops.paged_attention(query, codes, codes.clone(), torch.zeros(1, 1, dtype=torch.int32, device="cuda"),
-                                  torch.ones(1, dtype=torch.int32, device="cuda"),
-                                  torch.tensor([0, 1], dtype=torch.int32, device="cuda"), 0.125, -1, 1, 1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_cache_writes_equal_the_cpus(dtype):
+    """reshape_and_cache and rotary_embedding_and_cache (Qwen3's q/k norm in) write the same codes on
+    the GPU as on the CPU, bit for bit, strided key/value views of one qkv tensor included."""
+    g = torch.Generator().manual_seed(3)
+    num_tokens, heads, kv_heads, hd = 9, 8, 2, 128
+    qkv = (torch.randn(num_tokens, (heads + 2 * kv_heads) * hd, generator=g) * 40).to(dtype)  # some saturate
+    slots = torch.tensor([0, 5, 6, -1, 9, 15, 2, 3, 31])
+    positions = torch.tensor([0, 3, 7, 2, 11, 1, 4, 5, 30])
+    from tidal.models import rope
+
+    table = rope.build_cos_sin_cache(hd, 64, 10000.0, None)
+    norms = (torch.rand(hd, generator=g) + 0.5).to(dtype), (torch.rand(hd, generator=g) + 0.5).to(dtype)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        x = qkv.to(device)
+        q, k, v = x.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=1)
+        q, k, v = q.view(num_tokens, heads, hd), k.view(num_tokens, kv_heads, hd), v.view(num_tokens, kv_heads, hd)
+        caches = [torch.zeros(8, 4, kv_heads, hd, dtype=torch.uint8, device=device) for _ in range(4)]
+        tidal.ops.reshape_and_cache_(k, v, caches[0], caches[1], slots.to(device))
+        q = q.clone()
+        tidal.ops.rotary_embedding_and_cache_(positions.to(device), q, k, v, caches[2], caches[3], slots.to(device),
+                                              table.to(device), True, norms[0].to(device), norms[1].to(device), 1e-6)
+        outs[device] = [c.cpu() for c in caches] + [q.cpu()]
+    assert outs["cpu"][0].ne(0).any()
+    for want, got in zip(outs["cpu"], outs["cuda"]):
+        if want.dtype == torch.uint8:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("fp8kv_bf16"))
+    build_model(path, "llama", hidden_size=256, intermediate_size=256)  # head_dim 64
+    return path
+
+
+@gpu_only
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_gpu_engine_serves_from_an_fp8_cache(bf16_model_dir, enforce_eager):
+    """On the GPU: half the bytes per block of a bf16 cache, prompt logprobs within FP8's error of the
+    bf16 cache's, chunked prefill over a cached prefix and CUDA-graph decode (or eager), pool whole."""
+    params = tidal.SamplingParams(temperature=0.0, max_tokens=24, prompt_logprobs=0)
+    prompts = [list(range(3, 3 + 70)), [200, 4, 61], list(range(3, 3 + 70)) + [9, 8, 7]]  # the third shares a prefix
+    kwargs = dict(device="cuda", dtype="bfloat16", block_size=16, num_kv_blocks=64, max_num_batched_tokens=32, max_model_len=256,
+                  enforce_eager=enforce_eager)
+    base = tidal.LLM(bf16_model_dir, kv_cache_dtype="auto", **kwargs)
+    quantized = tidal.LLM(bf16_model_dir, kv_cache_dtype="fp8", **kwargs)
+    assert quantized.engine.runner.kv_caches[0][0].dtype == torch.uint8
+    assert base.engine.runner.kv_pool.nbytes == 2 * quantized.engine.runner.kv_pool.nbytes
+    want, got = base.generate(prompts, params, use_tqdm=False), quantized.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(want, got):
+        diffs = [abs(next(iter(x.values())) - next(iter(y.values())))
+                 for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
+        assert max(diffs) < 0.25 and sum(diffs) / len(diffs) < 0.05, diffs  # FP8's 3 mantissa bits
+        assert len(b.outputs[0].token_ids) == 24
+    assert_pool_whole(quantized)
+    del base, quantized
+    torch.cuda.empty_cache()
+
+
+@gpu_only
+def test_gpu_refuses_an_fp8_cache_no_kernel_reads(model_dir):
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' on the GPU needs a float16 or bfloat16 model .* "
+                                         "dtype=torch.float32"):
+        tidal.LLM(model_dir, device="cuda", dtype="float32", kv_cache_dtype="fp8")
 
 
 def test_command_line_flag(model_dir, capsys):

@@ -12,18 +12,15 @@ lib.define("reshape_and_cache_(Tensor key, Tensor value, Tensor(a!) key_cache, T
 
 
 def check_cache_dtypes(key_cache, value_cache, x, x_name: str) -> None:
-    """The caches hold ``x``'s dtype, or FP8 E4M3 codes as uint8 (scale 1) on the CPU."""
+    """The caches hold ``x``'s dtype, or FP8 E4M3 codes as uint8 (scale 1)."""
     if key_cache.dtype == torch.uint8:
-        if x.device.type != "cpu":
-            raise ValueError(f"key_cache holds FP8 codes (uint8): an FP8 KV cache runs on the CPU only; use "
-                             f"{x.dtype} caches on {x.device}")
         if value_cache.dtype != torch.uint8:
             raise ValueError(f"value_cache.dtype={value_cache.dtype} must be torch.uint8 like key_cache's")
         return
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
         if t.dtype != x.dtype:
             raise ValueError(f"{name}.dtype={t.dtype} must equal {x_name}.dtype={x.dtype} (or be torch.uint8: "
-                             f"FP8 codes, on the CPU)")
+                             f"FP8 codes)")
 
 
 def _check(key, value, key_cache, value_cache, slot_mapping) -> None:

@@ -98,10 +98,13 @@ class GPUModelRunner:
         self.use_graphs = not config.enforce_eager and not (
             dynamic_rope and max_model_len > model.config.max_position_embeddings)
 
-        if config.kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} runs on the CPU only: the GPU attention kernels "
-                             f"read caches of the model's dtype; use kv_cache_dtype='auto' on {device}")
-        per_block = kv_cache_bytes_per_block(model, config.block_size, model.dtype)
+        self.cache_dtype = kv_cache_dtype(model, config)
+        if self.cache_dtype == torch.uint8 and (model.dtype not in (torch.float16, torch.bfloat16)
+                                                or model.head_dim not in (64, 128, 256)):
+            raise ValueError(f"kv_cache_dtype='fp8' on the GPU needs a float16 or bfloat16 model with head_dim 64, 128 "
+                             f"or 256 (the tensor-core attention kernels read FP8 caches); this model has "
+                             f"dtype={model.dtype}, head_dim={model.head_dim}: use kv_cache_dtype='auto'")
+        per_block = kv_cache_bytes_per_block(model, config.block_size, self.cache_dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks(per_block)
         floor = min_kv_blocks(max_model_len, config.block_size)
         if self.num_kv_blocks < floor:
@@ -109,7 +112,7 @@ class GPUModelRunner:
                 f"the KV cache holds {self.num_kv_blocks} blocks of {config.block_size} tokens, fewer than the "
                 f"{floor} one request of max_model_len={max_model_len} needs; raise num_kv_blocks or "
                 f"kv_cache_memory_fraction, or lower max_model_len")
-        self.kv_pool = KVPool(model, self.num_kv_blocks, config.block_size, device)
+        self.kv_pool = KVPool(model, self.num_kv_blocks, config.block_size, device, self.cache_dtype)
         self.kv_caches = self.kv_pool.caches
 
         # The largest step: max_num_tokens tokens of max_num_seqs sequences with full block tables.
@@ -141,7 +144,7 @@ class GPUModelRunner:
         num_tokens = sum(lengths)
         # NOTE(tidal): a one-block cache per layer; every block table entry is 0 and no slot is
         # written, so the forward reads valid memory and measures activations alone.
-        caches = allocate_kv_caches(self.model, 1, self.block_size, device)
+        caches = allocate_kv_caches(self.model, 1, self.block_size, device, self.cache_dtype)
         width = math.ceil(max(lengths) / self.block_size)
         cu = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
         positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)

@@ -63,7 +63,8 @@ class LLM:
         The KV cache's element type: the model's dtype, or FP8 E4M3 codes (scale 1, rounded to
         nearest even, saturated at +-448; vLLM's ``kv_cache_dtype="fp8"``), which halves the bytes
         of a bf16 cache (a quarter of fp32's): twice the blocks in the same memory, half the bytes
-        attention reads. On the CPU only for now.
+        attention reads. On the GPU it needs a float16 or bfloat16 model with head_dim 64, 128 or
+        256 (the tensor-core attention kernels convert the codes in shared memory).
     """
 
     def __init__(self, model: "str | torch.nn.Module", dtype: str | torch.dtype = "auto", device: str = "auto",

@@ -41,15 +41,17 @@ def min_kv_blocks(max_model_len: int, block_size: int) -> int:
     return -(-max_model_len // block_size)
 
 
-def allocate_kv_caches(model, num_blocks: int, block_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_caches(model, num_blocks: int, block_size: int, device,
+                       dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-    return [(torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
+    dtype = dtype or model.dtype
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(model.num_layers)]
 
 
 def kv_cache_dtype(model, config: EngineConfig) -> torch.dtype:
     """The KV caches' element type: the model's, or uint8 holding FP8 E4M3 codes
-    (``kv_cache_dtype="fp8"``; the CPU path only)."""
+    (``kv_cache_dtype="fp8"``)."""
     return torch.uint8 if config.kv_cache_dtype == "fp8" else model.dtype
 
 
