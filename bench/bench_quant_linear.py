@@ -10,6 +10,7 @@ points (what its floor is made of), next to the copy ceiling. Then the prefill p
 dequantize + cuBLAS for int8/int4, FP8 tensor cores for fp8, against bf16 cuBLAS.
 
     python bench/bench_quant_linear.py [--out FILE.md] [--repeats 100]
+    ncu --kernel-name regex:quant_linear python bench/bench_quant_linear.py --profile gate_up:1:int4
 """
 from __future__ import annotations
 
@@ -31,14 +32,32 @@ def weight_bytes(codes, scales, zeros) -> int:
     return sum(t.numel() * t.element_size() for t in (codes, scales, zeros) if t is not None)
 
 
+def profile(spec: str) -> int:
+    name, m, fmt = spec.split(":")
+    (n, k), = [(n, k) for shape, n, k in SHAPES if shape == name]
+    group = dict(FORMATS)[fmt]
+    torch.inference_mode().__enter__()
+    w = (torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    codes, scales, zeros = quantize_weight(w, fmt, group)
+    x = torch.randn(int(m), k, device="cuda").to(torch.bfloat16)
+    for _ in range(3):
+        tidal.ops.quant_linear(x, codes, scales, zeros, None, fmt)
+    torch.cuda.synchronize()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--profile", default=None, metavar="NAME:M:FORMAT",
+                    help="only call that projection's kernel a few times (e.g. gate_up:1:int4), for a profiler")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_quant_linear.py: no CUDA device", file=sys.stderr)
         return 2
+    if args.profile:
+        return profile(args.profile)
     copy = copy_ceiling_gbs()
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows, failed = [], False

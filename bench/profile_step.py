@@ -3,10 +3,12 @@
 """Where one serving step's time goes: kernel time by op (torch profiler), host time per step and the
 GPU's busy time per step, for decode steps of a Qwen3-0.6B-shaped model (random bf16 weights) at
 batch 256 x context ~900 (S1's regime) and batch 1 (S2's regime, the same model), and optionally a
-Llama-3-8B-shaped model at batch 1 (--llama). What METHOD.md asks for before optimising: which op,
-how far from its floor, and how much of the step is host time or launch gaps.
+Llama-3-8B-shaped model at batch 1 (--llama), and S3's regime on Llama-3-8B per weight scheme (--s3
+bf16,fp8,fp8/fp8kv: decode at batch 256 over 256-token prompts, one prefill step of 16 x 512 tokens).
+What METHOD.md asks for before optimising: which op, how far from its floor, and how much of the step
+is host time or launch gaps.
 
-    python bench/profile_step.py --out FILE.md [--llama]
+    python bench/profile_step.py --out FILE.md [--llama] [--s3 bf16,fp8]
 """
 
 import argparse
@@ -76,8 +78,14 @@ def profile(engine, num_steps, lines, title):
         lines.append("")
 
 
-def run_case(path, lines, title, num_seqs, prompt_len, max_tokens, max_model_len, vocab):
-    llm = tidal.LLM(path, max_model_len=max_model_len, max_num_seqs=max(num_seqs, 8))
+def scheme_kwargs(scheme: str) -> dict:
+    """tidal.LLM arguments of a scheme "WEIGHTS[/fp8kv]" (bench/serve.py's names)."""
+    weights, _, cache = scheme.partition("/")
+    return dict(quantization=None if weights == "bf16" else weights, kv_cache_dtype="fp8" if cache else "auto")
+
+
+def run_case(path, lines, title, num_seqs, prompt_len, max_tokens, max_model_len, vocab, **llm_kwargs):
+    llm = tidal.LLM(path, max_model_len=max_model_len, max_num_seqs=max(num_seqs, 8), **llm_kwargs)
     engine = llm.engine
     g = torch.Generator().manual_seed(0)
     params = tidal.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -95,9 +103,10 @@ def run_case(path, lines, title, num_seqs, prompt_len, max_tokens, max_model_len
     torch.cuda.empty_cache()
 
 
-def run_prefill_case(path, lines, title, num_seqs, prompt_len, max_model_len, vocab):
+def run_prefill_case(path, lines, title, num_seqs, prompt_len, max_model_len, vocab, **llm_kwargs):
     """One step that prefills num_seqs prompts of prompt_len tokens (S1's prefill steps)."""
-    llm = tidal.LLM(path, max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=num_seqs * prompt_len)
+    llm = tidal.LLM(path, max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=num_seqs * prompt_len,
+                    **llm_kwargs)
     engine = llm.engine
     g = torch.Generator().manual_seed(1)
     params = tidal.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
@@ -116,12 +125,36 @@ def run_prefill_case(path, lines, title, num_seqs, prompt_len, max_model_len, vo
     torch.cuda.empty_cache()
 
 
+def profile_s3(schemes, out):
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    lines = [f"# S3-regime step profile, Llama-3-8B ({torch.cuda.get_device_name()})", ""]
+    path = build(LLAMA_3_8B, transformers.LlamaConfig, root)
+    vocab = LLAMA_3_8B["vocab_size"]
+    try:
+        for scheme in schemes:
+            kwargs = scheme_kwargs(scheme)
+            run_case(path, lines, f"{scheme}: decode, batch 256, prompt 256", 256, 256, 200, 1024, vocab, **kwargs)
+            run_prefill_case(path, lines, f"{scheme}: prefill, 16 prompts of 512 tokens in one step", 16, 512, 1024,
+                             vocab, **kwargs)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--llama", action="store_true", help="also Llama-3-8B at batch 1")
     parser.add_argument("--drain", action="store_true", help="also batches 96 and 32 at long contexts")
+    parser.add_argument("--s3", default=None, metavar="SCHEMES",
+                        help="only Llama-3-8B in S3's regime, per scheme (comma-separated, e.g. bf16,fp8,fp8/fp8kv)")
     args = parser.parse_args()
+    if args.s3:
+        return profile_s3([s.strip() for s in args.s3.split(",") if s.strip()], args.out)
     root = "/dev/shm" if os.path.isdir("/dev/shm") else None
     lines = [f"# Serving step profile ({torch.cuda.get_device_name()})", ""]
     path = build(QWEN3_0_6B, transformers.Qwen3Config, root)

@@ -91,8 +91,8 @@ def test_engine_serves_from_an_fp8_cache(model_dir):
     params = tidal.SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0)
     prompts = [[5, 9, 33, 41, 7, 12, 90, 3, 18], [200, 4, 61]]
     # a small share of host memory: the same budget holds ~4x the blocks of an fp32 cache
-    base = tidal.LLM(model_dir, kv_cache_dtype="auto", block_size=4, kv_cache_memory_fraction=0.002)
-    quantized = tidal.LLM(model_dir, kv_cache_dtype="fp8", block_size=4, kv_cache_memory_fraction=0.002)
+    base = tidal.LLM(model_dir, device="cpu", kv_cache_dtype="auto", block_size=4, kv_cache_memory_fraction=0.002)
+    quantized = tidal.LLM(model_dir, device="cpu", kv_cache_dtype="fp8", block_size=4, kv_cache_memory_fraction=0.002)
     block_bytes = [llm.engine.runner.kv_pool.nbytes // llm.engine.runner.num_kv_blocks for llm in (base, quantized)]
     assert block_bytes[0] == 4 * block_bytes[1]
     assert quantized.engine.runner.num_kv_blocks > 3.5 * base.engine.runner.num_kv_blocks

@@ -23,7 +23,7 @@ import torch
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
 from tidal.serve.model_runner import (KVPool, MemoryBaseline, allocate_kv_caches, kv_cache_bytes_per_block,
-                                     min_kv_blocks, multimodal_inputs)
+                                      kv_cache_dtype, min_kv_blocks, multimodal_inputs)
 from tidal.serve.prompt_logprobs import PendingPromptLogprobs, PromptRows, compute_prompt_logprobs
 from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_async
 from tidal.serve.sampling_params import SamplingParams
