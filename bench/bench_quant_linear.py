@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import tidal.ops
 from report import copy_ceiling_gbs, print_table, time_us, write_markdown
+from tidal.ops.quant import _fp8_linear
 from tidal.quant import quantize_weight
 
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
@@ -83,10 +84,16 @@ def main() -> int:
                 t = time_us(lambda: tidal.ops.quant_linear(x, codes, scales, zeros, None, fmt), args.repeats, flush)
                 nbytes = weight_bytes(codes, scales, zeros)
                 row += [f"{t:.1f}", f"{nbytes / t / 1e3 / copy:.0%}" if m <= 8 else f"{t_bf16 / t:.2f}x"]
+            # FP8 through per-token quantization + torch._scaled_mm at every m (past GEMV_MAX_ROWS it is
+            # what quant_linear runs): where it overtakes the decode kernel
+            codes, scales, zeros = quantized["fp8"]
+            t = time_us(lambda: _fp8_linear(x, codes, scales, None, None), args.repeats, flush)
+            row.append(f"{t:.1f}")
             rows.append(row)
     header = ["projection", "m x n x k", "bf16 cuBLAS us"]
     for fmt, _ in FORMATS:
         header += [f"{fmt} us", f"{fmt} % of copy (m<=8) / speedup vs bf16"]
+    header.append("fp8 scaled_mm us")
     print(f"copy ceiling {copy:,.0f} GB/s ({torch.cuda.get_device_name()})")
     print_table(header, rows)
     if args.out:
