@@ -1,9 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The quantized linear layer on tensor cores for decode batches (bf16 or fp16 activations, up to 32
 // rows): each block owns 16 output rows, its warps split k; codes are widened straight into mma.sync
-// A fragments (int4: two codes per shift and LOP3, exactly, as code + M for a magic M; one more mma of
-// a row of ones sums x, and (M + zero) times that sum comes off in fp32), the rows of x are the B
-// fragments, fp32 accumulators take each group's scale after its k-steps. NVIDIA only (mma.sync);
+// A fragments (int4: two codes per instruction pair, exactly, as code - zero), the rows of x are the
+// B fragments, fp32 accumulators take each group's scale after its k-steps. NVIDIA only (mma.sync);
 // the HIP build and other shapes keep the SIMT kernel of quant_linear.cu.
 #include <climits>
 #include <cstdint>
@@ -49,20 +48,31 @@ __device__ __forceinline__ uint32_t magic_pair<bf16_t>() { return 0x43004300u; }
 template <>
 __device__ __forceinline__ uint32_t magic_pair<half_t>() { return 0x64006400u; }  // 1024
 
-/// The pair (code j, code j + 4) of an int4 word (codes 0..7 at bits 4j) as two exact 16-bit floats
-/// code + M (M the magic number: 128 in bf16, 1024 in fp16); one shift and one LOP3.
 template <typename T>
-__device__ __forceinline__ uint32_t int4_pair(uint32_t word, int j) {
-  return ((word >> (4 * j)) & 0x000f000fu) | magic_pair<T>();
+__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+  uint32_t out;
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    __nv_bfloat162 va, vb;
+    memcpy(&va, &a, 4);
+    memcpy(&vb, &b, 4);
+    const __nv_bfloat162 r = __hsub2(va, vb);
+    memcpy(&out, &r, 4);
+  } else {
+    __half2 va, vb;
+    memcpy(&va, &a, 4);
+    memcpy(&vb, &b, 4);
+    const __half2 r = __hsub2(va, vb);
+    memcpy(&out, &r, 4);
+  }
+  return out;
 }
 
+/// The pair (code j, code j + 4) of an int4 word (codes 0..7 at bits 4j) minus `offset` (the magic
+/// number plus the zero point, in both halves), as two exact 16-bit floats.
 template <typename T>
-__device__ __forceinline__ uint32_t ones_pair() {  // 1.0 in both halves
-  return std::is_same_v<T, bf16_t> ? 0x3f803f80u : 0x3c003c00u;
+__device__ __forceinline__ uint32_t int4_pair(uint32_t word, int j, uint32_t offset) {
+  return sub2<T>(((word >> (4 * j)) & 0x000f000fu) | magic_pair<T>(), offset);
 }
-
-template <typename T>
-constexpr float magic_value() { return std::is_same_v<T, bf16_t> ? 128.f : 1024.f; }
 
 /// Codes 2j and 2j + 1 of an int8 word as two exact 16-bit floats.
 template <typename T>
@@ -72,8 +82,14 @@ __device__ __forceinline__ uint32_t int8_pair(uint32_t word, int j) {
   return pack2<T>(lo, hi);
 }
 
+template <typename T>
+__device__ __forceinline__ uint32_t offset_pair(int zero) {
+  const float v = (std::is_same_v<T, bf16_t> ? 128.f : 1024.f) + static_cast<float>(zero);
+  return pack2<T>(v, v);
+}
+
 template <typename T, int kFormat, int kTiles>
-__global__ void __launch_bounds__(kWarps* kWarpSize, kTiles == 1 ? 3 : 1) quant_linear_tc_kernel(Params p) {
+__global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Params p) {
   constexpr int kBlockInputs = inputs_per_block<kFormat>();
   constexpr int kSteps = kFormat == kInt4 ? 8 : 4;  // mma k-steps (16 inputs) per k block
   __shared__ float partial[kWarps][kTiles * 4][kWarpSize];
@@ -111,13 +127,14 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kTiles == 1 ? 3 : 1) quant_
     for (int u = 0; u < kUnroll; ++u) {
       const int b = b0 + u * kWarps;
       if (b < num_blocks) {
+        uint32_t off0 = 0, off1 = 0;
+        if constexpr (kFormat == kInt4) {
+          off0 = offset_pair<T>(zero0[u]);
+          off1 = offset_pair<T>(zero1[u]);
+        }
         const uint32_t w0[4] = {raw0[u].x, raw0[u].y, raw0[u].z, raw0[u].w};
         const uint32_t w1[4] = {raw1[u].x, raw1[u].y, raw1[u].z, raw1[u].w};
         float blk[kTiles][4] = {};
-        // int4: the sum of each token's inputs over the block (a row of ones times x), for the
-        // (M + zero) * sum(x) that the biased codes put into blk
-        float sum_x[kTiles][4] = {};
-        const uint32_t ones[4] = {ones_pair<T>(), ones_pair<T>(), ones_pair<T>(), ones_pair<T>()};
         // this lane's inputs of the block: kBlockInputs / 4 consecutive ones from here
         const int64_t first = static_cast<int64_t>(b) * kBlockInputs + tid * (kBlockInputs / 4);
 #pragma unroll
@@ -128,10 +145,10 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kTiles == 1 ? 3 : 1) quant_
 #pragma unroll
           for (int h = 0; h < kSteps / 4; ++h) {
             if constexpr (kFormat == kInt4) {
-              a[h][0] = int4_pair<T>(w0[w], 2 * h);
-              a[h][1] = int4_pair<T>(w1[w], 2 * h);
-              a[h][2] = int4_pair<T>(w0[w], 2 * h + 1);
-              a[h][3] = int4_pair<T>(w1[w], 2 * h + 1);
+              a[h][0] = int4_pair<T>(w0[w], 2 * h, off0);
+              a[h][1] = int4_pair<T>(w1[w], 2 * h, off1);
+              a[h][2] = int4_pair<T>(w0[w], 2 * h + 1, off0);
+              a[h][3] = int4_pair<T>(w1[w], 2 * h + 1, off1);
             } else {
               a[h][0] = int8_pair<T>(w0[w], 0);
               a[h][1] = int8_pair<T>(w1[w], 0);
@@ -149,9 +166,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kTiles == 1 ? 3 : 1) quant_
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const uint32_t lo = h == 0 ? xv.x : xv.y, hi = h == 0 ? xv.z : xv.w;
-                const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
-                mma_16816<T>(blk[t], a[h], b0, b1);
-                mma_16816<T>(sum_x[t], ones, b0, b1);
+                mma_16816<T>(blk[t], a[h], __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
               }
             } else {
               uint2 xv = make_uint2(0, 0);
@@ -163,14 +178,6 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kTiles == 1 ? 3 : 1) quant_
         const float s0 = scale0[u], s1 = scale1[u];
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
-          if constexpr (kFormat == kInt4) {  // sum((code + M) x) - (M + zero) sum(x) = sum((code - zero) x)
-            const float off0 = magic_value<T>() + static_cast<float>(zero0[u]);
-            const float off1 = magic_value<T>() + static_cast<float>(zero1[u]);
-            blk[t][0] = fmaf(-off0, sum_x[t][0], blk[t][0]);
-            blk[t][1] = fmaf(-off0, sum_x[t][1], blk[t][1]);
-            blk[t][2] = fmaf(-off1, sum_x[t][2], blk[t][2]);
-            blk[t][3] = fmaf(-off1, sum_x[t][3], blk[t][3]);
-          }
           acc[t][0] = fmaf(s0, blk[t][0], acc[t][0]);
           acc[t][1] = fmaf(s0, blk[t][1], acc[t][1]);
           acc[t][2] = fmaf(s1, blk[t][2], acc[t][2]);

@@ -42,7 +42,7 @@ def reference_weight(codes, scales, zeros, fmt) -> torch.Tensor:
 def reference(x, w, b, fmt):
     """fp32 x @ w.T (+ b); for FP8 past the kernel's rows, with x quantized per token to FP8 first."""
     xf = x.float()
-    if fmt == "fp8" and x.shape[0] > tidal.ops.quant.GEMV_MAX_ROWS:
+    if fmt == "fp8" and x.shape[0] > tidal.ops.quant.fp8_weight_only_rows(x, w, torch.ones(w.shape[0], 1)):
         scale = (xf.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-12)
         xf = (xf / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
     return xf @ w.t() + (0.0 if b is None else b.float())
@@ -63,7 +63,8 @@ def tolerance(dtype, k):
 
 
 SHAPES = [(1, 64, 64, 32), (3, 37, 256, 64), (8, 300, 1024, 128), (5, 129, 512, None), (9, 40, 128, 32),
-          (33, 24, 96, 32), (2, 16, 48, 16), (4, 8, 20, 10)]
+          (33, 24, 96, 32), (2, 16, 48, 16), (4, 8, 20, 10),
+          (6, 32, 64, None)]  # FP8 in bf16 past fp8_weight_only_rows: W8A8 (torch._scaled_mm on the GPU)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,7 +82,9 @@ def test_quant_linear(m, n, k, group, dtype, fmt, bias, device):
     out = tidal.ops.quant_linear(dev(x), dev(codes), dev(scales), dev(zeros), dev(b), fmt)
     assert out.shape == (m, n) and out.dtype == dtype and out.device.type == device
     atol, rtol = tolerance(dtype, k)
-    if device == "cuda" and (m > tidal.ops.quant.GEMV_MAX_ROWS or k % 32 or (group or k) % 32):
+    weight_only_rows = (tidal.ops.quant.fp8_weight_only_rows(x, codes, scales) if fmt == "fp8"
+                        else tidal.ops.quant.GEMV_MAX_ROWS)
+    if device == "cuda" and (m > weight_only_rows or k % 32 or (group or k) % 32):
         # the dense path: the weight rounded to x's dtype first; FP8 tensor cores sum in their own order
         atol, rtol = 4 * atol, 4 * rtol
     torch.testing.assert_close(out.float().cpu(), expected.to(dtype).float(), atol=atol, rtol=rtol)

@@ -10,7 +10,7 @@ A quantized weight ``w`` [n, k] is stored as codes plus fp32 scales per output r
 nibble of byte c), ``[n, k / 2]`` uint8, zero points ``[n, num_groups]`` uint8; ``"fp8"``: FP8 E4M3
 codes ``[n, k]`` (stored as their uint8 bits).
 
-How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (decode; on a GPU ``TC_MAX_ROWS`` for int4 and
+How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (FP8: ``fp8_weight_only_rows``) (decode; on a GPU ``TC_MAX_ROWS`` for int4 and
 int8 with 16-bit activations, on tensor cores) through tidal's kernels, which widen the codes in
 registers and so read the weight at its quantized size (a shape the GPU kernel does not
 take: a dense matmul on the weight dequantized to x's dtype); more rows through that dense matmul,
@@ -26,6 +26,10 @@ from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
 WEIGHT_FORMATS = {"int8": 0, "int4": 1, "fp8": 2}
 GEMV_MAX_ROWS = 8  # the kernel's limit; more rows take the dense matmul
 TC_MAX_ROWS = 32  # the GPU's tensor-core kernel (int4 and int8 with 16-bit x) goes to here
+# NOTE(tidal): FP8 on FP8 tensor cores. Measured on H100 (bench/bench_quant_linear.py, Llama-3-8B
+# projections): the decode kernel took a layer's four projections in 121 / 183 / 355 us at 1 / 4 / 8
+# rows, per-token quantization + torch._scaled_mm in 186 / 188 / 185 us: the kernel up to 4 rows.
+FP8_GEMV_MAX_ROWS = 4
 FP8_MAX = 448.0  # the largest finite FP8 E4M3 value
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -91,12 +95,23 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def _fp8_scaled_mm_shape(x, qweight, scales) -> bool:
+    """Whether torch._scaled_mm takes this W8A8 product (on GPUs with FP8 tensor cores)."""
+    n, k = qweight.shape
+    return x.dtype == torch.bfloat16 and scales.shape[1] == 1 and n % 16 == 0 and k % 16 == 0
+
+
+def fp8_weight_only_rows(x, qweight, scales) -> int:
+    """Up to how many rows FP8 runs weight-only (x as is); past them x is quantized per token too.
+    A property of the shapes, not of the device, so the CPU and the GPU compute the same thing."""
+    return FP8_GEMV_MAX_ROWS if _fp8_scaled_mm_shape(x, qweight, scales) else GEMV_MAX_ROWS
+
+
 def _fp8_linear(x, qweight, scales, bias, input_scale) -> torch.Tensor:
     """W8A8: activations per token (or by the static ``input_scale``) and weights per row in FP8."""
     n, k = qweight.shape
     xq, x_scale = quantize_fp8_per_token(x, input_scale)
-    if (x.dtype == torch.bfloat16 and scales.shape[1] == 1 and n % 16 == 0 and k % 16 == 0
-            and _has_fp8_tensor_cores(x.device)):
+    if _fp8_scaled_mm_shape(x, qweight, scales) and _has_fp8_tensor_cores(x.device):
         return torch._scaled_mm(xq, qweight.view(torch.float8_e4m3fn).t(), scale_a=x_scale.contiguous(),
                                 scale_b=scales.view(1, n), bias=bias, out_dtype=x.dtype)
     w = _dequantize(qweight, scales, None, WEIGHT_FORMATS["fp8"], torch.float32)
@@ -112,13 +127,16 @@ def _quant_linear_impl(x, qweight, scales, zeros, bias, fmt, input_scale):
         x = x.contiguous()
     m, n = x.shape[0], qweight.shape[0]
     tensor_cores = x.device.type == "cuda" and fmt != WEIGHT_FORMATS["fp8"] and x.dtype != torch.float32
-    if m <= (TC_MAX_ROWS if tensor_cores else GEMV_MAX_ROWS):
+    max_rows = TC_MAX_ROWS if tensor_cores else GEMV_MAX_ROWS
+    if fmt == WEIGHT_FORMATS["fp8"]:
+        max_rows = fp8_weight_only_rows(x, qweight, scales)
+    if m <= max_rows:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if m == 0 or native.quant_linear(capsule(out), capsule(x), capsule(qweight), capsule(scales),
                                          None if zeros is None else capsule(zeros),
                                          None if bias is None else capsule(bias), fmt, stream_of(x)):
             return out
-    if fmt == WEIGHT_FORMATS["fp8"] and m > GEMV_MAX_ROWS:
+    if fmt == WEIGHT_FORMATS["fp8"] and m > max_rows:
         return _fp8_linear(x, qweight, scales, bias, input_scale)
     return F.linear(x, _dequantize(qweight, scales, zeros, fmt, x.dtype), bias)
 
