@@ -72,10 +72,37 @@ __device__ __forceinline__ void fp8x4_to(uint32_t codes, uint32_t& lo, uint32_t&
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(x), "r"(0x7b807b80u), "r"(0x80008000u));
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(y), "r"(0x7b807b80u), "r"(0x80008000u));
   } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    // FP8 hardware (Ada, Hopper): one conversion per pair
+    asm("{\n .reg .b16 c01, c23;\n mov.b32 {c01, c23}, %2;\n cvt.rn.f16x2.e4m3x2 %0, c01;\n"
+        " cvt.rn.f16x2.e4m3x2 %1, c23;\n}\n"
+        : "=r"(lo), "=r"(hi)
+        : "r"(codes));
+    (void)a;
+    (void)b;
+#else
     const uint32_t x = (a & 0x80008000u) | ((a & 0x7f007f00u) >> 1), y = (b & 0x80008000u) | ((b & 0x7f007f00u) >> 1);
     // 2^8 in both halves
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(x), "r"(0x5c005c00u), "r"(0x80008000u));
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(y), "r"(0x5c005c00u), "r"(0x80008000u));
+#endif
+  }
+}
+
+// The mma operand type of the attention kernels over a cache of C holding T-typed queries: T, except
+// over FP8 codes, which fp16 holds exactly and Hopper converts into fp16 in one instruction a pair.
+template <typename T, typename C>
+using OperandType = std::conditional_t<std::is_same_v<C, uint8_t>, half_t, T>;
+
+// A pair of T values (one 32-bit register) as a pair of M: the same bits when M is T; bf16 to fp16
+// rounded to nearest and held within fp16's finite range (a query beyond +-65504 is clamped).
+template <typename T, typename M>
+__device__ __forceinline__ uint32_t as_operand(uint32_t pair) {
+  if constexpr (std::is_same_v<T, M>) {
+    return pair;
+  } else {
+    const float lo = __uint_as_float(pair << 16), hi = __uint_as_float(pair & 0xffff0000u);
+    return pack2<M>(fminf(fmaxf(lo, -65504.f), 65504.f), fminf(fmaxf(hi, -65504.f), 65504.f));
   }
 }
 

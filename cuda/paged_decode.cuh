@@ -52,7 +52,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
   extern __shared__ __align__(128) unsigned char smem[];
   // [kStages][K, V][kBlockN, kHeadDim] of C: swizzled T, or FP8 codes row-major
   C* s_kv = reinterpret_cast<C*>(smem);
-  T* s_convert = reinterpret_cast<T*>(smem + Tiles::kRingBytes);  // [K, V][kBlockN, kHeadDim], FP8 only
+  using M = OperandType<T, C>;  // what the mma.sync instructions multiply
+  M* s_convert = reinterpret_cast<M*>(smem + Tiles::kRingBytes);  // [K, V][kBlockN, kHeadDim], FP8 only
   __shared__ float red_m[kSimtWarps * kBlockM], red_l[kSimtWarps * kBlockM];
 
   const int kv_head = blockIdx.y % p.num_kv_heads, split = blockIdx.y / p.num_kv_heads;
@@ -115,8 +116,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
                      (kv_head * s.group + flat % s.group) * p.q_head_stride + (lane % 4) * 2;
 #pragma unroll
     for (int kk = 0; kk < kDimSteps; ++kk) {
-      q_frag[kk][rr] = valid ? *reinterpret_cast<const uint32_t*>(q_row + kk * 16) : 0u;
-      q_frag[kk][rr + 2] = valid ? *reinterpret_cast<const uint32_t*>(q_row + kk * 16 + 8) : 0u;
+      q_frag[kk][rr] = valid ? as_operand<T, M>(*reinterpret_cast<const uint32_t*>(q_row + kk * 16)) : 0u;
+      q_frag[kk][rr + 2] = valid ? as_operand<T, M>(*reinterpret_cast<const uint32_t*>(q_row + kk * 16 + 8)) : 0u;
     }
   }
   int pos[2];
@@ -137,17 +138,17 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
     if (t + kStages - 1 < num_tiles) request(t + kStages - 1, blocks);
     cp_async_commit();
     if (t + kStages < num_tiles) lookup(t + kStages, blocks);
-    const T* k_tile;
+    const M* k_tile;
     if constexpr (kFp8) {
       const C* codes = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
-      convert_fp8_tile<T, kHeadDim, kBlockN>(codes, s_convert, tid);
-      convert_fp8_tile<T, kHeadDim, kBlockN>(codes + Tiles::kTileElems, s_convert + Tiles::kTileElems, tid);
+      convert_fp8_tile<M, kHeadDim, kBlockN>(codes, s_convert, tid);
+      convert_fp8_tile<M, kHeadDim, kBlockN>(codes + Tiles::kTileElems, s_convert + Tiles::kTileElems, tid);
       __syncthreads();  // the converted tile is whole; the barrier above kept it from the last tile's readers
       k_tile = s_convert;
     } else {
-      k_tile = reinterpret_cast<const T*>(s_kv) + (t % kStages) * 2 * Tiles::kTileElems;
+      k_tile = reinterpret_cast<const M*>(s_kv) + (t % kStages) * 2 * Tiles::kTileElems;
     }
-    const T* v_tile = k_tile + Tiles::kTileElems;
+    const M* v_tile = k_tile + Tiles::kTileElems;
     // S = Q K^T for the warp's 16 keys: two n8 tiles.
     float sc[2][4] = {};
 #pragma unroll
@@ -155,8 +156,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
       uint32_t b[4];
       ldmatrix_x4(b, shared_address(k_tile + swizzle<kHeadDim>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
                                                                 kk * 2 + ((lane >> 3) & 1))));
-      mma_16816<T>(sc[0], q_frag[kk], b[0], b[1]);
-      mma_16816<T>(sc[1], q_frag[kk], b[2], b[3]);
+      mma_16816<M>(sc[0], q_frag[kk], b[0], b[1]);
+      mma_16816<M>(sc[1], q_frag[kk], b[2], b[3]);
     }
     const int n0 = s.begin + t * kBlockN + warp * 16;
 #pragma unroll
@@ -171,15 +172,15 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
     }
     online_softmax_step(sc, m, l, o);  // this lane's columns of l: the quad is summed at the end
     // O += P V over the warp's 16 keys.
-    const uint32_t a[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]), pack2<T>(sc[1][0], sc[1][1]),
-                           pack2<T>(sc[1][2], sc[1][3])};
+    const uint32_t a[4] = {pack2<M>(sc[0][0], sc[0][1]), pack2<M>(sc[0][2], sc[0][3]), pack2<M>(sc[1][0], sc[1][1]),
+                           pack2<M>(sc[1][2], sc[1][3])};
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, shared_address(v_tile + swizzle<kHeadDim>(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                                                       dp * 2 + (lane >> 4))));
-      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
-      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+      mma_16816<M>(o[2 * dp], a, b[0], b[1]);
+      mma_16816<M>(o[2 * dp + 1], a, b[2], b[3]);
     }
   }
   cp_async_wait<0>();

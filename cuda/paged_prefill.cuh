@@ -48,7 +48,8 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
   T* s_q = reinterpret_cast<T*>(smem);                          // [kBlockM, kHeadDim]
   C* s_k = reinterpret_cast<C*>(s_q + kBlockM * kHeadDim);      // [2, kBlockN, kHeadDim]
   C* s_v = s_k + 2 * kBlockN * kHeadDim;                        // [2, kBlockN, kHeadDim]
-  T* s_convert = reinterpret_cast<T*>(s_v + 2 * kBlockN * kHeadDim);  // [K, V][kBlockN, kHeadDim], FP8 only
+  using M = OperandType<T, C>;  // what the mma.sync instructions multiply
+  M* s_convert = reinterpret_cast<M*>(s_v + 2 * kBlockN * kHeadDim);  // [K, V][kBlockN, kHeadDim], FP8 only
 
   const int seq = blockIdx.z, kv_head = blockIdx.y;
   const int q_begin = p.cu_seqlens_q[seq];
@@ -127,24 +128,26 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const T* k_tile;
-    const T* v_tile;
+    const M* k_tile;
+    const M* v_tile;
     if constexpr (kFp8) {
-      convert_fp8_tile<T, kHeadDim, kBlockN>(s_k + buf * kBlockN * kHeadDim, s_convert, tid);
-      convert_fp8_tile<T, kHeadDim, kBlockN>(s_v + buf * kBlockN * kHeadDim, s_convert + kBlockN * kHeadDim, tid);
+      convert_fp8_tile<M, kHeadDim, kBlockN>(s_k + buf * kBlockN * kHeadDim, s_convert, tid);
+      convert_fp8_tile<M, kHeadDim, kBlockN>(s_v + buf * kBlockN * kHeadDim, s_convert + kBlockN * kHeadDim, tid);
       __syncthreads();  // the converted tiles are whole (the barrier closing the last tile kept their readers)
       k_tile = s_convert;
       v_tile = s_convert + kBlockN * kHeadDim;
     } else {
-      k_tile = reinterpret_cast<const T*>(s_k) + buf * kBlockN * kHeadDim;
-      v_tile = reinterpret_cast<const T*>(s_v) + buf * kBlockN * kHeadDim;
+      k_tile = reinterpret_cast<const M*>(s_k) + buf * kBlockN * kHeadDim;
+      v_tile = reinterpret_cast<const M*>(s_v) + buf * kBlockN * kHeadDim;
     }
     if (warp_active) {
       if (kQInRegisters && tile == tile_lo) {
 #pragma unroll
         for (int kk = 0; kk < kDimSteps; ++kk) {
-          ldmatrix_x4(q_frag[kQInRegisters ? kk : 0],
-                      shared_address(s_q + swizzle<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+          uint32_t(&q)[4] = q_frag[kQInRegisters ? kk : 0];
+          ldmatrix_x4(q, shared_address(s_q + swizzle<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) q[i] = as_operand<T, M>(q[i]);
         }
       }
       float s[kKeyTiles][4];
@@ -155,6 +158,8 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
         uint32_t a_reload[4];
         if constexpr (!kQInRegisters) {
           ldmatrix_x4(a_reload, shared_address(s_q + swizzle<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a_reload[i] = as_operand<T, M>(a_reload[i]);
         }
         const uint32_t(&a)[4] = kQInRegisters ? q_frag[kQInRegisters ? kk : 0] : a_reload;
 #pragma unroll
@@ -162,8 +167,8 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
           uint32_t b[4];
           ldmatrix_x4(b, shared_address(k_tile + swizzle<kHeadDim>(nb * 16 + (lane & 7) + ((lane >> 4) << 3),
                                                                     kk * 2 + ((lane >> 3) & 1))));
-          mma_16816<T>(s[2 * nb], a, b[0], b[1]);
-          mma_16816<T>(s[2 * nb + 1], a, b[2], b[3]);
+          mma_16816<M>(s[2 * nb], a, b[0], b[1]);
+          mma_16816<M>(s[2 * nb + 1], a, b[2], b[3]);
         }
       }
       const int n0 = tile * kBlockN;
@@ -181,16 +186,16 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
       online_softmax_step(s, m, l, o);  // this lane's columns of l: the quad is summed at the end
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        const uint32_t a[4] = {pack2<M>(s[2 * kk][0], s[2 * kk][1]), pack2<M>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<M>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<M>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
         for (int dp = 0; dp < kHeadDim / 16; ++dp) {
           uint32_t b[4];
           ldmatrix_x4_trans(b, shared_address(v_tile + swizzle<kHeadDim>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                                                           dp * 2 + (lane >> 4))));
-          mma_16816<T>(o[2 * dp], a, b[0], b[1]);
-          mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+          mma_16816<M>(o[2 * dp], a, b[0], b[1]);
+          mma_16816<M>(o[2 * dp + 1], a, b[2], b[3]);
         }
       }
     }
