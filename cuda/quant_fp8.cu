@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// Activations to FP8 E4M3 per token on the GPU (W8A8's dynamic scaling): a warp per row finds the
-// row's largest magnitude, then writes its scale and codes, 16-byte loads and 8-byte stores, the row
-// held in registers between the two passes where it fits (rows of other shapes: a block per row,
-// element by element). The conversion is the CPU kernel's (ops/fp8.h), bit for bit; FP8 hardware
+// Activations to FP8 E4M3 per token on the GPU (W8A8's dynamic scaling): for prefill-sized calls a
+// warp per row finds the row's largest magnitude, then writes its scale and codes, 16-byte loads and
+// 8-byte stores, the row held in registers between the two passes where it fits; fewer rows (and
+// rows of other shapes) take a block per row, element by element. The conversion is the CPU kernel's (ops/fp8.h), bit for bit; FP8 hardware
 // (sm_89+) converts a pair per instruction. CUDA and HIP alike.
 #include <algorithm>
 #include <cstdint>
@@ -45,10 +45,13 @@ __global__ void __launch_bounds__(kThreads) quantize_fp8_kernel(uint8_t* __restr
   }
 }
 
-// NOTE(tidal): measured on H200 (bench/profile_step.py --s3 fp8, Llama-3-8B): the block-per-row
-// kernel above took 7.4 us a call at 256 rows x 4096 (0.95 ms of a 10.3 ms decode step) and 16.6 ms
-// of a 130 ms prefill step of 8192 tokens, a quarter of its bytes over bandwidth: 2-byte loads, a
-// block barrier per row and a second pass through the caches.
+// NOTE(tidal): measured (bench/profile_step.py --s3 fp8, Llama-3-8B): the block-per-row kernel above
+// took 16.6 ms of a 130 ms prefill step of 8192 tokens on H200, a quarter of its bytes over
+// bandwidth (2-byte loads, a block barrier per row, a second pass through the caches); the
+// warp-per-row kernel below 11.9 ms on H100, a slower card. At a decode step's 256 rows it is the
+// other way round (1.9 ms against the block kernel's 0.95 ms a step): 32 blocks of serial warps
+// leave most SMs idle. So rows of a prefill-sized call take a warp each, fewer rows a block each.
+constexpr int64_t kWarpRowsFrom = 2048;
 constexpr int kRowWarps = 8;   // rows per block
 constexpr int kVec = 8;        // inputs per 16-byte load of a 16-bit type
 
@@ -125,8 +128,8 @@ void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, T
   const int64_t m = x.size(0), k = x.size(1);
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  if (x.dtype != DType::kFloat32 && k % kVec == 0 && x.stride(0) % kVec == 0 && is_aligned(x.data, 16) &&
-      is_aligned(codes.data, 8)) {
+  if (m >= kWarpRowsFrom && x.dtype != DType::kFloat32 && k % kVec == 0 && x.stride(0) % kVec == 0 &&
+      is_aligned(x.data, 16) && is_aligned(codes.data, 8)) {
     const auto blocks = static_cast<unsigned>((m + kRowWarps - 1) / kRowWarps);
     auto run = [&](auto tag) {
       using T = decltype(tag);

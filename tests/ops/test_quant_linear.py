@@ -198,19 +198,20 @@ def test_bad_arguments_name_what_is_wrong():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("width", [301, 4096, 6008])
-def test_quantize_fp8_per_token(width, dtype, static, device):
+@pytest.mark.parametrize("rows,width", [(37, 301), (37, 4096), (2051, 301), (2051, 4096), (2051, 6008)])
+def test_quantize_fp8_per_token(rows, width, dtype, static, device):
     """Scales and codes bit for bit those of the pure-torch reference (torch's own FP8 cast), magnitudes
-    over 11 decades, a row of zeros; odd widths (the GPU's element-wise kernel) and multiples of 8 (its
-    warp-per-row kernel, with rows held in registers up to 2048 inputs and read twice past that)."""
+    over 11 decades, a row of zeros; on the GPU, the block-per-row kernel (few rows, odd widths) and
+    from 2048 rows of widths in multiples of 8 the warp-per-row one (rows held in registers up to 2048
+    inputs and read twice past that)."""
     from tidal.ops.quant import quantize_fp8_per_token
 
     g = torch.Generator().manual_seed(7)
-    x = (torch.randn(37, width, generator=g) * torch.logspace(-8, 3, width)).to(dtype)
+    x = (torch.randn(rows, width, generator=g) * torch.logspace(-8, 3, width)).to(dtype)
     x[3] = 0
     input_scale = torch.tensor([0.01]) if static else None
     xf = x.float()
-    scale = input_scale.reshape(1, 1).expand(37, 1) if static else \
+    scale = input_scale.reshape(1, 1).expand(rows, 1) if static else \
         (xf.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
     want = (xf / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
     codes, got_scale = quantize_fp8_per_token(x.to(device), None if input_scale is None else input_scale.to(device))
@@ -224,6 +225,7 @@ def test_fp8_conversion_of_every_float16(dtype, device):
     from tidal.ops.quant import quantize_fp8_per_token
 
     values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
-    values = values[torch.isfinite(values)].clamp(-448, 448).reshape(1, -1).to(dtype)  # 63488 of them
+    values = values[torch.isfinite(values)].clamp(-448, 448)  # 63488 of them, then zeros to 2048 rows of 32
+    values = torch.cat((values, values.new_zeros(65536 - len(values)))).reshape(2048, 32).to(dtype)
     codes, _ = quantize_fp8_per_token(values.to(device), torch.tensor([1.0], device=device))
     assert torch.equal(codes.cpu().view(torch.uint8), values.to(torch.float8_e4m3fn).view(torch.uint8))
