@@ -43,7 +43,9 @@ def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
                    help="serve the decoder's linear layers quantized: int8, int4 or fp8 rounded as they load; a "
                         "gptq, awq or compressed-tensors checkpoint is read in its own layout without it")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="the KV cache's element type: auto (the model's) or fp8 (E4M3 codes; the CPU path only)")
+                   help="the KV cache's element type: auto (the model's) or fp8 (E4M3 codes)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks that split the model, this process and workers it starts (CPU, Gloo; default 1)")
     if not serve:
         p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
         return
@@ -219,7 +221,7 @@ def cmd_generate(args) -> int:
         raise CLIError(str(e)) from None
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                          max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
+                          tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
                           enforce_eager=args.enforce_eager)
     try:
         engine = AsyncLLMEngine.from_config(config)
@@ -269,7 +271,8 @@ def cmd_eval_ppl(args) -> int:
     try:
         llm = tidal.LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         num_kv_blocks=num_kv_blocks, enforce_eager=args.enforce_eager,
-                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                        tensor_parallel_size=args.tensor_parallel_size)
     except Exception as e:  # noqa: BLE001  (whatever a broken directory raises: one line, no traceback)
         raise CLIError(f"cannot load {args.model!r}: {e}") from None
     if llm.tokenizer is None:
@@ -339,7 +342,8 @@ def cmd_serve(args) -> int:
                               encoder_cache_bytes=args.encoder_cache_bytes, kv_role=args.role,
                               kv_connector=args.kv_connector, kv_host=args.kv_host or args.host,
                               kv_port=args.kv_port, kv_transfer_timeout=args.kv_transfer_timeout,
-                              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                              tensor_parallel_size=args.tensor_parallel_size)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.max_media_per_prompt < 0:

@@ -324,6 +324,8 @@ class LlamaForCausalLM(nn.Module):
         # after it): ZeRO stage 3, which gathers each module's parameters only around that module's
         # own call, sets this to False.
         self.fuse_across_modules = True
+        # tidal.models.tensor_parallel.shard_ sets this rank's group: the logits are then gathered
+        self.tp = None
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -400,6 +402,8 @@ class LlamaForCausalLM(nn.Module):
         without materialising the logits.
         """
         if attn is None:
+            if self.tp is not None:
+                raise ValueError("a tensor-parallel model (tidal.models.tensor_parallel) has a serving forward only")
             if labels is not None:
                 if labels.shape != input_ids.shape:
                     raise ValueError(f"labels.shape={tuple(labels.shape)} must equal input_ids.shape="
@@ -427,6 +431,12 @@ class LlamaForCausalLM(nn.Module):
         """``hidden`` [num_rows, hidden_size] -> logits [num_rows, vocab_size] fp32; or, with ``out``
         ([num_rows, vocab_size] in the model's dtype), the logits written there unwidened."""
         with torch.no_grad():
+            if self.tp is not None:  # this rank's range of the vocabulary, then every rank's
+                if self.tp.driver is not None:  # the engine's rank: the others compute these rows too
+                    self.tp.driver.announce_logits(hidden)
+                local = torch.nn.functional.linear(hidden, self.lm_head.weight, self.lm_head.bias)
+                logits = self.tp.all_gather(local, dim=1)[:, :self.config.vocab_size]
+                return logits.float() if out is None else out.copy_(logits)
             if out is not None and hidden.shape[0] <= min(SKINNY_MAX_TOKENS, ops.linear.MAX_ROWS) \
                     and hidden.device.type == "cuda":
                 return ops.skinny_linear(hidden, self.lm_head.weight, self.lm_head.bias, out=out)

@@ -22,8 +22,8 @@ class EngineConfig:
     (tidal.serve.disagg): KV blocks move between the two through ``kv_connector`` ("torch":
     torch.distributed point-to-point over Gloo, a prefill engine hosting its bootstrap store on
     ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a transfer not done within
-    ``kv_transfer_timeout`` seconds fails its request. ``quantization`` and ``kv_cache_dtype``: as
-    ``tidal.LLM`` says.
+    ``kv_transfer_timeout`` seconds fails its request. ``quantization``, ``kv_cache_dtype`` and
+    ``tensor_parallel_size``: as ``tidal.LLM`` says.
     """
 
     model: "str | torch.nn.Module"
@@ -48,13 +48,16 @@ class EngineConfig:
     kv_transfer_timeout: float = 30.0
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be an integer >= 1")
         if self.kv_cache_dtype == "fp8_e4m3":
             self.kv_cache_dtype = "fp8"
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} must be 'auto' (the model's dtype) or 'fp8' "
-                             f"(FP8 E4M3 codes, scale 1; the CPU path only)")
+                             f"(FP8 E4M3 codes, scale 1)")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be 'fcfs' or 'priority'")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

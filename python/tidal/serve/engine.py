@@ -119,6 +119,25 @@ def _shared_model(model: torch.nn.Module, config: EngineConfig):
     return model, model_config
 
 
+def _start_tensor_parallel(config: EngineConfig, device: torch.device):
+    """The workers of a tensor-parallel engine, started before rank 0 loads its own copy."""
+    size = config.tensor_parallel_size
+    if device.type != "cpu":
+        raise ValueError(f"tensor_parallel_size={size} runs on the CPU for now (Gloo); on {device} it needs the NCCL "
+                         f"path, which is not built yet: use tensor_parallel_size=1")
+    if config.quantization is not None:
+        raise ValueError(f"tensor_parallel_size={size}: quantized layers do not split across ranks yet "
+                         f"(quantization={config.quantization!r})")
+    from tidal.models.config import ModelConfig
+    from tidal.models.tensor_parallel import check_config_shardable
+    from tidal.serve.tensor_parallel import TensorParallelDriver
+
+    model_config = ModelConfig.from_pretrained(config.model)
+    check_config_shardable(model_config, size)
+    max_model_len = config.max_model_len or model_config.max_position_embeddings
+    return TensorParallelDriver(config.model, str(config.dtype).removeprefix("torch."), size, max_model_len)
+
+
 class LLMEngine:
     """Continuous batching over the paged KV cache for one model on one device."""
 
@@ -126,15 +145,28 @@ class LLMEngine:
         self.config = config
         # The device's memory before this engine adds to it: the KV pool's budget counts only this
         # process's memory, so several engines (disaggregated roles) can share one GPU.
+        self.tp_driver = None
         if isinstance(config.model, torch.nn.Module):
+            if config.tensor_parallel_size > 1:
+                raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a checkpoint directory "
+                                 f"(each rank loads its slice), not a model object")
             self.model, self.model_config = _shared_model(config.model, config)
             self.device = next(self.model.parameters()).device
             baseline = device_memory_baseline(self.device)
         else:
             self.device = resolve_device(config.device)
             baseline = device_memory_baseline(self.device)
-            self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device,
+            if config.tensor_parallel_size > 1:
+                self.tp_driver = _start_tensor_parallel(config, self.device)
+            try:
+                self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device,
                                                            quantization=config.quantization)
+                if self.tp_driver is not None:
+                    self.tp_driver.shard(self.model)
+            except BaseException:
+                if self.tp_driver is not None:
+                    self.tp_driver.close()
+                raise
         self.dtype = next(self.model.parameters()).dtype
         tokenizer_dir = config.tokenizer or (None if isinstance(config.model, torch.nn.Module) else config.model)
         try:
@@ -489,9 +521,12 @@ class LLMEngine:
                 self.transfers.hold(seq, result.token_ids[row], result.logprobs[row])
 
     def close(self) -> None:
-        """Ends what runs beside the engine (its KV connector's threads). Idempotent."""
+        """Ends what runs beside the engine (its KV connector's threads, its tensor-parallel workers).
+        Idempotent."""
         if self.transfers is not None:
             self.transfers.close()
+        if self.tp_driver is not None:
+            self.tp_driver.close()
 
     def poll_transfers(self) -> list[RequestOutput]:
         """Advances KV transfers between steps (an engine with held blocks and nothing to run)."""

@@ -65,6 +65,11 @@ class LLM:
         of a bf16 cache (a quarter of fp32's): twice the blocks in the same memory, half the bytes
         attention reads. On the GPU it needs a float16 or bfloat16 model with head_dim 64, 128 or
         256 (the tensor-core attention kernels convert the codes in shared memory).
+    tensor_parallel_size : int
+        Ranks that split the model (vLLM's name; tidal.models.tensor_parallel): this process and
+        ``tensor_parallel_size - 1`` worker processes it starts, each with a slice of every layer and
+        of the KV cache, over Gloo on the CPU. Llama-family decoders in float weights; the GPU path
+        (NCCL) is not built yet. :meth:`close` stops the workers.
     """
 
     def __init__(self, model: "str | torch.nn.Module", dtype: str | torch.dtype = "auto", device: str = "auto",
@@ -73,7 +78,7 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs",
                  enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
                  tokenizer: str | None = None, encoder_cache_bytes: int = 1 << 30, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1):
         if gpu_memory_utilization is not None:
             kv_cache_memory_fraction = gpu_memory_utilization
         self.engine = LLMEngine(EngineConfig(
@@ -82,8 +87,12 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy,
             enforce_eager=enforce_eager, tokenizer=tokenizer, encoder_cache_bytes=encoder_cache_bytes,
-            quantization=quantization, kv_cache_dtype=kv_cache_dtype))
+            quantization=quantization, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size))
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stops what runs beside the engine (tensor-parallel workers, KV connector threads). Idempotent."""
+        self.engine.close()
 
     def weights_updated(self) -> None:
         """Tells the engine that the weights of the model it serves changed in place (a training step

@@ -156,6 +156,10 @@ class CPUModelRunner:
         self.num_kv_blocks = num_blocks
         self.kv_pool = KVPool(model, num_blocks, config.block_size, device, cache_dtype)
         self.kv_caches = self.kv_pool.caches
+        tp = getattr(model, "tp", None)
+        self.tp_driver = None if tp is None else tp.driver
+        if self.tp_driver is not None:  # the other ranks' caches: as many blocks of their own KV heads
+            self.tp_driver.init_caches(num_blocks, config.block_size, cache_dtype == torch.uint8)
 
     def execute(self, batch, sampling: list[SequenceSampling], mm=None,
                 prompt_rows: PromptRows | None = None) -> PendingSample | None:
@@ -174,6 +178,8 @@ class CPUModelRunner:
             inputs_embeds = None
             if mm is not None:
                 positions, inputs_embeds = multimodal_inputs(self.model, input_ids, positions, mm)
+            if self.tp_driver is not None:
+                self.tp_driver.announce_step(input_ids, positions, attn)
             hidden = self.model(input_ids, positions, attn, self.kv_caches, inputs_embeds=inputs_embeds)
             prompt = None if prompt_rows is None else compute_prompt_logprobs(self.model, hidden, prompt_rows)
             last_rows = (cu_seqlens_q[1:] - 1)[torch.from_numpy(batch.needs_sample).bool()]
