@@ -2,7 +2,7 @@
 the greedy tokens of N = 1 and its prompt and sampled log-probs within fp32's reordering of the
 all-reduced sums, for each model family (GQA with a KV head per rank and KV heads replicated across
 ranks, Qwen3's q/k norm, Mistral's sliding window, Qwen2's qkv bias, tied embeddings, a vocabulary the
-ranks do not divide); the pool stays whole; a worker that dies fails the requests of the step with
+ranks do not divide), an FP8 KV cache on every rank included; the pool stays whole; a worker that dies fails the requests of the step with
 an error instead of hanging; shapes the split cannot take are refused by name."""
 
 import time
@@ -33,10 +33,11 @@ def model_dir(request, tmp_path_factory):
     return path
 
 
-def run(path, tp: int):
+def run(path, tp: int, kv_cache_dtype: str = "auto"):
     params = tidal.SamplingParams(temperature=0.0, max_tokens=12, prompt_logprobs=0, logprobs=3, ignore_eos=True)
     llm = tidal.LLM(path, device="cpu", dtype="float32", tensor_parallel_size=tp, num_kv_blocks=40, block_size=4,
-                    max_model_len=128, max_num_batched_tokens=24)  # chunked prefill: the 30-token prompt takes two steps
+                    max_model_len=128, max_num_batched_tokens=24,  # chunked prefill: the 30-token prompt takes two steps
+                    kv_cache_dtype=kv_cache_dtype)
     try:
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert_pool_whole(llm)
@@ -47,7 +48,18 @@ def run(path, tp: int):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_equals_one_rank(model_dir, tp):
-    want, got = run(model_dir, 1), run(model_dir, tp)
+    assert_same(run(model_dir, 1), run(model_dir, tp))
+
+
+def test_tensor_parallel_with_an_fp8_kv_cache(tmp_path):
+    """Each rank's keys and values are those of one rank's (whole dot products per head), so their FP8
+    codes are too: the workers' FP8 caches give the tokens of an FP8 cache on one rank."""
+    path = str(tmp_path / "m")
+    build_model(path, "qwen3")
+    assert_same(run(path, 1, "fp8"), run(path, 2, "fp8"))
+
+
+def assert_same(want, got):
     for a, b in zip(want, got):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].finish_reason == "length"
