@@ -19,11 +19,14 @@ Stage 0 keeps full optimizer state on every rank; stage 1 shards it; stage 2 als
 once they are reduced; stage 3 also shards the parameters (tidal.train.stage3 gathers each module's
 parameters around its use).
 
-Of ``zero_optimization``'s tuning keys, ``reduce_bucket_size`` sets the reduce-scatter buckets;
+Of ``zero_optimization``'s tuning keys, ``reduce_bucket_size`` sets the reduce-scatter buckets, and
+``overlap_comm`` at stage 2 (several ranks, no optimizer offload, no expert parallelism) starts each
+bucket's reduce-scatter during the boundary's backward pass as soon as its gradients are final
+(:mod:`tidal.train.overlap`; the results equal the non-overlapped ones bit for bit).
 ``allgather_bucket_size``, ``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``,
-``overlap_comm`` and ``contiguous_gradients`` are accepted for compatibility and change nothing yet:
-stage 3 gathers one module at a time with a prefetch depth of one module, and gradients are reduced at
-the accumulation boundary rather than overlapped with the backward pass. Inputs are not cast to the
+``contiguous_gradients`` and ``overlap_comm`` elsewhere are accepted for compatibility and change
+nothing yet: stage 3 gathers one module at a time with a prefetch depth of one module, and the other
+stages reduce gradients at the accumulation boundary. Inputs are not cast to the
 compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where the model expects them.
 
 ZeRO-Offload (``zero_optimization.offload_optimizer.device = "cpu"``): the fp32 master weights and
@@ -99,20 +102,24 @@ def _fold_into(accum: torch.Tensor, s: "_Slot"):
     return hook
 
 
-def _collect_flat_grads(part) -> None:
+def _collect_flat_grads(part) -> list[int]:
     """After a backward pass below stage 3: gradients that did not reach the accumulator (a
     ``.grad`` the caller replaced or dropped, or one autograd added out of place) are added in and
-    the views re-attached."""
-    for s in part.slots:
+    the views re-attached. Returns the indices of the slots whose gradient was added here."""
+    added = []
+    for i, s in enumerate(part.slots):
         g = s.param.grad
         if s.grad_view is None:
             if g is not None:  # set outside autograd: the hook never saw it
                 part.grad_accum[s.offset:s.offset + s.numel].add_(g.reshape(-1))
                 s.param.grad = None
+                added.append(i)
         elif g is not s.grad_view:
             if g is not None:
                 s.grad_view.add_(g)
+                added.append(i)
             s.param.grad = s.grad_view
+    return added
 
 
 def _params_by_module(model: torch.nn.Module, only=None):
@@ -453,6 +460,13 @@ class Engine:
             from tidal.train.offload import OverlappedOffload
 
             self.offload_pipeline = OverlappedOffload(self)
+        # overlap_comm at stage 2: buckets reduce-scattered during the boundary's backward pass
+        self.overlap = None
+        if (zero.overlap_comm and self.stage == 2 and self.world_size > 1 and self.experts is None
+                and not self.offload_optimizer):
+            from tidal.train.overlap import OverlappedReduceScatter
+
+            self.overlap = OverlappedReduceScatter(self)
 
         opt = config.optimizer
         if opt is None:
@@ -584,6 +598,9 @@ class Engine:
         if pipeline is not None:
             pipeline.begin(step_early=self.config.gradient_clipping <= 0 and self.loss_scaler is None,
                            adam=self._adam_options(), publish=self._chunk_publisher(self))
+        overlap = self.overlap if self.is_gradient_accumulation_boundary() else None
+        if overlap is not None:
+            overlap.begin()
         try:
             with warnings.catch_warnings():
                 # stage 3's backward pre-hooks also fire on modules whose inputs need no gradient (the
@@ -593,6 +610,8 @@ class Engine:
         except BaseException:
             if pipeline is not None:
                 pipeline.abort()
+            if overlap is not None:
+                overlap.cancel()
             raise
         if self.gatherer is not None:  # stage 3: the gradient hooks already moved every gradient
             for gatherer in [self.gatherer] + ([] if self.experts is None else [self.experts.gatherer]):
@@ -601,7 +620,13 @@ class Engine:
             return
         with torch.no_grad():
             for part in [self] if self.experts is None else [self, self.experts]:
-                _collect_flat_grads(part)
+                added = _collect_flat_grads(part)
+                if overlap is not None and added:
+                    launched = {k for i in added for k in overlap.slot_buckets[i] if k > overlap.next}
+                    if launched:
+                        raise ValueError(f"zero_optimization.overlap_comm: the gradient of parameter "
+                                         f"{added[0]} was set outside autograd after its bucket's reduce-scatter "
+                                         f"had started; turn overlap_comm off to change gradients by hand")
         if pipeline is not None:
             pipeline.end_backward()
 
@@ -655,7 +680,11 @@ class Engine:
     def _reduce_gradients(self) -> list[torch.Tensor]:
         """The gradients of the owned ranges (the main buffer's, then the experts'), averaged over
         every rank's micro-batches."""
-        grads = [_reduce(self.grad_accum, self.plan, self.stage, self.world_size, self.owned, None, self.world_size)]
+        if self.overlap is not None and self.overlap.pending:
+            grads = [self.overlap.finish(self.world_size)]
+        else:
+            grads = [_reduce(self.grad_accum, self.plan, self.stage, self.world_size, self.owned, None,
+                             self.world_size)]
         if self.experts is not None:
             e = self.experts
             # each expert's gradient already sums its ep group's tokens; the replicas add the rest
