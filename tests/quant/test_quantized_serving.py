@@ -45,10 +45,9 @@ def quantized_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def dequantized_reference(path, fmt, out_dir, group_size=None):
-    """transformers' model of ``path`` with every quantized projection's weight replaced by what
-    tidal's codes for it mean."""
-    quantized, _ = load_model(path, quantization=fmt)
+def dequantized_reference(path, quantized, out_dir):
+    """transformers' model of the float checkpoint ``path`` with the weight of every projection that
+    ``quantized`` (a tidal model) holds quantized replaced by what its codes mean."""
     reference, _ = load_model(path)
     modules = dict(reference.named_modules())
     with torch.no_grad():
@@ -61,7 +60,7 @@ def dequantized_reference(path, fmt, out_dir, group_size=None):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_greedy_equals_transformers_on_the_dequantized_weights(model_dir, fmt, device, tmp_path):
-    hf = dequantized_reference(model_dir, fmt, str(tmp_path / "ref"))
+    hf = dequantized_reference(model_dir, load_model(model_dir, quantization=fmt)[0], str(tmp_path / "ref"))
     batch = prompts([3, 5, 8, 13, 21])
     expected = [hf_greedy(hf, p, 10) for p in batch]
     # NOTE(tests): a step of at most 8 tokens keeps FP8 on its weight-only path (activations are
@@ -256,13 +255,7 @@ def test_act_order_gptq(model_dir, tmp_path):
         down = modules[f"model.layers.{layer}.mlp.down_proj"]
         torch.testing.assert_close(down.dequantized_weight(), weights[f"model.layers.{layer}.mlp.down_proj"],
                                    atol=0, rtol=0)
-    reference, _ = load_model(model_dir)
-    ref_modules = dict(reference.named_modules())
-    with torch.no_grad():
-        for name, layer in quantized_layers(loaded).items():
-            ref_modules[name].weight.copy_(layer.dequantized_weight())
-    save_model(reference, tmp_path / "ref")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ref"), torch_dtype=torch.float32).eval()
+    hf = dequantized_reference(model_dir, loaded, str(tmp_path / "ref"))
     batch = prompts([5, 12, 19], seed=3)
     llm = tidal.LLM(str(tmp_path), tokenizer=model_dir, block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
     outputs = llm.generate(batch, tidal.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
@@ -330,13 +323,7 @@ def test_compressed_tensors_pack_quantized(model_dir, tmp_path, symmetric):
     torch.testing.assert_close(qkv.dequantized_weight(), want, atol=0, rtol=0)
     torch.testing.assert_close(modules["model.layers.0.mlp.down_proj"].dequantized_weight(),
                                weights["model.layers.0.mlp.down_proj"], atol=0, rtol=0)
-    reference, _ = load_model(model_dir)
-    ref_modules = dict(reference.named_modules())
-    with torch.no_grad():
-        for name, layer in quantized_layers(loaded).items():
-            ref_modules[name].weight.copy_(layer.dequantized_weight())
-    save_model(reference, tmp_path / "ref")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ref"), torch_dtype=torch.float32).eval()
+    hf = dequantized_reference(model_dir, loaded, str(tmp_path / "ref"))
     batch = prompts([6, 13], seed=4)
     llm = tidal.LLM(str(tmp_path), tokenizer=model_dir, block_size=4, num_kv_blocks=64)
     outputs = llm.generate(batch, tidal.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
