@@ -8,13 +8,14 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/quant_linear.cuh"
 #include "ops/fp8.h"
 #include "ops/kernels.h"
 
 namespace tidal::gpu {
 namespace {
 
-constexpr int kInt8 = 0, kInt4 = 1, kFp8 = 2;
+using quant::kFp8, quant::kInt4, quant::kInt8, quant::Params;
 constexpr int kWarps = 4;  // warps per block
 // NOTE(tidal): each warp owns kRowsPerWarp output rows and every lane walks the k chunks of all of
 // them at once, so one load and widening of x serves kRowsPerWarp rows. The codes are widened without
@@ -23,17 +24,6 @@ constexpr int kWarps = 4;  // warps per block
 // (int4): ~3 instructions to widen a code plus 1 FMA, 7e9 codes / (132 SMs x 128 lanes x 1.7 GHz) ~
 // 1.0 ms per Llama-3-8B token, next to the 0.73 ms its 3.5 GB take to read on an H200.
 constexpr float kMagic = 8388608.f;  // 2^23
-
-struct Params {
-  const void* x;
-  const uint8_t* qweight;
-  const float* scales;
-  const uint8_t* zeros;
-  const void* bias;
-  void* out;
-  int64_t x_stride, out_stride;
-  int m, n, k, num_groups;
-};
 
 template <int kFormat>
 constexpr int codes_per_chunk() { return kFormat == kInt4 ? 32 : 16; }
@@ -230,11 +220,6 @@ void launch_format(const Params& p, int format, cudaStream_t stream) {
 
 }  // namespace
 
-// The tensor-core kernel (quant_linear_tc.cu): bf16/fp16 activations, int4 and int8, up to 32 rows.
-bool quant_linear_tc_supported(TensorView x, TensorView qweight, TensorView scales, int format);
-void quant_linear_tc(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
-                     TensorView bias, int format, Stream stream);
-
 bool quant_linear_supported(TensorView x, TensorView qweight, TensorView scales, int format) {
   if (quant_linear_tc_supported(x, qweight, scales, format)) return true;
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
@@ -249,19 +234,7 @@ void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView s
   if (quant_linear_tc_supported(x, qweight, scales, format)) {
     return quant_linear_tc(out, x, qweight, scales, zeros, bias, format, stream);
   }
-  Params p{};
-  p.x = x.data;
-  p.qweight = static_cast<const uint8_t*>(qweight.data);
-  p.scales = static_cast<const float*>(scales.data);
-  p.zeros = static_cast<const uint8_t*>(zeros.data);
-  p.bias = bias.data;
-  p.out = out.data;
-  p.x_stride = x.stride(0);
-  p.out_stride = out.stride(0);
-  p.m = static_cast<int>(x.size(0));
-  p.n = static_cast<int>(qweight.size(0));
-  p.k = static_cast<int>(x.size(1));
-  p.num_groups = static_cast<int>(scales.size(1));
+  const Params p = quant::make_params(out, x, qweight, scales, zeros, bias);
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_format<T>(p, format, s));

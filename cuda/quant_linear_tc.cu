@@ -9,6 +9,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/quant_linear.cuh"
 #include "ops/kernels.h"
 
 namespace tidal::gpu {
@@ -16,7 +17,7 @@ namespace tidal::gpu {
 #if !defined(TIDAL_USE_HIP)
 namespace {
 
-constexpr int kInt8 = 0, kInt4 = 1;
+using quant::kInt4, quant::kInt8, quant::Params;
 constexpr int kWarps = 8;       // warps per block, each a share of k
 constexpr int kUnroll = 4;      // k blocks whose codes a lane loads before using any
 constexpr int kMaxTiles = 4;    // 8 rows of x per B tile: up to 32 rows
@@ -26,17 +27,6 @@ constexpr int kMaxTiles = 4;    // 8 rows of x per B tile: up to 32 rows
 // every load is 16 bytes. Napkin math, int4 at m = 1: 2 instructions widen 2 codes, ~1 per weight, a
 // third of the SIMT kernel's; 16 rows x 4096 inputs per block, 256 blocks at n = 4096 keep ~64 KB of
 // codes in flight per SM.
-
-struct Params {
-  const void* x;
-  const uint8_t* qweight;
-  const float* scales;
-  const uint8_t* zeros;
-  const void* bias;
-  void* out;
-  int64_t x_stride, out_stride;
-  int m, n, k, num_groups;
-};
 
 template <int kFormat>
 constexpr int inputs_per_block() { return kFormat == kInt4 ? 128 : 64; }
@@ -242,19 +232,7 @@ bool quant_linear_tc_supported(TensorView x, TensorView qweight, TensorView scal
 
 void quant_linear_tc(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
                      TensorView bias, int format, Stream stream) {
-  Params p{};
-  p.x = x.data;
-  p.qweight = static_cast<const uint8_t*>(qweight.data);
-  p.scales = static_cast<const float*>(scales.data);
-  p.zeros = static_cast<const uint8_t*>(zeros.data);
-  p.bias = bias.data;
-  p.out = out.data;
-  p.x_stride = x.stride(0);
-  p.out_stride = out.stride(0);
-  p.m = static_cast<int>(x.size(0));
-  p.n = static_cast<int>(qweight.size(0));
-  p.k = static_cast<int>(x.size(1));
-  p.num_groups = static_cast<int>(scales.size(1));
+  const Params p = quant::make_params(out, x, qweight, scales, zeros, bias);
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
   if (x.dtype == DType::kBFloat16) {
