@@ -58,35 +58,25 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return word;
 }
 
-// Four FP8 E4M3 codes (byte i of `codes` is code i) as four T values, exactly: codes 0-1 packed in
-// `lo`, 2-3 in `hi`. Each code's sign and seven magnitude bits are laid into a T whose exponent field
-// is the code's four exponent bits, so the T is the code's value times 2^(7 - bias(T)); one paired
-// multiply by 2^(bias(T) - 7) rebiases it, the codes below 2^-6 (subnormal in both) included.
-template <typename T>
-__device__ __forceinline__ void fp8x4_to(uint32_t codes, uint32_t& lo, uint32_t& hi) {
+// Four FP8 E4M3 codes (byte i of `codes` is code i) as four fp16 values, exactly (fp16 holds every
+// finite code): codes 0-1 packed in `lo`, 2-3 in `hi`. FP8 hardware (sm_89+) converts a pair per
+// instruction; before it, each code's sign and seven magnitude bits are laid into an fp16 whose
+// exponent field is the code's four exponent bits, and one paired multiply by 2^8 rebiases it, the
+// codes below 2^-6 (subnormal in both) included.
+__device__ __forceinline__ void fp8x4_to_half(uint32_t codes, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n .reg .b16 c01, c23;\n mov.b32 {c01, c23}, %2;\n cvt.rn.f16x2.e4m3x2 %0, c01;\n"
+      " cvt.rn.f16x2.e4m3x2 %1, c23;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(codes));
+#else
   // bytes [0, c0, 0, c1] and [0, c2, 0, c3]: each code's sign lands on a 16-bit sign bit
   const uint32_t a = __byte_perm(codes, 0u, 0x1404), b = __byte_perm(codes, 0u, 0x3424);
-  if constexpr (std::is_same_v<T, bf16_t>) {
-    const uint32_t x = (a & 0x80008000u) | ((a & 0x7f007f00u) >> 4), y = (b & 0x80008000u) | ((b & 0x7f007f00u) >> 4);
-    // 2^120 in both halves; adding -0 keeps every product's sign, zero included
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(x), "r"(0x7b807b80u), "r"(0x80008000u));
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(y), "r"(0x7b807b80u), "r"(0x80008000u));
-  } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    // FP8 hardware (Ada, Hopper): one conversion per pair
-    asm("{\n .reg .b16 c01, c23;\n mov.b32 {c01, c23}, %2;\n cvt.rn.f16x2.e4m3x2 %0, c01;\n"
-        " cvt.rn.f16x2.e4m3x2 %1, c23;\n}\n"
-        : "=r"(lo), "=r"(hi)
-        : "r"(codes));
-    (void)a;
-    (void)b;
-#else
-    const uint32_t x = (a & 0x80008000u) | ((a & 0x7f007f00u) >> 1), y = (b & 0x80008000u) | ((b & 0x7f007f00u) >> 1);
-    // 2^8 in both halves
-    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(x), "r"(0x5c005c00u), "r"(0x80008000u));
-    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(y), "r"(0x5c005c00u), "r"(0x80008000u));
+  const uint32_t x = (a & 0x80008000u) | ((a & 0x7f007f00u) >> 1), y = (b & 0x80008000u) | ((b & 0x7f007f00u) >> 1);
+  // 2^8 in both halves; adding -0 keeps every product's sign, zero included
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(x), "r"(0x5c005c00u), "r"(0x80008000u));
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(y), "r"(0x5c005c00u), "r"(0x80008000u));
 #endif
-  }
 }
 
 // The mma operand type of the attention kernels over a cache of C holding T-typed queries: T, except
@@ -114,19 +104,19 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
 }
 
 // A [kRows, kHeadDim] tile of FP8 codes (row-major, unswizzled, as cp.async landed it) converted
-// into T in the swizzled layout the ldmatrix loads read; all 128 threads of the block take part.
-template <typename T, int kHeadDim, int kRows>
-__device__ __forceinline__ void convert_fp8_tile(const uint8_t* src, T* dst, int tid) {
-  constexpr int kCodeChunks = kHeadDim / 16;  // 16 codes become two 16-byte chunks of T
+// into fp16 in the swizzled layout the ldmatrix loads read; all 128 threads of the block take part.
+template <int kHeadDim, int kRows>
+__device__ __forceinline__ void convert_fp8_tile(const uint8_t* src, half_t* dst, int tid) {
+  constexpr int kCodeChunks = kHeadDim / 16;  // 16 codes become two 16-byte chunks of fp16
 #pragma unroll
   for (int i = tid; i < kRows * kCodeChunks; i += 128) {
     const int row = i / kCodeChunks, c = i % kCodeChunks;
     const uint4 codes = *reinterpret_cast<const uint4*>(src + row * kHeadDim + c * 16);
     uint4 first, second;
-    fp8x4_to<T>(codes.x, first.x, first.y);
-    fp8x4_to<T>(codes.y, first.z, first.w);
-    fp8x4_to<T>(codes.z, second.x, second.y);
-    fp8x4_to<T>(codes.w, second.z, second.w);
+    fp8x4_to_half(codes.x, first.x, first.y);
+    fp8x4_to_half(codes.y, first.z, first.w);
+    fp8x4_to_half(codes.z, second.x, second.y);
+    fp8x4_to_half(codes.w, second.z, second.w);
     *reinterpret_cast<uint4*>(dst + swizzle<kHeadDim>(row, 2 * c)) = first;
     *reinterpret_cast<uint4*>(dst + swizzle<kHeadDim>(row, 2 * c + 1)) = second;
   }

@@ -141,8 +141,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
     const M* k_tile;
     if constexpr (kFp8) {
       const C* codes = s_kv + (t % kStages) * 2 * Tiles::kTileElems;
-      convert_fp8_tile<M, kHeadDim, kBlockN>(codes, s_convert, tid);
-      convert_fp8_tile<M, kHeadDim, kBlockN>(codes + Tiles::kTileElems, s_convert + Tiles::kTileElems, tid);
+      convert_fp8_tile<kHeadDim, kBlockN>(codes, s_convert, tid);
+      convert_fp8_tile<kHeadDim, kBlockN>(codes + Tiles::kTileElems, s_convert + Tiles::kTileElems, tid);
       __syncthreads();  // the converted tile is whole; the barrier above kept it from the last tile's readers
       k_tile = s_convert;
     } else {

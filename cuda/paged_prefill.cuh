@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
     const M* k_tile;
     const M* v_tile;
     if constexpr (kFp8) {
-      convert_fp8_tile<M, kHeadDim, kBlockN>(s_k + buf * kBlockN * kHeadDim, s_convert, tid);
-      convert_fp8_tile<M, kHeadDim, kBlockN>(s_v + buf * kBlockN * kHeadDim, s_convert + kBlockN * kHeadDim, tid);
+      convert_fp8_tile<kHeadDim, kBlockN>(s_k + buf * kBlockN * kHeadDim, s_convert, tid);
+      convert_fp8_tile<kHeadDim, kBlockN>(s_v + buf * kBlockN * kHeadDim, s_convert + kBlockN * kHeadDim, tid);
       __syncthreads();  // the converted tiles are whole (the barrier closing the last tile kept their readers)
       k_tile = s_convert;
       v_tile = s_convert + kBlockN * kHeadDim;
