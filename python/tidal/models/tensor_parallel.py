@@ -100,10 +100,6 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce_(out)
 
 
-def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    return None if t is None else t[start:stop].clone()
-
-
 def _column_linear(weight: torch.Tensor, bias: torch.Tensor | None, spans: list[tuple[int, int]]) -> nn.Linear:
     """A plain linear layer of the rows ``spans`` of ``weight`` (and ``bias``)."""
     w = torch.cat([weight[a:b] for a, b in spans])
@@ -182,23 +178,23 @@ def shard_(model: LlamaForCausalLM, tp: TensorParallelGroup) -> LlamaForCausalLM
         v_span = (q_size + kv_size + kv_first * hd, q_size + kv_size + (kv_first + kv_count) * hd)
         attn.qkv_proj = _column_linear(attn.qkv_proj.weight, attn.qkv_proj.bias, [q_span, k_span, v_span])
         attn.o_proj = RowParallelLinear(attn.o_proj.weight[:, q_span[0]:q_span[1]].clone(),
-                                        _rows(attn.o_proj.bias, 0, cfg.hidden_size), tp)
+                                        attn.o_proj.bias, tp)
         attn.num_heads, attn.num_kv_heads = q_heads, kv_count
         attn.q_size, attn.kv_size = q_heads * hd, kv_count * hd
         full = cfg.intermediate_size
         mlp.gate_up_proj = _column_linear(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
                                           [(r * inter, (r + 1) * inter), (full + r * inter, full + (r + 1) * inter)])
         mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, r * inter:(r + 1) * inter].clone(),
-                                          _rows(mlp.down_proj.bias, 0, cfg.hidden_size), tp)
+                                          mlp.down_proj.bias, tp)
         layer.skinny_ok = False  # the fused GPU path adds into the residual before any all-reduce
     # the vocabulary: padded to a multiple of the ranks, a contiguous range each
     vocab = cfg.vocab_size
     per_rank = -(-vocab // n)
     start, stop = r * per_rank, min((r + 1) * per_rank, vocab)
 
-    def vocab_rows(weight: torch.Tensor) -> nn.Parameter:
-        rows = weight.new_zeros(per_rank, weight.shape[1])
-        rows[: max(stop - start, 0)] = weight[start:stop]
+    def vocab_rows(t: torch.Tensor) -> nn.Parameter:  # this rank's rows of a weight (or bias) over the vocabulary
+        rows = t.new_zeros(per_rank, *t.shape[1:])
+        rows[: max(stop - start, 0)] = t[start:stop]
         return nn.Parameter(rows, requires_grad=False)
 
     tied = model.lm_head.weight is model.model.embed_tokens.weight
@@ -207,9 +203,7 @@ def shard_(model: LlamaForCausalLM, tp: TensorParallelGroup) -> LlamaForCausalLM
     model.lm_head.weight = embed if tied else vocab_rows(model.lm_head.weight)
     model.lm_head.out_features = per_rank
     if model.lm_head.bias is not None:
-        bias = model.lm_head.bias.new_zeros(per_rank)
-        bias[: max(stop - start, 0)] = model.lm_head.bias[start:stop]
-        model.lm_head.bias = nn.Parameter(bias, requires_grad=False)
+        model.lm_head.bias = vocab_rows(model.lm_head.bias)
     model.num_heads, model.num_kv_heads = q_heads, kv_count
     model.tp = tp
     return model
