@@ -239,7 +239,8 @@ class NixlConnector(KVConnector):
 # ---- torch.distributed ------------------------------------------------------------------------------
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
+    """A TCP port nothing listens on at ``host`` now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -266,7 +267,7 @@ class TorchConnector(KVConnector):
         self._acceptor: threading.Thread | None = None
         self._store = None
         if serve:  # the prefill side hosts the store its decode peers bootstrap through
-            self.port = port or _free_port(host)
+            self.port = port or free_port(host)
             self._store = dist.TCPStore(host, self.port, is_master=True, wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=timeout))
             self._store.add("peers", 0)

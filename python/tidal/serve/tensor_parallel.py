@@ -16,37 +16,19 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 from tidal.models.attention import AttentionMetadata
 from tidal.models.tensor_parallel import TensorParallelGroup, shard_
+from tidal.serve.kv_transfer import free_port
+from tidal.train.comm import seconds_from_env
 
 _SHUTDOWN, _INIT, _STEP, _LOGITS = 0, 1, 2, 3
 _HEADER = 8
 _DEFAULT_TIMEOUT_S = 60.0
 TIMEOUT_ENV = "TIDAL_TP_TIMEOUT_S"
-
-
-def _timeout_s() -> float:
-    value = os.environ.get(TIMEOUT_ENV)
-    if not value:
-        return _DEFAULT_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds") from None
-    if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be > 0")
-    return seconds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _group(rank: int, size: int, port: int, timeout_s: float) -> TensorParallelGroup:
@@ -65,8 +47,8 @@ class TensorParallelDriver:
     """Rank 0's side: starts the workers, joins their group and tells them what to run."""
 
     def __init__(self, model_path: str, dtype: str, size: int, max_model_len: int):
-        self.timeout_s = _timeout_s()
-        port = _free_port()
+        self.timeout_s = seconds_from_env(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)
+        port = free_port("127.0.0.1")
         ctx = multiprocessing.get_context("spawn")
         spec = dict(model=model_path, dtype=dtype, max_model_len=max_model_len)
         self.workers = [ctx.Process(target=_worker_main, args=(rank, size, port, spec, self.timeout_s), daemon=True,

@@ -23,16 +23,27 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names it and the process group's size."""
 
 
+def seconds_from_env(name: str, default: float | None) -> float | None:
+    """The number of seconds environment variable ``name`` holds (> 0), or ``default`` when unset."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be a number of seconds") from None
+    if not seconds > 0:
+        raise ValueError(f"{name}={value!r} must be > 0")
+    return seconds
+
+
 def init(device: torch.device, timeout_s: float | None = None) -> None:
     """Joins the job's process group from the environment (torchrun's env://) if there is one."""
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL binds each rank's communicator to the current device
-        if timeout_s is None and os.environ.get(TIMEOUT_ENV):
-            try:
-                timeout_s = float(os.environ[TIMEOUT_ENV])
-            except ValueError:
-                raise ValueError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} must be a number of seconds") from None
+        if timeout_s is None:
+            timeout_s = seconds_from_env(TIMEOUT_ENV, None)
         kwargs = {}
         if timeout_s is not None:
             if not timeout_s > 0:
