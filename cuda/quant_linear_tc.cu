@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // The quantized linear layer on tensor cores for decode batches (bf16 or fp16 activations, up to 32
-// rows): each block owns 16 output rows, its warps split k; codes are widened straight into mma.sync
-// A fragments (int4: two codes per instruction pair, exactly, as code - zero), the rows of x are the
-// B fragments, fp32 accumulators take each group's scale after its k-steps. NVIDIA only (mma.sync);
-// the HIP build and other shapes keep the SIMT kernel of quant_linear.cu.
+// rows): a persistent grid whose blocks walk tiles of 16 output rows, their warps splitting each
+// tile's k; every warp streams its codes through a cp.async ring in shared memory, so loads stay in
+// flight across tile boundaries; codes are widened straight into mma.sync A fragments (int4: two
+// codes per instruction pair, exactly, as code - zero), the rows of x are the B fragments, fp32
+// accumulators take each group's scale after its k-steps. NVIDIA only (mma.sync, cp.async); the HIP
+// build and other shapes keep the SIMT kernel of quant_linear.cu.
 #include <climits>
 #include <cstdint>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/quant_linear.cuh"
@@ -19,14 +22,17 @@ namespace {
 
 using quant::kInt4, quant::kInt8, quant::Params;
 constexpr int kWarps = 8;       // warps per block, each a share of k
-constexpr int kUnroll = 4;      // k blocks whose codes a lane loads before using any
+constexpr int kStages = 4;      // k blocks of codes in flight per warp (its ring of shared memory)
 constexpr int kMaxTiles = 4;    // 8 rows of x per B tile: up to 32 rows
 // NOTE(tidal): a k block is what 4 lanes' 16-byte loads of one row cover (int4: 128 inputs, int8: 64).
 // Each lane takes the inputs of its own 16 bytes, so A and B fragments pair up inputs in the order the
 // codes sit in the word (the mma's sum does not care which input goes to which fragment column) and
 // every load is 16 bytes. Napkin math, int4 at m = 1: 2 instructions widen 2 codes, ~1 per weight, a
-// third of the SIMT kernel's; 16 rows x 4096 inputs per block, 256 blocks at n = 4096 keep ~64 KB of
-// codes in flight per SM.
+// third of the SIMT kernel's. An H200 streams ~32 GB/s per SM at its copy ceiling, so with ~1 us of
+// DRAM latency an SM needs ~32 KB in flight at all times: kStages x 1 KB per warp x 8 warps x 3-4
+// blocks per SM is 96-128 KB. The first version of this kernel (one tile per block, each warp loading
+// its 4 k blocks, then widening, then exiting) kept loads in flight only part of each block's life:
+// 25% occupancy and 46% of DRAM bandwidth on H100 (ncu, Llama-3-8B gate_up at one row).
 
 template <int kFormat>
 constexpr int inputs_per_block() { return kFormat == kInt4 ? 128 : 64; }
@@ -78,94 +84,135 @@ __device__ __forceinline__ uint32_t offset_pair(int zero) {
   return pack2<T>(v, v);
 }
 
+/// This lane's k block of codes, widened to A fragments and multiplied with x's rows (the B tiles):
+/// `blk` gets the block's unscaled dot products. `raw0`/`raw1`: the lane's 16 bytes of rows row0 and
+/// row1; `first`: the first of the lane's inputs; `off0`/`off1`: int4's magic number plus zero point.
 template <typename T, int kFormat, int kTiles>
-__global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Params p) {
-  constexpr int kBlockInputs = inputs_per_block<kFormat>();
+__device__ __forceinline__ void block_dot(const Params& p, const T* x, int group_id, int64_t first, uint4 raw0,
+                                          uint4 raw1, uint32_t off0, uint32_t off1, float (&blk)[kTiles][4]) {
   constexpr int kSteps = kFormat == kInt4 ? 8 : 4;  // mma k-steps (16 inputs) per k block
-  __shared__ float partial[kWarps][kTiles * 4][kWarpSize];
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int group_id = lane / 4, tid = lane % 4;
-  const int row0 = blockIdx.x * 16 + group_id, row1 = row0 + 8;
-  const int64_t row_bytes = kFormat == kInt4 ? p.k / 2 : p.k;
-  const uint4* codes0 = reinterpret_cast<const uint4*>(p.qweight + min(row0, p.n - 1) * row_bytes) + tid;
-  const uint4* codes1 = reinterpret_cast<const uint4*>(p.qweight + min(row1, p.n - 1) * row_bytes) + tid;
-  const int num_blocks = p.k / kBlockInputs, blocks_per_group = p.k / p.num_groups / kBlockInputs;
-  const T* x = static_cast<const T*>(p.x);
-  float acc[kTiles][4] = {};
-  for (int b0 = warp; b0 < num_blocks; b0 += kWarps * kUnroll) {
-    // every load of the k blocks first (codes, scales, zero points), then the math
-    uint4 raw0[kUnroll], raw1[kUnroll];
-    float scale0[kUnroll], scale1[kUnroll];
-    int zero0[kUnroll], zero1[kUnroll];
+  const uint32_t w0[4] = {raw0.x, raw0.y, raw0.z, raw0.w};
+  const uint32_t w1[4] = {raw1.x, raw1.y, raw1.z, raw1.w};
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int b = b0 + u * kWarps;
-      if (b < num_blocks) {
-        raw0[u] = TIDAL_LDG(codes0 + 4 * b);
-        raw1[u] = TIDAL_LDG(codes1 + 4 * b);
-        const int64_t g0 = static_cast<int64_t>(min(row0, p.n - 1)) * p.num_groups + b / blocks_per_group;
-        const int64_t g1 = static_cast<int64_t>(min(row1, p.n - 1)) * p.num_groups + b / blocks_per_group;
-        scale0[u] = TIDAL_LDG(p.scales + g0);
-        scale1[u] = TIDAL_LDG(p.scales + g1);
-        if constexpr (kFormat == kInt4) {
-          zero0[u] = TIDAL_LDG(p.zeros + g0);
-          zero1[u] = TIDAL_LDG(p.zeros + g1);
-        }
+  for (int w = 0; w < 4; ++w) {
+    // A fragments of the word's k-steps: int4, 2 steps (pairs (j, j+4) for j = 0,1 then 2,3);
+    // int8, 1 step (pairs (0,1) and (2,3))
+    uint32_t a[kSteps / 4][4];
+#pragma unroll
+    for (int h = 0; h < kSteps / 4; ++h) {
+      if constexpr (kFormat == kInt4) {
+        a[h][0] = int4_pair<T>(w0[w], 2 * h, off0);
+        a[h][1] = int4_pair<T>(w1[w], 2 * h, off1);
+        a[h][2] = int4_pair<T>(w0[w], 2 * h + 1, off0);
+        a[h][3] = int4_pair<T>(w1[w], 2 * h + 1, off1);
+      } else {
+        a[h][0] = int8_pair<T>(w0[w], 0);
+        a[h][1] = int8_pair<T>(w1[w], 0);
+        a[h][2] = int8_pair<T>(w0[w], 1);
+        a[h][3] = int8_pair<T>(w1[w], 1);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int b = b0 + u * kWarps;
+    for (int t = 0; t < kTiles; ++t) {
+      const int token = t * 8 + group_id;
+      if constexpr (kFormat == kInt4) {
+        // x[token, the word's 8 inputs]: pairs (j, j + 4) as the codes pair up
+        uint4 xv = make_uint4(0, 0, 0, 0);
+        if (token < p.m) xv = TIDAL_LDG(reinterpret_cast<const uint4*>(x + token * p.x_stride + first + 8 * w));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t lo = h == 0 ? xv.x : xv.y, hi = h == 0 ? xv.z : xv.w;
+          mma_16816<T>(blk[t], a[h], __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+        }
+      } else {
+        uint2 xv = make_uint2(0, 0);
+        if (token < p.m) xv = TIDAL_LDG(reinterpret_cast<const uint2*>(x + token * p.x_stride + first + 4 * w));
+        mma_16816<T>(blk[t], a[0], xv.x, xv.y);
+      }
+    }
+  }
+}
+
+// A compiler barrier: shared-memory reads and writes are not moved across it (cp.async's wait and
+// issue carry no memory clobber of their own).
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+// Grid: at most one wave of resident blocks; block b takes the 16-row tiles b, b + grid, ... .
+// Each warp streams its units (tile, k block w, w + kWarps, ...) through a ring of kStages slots of
+// shared memory that only its own lanes touch (each lane reads back the 32 bytes it copied), so the
+// next tiles' codes are in flight while a tile finishes; at each tile's end the warps' partial sums
+// meet in shared memory (double-buffered: one barrier per tile).
+template <typename T, int kFormat, int kTiles>
+__global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Params p) {
+  constexpr int kBlockInputs = inputs_per_block<kFormat>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& ring = *reinterpret_cast<uint4(*)[kWarps][kStages][2][kWarpSize]>(smem_raw);
+  auto& partial = *reinterpret_cast<float(*)[2][kWarps][kTiles * 4][kWarpSize]>(
+      smem_raw + sizeof(uint4) * kWarps * kStages * 2 * kWarpSize);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int group_id = lane / 4, tid = lane % 4;
+  const int64_t row_bytes = kFormat == kInt4 ? p.k / 2 : p.k;
+  const int num_tiles = (p.n + 15) / 16, num_blocks = p.k / kBlockInputs;
+  const int blocks_per_group = p.k / p.num_groups / kBlockInputs;
+  // every warp walks the same number of units per tile (the last ones past k are empty), so the
+  // barrier at each tile's end is reached by all of them
+  const int per_tile = (num_blocks + kWarps - 1) / kWarps;
+  const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
+                       static_cast<int>(gridDim.x);
+  const int total = per_tile * my_tiles;
+  const T* x = static_cast<const T*>(p.x);
+
+  // unit i: tile blockIdx.x + (i / per_tile) * gridDim.x, k block warp + (i % per_tile) * kWarps
+  float scale0[kStages], scale1[kStages];
+  int zero0[kStages], zero1[kStages];
+  const auto issue = [&](int i, int s) {
+    if (i < total) {
+      const int tile = static_cast<int>(blockIdx.x) + (i / per_tile) * static_cast<int>(gridDim.x);
+      const int b = warp + (i % per_tile) * kWarps;
+      if (b < num_blocks) {
+        const int row0 = min(tile * 16 + group_id, p.n - 1), row1 = min(tile * 16 + 8 + group_id, p.n - 1);
+        const uint8_t* chunk = p.qweight + static_cast<int64_t>(b) * 64 + tid * 16;
+        cp_async_16(shared_address(&ring[warp][s][0][lane]), chunk + row0 * row_bytes, true);
+        cp_async_16(shared_address(&ring[warp][s][1][lane]), chunk + row1 * row_bytes, true);
+        const int64_t g0 = static_cast<int64_t>(row0) * p.num_groups + b / blocks_per_group;
+        const int64_t g1 = static_cast<int64_t>(row1) * p.num_groups + b / blocks_per_group;
+        scale0[s] = TIDAL_LDG(p.scales + g0);
+        scale1[s] = TIDAL_LDG(p.scales + g1);
+        if constexpr (kFormat == kInt4) {
+          zero0[s] = TIDAL_LDG(p.zeros + g0);
+          zero1[s] = TIDAL_LDG(p.zeros + g1);
+        }
+      }
+    }
+    cp_async_commit();  // empty past the end: the group count stays one per unit
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages; ++s) issue(s, s);
+  float acc[kTiles][4] = {};
+  int parity = 0;
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int i0 = 0; i0 < total; i0 += kStages) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      const int i = i0 + s;
+      if (i >= total) break;  // uniform across the block: every warp has the same total
+      cp_async_wait<kStages - 1>();
+      compiler_fence();
+      const int tile = static_cast<int>(blockIdx.x) + (i / per_tile) * static_cast<int>(gridDim.x);
+      const int unit = i % per_tile, b = warp + unit * kWarps;
       if (b < num_blocks) {
         uint32_t off0 = 0, off1 = 0;
         if constexpr (kFormat == kInt4) {
-          off0 = offset_pair<T>(zero0[u]);
-          off1 = offset_pair<T>(zero1[u]);
+          off0 = offset_pair<T>(zero0[s]);
+          off1 = offset_pair<T>(zero1[s]);
         }
-        const uint32_t w0[4] = {raw0[u].x, raw0[u].y, raw0[u].z, raw0[u].w};
-        const uint32_t w1[4] = {raw1[u].x, raw1[u].y, raw1[u].z, raw1[u].w};
         float blk[kTiles][4] = {};
-        // this lane's inputs of the block: kBlockInputs / 4 consecutive ones from here
         const int64_t first = static_cast<int64_t>(b) * kBlockInputs + tid * (kBlockInputs / 4);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          // A fragments of the word's k-steps: int4, 2 steps (pairs (j, j+4) for j = 0,1 then 2,3);
-          // int8, 1 step (pairs (0,1) and (2,3))
-          uint32_t a[kSteps / 4][4];
-#pragma unroll
-          for (int h = 0; h < kSteps / 4; ++h) {
-            if constexpr (kFormat == kInt4) {
-              a[h][0] = int4_pair<T>(w0[w], 2 * h, off0);
-              a[h][1] = int4_pair<T>(w1[w], 2 * h, off1);
-              a[h][2] = int4_pair<T>(w0[w], 2 * h + 1, off0);
-              a[h][3] = int4_pair<T>(w1[w], 2 * h + 1, off1);
-            } else {
-              a[h][0] = int8_pair<T>(w0[w], 0);
-              a[h][1] = int8_pair<T>(w1[w], 0);
-              a[h][2] = int8_pair<T>(w0[w], 1);
-              a[h][3] = int8_pair<T>(w1[w], 1);
-            }
-          }
-#pragma unroll
-          for (int t = 0; t < kTiles; ++t) {
-            const int token = t * 8 + group_id;
-            if constexpr (kFormat == kInt4) {
-              // x[token, the word's 8 inputs]: pairs (j, j + 4) as the codes pair up
-              uint4 xv = make_uint4(0, 0, 0, 0);
-              if (token < p.m) xv = TIDAL_LDG(reinterpret_cast<const uint4*>(x + token * p.x_stride + first + 8 * w));
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const uint32_t lo = h == 0 ? xv.x : xv.y, hi = h == 0 ? xv.z : xv.w;
-                mma_16816<T>(blk[t], a[h], __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
-              }
-            } else {
-              uint2 xv = make_uint2(0, 0);
-              if (token < p.m) xv = TIDAL_LDG(reinterpret_cast<const uint2*>(x + token * p.x_stride + first + 4 * w));
-              mma_16816<T>(blk[t], a[0], xv.x, xv.y);
-            }
-          }
-        }
-        const float s0 = scale0[u], s1 = scale1[u];
+        block_dot<T, kFormat, kTiles>(p, x, group_id, first, ring[warp][s][0][lane], ring[warp][s][1][lane], off0,
+                                      off1, blk);
+        const float s0 = scale0[s], s1 = scale1[s];
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
           acc[t][0] = fmaf(s0, blk[t][0], acc[t][0]);
@@ -174,44 +221,70 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Para
           acc[t][3] = fmaf(s1, blk[t][3], acc[t][3]);
         }
       }
-    }
-  }
+      compiler_fence();
+      issue(i + kStages, s);  // the slot just read takes the unit kStages ahead
+      if (unit == per_tile - 1) {  // the tile's last unit: sum the warps' partials
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
+        for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][t * 4 + i][lane] = acc[t][i];
-  }
-  __syncthreads();
-  if (warp != 0) return;
-  T* out = static_cast<T*>(p.out);
-  const T* bias = static_cast<const T*>(p.bias);
+          for (int c = 0; c < 4; ++c) {
+            partial[parity][warp][t * 4 + c][lane] = acc[t][c];
+            acc[t][c] = 0.f;
+          }
+        }
+        __syncthreads();
+        if (warp == 0) {
+          const int row0 = tile * 16 + group_id;
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
+          for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float sum = 0.f;
+            for (int c = 0; c < 4; ++c) {
+              float sum = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += partial[w][t * 4 + i][lane];
-      const int row = i < 2 ? row0 : row1, token = t * 8 + 2 * tid + (i & 1);
-      if (row < p.n && token < p.m) {
-        out[token * p.out_stride + row] = from_float<T>(sum + (bias == nullptr ? 0.f : to_float(bias[row])));
+              for (int w = 0; w < kWarps; ++w) sum += partial[parity][w][t * 4 + c][lane];
+              const int row = c < 2 ? row0 : row0 + 8, token = t * 8 + 2 * tid + (c & 1);
+              if (row < p.n && token < p.m) {
+                out[token * p.out_stride + row] = from_float<T>(sum + (bias == nullptr ? 0.f : to_float(bias[row])));
+              }
+            }
+          }
+        }
+        parity ^= 1;
       }
     }
   }
 }
 
-template <typename T, int kFormat>
-void launch_tiles(const Params& p, cudaStream_t stream) {
-  const dim3 grid((p.n + 15) / 16), block(kWarps * kWarpSize);
-  const int tiles = (p.m + 7) / 8;
-  if (tiles <= 1) {
-    quant_linear_tc_kernel<T, kFormat, 1><<<grid, block, 0, stream>>>(p);
-  } else if (tiles <= 2) {
-    quant_linear_tc_kernel<T, kFormat, 2><<<grid, block, 0, stream>>>(p);
-  } else {
-    quant_linear_tc_kernel<T, kFormat, 4><<<grid, block, 0, stream>>>(p);
+template <int kTiles>
+constexpr int smem_bytes() {
+  return static_cast<int>(sizeof(uint4) * kWarps * kStages * 2 * kWarpSize + sizeof(float) * 2 * kWarps * kTiles * 4 * kWarpSize);
+}
+
+template <typename T, int kFormat, int kTiles>
+void launch(const Params& p, int device, cudaStream_t stream) {
+  const auto kernel = quant_linear_tc_kernel<T, kFormat, kTiles>;
+  constexpr int kSmem = smem_bytes<kTiles>();
+  // NOTE(tidal): past 48 KB of dynamic shared memory a kernel must ask for it, once per device
+  static bool raised[64] = {};
+  if (device >= 0 && device < 64 && !raised[device]) {
+    TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    raised[device] = true;
   }
+  int per_sm = 0;
+  TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * kWarpSize, kSmem));
+  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
+  const int64_t tiles = (p.n + 15) / 16;
+  const dim3 grid(static_cast<unsigned>(tiles < resident ? tiles : resident)), block(kWarps * kWarpSize);
+  kernel<<<grid, block, kSmem, stream>>>(p);
   TIDAL_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int kFormat>
+void launch_tiles(const Params& p, int device, cudaStream_t stream) {
+  const int tiles = (p.m + 7) / 8;
+  if (tiles <= 1) return launch<T, kFormat, 1>(p, device, stream);
+  if (tiles <= 2) return launch<T, kFormat, 2>(p, device, stream);
+  launch<T, kFormat, 4>(p, device, stream);
 }
 
 }  // namespace
@@ -236,9 +309,9 @@ void quant_linear_tc(TensorView out, TensorView x, TensorView qweight, TensorVie
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
   if (x.dtype == DType::kBFloat16) {
-    format == kInt4 ? launch_tiles<bf16_t, kInt4>(p, s) : launch_tiles<bf16_t, kInt8>(p, s);
+    format == kInt4 ? launch_tiles<bf16_t, kInt4>(p, x.device.index, s) : launch_tiles<bf16_t, kInt8>(p, x.device.index, s);
   } else {
-    format == kInt4 ? launch_tiles<half_t, kInt4>(p, s) : launch_tiles<half_t, kInt8>(p, s);
+    format == kInt4 ? launch_tiles<half_t, kInt4>(p, x.device.index, s) : launch_tiles<half_t, kInt8>(p, x.device.index, s);
   }
 }
 

@@ -121,7 +121,9 @@ def test_quantize_weight_round_trip(fmt):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,group", [(1, 64, 64, 32), (4, 37, 256, 64), (8, 300, 1024, 128), (6, 129, 512, None),
                                          (1, 40, 512, 128), (3, 16, 256, None), (16, 50, 384, 128), (32, 33, 1024, 256),
-                                         (27, 64, 128, 128)])
+                                         (27, 64, 128, 128),
+                                         # more 16-row tiles than a wave of blocks: each block walks several
+                                         (1, 9001, 1024, 128), (12, 8500, 256, None), (3, 10007, 384, 128)])
 def test_kernel_runs_for_its_shapes(m, n, k, group, dtype, fmt):
     """The decode kernels themselves (tensor cores for int4/int8 with 16-bit x and groups of 128 or
     whole rows; the SIMT kernel otherwise, up to 8 rows), not the dense fallback, take these shapes
