@@ -118,3 +118,25 @@ def test_fused_moe_paths(num_tokens, hidden, inter, num_experts, top_k, dtype):
     got = tidal.ops.fused_moe(x.cuda(), logits.cuda(), w13.cuda(), w2.cuda(), top_k)
     torch.cuda.synchronize()
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("m,n,k,fmt,dtype", [
+    (1, 9001, 256, "int4", torch.bfloat16),  # tensor cores: more 16-row tiles than a wave, a ragged last tile
+    (5, 40, 384, "int4", torch.float16),     # tensor cores: fewer k blocks than warps (empty units)
+    (12, 300, 512, "int8", torch.bfloat16),  # tensor cores: two B tiles
+    (1, 70, 256, "int8", torch.float16),     # the SIMT kernel
+    (3, 50, 256, "fp8", torch.bfloat16),
+    (2, 33, 96, "int4", torch.float32),
+])
+def test_quant_linear_paths(m, n, k, fmt, dtype):
+    from tidal.quant import quantize_weight
+    g = torch.Generator().manual_seed(m * n + k)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    codes, scales, zeros = quantize_weight(w, fmt, 32 if fmt == "int4" and k % 128 else 128 if fmt == "int4" else None)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    expected = tidal.ops.quant_linear(x, codes, scales, zeros, b, fmt)  # the CPU twin, checked in test_quant_linear
+    cuda = [None if t is None else t.cuda() for t in (x, codes, scales, zeros, b)]
+    got = tidal.ops.quant_linear(*cuda, fmt)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.cpu().float(), expected.float(), atol=3e-2, rtol=3e-2)
