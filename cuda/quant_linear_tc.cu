@@ -63,36 +63,54 @@ __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
   return out;
 }
 
+/// (a & mask) | bits in one instruction: with both constants as immediates the compiler emits two
+/// LOP3s (an instruction holds one immediate), so they come in as registers.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(out) : "r"(a), "r"(mask), "r"(bits));
+  return out;
+}
+
 /// The pair (code j, code j + 4) of an int4 word (codes 0..7 at bits 4j) minus `offset` (the magic
 /// number plus the zero point, in both halves), as two exact 16-bit floats.
 template <typename T>
 __device__ __forceinline__ uint32_t int4_pair(uint32_t word, int j, uint32_t offset) {
-  return sub2<T>(((word >> (4 * j)) & 0x000f000fu) | magic_pair<T>(), offset);
+  return sub2<T>(and_or(word >> (4 * j), 0x000f000fu, magic_pair<T>()), offset);
 }
 
-/// Codes 2j and 2j + 1 of an int8 word as two exact 16-bit floats.
+/// Codes 2j and 2j + 1 of an int8 word as two exact 16-bit floats; `biased` is the word with its sign
+/// bits flipped (each byte code + 128). fp16: each byte under the exponent of 1024 (one byte
+/// permutation), less 1024 + 128; bf16 (too few mantissa bits for 8-bit codes): the same through
+/// fp32's 2^23, then packed. No integer-to-float conversions (quarter-rate instructions).
 template <typename T>
-__device__ __forceinline__ uint32_t int8_pair(uint32_t word, int j) {
-  const float lo = static_cast<float>(static_cast<int8_t>((word >> (16 * j)) & 0xffu));
-  const float hi = static_cast<float>(static_cast<int8_t>((word >> (16 * j + 8)) & 0xffu));
-  return pack2<T>(lo, hi);
+__device__ __forceinline__ uint32_t int8_pair(uint32_t biased, int j) {
+  if constexpr (std::is_same_v<T, half_t>) {
+    return sub2<T>(__byte_perm(biased, 0x64646464u, 0x4040 | ((2 * j + 1) << 8) | (2 * j)), 0x64806480u);
+  } else {
+    const float lo = __uint_as_float(__byte_perm(biased, 0x4b000000u, 0x7650 + 2 * j)) - 8388736.f;
+    const float hi = __uint_as_float(__byte_perm(biased, 0x4b000000u, 0x7650 + 2 * j + 1)) - 8388736.f;
+    return pack2<T>(lo, hi);
+  }
 }
 
+/// The magic number plus a zero point (0..15) in both 16-bit halves: the zero lands in the low
+/// mantissa bits of 2^e, exactly (one integer instruction, no conversion).
 template <typename T>
-__device__ __forceinline__ uint32_t offset_pair(int zero) {
-  const float v = (std::is_same_v<T, bf16_t> ? 128.f : 1024.f) + static_cast<float>(zero);
-  return pack2<T>(v, v);
+__device__ __forceinline__ uint32_t offset_pair(uint32_t zero) {
+  return magic_pair<T>() | (zero * 0x00010001u);
 }
 
 /// This lane's k block of codes, widened to A fragments and multiplied with x's rows (the B tiles):
 /// `blk` gets the block's unscaled dot products. `raw0`/`raw1`: the lane's 16 bytes of rows row0 and
 /// row1; `first`: the first of the lane's inputs; `off0`/`off1`: int4's magic number plus zero point.
 template <typename T, int kFormat, int kTiles>
-__device__ __forceinline__ void block_dot(const Params& p, const T* x, int group_id, int64_t first, uint4 raw0,
+__device__ __forceinline__ void block_dot(const Params& p, const T* x, int group_id, int first, uint4 raw0,
                                           uint4 raw1, uint32_t off0, uint32_t off1, float (&blk)[kTiles][4]) {
   constexpr int kSteps = kFormat == kInt4 ? 8 : 4;  // mma k-steps (16 inputs) per k block
-  const uint32_t w0[4] = {raw0.x, raw0.y, raw0.z, raw0.w};
-  const uint32_t w1[4] = {raw1.x, raw1.y, raw1.z, raw1.w};
+  // int8 words arrive with their sign bits flipped (see int8_pair)
+  constexpr uint32_t kFlip = kFormat == kInt8 ? 0x80808080u : 0u;
+  const uint32_t w0[4] = {raw0.x ^ kFlip, raw0.y ^ kFlip, raw0.z ^ kFlip, raw0.w ^ kFlip};
+  const uint32_t w1[4] = {raw1.x ^ kFlip, raw1.y ^ kFlip, raw1.z ^ kFlip, raw1.w ^ kFlip};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     // A fragments of the word's k-steps: int4, 2 steps (pairs (j, j+4) for j = 0,1 then 2,3);
@@ -114,104 +132,131 @@ __device__ __forceinline__ void block_dot(const Params& p, const T* x, int group
     }
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
-      const int token = t * 8 + group_id;
+      // a token past m reads row m - 1 instead (its products are never written): no predicate, no zeroing
+      const int token = min(t * 8 + group_id, p.m - 1);
       if constexpr (kFormat == kInt4) {
         // x[token, the word's 8 inputs]: pairs (j, j + 4) as the codes pair up
-        uint4 xv = make_uint4(0, 0, 0, 0);
-        if (token < p.m) xv = TIDAL_LDG(reinterpret_cast<const uint4*>(x + token * p.x_stride + first + 8 * w));
+        const uint4 xv = TIDAL_LDG(reinterpret_cast<const uint4*>(x + token * p.x_stride + first + 8 * w));
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint32_t lo = h == 0 ? xv.x : xv.y, hi = h == 0 ? xv.z : xv.w;
           mma_16816<T>(blk[t], a[h], __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
         }
       } else {
-        uint2 xv = make_uint2(0, 0);
-        if (token < p.m) xv = TIDAL_LDG(reinterpret_cast<const uint2*>(x + token * p.x_stride + first + 4 * w));
+        const uint2 xv = TIDAL_LDG(reinterpret_cast<const uint2*>(x + token * p.x_stride + first + 4 * w));
         mma_16816<T>(blk[t], a[0], xv.x, xv.y);
       }
     }
   }
 }
 
-// A compiler barrier: shared-memory reads and writes are not moved across it (cp.async's wait and
-// issue carry no memory clobber of their own).
-__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+// 16 bytes of shared memory; volatile, so it stays between the cp.async wait before it and the
+// cp.async that refills the slot after it.
+__device__ __forceinline__ uint4 load_shared_16(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
+  return v;
+}
+
+// Shared memory: the warps' rings, then the partial sums (two buffers).
+template <int kTiles>
+constexpr int smem_bytes() {
+  return static_cast<int>(sizeof(uint4) * kWarps * kStages * 2 * kWarpSize + sizeof(float) * 2 * kWarps * kTiles * 4 * kWarpSize);
+}
 
 // Grid: at most one wave of resident blocks; block b takes the 16-row tiles b, b + grid, ... .
 // Each warp streams its units (tile, k block w, w + kWarps, ...) through a ring of kStages slots of
 // shared memory that only its own lanes touch (each lane reads back the 32 bytes it copied), so the
 // next tiles' codes are in flight while a tile finishes; at each tile's end the warps' partial sums
 // meet in shared memory (double-buffered: one barrier per tile).
+// NOTE(tidal): the kernel is bound by instructions issued as much as by bytes (ncu, H100, int4 gate_up
+// at one row, one block per tile: 58% of issue slots busy at 40% of DRAM bandwidth; the integer pipe
+// that LOP3/SHF/PRMT share throttles it). So the loop keeps two cursors (the unit being loaded, the
+// unit being multiplied) advanced by additions, 32-bit offsets (quant_linear_tc_supported bounds the
+// tensors), one LOP3 per code pair (and_or), the tile's reduction spread over the warps, and rows of x
+// past m read row m - 1 instead of being zeroed: 272 -> 213 instructions per 1 KB unit, gate_up 43.2
+// -> 39.9 us. Tried and not kept: folding the zero point out of the widening (A = magic + code, then
+// (magic + zero) * sum(x) per k block, x's block sums computed at each block's start): the start-up
+// sums cost more than the 32 subtractions per unit saved (gate_up 52 us, down 76 us against 29).
 template <typename T, int kFormat, int kTiles>
-__global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Params p) {
+__global__ void __launch_bounds__(kWarps* kWarpSize, kTiles == 1 ? 3 : 2) quant_linear_tc_kernel(Params p) {
   constexpr int kBlockInputs = inputs_per_block<kFormat>();
+  constexpr int kChunkBytes = 64;  // a k block's bytes of one row (4 lanes x 16)
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& ring = *reinterpret_cast<uint4(*)[kWarps][kStages][2][kWarpSize]>(smem_raw);
+  // this lane's slots: ring[warp][stage][row][lane], 16 bytes each (row 0: row0's codes, 1: row1's)
+  constexpr uint32_t kSlotRow = kWarpSize * 16, kSlotStage = 2 * kSlotRow;
   auto& partial = *reinterpret_cast<float(*)[2][kWarps][kTiles * 4][kWarpSize]>(
       smem_raw + sizeof(uint4) * kWarps * kStages * 2 * kWarpSize);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int group_id = lane / 4, tid = lane % 4;
-  const int64_t row_bytes = kFormat == kInt4 ? p.k / 2 : p.k;
+  const uint32_t ring = shared_address(smem_raw) + warp * kStages * kSlotStage + lane * 16;
+  const int row_bytes = kFormat == kInt4 ? p.k / 2 : p.k;
   const int num_tiles = (p.n + 15) / 16, num_blocks = p.k / kBlockInputs;
   const int blocks_per_group = p.k / p.num_groups / kBlockInputs;
+  const int grid = static_cast<int>(gridDim.x);
   // every warp walks the same number of units per tile (the last ones past k are empty), so the
   // barrier at each tile's end is reached by all of them
   const int per_tile = (num_blocks + kWarps - 1) / kWarps;
-  const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
-                       static_cast<int>(gridDim.x);
-  const int total = per_tile * my_tiles;
   const T* x = static_cast<const T*>(p.x);
 
-  // unit i: tile blockIdx.x + (i / per_tile) * gridDim.x, k block warp + (i % per_tile) * kWarps
+  // the load cursor: tile, unit within it, its k block; row offsets of this lane's two rows
+  int load_tile = static_cast<int>(blockIdx.x), load_unit = 0, load_block = warp;
+  int code0 = 0, code1 = 0, group0 = 0, group1 = 0;
+  const auto enter_tile = [&]() {
+    const int row0 = min(load_tile * 16 + group_id, p.n - 1), row1 = min(load_tile * 16 + 8 + group_id, p.n - 1);
+    code0 = row0 * row_bytes + tid * 16;
+    code1 = row1 * row_bytes + tid * 16;
+    group0 = row0 * p.num_groups;
+    group1 = row1 * p.num_groups;
+  };
+  enter_tile();
   float scale0[kStages], scale1[kStages];
-  int zero0[kStages], zero1[kStages];
-  const auto issue = [&](int i, int s) {
-    if (i < total) {
-      const int tile = static_cast<int>(blockIdx.x) + (i / per_tile) * static_cast<int>(gridDim.x);
-      const int b = warp + (i % per_tile) * kWarps;
-      if (b < num_blocks) {
-        const int row0 = min(tile * 16 + group_id, p.n - 1), row1 = min(tile * 16 + 8 + group_id, p.n - 1);
-        const uint8_t* chunk = p.qweight + static_cast<int64_t>(b) * 64 + tid * 16;
-        cp_async_16(shared_address(&ring[warp][s][0][lane]), chunk + row0 * row_bytes, true);
-        cp_async_16(shared_address(&ring[warp][s][1][lane]), chunk + row1 * row_bytes, true);
-        const int64_t g0 = static_cast<int64_t>(row0) * p.num_groups + b / blocks_per_group;
-        const int64_t g1 = static_cast<int64_t>(row1) * p.num_groups + b / blocks_per_group;
-        scale0[s] = TIDAL_LDG(p.scales + g0);
-        scale1[s] = TIDAL_LDG(p.scales + g1);
-        if constexpr (kFormat == kInt4) {
-          zero0[s] = TIDAL_LDG(p.zeros + g0);
-          zero1[s] = TIDAL_LDG(p.zeros + g1);
-        }
+  uint32_t zero0[kStages], zero1[kStages];
+  const auto issue = [&](int s) {
+    if (load_tile < num_tiles && load_block < num_blocks) {
+      const int offset = load_block * kChunkBytes;
+      cp_async_16(ring + s * kSlotStage, p.qweight + code0 + offset, true);
+      cp_async_16(ring + s * kSlotStage + kSlotRow, p.qweight + code1 + offset, true);
+      const int g = blocks_per_group == 1 ? load_block : load_block / blocks_per_group;
+      scale0[s] = TIDAL_LDG(p.scales + group0 + g);
+      scale1[s] = TIDAL_LDG(p.scales + group1 + g);
+      if constexpr (kFormat == kInt4) {
+        zero0[s] = TIDAL_LDG(p.zeros + group0 + g);
+        zero1[s] = TIDAL_LDG(p.zeros + group1 + g);
       }
     }
     cp_async_commit();  // empty past the end: the group count stays one per unit
+    load_block += kWarps;
+    if (++load_unit == per_tile) {
+      load_unit = 0;
+      load_block = warp;
+      load_tile += grid;
+      if (load_tile < num_tiles) enter_tile();
+    }
   };
 
 #pragma unroll
-  for (int s = 0; s < kStages; ++s) issue(s, s);
+  for (int s = 0; s < kStages; ++s) issue(s);
   float acc[kTiles][4] = {};
   int parity = 0;
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
-  for (int i0 = 0; i0 < total; i0 += kStages) {
+  // the multiply cursor (the same walk, kStages units behind)
+  int tile = static_cast<int>(blockIdx.x), unit = 0, block = warp;
+  while (tile < num_tiles) {  // the same count of iterations in every warp of the block
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      const int i = i0 + s;
-      if (i >= total) break;  // uniform across the block: every warp has the same total
       cp_async_wait<kStages - 1>();
-      compiler_fence();
-      const int tile = static_cast<int>(blockIdx.x) + (i / per_tile) * static_cast<int>(gridDim.x);
-      const int unit = i % per_tile, b = warp + unit * kWarps;
-      if (b < num_blocks) {
+      if (block < num_blocks) {
         uint32_t off0 = 0, off1 = 0;
         if constexpr (kFormat == kInt4) {
           off0 = offset_pair<T>(zero0[s]);
           off1 = offset_pair<T>(zero1[s]);
         }
         float blk[kTiles][4] = {};
-        const int64_t first = static_cast<int64_t>(b) * kBlockInputs + tid * (kBlockInputs / 4);
-        block_dot<T, kFormat, kTiles>(p, x, group_id, first, ring[warp][s][0][lane], ring[warp][s][1][lane], off0,
-                                      off1, blk);
+        const int first = block * kBlockInputs + tid * (kBlockInputs / 4);
+        block_dot<T, kFormat, kTiles>(p, x, group_id, first, load_shared_16(ring + s * kSlotStage),
+                                      load_shared_16(ring + s * kSlotStage + kSlotRow), off0, off1, blk);
         const float s0 = scale0[s], s1 = scale1[s];
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
@@ -221,9 +266,9 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Para
           acc[t][3] = fmaf(s1, blk[t][3], acc[t][3]);
         }
       }
-      compiler_fence();
-      issue(i + kStages, s);  // the slot just read takes the unit kStages ahead
-      if (unit == per_tile - 1) {  // the tile's last unit: sum the warps' partials
+      issue(s);  // the slot just read takes the unit kStages ahead
+      block += kWarps;
+      if (++unit == per_tile) {  // the tile's last unit: sum the warps' partials
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
@@ -233,32 +278,30 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_tc_kernel(Para
           }
         }
         __syncthreads();
-        if (warp == 0) {
-          const int row0 = tile * 16 + group_id;
+        // accumulator slot q = t * 4 + c (B tile t, fragment register c) is summed by warp q % kWarps,
+        // and only where some lane's token is below m
 #pragma unroll
-          for (int t = 0; t < kTiles; ++t) {
+        for (int q = warp; q < kTiles * 4; q += kWarps) {
+          const int t = q / 4, c = q % 4;
+          if (t * 8 + (c & 1) >= p.m) continue;  // uniform: no lane's token is below m
+          const int row = tile * 16 + group_id + (c < 2 ? 0 : 8), token = t * 8 + 2 * tid + (c & 1);
+          if (row < p.n && token < p.m) {
+            float sum = 0.f;
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              float sum = 0.f;
-#pragma unroll
-              for (int w = 0; w < kWarps; ++w) sum += partial[parity][w][t * 4 + c][lane];
-              const int row = c < 2 ? row0 : row0 + 8, token = t * 8 + 2 * tid + (c & 1);
-              if (row < p.n && token < p.m) {
-                out[token * p.out_stride + row] = from_float<T>(sum + (bias == nullptr ? 0.f : to_float(bias[row])));
-              }
-            }
+            for (int w = 0; w < kWarps; ++w) sum += partial[parity][w][q][lane];
+            out[token * p.out_stride + row] = from_float<T>(sum + (bias == nullptr ? 0.f : to_float(bias[row])));
           }
         }
         parity ^= 1;
+        unit = 0;
+        block = warp;
+        tile += grid;
+        if (tile >= num_tiles) break;  // uniform across the block
       }
     }
   }
 }
 
-template <int kTiles>
-constexpr int smem_bytes() {
-  return static_cast<int>(sizeof(uint4) * kWarps * kStages * 2 * kWarpSize + sizeof(float) * 2 * kWarps * kTiles * 4 * kWarpSize);
-}
 
 template <typename T, int kFormat, int kTiles>
 void launch(const Params& p, int device, cudaStream_t stream) {
@@ -294,10 +337,11 @@ bool quant_linear_tc_supported(TensorView x, TensorView qweight, TensorView scal
   if (format != kInt4 && format != kInt8) return false;
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
   const int64_t block = format == kInt4 ? 128 : 64, group = k / scales.size(1);
-  if (m < 1 || m > kMaxTiles * 8 || group % block != 0 || n > INT_MAX || k > INT_MAX / 2) return false;
-  // NOTE(tidal): int8 codes widen through integer-to-float conversions; at one row the SIMT kernel's
-  // magic-number widening was faster (H100, Llama-3-8B projections: 16.6-54.5 us against 16.8-62.1 us)
-  if (format == kInt8 && m == 1) return false;
+  // the kernel's offsets are 32-bit: the codes and the scales must fit them
+  const int64_t row_bytes = format == kInt4 ? k / 2 : k;
+  if (m < 1 || m > kMaxTiles * 8 || group % block != 0 || n * row_bytes > INT_MAX || n * scales.size(1) > INT_MAX) {
+    return false;
+  }
   int device = x.device.index, major = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 8) return false;
   return is_aligned(x.data, 16) && is_aligned(qweight.data, 16) && x.stride(0) % 8 == 0;

@@ -128,8 +128,7 @@ def test_kernel_runs_for_its_shapes(m, n, k, group, dtype, fmt):
     """The decode kernels themselves (tensor cores for int4/int8 with 16-bit x and groups of 128 or
     whole rows; the SIMT kernel otherwise, up to 8 rows), not the dense fallback, take these shapes
     and match the reference."""
-    tensor_cores = fmt != "fp8" and dtype != torch.float32 and ((group or k) % (128 if fmt == "int4" else 64) == 0) \
-        and not (fmt == "int8" and m == 1)
+    tensor_cores = fmt != "fp8" and dtype != torch.float32 and (group or k) % (128 if fmt == "int4" else 64) == 0
     if m > 8 and not tensor_cores:
         pytest.skip("past 8 rows only the tensor-core kernel runs")
     x, codes, scales, zeros, b = make(m, n, k, dtype, fmt, group, True, seed=k)
