@@ -4,11 +4,12 @@
 GPU's busy time per step, for decode steps of a Qwen3-0.6B-shaped model (random bf16 weights) at
 batch 256 x context ~900 (S1's regime) and batch 1 (S2's regime, the same model), and optionally a
 Llama-3-8B-shaped model at batch 1 (--llama), and S3's regime on Llama-3-8B per weight scheme (--s3
-bf16,fp8,fp8/fp8kv: decode at batch 256 over 256-token prompts, one prefill step of 16 x 512 tokens).
+bf16,fp8,fp8/fp8kv: decode at batch 256 over 256-token prompts, one prefill step of 16 x 512 tokens), and
+S2's regime on Llama-3-8B per weight scheme (--s2 bf16,int4,int8,fp8: decode at batch 1, prompt 128).
 What METHOD.md asks for before optimising: which op, how far from its floor, and how much of the step
 is host time or launch gaps.
 
-    python bench/profile_step.py --out FILE.md [--llama] [--s3 bf16,fp8]
+    python bench/profile_step.py --out FILE.md [--llama] [--s3 bf16,fp8] [--s2 bf16,int4]
 """
 
 import argparse
@@ -125,14 +126,18 @@ def run_prefill_case(path, lines, title, num_seqs, prompt_len, max_model_len, vo
     torch.cuda.empty_cache()
 
 
-def profile_s3(schemes, out):
+def profile_llama(workload, schemes, out):
+    """S3's regime (decode at batch 256, a prefill step) or S2's (decode at batch 1) per weight scheme."""
     root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    lines = [f"# S3-regime step profile, Llama-3-8B ({torch.cuda.get_device_name()})", ""]
+    lines = [f"# {workload}-regime step profile, Llama-3-8B ({torch.cuda.get_device_name()})", ""]
     path = build(LLAMA_3_8B, transformers.LlamaConfig, root)
     vocab = LLAMA_3_8B["vocab_size"]
     try:
         for scheme in schemes:
             kwargs = scheme_kwargs(scheme)
+            if workload == "S2":
+                run_case(path, lines, f"{scheme}: decode, batch 1, prompt 128", 1, 128, 300, 1024, vocab, **kwargs)
+                continue
             run_case(path, lines, f"{scheme}: decode, batch 256, prompt 256", 256, 256, 200, 1024, vocab, **kwargs)
             run_prefill_case(path, lines, f"{scheme}: prefill, 16 prompts of 512 tokens in one step", 16, 512, 1024,
                              vocab, **kwargs)
@@ -152,9 +157,12 @@ def main():
     parser.add_argument("--drain", action="store_true", help="also batches 96 and 32 at long contexts")
     parser.add_argument("--s3", default=None, metavar="SCHEMES",
                         help="only Llama-3-8B in S3's regime, per scheme (comma-separated, e.g. bf16,fp8,fp8/fp8kv)")
+    parser.add_argument("--s2", default=None, metavar="SCHEMES",
+                        help="only Llama-3-8B in S2's regime, per scheme (comma-separated, e.g. bf16,int4,int8,fp8)")
     args = parser.parse_args()
-    if args.s3:
-        return profile_s3([s.strip() for s in args.s3.split(",") if s.strip()], args.out)
+    for workload, schemes in (("S3", args.s3), ("S2", args.s2)):
+        if schemes:
+            return profile_llama(workload, [s.strip() for s in schemes.split(",") if s.strip()], args.out)
     root = "/dev/shm" if os.path.isdir("/dev/shm") else None
     lines = [f"# Serving step profile ({torch.cuda.get_device_name()})", ""]
     path = build(QWEN3_0_6B, transformers.Qwen3Config, root)
