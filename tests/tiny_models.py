@@ -27,6 +27,13 @@ FAMILIES = {
     "qwen2": lambda **kw: transformers.Qwen2Config(**kw),
     "qwen3": lambda **kw: transformers.Qwen3Config(head_dim=32, **kw),
 }
+# Mixture-of-experts families (build_model takes them too; not in FAMILIES, which the dense tests sweep)
+MOE_FAMILIES = {
+    "mixtral": lambda **kw: transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw),
+    "qwen2_moe": lambda **kw: transformers.Qwen2MoeConfig(  # layer 0 dense, layer 1 sparse with a shared expert
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        decoder_sparse_step=2, mlp_only_layers=[], **kw),
+}
 
 
 def build_tokenizer(path: str, extra_special_tokens: tuple[str, ...] = ()) -> Tokenizer:
@@ -52,7 +59,7 @@ def build_model(path: str, family: str = "llama", seed: int = 0, tie: bool = Fal
                   intermediate_size=96, vocab_size=VOCAB_SIZE, max_position_embeddings=max_position_embeddings,
                   tie_word_embeddings=tie, bos_token_id=BOS, eos_token_id=EOS, rms_norm_eps=1e-6)
     kwargs.update(overrides)
-    config = FAMILIES[family](**kwargs)
+    config = {**FAMILIES, **MOE_FAMILIES}[family](**kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     with torch.no_grad():  # random init is tiny; make logits spread so greedy paths differ by prompt
         for p in model.parameters():

@@ -2,8 +2,11 @@
 the greedy tokens of N = 1 and its prompt and sampled log-probs within fp32's reordering of the
 all-reduced sums, for each model family (GQA with a KV head per rank and KV heads replicated across
 ranks, Qwen3's q/k norm, Mistral's sliding window, Qwen2's qkv bias, tied embeddings, a vocabulary the
-ranks do not divide), an FP8 KV cache on every rank included; the pool stays whole; a worker that dies fails the requests of the step with
-an error instead of hanging; shapes the split cannot take are refused by name."""
+ranks do not divide, Mixtral's and Qwen2-MoE's experts with a shared expert), an FP8 KV cache on
+every rank included, and int8/int4 quantized layers (each rank's codes, scales and zero points); FP8
+layers with per-token activation scales sum exactly and follow N = 1 end to end within FP8's rounding; the
+pool stays whole; a worker that dies fails the requests of the step with an error instead of hanging;
+shapes the split cannot take are refused by name."""
 
 import time
 
@@ -11,7 +14,9 @@ import pytest
 import torch
 
 import tidal
-from tidal.models.tensor_parallel import TensorParallelGroup, kv_heads_of_rank
+from tidal.models.tensor_parallel import RowParallelLinear, TensorParallelGroup, kv_heads_of_rank
+from tidal.quant.config import QuantConfig
+from tidal.quant.linear import QuantLinear, quantize_weight
 from tiny_models import assert_pool_whole, build_model
 
 # hidden 64, 4 query heads over 2 KV heads, intermediate 96 (divisible by 2 and 4)
@@ -33,11 +38,11 @@ def model_dir(request, tmp_path_factory):
     return path
 
 
-def run(path, tp: int, kv_cache_dtype: str = "auto"):
+def run(path, tp: int, kv_cache_dtype: str = "auto", quantization: str | None = None):
     params = tidal.SamplingParams(temperature=0.0, max_tokens=12, prompt_logprobs=0, logprobs=3, ignore_eos=True)
     llm = tidal.LLM(path, device="cpu", dtype="float32", tensor_parallel_size=tp, num_kv_blocks=40, block_size=4,
-                    max_model_len=128, max_num_batched_tokens=24,  # chunked prefill: the 30-token prompt takes two steps
-                    kv_cache_dtype=kv_cache_dtype)
+                    max_model_len=128, max_num_batched_tokens=24,  # chunked prefill: the 30-token prompt: two steps
+                    kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     try:
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert_pool_whole(llm)
@@ -57,6 +62,81 @@ def test_tensor_parallel_with_an_fp8_kv_cache(tmp_path):
     path = str(tmp_path / "m")
     build_model(path, "qwen3")
     assert_same(run(path, 1, "fp8"), run(path, 2, "fp8"))
+
+
+MOE = {
+    "mixtral": dict(family="mixtral"),
+    "qwen2_moe": dict(family="qwen2_moe"),  # a shared expert and its gate, experts' intermediate 48
+}
+
+
+@pytest.mark.parametrize("family", list(MOE))
+@pytest.mark.parametrize("tp", [2, 4])
+def test_mixture_of_experts_splits_each_expert(tmp_path, family, tp):
+    path = str(tmp_path / "m")
+    build_model(path, family)
+    assert_same(run(path, 1), run(path, tp))
+
+
+# hidden 256 over 4 heads of 64, intermediate 512: at 2 ranks o_proj's and down_proj's inputs per rank
+# (128 and 256) are whole groups of int4's 128
+QUANT_SHAPE = dict(hidden_size=256, intermediate_size=512)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_layers_split_by_rows_and_groups(tmp_path, quantization):
+    path = str(tmp_path / "m")
+    build_model(path, "qwen2", **QUANT_SHAPE)  # a qkv bias: sliced with the rows
+    assert_same(run(path, 1, quantization=quantization), run(path, 2, quantization=quantization))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fp8_row_parallel_layer_sums_to_the_whole(tp):
+    """At prefill's rows FP8 quantizes activations per token: a row-parallel layer takes each token's
+    scale from the amax over every rank's slice, so the ranks' partial products sum to the whole
+    layer's product (within fp32's reordering), not to N differently scaled ones."""
+    torch.manual_seed(0)
+    k, n, m = 256, 96, 24
+    whole = QuantLinear(k, n, False, QuantConfig("fp8"), torch.float32, "cpu")
+    codes, scales, _ = quantize_weight(torch.randn(n, k), "fp8")
+    whole.qweight.copy_(codes)
+    whole.scales.copy_(scales)
+    x = torch.randn(m, k) * torch.logspace(-3, 0, k)[torch.randperm(k)]  # amax in a different slice per row
+    assert whole.quantizes_activations(x)
+    slices = [slice(r * k // tp, (r + 1) * k // tp) for r in range(tp)]
+
+    class Ranks(TensorParallelGroup):  # the MAX all-reduce of `tp` ranks, in one process
+        def all_reduce_max_(self, a):
+            return a.copy_(torch.stack([x[:, s].abs().amax(1, keepdim=True) for s in slices]).amax(0))
+
+        def all_reduce_(self, y):
+            return y
+
+    total = sum(RowParallelLinear(whole.slice_inputs(s.start, s.stop), None, Ranks(0, 1))(x[:, s]) for s in slices)
+    torch.testing.assert_close(total, whole(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fp8_layers_split(tmp_path, tp):
+    """FP8 weights end to end: N's greedy tokens and log-probs follow N = 1's within FP8's rounding
+    (the layer's sums are exact as above, but fp32's reordering upstream of a quantizer can move a
+    value across an FP8 rounding boundary: one code of 16 per octave)."""
+    path = str(tmp_path / "m")
+    build_model(path, "llama", **QUANT_SHAPE)
+    want, got = run(path, 1, quantization="fp8"), run(path, tp, quantization="fp8")
+    for a, b in zip(want, got):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for ea, eb in zip(a.prompt_logprobs[1:] + a.outputs[0].logprobs, b.prompt_logprobs[1:] + b.outputs[0].logprobs):
+            token = next(iter(ea))  # the prompt's or the sampled token
+            assert abs(ea[token] - eb[token]) < 0.05
+
+
+def test_quantized_split_that_cuts_a_group_is_named(tmp_path):
+    path = str(tmp_path / "m")
+    build_model(path, "llama", **QUANT_SHAPE)
+    # 4 ranks: 64 of o_proj's inputs each, half of an int4 group of 128
+    with pytest.raises(ValueError, match="o_proj \\(int4\\) splits into 64 inputs per rank.*group_size=128"):
+        tidal.LLM(path, device="cpu", tensor_parallel_size=4, quantization="int4")
 
 
 def assert_same(want, got):
@@ -108,8 +188,6 @@ def test_shapes_that_do_not_split_are_named(tmp_path):
         tidal.LLM(path, device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size=0 must be an integer >= 1"):
         tidal.LLM(path, device="cpu", tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="quantized layers do not split"):
-        tidal.LLM(path, device="cpu", tensor_parallel_size=2, quantization="int8")
     with pytest.raises(ValueError, match="rank=2 must be in"):
         TensorParallelGroup(2, 2)
 

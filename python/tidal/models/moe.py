@@ -94,6 +94,9 @@ class SparseMoeBlock(nn.Module):
         # w13.shape[0]) of the ep_size ranks of ep_group.
         self.ep_group = None
         self.ep_size, self.first_expert = 1, 0
+        # Tensor-parallel serving (tidal.models.tensor_parallel): each rank holds a slice of every
+        # expert's intermediate size and the block's output is summed over tp's ranks.
+        self.tp = None
 
     def shard_experts(self, ep_rank: int, ep_size: int, group) -> None:
         """Keeps only this rank's ``num_experts / ep_size`` experts (training under expert parallelism:
@@ -120,7 +123,7 @@ class SparseMoeBlock(nn.Module):
         out = ops.fused_moe(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize, self.fp32_weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return out if self.tp is None else self.tp.all_reduce_(out)
 
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
         """Training: ``x`` [..., hidden], differentiable through the router and every expert."""
@@ -193,8 +196,8 @@ class SparseMoeBlock(nn.Module):
                 index[e].append(torch.arange(offset, offset + recv_counts[src][e], device=rows.device))
                 offset += recv_counts[src][e]
             src_start += recv_splits[src]
-        perm = torch.cat([i for per_expert in index for i in per_expert] + [torch.zeros(0, dtype=torch.int64,
-                                                                                     device=rows.device)])
+        none = torch.zeros(0, dtype=torch.int64, device=rows.device)
+        perm = torch.cat([i for per_expert in index for i in per_expert] + [none])
         by_expert = self._experts(arrived[perm], [sum(recv_counts[src][e] for src in range(ep)) for e in range(local)])
         computed = torch.empty_like(by_expert).index_copy(0, perm, by_expert)
         return _AllToAll.apply(computed, send_splits, recv_splits, group)

@@ -7,6 +7,11 @@ on every rank.
   share of the intermediate size; nothing is exchanged after them.
 - ``o_proj`` and ``down_proj`` are row-parallel: a rank multiplies its slice of the inputs and one
   all-reduce sums the partial outputs (the bias added once, after it).
+- a mixture-of-experts block splits every expert the same way (each expert's gate/up rows and
+  down columns over its intermediate size, the shared expert likewise); the router stays whole, so
+  every rank routes each token to the same experts, and one all-reduce sums the block's output.
+- quantized projections (tidal.quant.QuantLinear, int8/int4/FP8) split as their dense twins: their
+  codes, scales and zero points by output rows, or by inputs on group boundaries.
 - the embedding and the LM head are vocab-parallel: a rank keeps a contiguous range of the vocabulary
   (the vocabulary padded to a multiple of the ranks); a token outside the range embeds to zeros before
   an all-reduce, and the ranks' logits are gathered along the vocabulary.
@@ -23,6 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from tidal.models.llama import LlamaForCausalLM, LlamaMLP
+from tidal.models.moe import SharedExpert, SparseMoeBlock
+from tidal.ops.quant import FP8_MAX
+from tidal.quant.linear import QuantLinear
 
 
 class TensorParallelGroup:
@@ -52,6 +60,14 @@ class TensorParallelGroup:
         self.group.allreduce([buffer]).wait()
         return x if buffer is x else x.copy_(buffer)
 
+    def all_reduce_max_(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of ``x`` (contiguous) over the ranks, in place."""
+        if self.size > 1:
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = dist.ReduceOp.MAX
+            self.group.allreduce([x], opts).wait()
+        return x
+
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """The ranks' ``x`` (equal shapes) concatenated along ``dim`` in rank order."""
         if self.size == 1:
@@ -70,17 +86,31 @@ class TensorParallelGroup:
 
 
 class RowParallelLinear(nn.Module):
-    """``y = all_reduce(x_r @ W_r^T) + b``: this rank's columns of the weight (its slice of the inputs)."""
+    """``y = all_reduce(linear(x_r)) + b``: ``linear`` holds this rank's columns of the weight (its slice
+    of the inputs; an nn.Linear or a QuantLinear, without bias), the bias is added once after the sum."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallelGroup):
+    def __init__(self, linear: nn.Module, bias: torch.Tensor | None, tp: TensorParallelGroup):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.linear = linear
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce_(x @ self.weight.t())
+        if isinstance(self.linear, QuantLinear) and self.linear.quantizes_activations(x):
+            y = self.linear.forward_fp8(*self._fp8_per_token(x), x.dtype)
+        else:
+            y = self.linear(x)
+        y = self.tp.all_reduce_(y)
         return y if self.bias is None else y.add_(self.bias)
+
+    def _fp8_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x's rows in FP8 with the scales the whole row would get (``max(amax / 448, 1e-12)``, the
+        amax taken over every rank's slice), so each rank's partial product is the one tensor
+        parallelism 1 computes for those inputs."""
+        amax = x.abs().amax(dim=1, keepdim=True).float()
+        scale = (self.tp.all_reduce_max_(amax) / FP8_MAX).clamp_min_(1e-12)
+        codes = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return codes, scale
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -100,17 +130,38 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce_(out)
 
 
-def _column_linear(weight: torch.Tensor, bias: torch.Tensor | None, spans: list[tuple[int, int]]) -> nn.Linear:
-    """A plain linear layer of the rows ``spans`` of ``weight`` (and ``bias``)."""
+def _column_linear(linear: nn.Module, spans: list[tuple[int, int]]) -> nn.Module:
+    """A layer of the output rows ``spans`` of ``linear`` (an nn.Linear or a QuantLinear), bias included."""
+    if isinstance(linear, QuantLinear):
+        return linear.slice_rows(spans)
+    weight, bias = linear.weight, linear.bias
     w = torch.cat([weight[a:b] for a, b in spans])
-    linear = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype,
-                                device=w.device)
+    out = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype,
+                             device=w.device)
     with torch.no_grad():
-        linear.weight.copy_(w)
+        out.weight.copy_(w)
         if bias is not None:
-            linear.bias.copy_(torch.cat([bias[a:b] for a, b in spans]))
-    linear.requires_grad_(False)
-    return linear
+            out.bias.copy_(torch.cat([bias[a:b] for a, b in spans]))
+    out.requires_grad_(False)
+    return out
+
+
+def _row_linear(linear: nn.Module, start: int, stop: int, tp: TensorParallelGroup) -> RowParallelLinear:
+    """``linear``'s inputs ``[start, stop)`` as a row-parallel layer."""
+    if isinstance(linear, QuantLinear):
+        return RowParallelLinear(linear.slice_inputs(start, stop), linear.bias, tp)
+    w = linear.weight[:, start:stop]
+    part = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=False, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        part.weight.copy_(w)
+    part.requires_grad_(False)
+    return RowParallelLinear(part, linear.bias, tp)
+
+
+def _intermediate_spans(inter: int, rank: int, size: int) -> list[tuple[int, int]]:
+    """Rank ``rank``'s rows of a fused gate/up weight of ``2 * inter`` rows: its gate rows, its up rows."""
+    part = inter // size
+    return [(rank * part, (rank + 1) * part), (inter + rank * part, inter + (rank + 1) * part)]
 
 
 def kv_heads_of_rank(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int]:
@@ -129,10 +180,14 @@ def check_config_shardable(cfg, size: int) -> None:
     if cfg.multimodal_architecture is not None:
         raise ValueError(f"tensor_parallel_size={size}: {cfg.multimodal_architecture} (vision-language) does not "
                          f"split across ranks yet")
+    sizes = [("num_attention_heads", cfg.num_attention_heads)]
     if cfg.num_experts:
-        raise ValueError(f"tensor_parallel_size={size}: mixture-of-experts layers do not split across ranks yet")
-    for name, value in (("num_attention_heads", cfg.num_attention_heads),
-                        ("intermediate_size", cfg.intermediate_size)):
+        sizes.append(("moe_intermediate_size", cfg.moe_intermediate_size))
+        if cfg.shared_expert_intermediate_size:
+            sizes.append(("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size))
+    if not cfg.num_experts or any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+        sizes.append(("intermediate_size", cfg.intermediate_size))
+    for name, value in sizes:
         if value % size:
             raise ValueError(f"tensor_parallel_size={size} must divide {name}={value}")
     kv = cfg.num_key_value_heads
@@ -143,20 +198,49 @@ def check_config_shardable(cfg, size: int) -> None:
 
 
 def check_shardable(model: nn.Module, size: int) -> None:
-    """Raises ValueError naming what keeps ``model`` from splitting over ``size`` ranks."""
+    """Raises ValueError naming what keeps ``model`` from splitting over ``size`` ranks (its config,
+    or a quantized row-parallel layer whose slices would cut a group of inputs)."""
     if type(model) is not LlamaForCausalLM:
         raise ValueError(f"tensor_parallel_size={size}: only Llama-family decoders split across ranks, "
                          f"not {type(model).__name__}")
-    check_config_shardable(model.config, size)
+    cfg = model.config
+    check_config_shardable(cfg, size)
+    q_part = cfg.num_attention_heads // size * cfg.head_dim
     for i, layer in enumerate(model.model.layers):
-        if not isinstance(layer.mlp, LlamaMLP):
-            raise ValueError(f"tensor_parallel_size={size}: layer {i} is a mixture of experts, which does not "
-                             f"split across ranks yet")
-        for name, linear in (("qkv_proj", layer.self_attn.qkv_proj), ("o_proj", layer.self_attn.o_proj),
-                             ("gate_up_proj", layer.mlp.gate_up_proj), ("down_proj", layer.mlp.down_proj)):
-            if type(linear) is not nn.Linear:
-                raise ValueError(f"tensor_parallel_size={size}: layer {i}'s {name} is a "
-                                 f"{type(linear).__name__}; quantized layers do not split across ranks yet")
+        rows = [("o_proj", layer.self_attn.o_proj, q_part)]
+        if isinstance(layer.mlp, LlamaMLP):
+            rows.append(("down_proj", layer.mlp.down_proj, cfg.intermediate_size // size))
+        for name, linear, part in rows:
+            if type(linear) not in (nn.Linear, QuantLinear):
+                raise ValueError(f"tensor_parallel_size={size}: layer {i}'s {name} is a {type(linear).__name__}, "
+                                 f"which does not split across ranks")
+            if isinstance(linear, QuantLinear):
+                try:
+                    linear.slice_inputs(0, part)
+                except ValueError as e:
+                    raise ValueError(f"tensor_parallel_size={size}: layer {i}'s {name} ({linear.format}) splits "
+                                     f"into {part} inputs per rank: {e}") from None
+
+
+def _shard_moe_(block: SparseMoeBlock, tp: TensorParallelGroup) -> None:
+    """Every expert's slice of the intermediate size (w13's gate and up rows, w2's columns), the shared
+    expert's likewise; the router whole; the block's output summed over the ranks."""
+    r, n = tp.rank, tp.size
+    inter = block.w13.shape[1] // 2
+    rows = torch.cat([torch.arange(a, b) for a, b in _intermediate_spans(inter, r, n)]).to(block.w13.device)
+    part = inter // n
+    block.w13 = nn.Parameter(block.w13.detach().index_select(1, rows).contiguous(), requires_grad=False)
+    block.w2 = nn.Parameter(block.w2.detach()[:, :, r * part:(r + 1) * part].contiguous(), requires_grad=False)
+    shared = block.shared_expert
+    if shared is not None:
+        shared_inter = shared.down_proj.in_features
+        sliced = SharedExpert.__new__(SharedExpert)
+        nn.Module.__init__(sliced)
+        sliced.gate_up_proj = _column_linear(shared.gate_up_proj, _intermediate_spans(shared_inter, r, n))
+        share = shared_inter // n
+        sliced.down_proj = _row_linear(shared.down_proj, r * share, (r + 1) * share, tp).linear  # summed below
+        block.shared_expert = sliced
+    block.tp = tp
 
 
 @torch.no_grad()
@@ -176,16 +260,15 @@ def shard_(model: LlamaForCausalLM, tp: TensorParallelGroup) -> LlamaForCausalLM
         q_span = (r * q_heads * hd, (r + 1) * q_heads * hd)
         k_span = (q_size + kv_first * hd, q_size + (kv_first + kv_count) * hd)
         v_span = (q_size + kv_size + kv_first * hd, q_size + kv_size + (kv_first + kv_count) * hd)
-        attn.qkv_proj = _column_linear(attn.qkv_proj.weight, attn.qkv_proj.bias, [q_span, k_span, v_span])
-        attn.o_proj = RowParallelLinear(attn.o_proj.weight[:, q_span[0]:q_span[1]].clone(),
-                                        attn.o_proj.bias, tp)
+        attn.qkv_proj = _column_linear(attn.qkv_proj, [q_span, k_span, v_span])
+        attn.o_proj = _row_linear(attn.o_proj, q_span[0], q_span[1], tp)
         attn.num_heads, attn.num_kv_heads = q_heads, kv_count
         attn.q_size, attn.kv_size = q_heads * hd, kv_count * hd
-        full = cfg.intermediate_size
-        mlp.gate_up_proj = _column_linear(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                                          [(r * inter, (r + 1) * inter), (full + r * inter, full + (r + 1) * inter)])
-        mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, r * inter:(r + 1) * inter].clone(),
-                                          mlp.down_proj.bias, tp)
+        if isinstance(mlp, SparseMoeBlock):
+            _shard_moe_(mlp, tp)
+        else:
+            mlp.gate_up_proj = _column_linear(mlp.gate_up_proj, _intermediate_spans(cfg.intermediate_size, r, n))
+            mlp.down_proj = _row_linear(mlp.down_proj, r * inter, (r + 1) * inter, tp)
         layer.skinny_ok = False  # the fused GPU path adds into the residual before any all-reduce
     # the vocabulary: padded to a multiple of the ranks, a contiguous range each
     vocab = cfg.vocab_size

@@ -10,12 +10,12 @@ A quantized weight ``w`` [n, k] is stored as codes plus fp32 scales per output r
 nibble of byte c), ``[n, k / 2]`` uint8, zero points ``[n, num_groups]`` uint8; ``"fp8"``: FP8 E4M3
 codes ``[n, k]`` (stored as their uint8 bits).
 
-How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (FP8: ``fp8_weight_only_rows``) (decode; on a GPU ``TC_MAX_ROWS`` for int4 and
-int8 with 16-bit activations, on tensor cores) through tidal's kernels, which widen the codes in
-registers and so read the weight at its quantized size (a shape the GPU kernel does not
-take: a dense matmul on the weight dequantized to x's dtype); more rows through that dense matmul,
-or, for ``"fp8"``, with the activations quantized per token to FP8 as well (``torch._scaled_mm`` on
-GPUs with FP8 tensor cores, the same arithmetic emulated in fp32 elsewhere).
+How ``x @ w.T`` runs: up to ``GEMV_MAX_ROWS`` rows (FP8: ``fp8_weight_only_rows``; on a GPU
+``TC_MAX_ROWS`` for int4 and int8 with 16-bit activations, on tensor cores) through tidal's kernels,
+which widen the codes in registers and so read the weight at its quantized size (a shape the GPU
+kernel does not take: a dense matmul on the weight dequantized to x's dtype); more rows through that
+dense matmul, or, for ``"fp8"``, with the activations quantized per token to FP8 as well
+(``torch._scaled_mm`` on GPUs with FP8 tensor cores, the same arithmetic emulated in fp32 elsewhere).
 """
 
 import torch
@@ -95,30 +95,37 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _fp8_scaled_mm_shape(x, qweight, scales) -> bool:
-    """Whether torch._scaled_mm takes this W8A8 product (on GPUs with FP8 tensor cores)."""
+def _fp8_scaled_mm_shape(dtype: torch.dtype, qweight, scales) -> bool:
+    """Whether torch._scaled_mm takes this W8A8 product into ``dtype`` (on GPUs with FP8 tensor cores)."""
     n, k = qweight.shape
-    return x.dtype == torch.bfloat16 and scales.shape[1] == 1 and n % 16 == 0 and k % 16 == 0
+    return dtype == torch.bfloat16 and scales.shape[1] == 1 and n % 16 == 0 and k % 16 == 0
 
 
 def fp8_weight_only_rows(x, qweight, scales) -> int:
     """Up to how many rows FP8 runs weight-only (x as is); past them x is quantized per token too.
     A property of the shapes, not of the device, so the CPU and the GPU compute the same thing."""
-    return FP8_GEMV_MAX_ROWS if _fp8_scaled_mm_shape(x, qweight, scales) else GEMV_MAX_ROWS
+    return FP8_GEMV_MAX_ROWS if _fp8_scaled_mm_shape(x.dtype, qweight, scales) else GEMV_MAX_ROWS
 
 
 def _fp8_linear(x, qweight, scales, bias, input_scale) -> torch.Tensor:
     """W8A8: activations per token (or by the static ``input_scale``) and weights per row in FP8."""
-    n, k = qweight.shape
     xq, x_scale = quantize_fp8_per_token(x, input_scale)
-    if _fp8_scaled_mm_shape(x, qweight, scales) and _has_fp8_tensor_cores(x.device):
+    return fp8_matmul(xq, x_scale, qweight, scales, bias, x.dtype)
+
+
+def fp8_matmul(xq, x_scale, qweight, scales, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq * x_scale) @ w.T (+ bias)`` in ``out_dtype`` for activations already quantized to FP8
+    (``xq`` [m, k] ``torch.float8_e4m3fn``, ``x_scale`` fp32 [m, 1]) and an FP8 weight: torch._scaled_mm
+    on GPUs with FP8 tensor cores where it takes the shapes, the same arithmetic in fp32 elsewhere."""
+    n = qweight.shape[0]
+    if _fp8_scaled_mm_shape(out_dtype, qweight, scales) and _has_fp8_tensor_cores(xq.device):
         return torch._scaled_mm(xq, qweight.view(torch.float8_e4m3fn).t(), scale_a=x_scale.contiguous(),
-                                scale_b=scales.view(1, n), bias=bias, out_dtype=x.dtype)
+                                scale_b=scales.view(1, n), bias=bias, out_dtype=out_dtype)
     w = _dequantize(qweight, scales, None, WEIGHT_FORMATS["fp8"], torch.float32)
     out = (xq.float() * x_scale) @ w.t()
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype)
+    return out.to(out_dtype)
 
 
 def _quant_linear_impl(x, qweight, scales, zeros, bias, fmt, input_scale):

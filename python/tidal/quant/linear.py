@@ -9,7 +9,7 @@ a mixture-of-experts block's experts and a vision tower keep the model's dtype.
 import torch
 from torch import nn
 
-from tidal.ops.quant import FP8_MAX, dequantize_weight, quant_linear
+from tidal.ops.quant import FP8_MAX, dequantize_weight, fp8_matmul, fp8_weight_only_rows, quant_linear
 from tidal.quant.config import QuantConfig
 
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -70,6 +70,17 @@ class QuantLinear(nn.Module):
             x = x.index_select(-1, self.input_perm)
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.format, self.input_scale)
 
+    def quantizes_activations(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) quantizes x's rows to FP8 with dynamic per-token scales (FP8 without a
+        static input scale, at more rows than the weight-only kernel takes)."""
+        return (self.format == "fp8" and self.input_scale is None and self.input_perm is None
+                and x.shape[0] > fp8_weight_only_rows(x, self.qweight, self.scales))
+
+    def forward_fp8(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """forward() for activations the caller quantized: FP8 codes ``xq`` [m, k] and their fp32
+        scales ``x_scale`` [m, 1]; the output in ``dtype``."""
+        return fp8_matmul(xq, x_scale, self.qweight, self.scales, self.bias, dtype)
+
     def finalize_act_order(self) -> None:
         """Reorder the codes' columns so each group's inputs are a run (``g_idx`` sorted, stably) and
         keep that order in ``input_perm``, which forward() gathers x by."""
@@ -91,6 +102,51 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"num_groups={self.scales.shape[1]}, bias={self.bias is not None}")
+
+    @property
+    def group_size(self) -> int:
+        """Inputs per scale (the whole row when there is one scale per row)."""
+        return self.in_features // self.scales.shape[1]
+
+    def slice_rows(self, spans: list[tuple[int, int]]) -> "QuantLinear":
+        """A new layer of the output rows ``spans`` (concatenated): a column-parallel slice."""
+        rows = torch.cat([torch.arange(a, b, device=self.qweight.device) for a, b in spans])
+        bias = None if self.bias is None else self.bias.detach().index_select(0, rows)
+        return self._with(self.in_features, self.qweight.index_select(0, rows), self.scales.index_select(0, rows),
+                          None if self.zeros is None else self.zeros.index_select(0, rows), bias)
+
+    def slice_inputs(self, start: int, stop: int) -> "QuantLinear":
+        """A new layer of the inputs ``[start, stop)``, without the bias (a row-parallel slice, whose
+        partial outputs are summed before the bias is added once). Raises ValueError naming what keeps
+        the slice from cutting the codes, scales and zero points cleanly."""
+        group = self.group_size
+        if self.input_perm is not None or self.g_idx is not None:
+            raise ValueError(f"a layer with act-order groups (g_idx) cannot be split by its inputs "
+                             f"[{start}, {stop}): its groups are not runs of inputs in the checkpoint")
+        one_group = self.scales.shape[1] == 1
+        if not one_group and (start % group or stop % group):
+            raise ValueError(f"inputs [{start}, {stop}) do not start and end on group_size={group} boundaries")
+        if self.format == "int4" and (start % 2 or stop % 2):
+            raise ValueError(f"int4 inputs [{start}, {stop}) must start and end on even inputs (two per byte)")
+        per_byte = 2 if self.format == "int4" else 1
+        qweight = self.qweight[:, start // per_byte: stop // per_byte]
+        groups = slice(None) if one_group else slice(start // group, stop // group)
+        return self._with(stop - start, qweight, self.scales[:, groups],
+                          None if self.zeros is None else self.zeros[:, groups], None)
+
+    def _with(self, in_features: int, qweight, scales, zeros, bias) -> "QuantLinear":
+        """A layer of this one's format and activation scale holding these tensors (copied)."""
+        layer = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.format = in_features, qweight.shape[0], self.format
+        layer.register_buffer("qweight", qweight.contiguous().clone())
+        layer.register_buffer("scales", scales.contiguous().clone())
+        layer.register_buffer("zeros", None if zeros is None else zeros.contiguous().clone())
+        layer.register_buffer("input_scale", None if self.input_scale is None else self.input_scale.clone())
+        layer.register_buffer("g_idx", None if self.g_idx is None else self.g_idx.clone())
+        layer.register_buffer("input_perm", None if self.input_perm is None else self.input_perm.clone())
+        layer.bias = None if bias is None else nn.Parameter(bias.contiguous().clone(), requires_grad=False)
+        return layer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> "QuantLinear":

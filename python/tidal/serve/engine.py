@@ -125,9 +125,6 @@ def _start_tensor_parallel(config: EngineConfig, device: torch.device):
     if device.type != "cpu":
         raise ValueError(f"tensor_parallel_size={size} runs on the CPU for now (Gloo); on {device} it needs the NCCL "
                          f"path, which is not built yet: use tensor_parallel_size=1")
-    if config.quantization is not None:
-        raise ValueError(f"tensor_parallel_size={size}: quantized layers do not split across ranks yet "
-                         f"(quantization={config.quantization!r})")
     from tidal.models.config import ModelConfig
     from tidal.models.tensor_parallel import check_config_shardable
     from tidal.serve.tensor_parallel import TensorParallelDriver
@@ -135,7 +132,8 @@ def _start_tensor_parallel(config: EngineConfig, device: torch.device):
     model_config = ModelConfig.from_pretrained(config.model)
     check_config_shardable(model_config, size)
     max_model_len = config.max_model_len or model_config.max_position_embeddings
-    return TensorParallelDriver(config.model, str(config.dtype).removeprefix("torch."), size, max_model_len)
+    return TensorParallelDriver(config.model, str(config.dtype).removeprefix("torch."), size, max_model_len,
+                                config.quantization)
 
 
 class LLMEngine:

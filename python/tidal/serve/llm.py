@@ -68,8 +68,10 @@ class LLM:
     tensor_parallel_size : int
         Ranks that split the model (vLLM's name; tidal.models.tensor_parallel): this process and
         ``tensor_parallel_size - 1`` worker processes it starts, each with a slice of every layer and
-        of the KV cache, over Gloo on the CPU. Llama-family decoders in float weights; the GPU path
-        (NCCL) is not built yet. :meth:`close` stops the workers.
+        of the KV cache, over Gloo on the CPU. Llama-family decoders, mixture-of-experts blocks
+        (each expert split) and quantized layers included (int4 needs each rank's share of o_proj's
+        and down_proj's inputs to be whole groups); the GPU path (NCCL) is not built yet.
+        :meth:`close` stops the workers.
     """
 
     def __init__(self, model: "str | torch.nn.Module", dtype: str | torch.dtype = "auto", device: str = "auto",

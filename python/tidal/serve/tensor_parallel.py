@@ -46,11 +46,11 @@ def _header(*values: int) -> torch.Tensor:
 class TensorParallelDriver:
     """Rank 0's side: starts the workers, joins their group and tells them what to run."""
 
-    def __init__(self, model_path: str, dtype: str, size: int, max_model_len: int):
+    def __init__(self, model_path: str, dtype: str, size: int, max_model_len: int, quantization: str | None = None):
         self.timeout_s = seconds_from_env(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)
         port = free_port("127.0.0.1")
         ctx = multiprocessing.get_context("spawn")
-        spec = dict(model=model_path, dtype=dtype, max_model_len=max_model_len)
+        spec = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, quantization=quantization)
         self.workers = [ctx.Process(target=_worker_main, args=(rank, size, port, spec, self.timeout_s), daemon=True,
                                     name=f"tidal-tp-{rank}") for rank in range(1, size)]
         for worker in self.workers:
@@ -108,7 +108,7 @@ def _worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: float) 
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     tp = _group(rank, size, port, timeout_s)
-    model, _ = load_model(spec["model"], dtype=spec["dtype"], device="cpu")
+    model, _ = load_model(spec["model"], dtype=spec["dtype"], device="cpu", quantization=spec["quantization"])
     shard_(model, tp)
     model.ensure_rope_positions(spec["max_model_len"])
     caches = None
