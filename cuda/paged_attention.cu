@@ -15,7 +15,6 @@ namespace {
 
 // NOTE(tidal): a split of fewer keys than this costs more in the reduction than it saves.
 constexpr int64_t kMinKeysPerSplit = 128;
-constexpr int kMaxSplits = 64;
 constexpr int64_t kBlocksPerSmTarget = 8;
 
 template <typename T>
@@ -121,7 +120,7 @@ int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t 
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
-                     Stream stream) {
+                     TensorView split_counters, Stream stream) {
   const int64_t num_tokens = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t num_seqs = block_tables.size(0);
   if (num_tokens == 0 || num_seqs == 0) return;
@@ -180,6 +179,12 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
   if (plan.num_splits > 1) {
     p.split_acc = static_cast<float*>(workspace.data);
     p.split_ml = p.split_acc + num_tokens * num_heads * plan.num_splits * head_dim;
+    // The in-kernel merge keeps a row's split weights in the reduction scratch of store_rows, which
+    // holds them from head_dim 16 up.
+    const int64_t counters = num_seqs * p.num_kv_heads * plan.row_blocks;
+    if (split_counters.data != nullptr && split_counters.numel() >= counters && head_dim >= 16) {
+      p.split_counters = static_cast<int*>(split_counters.data);
+    }
   }
   const auto s = static_cast<cudaStream_t>(stream.handle);
   if (fp8_cache && plan.decode_tensor_cores) {
@@ -208,7 +213,7 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
       default: TIDAL_THROW_(std::invalid_argument, "query.dtype=", dtype_name(query.dtype), " is not supported");
     }
   }
-  if (plan.num_splits > 1) attn::launch_split_reduce(p, query.dtype, num_tokens, s);
+  if (plan.num_splits > 1 && p.split_counters == nullptr) attn::launch_split_reduce(p, query.dtype, num_tokens, s);
 }
 
 }  // namespace tidal::gpu

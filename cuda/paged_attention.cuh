@@ -30,7 +30,12 @@ struct PagedParams {
   int num_splits;      // key splits per (sequence, KV head, row run); > 1 needs the two buffers below
   float* split_acc;    // [num_tokens, num_heads, num_splits, head_dim] unnormalised partial outputs
   float* split_ml;     // [num_tokens, num_heads, num_splits, 2] running max (base 2) and sum
+  // [num_seqs, num_kv_heads, row_blocks] splits finished so far, zero between calls: the last split
+  // of a block's rows to finish merges them (store_rows). nullptr: launch_split_reduce merges instead.
+  int* split_counters;
 };
+
+inline constexpr int kMaxSplits = 64;  // key splits per (sequence, KV head, row block) at most
 
 /// The kernel and grid for one call, chosen on the host from shapes alone (no device reads).
 struct Plan {

@@ -363,3 +363,92 @@ def test_fp8_caches_refused_where_no_kernel_reads_them():
     with pytest.raises(ValueError, match="head_dim=40"):
         tidal.ops.paged_attention(torch.randn(1, 4, 40, device="cuda", dtype=torch.bfloat16), odd, odd.clone(),
                                   *args[2:])
+
+
+# ---- key splits merged inside the kernel (split_counters) --------------------------------------
+
+def counters_for(batch: Batch) -> torch.Tensor:
+    return torch.zeros(batch.seq_lens.shape[0] * batch.query.shape[1], dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("shape", [(8, 2, 128, torch.bfloat16), (32, 8, 128, torch.float16), (8, 1, 64, torch.bfloat16),
+                                   (16, 2, 256, torch.bfloat16), (4, 4, 128, torch.bfloat16),
+                                   (8, 2, 128, torch.float32), (6, 3, 80, torch.float32), (4, 4, 16, torch.float16)],
+                         ids=lambda s: f"h{s[0]}_kv{s[1]}_d{s[2]}_{str(s[3])[6:]}")
+def test_split_counters_merge_in_the_kernel(shape):
+    """The last split of each (sequence, KV head) to finish merges the splits (the tensor-core decode
+    kernel for GQA in 16-bit types, the SIMT kernel for one query head per KV head, fp32 and odd head
+    sizes): the same bits as the second kernel's merge, the reference's values, and every counter
+    back at zero after each of three calls in a row (contexts ending mid-block, one of one key)."""
+    heads, kv_heads, head_dim, dtype = shape
+    counters = None
+    for seed, contexts in enumerate(([5000, 257, 1003], [1, 4999, 300], [129, 130, 2049]), start=40):
+        batch = Batch(decode_seqs(contexts), heads, kv_heads, head_dim, 16, dtype, seed=seed)
+        assert splits_keys(batch)
+        counters = counters_for(batch) if counters is None else counters
+        expected = batch.reference()
+        batch.poison_unread()
+        separate = batch.run(-1, "cuda", **batch.max_seqlens())
+        merged = batch.run(-1, "cuda", split_counters=counters, **batch.max_seqlens())
+        assert torch.equal(merged, separate)
+        assert_close(merged, expected)
+        assert int(counters.abs().sum()) == 0
+
+
+def test_split_counters_over_fp8_caches():
+    batch = Batch(decode_seqs([3000, 700]), 8, 2, 128, 16, torch.bfloat16, seed=50)
+    assert splits_keys(batch)
+    k_codes, v_codes = to_fp8_caches(batch)
+    expected = batch.reference()
+    args = list(batch.args(device="cuda"))
+    args[1], args[2] = k_codes.cuda(), v_codes.cuda()
+    counters = counters_for(batch)
+    merged = tidal.ops.paged_attention(*args, **batch.max_seqlens(), split_counters=counters)
+    assert torch.equal(merged, tidal.ops.paged_attention(*args, **batch.max_seqlens()))
+    assert_close(merged, expected)
+    assert int(counters.abs().sum()) == 0
+
+
+def test_split_counters_too_few_or_unsplit_fall_back():
+    """Fewer counters than the grid needs: the second kernel merges (the counters untouched); a plan
+    that does not split leaves them alone too; the same outputs either way."""
+    split = Batch(decode_seqs([3000, 700]), 8, 2, 128, 16, torch.bfloat16, seed=51)
+    whole = Batch(decode_seqs(range(1, 600, 2)), 4, 1, 64, 16, torch.bfloat16, seed=52)
+    assert splits_keys(split) and not splits_keys(whole)
+    for batch, counters in ((split, torch.full((3,), 7, dtype=torch.int32, device="cuda")),
+                            (whole, torch.full((1200,), 7, dtype=torch.int32, device="cuda"))):
+        out = batch.run(-1, "cuda", split_counters=counters, **batch.max_seqlens())
+        assert_close(out, batch.reference())
+        assert torch.equal(out, batch.run(-1, "cuda", **batch.max_seqlens()))
+        assert bool((counters == 7).all())
+
+
+def test_split_counters_in_a_graph_captured_at_max_model_len():
+    """As the GPU model runner uses them: one set of counters in a graph captured with max_seqlen_k at
+    its largest (64 splits, most of them empty on short contexts), replayed on new batches."""
+    shape = dict(num_heads=8, num_kv_heads=2, head_dim=128, block_size=16, dtype=torch.bfloat16, num_blocks=1100,
+                 max_num_blocks=256)
+    first = Batch(decode_seqs([4096, 1, 17, 300]), seed=53, **shape)
+    static_args = first.args(device="cuda")
+    counters = counters_for(first)
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm), torch.no_grad():
+        tidal.ops.paged_attention(*static_args, max_seqlen_q=1, max_seqlen_k=4096, split_counters=counters)
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = tidal.ops.paged_attention(*static_args, max_seqlen_q=1, max_seqlen_k=4096,
+                                               split_counters=counters)
+    for seed, contexts in enumerate(([4096, 1, 17, 300], [5, 4000, 129, 2048], [1, 2, 3, 16]), start=54):
+        replay_and_check(graph, static_out, static_args, Batch(decode_seqs(contexts), seed=seed, **shape))
+        assert int(counters.abs().sum()) == 0
+
+
+def test_split_counters_checked_by_name():
+    batch = BATCHES["split_decode"]()
+    args = batch.args(device="cuda")
+    with pytest.raises(ValueError, match="split_counters must be contiguous torch.int32, got torch.int64"):
+        tidal.ops.paged_attention(*args, split_counters=torch.zeros(64, dtype=torch.int64, device="cuda"))
+    with pytest.raises(ValueError, match="split_counters is on cpu but query is on cuda"):
+        tidal.ops.paged_attention(*args, split_counters=torch.zeros(64, dtype=torch.int32))

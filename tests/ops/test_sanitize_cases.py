@@ -14,7 +14,7 @@ from conftest import HAS_GPU, assert_close
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and a CUDA build")]
 
 
-def _paged(num_seqs, q_len, ctx, heads, kv_heads, head_dim, block_size, dtype, window=-1):
+def _paged(num_seqs, q_len, ctx, heads, kv_heads, head_dim, block_size, dtype, window=-1, counters=False):
     g = torch.Generator().manual_seed(num_seqs * 131 + ctx + head_dim)
     blocks = math.ceil(ctx / block_size)
     num_blocks = num_seqs * blocks + 1
@@ -26,21 +26,30 @@ def _paged(num_seqs, q_len, ctx, heads, kv_heads, head_dim, block_size, dtype, w
     cu = torch.arange(num_seqs + 1, dtype=torch.int32) * q_len
     args = (q, kc, vc, ids, seq_lens, cu, head_dim ** -0.5, window)
     ref = tidal.ops.paged_attention(*args)  # the CPU kernel, itself checked against fp32 in test_paged_attention
+    split_counters = torch.zeros(num_seqs * heads, dtype=torch.int32, device="cuda") if counters else None
     out = tidal.ops.paged_attention(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args),
-                                    max_seqlen_q=q_len, max_seqlen_k=ctx)
+                                    max_seqlen_q=q_len, max_seqlen_k=ctx, split_counters=split_counters)
     torch.cuda.synchronize()
     assert_close(out, ref)
+    if counters:
+        assert int(split_counters.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("case", [
     dict(num_seqs=1, q_len=1, ctx=700, heads=8, kv_heads=2, head_dim=128, block_size=16, dtype=torch.bfloat16),  # split-K
+    # split-K merged in the kernel: the tensor-core decode kernel, then the SIMT one
+    dict(num_seqs=2, q_len=1, ctx=700, heads=8, kv_heads=2, head_dim=128, block_size=16, dtype=torch.bfloat16,
+         counters=True),
+    dict(num_seqs=2, q_len=1, ctx=450, heads=6, kv_heads=3, head_dim=64, block_size=16, dtype=torch.float32,
+         counters=True),
     dict(num_seqs=300, q_len=1, ctx=33, heads=4, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float16),  # one split
     dict(num_seqs=2, q_len=37, ctx=90, heads=4, kv_heads=1, head_dim=128, block_size=16, dtype=torch.bfloat16),  # tensor cores
     dict(num_seqs=2, q_len=9, ctx=40, heads=4, kv_heads=2, head_dim=256, block_size=8, dtype=torch.float16),
     dict(num_seqs=3, q_len=5, ctx=29, heads=6, kv_heads=2, head_dim=80, block_size=4, dtype=torch.float32),  # SIMT rows
     dict(num_seqs=2, q_len=1, ctx=50, heads=2, kv_heads=2, head_dim=20, block_size=16, dtype=torch.float16),  # scalar
     dict(num_seqs=2, q_len=20, ctx=64, heads=4, kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16, window=7),
-], ids=lambda c: f"{c['num_seqs']}x{c['q_len']}x{c['ctx']}_d{c['head_dim']}_{str(c['dtype'])[6:]}")
+], ids=lambda c: f"{c['num_seqs']}x{c['q_len']}x{c['ctx']}_d{c['head_dim']}_{str(c['dtype'])[6:]}"
+                 + ("_counters" if c.get("counters") else ""))
 def test_paged_attention_paths(case):
     _paged(**case)
 

@@ -108,10 +108,15 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
 /// dtype; an empty view when that size is 0). On the CPU the kernel runs on all OpenMP threads when
 /// the batch is large enough; on the GPU decode runs the SIMT kernel (split-K over keys for small
 /// batches) and prefill or mixed batches in 16-bit types the tensor-core kernel.
+/// split_counters (GPU, optional): int32 zeros that the caller keeps for its calls on one stream
+/// (calls that may run concurrently need their own); num_seqs * num_heads of them cover any decode
+/// batch. With them the last key split of each (sequence, KV head) to finish merges the splits
+/// itself, in the same kernel, and sets its counter back to zero; without them (or when a call needs
+/// more than there are) a second kernel merges the splits. The outputs are the same bits either way.
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
-                     Stream stream);
+                     Stream stream, TensorView split_counters = TensorView{});
 
 /// Bytes of workspace paged_attention needs for these shapes on `device` (always 0 on the CPU).
 int64_t paged_attention_workspace_size(Device device, DType dtype, int64_t num_tokens, int64_t num_seqs,

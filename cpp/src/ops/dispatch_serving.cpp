@@ -323,7 +323,7 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
-                     Stream stream) {
+                     Stream stream, TensorView split_counters) {
   TIDAL_CHECK(query.ndim == 3, "query must be 3-D [num_tokens, num_heads, head_dim], got shape ",
               query.shape_str());
   check_last_dim_contiguous(query, "query");
@@ -379,6 +379,11 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
     TIDAL_CHECK(workspace.data == nullptr || workspace.device == query.device, "workspace is on ",
                 device_name(workspace.device), " but query is on ", device_name(query.device));
     TIDAL_CHECK(num_seqs <= 65535, "num_seqs=", num_seqs, " must be <= 65535 on the GPU");
+    if (split_counters.data != nullptr) {
+      check_dtype(split_counters, "split_counters", DType::kInt32);
+      check_device(split_counters, "split_counters", query, "query");
+      TIDAL_CHECK(split_counters.is_contiguous(), "split_counters must be contiguous");
+    }
   }
   detail::dispatch(
       "paged_attention", query.device,
@@ -388,7 +393,7 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
       },
       [&] {
         gpu::paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                             sliding_window, max_seqlen_q, max_seqlen_k, workspace, stream);
+                             sliding_window, max_seqlen_q, max_seqlen_k, workspace, split_counters, stream);
       });
 }
 

@@ -31,6 +31,9 @@ class AttentionMetadata:
         The largest number of new tokens of one sequence (1 for a pure decode step).
     max_seqlen_k : int
         The largest ``seq_lens`` entry.
+    split_counters : torch.Tensor or None
+        CUDA: the int32 zeros of ``ops.paged_attention``'s in-kernel merge of key splits, owned by the
+        model runner (one set per runner: its steps and layers run one after another on its stream).
     """
 
     slot_mapping: torch.Tensor
@@ -39,6 +42,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor
     max_seqlen_q: int
     max_seqlen_k: int
+    split_counters: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -13,7 +13,7 @@ _MAX_HEAD_DIM = 256
 
 lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
            "Tensor seq_lens, Tensor cu_seqlens_q, float scale, int sliding_window, int max_seqlen_q=-1, "
-           "int max_seqlen_k=-1) -> Tensor")
+           "int max_seqlen_k=-1, Tensor(a!)? split_counters=None) -> Tensor")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -66,9 +66,19 @@ def _gpu_workspace(query, key_cache, num_seqs, max_seqlen_q, max_seqlen_k):
     return capsule(torch.empty(size, dtype=torch.uint8, device=query.device)) if size else None
 
 
+def _check_counters(split_counters, query) -> None:
+    if split_counters is None:
+        return
+    if split_counters.dtype != torch.int32 or not split_counters.is_contiguous():
+        raise ValueError(f"split_counters must be contiguous torch.int32, got {split_counters.dtype}")
+    if split_counters.device != query.device:
+        raise ValueError(f"split_counters is on {split_counters.device} but query is on {query.device}")
+
+
 def _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                          sliding_window, max_seqlen_q=-1, max_seqlen_k=-1):
+                          sliding_window, max_seqlen_q=-1, max_seqlen_k=-1, split_counters=None):
     _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale)
+    _check_counters(split_counters, query)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     q = query if query.shape[-1] <= 1 or query.stride(-1) == 1 else query.contiguous()
     workspace = None
@@ -79,7 +89,9 @@ def _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens,
         workspace = _gpu_workspace(query, key_cache, block_tables.shape[0], max_seqlen_q, max_seqlen_k)
     native.paged_attention(capsule(out), capsule(q), capsule(key_cache), capsule(value_cache), capsule(block_tables),
                            capsule(seq_lens), capsule(cu_seqlens_q), scale, sliding_window, max_seqlen_q,
-                           max_seqlen_k, workspace, stream_of(query))
+                           max_seqlen_k, workspace,
+                           None if split_counters is None or query.device.type != "cuda" else capsule(split_counters),
+                           stream_of(query))
     return out
 
 
@@ -89,14 +101,16 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("tidal::paged_attention")
 def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                          max_seqlen_q=-1, max_seqlen_k=-1):
+                          max_seqlen_q=-1, max_seqlen_k=-1, split_counters=None):
     _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale)
+    _check_counters(split_counters, query)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
-                    sliding_window: int = -1, max_seqlen_q: int = -1, max_seqlen_k: int = -1) -> torch.Tensor:
+                    sliding_window: int = -1, max_seqlen_q: int = -1, max_seqlen_k: int = -1,
+                    split_counters: torch.Tensor | None = None) -> torch.Tensor:
     r"""Causal attention of a flat batch of new query tokens over the paged KV cache.
 
     Sequence ``s`` owns query rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` (``q_len`` of them); its
@@ -140,6 +154,12 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         (default) computes them from the tensors, which synchronises with the device. Ignored on the
         CPU. A CUDA graph captured with ``max_seqlen_k`` at its largest value replays correctly for
         any shorter context.
+    split_counters : torch.Tensor, optional
+        CUDA: int32 zeros (``num_seqs * num_heads`` of them cover any decode batch) that the caller
+        keeps for its calls on one stream, as the GPU model runner does. With them the last of a
+        sequence's key splits to finish merges the splits in the same kernel (flash-decoding without
+        a second kernel) and leaves its counter at zero again; without them, or when a call needs
+        more of them, a second kernel merges the splits. The output is the same either way.
 
     Returns
     -------
@@ -148,6 +168,6 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """
     if is_eager_call(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q):
         return _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                     sliding_window, max_seqlen_q, max_seqlen_k)
+                                     sliding_window, max_seqlen_q, max_seqlen_k, split_counters)
     return torch.ops.tidal.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                           scale, sliding_window, max_seqlen_q, max_seqlen_k)
+                                           scale, sliding_window, max_seqlen_q, max_seqlen_k, split_counters)

@@ -120,6 +120,9 @@ class GPUModelRunner:
                           self.max_num_seqs * self.max_blocks_per_seq)
         self._stage = torch.empty(biggest.nbytes, dtype=torch.uint8, device=device)
         self._graph_tables = torch.zeros(self.max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        # paged attention's in-kernel merge of key splits (flash-decoding in one kernel): zeros that each
+        # call leaves at zero; one set serves every layer and graph, as they run one after another
+        self._split_counters = torch.zeros(self.max_num_seqs * model.num_heads, dtype=torch.int32, device=device)
         # NOTE(tidal): decode logits stay in the model's dtype; the sampler widens only the rows that
         # need more than an argmax (the argmax of bf16 logits is that of their exact fp32 widening).
         # Writing fp32 cost a conversion and a copy of [256, 151936]: 0.19 ms of an S1 step (H200).
@@ -235,7 +238,7 @@ class GPUModelRunner:
         attn = AttentionMetadata(
             slot_mapping=d64[2 * tokens:3 * tokens], block_tables=table,
             seq_lens=d32[seqs + 1:2 * seqs + 1], cu_seqlens_q=d32[:seqs + 1],
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, split_counters=self._split_counters)
         rows = None if graph else d64[3 * tokens:3 * tokens + layout.num_sample]
         return _StepInputs(d64[:tokens], d64[tokens:2 * tokens], attn, rows)
 
