@@ -80,6 +80,10 @@ def _format_gib(n: float) -> str:
 class GPUModelRunner:
     """Runs the model on one CUDA device with persistent inputs and CUDA graphs for decode."""
 
+    # Paged attention merges its key splits inside the decode kernel (False: in a second kernel, the
+    # form bench/serve.py --split-merge separate times against it).
+    merge_splits_in_kernel = True
+
     def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device,
                  memory_baseline: MemoryBaseline):
         self.model, self.config, self.device = model, config, device
@@ -122,7 +126,8 @@ class GPUModelRunner:
         self._graph_tables = torch.zeros(self.max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
         # paged attention's in-kernel merge of key splits (flash-decoding in one kernel): zeros that each
         # call leaves at zero; one set serves every layer and graph, as they run one after another
-        self._split_counters = torch.zeros(self.max_num_seqs * model.num_heads, dtype=torch.int32, device=device)
+        self._split_counters = torch.zeros(self.max_num_seqs * model.num_heads, dtype=torch.int32, device=device) \
+            if self.merge_splits_in_kernel else None
         # NOTE(tidal): decode logits stay in the model's dtype; the sampler widens only the rows that
         # need more than an argmax (the argmax of bf16 logits is that of their exact fp32 widening).
         # Writing fp32 cost a conversion and a copy of [256, 151936]: 0.19 ms of an S1 step (H200).
