@@ -35,6 +35,8 @@ template <typename T, int kWidth>
 __global__ void __launch_bounds__(kThreads)
     silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t num_tokens, int64_t d,
                         int64_t out_stride, int64_t x_stride) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   for_each_access<kWidth>(num_tokens, d, [&](int64_t t, int64_t c) {
     const T* row = x + t * x_stride;
     const Vec<T, kWidth> gate = load_vec_readonly<T, kWidth>(row + c);
@@ -127,8 +129,9 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
   const auto s = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, {
     launch_rows<T>(num_tokens, d, {&out, &x}, [&](auto width, unsigned blocks) {
-      silu_and_mul_kernel<T, decltype(width)::value><<<blocks, kThreads, 0, s>>>(
-          out.data_ptr<T>(), x.data_ptr<const T>(), num_tokens, d, out.stride(0), x.stride(0));
+      launch_dependent(silu_and_mul_kernel<T, decltype(width)::value>, dim3(blocks), dim3(kThreads), 0, s,
+                       x.device.index, out.data_ptr<T>(), x.data_ptr<const T>(), num_tokens, d, out.stride(0),
+                       x.stride(0));
     });
   });
 }

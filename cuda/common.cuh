@@ -5,10 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/vendor.h"
 #include "tidal/status.h"
@@ -72,6 +74,99 @@ inline int multiprocessor_count(int device) {
     counts[device] = value > 0 ? value : 1;
   }
   return counts[device];
+}
+
+// ---- programmatic dependent launch (sm_90 and up) -------------------------------------------------
+// NOTE(tidal): at batch 1 a decode step is ~300 kernels of a few microseconds each, and inside a CUDA
+// graph each dependent kernel still starts ~2 us after the one before it ends (bench/RESULTS.md). A
+// kernel launched by launch_dependent may be scheduled while the kernel before it in the stream is
+// still running: its blocks wait in wait_for_prior_grid() until that kernel has finished and its
+// writes are visible, so the launch latency is hidden. Every kernel launched this way calls
+// wait_for_prior_grid() before its first access to memory another kernel writes or reads, and may
+// call allow_dependents() (once every block of it has, the next dependent kernel may be scheduled;
+// it still waits for this one to finish). Kernels launched normally (cuBLAS, torch's) keep full stream
+// order. TIDAL_PROGRAMMATIC_LAUNCH=0 in the environment turns it off (plain launches).
+
+/// Blocks until the kernel before this one in the stream has completed and its memory is visible.
+/// A no-op for a kernel launched normally and on GPUs before sm_90.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/// Lets the next kernel in the stream, if launched by launch_dependent, be scheduled now.
+__device__ __forceinline__ void allow_dependents() {
+#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+namespace detail {
+// Compiled like every kernel of the library: its PTX version says whether the code that runs on a
+// device holds the griddepcontrol instructions (compute_90 and up), a PTX JIT from an older target not.
+static __global__ void programmatic_launch_probe() {}
+}  // namespace detail
+
+/// Whether launch_dependent launches programmatically on `device`: compute capability >= 9.0, code
+/// compiled for compute_90 or later running there, and not turned off by TIDAL_PROGRAMMATIC_LAUNCH=0.
+/// Read once per device.
+inline bool programmatic_launch(int device) {
+  constexpr int kMaxDevices = 64;
+  static const bool enabled = [] {
+    const char* value = std::getenv("TIDAL_PROGRAMMATIC_LAUNCH");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  static int state[kMaxDevices] = {};  // 0: not read yet, 1: yes, 2: no
+  if (!enabled || device < 0 || device >= kMaxDevices) return false;
+#if defined(TIDAL_USE_HIP)
+  return false;
+#else
+  if (state[device] == 0) {
+    int major = 0;
+    TIDAL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    bool supported = major >= 9;
+    if (supported) {
+      cudaFuncAttributes attributes{};
+      TIDAL_CUDA_CHECK(cudaFuncGetAttributes(&attributes, detail::programmatic_launch_probe));
+      supported = attributes.ptxVersion >= 90;
+    }
+    state[device] = supported ? 1 : 2;
+  }
+  return state[device] == 1;
+#endif
+}
+
+/// kernel<<<grid, block, smem, stream>>>(args...), launched as a programmatic dependent of the kernel
+/// before it in the stream where programmatic_launch(device) holds. The kernel must call
+/// wait_for_prior_grid() first.
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int device,
+                      Args&&... args) {
+#if defined(TIDAL_USE_HIP)
+  (void)device;
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+#else
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = programmatic_launch(device) ? 1 : 0;
+  TIDAL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+#endif
+  TIDAL_CUDA_CHECK(cudaGetLastError());
+}
+
+/// The device a launch goes to (the current one: launchers run under a DeviceGuard).
+inline int current_device() {
+  int device = 0;
+  TIDAL_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
 }
 
 inline bool is_aligned(const void* ptr, std::uintptr_t bytes) {

@@ -25,6 +25,8 @@ __global__ void __launch_bounds__(kThreads)
                              int64_t k_token_stride, int64_t k_head_stride, int64_t v_token_stride,
                              int64_t v_head_stride) {
   using Unit = typename std::conditional<kBytes == 16, uint4, typename std::conditional<kBytes == 4, uint32_t, uint16_t>::type>::type;
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   const int64_t t = blockIdx.x;
   const int64_t slot = slot_mapping[t * slot_stride];
   if (slot < 0 || slot >= num_slots) return;
@@ -92,11 +94,11 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
   };
   auto run = [&](auto bytes_tag) {
     constexpr int kBytes = decltype(bytes_tag)::value;
-    reshape_and_cache_kernel<kBytes><<<static_cast<unsigned>(num_tokens), kThreads, 0, s>>>(
-        static_cast<const char*>(key.data), static_cast<const char*>(value.data), static_cast<char*>(key_cache.data),
-        static_cast<char*>(value_cache.data), slot_mapping.data_ptr<const int64_t>(), slot_mapping.stride(0),
-        num_slots, num_kv_heads, static_cast<int>(head_bytes / kBytes), strides[0], strides[1], strides[2],
-        strides[3]);
+    launch_dependent(reshape_and_cache_kernel<kBytes>, dim3(static_cast<unsigned>(num_tokens)), dim3(kThreads), 0, s,
+                     key.device.index, static_cast<const char*>(key.data), static_cast<const char*>(value.data),
+                     static_cast<char*>(key_cache.data), static_cast<char*>(value_cache.data),
+                     slot_mapping.data_ptr<const int64_t>(), slot_mapping.stride(0), num_slots, num_kv_heads,
+                     static_cast<int>(head_bytes / kBytes), strides[0], strides[1], strides[2], strides[3]);
   };
   if (fits(16)) {
     run(std::integral_constant<int, 16>{});

@@ -19,6 +19,8 @@ constexpr int64_t kBlocksPerSmTarget = 8;
 
 template <typename T>
 __global__ void __launch_bounds__(128) paged_attention_reduce_kernel(PagedParams p) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   const int64_t row = blockIdx.x;  // token * num_heads + head
   const int num_splits = p.num_splits, head_dim = p.head_dim;
   const float* ml = p.split_ml + row * num_splits * 2;
@@ -99,8 +101,8 @@ void launch_split_reduce(const PagedParams& p, DType dtype, int64_t num_tokens, 
   const int64_t rows = num_tokens * p.num_heads;
   if (rows == 0) return;
   TIDAL_DISPATCH_FLOAT(dtype, T, {
-    paged_attention_reduce_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(p);
-    TIDAL_CUDA_CHECK(cudaGetLastError());
+    launch_dependent(paged_attention_reduce_kernel<T>, dim3(static_cast<unsigned>(rows)), dim3(128), 0, stream,
+                     current_device(), p);
   });
 }
 

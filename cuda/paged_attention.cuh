@@ -86,8 +86,7 @@ inline constexpr int kDecodeRows = 16;    // and of the tensor-core decode kerne
 template <typename Kernel>
 void launch_with_smem(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const PagedParams& p) {
   TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  kernel<<<grid, 128, smem_bytes, stream>>>(p);
-  TIDAL_CUDA_CHECK(cudaGetLastError());
+  launch_dependent(kernel, grid, dim3(128), static_cast<size_t>(smem_bytes), stream, current_device(), p);
 }
 #endif
 

@@ -326,6 +326,8 @@ __device__ __forceinline__ int64_t key_offset(const int32_t* table, int j, int e
 // group in flight 39%, 2 keys 40%. See bench/RESULTS.md.
 template <typename T, int kVec, int kLanes, int kChunks, int kRows, int kUnroll>
 __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(PagedParams p) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   constexpr int kGroups = kWarpSize / kLanes;  // keys per warp per pass
   constexpr int kElems = kVec * kChunks;       // dims per lane
   constexpr int kPadDim = kLanes * kElems;     // >= head_dim
@@ -391,6 +393,8 @@ struct Pipeline {
 
 template <typename T, int kVec, int kLanes, int kChunks, int kRows, int kUnroll, int kStages>
 __global__ void __launch_bounds__(kSimtThreads) paged_attention_pipelined_kernel(PagedParams p) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   using Pipe = Pipeline<T, kVec, kLanes, kChunks, kRows, kUnroll, kStages>;
   constexpr int kGroups = Pipe::kGroups, kPadDim = Pipe::kPadDim, kTile = Pipe::kTile;
   constexpr int kElems = kVec * kChunks;
@@ -477,10 +481,7 @@ void launch_simt(const PagedParams& p, const Plan& plan, bool vectorized, cudaSt
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads * plan.num_splits),
                   static_cast<unsigned>(p.num_seqs));
-  auto direct = [&](auto kernel) {
-    kernel<<<grid, kSimtThreads, 0, stream>>>(p);
-    TIDAL_CUDA_CHECK(cudaGetLastError());
-  };
+  auto direct = [&](auto kernel) { launch_dependent(kernel, grid, dim3(kSimtThreads), 0, stream, current_device(), p); };
   auto by_rows = [&](auto vec, auto lanes, auto chunks) {
     constexpr int V = decltype(vec)::value, L = decltype(lanes)::value, C = decltype(chunks)::value;
 #if !defined(TIDAL_USE_HIP)

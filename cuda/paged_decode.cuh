@@ -44,6 +44,8 @@ struct DecodeTiles {
 
 template <typename T, typename C, int kHeadDim, int kStages, int kMinBlocks = 1>
 __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedParams p) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   using Tiles = DecodeTiles<T, C, kHeadDim, kStages>;
   constexpr bool kFp8 = Tiles::kFp8;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;

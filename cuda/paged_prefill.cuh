@@ -36,6 +36,8 @@ constexpr int prefill_smem_bytes() {
 
 template <typename T, typename C, int kHeadDim, int kBlockN>
 __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   constexpr bool kFp8 = std::is_same_v<C, uint8_t>;
   constexpr int kBlockM = kPrefillRows;
   constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks of T per row

@@ -52,6 +52,8 @@ __device__ __forceinline__ float widen_code(uint32_t word, int j, float offset) 
 // kUnroll: chunks in flight per lane and output row.
 template <typename T, int kFormat, int kMaxRows, int kRowsPerWarp, int kUnroll>
 __global__ void __launch_bounds__(kWarps* kWarpSize) quant_linear_kernel(Params p) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   constexpr int kCodes = codes_per_chunk<kFormat>();  // per 16-byte chunk
   constexpr int kCodesPerWord = kCodes / 4;
   const int lane = threadIdx.x % kWarpSize;
@@ -198,8 +200,8 @@ template <typename T, int kFormat, int kMaxRows, int kRowsPerWarp, int kUnroll>
 void launch(const Params& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
   const dim3 grid((p.n + kRowsPerBlock - 1) / kRowsPerBlock), block(kWarps * kWarpSize);
-  quant_linear_kernel<T, kFormat, kMaxRows, kRowsPerWarp, kUnroll><<<grid, block, 0, stream>>>(p);
-  TIDAL_CUDA_CHECK(cudaGetLastError());
+  launch_dependent(quant_linear_kernel<T, kFormat, kMaxRows, kRowsPerWarp, kUnroll>, grid, block, 0, stream,
+                   current_device(), p);
 }
 
 template <typename T, int kFormat>

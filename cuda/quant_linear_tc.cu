@@ -180,6 +180,8 @@ constexpr int smem_bytes() {
 // sums cost more than the 32 subtractions per unit saved (gate_up 52 us, down 76 us against 29).
 template <typename T, int kFormat, int kTiles>
 __global__ void __launch_bounds__(kWarps* kWarpSize, kTiles == 1 ? 3 : 2) quant_linear_tc_kernel(Params p) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   constexpr int kBlockInputs = inputs_per_block<kFormat>();
   constexpr int kChunkBytes = 64;  // a k block's bytes of one row (4 lanes x 16)
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -318,8 +320,7 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
   const int64_t tiles = (p.n + 15) / 16;
   const dim3 grid(static_cast<unsigned>(tiles < resident ? tiles : resident)), block(kWarps * kWarpSize);
-  kernel<<<grid, block, kSmem, stream>>>(p);
-  TIDAL_CUDA_CHECK(cudaGetLastError());
+  launch_dependent(kernel, grid, block, kSmem, stream, device, p);
 }
 
 template <typename T, int kFormat>

@@ -77,6 +77,8 @@ template <typename T, int kWidth, int kVecs, bool kReread>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     rms_norm_kernel(T* out, const T* x, const T* weight, int64_t num_tokens, int hidden_size,
                     int64_t out_stride, int64_t x_stride, float eps) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   using V = Vec<T, kWidth>;
   __shared__ float scratch[kMaxWarpsPerBlock];
   const int num_vecs = hidden_size / kWidth;
@@ -131,6 +133,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
                               const T* weight, int64_t num_tokens, int hidden_size,
                               int64_t out_stride, int64_t residual_out_stride, int64_t x_stride,
                               int64_t residual_stride, float eps) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   using V = Vec<T, kWidth>;
   __shared__ float scratch[kMaxWarpsPerBlock];
   const int num_vecs = hidden_size / kWidth;
@@ -214,8 +218,7 @@ void launch(void (*cached)(Params...), void (*reread)(Params...), int64_t num_to
   const int64_t num_groups = (num_tokens + rows_per_block - 1) / rows_per_block;
   const dim3 grid(static_cast<unsigned>(num_groups < kMaxBlocks ? num_groups : kMaxBlocks));
   const dim3 block(threads, rows_per_block);
-  (is_reread ? reread : cached)<<<grid, block, 0, stream>>>(args...);
-  TIDAL_CUDA_CHECK(cudaGetLastError());
+  launch_dependent(is_reread ? reread : cached, grid, block, 0, stream, current_device(), args...);
 }
 
 template <int kWidth>

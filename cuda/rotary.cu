@@ -112,6 +112,8 @@ __device__ void process_head(const RopeArgs& a, const T* src, D* dst, const void
 
 template <typename T>
 __global__ void __launch_bounds__(kWarps * kWarpSize) rotary_kernel(RopeArgs a) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   __shared__ float rows[kWarps][kMaxHeadDim];
   const int64_t t = blockIdx.x;
   const int warp = threadIdx.x / kWarpSize;
@@ -167,6 +169,8 @@ constexpr int kVecThreads = 256;
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kVecThreads) rotary_neox_vec_kernel(RopeArgs a, int64_t num_tokens) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
   const int half = a.rotary_dim / 2;
   const int chunks = half / kVec;
   const int heads = a.num_heads + a.num_kv_heads;
@@ -238,9 +242,8 @@ void launch(const RopeArgs& a, DType dtype, int64_t num_tokens, Stream stream) {
       constexpr int kVec = 16 / sizeof(T);
       const int64_t total = num_tokens * (a.num_heads + a.num_kv_heads) * (a.rotary_dim / 2 / kVec);
       const auto blocks = static_cast<unsigned>(std::min<int64_t>((total + kVecThreads - 1) / kVecThreads, 132 * 16));
-      rotary_neox_vec_kernel<T, kVec><<<blocks, kVecThreads, 0, static_cast<cudaStream_t>(stream.handle)>>>(
-          a, num_tokens);
-      TIDAL_CUDA_CHECK(cudaGetLastError());
+      launch_dependent(rotary_neox_vec_kernel<T, kVec>, dim3(blocks), dim3(kVecThreads), 0,
+                       static_cast<cudaStream_t>(stream.handle), current_device(), a, num_tokens);
     });
     return;
   }
@@ -249,9 +252,8 @@ void launch(const RopeArgs& a, DType dtype, int64_t num_tokens, Stream stream) {
   const int num_jobs = a.num_heads + a.num_kv_heads * (a.key_cache != nullptr ? 2 : 1);
   const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(std::min((num_jobs + kWarps - 1) / kWarps, 65535)));
   TIDAL_DISPATCH_FLOAT(dtype, T, {
-    rotary_kernel<T><<<grid, kWarps * kWarpSize, 0,
-                       static_cast<cudaStream_t>(stream.handle)>>>(a);
-    TIDAL_CUDA_CHECK(cudaGetLastError());
+    launch_dependent(rotary_kernel<T>, grid, dim3(kWarps * kWarpSize), 0, static_cast<cudaStream_t>(stream.handle),
+                     current_device(), a);
   });
 }
 

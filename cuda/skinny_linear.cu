@@ -51,15 +51,6 @@ struct Params {
   float eps;
 };
 
-// Waits until the kernel before this one in the stream has finished and its writes are visible.
-// A kernel launched with programmatic stream serialization starts before that (see launch below):
-// everything ahead of this call may only read the weights.
-__device__ __forceinline__ void wait_for_prior_grid() {
-#if !defined(TIDAL_USE_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // One weight vector through the non-coherent path, not kept in L1 (each is read once).
 template <typename V>
 __device__ __forceinline__ V load_weight(const V* ptr) {
