@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// The _core module: registers tidal's exception types and the submodules (ops, kv). Exceptions map
-// as std::invalid_argument -> ValueError, std::out_of_range -> IndexError, tidal::OutOfMemory ->
-// _core.OutOfMemoryError (a MemoryError), tidal::CudaError -> _core.CudaError and tidal::Error ->
-// _core.Error (both RuntimeErrors).
+// The _core module: registers tidal's exception types and the submodules (ops, kv, sched, zero,
+// comm). Exceptions map as std::invalid_argument -> ValueError, std::out_of_range -> IndexError,
+// tidal::OutOfMemory -> _core.OutOfMemoryError (a MemoryError), tidal::CudaError -> _core.CudaError
+// and tidal::Error -> _core.Error (both RuntimeErrors).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -18,6 +18,7 @@ void bind_kv(py::module_& m);
 void bind_sched(py::module_& m);
 void bind_ops_train(py::module_& m);
 void bind_zero(py::module_& m);
+void bind_comm(py::module_& m);
 }  // namespace tidal::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -54,4 +55,6 @@ PYBIND11_MODULE(_core, m) {
   tidal::bindings::bind_sched(sched);
   auto zero = m.def_submodule("zero", "The ZeRO partition plan: flat buffer, shards, buckets, gather groups");
   tidal::bindings::bind_zero(zero);
+  auto comm = m.def_submodule("comm", "NCCL communicators held by the core (tidal.comm's NCCL backend)");
+  tidal::bindings::bind_comm(comm);
 }
