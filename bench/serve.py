@@ -872,18 +872,18 @@ def main() -> int:
                          "WEIGHTS/fp8kv adds an FP8 KV cache, bf16/fp8kv alone)")
     ap.add_argument("--quantization-s3", default="fp8",
                     help="the quantizations that also run S3 (comma-separated; the target is FP8's)")
-    ap.add_argument("--split-merge", choices=["kernel", "separate"], default="kernel",
-                    help="paged attention's key splits merged inside the decode kernel (the engine's default) or by "
-                         "a second kernel")
+    ap.add_argument("--split-merge", choices=["kernel", "separate"], default=None,
+                    help="paged attention's key splits merged inside the decode kernel or by a second kernel "
+                         "(default: the engine's choice)")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     args = ap.parse_args()
     if args.skinny is not None:
         from tidal.models import llama
         llama.SKINNY_MAX_TOKENS = args.skinny
-    if args.split_merge == "separate":
+    if args.split_merge is not None:
         from tidal.serve.gpu_model_runner import GPUModelRunner
-        GPUModelRunner.merge_splits_in_kernel = False
+        GPUModelRunner.merge_splits_in_kernel = args.split_merge == "kernel"
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
     args.quantization = [q.strip() for q in args.quantization.split(",") if q.strip() and q.strip() != "none"]
     args.quantization_s3 = [q.strip() for q in args.quantization_s3.split(",") if q.strip()]

@@ -85,7 +85,8 @@ inline int multiprocessor_count(int device) {
 // wait_for_prior_grid() before its first access to memory another kernel writes or reads, and may
 // call allow_dependents() (once every block of it has, the next dependent kernel may be scheduled;
 // it still waits for this one to finish). Kernels launched normally (cuBLAS, torch's) keep full stream
-// order. TIDAL_PROGRAMMATIC_LAUNCH=0 in the environment turns it off (plain launches).
+// order. Off until measured on a GPU: TIDAL_PROGRAMMATIC_LAUNCH=1 in the environment turns it on
+// (otherwise every launch is a plain one, and the two instructions are no-ops).
 
 /// Blocks until the kernel before this one in the stream has completed and its memory is visible.
 /// A no-op for a kernel launched normally and on GPUs before sm_90.
@@ -108,14 +109,14 @@ namespace detail {
 static __global__ void programmatic_launch_probe() {}
 }  // namespace detail
 
-/// Whether launch_dependent launches programmatically on `device`: compute capability >= 9.0, code
-/// compiled for compute_90 or later running there, and not turned off by TIDAL_PROGRAMMATIC_LAUNCH=0.
-/// Read once per device.
+/// Whether launch_dependent launches programmatically on `device`: TIDAL_PROGRAMMATIC_LAUNCH=1,
+/// compute capability >= 9.0, and code compiled for compute_90 or later running there. Read once per
+/// device.
 inline bool programmatic_launch(int device) {
   constexpr int kMaxDevices = 64;
   static const bool enabled = [] {
     const char* value = std::getenv("TIDAL_PROGRAMMATIC_LAUNCH");
-    return value == nullptr || std::strcmp(value, "0") != 0;
+    return value != nullptr && std::strcmp(value, "1") == 0;
   }();
   static int state[kMaxDevices] = {};  // 0: not read yet, 1: yes, 2: no
   if (!enabled || device < 0 || device >= kMaxDevices) return false;

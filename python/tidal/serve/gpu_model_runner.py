@@ -80,9 +80,9 @@ def _format_gib(n: float) -> str:
 class GPUModelRunner:
     """Runs the model on one CUDA device with persistent inputs and CUDA graphs for decode."""
 
-    # Paged attention merges its key splits inside the decode kernel (False: in a second kernel, the
-    # form bench/serve.py --split-merge separate times against it).
-    merge_splits_in_kernel = True
+    # Paged attention merges its key splits inside the decode kernel (False: in a second kernel). Off
+    # until measured on a GPU: bench/serve.py --split-merge kernel|separate times the two.
+    merge_splits_in_kernel = False
 
     def __init__(self, model, config: EngineConfig, max_model_len: int, device: torch.device,
                  memory_baseline: MemoryBaseline):
