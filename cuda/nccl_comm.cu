@@ -56,7 +56,6 @@ struct Library {
   Result (*get_unique_id)(UniqueId*) = nullptr;
   Result (*comm_init_rank)(NcclComm*, int, UniqueId, int) = nullptr;
   Result (*comm_init_rank_config)(NcclComm*, int, UniqueId, int, ConfigV214*) = nullptr;  // >= 2.14
-  Result (*comm_destroy)(NcclComm) = nullptr;
   Result (*comm_abort)(NcclComm) = nullptr;
   Result (*comm_get_async_error)(NcclComm, Result*) = nullptr;
   const char* (*get_error_string)(Result) = nullptr;
@@ -108,7 +107,6 @@ const Library& library() {
   resolve(lib, "ncclGetUniqueId", lib.get_unique_id);
   resolve(lib, "ncclCommInitRank", lib.comm_init_rank);
   resolve(lib, "ncclCommInitRankConfig", lib.comm_init_rank_config, false);
-  resolve(lib, "ncclCommDestroy", lib.comm_destroy);
   resolve(lib, "ncclCommAbort", lib.comm_abort);
   resolve(lib, "ncclCommGetAsyncError", lib.comm_get_async_error);
   resolve(lib, "ncclGetErrorString", lib.get_error_string);
@@ -186,9 +184,10 @@ class Comm {
     if (watchdog_.joinable()) watchdog_.join();
     std::lock_guard<std::mutex> lock(mutex_);
     if (comm_ != nullptr) {
-      // NOTE(tidal): a destructor must not throw or hang: work still in flight (or a failure) ends
-      // in an abort, which never waits for the peers; otherwise destroy, which frees the resources.
-      (void)(pending_.empty() && error_.empty() ? lib_.comm_destroy(comm_) : lib_.comm_abort(comm_));
+      // NOTE(tidal): a destructor must not throw or hang. ncclCommAbort frees the communicator without
+      // waiting for the peers or for work in flight; ncclCommDestroy of a non-blocking communicator may
+      // answer "in progress" and leave the freeing to be polled for.
+      (void)lib_.comm_abort(comm_);
       comm_ = nullptr;
     }
     for (const Pending& p : pending_) (void)cudaEventDestroy(p.event);

@@ -39,7 +39,7 @@ class NcclCommunicator {
   /// until every rank has joined; after `timeout_s` seconds without that, aborts and throws
   /// tidal::Error naming the rank.
   NcclCommunicator(const std::string& unique_id, int rank, int size, int device, double timeout_s);
-  /// Destroys the communicator (aborts it when it failed or work is still pending).
+  /// Frees the communicator (ncclCommAbort: never waits for the peers or for work in flight).
   ~NcclCommunicator();
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
