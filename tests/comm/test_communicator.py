@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import tidal
 from conftest import gpu_only
 from tidal.comm import CollectiveError, Communicator
+from tidal.serve.kv_transfer import free_port
 
 
 def _store(path: str, size: int, timeout_s: float = 30.0):
@@ -23,9 +24,13 @@ def _store(path: str, size: int, timeout_s: float = 30.0):
     return store
 
 
-def _collectives(rank: int, size: int, path: str, results) -> None:
+def _tcp_store(port: int, rank: int, size: int, timeout_s: float = 30.0):
+    return dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _collectives(rank: int, size: int, port: int, results) -> None:
     """Every collective of the Gloo backend; puts (rank, {name: tensor}) in `results`."""
-    comm = Communicator("gloo", rank, size, _store(path, size), timeout_s=30)
+    comm = Communicator("gloo", rank, size, _tcp_store(port, rank, size), timeout_s=30)
     out = {}
     x = torch.arange(6, dtype=torch.float32) + 10 * rank
     out["sum"] = comm.all_reduce_(x.clone())
@@ -63,8 +68,8 @@ def _spawn(target, size, *args):
 
 
 @pytest.mark.parametrize("size", [2, 3])
-def test_gloo_collectives(tmp_path, size):
-    got = _spawn(_collectives, size, str(tmp_path / "store"))
+def test_gloo_collectives(size):
+    got = _spawn(_collectives, size, free_port("127.0.0.1"))
     x = [torch.arange(6, dtype=torch.float32) + 10 * r for r in range(size)]
     for rank in range(size):
         out = got[rank]
@@ -80,8 +85,8 @@ def test_gloo_collectives(tmp_path, size):
         assert torch.equal(out["ring"], torch.full((3,), float((rank - 1) % size)))
 
 
-def _dies_before_the_collective(rank: int, size: int, path: str, results) -> None:
-    comm = Communicator("gloo", rank, size, _store(path, size), timeout_s=3)
+def _dies_before_the_collective(rank: int, size: int, port: int, results) -> None:
+    comm = Communicator("gloo", rank, size, _tcp_store(port, rank, size), timeout_s=3)
     if rank == 1:
         results.put((rank, None))
         return  # exits without calling all_reduce_
@@ -93,38 +98,57 @@ def _dies_before_the_collective(rank: int, size: int, path: str, results) -> Non
         results.put((rank, (str(e), time.monotonic() - start)))
 
 
-def test_gloo_peer_that_dies_fails_the_collective_within_the_timeout(tmp_path):
-    got = _spawn(_dies_before_the_collective, 2, str(tmp_path / "store"))
+def test_gloo_peer_that_dies_fails_the_collective_within_the_timeout():
+    got = _spawn(_dies_before_the_collective, 2, free_port("127.0.0.1"))
     message, seconds = got[0]
     assert "all_reduce on rank 0 of 2 failed" in message
     assert seconds < 30
 
 
-def test_gloo_rank_that_never_joins_is_an_error(tmp_path):
+def _never_joined_and_bad_arguments(rank: int, size: int, path: str, results) -> None:
+    """In a child process (no Gloo group ever lives in the test process, whose later tests make their
+    own): a rank whose peer never joins, then the argument checks of a one-rank communicator."""
+    out = {}
     start = time.monotonic()
-    with pytest.raises(CollectiveError, match="joining the Gloo communicator as rank 0 of 2 failed"):
-        Communicator("gloo", 0, 2, _store(str(tmp_path / "store"), 2, timeout_s=2), timeout_s=2)
-    assert time.monotonic() - start < 30
-
-
-def test_arguments_are_named(tmp_path):
-    comm = Communicator("gloo", 0, 1, _store(str(tmp_path / "store"), 1))
-    with pytest.raises(ValueError, match="backend='mpi' must be 'nccl' or 'gloo'"):
-        Communicator("mpi", 0, 1, None)
-    with pytest.raises(ValueError, match=r"rank=2 must be in \[0, size=2\)"):
-        Communicator("gloo", 2, 2, None)
-    with pytest.raises(ValueError, match="timeout_s=0 must be > 0"):
-        Communicator("gloo", 0, 1, None, timeout_s=0)
-    with pytest.raises(ValueError, match="op='mean' must be one of"):
-        comm.all_reduce_(torch.ones(2), "mean")
-    with pytest.raises(ValueError, match="x must be contiguous"):
-        comm.all_reduce_(torch.ones(4, 4).t())
-    with pytest.raises(ValueError, match=r"src=1 must be in \[0, size=1\)"):
-        comm.broadcast_(torch.ones(2), src=1)
-    assert torch.equal(comm.all_reduce_(torch.ones(3)), torch.ones(3))  # one rank: the identity
+    try:
+        Communicator("gloo", 0, 2, _store(path + ".a", 2, timeout_s=2), timeout_s=2)
+        out["join"] = "no error"
+    except CollectiveError as e:
+        out["join"] = (str(e), time.monotonic() - start)
+    comm = Communicator("gloo", 0, 1, _store(path + ".b", 1))
+    checks = [(lambda: Communicator("mpi", 0, 1, None), ValueError, "backend='mpi' must be 'nccl' or 'gloo'"),
+              (lambda: Communicator("gloo", 2, 2, None), ValueError, r"rank=2 must be in \[0, size=2\)"),
+              (lambda: Communicator("gloo", 0, 1, None, timeout_s=0), ValueError, "timeout_s=0 must be > 0"),
+              (lambda: comm.all_reduce_(torch.ones(2), "mean"), ValueError, "op='mean' must be one of"),
+              (lambda: comm.all_reduce_(torch.ones(4, 4).t()), ValueError, "x must be contiguous"),
+              (lambda: comm.broadcast_(torch.ones(2), src=1), ValueError, r"src=1 must be in \[0, size=1\)")]
+    out["checks"] = []
+    for fn, kind, pattern in checks:
+        try:
+            fn()
+            out["checks"].append((pattern, "no error"))
+        except kind as e:
+            out["checks"].append((pattern, str(e)))
+    out["identity"] = comm.all_reduce_(torch.ones(3))  # one rank: the identity
     comm.abort("done here")
-    with pytest.raises(CollectiveError, match="was aborted: done here"):
+    try:
         comm.all_reduce_(torch.ones(2))
+        out["aborted"] = "no error"
+    except CollectiveError as e:
+        out["aborted"] = str(e)
+    results.put((rank, out))
+
+
+def test_gloo_rank_that_never_joins_and_arguments_named(tmp_path):
+    import re
+
+    out = _spawn(_never_joined_and_bad_arguments, 1, str(tmp_path / "store"))[0]
+    message, seconds = out["join"]
+    assert "joining the Gloo communicator as rank 0 of 2 failed" in message and seconds < 30
+    for pattern, message in out["checks"]:
+        assert re.search(pattern, message), (pattern, message)
+    assert torch.equal(out["identity"], torch.ones(3))
+    assert "was aborted: done here" in out["aborted"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the loader's message where there is no NCCL")
