@@ -111,6 +111,8 @@ def test_static_loss_scale():
     ({"zero_optimization": {"stage": 4}}, r"zero_optimization\.stage=4 must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"stage": True}}, r"zero_optimization\.stage=True must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"reduce_bucket_size": 0}}, r"zero_optimization\.reduce_bucket_size=0 must be >= 1"),
+    ({"zero_optimization": {"stage3_prefetch_bucket_size": -1}},
+     r"zero_optimization\.stage3_prefetch_bucket_size=-1 must be >= 0"),
     ({"zero_optimization": {"overlap_comm": 1}}, r"zero_optimization\.overlap_comm=1 must be true or false"),
     ({"zero_optimization": 2}, r"zero_optimization=2 must be an object"),
     ({"gradient_clipping": -1.0}, r"gradient_clipping=-1\.0 must be >= 0"),

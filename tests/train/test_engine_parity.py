@@ -31,7 +31,9 @@ def test_stage3_holds_only_the_running_modules_parameters():
     from train_util import config, make_model, micro_batch
 
     model = make_model()
-    engine = tidal.initialize(model, config(3, 1))
+    cfg = config(3, 1)
+    cfg["zero_optimization"]["stage3_prefetch_bucket_size"] = 1  # one module ahead
+    engine = tidal.initialize(model, cfg)
     linears = [m for m in model.modules() if list(m.parameters(recurse=False))]
     assert all(p.numel() == 0 for p in model.parameters())  # sharded: nothing materialised
     live, in_flight = [], []

@@ -1,7 +1,8 @@
-"""zero_optimization.overlap_comm at stage 2 (tidal.train.overlap): the buckets' reduce-scatters start
-during the accumulation boundary's backward pass, and the trained weights equal those of the
-non-overlapped reduction bit for bit, on 2 and 4 Gloo ranks, fp32 and bf16, with gradient
-accumulation and clipping; a gradient replaced by hand after its bucket started is refused by name."""
+"""zero_optimization.overlap_comm below stage 3 (tidal.train.overlap): the buckets' reductions
+(stage 2's reduce-scatters, stage 0's and 1's all-reduces) start during the accumulation boundary's
+backward pass, and the trained weights equal those of the non-overlapped reduction bit for bit, on 2
+and 4 Gloo ranks, fp32 and bf16, with gradient accumulation and clipping; a gradient replaced by hand
+after its bucket started is refused by name."""
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from train_util import ACCUM, config, make_model, micro_batch, spawn
 STEPS = 3
 
 
-def _train(rank: int, world: int, overlap: bool, precision: str) -> dict:
-    cfg = config(2, world)
+def _train(rank: int, world: int, overlap: bool, precision: str, stage: int = 2) -> dict:
+    cfg = config(stage, world)
     cfg["zero_optimization"].update(overlap_comm=overlap, reduce_bucket_size=256)  # 128-element buckets
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
@@ -29,15 +30,17 @@ def _train(rank: int, world: int, overlap: bool, precision: str) -> dict:
             if overlap and engine.is_gradient_accumulation_boundary():
                 started.append(len(engine.overlap.handles))
             engine.step()
+    buckets = engine.plan.buckets if stage == 2 else engine.all_reduce_buckets
     return {"state": {k: v.cpu() for k, v in engine.full_state_dict().items()}, "started": started,
-            "buckets": len(engine.plan.buckets)}
+            "buckets": len(buckets)}
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_overlapped_reduction_equals_the_plain_one(world, precision, tmp_path):
-    plain = spawn(world, _train, (False, precision), str(tmp_path))
-    overlapped = spawn(world, _train, (True, precision), str(tmp_path))
+def test_overlapped_reduction_equals_the_plain_one(world, precision, stage, tmp_path):
+    plain = spawn(world, _train, (False, precision, stage), str(tmp_path))
+    overlapped = spawn(world, _train, (True, precision, stage), str(tmp_path))
     for a, b in zip(plain, overlapped):
         assert set(a["state"]) == set(b["state"])
         for name in a["state"]:
@@ -48,8 +51,8 @@ def test_overlapped_reduction_equals_the_plain_one(world, precision, tmp_path):
     assert result["started"] == [result["buckets"]] * STEPS
 
 
-def _replace_grad(rank: int, world: int) -> str:
-    cfg = config(2, world)
+def _replace_grad(rank: int, world: int, stage: int) -> str:
+    cfg = config(stage, world)
     cfg["zero_optimization"]["overlap_comm"] = True
     engine = tidal.initialize(make_model(), cfg)
     first = engine.slots[0].param  # the first layer's weight: its gradient comes last, closing its bucket
@@ -70,7 +73,8 @@ def _replace_grad(rank: int, world: int) -> str:
     return "no error"
 
 
-def test_a_gradient_replaced_after_its_bucket_started_is_refused(tmp_path):
-    messages = spawn(2, _replace_grad, (), str(tmp_path))
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_gradient_replaced_after_its_bucket_started_is_refused(stage, tmp_path):
+    messages = spawn(2, _replace_grad, (stage,), str(tmp_path))
     for message in messages:
         assert "overlap_comm" in message and "set outside autograd" in message, message

@@ -368,7 +368,8 @@ def _zero(config: Mapping) -> ZeroConfig:
     stage = section.get("stage", d.stage)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
-    sizes = {k: _int(f"zero_optimization.{k}", section.get(k, getattr(d, k)), 1)
+    # a prefetch bucket of 0 turns stage 3's prefetch off, as in DeepSpeed
+    sizes = {k: _int(f"zero_optimization.{k}", section.get(k, getattr(d, k)), 0 if k.startswith("stage3_p") else 1)
              for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
                        "stage3_max_live_parameters")}
     offload_param = _offload(section, "offload_param")

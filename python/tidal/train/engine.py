@@ -19,15 +19,20 @@ Stage 0 keeps full optimizer state on every rank; stage 1 shards it; stage 2 als
 once they are reduced; stage 3 also shards the parameters (tidal.train.stage3 gathers each module's
 parameters around its use).
 
-Of ``zero_optimization``'s tuning keys, ``reduce_bucket_size`` sets the reduce-scatter buckets, and
-``overlap_comm`` at stage 2 (several ranks, no optimizer offload, no expert parallelism) starts each
-bucket's reduce-scatter during the boundary's backward pass as soon as its gradients are final
-(:mod:`tidal.train.overlap`; the results equal the non-overlapped ones bit for bit).
-``allgather_bucket_size``, ``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``,
-``contiguous_gradients`` and ``overlap_comm`` elsewhere are accepted for compatibility and change
-nothing yet: stage 3 gathers one module at a time with a prefetch depth of one module, and the other
-stages reduce gradients at the accumulation boundary. Inputs are not cast to the
-compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where the model expects them.
+Of ``zero_optimization``'s tuning keys, ``reduce_bucket_size`` sets the buckets gradients are
+reduced by (stage 2: reduce-scatter buckets aligned to shard boundaries; stages 0 and 1: all-reduced
+ranges of the flat buffer; stage 3: runs of modules). ``overlap_comm`` below stage 3 (several ranks,
+no optimizer offload, no expert parallelism) starts each bucket's reduction during the boundary's
+backward pass as soon as its gradients are final (:mod:`tidal.train.overlap`; the results equal the
+non-overlapped ones bit for bit). At stage 3 on several ranks gradients are partitioned during every
+backward pass, each rank accumulating only its shard (:mod:`tidal.train.stage3`), with the
+reduce-scatters overlapped with the backward pass under ``overlap_comm`` (DeepSpeed's default at
+stage 3) and waited for one by one without it; ``stage3_prefetch_bucket_size`` and
+``stage3_max_live_parameters`` bound the parameters gathered ahead of use, in the forward and the
+backward pass. ``allgather_bucket_size`` bounds the all-gathers that publish updated weights at
+stages 1 and 2. ``contiguous_gradients`` is accepted and always true: gradients live in one flat
+buffer. Inputs are not cast to the compute dtype (as in DeepSpeed): pass fp16/bf16 inputs where
+the model expects them.
 
 ZeRO-Offload (``zero_optimization.offload_optimizer.device = "cpu"``): the fp32 master weights and
 Adam moments of the owned range live in host memory (pinned with ``pin_memory`` when the model is on
@@ -141,10 +146,10 @@ def _params_by_module(model: torch.nn.Module, only=None):
 
 
 def _reduce(flat: torch.Tensor, plan, stage: int, size: int, owned: tuple[int, int], group,
-            divisor: int) -> torch.Tensor:
+            divisor: int, all_reduce_buckets: list | None = None) -> torch.Tensor:
     """The gradient of the owned range of ``flat`` summed over the ``size`` ranks of ``group`` and
     divided by ``divisor``: stage 2 reduce-scatters by buckets aligned to shard boundaries, lower
-    stages all-reduce."""
+    stages all-reduce (by ``all_reduce_buckets``, ranges of ``flat``, when given)."""
     if size > 1 and stage >= 2:
         shard = plan.shard_numel
         out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
@@ -153,20 +158,34 @@ def _reduce(flat: torch.Tensor, plan, stage: int, size: int, owned: tuple[int, i
             comm.reduce_scatter(out[lo:hi], by_rank[:, lo:hi].contiguous(), group=group)
         return out.div_(divisor) if divisor != 1 else out
     if size > 1:
-        comm.all_reduce(flat, group=group)
+        for lo, hi in all_reduce_buckets or [(0, flat.numel())]:
+            comm.all_reduce(flat[lo:hi], group=group)
     lo, hi = owned
     return flat[lo:hi].div_(divisor) if divisor != 1 else flat[lo:hi]
 
 
-def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, size: int, group) -> None:
-    """Copies updated fp32 master weights (the owned range) into every rank's compute-dtype buffer."""
+def _publish(master: torch.Tensor, flat_params: torch.Tensor, plan, stage: int, size: int, group,
+             bucket_numel: int | None = None) -> None:
+    """Copies updated fp32 master weights (the owned range) into every rank's compute-dtype buffer.
+    Each rank casts its range to the compute dtype first (the cast is per element, so the result is
+    the same) and the ranges are all-gathered straight into the buffer, or by ``bucket_numel``
+    elements at a time (``allgather_bucket_size``) through a buffer of that size."""
     with torch.no_grad():
         if stage == 0 or size == 1:
             flat_params.copy_(master)
             return
-        gathered = torch.empty(plan.padded_numel, dtype=torch.float32, device=flat_params.device)
-        comm.all_gather(gathered, master.to(flat_params.device, non_blocking=True), group=group)
-        flat_params.copy_(gathered)
+        local = master.to(flat_params.device, non_blocking=True).to(flat_params.dtype)
+        shard = plan.shard_numel
+        step = max(int(bucket_numel) // size, 1) if bucket_numel else shard
+        if step >= shard:
+            comm.all_gather(flat_params, local, group=group)
+            return
+        by_rank = flat_params.view(size, shard)
+        for lo in range(0, shard, step):
+            hi = min(lo + step, shard)
+            gathered = torch.empty(size, hi - lo, dtype=flat_params.dtype, device=flat_params.device)
+            comm.all_gather(gathered.view(-1), local[lo:hi].contiguous(), group=group)
+            by_rank[:, lo:hi].copy_(gathered)
 
 
 def _adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float,
@@ -416,7 +435,9 @@ class Engine:
                         torch.utils.swap_tensors(s.param, torch.nn.Parameter(empty, s.param.requires_grad))
                     else:
                         s.param.data = empty
-            self.gatherer = ParameterGatherer(self, module_groups, self.rank, self.world_size)
+            self.gatherer = ParameterGatherer(self, module_groups, self.rank, self.world_size,
+                                              prefetch_numel=zero.stage3_prefetch_bucket_size,
+                                              max_live_numel=zero.stage3_max_live_parameters)
             for module in self.module.modules():  # its gathers follow module calls: no fusion across them
                 if hasattr(module, "fuse_across_modules"):
                     module.fuse_across_modules = False
@@ -440,8 +461,19 @@ class Engine:
         # exactly these 16-bit gradients.
         direct = (self.stage < 3 and self.world_size == 1 and config.gradient_accumulation_steps == 1
                   and self.compute_dtype != torch.float32 and not self.offload_optimizer)
-        self.grad_accum = torch.zeros(padded, dtype=self.compute_dtype if direct else torch.float32,
-                                      device=self.device)
+        # stage 3 on several ranks: gradients partitioned as the backward pass produces them, only
+        # this rank's shard accumulated (tidal.train.stage3.GradientReducer)
+        self.reducer = None
+        if self.stage == 3 and self.world_size > 1 and not expert_params:
+            from tidal.train.stage3 import GradientReducer
+
+            self.reducer = GradientReducer(self.gatherer, shard, self.rank, self.world_size,
+                                           int(zero.reduce_bucket_size), zero.overlap_comm)
+            self.gatherer.reducer = self.reducer
+            self.grad_accum = self.reducer.accum
+        else:
+            self.grad_accum = torch.zeros(padded, dtype=self.compute_dtype if direct else torch.float32,
+                                          device=self.device)
         self.flat_grads = None
         if self.stage < 3:
             _attach_flat_grads(self)
@@ -460,13 +492,15 @@ class Engine:
             from tidal.train.offload import OverlappedOffload
 
             self.offload_pipeline = OverlappedOffload(self)
-        # overlap_comm at stage 2: buckets reduce-scattered during the boundary's backward pass
-        self.overlap = None
-        if (zero.overlap_comm and self.stage == 2 and self.world_size > 1 and self.experts is None
-                and not self.offload_optimizer):
-            from tidal.train.overlap import OverlappedReduceScatter
+        # overlap_comm below stage 3: buckets reduced during the boundary's backward pass
+        from tidal.train.overlap import OverlappedReduction, all_reduce_buckets
 
-            self.overlap = OverlappedReduceScatter(self)
+        self.all_reduce_buckets = all_reduce_buckets(padded, zero.reduce_bucket_size, _ALIGNMENT) \
+            if self.stage < 2 else None
+        self.overlap = None
+        if (zero.overlap_comm and self.stage < 3 and self.world_size > 1 and self.experts is None
+                and not self.offload_optimizer):
+            self.overlap = OverlappedReduction(self, self.all_reduce_buckets)
 
         opt = config.optimizer
         if opt is None:
@@ -601,6 +635,12 @@ class Engine:
         overlap = self.overlap if self.is_gradient_accumulation_boundary() else None
         if overlap is not None:
             overlap.begin()
+        gatherers = [] if self.gatherer is None else \
+            [self.gatherer] + ([] if self.experts is None else [self.experts.gatherer])
+        if self.reducer is not None:
+            self.reducer.begin()
+        for gatherer in gatherers:
+            gatherer.backward_phase = True
         try:
             with warnings.catch_warnings():
                 # stage 3's backward pre-hooks also fire on modules whose inputs need no gradient (the
@@ -612,9 +652,16 @@ class Engine:
                 pipeline.abort()
             if overlap is not None:
                 overlap.cancel()
+            if self.reducer is not None:
+                self.reducer.cancel()
             raise
+        finally:
+            for gatherer in gatherers:
+                gatherer.backward_phase = False
         if self.gatherer is not None:  # stage 3: the gradient hooks already moved every gradient
-            for gatherer in [self.gatherer] + ([] if self.experts is None else [self.experts.gatherer]):
+            if self.reducer is not None:
+                self.reducer.end_backward()
+            for gatherer in gatherers:
                 gatherer.release_all()
                 gatherer.end_of_forward_pass()
             return
@@ -682,9 +729,12 @@ class Engine:
         every rank's micro-batches."""
         if self.overlap is not None and self.overlap.pending:
             grads = [self.overlap.finish(self.world_size)]
+        elif self.reducer is not None:  # already reduced, pass by pass
+            self.reducer.end_backward()  # (a backward pass run without engine.backward)
+            grads = [self.grad_accum.div_(self.world_size)]
         else:
             grads = [_reduce(self.grad_accum, self.plan, self.stage, self.world_size, self.owned, None,
-                             self.world_size)]
+                             self.world_size, self.all_reduce_buckets)]
         if self.experts is not None:
             e = self.experts
             # each expert's gradient already sums its ep group's tokens; the replicas add the rest
@@ -770,7 +820,8 @@ class Engine:
                 with torch.no_grad():
                     self.flat_shard.copy_(self.master, non_blocking=True)
             else:
-                _publish(self.master, self.flat_params, self.plan, self.stage, self.world_size, None)
+                _publish(self.master, self.flat_params, self.plan, self.stage, self.world_size, None,
+                         self.config.zero_optimization.allgather_bucket_size)
         e = self.experts
         if e is not None and not any(p is e for p in published):
             e.publish()

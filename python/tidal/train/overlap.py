@@ -1,16 +1,17 @@
-"""``zero_optimization.overlap_comm`` at stage 2: each gradient bucket's reduce-scatter starts during
-the backward pass of the accumulation boundary's micro-batch, as soon as every gradient in the bucket
-is final, instead of after the backward pass.
+"""``zero_optimization.overlap_comm`` below stage 3: the gradients' reduction starts during the
+backward pass of the accumulation boundary's micro-batch, bucket by bucket, as soon as every gradient
+in a bucket is final, instead of after the backward pass. Stage 2 reduce-scatters the plan's buckets
+(the same local range ``[lo, hi)`` of every rank's shard of the flat gradient buffer); stages 0 and 1
+all-reduce, in place, the flat buffer's ranges of ``reduce_bucket_size`` elements.
 
-A bucket (the plan's: the same local range ``[lo, hi)`` of every rank's shard of the flat gradient
-buffer) counts the parameters that overlap it; each parameter's post-accumulate hook (registered after
-the one that folds a 16-bit gradient into the fp32 accumulator) counts it down. Buckets are launched
-strictly from the last to the first, a bucket only once it and every later one are complete, so every
-rank issues the same collectives in the same order whatever order its backward pass produced the
-gradients in; the buckets still open when the backward pass ends are launched at the step. Each
-bucket is the same reduce-scatter of the same values as without overlap, so the results are equal bit
-for bit. The collectives run asynchronously (Gloo's own threads on the CPU, NCCL's stream on GPUs)
-and are waited for at the step.
+A bucket counts the parameters that overlap it; each parameter's post-accumulate hook (registered
+after the one that folds a 16-bit gradient into the fp32 accumulator) counts it down. Buckets are
+launched strictly from the last to the first, a bucket only once it and every later one are
+complete, so every rank issues the same collectives in the same order whatever order its backward
+pass produced the gradients in; the buckets still open when the backward pass ends are launched at
+the step. Each bucket is the same collective over the same values as without overlap (which reduces
+by the same buckets), so the results are equal bit for bit. The collectives run asynchronously
+(Gloo's own threads on the CPU, NCCL's stream on GPUs) and are waited for at the step.
 """
 
 from __future__ import annotations
@@ -21,23 +22,34 @@ import torch.distributed as dist
 from tidal.train.comm import CollectiveError
 
 
-class OverlappedReduceScatter:
-    """The stage-2 reduction of ``engine.grad_accum`` overlapped with the boundary's backward pass."""
+def all_reduce_buckets(padded: int, bucket_numel: int, alignment: int) -> list[tuple[int, int]]:
+    """Stages 0 and 1: consecutive ranges of the flat buffer, ``bucket_numel`` elements each
+    (rounded up to ``alignment``), the last one shorter."""
+    step = max(-(-int(bucket_numel) // alignment) * alignment, alignment)
+    return [(lo, min(lo + step, padded)) for lo in range(0, padded, step)]
 
-    def __init__(self, engine):
+
+class OverlappedReduction:
+    """The reduction of ``engine.grad_accum`` overlapped with the boundary's backward pass: stage 2's
+    reduce-scatter of ``engine.plan.buckets``, or (``all_reduce_buckets`` given, stages 0 and 1) the
+    in-place all-reduce of those flat ranges."""
+
+    def __init__(self, engine, all_reduce_buckets: list[tuple[int, int]] | None = None):
         self.engine = engine
         plan, size = engine.plan, engine.world_size
         self.shard = plan.shard_numel
-        self.buckets = [tuple(b) for b in plan.buckets]
+        self.all_reduce = all_reduce_buckets is not None
+        self.buckets = list(all_reduce_buckets) if self.all_reduce else [tuple(b) for b in plan.buckets]
         self.slot_buckets: list[list[int]] = []
         for s in engine.slots:
             ids = set()
-            for r in range(size):
-                a, b = max(s.offset, r * self.shard), min(s.offset + s.numel, (r + 1) * self.shard)
-                if a >= b:
-                    continue
-                la, lb = a - r * self.shard, b - r * self.shard
-                ids.update(k for k, (lo, hi) in enumerate(self.buckets) if lo < lb and la < hi)
+            # the ranges of the slot in each bucket's coordinates: the flat buffer's, or each shard's
+            spans = [(s.offset, s.offset + s.numel)] if self.all_reduce else \
+                [(max(s.offset, r * self.shard) - r * self.shard, min(s.offset + s.numel, (r + 1) * self.shard) -
+                  r * self.shard) for r in range(size)]
+            for la, lb in spans:
+                if la < lb:
+                    ids.update(k for k, (lo, hi) in enumerate(self.buckets) if lo < lb and la < hi)
             self.slot_buckets.append(sorted(ids))
         self.counts = [0] * len(self.buckets)
         for ids in self.slot_buckets:
@@ -64,7 +76,8 @@ class OverlappedReduceScatter:
         self.remaining = list(self.counts)
         self.next = len(self.buckets) - 1
         self.handles = []
-        self.out = torch.empty(self.shard, dtype=self.engine.grad_accum.dtype, device=self.engine.grad_accum.device)
+        accum = self.engine.grad_accum
+        self.out = accum if self.all_reduce else torch.empty(self.shard, dtype=accum.dtype, device=accum.device)
         self.active = True
         self._launch_ready()  # buckets no parameter overlaps (padding) go at once
 
@@ -75,12 +88,17 @@ class OverlappedReduceScatter:
 
     def _launch(self, k: int) -> None:
         lo, hi = self.buckets[k]
-        by_rank = self.engine.grad_accum.view(self.engine.world_size, self.shard)
-        inp = by_rank[:, lo:hi].contiguous()  # the bucket's gradients are final: a snapshot of them
+        name = "all_reduce" if self.all_reduce else "reduce_scatter"
         try:
-            handle = dist.reduce_scatter_tensor(self.out[lo:hi], inp.reshape(-1), async_op=True)
+            if self.all_reduce:  # in place: the bucket's gradients are final
+                inp = self.out[lo:hi]
+                handle = dist.all_reduce(inp, async_op=True)
+            else:
+                by_rank = self.engine.grad_accum.view(self.engine.world_size, self.shard)
+                inp = by_rank[:, lo:hi].contiguous()  # the bucket's gradients are final: a snapshot of them
+                handle = dist.reduce_scatter_tensor(self.out[lo:hi], inp.reshape(-1), async_op=True)
         except (RuntimeError, dist.DistError) as e:
-            raise CollectiveError(f"collective reduce_scatter (bucket {k}) over {self.engine.world_size} ranks "
+            raise CollectiveError(f"collective {name} (bucket {k}) over {self.engine.world_size} ranks "
                                   f"failed: {e}") from e
         self.handles.append((handle, inp))
 
@@ -92,6 +110,9 @@ class OverlappedReduceScatter:
             self.next -= 1
         self._wait()
         out, self.out = self.out, None
+        if self.all_reduce:
+            lo, hi = self.engine.owned
+            out = out[lo:hi]
         return out.div_(divisor) if divisor != 1 else out
 
     def cancel(self) -> None:
@@ -110,8 +131,8 @@ class OverlappedReduceScatter:
             try:
                 handle.wait()
             except (RuntimeError, dist.DistError) as e:
-                raise CollectiveError(f"collective reduce_scatter over {self.engine.world_size} ranks failed: "
-                                      f"{e}") from e
+                name = "all_reduce" if self.all_reduce else "reduce_scatter"
+                raise CollectiveError(f"collective {name} over {self.engine.world_size} ranks failed: {e}") from e
 
     @property
     def pending(self) -> bool:
