@@ -413,7 +413,8 @@ def test_split_counters_too_few_or_unsplit_fall_back():
     """Fewer counters than the grid needs: the second kernel merges (the counters untouched); a plan
     that does not split leaves them alone too; the same outputs either way."""
     split = Batch(decode_seqs([3000, 700]), 8, 2, 128, 16, torch.bfloat16, seed=51)
-    whole = Batch(decode_seqs(range(1, 600, 2)), 4, 1, 64, 16, torch.bfloat16, seed=52)
+    # 2,400 blocks (300 sequences x 8 KV heads): past 8 per SM on a 132-SM card, so no split
+    whole = Batch(decode_seqs(range(1, 600, 2)), 8, 8, 64, 16, torch.bfloat16, seed=52)
     assert splits_keys(split) and not splits_keys(whole)
     for batch, counters in ((split, torch.full((3,), 7, dtype=torch.int32, device="cuda")),
                             (whole, torch.full((1200,), 7, dtype=torch.int32, device="cuda"))):
