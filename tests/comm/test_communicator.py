@@ -7,6 +7,7 @@ the same values, captured in a CUDA graph, a join that times out, an abort."""
 import datetime
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,7 +52,19 @@ def _collectives(rank: int, size: int, port: int, results) -> None:
         comm.send(mine, (rank + 1) % size)
     out["ring"] = got
     comm.synchronize()
-    results.put((rank, out))
+    results.put((rank, _to_numpy(out)))
+
+
+def _to_numpy(out: dict) -> dict:
+    """Tensors by value: a tensor put on a queue travels as a file descriptor of shared memory that
+    the parent can fetch only while the child lives, and the child exits right after."""
+    return {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+def _from_numpy(value):
+    if not isinstance(value, dict):
+        return value
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in value.items()}
 
 
 def _spawn(target, size, *args):
@@ -60,7 +73,7 @@ def _spawn(target, size, *args):
     procs = [ctx.Process(target=target, args=(rank, size, *args, results)) for rank in range(size)]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=120) for _ in range(size))
+    got = {rank: _from_numpy(value) for rank, value in (results.get(timeout=120) for _ in range(size))}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -136,7 +149,7 @@ def _never_joined_and_bad_arguments(rank: int, size: int, path: str, results) ->
         out["aborted"] = "no error"
     except CollectiveError as e:
         out["aborted"] = str(e)
-    results.put((rank, out))
+    results.put((rank, _to_numpy(out)))
 
 
 def test_gloo_rank_that_never_joins_and_arguments_named(tmp_path):
