@@ -56,6 +56,7 @@ One call runs S1-M1 in roughly 6-10 minutes on an H200 with the default --peer-b
 (--workloads S1,S4 then S2,S3,M1, then V1) when a call's time is shorter.
 
     python bench/serve.py --out DIR [--workloads S1,S2,S3,S4,M1,V1] [--peer-batches N] [--no-peers] [--tiny]
+        [--tensor-parallel N]
 
 Writes DIR/serve.md (table + details) and DIR/serve.jsonl (one JSON object per measurement).
 """
@@ -275,13 +276,15 @@ def decode_seconds(requests, kv_bytes: int, w_bytes: int, copy_bw: float) -> flo
 MAX_NUM_SEQS = {"qwen3": 256, "llama": 512, "mixtral": 64, "tiny": 256}
 
 
-def make_engine(path: str, device, max_model_len: int, prefix_caching: bool, max_num_seqs: int = 256):
+def make_engine(path: str, device, max_model_len: int, prefix_caching: bool, max_num_seqs: int = 256,
+                tensor_parallel_size: int = 1):
     free = f", {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free" if device.type == "cuda" else ""
     log(f"tidal.LLM({os.path.basename(path)}, max_model_len={max_model_len}, max_num_seqs={max_num_seqs}, "
-        f"enable_prefix_caching={prefix_caching}){free}")
+        f"enable_prefix_caching={prefix_caching}, tensor_parallel_size={tensor_parallel_size}){free}")
     seconds, llm = wall(lambda: tidal.LLM(path, dtype="auto", device=str(device), max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=8192, max_model_len=max_model_len,
-                                          enable_prefix_caching=prefix_caching), device)
+                                          enable_prefix_caching=prefix_caching,
+                                          tensor_parallel_size=tensor_parallel_size), device)
     log(f"engine ready in {seconds:.1f} s, {llm.stats().get('kv_blocks_total')} KV blocks")
     return llm
 
@@ -627,12 +630,33 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
                 lambda: tidal_throughput(llm, "S3", s3, sizes["repeats"], device, res))
     del llm
     free_memory(device)
+    if args.tensor_parallel > 1 and "S3" in workloads:
+        attempt(res, "S3", "requests_per_s", "req/s", lambda: run_tensor_parallel(args.tensor_parallel, path, s2_prompt,
+                                                                                  s3, sizes, workloads, device, res))
+        free_memory(device)
     for scheme in args.quantization:
         attempt(res, "S2", "ms_per_output_token", "ms",
                 lambda: run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, res,
                                       args.quantization_s3))
         free_memory(device)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def run_tensor_parallel(size, path, s2_prompt, s3, sizes, workloads, device, res: Results) -> None:
+    """S2 and S3 on ``size`` GPUs (one tensor-parallel rank each, NCCL), against one GPU's S3 above
+    (issue target: S3 at 2 ranks >= 1.7x one)."""
+    llm = make_engine(path, device, MAX_MODEL_LEN["llama"], True, MAX_NUM_SEQS["llama"], tensor_parallel_size=size)
+    system = f"tidal tp={size}"
+    try:
+        if "S2" in workloads:
+            tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res, system=system)
+        tidal_throughput(llm, "S3", s3, sizes["repeats"], device, res, system=system)
+    finally:
+        llm.close()
+    one, many = res.get("S3", "requests_per_s", "tidal"), res.get("S3", "requests_per_s", system)
+    if one and many and one[0]["value"] and many[0]["value"]:
+        res.add("S3", system, "speedup_over_tp1", many[0]["value"] / one[0]["value"], "x",
+                note="target >= 1.7x at tp=2")
 
 
 QUANT_TARGETS = {"int4": 1.6, "int8": 2.6, "fp8": 2.6}  # S2 ms per output token (BENCHMARKS.md, quantization)
@@ -875,6 +899,8 @@ def main() -> int:
     ap.add_argument("--split-merge", choices=["kernel", "separate"], default=None,
                     help="paged attention's key splits merged inside the decode kernel or by a second kernel "
                          "(default: the engine's choice)")
+    ap.add_argument("--tensor-parallel", type=int, default=1,
+                    help="also run S2/S3 at this tensor-parallel size (one GPU per rank) against one GPU")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     args = ap.parse_args()

@@ -17,6 +17,7 @@ import tidal
 from tidal.models.tensor_parallel import RowParallelLinear, TensorParallelGroup, kv_heads_of_rank
 from tidal.quant.config import QuantConfig
 from tidal.quant.linear import QuantLinear, quantize_weight
+from conftest import gpu_only
 from tiny_models import assert_pool_whole, build_model
 
 # hidden 64, 4 query heads over 2 KV heads, intermediate 96 (divisible by 2 and 4)
@@ -38,11 +39,12 @@ def model_dir(request, tmp_path_factory):
     return path
 
 
-def run(path, tp: int, kv_cache_dtype: str = "auto", quantization: str | None = None):
+def run(path, tp: int, kv_cache_dtype: str = "auto", quantization: str | None = None, device: str = "cpu"):
     params = tidal.SamplingParams(temperature=0.0, max_tokens=12, prompt_logprobs=0, logprobs=3, ignore_eos=True)
-    llm = tidal.LLM(path, device="cpu", dtype="float32", tensor_parallel_size=tp, num_kv_blocks=40, block_size=4,
+    extra = dict(max_num_seqs=8) if device == "cuda" else {}  # on a GPU: decode graphs of 1, 2, 4 and 8 rows
+    llm = tidal.LLM(path, device=device, dtype="float32", tensor_parallel_size=tp, num_kv_blocks=40, block_size=4,
                     max_model_len=128, max_num_batched_tokens=24,  # chunked prefill: the 30-token prompt: two steps
-                    kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+                    kv_cache_dtype=kv_cache_dtype, quantization=quantization, **extra)
     try:
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert_pool_whole(llm)
@@ -179,6 +181,61 @@ def test_a_dead_worker_fails_the_step_with_an_error(tmp_path, monkeypatch):
     finally:
         llm.close()
     assert not llm.engine.tp_driver.workers[0].is_alive()
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_tensor_parallel_on_gpus_equals_one_rank(tmp_path, monkeypatch, family, backend):
+    """One process per rank on the GPU: over NCCL (one GPU each; decode graphs with the all-reduces
+    captured) and over Gloo (every rank on one GPU, eager), the tokens and log-probs of one rank."""
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    monkeypatch.setenv("TIDAL_TP_BACKEND", backend)
+    path = str(tmp_path / "m")
+    build_model(path, family)
+    assert_same(run(path, 1, device="cuda"), run(path, 2, device="cuda"))
+
+
+@gpu_only
+def test_a_dead_gpu_worker_fails_the_step_with_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIDAL_TP_TIMEOUT_S", "20")
+    if torch.cuda.device_count() < 2:
+        monkeypatch.setenv("TIDAL_TP_BACKEND", "gloo")
+    path = str(tmp_path / "m")
+    build_model(path, "llama")
+    llm = tidal.LLM(path, device="cuda", dtype="float32", tensor_parallel_size=2, num_kv_blocks=40, block_size=4,
+                    max_model_len=128, max_num_seqs=4)
+    try:
+        params = tidal.SamplingParams(temperature=0.0, max_tokens=4)
+        assert len(llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+        worker = llm.engine.tp_driver.workers[0]
+        worker.kill()
+        worker.join(timeout=10)
+        start = time.monotonic()
+        out = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+        assert time.monotonic() - start < 20
+        for o in out:
+            assert o.outputs[0].finish_reason == "error" and "tidal-tp-1" in o.error, o.error
+        assert_pool_whole(llm)
+    finally:
+        llm.close()
+
+
+def test_gpu_tensor_parallel_needs_a_gpu_per_rank(tmp_path, monkeypatch):
+    from tidal.serve.engine import _start_tensor_parallel
+    from tidal.serve.config import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("TIDAL_TP_BACKEND", raising=False)
+    path = str(tmp_path / "m")
+    build_model(path, "llama")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs one GPU per rank, cuda:0 to cuda:1, but "
+                                         r"this machine has 1"):
+        _start_tensor_parallel(EngineConfig(path, tensor_parallel_size=2), torch.device("cuda", 0))
+    monkeypatch.setenv("TIDAL_TP_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="TIDAL_TP_BACKEND='mpi' must be 'nccl' or 'gloo'"):
+        _start_tensor_parallel(EngineConfig(path, tensor_parallel_size=2), torch.device("cuda", 0))
 
 
 def test_shapes_that_do_not_split_are_named(tmp_path):

@@ -35,24 +35,30 @@ from tidal.quant.linear import QuantLinear
 
 class TensorParallelGroup:
     """The ranks that split one model: ``rank`` of ``size`` over ``group``, a torch.distributed
-    process group object (``torch.distributed.ProcessGroupGloo`` on the CPU), used directly so that
-    an engine's group lives beside whatever default group the process has. ``driver``: on the rank
+    process group object (``torch.distributed.ProcessGroupGloo``: CPU tensors, or CUDA tensors staged
+    through the host), used directly so that an engine's group lives beside whatever default group
+    the process has; or over ``comm``, a :class:`tidal.comm.Communicator` on NCCL, whose collectives
+    are enqueued on the current CUDA stream (so a CUDA graph captures them). ``driver``: on the rank
     that runs the engine, what tells the other ranks to follow each step (tidal.serve.tensor_parallel)."""
 
-    def __init__(self, rank: int, size: int, group=None):
+    def __init__(self, rank: int, size: int, group=None, comm=None):
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"rank={rank} must be in [0, size={size})")
-        if size > 1 and group is None:
+        if size > 1 and group is None and comm is None:
             raise ValueError(f"size={size} ranks need a process group")
-        self.rank, self.size, self.group = rank, size, group
+        self.rank, self.size, self.group, self.comm = rank, size, group, comm
         self.driver = None
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
-        """Sums ``x`` over the ranks, in place (fp32 on the wire for 16-bit ``x`` on the CPU, where
-        Gloo has no 16-bit sum)."""
+        """Sums ``x`` over the ranks, in place (fp32 on the wire for 16-bit ``x`` over Gloo, which has
+        no 16-bit sum)."""
         if self.size == 1:
             return x
-        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        if self.comm is not None:
+            buffer = x if x.is_contiguous() else x.contiguous()
+            self.comm.all_reduce_(buffer)
+            return x if buffer is x else x.copy_(buffer)
+        if x.dtype in (torch.float16, torch.bfloat16):
             wide = x.float()
             self.group.allreduce([wide]).wait()
             return x.copy_(wide)
@@ -63,6 +69,8 @@ class TensorParallelGroup:
     def all_reduce_max_(self, x: torch.Tensor) -> torch.Tensor:
         """The elementwise maximum of ``x`` (contiguous) over the ranks, in place."""
         if self.size > 1:
+            if self.comm is not None:
+                return self.comm.all_reduce_(x, "max")
             opts = dist.AllreduceOptions()
             opts.reduceOp = dist.ReduceOp.MAX
             self.group.allreduce([x], opts).wait()
@@ -72,6 +80,8 @@ class TensorParallelGroup:
         """The ranks' ``x`` (equal shapes) concatenated along ``dim`` in rank order."""
         if self.size == 1:
             return x
+        if self.comm is not None:
+            return torch.cat(self.comm.all_gather(x.contiguous()).unbind(0), dim=dim)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self.group.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=dim)
@@ -79,6 +89,8 @@ class TensorParallelGroup:
     def broadcast_(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """``x`` (contiguous) overwritten with rank ``src``'s."""
         if self.size > 1:
+            if self.comm is not None:
+                return self.comm.broadcast_(x, src)
             opts = dist.BroadcastOptions()
             opts.rootRank, opts.rootTensor = src, 0
             self.group.broadcast([x], opts).wait()

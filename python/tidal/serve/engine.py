@@ -122,18 +122,24 @@ def _shared_model(model: torch.nn.Module, config: EngineConfig):
 def _start_tensor_parallel(config: EngineConfig, device: torch.device):
     """The workers of a tensor-parallel engine, started before rank 0 loads its own copy."""
     size = config.tensor_parallel_size
-    if device.type != "cpu":
-        raise ValueError(f"tensor_parallel_size={size} runs on the CPU for now (Gloo); on {device} it needs the NCCL "
-                         f"path, which is not built yet: use tensor_parallel_size=1")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensor_parallel_size={size} runs on CUDA GPUs (NCCL) or the CPU (Gloo), not on {device}")
     from tidal.models.config import ModelConfig
     from tidal.models.tensor_parallel import check_config_shardable
-    from tidal.serve.tensor_parallel import TensorParallelDriver
+    from tidal.serve import tensor_parallel
 
     model_config = ModelConfig.from_pretrained(config.model)
     check_config_shardable(model_config, size)
     max_model_len = config.max_model_len or model_config.max_position_embeddings
-    return TensorParallelDriver(config.model, str(config.dtype).removeprefix("torch."), size, max_model_len,
-                                config.quantization)
+    if device.type == "cuda":
+        backend = tensor_parallel.tensor_parallel_backend()
+        first, count = device.index or 0, torch.cuda.device_count()
+        if backend == "nccl" and first + size > count:
+            raise ValueError(f"tensor_parallel_size={size} needs one GPU per rank, cuda:{first} to "
+                             f"cuda:{first + size - 1}, but this machine has {count}")
+        return tensor_parallel.GPUTensorParallelDriver(config, size, max_model_len, device)
+    return tensor_parallel.TensorParallelDriver(config.model, str(config.dtype).removeprefix("torch."), size,
+                                                max_model_len, config.quantization)
 
 
 class LLMEngine:
@@ -180,7 +186,12 @@ class LLMEngine:
         if self.max_model_len > max_positions and not self.model_config.rope_scaling:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_positions}")
-        self.runner = make_model_runner(self.model, config, self.max_model_len, self.device, baseline)
+        try:
+            self.runner = make_model_runner(self.model, config, self.max_model_len, self.device, baseline)
+        except BaseException:
+            if self.tp_driver is not None:
+                self.tp_driver.close()
+            raise
         num_blocks = self.num_kv_blocks = self.runner.num_kv_blocks
         self.kv_caches = self.runner.kv_caches
         self.scheduler = _sched.Scheduler(_sched.SchedulerConfig(

@@ -11,6 +11,11 @@
   them off. A captured graph reads its inputs from fixed offsets of the device buffer and its block
   tables from a persistent table, so replay needs no re-capture. A step that computes prompt
   log-probs runs eagerly (a one-token prompt chunk among decodes looks like a decode step).
+- Tensor parallelism (a model split by tidal.models.tensor_parallel): every rank builds this runner
+  the same way, so start-up's collectives line up; the ranks agree on the smallest KV pool; rank 0
+  then hands each step's staged inputs to the others (tidal.serve.tensor_parallel), which replay the
+  same graph (its all-reduces captured in it, over NCCL) or run the same eager forward
+  (:meth:`follow_step`).
 """
 
 import gc
@@ -94,13 +99,17 @@ class GPUModelRunner:
         self.max_num_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
         self.max_blocks_per_seq = math.ceil(max_model_len / config.block_size)
         self.vocab_size = model.config.vocab_size
+        self.tp = getattr(model, "tp", None)
+        self.tp_driver = None if self.tp is None else self.tp.driver  # on rank 0 of several
         model.ensure_rope_positions(max_model_len)
         rope = model.config.rope_scaling
         dynamic_rope = rope is not None and rope.get("rope_type") == "dynamic"
         # NOTE(tidal): dynamic NTK past max_position_embeddings builds per-token tables on the host
         # (a synchronisation), which a graph cannot hold; such engines run eagerly.
+        # Over Gloo (tests of tensor parallelism on one GPU) collectives cannot be captured either.
         self.use_graphs = not config.enforce_eager and not (
-            dynamic_rope and max_model_len > model.config.max_position_embeddings)
+            dynamic_rope and max_model_len > model.config.max_position_embeddings) and not (
+            self.tp is not None and self.tp.size > 1 and self.tp.comm is None)
 
         self.cache_dtype = kv_cache_dtype(model, config)
         if self.cache_dtype == torch.uint8 and (model.dtype not in (torch.float16, torch.bfloat16)
@@ -110,6 +119,9 @@ class GPUModelRunner:
                              f"dtype={model.dtype}, head_dim={model.head_dim}: use kv_cache_dtype='auto'")
         per_block = kv_cache_bytes_per_block(model, config.block_size, self.cache_dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks(per_block)
+        if self.tp is not None and self.tp.size > 1:  # every rank's pool as small as the smallest
+            fewest = torch.tensor([-self.num_kv_blocks], dtype=torch.int64, device=device)
+            self.num_kv_blocks = -int(self.tp.all_reduce_max_(fewest).item())
         floor = min_kv_blocks(max_model_len, config.block_size)
         if self.num_kv_blocks < floor:
             raise ValueError(
@@ -136,6 +148,8 @@ class GPUModelRunner:
         self._graph_sizes: list[int] = []
         if self.use_graphs:
             self._capture_graphs()
+        if self.tp_driver is not None:  # start-up is over: from now on the workers follow rank 0
+            self.tp_driver.silent = False
 
     # ---- KV pool sizing ----------------------------------------------------------------------------
 
@@ -229,6 +243,8 @@ class GPUModelRunner:
         h32[2 * seqs + 1:] = batch.block_tables.reshape(-1)
         stage = self._stage[: layout.nbytes]
         stage.copy_(host, non_blocking=True)
+        if self.tp_driver is not None:
+            self.tp_driver.announce_step(stage, padded or 0, layout, batch.max_seqlen_q, batch.max_seqlen_k, n, width)
         return self._views(layout, batch.max_seqlen_q, batch.max_seqlen_k, n, width, padded is not None)
 
     def _views(self, layout: _Layout, max_seqlen_q: int, max_seqlen_k: int, n: int, width: int,
@@ -295,6 +311,16 @@ class GPUModelRunner:
                 gc.enable()
         torch.cuda.synchronize(self.device)
         self._graph_sizes = sizes
+
+    def follow_step(self, layout: _Layout, graph_size: int, max_seqlen_q: int, max_seqlen_k: int, num_seqs: int,
+                    width: int) -> None:
+        """A tensor-parallel worker's step, its inputs already received into the staging buffer:
+        the graph of ``graph_size`` replayed, or (0) the eager forward; logits follow as announced."""
+        inputs = self._views(layout, max_seqlen_q, max_seqlen_k, num_seqs, width, graph_size > 0)
+        if graph_size:
+            self._graphs[graph_size].graph.replay()
+        else:
+            self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
 
     def _forward_logits(self, inputs: _StepInputs, size: int) -> None:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)

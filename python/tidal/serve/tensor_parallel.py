@@ -1,4 +1,4 @@
-"""Tensor-parallel serving (``tidal.LLM(model, tensor_parallel_size=N)``) on the CPU: the engine's
+"""Tensor-parallel serving (``tidal.LLM(model, tensor_parallel_size=N)``). On the CPU: the engine's
 process is rank 0 and runs the scheduler, the sampler and its slice of the model; N - 1 worker
 processes, started here, hold the other slices (tidal.models.tensor_parallel) and their own KV
 caches, and follow rank 0 step by step.
@@ -9,6 +9,9 @@ forward (the row-parallel layers all-reduce inside it); for each set of logits r
 broadcasts the hidden rows and all ranks gather the vocabulary slices. The ranks talk over a Gloo
 process group of their own, with a timeout: a worker that dies or stops answering makes rank 0's
 next collective raise, so the step's requests end with an error instead of hanging.
+
+On GPUs (:class:`GPUTensorParallelDriver`, below): one worker process per GPU over NCCL, the same
+runner on every rank, and one broadcast of the step's staged input bytes per step.
 """
 
 from __future__ import annotations
@@ -135,6 +138,151 @@ def _worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: float) 
                 model(ids, positions, attn, caches)  # the same hidden states as rank 0's
             elif cmd == _LOGITS:
                 rows = tp.broadcast_(torch.empty(int(header[1]), model.config.hidden_size, dtype=model.dtype))
+                model.compute_logits(rows)
+            else:
+                raise RuntimeError(f"tensor-parallel worker {rank}: unknown command {cmd}")
+
+
+# ---- on GPUs -------------------------------------------------------------------------------------
+#
+# One process per GPU: rank r on cuda:(d + r), d the engine's device, over NCCL (tidal.comm, whose
+# collectives CUDA graphs capture). Every rank builds the same GPUModelRunner, so the collectives of
+# start-up (the profiling forward, the agreement on the KV pool's size, the graph warm-ups and
+# captures) line up without any message. Each step rank 0 broadcasts one fixed header and the step's
+# packed input buffer (the bytes its runner already staged on the device); a worker reads the header
+# (its one host synchronisation per step), receives the buffer into its own staging area, and replays
+# the same decode graph or runs the same eager forward. Logits of eager steps are announced as on the
+# CPU. ``TIDAL_TP_BACKEND=gloo`` runs every rank on the engine's device over Gloo instead (eager
+# only: Gloo cannot be captured), which is how one GPU tests the protocol.
+
+_GPU_HEADER = 16
+BACKEND_ENV = "TIDAL_TP_BACKEND"
+
+
+def tensor_parallel_backend() -> str:
+    backend = os.environ.get(BACKEND_ENV, "nccl")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"{BACKEND_ENV}={backend!r} must be 'nccl' or 'gloo'")
+    return backend
+
+
+def _device_group(rank: int, size: int, port: int, timeout_s: float, backend: str,
+                  device: torch.device) -> TensorParallelGroup:
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=timeout)
+    if backend == "gloo":
+        return TensorParallelGroup(rank, size, dist.ProcessGroupGloo(store, rank, size, timeout))
+    from tidal.comm import Communicator
+
+    return TensorParallelGroup(rank, size, comm=Communicator("nccl", rank, size, store, device=device,
+                                                             timeout_s=timeout_s, prefix="tidal.tp"))
+
+
+def rank_device(device: torch.device, rank: int, backend: str) -> torch.device:
+    """The GPU of ``rank`` when rank 0 runs on ``device``."""
+    return device if backend == "gloo" else torch.device("cuda", (device.index or 0) + rank)
+
+
+class GPUTensorParallelDriver:
+    """Rank 0's side on GPUs: starts a worker per GPU, joins their group and tells them what to run.
+    ``silent`` while the runner starts up (every rank runs the same start-up) and inside graphs."""
+
+    def __init__(self, config, size: int, max_model_len: int, device: torch.device):
+        self.backend = tensor_parallel_backend()
+        self.timeout_s = seconds_from_env(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)
+        self.device = device
+        port = free_port("127.0.0.1")
+        ctx = multiprocessing.get_context("spawn")
+        spec = dict(config=config, max_model_len=max_model_len, device=device, backend=self.backend)
+        self.workers = [ctx.Process(target=_gpu_worker_main, args=(rank, size, port, spec, self.timeout_s),
+                                    daemon=True, name=f"tidal-tp-{rank}") for rank in range(1, size)]
+        for worker in self.workers:
+            worker.start()
+        self.tp = _device_group(0, size, port, self.timeout_s, self.backend, device)
+        self.tp.driver = self
+        self.silent = True
+        self.closed = False
+        self._header = torch.empty(_GPU_HEADER, dtype=torch.int64, device=device)
+
+    def shard(self, model) -> None:
+        shard_(model, self.tp)
+
+    _check_workers = TensorParallelDriver._check_workers
+
+    def _send_header(self, *values: int) -> None:
+        host = torch.zeros(_GPU_HEADER, dtype=torch.int64)
+        host[:len(values)] = torch.tensor(values, dtype=torch.int64)
+        self.tp.broadcast_(self._header.copy_(host))
+
+    def announce_step(self, stage: torch.Tensor, graph_size: int, layout, max_seqlen_q: int, max_seqlen_k: int,
+                      num_seqs: int, width: int) -> None:
+        """The step whose packed inputs ``stage`` (uint8, on the device) holds, as laid out by
+        ``layout`` (gpu_model_runner._Layout); ``graph_size`` 0 for an eager step."""
+        if self.silent:
+            return
+        self._check_workers()
+        self._send_header(_STEP, graph_size, layout.num_tokens, layout.num_seqs, layout.num_sample,
+                          layout.table_elems, max_seqlen_q, max_seqlen_k, num_seqs, width)
+        self.tp.broadcast_(stage)
+
+    def announce_logits(self, hidden: torch.Tensor) -> None:
+        if self.silent:
+            return
+        self._send_header(_LOGITS, hidden.shape[0])
+        self.tp.broadcast_(hidden.contiguous())
+
+    def close(self) -> None:
+        """Stops the workers (idempotent): a shutdown message if they listen, then terminate."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if all(w.is_alive() for w in self.workers) and not self.silent:
+                self._send_header(_SHUTDOWN)
+                torch.cuda.synchronize(self.device)
+        except Exception:  # noqa: BLE001 - a broken group: the workers are terminated below
+            pass
+        for worker in self.workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=5)
+        if self.tp.comm is not None:
+            self.tp.comm.abort("the engine closed")
+
+
+def _gpu_worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: float) -> None:
+    """A worker process on its GPU: its slice of the model, the same runner as rank 0's (KV pool,
+    graphs), and rank 0's steps until shutdown."""
+    from tidal.models import load_model
+    from tidal.serve.gpu_model_runner import GPUModelRunner, _Layout
+    from tidal.serve.model_runner import device_memory_baseline
+
+    config = spec["config"]
+    device = rank_device(spec["device"], rank, spec["backend"])
+    torch.cuda.set_device(device)
+    baseline = device_memory_baseline(device)
+    tp = _device_group(rank, size, port, timeout_s, spec["backend"], device)
+    model, _ = load_model(config.model, dtype=config.dtype, device=device, quantization=config.quantization)
+    shard_(model, tp)
+    runner = GPUModelRunner(model, config, spec["max_model_len"], device, baseline)
+    header = torch.empty(_GPU_HEADER, dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        while True:
+            values = tp.broadcast_(header).tolist()
+            cmd = values[0]
+            if cmd == _SHUTDOWN:
+                torch.cuda.synchronize(device)
+                if tp.comm is not None:
+                    tp.comm.close()
+                return
+            if cmd == _STEP:
+                graph_size, tokens, seqs, num_sample, table_elems, max_q, max_k, n, width = values[1:10]
+                layout = _Layout(tokens, seqs, num_sample, table_elems)
+                tp.broadcast_(runner._stage[:layout.nbytes])
+                runner.follow_step(layout, graph_size, max_q, max_k, n, width)
+            elif cmd == _LOGITS:
+                rows = tp.broadcast_(torch.empty(values[1], model.config.hidden_size, dtype=model.dtype, device=device))
                 model.compute_logits(rows)
             else:
                 raise RuntimeError(f"tensor-parallel worker {rank}: unknown command {cmd}")
