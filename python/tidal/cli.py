@@ -207,6 +207,23 @@ def _check_model_dir(path: str) -> None:
         raise CLIError(f"{path!r} is not a Hugging Face model directory (no config.json)")
 
 
+def _torchrun_worker(config) -> bool:
+    """Whether this process is a rank > 0 of a tensor-parallel engine that torchrun started (it then
+    serves as a worker of rank 0's engine instead of running the command)."""
+    from tidal.serve.tensor_parallel import torchrun_rank
+
+    try:
+        return (torchrun_rank(config.tensor_parallel_size) or 0) > 0
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _run_torchrun_worker(config) -> int:
+    from tidal.serve.tensor_parallel import run_torchrun_worker
+
+    return run_torchrun_worker(config)
+
+
 def cmd_generate(args) -> int:
     _check_model_dir(args.model)
     import asyncio
@@ -223,6 +240,8 @@ def cmd_generate(args) -> int:
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                           tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
                           enforce_eager=args.enforce_eager)
+    if _torchrun_worker(config):
+        return _run_torchrun_worker(config)
     try:
         engine = AsyncLLMEngine.from_config(config)
     except Exception as e:  # noqa: BLE001  (whatever a broken directory raises: one line, no traceback)
@@ -346,6 +365,8 @@ def cmd_serve(args) -> int:
                               tensor_parallel_size=args.tensor_parallel_size)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if _torchrun_worker(config):
+        return _run_torchrun_worker(config)
     if args.max_media_per_prompt < 0:
         raise CLIError(f"--max-media-per-prompt={args.max_media_per_prompt} must be >= 0")
     try:

@@ -8,6 +8,9 @@ layers with per-token activation scales sum exactly and follow N = 1 end to end 
 pool stays whole; a worker that dies fails the requests of the step with an error instead of hanging;
 shapes the split cannot take are refused by name."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -236,6 +239,35 @@ def test_gpu_tensor_parallel_needs_a_gpu_per_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("TIDAL_TP_BACKEND", "mpi")
     with pytest.raises(ValueError, match="TIDAL_TP_BACKEND='mpi' must be 'nccl' or 'gloo'"):
         _start_tensor_parallel(EngineConfig(path, tensor_parallel_size=2), torch.device("cuda", 0))
+
+
+def test_ranks_started_by_torchrun(tmp_path):
+    """``torchrun --nproc-per-node 2 -m tidal generate ... --tensor-parallel-size 2``: rank 0 runs the
+    command, rank 1 serves as its worker (no process started by tidal), the same text as one rank."""
+    path = str(tmp_path / "m")
+    build_model(path, "llama")
+    args = ["generate", path, "--prompt", "def", "--max-tokens", "8", "--temperature", "0", "--device", "cpu",
+            "--dtype", "float32"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TIDAL_TP_TIMEOUT_S="60")
+    one = subprocess.run([sys.executable, "-m", "tidal", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "tidal", *args, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.strip() == one.stdout.strip() and one.stdout.startswith("def")
+
+
+def test_torchrun_world_must_match_the_ranks(tmp_path, monkeypatch):
+    path = str(tmp_path / "m")
+    build_model(path, "llama")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 but torchrun started WORLD_SIZE=2 processes"):
+        tidal.LLM(path, device="cpu", tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="under torchrun only rank 0 builds the engine; this is rank 1"):
+        tidal.LLM(path, device="cpu", tensor_parallel_size=2)
 
 
 def test_shapes_that_do_not_split_are_named(tmp_path):

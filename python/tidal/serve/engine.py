@@ -131,10 +131,15 @@ def _start_tensor_parallel(config: EngineConfig, device: torch.device):
     model_config = ModelConfig.from_pretrained(config.model)
     check_config_shardable(model_config, size)
     max_model_len = config.max_model_len or model_config.max_position_embeddings
+    rank = tensor_parallel.torchrun_rank(size)
+    if rank is not None and rank > 0:
+        raise ValueError(f"under torchrun only rank 0 builds the engine; this is rank {rank}: call "
+                         f"tidal.serve.tensor_parallel.run_torchrun_worker(config) there (as `tidal serve` and "
+                         f"`tidal generate` do)")
     if device.type == "cuda":
         backend = tensor_parallel.tensor_parallel_backend()
         first, count = device.index or 0, torch.cuda.device_count()
-        if backend == "nccl" and first + size > count:
+        if backend == "nccl" and rank is None and first + size > count:
             raise ValueError(f"tensor_parallel_size={size} needs one GPU per rank, cuda:{first} to "
                              f"cuda:{first + size - 1}, but this machine has {count}")
         return tensor_parallel.GPUTensorParallelDriver(config, size, max_model_len, device)

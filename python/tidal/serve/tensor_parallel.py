@@ -34,10 +34,67 @@ _DEFAULT_TIMEOUT_S = 60.0
 TIMEOUT_ENV = "TIDAL_TP_TIMEOUT_S"
 
 
-def _group(rank: int, size: int, port: int, timeout_s: float) -> TensorParallelGroup:
+def _local_store(rank: int, size: int, port: int, timeout_s: float):
+    """The rendezvous of ranks this process starts: a TCPStore on this host, served by rank 0."""
+    return dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _group(rank: int, size: int, store, timeout_s: float) -> TensorParallelGroup:
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=timeout)
     return TensorParallelGroup(rank, size, dist.ProcessGroupGloo(store, rank, size, timeout))
+
+
+# ---- started by torchrun -------------------------------------------------------------------------
+#
+# Beyond one host the ranks are started by torchrun, each running the same command
+# (``torchrun --nnodes M --nproc-per-node K -m tidal serve MODEL --tensor-parallel-size M*K``): rank 0
+# runs the engine and its front end, every other rank becomes a worker (run_torchrun_worker) on
+# ``cuda:LOCAL_RANK``, and the ranks meet through torchrun's store (MASTER_ADDR:MASTER_PORT).
+
+
+def torchrun_rank(size: int) -> int | None:
+    """This process's rank among the ``size`` ranks of a tensor-parallel engine that torchrun started,
+    or None when torchrun did not start this process (or ``size`` is 1)."""
+    if size <= 1 or "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != size:
+        raise ValueError(f"tensor_parallel_size={size} but torchrun started WORLD_SIZE={world} processes: start "
+                         f"one process per rank (--nnodes x --nproc-per-node = {size})")
+    return int(os.environ["RANK"])
+
+
+def _torchrun_store(rank: int, size: int, timeout_s: float):
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    # torchrun's agent hosts the store when it says so; otherwise rank 0 does, as with env://
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(host, port, size, is_master=rank == 0 and not agent,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore("tidal.tp", store)
+
+
+def run_torchrun_worker(config) -> int:
+    """A rank > 0 under torchrun: its slice of ``config``'s model (an EngineConfig), followed step by
+    step until rank 0 shuts down. Returns the exit status (0)."""
+    from tidal.models.config import ModelConfig
+    from tidal.serve.config import resolve_device
+
+    size = config.tensor_parallel_size
+    rank = torchrun_rank(size)
+    timeout_s = seconds_from_env(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)
+    store = _torchrun_store(rank, size, timeout_s)
+    max_model_len = config.max_model_len or ModelConfig.from_pretrained(config.model).max_position_embeddings
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        spec = dict(config=config, max_model_len=max_model_len, device=device, backend=tensor_parallel_backend())
+        _gpu_worker_loop(rank, size, store, spec, timeout_s, device)
+    else:
+        spec = dict(model=config.model, dtype=str(config.dtype).removeprefix("torch."), max_model_len=max_model_len,
+                    quantization=config.quantization)
+        _cpu_worker_loop(rank, _group(rank, size, store, timeout_s), spec)
+    return 0
 
 
 def _header(*values: int) -> torch.Tensor:
@@ -51,14 +108,19 @@ class TensorParallelDriver:
 
     def __init__(self, model_path: str, dtype: str, size: int, max_model_len: int, quantization: str | None = None):
         self.timeout_s = seconds_from_env(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)
-        port = free_port("127.0.0.1")
-        ctx = multiprocessing.get_context("spawn")
-        spec = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, quantization=quantization)
-        self.workers = [ctx.Process(target=_worker_main, args=(rank, size, port, spec, self.timeout_s), daemon=True,
-                                    name=f"tidal-tp-{rank}") for rank in range(1, size)]
-        for worker in self.workers:
-            worker.start()
-        self.tp = _group(0, size, port, self.timeout_s)
+        self.workers = []
+        if torchrun_rank(size) is not None:  # torchrun started the workers
+            store = _torchrun_store(0, size, self.timeout_s)
+        else:
+            port = free_port("127.0.0.1")
+            ctx = multiprocessing.get_context("spawn")
+            spec = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, quantization=quantization)
+            self.workers = [ctx.Process(target=_worker_main, args=(rank, size, port, spec, self.timeout_s),
+                                        daemon=True, name=f"tidal-tp-{rank}") for rank in range(1, size)]
+            for worker in self.workers:
+                worker.start()
+            store = _local_store(0, size, port, self.timeout_s)
+        self.tp = _group(0, size, store, self.timeout_s)
         self.tp.driver = self
         self.closed = False
 
@@ -106,11 +168,14 @@ class TensorParallelDriver:
 
 def _worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: float) -> None:
     """A worker process: its slice of the model, its KV caches, and rank 0's steps until shutdown."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    _cpu_worker_loop(rank, _group(rank, size, _local_store(rank, size, port, timeout_s), timeout_s), spec)
+
+
+def _cpu_worker_loop(rank: int, tp: TensorParallelGroup, spec: dict) -> None:
     from tidal.models import load_model
     from tidal.serve.model_runner import allocate_kv_caches
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    tp = _group(rank, size, port, timeout_s)
     model, _ = load_model(spec["model"], dtype=spec["dtype"], device="cpu", quantization=spec["quantization"])
     shard_(model, tp)
     model.ensure_rope_positions(spec["max_model_len"])
@@ -166,10 +231,9 @@ def tensor_parallel_backend() -> str:
     return backend
 
 
-def _device_group(rank: int, size: int, port: int, timeout_s: float, backend: str,
+def _device_group(rank: int, size: int, store, timeout_s: float, backend: str,
                   device: torch.device) -> TensorParallelGroup:
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=timeout)
     if backend == "gloo":
         return TensorParallelGroup(rank, size, dist.ProcessGroupGloo(store, rank, size, timeout))
     from tidal.comm import Communicator
@@ -191,14 +255,19 @@ class GPUTensorParallelDriver:
         self.backend = tensor_parallel_backend()
         self.timeout_s = seconds_from_env(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)
         self.device = device
-        port = free_port("127.0.0.1")
-        ctx = multiprocessing.get_context("spawn")
-        spec = dict(config=config, max_model_len=max_model_len, device=device, backend=self.backend)
-        self.workers = [ctx.Process(target=_gpu_worker_main, args=(rank, size, port, spec, self.timeout_s),
-                                    daemon=True, name=f"tidal-tp-{rank}") for rank in range(1, size)]
-        for worker in self.workers:
-            worker.start()
-        self.tp = _device_group(0, size, port, self.timeout_s, self.backend, device)
+        self.workers = []
+        if torchrun_rank(size) is not None:  # torchrun started the workers
+            store = _torchrun_store(0, size, self.timeout_s)
+        else:
+            port = free_port("127.0.0.1")
+            ctx = multiprocessing.get_context("spawn")
+            spec = dict(config=config, max_model_len=max_model_len, device=device, backend=self.backend)
+            self.workers = [ctx.Process(target=_gpu_worker_main, args=(rank, size, port, spec, self.timeout_s),
+                                        daemon=True, name=f"tidal-tp-{rank}") for rank in range(1, size)]
+            for worker in self.workers:
+                worker.start()
+            store = _local_store(0, size, port, self.timeout_s)
+        self.tp = _device_group(0, size, store, self.timeout_s, self.backend, device)
         self.tp.driver = self
         self.silent = True
         self.closed = False
@@ -254,15 +323,19 @@ class GPUTensorParallelDriver:
 def _gpu_worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: float) -> None:
     """A worker process on its GPU: its slice of the model, the same runner as rank 0's (KV pool,
     graphs), and rank 0's steps until shutdown."""
+    device = rank_device(spec["device"], rank, spec["backend"])
+    torch.cuda.set_device(device)
+    _gpu_worker_loop(rank, size, _local_store(rank, size, port, timeout_s), spec, timeout_s, device)
+
+
+def _gpu_worker_loop(rank: int, size: int, store, spec: dict, timeout_s: float, device: torch.device) -> None:
     from tidal.models import load_model
     from tidal.serve.gpu_model_runner import GPUModelRunner, _Layout
     from tidal.serve.model_runner import device_memory_baseline
 
     config = spec["config"]
-    device = rank_device(spec["device"], rank, spec["backend"])
-    torch.cuda.set_device(device)
     baseline = device_memory_baseline(device)
-    tp = _device_group(rank, size, port, timeout_s, spec["backend"], device)
+    tp = _device_group(rank, size, store, timeout_s, spec["backend"], device)
     model, _ = load_model(config.model, dtype=config.dtype, device=device, quantization=config.quantization)
     shard_(model, tp)
     runner = GPUModelRunner(model, config, spec["max_model_len"], device, baseline)
