@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""Training workloads T0, T3 and A1 of BENCHMARKS.md on one GPU: tidal.initialize and its peers, same call.
+"""Training workloads T0, T3, A1 (one GPU) and T1 (two GPUs) of BENCHMARKS.md: tidal.initialize and its
+peers, same call.
 
 Models: random-init Llama-3.2-1B (T0, A1) and Llama-3.2-3B (T3) architectures, saved once in bf16 so
 that every system starts from the same weights; random tokens (seed 0); AdamW (lr 1e-4, betas 0.9 /
@@ -15,6 +16,11 @@ that every system starts from the same weights; random tokens (seed 0); AdamW (l
   ``offload_optimizer`` at stage 2, and with ``offload_param`` too at stage 3.
 - A1: T0's model at seq 8192, micro-batch 1, tidal stage 0 with activation checkpointing none / full /
   attention (selective) / mlp / full with ``cpu_checkpointing``.
+- T1: T0's model on 2 GPUs (``--gpus``), seq 2048, micro-batch 4 per GPU, each rank its own batches:
+  tidal ZeRO-2 and ZeRO-3 (overlap_comm on, DeepSpeed's default at stage 3); peers torch DDP (autocast
+  bf16, fused AdamW), FSDP2 (``fully_shard`` per decoder layer then the root, bf16 parameters with fp32
+  reductions), DeepSpeed ZeRO-2 and ZeRO-3. The ranks are started by torchrun; tokens/s is per GPU,
+  peak memory the maximum over ranks, the loss the mean over ranks of the last step's.
 
 Each (workload, system) runs in a process of its own (clean peak memory, no state shared with the
 previous run). Metrics: tokens/s over the steps after the first 3, MFU (6 x parameters + 6 x layers
@@ -23,10 +29,10 @@ x seq x hidden FLOPs per token over the matmul ceiling measured in the same call
 gradients, optimizer state: the rest of the peak is activations), peak host memory (max RSS), and the
 loss of the last step. A failed run (out of memory included) is a row with its error.
 
-    python bench/train.py --out DIR [--workloads T0,T3,A1] [--no-peers] [--tiny]
+    python bench/train.py --out DIR [--workloads T0,T3,A1,T1] [--no-peers] [--tiny] [--gpus 2]
 
-``--tiny`` runs a tiny model for a few steps on the CPU (fp32, tidal and torch eager): it checks the
-script, not speed. DeepSpeed is imported only by its runs (carry its wheel: see BENCHMARKS.md).
+``--tiny`` runs a tiny model for a few steps on the CPU (fp32, tidal and torch eager; T1's ranks over
+Gloo): it checks the script, not speed. DeepSpeed is imported only by its runs (carry its wheel: see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -108,12 +114,24 @@ def _torch_step(path: str, spec: dict, device, compiled: bool):
     model.train()
     if spec.get("checkpointing"):
         model.gradient_checkpointing_enable()
+    autocast = spec["bf16"]
+    if spec.get("parallel") == "DDP":
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    elif spec.get("parallel") == "FSDP2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if spec["bf16"] else torch.float32,
+                                      reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        autocast = False  # the policy casts the parameters
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=fused)
     forward = torch.compile(model) if compiled else model
 
     def step(ids):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -129,7 +147,8 @@ def _deepspeed_step(path: str, spec: dict, device):
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # one process; torchrun's ranks keep their environment
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     # Its fused Adam is JIT-built for this card; DeepSpeed cannot parse arch names such as "9.0a".
     major, minor = torch.cuda.get_device_capability(device)
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
@@ -156,6 +175,16 @@ def _deepspeed_step(path: str, spec: dict, device):
 def child(spec: dict) -> dict:
     """One (workload, system) run; returns its measurements."""
     device = torch.device(spec["device"])
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:  # a rank started by torchrun: its own GPU, and a process group the peers share
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not spec["system"].startswith(("tidal", "DeepSpeed")):
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         if spec.get("cap_gib"):
@@ -169,7 +198,7 @@ def child(spec: dict) -> dict:
         step = _deepspeed_step(spec["path"], spec, device)
     else:
         step = _torch_step(spec["path"], spec, device, compiled="compile" in system)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(rank)  # each rank its own batches
     batches = [torch.randint(0, spec["vocab"], (spec["micro"], spec["seq"]), generator=g).to(device)
                for _ in range(spec["steps"])]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -187,12 +216,22 @@ def child(spec: dict) -> dict:
     sync()
     seconds = time.perf_counter() - t0
     tokens = (spec["steps"] - WARMUP) * spec["micro"] * spec["seq"]
-    if spec.get("profile_dir"):
+    if spec.get("profile_dir") and world == 1:
         profile_step(step, batches[-1], spec, device)
-    return dict(tokens_per_s=tokens / seconds, loss=float(losses[-1].float()),
-                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                static_memory_gib=static if device.type == "cuda" else None,
-                peak_host_memory_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    result = dict(tokens_per_s=tokens / seconds, loss=float(losses[-1].float()),
+                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                  static_memory_gib=static if device.type == "cuda" else None,
+                  peak_host_memory_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    if world > 1:  # per GPU: the mean rate and loss, the largest memories
+        import torch.distributed as dist
+
+        everyone = [None] * world
+        dist.all_gather_object(everyone, result)
+        result = {k: None if result[k] is None else
+                  (max if "memory" in k else lambda v: sum(v) / len(v))([r[k] for r in everyone]) for k in result}
+        if rank != 0:
+            return None
+    return result
 
 
 def profile_step(step, ids, spec: dict, device) -> None:
@@ -250,7 +289,7 @@ def matmul_ceiling_tflops(device) -> float | None:
     return 2 * 8192**3 / times[len(times) // 2] / 1e12
 
 
-def runs(workloads: set, tiny: bool, peers: bool) -> list[dict]:
+def runs(workloads: set, tiny: bool, peers: bool, gpus: int = 2) -> list[dict]:
     """The (workload, system, spec) list of this call."""
     out = []
 
@@ -278,6 +317,16 @@ def runs(workloads: set, tiny: bool, peers: bool) -> list[dict]:
             if not tiny:
                 add("T3", "DeepSpeed ZeRO-Offload (stage 2)", t3_arch, seq0, 1, stage=2, offload_optimizer=True,
                     **common)
+    if "T1" in workloads:
+        micro = 2 if tiny else 4
+        for stage in (2, 3):
+            add("T1", f"tidal ZeRO-{stage}", t0_arch, seq0, micro, stage=stage, world=gpus)
+        if peers:
+            add("T1", "torch DDP", t0_arch, seq0, micro, parallel="DDP", world=gpus)
+            add("T1", "FSDP2", t0_arch, seq0, micro, parallel="FSDP2", world=gpus)
+            if not tiny:
+                for stage in (2, 3):
+                    add("T1", f"DeepSpeed ZeRO-{stage}", t0_arch, seq0, micro, stage=stage, world=gpus)
     if "A1" in workloads:
         for name, ac in (("none", None), ("full", ("full", False)), ("selective: attention", ("attention", False)),
                          ("selective: mlp", ("mlp", False)), ("full + cpu_checkpointing", ("full", True))):
@@ -301,16 +350,22 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, fp32: checks the script")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
     ap.add_argument("--profile", action="store_true", help="profile one extra step of each run (files in --out)")
+    ap.add_argument("--gpus", type=int, default=2, help="ranks of T1 (one GPU each)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        result = child(json.loads(args.child))
+        if result is not None:  # rank 0 (or the only process)
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     if not args.out:
         ap.error("--out is required")
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
-    if not workloads <= {"T0", "T3", "A1"}:
-        ap.error(f"--workloads {args.workloads!r}: only T0, T3, A1")
+    if not workloads <= {"T0", "T3", "A1", "T1"}:
+        ap.error(f"--workloads {args.workloads!r}: only T0, T3, A1, T1")
+    if "T1" in workloads and not args.tiny and torch.cuda.device_count() < args.gpus:
+        print(f"train.py: T1 needs {args.gpus} GPUs, this machine has {torch.cuda.device_count()}", file=sys.stderr)
+        return 2
     if not args.tiny and not torch.cuda.is_available():
         print("train.py: no CUDA device (use --tiny to check the script on the CPU)", file=sys.stderr)
         return 2
@@ -318,14 +373,13 @@ def main() -> int:
     device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
     os.makedirs(args.out, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    common = dict(card=card, gpus=1 if device.type == "cuda" else 0, commit=commit(),
-                  date=datetime.date.today().isoformat())
+    common = dict(card=card, commit=commit(), date=datetime.date.today().isoformat())
     ceiling = matmul_ceiling_tflops(device)
     log(f"{card}; torch {torch.__version__}; matmul ceiling {ceiling and round(ceiling)} TFLOP/s; commit {commit()}")
     root = tempfile.mkdtemp(prefix="tidal-train-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     rows, failures = [], 0
     try:
-        for run in runs(workloads, args.tiny, not args.no_peers):
+        for run in runs(workloads, args.tiny, not args.no_peers, args.gpus):
             arch = ARCHS[run["arch"]]
             spec = dict(run, path=save_model(run["arch"], root, device), device=str(device), steps=args.steps,
                         vocab=arch["vocab_size"], bf16=not args.tiny,
@@ -333,7 +387,11 @@ def main() -> int:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             log(f"{run['workload']} {run['system']}: {run['arch']}, seq {run['seq']}, micro-batch {run['micro']}")
             try:
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                launch = [sys.executable]
+                if run.get("world", 1) > 1:  # one process per rank
+                    launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run['world']}"]
+                    env["NCCL_NVLS_ENABLE"] = "0"
+                proc = subprocess.run([*launch, os.path.abspath(__file__), "--child", json.dumps(spec)],
                                       capture_output=True, text=True, timeout=args.timeout, env=env)
                 result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
                               None)
@@ -358,8 +416,10 @@ def main() -> int:
                                  ("static_memory_gib", "GiB"), ("peak_host_memory_gib", "GiB"), ("loss", "nats")):
                 if metric in result and result[metric] is None:
                     continue
-                rows.append(dict(workload=run["workload"], system=run["system"], metric=metric,
-                                 value=result.get(metric), unit=unit,
+                gpus = run.get("world", 1) if device.type == "cuda" else 0
+                name = "tokens_per_s_per_gpu" if metric == "tokens_per_s" and run.get("world", 1) > 1 else metric
+                rows.append(dict(workload=run["workload"], system=run["system"], metric=name,
+                                 value=result.get(metric), unit=unit, gpus=gpus,
                                  note=f"{run['arch']}, seq {run['seq']}, micro-batch {run['micro']}"
                                       + (f", GPU capped at {run['cap_gib']} GiB" if run.get("cap_gib") else "")
                                       + (f"; {note}" if note else ""), **common))
@@ -370,7 +430,7 @@ def main() -> int:
     table = []
     for key in dict.fromkeys((r["workload"], r["system"]) for r in rows):
         got = {r["metric"]: r["value"] for r in rows if (r["workload"], r["system"]) == key}
-
+        got.setdefault("tokens_per_s", got.get("tokens_per_s_per_gpu"))
         ran = got.get("tokens_per_s") is not None
 
         def cell(metric, spec):
