@@ -16,6 +16,8 @@ that every system starts from the same weights; random tokens (seed 0); AdamW (l
   ``offload_optimizer`` at stage 2, and with ``offload_param`` too at stage 3.
 - A1: T0's model at seq 8192, micro-batch 1, tidal stage 0 with activation checkpointing none / full /
   attention (selective) / mlp / full with ``cpu_checkpointing``.
+- T2: Llama-3-8B on 4 GPUs, seq 2048, micro-batch 2, whole-layer activation checkpointing: tidal
+  ZeRO-3 against FSDP2.
 - T1: T0's model on 2 GPUs (``--gpus``), seq 2048, micro-batch 4 per GPU, each rank its own batches:
   tidal ZeRO-2 and ZeRO-3 (overlap_comm on, DeepSpeed's default at stage 3); peers torch DDP (autocast
   bf16, fused AdamW), FSDP2 (``fully_shard`` per decoder layer then the root, bf16 parameters with fp32
@@ -29,7 +31,7 @@ x seq x hidden FLOPs per token over the matmul ceiling measured in the same call
 gradients, optimizer state: the rest of the peak is activations), peak host memory (max RSS), and the
 loss of the last step. A failed run (out of memory included) is a row with its error.
 
-    python bench/train.py --out DIR [--workloads T0,T3,A1,T1] [--no-peers] [--tiny] [--gpus 2]
+    python bench/train.py --out DIR [--workloads T0,T3,A1,T1,T2] [--no-peers] [--tiny] [--gpus 2]
 
 ``--tiny`` runs a tiny model for a few steps on the CPU (fp32, tidal and torch eager; T1's ranks over
 Gloo): it checks the script, not speed. DeepSpeed is imported only by its runs (carry its wheel: see BENCHMARKS.md).
@@ -57,9 +59,12 @@ LLAMA_3_2_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=
                     head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                     rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)
 LLAMA_3_2_3B = dict(LLAMA_3_2_1B, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128)
+LLAMA_3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                  max_position_embeddings=8192, rms_norm_eps=1e-5)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             intermediate_size=128, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096)
-ARCHS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "tiny": TINY}
+ARCHS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B, "tiny": TINY}
 LR, BETAS, WEIGHT_DECAY, CLIP, WARMUP = 1e-4, (0.9, 0.95), 0.1, 1.0, 3
 T3_CAP_GIB = 32
 START = time.perf_counter()
@@ -327,6 +332,12 @@ def runs(workloads: set, tiny: bool, peers: bool, gpus: int = 2) -> list[dict]:
             if not tiny:
                 for stage in (2, 3):
                     add("T1", f"DeepSpeed ZeRO-{stage}", t0_arch, seq0, micro, stage=stage, world=gpus)
+    if "T2" in workloads:
+        world, micro = (2, 1) if tiny else (4, 2)
+        common = dict(world=world, checkpointing=("full", False))
+        add("T2", "tidal ZeRO-3", "tiny" if tiny else "llama-3-8b", seq0, micro, stage=3, **common)
+        if peers:
+            add("T2", "FSDP2", "tiny" if tiny else "llama-3-8b", seq0, micro, parallel="FSDP2", **common)
     if "A1" in workloads:
         for name, ac in (("none", None), ("full", ("full", False)), ("selective: attention", ("attention", False)),
                          ("selective: mlp", ("mlp", False)), ("full + cpu_checkpointing", ("full", True))):
@@ -361,11 +372,13 @@ def main() -> int:
     if not args.out:
         ap.error("--out is required")
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
-    if not workloads <= {"T0", "T3", "A1", "T1"}:
-        ap.error(f"--workloads {args.workloads!r}: only T0, T3, A1, T1")
-    if "T1" in workloads and not args.tiny and torch.cuda.device_count() < args.gpus:
-        print(f"train.py: T1 needs {args.gpus} GPUs, this machine has {torch.cuda.device_count()}", file=sys.stderr)
-        return 2
+    if not workloads <= {"T0", "T3", "A1", "T1", "T2"}:
+        ap.error(f"--workloads {args.workloads!r}: only T0, T3, A1, T1, T2")
+    for workload, gpus in (("T1", args.gpus), ("T2", 4)):
+        if workload in workloads and not args.tiny and torch.cuda.device_count() < gpus:
+            print(f"train.py: {workload} needs {gpus} GPUs, this machine has {torch.cuda.device_count()}",
+                  file=sys.stderr)
+            return 2
     if not args.tiny and not torch.cuda.is_available():
         print("train.py: no CUDA device (use --tiny to check the script on the CPU)", file=sys.stderr)
         return 2
