@@ -56,7 +56,7 @@ One call runs S1-M1 in roughly 6-10 minutes on an H200 with the default --peer-b
 (--workloads S1,S4 then S2,S3,M1, then V1) when a call's time is shorter.
 
     python bench/serve.py --out DIR [--workloads S1,S2,S3,S4,M1,V1] [--peer-batches N] [--no-peers] [--tiny]
-        [--tensor-parallel N]
+        [--tensor-parallel N [--tensor-parallel-arch llama-8b|llama-70b]]
 
 Writes DIR/serve.md (table + details) and DIR/serve.jsonl (one JSON object per measurement).
 """
@@ -87,6 +87,7 @@ QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16
 LLAMA_3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                   intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                   bos_token_id=128000, eos_token_id=128001)
+LLAMA_3_70B = dict(LLAMA_3_8B, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, intermediate_size=28672)
 MIXTRAL_8X7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                     intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
                     rope_theta=1e6, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2)
@@ -226,6 +227,47 @@ def build_model(name: str, tiny: bool, device, dtype, **overrides):
     model.save_pretrained(path)
     log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B params saved to {path}")
     return model, root, path
+
+
+def write_random_checkpoint(spec: dict, path: str, dtype, device, shard_bytes: int = 4 << 30) -> None:
+    """A random-weight Llama checkpoint written tensor by tensor (normal(0, 0.02) drawn on `device`,
+    norms at one), so a model larger than one GPU or the host's memory never exists whole: the
+    70B-architecture checkpoint of --tensor-parallel-arch."""
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(**spec)
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config)
+        shapes = {name: t.shape for name, t in meta.state_dict().items()}
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    weight_map, shard, size, files = {}, {}, 0, []
+
+    def flush():
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shard})
+
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            value = torch.ones(shape, dtype=dtype)
+        else:
+            value = torch.randn(shape, generator=g, device=device).mul_(0.02).to(dtype).cpu()
+        shard[name] = value
+        size += value.numel() * value.element_size()
+        if size >= shard_bytes:
+            flush()
+            shard, size = {}, 0
+    if shard:
+        flush()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(int(torch.Size(s).numel()) * dtype.itemsize
+                                                  for s in shapes.values())}, "weight_map": weight_map}, f)
+    config.save_pretrained(path)
+    log(f"random checkpoint of {sum(torch.Size(s).numel() for s in shapes.values()) / 1e9:.1f}B parameters in "
+        f"{len(files)} files at {path}")
 
 
 def weight_bytes(model) -> int:
@@ -631,8 +673,16 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
     del llm
     free_memory(device)
     if args.tensor_parallel > 1 and "S3" in workloads:
-        attempt(res, "S3", "requests_per_s", "req/s", lambda: run_tensor_parallel(args.tensor_parallel, path, s2_prompt,
-                                                                                  s3, sizes, workloads, device, res))
+        if args.tensor_parallel_arch == "llama-70b":  # the 70B architecture, never built whole
+            big = os.path.join(root, "llama-70b")
+            write_random_checkpoint(dict(LLAMA_3_70B, **(TINY_MODEL if args.tiny else {})), big, dtype, device)
+            attempt(res, "S3", "requests_per_s", "req/s",
+                    lambda: run_tensor_parallel(args.tensor_parallel, big, s2_prompt, s3, sizes, workloads, device,
+                                                res, label="llama-70b"))
+        else:
+            attempt(res, "S3", "requests_per_s", "req/s",
+                    lambda: run_tensor_parallel(args.tensor_parallel, path, s2_prompt, s3, sizes, workloads, device,
+                                                res))
         free_memory(device)
     for scheme in args.quantization:
         attempt(res, "S2", "ms_per_output_token", "ms",
@@ -642,11 +692,11 @@ def run_llama(args, sizes, workloads, device, dtype, ceil, res: Results):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def run_tensor_parallel(size, path, s2_prompt, s3, sizes, workloads, device, res: Results) -> None:
+def run_tensor_parallel(size, path, s2_prompt, s3, sizes, workloads, device, res: Results, label="") -> None:
     """S2 and S3 on ``size`` GPUs (one tensor-parallel rank each, NCCL), against one GPU's S3 above
-    (issue target: S3 at 2 ranks >= 1.7x one)."""
+    (issue target: S3 at 2 ranks >= 1.7x one); with ``label`` (another architecture) on their own."""
     llm = make_engine(path, device, MAX_MODEL_LEN["llama"], True, MAX_NUM_SEQS["llama"], tensor_parallel_size=size)
-    system = f"tidal tp={size}"
+    system = f"tidal tp={size}" + (f" {label}" if label else "")
     try:
         if "S2" in workloads:
             tidal_s2(llm, s2_prompt, sizes["s2_out"], sizes["repeats"], device, res, system=system)
@@ -654,7 +704,7 @@ def run_tensor_parallel(size, path, s2_prompt, s3, sizes, workloads, device, res
     finally:
         llm.close()
     one, many = res.get("S3", "requests_per_s", "tidal"), res.get("S3", "requests_per_s", system)
-    if one and many and one[0]["value"] and many[0]["value"]:
+    if not label and one and many and one[0]["value"] and many[0]["value"]:
         res.add("S3", system, "speedup_over_tp1", many[0]["value"] / one[0]["value"], "x",
                 note="target >= 1.7x at tp=2")
 
@@ -901,6 +951,8 @@ def main() -> int:
                          "(default: the engine's choice)")
     ap.add_argument("--tensor-parallel", type=int, default=1,
                     help="also run S2/S3 at this tensor-parallel size (one GPU per rank) against one GPU")
+    ap.add_argument("--tensor-parallel-arch", choices=["llama-8b", "llama-70b"], default="llama-8b",
+                    help="what --tensor-parallel serves: S2/S3's Llama-3-8B, or a 70B-architecture random checkpoint")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     args = ap.parse_args()

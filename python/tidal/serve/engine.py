@@ -168,10 +168,12 @@ class LLMEngine:
             if config.tensor_parallel_size > 1:
                 self.tp_driver = _start_tensor_parallel(config, self.device)
             try:
-                self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device,
-                                                           quantization=config.quantization)
-                if self.tp_driver is not None:
-                    self.tp_driver.shard(self.model)
+                if self.tp_driver is not None:  # rank 0's slice, read as every rank reads its own
+                    self.model = self.tp_driver.load(config.model, config.dtype, self.device, config.quantization)
+                    self.model_config = self.model.config
+                else:
+                    self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device,
+                                                               quantization=config.quantization)
             except BaseException:
                 if self.tp_driver is not None:
                     self.tp_driver.close()

@@ -44,6 +44,55 @@ def _group(rank: int, size: int, store, timeout_s: float) -> TensorParallelGroup
     return TensorParallelGroup(rank, size, dist.ProcessGroupGloo(store, rank, size, timeout))
 
 
+# ---- loading a rank's slice ----------------------------------------------------------------------
+
+_LOAD_TIMEOUT_S = 3600.0
+TURNS_ENV = "TIDAL_TP_LOAD_IN_TURNS"
+
+
+def _load_in_turns(model_path: str, size: int) -> bool:
+    """Whether the ranks must read the checkpoint one after another: when ``size`` host copies of it
+    would not fit in 80% of the host memory available now (``TIDAL_TP_LOAD_IN_TURNS=1`` forces it)."""
+    if os.environ.get(TURNS_ENV) == "1":
+        return True
+    from tidal.models.loader import safetensors_files
+
+    needed = size * sum(f.stat().st_size for f in safetensors_files(model_path))
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return needed > 0.8 * available
+
+
+def load_slice(rank: int, size: int, tp: TensorParallelGroup, store, model_path: str, dtype, device: torch.device,
+               quantization: str | None):
+    """This rank's slice of the checkpoint at ``model_path`` on ``device``: the whole model is read into
+    host memory, split there, and only the slice moves to a GPU (no GPU ever holds the whole model); a
+    quantized model is read on the device, then split. When the ranks' host copies would not fit
+    together (:func:`_load_in_turns`) they read one after another. The ranks then wait for each
+    other through ``store``, with a timeout long enough for any checkpoint, so that none enters its
+    first collective while another is still reading."""
+    from tidal.models import load_model
+    from tidal.models.config import ModelConfig
+    from tidal.quant.config import resolve
+
+    timeout = datetime.timedelta(seconds=_LOAD_TIMEOUT_S)
+    turns = _load_in_turns(model_path, size)
+    if turns and rank > 0:
+        store.wait([f"tidal.tp.loaded/{rank - 1}"], timeout)
+    float_model = resolve(quantization, ModelConfig.from_pretrained(model_path).hf_config) is None
+    read_on = torch.device("cpu") if float_model else device
+    model, _ = load_model(model_path, dtype=dtype, device=read_on, quantization=quantization)
+    shard_(model, tp)
+    if read_on != device:
+        model = model.to(device)
+    store.set(f"tidal.tp.loaded/{rank}", "1")
+    store.wait([f"tidal.tp.loaded/{r}" for r in range(size)], timeout)
+    return model
+
+
 # ---- started by torchrun -------------------------------------------------------------------------
 #
 # Beyond one host the ranks are started by torchrun, each running the same command
@@ -93,7 +142,7 @@ def run_torchrun_worker(config) -> int:
     else:
         spec = dict(model=config.model, dtype=str(config.dtype).removeprefix("torch."), max_model_len=max_model_len,
                     quantization=config.quantization)
-        _cpu_worker_loop(rank, _group(rank, size, store, timeout_s), spec)
+        _cpu_worker_loop(rank, _group(rank, size, store, timeout_s), store, spec)
     return 0
 
 
@@ -120,12 +169,14 @@ class TensorParallelDriver:
             for worker in self.workers:
                 worker.start()
             store = _local_store(0, size, port, self.timeout_s)
+        self.store = store
         self.tp = _group(0, size, store, self.timeout_s)
         self.tp.driver = self
         self.closed = False
 
-    def shard(self, model) -> None:
-        shard_(model, self.tp)
+    def load(self, model_path: str, dtype, device: torch.device, quantization: str | None):
+        """Rank 0's slice of the model (see :func:`load_slice`)."""
+        return load_slice(0, self.tp.size, self.tp, self.store, model_path, dtype, device, quantization)
 
     def init_caches(self, num_blocks: int, block_size: int, fp8: bool) -> None:
         self.tp.broadcast_(_header(_INIT, num_blocks, block_size, int(fp8)))
@@ -169,15 +220,15 @@ class TensorParallelDriver:
 def _worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: float) -> None:
     """A worker process: its slice of the model, its KV caches, and rank 0's steps until shutdown."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    _cpu_worker_loop(rank, _group(rank, size, _local_store(rank, size, port, timeout_s), timeout_s), spec)
+    store = _local_store(rank, size, port, timeout_s)
+    _cpu_worker_loop(rank, _group(rank, size, store, timeout_s), store, spec)
 
 
-def _cpu_worker_loop(rank: int, tp: TensorParallelGroup, spec: dict) -> None:
-    from tidal.models import load_model
+def _cpu_worker_loop(rank: int, tp: TensorParallelGroup, store, spec: dict) -> None:
     from tidal.serve.model_runner import allocate_kv_caches
 
-    model, _ = load_model(spec["model"], dtype=spec["dtype"], device="cpu", quantization=spec["quantization"])
-    shard_(model, tp)
+    model = load_slice(rank, tp.size, tp, store, spec["model"], spec["dtype"], torch.device("cpu"),
+                       spec["quantization"])
     model.ensure_rope_positions(spec["max_model_len"])
     caches = None
     with torch.inference_mode():
@@ -267,15 +318,14 @@ class GPUTensorParallelDriver:
             for worker in self.workers:
                 worker.start()
             store = _local_store(0, size, port, self.timeout_s)
+        self.store = store
         self.tp = _device_group(0, size, store, self.timeout_s, self.backend, device)
         self.tp.driver = self
         self.silent = True
         self.closed = False
         self._header = torch.empty(_GPU_HEADER, dtype=torch.int64, device=device)
 
-    def shard(self, model) -> None:
-        shard_(model, self.tp)
-
+    load = TensorParallelDriver.load
     _check_workers = TensorParallelDriver._check_workers
 
     def _send_header(self, *values: int) -> None:
@@ -329,15 +379,13 @@ def _gpu_worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: flo
 
 
 def _gpu_worker_loop(rank: int, size: int, store, spec: dict, timeout_s: float, device: torch.device) -> None:
-    from tidal.models import load_model
     from tidal.serve.gpu_model_runner import GPUModelRunner, _Layout
     from tidal.serve.model_runner import device_memory_baseline
 
     config = spec["config"]
     baseline = device_memory_baseline(device)
     tp = _device_group(rank, size, store, timeout_s, spec["backend"], device)
-    model, _ = load_model(config.model, dtype=config.dtype, device=device, quantization=config.quantization)
-    shard_(model, tp)
+    model = load_slice(rank, size, tp, store, config.model, config.dtype, device, config.quantization)
     runner = GPUModelRunner(model, config, spec["max_model_len"], device, baseline)
     header = torch.empty(_GPU_HEADER, dtype=torch.int64, device=device)
     with torch.inference_mode():
