@@ -152,7 +152,44 @@ def _header(*values: int) -> torch.Tensor:
     return header
 
 
-class TensorParallelDriver:
+class _Driver:
+    """What rank 0's drivers share: reading its slice, watching the workers it started, stopping them."""
+
+    workers: list
+    closed: bool
+
+    def load(self, model_path: str, dtype, device: torch.device, quantization: str | None):
+        """Rank 0's slice of the model (see :func:`load_slice`)."""
+        return load_slice(0, self.tp.size, self.tp, self.store, model_path, dtype, device, quantization)
+
+    def _check_workers(self) -> None:
+        dead = [w.name for w in self.workers if not w.is_alive()]
+        if dead:
+            raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} exited (exit codes "
+                               f"{[w.exitcode for w in self.workers if not w.is_alive()]}); the engine cannot run")
+
+    def _shutdown(self) -> None:
+        """Tells the workers to return."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stops the workers (idempotent): a shutdown message if they listen, then terminate."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if all(w.is_alive() for w in self.workers):
+                self._shutdown()
+        except Exception:  # noqa: BLE001 - a broken group: the workers are terminated below
+            pass
+        for worker in self.workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=5)
+
+
+class TensorParallelDriver(_Driver):
     """Rank 0's side: starts the workers, joins their group and tells them what to run."""
 
     def __init__(self, model_path: str, dtype: str, size: int, max_model_len: int, quantization: str | None = None):
@@ -174,10 +211,6 @@ class TensorParallelDriver:
         self.tp.driver = self
         self.closed = False
 
-    def load(self, model_path: str, dtype, device: torch.device, quantization: str | None):
-        """Rank 0's slice of the model (see :func:`load_slice`)."""
-        return load_slice(0, self.tp.size, self.tp, self.store, model_path, dtype, device, quantization)
-
     def init_caches(self, num_blocks: int, block_size: int, fp8: bool) -> None:
         self.tp.broadcast_(_header(_INIT, num_blocks, block_size, int(fp8)))
 
@@ -194,27 +227,8 @@ class TensorParallelDriver:
         self.tp.broadcast_(_header(_LOGITS, hidden.shape[0]))
         self.tp.broadcast_(hidden.contiguous())
 
-    def _check_workers(self) -> None:
-        dead = [w.name for w in self.workers if not w.is_alive()]
-        if dead:
-            raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} exited (exit codes "
-                               f"{[w.exitcode for w in self.workers if not w.is_alive()]}); the engine cannot run")
-
-    def close(self) -> None:
-        """Stops the workers (idempotent): a shutdown message if they listen, then terminate."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            if all(w.is_alive() for w in self.workers):
-                self.tp.broadcast_(_header(_SHUTDOWN))
-        except Exception:  # noqa: BLE001 - a broken group: the workers are terminated below
-            pass
-        for worker in self.workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.terminate()
-                worker.join(timeout=5)
+    def _shutdown(self) -> None:
+        self.tp.broadcast_(_header(_SHUTDOWN))
 
 
 def _worker_main(rank: int, size: int, port: int, spec: dict, timeout_s: float) -> None:
@@ -298,7 +312,7 @@ def rank_device(device: torch.device, rank: int, backend: str) -> torch.device:
     return device if backend == "gloo" else torch.device("cuda", (device.index or 0) + rank)
 
 
-class GPUTensorParallelDriver:
+class GPUTensorParallelDriver(_Driver):
     """Rank 0's side on GPUs: starts a worker per GPU, joins their group and tells them what to run.
     ``silent`` while the runner starts up (every rank runs the same start-up) and inside graphs."""
 
@@ -325,9 +339,6 @@ class GPUTensorParallelDriver:
         self.closed = False
         self._header = torch.empty(_GPU_HEADER, dtype=torch.int64, device=device)
 
-    load = TensorParallelDriver.load
-    _check_workers = TensorParallelDriver._check_workers
-
     def _send_header(self, *values: int) -> None:
         host = torch.zeros(_GPU_HEADER, dtype=torch.int64)
         host[:len(values)] = torch.tensor(values, dtype=torch.int64)
@@ -350,23 +361,15 @@ class GPUTensorParallelDriver:
         self._send_header(_LOGITS, hidden.shape[0])
         self.tp.broadcast_(hidden.contiguous())
 
+    def _shutdown(self) -> None:
+        if not self.silent:  # still starting up, the workers listen to no message: they are terminated
+            self._send_header(_SHUTDOWN)
+            torch.cuda.synchronize(self.device)
+
     def close(self) -> None:
-        """Stops the workers (idempotent): a shutdown message if they listen, then terminate."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            if all(w.is_alive() for w in self.workers) and not self.silent:
-                self._send_header(_SHUTDOWN)
-                torch.cuda.synchronize(self.device)
-        except Exception:  # noqa: BLE001 - a broken group: the workers are terminated below
-            pass
-        for worker in self.workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.terminate()
-                worker.join(timeout=5)
-        if self.tp.comm is not None:
+        was_closed = self.closed
+        super().close()
+        if not was_closed and self.tp.comm is not None:
             self.tp.comm.abort("the engine closed")
 
 

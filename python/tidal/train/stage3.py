@@ -252,7 +252,7 @@ class GradientReducer:
         self.remaining: list[int] = []
         self.staged: dict[int, torch.Tensor] = {}  # bucket -> its fp32 gradients so far, [begin, end)
         self.next = 0  # the next bucket to launch
-        self.in_flight: list = []  # (work, out, own range, numel) in launch order
+        self.in_flight: list = []  # (work, out, own range, input) in launch order
         self.in_flight_numel = 0
         self.active = False
         self.launched = 0  # reduce-scatters issued (for tests and the profile)
