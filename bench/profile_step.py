@@ -77,6 +77,45 @@ def profile(engine, num_steps, lines, title):
         lines.append(f"kernels: {len(kernels) / num_steps:.0f} per step, busy {busy / num_steps:.3f} ms per step, "
                      f"span {(last - first) / 1e3 / num_steps:.3f} ms per step (span - busy = gaps)")
         lines.append("")
+        gap_table(kernels, num_steps, lines)
+
+
+def short_name(name: str, width: int = 48) -> str:
+    """A kernel's name without its template arguments and parameter list, cut to width."""
+    depth, out = 0, []
+    for ch in name:
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth = max(depth - 1, 0)
+        elif depth == 0:
+            out.append(ch)
+    text = "".join(out).replace("void ", "").strip()
+    return text[:width]
+
+
+def gap_table(kernels, num_steps, lines, host_gap_us=20.0, rows=12):
+    """Idle time between consecutive kernels, split into the host's gaps between steps (longer than
+    host_gap_us) and the gaps inside a step, the latter by (previous kernel -> next kernel) pair: which
+    kernel boundaries cost the most, so the fusion or launch change that pays is the one attacked."""
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    host, inside, pairs = 0.0, 0.0, {}
+    for prev, nxt in zip(ordered, ordered[1:]):
+        gap = max(nxt.time_range.start - prev.time_range.end, 0.0)  # us
+        if gap > host_gap_us:
+            host += gap
+            continue
+        inside += gap
+        key = (short_name(prev.name), short_name(nxt.name))
+        total, count = pairs.get(key, (0.0, 0))
+        pairs[key] = (total + gap, count + 1)
+    lines.append(f"gaps per step: inside the step {inside / num_steps / 1e3:.3f} ms, "
+                 f"host gaps (> {host_gap_us:.0f} us) {host / num_steps / 1e3:.3f} ms")
+    lines += ["", "| previous kernel | next kernel | per step | mean gap us | us per step |",
+              "| --- | --- | --- | --- | --- |"]
+    for (a, b), (total, count) in sorted(pairs.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"| {a} | {b} | {count / num_steps:.0f} | {total / count:.2f} | {total / num_steps:.1f} |")
+    lines.append("")
 
 
 def scheme_kwargs(scheme: str) -> dict:
