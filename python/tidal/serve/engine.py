@@ -210,6 +210,7 @@ class LLMEngine:
         self._seq_ids = itertools.count(1)
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[int, _Sequence] = {}
+        self._unscheduled: set[int] = set()  # sequences no step has run yet (their metrics start there)
         self._lagged = None  # (sequences with their last tokens, time): bookkeeping for the next step
         self._eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
         if not self._eos_token_ids and self.model_config.eos_token_ids:
@@ -284,6 +285,7 @@ class LLMEngine:
             seq = _Sequence(seq_id, index, request, sampling,
                             detokenizer, [] if params.logprobs is not None else None)
             self._seqs[seq_id] = seq
+            self._unscheduled.add(seq_id)
             request.seqs.append(seq)
             if multimodal is not None:
                 self._mm_prompts[seq_id] = multimodal
@@ -469,26 +471,37 @@ class LLMEngine:
             outputs = self._collect(self._process_lagged() | arrived, return_unfinished)
             self._host_memory.maybe_trim(idle=not self.scheduler.has_unfinished_requests())
             return outputs
-        now = time.monotonic()
         seq_ids = batch.request_ids.tolist()
-        for seq_id in seq_ids:
-            metrics = self._seqs[seq_id].request.metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
-                metrics.num_cached_tokens = self.scheduler.request(seq_id).num_cached_prompt_tokens
+        if self._unscheduled:
+            now = time.monotonic()
+            for seq_id in self._unscheduled.intersection(seq_ids):
+                self._unscheduled.discard(seq_id)
+                metrics = self._seqs[seq_id].request.metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
+                    metrics.num_cached_tokens = self.scheduler.request(seq_id).num_cached_prompt_tokens
         needs_sample = batch.needs_sample
-        sample_ids = [s for s, need in zip(seq_ids, needs_sample.tolist()) if need]
+        sample_ids = batch.request_ids[needs_sample].tolist()
+        outputs: list[RequestOutput] = []
+        changed: set[str] = set()
+        collected = False
         try:
             mm = gather_step_inputs(batch, self._mm_prompts, self._encode_item, self.model.uses_mrope) \
                 if self._mm_prompts else None
             prompt_rows = plan_prompt_rows(batch, seq_ids, self._prompt_logprobs) if self._prompt_logprobs else None
-            pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], mm, prompt_rows)
-            changed = self._process_lagged()  # overlaps the device's work on this step
+            seqs = self._seqs
+            pending = self.runner.execute(batch, [seqs[s].sampling for s in sample_ids], mm, prompt_rows)
+            # NOTE(tidal): the last step's bookkeeping and its outputs run while the device computes
+            # this step: between the sampled tokens' arrival and the next launch the device idles,
+            # so only what the next step needs (update, schedule, staging) runs there.
+            changed = self._process_lagged() | arrived
+            outputs = self._collect(changed, return_unfinished)
+            collected = True
             result = pending.result() if pending is not None else None
             if prompt_rows is not None:
                 self._deliver_prompt_logprobs(prompt_rows, result)
         except Exception as e:  # the whole step failed: each of its sequences ends in error
-            changed = self._process_lagged() | arrived
+            changed = set() if collected else changed | self._process_lagged() | arrived
             for seq_id in seq_ids:
                 seq = self._seqs.get(seq_id)
                 if seq is None or seq.finish_reason is not None:
@@ -496,9 +509,8 @@ class LLMEngine:
                 self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
                 self._fail(seq, f"{type(e).__name__}: {e}")
                 changed.add(seq.request.request_id)
-            return self._collect(changed, return_unfinished)
+            return self._merge(outputs, changed, return_unfinished)
 
-        changed |= arrived  # decode role: first tokens of requests whose KV arrived
         sampled = np.full(len(seq_ids), -1, dtype=np.int32)
         if result is not None:  # None: only prompt chunks that end before their last token
             sampled[needs_sample] = result.token_ids
@@ -515,10 +527,17 @@ class LLMEngine:
         self._lagged = (kept, time.monotonic())
         idle = not self.scheduler.has_unfinished_requests()
         if idle:
-            changed |= self._process_lagged()
-        outputs = self._collect(changed, return_unfinished)
+            outputs = self._merge(outputs, self._process_lagged(), return_unfinished)
         self._host_memory.maybe_trim(idle)
         return outputs
+
+    def _merge(self, outputs: list[RequestOutput], request_ids: set[str], return_unfinished: bool
+               ) -> list[RequestOutput]:
+        """``outputs`` with the requests of ``request_ids`` collected again (their newer state replaces
+        an earlier output of the same step: one output per request and step)."""
+        if not request_ids:
+            return outputs
+        return [o for o in outputs if o.request_id not in request_ids] + self._collect(request_ids, return_unfinished)
 
     def _deliver_prompt_logprobs(self, prompt_rows, result) -> None:
         if result is None or result.prompt_logprobs is None:
@@ -632,6 +651,7 @@ class LLMEngine:
         """Forgets a finished request (its blocks were freed by the scheduler already)."""
         for seq in request.seqs:
             self._seqs.pop(seq.seq_id, None)
+            self._unscheduled.discard(seq.seq_id)
             self._mm_prompts.pop(seq.seq_id, None)
             self._prompt_logprobs.pop(seq.seq_id, None)
         self._requests.pop(request.request_id, None)
