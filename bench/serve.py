@@ -318,15 +318,21 @@ def decode_seconds(requests, kv_bytes: int, w_bytes: int, copy_bw: float) -> flo
 MAX_NUM_SEQS = {"qwen3": 256, "llama": 512, "mixtral": 64, "tiny": 256}
 
 
+# --async-scheduling: every engine of the run plans each step while the previous one computes
+ASYNC_SCHEDULING = False
+
+
 def make_engine(path: str, device, max_model_len: int, prefix_caching: bool, max_num_seqs: int = 256,
                 tensor_parallel_size: int = 1):
     free = f", {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free" if device.type == "cuda" else ""
     log(f"tidal.LLM({os.path.basename(path)}, max_model_len={max_model_len}, max_num_seqs={max_num_seqs}, "
-        f"enable_prefix_caching={prefix_caching}, tensor_parallel_size={tensor_parallel_size}){free}")
+        f"enable_prefix_caching={prefix_caching}, tensor_parallel_size={tensor_parallel_size}, "
+        f"async_scheduling={ASYNC_SCHEDULING}){free}")
     seconds, llm = wall(lambda: tidal.LLM(path, dtype="auto", device=str(device), max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=8192, max_model_len=max_model_len,
                                           enable_prefix_caching=prefix_caching,
-                                          tensor_parallel_size=tensor_parallel_size), device)
+                                          tensor_parallel_size=tensor_parallel_size,
+                                          async_scheduling=ASYNC_SCHEDULING), device)
     log(f"engine ready in {seconds:.1f} s, {llm.stats().get('kv_blocks_total')} KV blocks")
     return llm
 
@@ -723,7 +729,7 @@ def run_quantized(scheme, path, s2_prompt, s3, sizes, workloads, device, ceil, r
     kv_cache_dtype = "fp8" if cache else "auto"
     seconds, llm = wall(lambda: tidal.LLM(path, device=str(device), max_num_batched_tokens=8192,
                                           max_model_len=MAX_MODEL_LEN["llama"], quantization=quantization,
-                                          kv_cache_dtype=kv_cache_dtype), device)
+                                          kv_cache_dtype=kv_cache_dtype, async_scheduling=ASYNC_SCHEDULING), device)
     model = llm.engine.model
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not model.cos_sin_cache}
     read = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -955,7 +961,11 @@ def main() -> int:
                     help="what --tensor-parallel serves: S2/S3's Llama-3-8B, or a 70B-architecture random checkpoint")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="tidal.LLM(async_scheduling=True): each step planned while the previous one computes")
     args = ap.parse_args()
+    global ASYNC_SCHEDULING
+    ASYNC_SCHEDULING = args.async_scheduling
     if args.skinny is not None:
         from tidal.models import llama
         llama.SKINNY_MAX_TOKENS = args.skinny

@@ -273,6 +273,32 @@ void bind_scheduler(py::module_& m) {
           "Applies the last schedule()'s step: sampled_token_ids [num_seqs], -1 where no sample "
           "is needed. Returns the requests it finished.")
       .def(
+          "update_pending",
+          [](PyScheduler& self, const SchedulerOutput& output) {
+            py::gil_scoped_release nogil;
+            return locked(self, [&](Scheduler& s) { return s.update_pending(output); });
+          },
+          py::arg("output"),
+          "update() for a step whose tokens are still on the device (asynchronous scheduling): "
+          "placeholder tokens (-1) until resolve_tokens(); length stops now. Returns the requests "
+          "it finished.")
+      .def(
+          "resolve_tokens",
+          [](PyScheduler& self, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& sampled) {
+            TIDAL_CHECK(sampled.ndim() == 1, "sampled_token_ids.ndim=", sampled.ndim(), " must be 1");
+            std::span<const int32_t> tokens(sampled.data(), static_cast<size_t>(sampled.size()));
+            py::gil_scoped_release nogil;
+            return locked(self, [&](Scheduler& s) { return s.resolve_tokens(tokens); });
+          },
+          py::arg("sampled_token_ids"),
+          "The tokens of the step update_pending() applied ([num_seqs], -1 where it did not sample): "
+          "replaces the placeholders, applies stop tokens and EOS. Returns the requests it finished.")
+      .def_property_readonly(
+          "has_unresolved_tokens",
+          [](PyScheduler& self) {
+            return locked(self, [](Scheduler& s) { return s.has_unresolved_tokens(); });
+          })
+      .def(
           "abort_request",
           [](PyScheduler& self, int64_t id) {
             return locked(self, [id](Scheduler& s) { return s.abort_request(id); });

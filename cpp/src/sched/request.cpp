@@ -41,9 +41,12 @@ bool is_valid_transition(RequestStatus from, RequestStatus to) {
       return to == S::kRunning || to == S::kFinishedAborted || to == S::kFinishedError;
     case S::kRunning:
       return to == S::kPreempted || is_finished(to);
-    // NOTE(tidal): a preempted request is a waiting one, so it may fail like one (FINISHED_ERROR).
+    // NOTE(tidal): a preempted request is a waiting one, so it may fail like one (FINISHED_ERROR);
+    // it may also stop (FINISHED_STOPPED): under asynchronous scheduling its last token, a stop
+    // token, becomes known after the step that preempted it was planned.
     case S::kPreempted:
-      return to == S::kWaiting || to == S::kFinishedAborted || to == S::kFinishedError;
+      return to == S::kWaiting || to == S::kFinishedAborted || to == S::kFinishedError ||
+             to == S::kFinishedStopped;
     default:
       return false;  // finished is final
   }

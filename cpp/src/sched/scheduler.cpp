@@ -321,26 +321,49 @@ SchedulerOutput Scheduler::schedule() {
 
 std::vector<FinishedRequest> Scheduler::update(const SchedulerOutput& output,
                                                std::span<const int32_t> sampled_token_ids) {
+  return apply(output, sampled_token_ids, /*pending=*/false);
+}
+
+std::vector<FinishedRequest> Scheduler::update_pending(const SchedulerOutput& output) {
+  return apply(output, {}, /*pending=*/true);
+}
+
+RequestStatus Scheduler::stop_status(const Request& r, int32_t token) {
+  const StopParams& stop = r.stop();
+  if (r.num_output_tokens() >= stop.min_tokens &&
+      (contains(stop.stop_token_ids, token) || (!stop.ignore_eos && contains(stop.eos_token_ids, token)))) {
+    return RequestStatus::kFinishedStopped;
+  }
+  return RequestStatus::kRunning;
+}
+
+std::vector<FinishedRequest> Scheduler::apply(const SchedulerOutput& output,
+                                              std::span<const int32_t> sampled_token_ids, bool pending) {
   TIDAL_CHECK_STATE(pending_step_ >= 0 && output.step == pending_step_, "output of step ",
                     output.step, " is not the pending step ", pending_step_,
                     " (stale, already applied, or schedule() was called again)");
+  TIDAL_CHECK_STATE(unresolved_.empty(), "step ", output.step, " cannot be applied before "
+                    "resolve_tokens() gives the tokens of the step update_pending() applied");
   const size_t num_seqs = pending_.size();
-  TIDAL_CHECK(sampled_token_ids.size() == num_seqs, "sampled_token_ids.size()=",
-              sampled_token_ids.size(), " must equal num_seqs=", num_seqs);
   auto live = [this](int64_t id) -> Request* {
     auto it = requests_.find(id);
     return it != requests_.end() && it->second.status() == RequestStatus::kRunning ? &it->second
                                                                                     : nullptr;
   };
-  for (size_t i = 0; i < num_seqs; ++i) {
-    TIDAL_CHECK(!pending_[i].needs_sample || live(pending_[i].request_id) == nullptr ||
-                    sampled_token_ids[i] >= 0,
-                "sampled_token_ids[", i, "]=", sampled_token_ids[i], " for request_id=",
-                pending_[i].request_id, " must be >= 0 (it needs a sample)");
+  if (!pending) {
+    TIDAL_CHECK(sampled_token_ids.size() == num_seqs, "sampled_token_ids.size()=",
+                sampled_token_ids.size(), " must equal num_seqs=", num_seqs);
+    for (size_t i = 0; i < num_seqs; ++i) {
+      TIDAL_CHECK(!pending_[i].needs_sample || live(pending_[i].request_id) == nullptr ||
+                      sampled_token_ids[i] >= 0,
+                  "sampled_token_ids[", i, "]=", sampled_token_ids[i], " for request_id=",
+                  pending_[i].request_id, " must be >= 0 (it needs a sample)");
+    }
   }
   pending_step_ = -1;
   const std::vector<Scheduled> plan = std::move(pending_);
   pending_.clear();
+  if (pending) unresolved_.assign(num_seqs, {-1, -1});
 
   std::vector<FinishedRequest> finished;
   for (size_t i = 0; i < num_seqs; ++i) {
@@ -351,21 +374,54 @@ std::vector<FinishedRequest> Scheduler::update(const SchedulerOutput& output,
     if (r->num_computed_tokens_ >= r->num_prompt_tokens()) r->is_prompt_computed_ = true;
     if (!plan[i].needs_sample) continue;
 
-    const int32_t token = sampled_token_ids[i];
+    // NOTE(tidal): a placeholder is never inside a block cache_full_blocks hashes: its KV is
+    // computed by the next step, whose update comes after resolve_tokens().
+    const int32_t token = pending ? -1 : sampled_token_ids[i];
+    if (pending) unresolved_[i] = {r->request_id(), r->num_tokens()};
     r->token_ids_.push_back(token);
-    const StopParams& stop = r->stop();
     const int32_t num_out = r->num_output_tokens();
-    RequestStatus status = RequestStatus::kRunning;
-    if (num_out >= stop.min_tokens &&
-        (contains(stop.stop_token_ids, token) ||
-         (!stop.ignore_eos && contains(stop.eos_token_ids, token)))) {
-      status = RequestStatus::kFinishedStopped;
-    } else if (num_out >= stop.max_tokens || r->num_tokens() >= config_.max_model_len) {
+    RequestStatus status = pending ? RequestStatus::kRunning : stop_status(*r, token);
+    if (status == RequestStatus::kRunning &&
+        (num_out >= r->stop().max_tokens || r->num_tokens() >= config_.max_model_len)) {
       status = RequestStatus::kFinishedLength;
     }
     if (status != RequestStatus::kRunning) {
       finish(*r, status);
       finished.push_back({r->request_id(), status, num_out});
+    }
+  }
+  if (pending && std::all_of(unresolved_.begin(), unresolved_.end(),
+                             [](const auto& u) { return u.second < 0; })) {
+    unresolved_.clear();  // nothing sampled: nothing to resolve
+  }
+  return finished;
+}
+
+std::vector<FinishedRequest> Scheduler::resolve_tokens(std::span<const int32_t> sampled_token_ids) {
+  TIDAL_CHECK_STATE(!unresolved_.empty(), "resolve_tokens() without a step applied by update_pending()");
+  const size_t num_seqs = unresolved_.size();
+  TIDAL_CHECK(sampled_token_ids.size() == num_seqs, "sampled_token_ids.size()=",
+              sampled_token_ids.size(), " must equal num_seqs=", num_seqs);
+  for (size_t i = 0; i < num_seqs; ++i) {
+    TIDAL_CHECK(unresolved_[i].second < 0 || sampled_token_ids[i] >= 0, "sampled_token_ids[", i,
+                "]=", sampled_token_ids[i], " for request_id=", unresolved_[i].first,
+                " must be >= 0 (it sampled)");
+  }
+  const std::vector<std::pair<int64_t, int32_t>> unresolved = std::move(unresolved_);
+  unresolved_.clear();
+  std::vector<FinishedRequest> finished;
+  for (size_t i = 0; i < num_seqs; ++i) {
+    const auto [request_id, index] = unresolved[i];
+    if (index < 0) continue;
+    auto it = requests_.find(request_id);
+    if (it == requests_.end()) continue;  // finished (by length, or by the engine) and removed
+    Request& r = it->second;
+    r.token_ids_[static_cast<size_t>(index)] = sampled_token_ids[i];
+    if (r.is_finished()) continue;
+    // the placeholder is the request's last token: no step was applied after it
+    if (stop_status(r, sampled_token_ids[i]) == RequestStatus::kFinishedStopped) {
+      finish(r, RequestStatus::kFinishedStopped);
+      finished.push_back({r.request_id(), RequestStatus::kFinishedStopped, r.num_output_tokens()});
     }
   }
   return finished;

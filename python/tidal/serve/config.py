@@ -23,7 +23,8 @@ class EngineConfig:
     torch.distributed point-to-point over Gloo, a prefill engine hosting its bootstrap store on
     ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a transfer not done within
     ``kv_transfer_timeout`` seconds fails its request. ``quantization``, ``kv_cache_dtype`` and
-    ``tensor_parallel_size``: as ``tidal.LLM`` says.
+    ``tensor_parallel_size``: as ``tidal.LLM`` says. ``async_scheduling`` plans each step while the
+    device still computes the previous one (see ``tidal.LLM``).
     """
 
     model: "str | torch.nn.Module"
@@ -49,6 +50,7 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -85,8 +87,9 @@ class EngineConfig:
         if self.quantization is not None and isinstance(self.model, torch.nn.Module):
             raise ValueError(f"quantization={self.quantization!r} applies to a model loaded from a directory; a "
                              f"model object is served as it is (tidal.quant.quantize_model_ quantizes one in place)")
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"enforce_eager={self.enforce_eager!r} must be a bool")
+        for name in ("enforce_eager", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
 
 
 def gpu_available() -> bool:

@@ -20,11 +20,11 @@ from tidal.models.loader import load_model, resolve_dtype
 from tidal.serve.config import EngineConfig, resolve_device
 from tidal.serve.disagg import KVTransfers
 from tidal.serve.host_memory import HostMemoryTrimmer
-from tidal.serve.model_runner import device_memory_baseline, make_model_runner
+from tidal.serve.model_runner import TokenFill, device_memory_baseline, make_model_runner
 from tidal.serve.multimodal import EncoderCache, MultiModalProcessor, MultiModalPrompt, gather_step_inputs
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tidal.serve.prompt_logprobs import PromptLogprobs, isolated_cache_keys, plan_prompt_rows
-from tidal.serve.sampler import SequenceSampling
+from tidal.serve.sampler import PendingSample, SequenceSampling
 from tidal.serve.sampling_params import SamplingParams
 from tidal.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -95,6 +95,17 @@ class _Request:
                              self.metrics.num_cached_tokens,
                              self.kv_transfer_params if self.finished else None,
                              None if self.prompt_logprobs is None else self.prompt_logprobs.output())
+
+
+@dataclass
+class _InFlight:
+    """Asynchronous scheduling: a step launched and applied with placeholder tokens (update_pending),
+    whose sampled tokens are still on their way from the device."""
+
+    batch: object  # the scheduler's output (keeps its arrays alive)
+    sample_ids: list[int]  # the sequences that sample, in the order of the step's sampled rows
+    pending: PendingSample
+    finished: dict[int, str]  # seq id -> finish reason of the length stops update_pending applied
 
 
 def _shared_model(model: torch.nn.Module, config: EngineConfig):
@@ -211,6 +222,8 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[int, _Sequence] = {}
         self._unscheduled: set[int] = set()  # sequences no step has run yet (their metrics start there)
+        self._inflight: _InFlight | None = None  # asynchronous scheduling: the step whose tokens are pending
+        self._num_penalized = 0  # unfinished sequences with penalties (they need every token before sampling)
         self._lagged = None  # (sequences with their last tokens, time): bookkeeping for the next step
         self._eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
         if not self._eos_token_ids and self.model_config.eos_token_ids:
@@ -286,6 +299,7 @@ class LLMEngine:
                             detokenizer, [] if params.logprobs is not None else None)
             self._seqs[seq_id] = seq
             self._unscheduled.add(seq_id)
+            self._num_penalized += params.has_penalties
             request.seqs.append(seq)
             if multimodal is not None:
                 self._mm_prompts[seq_id] = multimodal
@@ -463,6 +477,15 @@ class LLMEngine:
         strings, outputs) runs during the next step, while the GPU computes it: the scheduler and
         the samplers see every token at once, outputs arrive one step later. A step that finds
         nothing to schedule, or leaves nothing unfinished, flushes what is pending."""
+        if self._async_ok():
+            return self._step_async(return_unfinished)
+        if self._inflight is not None:  # leaving asynchronous scheduling: this step takes the tokens in flight
+            changed = self._resolve(self._inflight)
+            self._inflight = None
+            return self._collect(changed, return_unfinished)
+        return self._step_sync(return_unfinished)
+
+    def _step_sync(self, return_unfinished: bool) -> list[RequestOutput]:
         arrived = self.transfers.poll() if self.transfers is not None else set()
         batch = self.scheduler.schedule()
         if batch.num_seqs == 0:
@@ -472,14 +495,7 @@ class LLMEngine:
             self._host_memory.maybe_trim(idle=not self.scheduler.has_unfinished_requests())
             return outputs
         seq_ids = batch.request_ids.tolist()
-        if self._unscheduled:
-            now = time.monotonic()
-            for seq_id in self._unscheduled.intersection(seq_ids):
-                self._unscheduled.discard(seq_id)
-                metrics = self._seqs[seq_id].request.metrics
-                if metrics.first_scheduled_time is None:
-                    metrics.first_scheduled_time = now
-                    metrics.num_cached_tokens = self.scheduler.request(seq_id).num_cached_prompt_tokens
+        self._mark_scheduled(seq_ids)
         needs_sample = batch.needs_sample
         sample_ids = batch.request_ids[needs_sample].tolist()
         outputs: list[RequestOutput] = []
@@ -530,6 +546,122 @@ class LLMEngine:
             outputs = self._merge(outputs, self._process_lagged(), return_unfinished)
         self._host_memory.maybe_trim(idle)
         return outputs
+
+    def _mark_scheduled(self, seq_ids: list[int]) -> None:
+        """Starts the metrics of sequences that run for the first time."""
+        if not self._unscheduled:
+            return
+        now = time.monotonic()
+        for seq_id in self._unscheduled.intersection(seq_ids):
+            self._unscheduled.discard(seq_id)
+            metrics = self._seqs[seq_id].request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+                metrics.num_cached_tokens = self.scheduler.request(seq_id).num_cached_prompt_tokens
+
+    # ---- asynchronous scheduling -----------------------------------------------------------------
+
+    def _async_ok(self) -> bool:
+        """Whether the next step may be planned before the last one's tokens are on the host: the
+        option is on and nothing needs every token on the host first (penalties count tokens; prompt
+        log-probs, images, tensor-parallel workers and KV transfers read the host's step inputs)."""
+        return (self.config.async_scheduling and self._num_penalized == 0 and not self._prompt_logprobs
+                and not self._mm_prompts and self.transfers is None and self.tp_driver is None)
+
+    def _step_async(self, return_unfinished: bool) -> list[RequestOutput]:
+        """One step under asynchronous scheduling: plan and launch step n+1 (its placeholder inputs
+        taken from step n's sampled ids on the device), then wait for step n's tokens and do its
+        bookkeeping while the device computes step n+1, then apply step n+1 with placeholders.
+
+        NOTE(tidal): a request that samples a stop token in step n was planned into step n+1
+        already; that step computes one token for it, which resolve_tokens() and the bookkeeping
+        drop (the scheduler has finished it). Length stops are known ahead and cost nothing."""
+        prev, self._inflight = self._inflight, None
+        batch = self.scheduler.schedule()
+        pending, error, seq_ids, sample_ids = None, None, [], []
+        if batch.num_seqs:
+            seq_ids = batch.request_ids.tolist()
+            self._mark_scheduled(seq_ids)
+            sample_ids = batch.request_ids[batch.needs_sample].tolist()
+            seqs = self._seqs
+            try:
+                fill = self._token_fill(batch, prev)
+                pending = self.runner.execute(batch, [seqs[s].sampling for s in sample_ids], fill=fill)
+            except Exception as e:  # noqa: BLE001 - the step's sequences fail below, after step n's bookkeeping
+                error = e
+        changed = self._process_lagged()  # a synchronous step's tokens, when this is the first async step
+        if prev is not None:
+            changed |= self._resolve(prev)
+        if error is not None:
+            for seq_id in seq_ids:
+                seq = self._seqs.get(seq_id)
+                if seq is None or seq.finish_reason is not None:
+                    continue
+                self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
+                self._fail(seq, f"{type(error).__name__}: {error}")
+                changed.add(seq.request.request_id)
+        elif batch.num_seqs and pending is None:  # prompt chunks only: no token to wait for
+            self.scheduler.update(batch, np.full(len(seq_ids), -1, dtype=np.int32))
+        elif batch.num_seqs:
+            finished = {f.request_id: _FINISH_REASONS[f.status] for f in self.scheduler.update_pending(batch)}
+            for seq_id in sample_ids:
+                seq = self._seqs.get(seq_id)
+                if seq is not None and seq.finish_reason is None:
+                    seq.sampling.output_token_ids.append(-1)  # its token's place (samplers count outputs)
+            self._inflight = _InFlight(batch, sample_ids, pending, finished)
+            if not self.scheduler.has_unfinished_requests():  # the last step: its tokens now
+                changed |= self._resolve(self._inflight)
+                self._inflight = None
+        outputs = self._collect(changed, return_unfinished)
+        self._host_memory.maybe_trim(idle=not self.scheduler.has_unfinished_requests())
+        return outputs
+
+    def _token_fill(self, batch, prev: _InFlight | None) -> TokenFill | None:
+        """Where the step's placeholder input ids come from: each is the last token of a sequence
+        that sampled in ``prev``."""
+        rows = np.flatnonzero(batch.input_ids < 0)
+        if rows.size == 0:
+            return None
+        owners = batch.request_ids[np.searchsorted(batch.cu_seqlens_q, rows, side="right") - 1]
+        prev_ids = np.asarray(prev.sample_ids if prev is not None else [], dtype=np.int64)
+        order = np.argsort(prev_ids, kind="stable")
+        src = order[np.minimum(np.searchsorted(prev_ids, owners, sorter=order), max(len(order) - 1, 0))] \
+            if len(order) else np.zeros(0, dtype=np.int64)
+        if len(src) != len(owners) or not np.array_equal(prev_ids[src], owners):
+            raise RuntimeError(f"placeholder input tokens of sequences {owners.tolist()} that did not sample in the "
+                               f"step in flight ({prev_ids.tolist()})")
+        return TokenFill(prev.pending.tokens, rows.astype(np.int64), src.astype(np.int64))
+
+    def _resolve(self, prev: _InFlight) -> set[str]:
+        """Waits for ``prev``'s tokens, gives them to the scheduler (stop tokens and EOS apply) and
+        does their bookkeeping; returns the ids of the requests it changed."""
+        try:
+            result = prev.pending.result()
+        except Exception as e:  # the step failed on the device: its sequences end in error
+            changed = set()
+            for seq_id in prev.sample_ids:
+                seq = self._seqs.get(seq_id)
+                if seq is None or seq.finish_reason is not None:
+                    continue
+                if self.scheduler.has_request(seq_id) and not self.scheduler.request(seq_id).is_finished:
+                    self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
+                self._fail(seq, f"{type(e).__name__}: {e}")
+                changed.add(seq.request.request_id)
+            self.scheduler.resolve_tokens(np.zeros(len(prev.batch.request_ids), dtype=np.int32))  # all finished
+            return changed
+        sampled = np.full(len(prev.batch.request_ids), -1, dtype=np.int32)
+        sampled[prev.batch.needs_sample] = result.token_ids
+        finished = dict(prev.finished)
+        finished.update((f.request_id, _FINISH_REASONS[f.status]) for f in self.scheduler.resolve_tokens(sampled))
+        kept = []
+        for row, seq_id in enumerate(prev.sample_ids):
+            seq = self._seqs.get(seq_id)
+            if seq is None or seq.finish_reason is not None:  # aborted or stopped since the step was planned
+                continue
+            seq.sampling.output_token_ids[-1] = result.token_ids[row]  # its placeholder
+            kept.append((seq, result.token_ids[row], result.logprobs[row], finished.get(seq_id)))
+        self._lagged = (kept, time.monotonic())
+        return self._process_lagged()
 
     def _merge(self, outputs: list[RequestOutput], request_ids: set[str], return_unfinished: bool
                ) -> list[RequestOutput]:
@@ -650,7 +782,8 @@ class LLMEngine:
     def _release(self, request: _Request) -> None:
         """Forgets a finished request (its blocks were freed by the scheduler already)."""
         for seq in request.seqs:
-            self._seqs.pop(seq.seq_id, None)
+            if self._seqs.pop(seq.seq_id, None) is not None:
+                self._num_penalized -= seq.sampling.params.has_penalties
             self._unscheduled.discard(seq.seq_id)
             self._mm_prompts.pop(seq.seq_id, None)
             self._prompt_logprobs.pop(seq.seq_id, None)

@@ -27,8 +27,8 @@ import torch
 
 from tidal.models.attention import AttentionMetadata
 from tidal.serve.config import EngineConfig
-from tidal.serve.model_runner import (KVPool, MemoryBaseline, allocate_kv_caches, kv_cache_bytes_per_block,
-                                      kv_cache_dtype, min_kv_blocks, multimodal_inputs)
+from tidal.serve.model_runner import (KVPool, MemoryBaseline, TokenFill, allocate_kv_caches,
+                                      kv_cache_bytes_per_block, kv_cache_dtype, min_kv_blocks, multimodal_inputs)
 from tidal.serve.prompt_logprobs import PendingPromptLogprobs, PromptRows, compute_prompt_logprobs
 from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_async
 from tidal.serve.sampling_params import SamplingParams
@@ -329,16 +329,16 @@ class GPUModelRunner:
     # ---- the step ----------------------------------------------------------------------------------
 
     def execute(self, batch, sampling: list[SequenceSampling], mm=None,
-                prompt_rows: PromptRows | None = None) -> PendingSample | None:
+                prompt_rows: PromptRows | None = None, fill: TokenFill | None = None) -> PendingSample | None:
         if not sampling and not batch.needs_sample.any():
-            _, prompt = self._run_eager(batch, mm, prompt_rows)
+            _, prompt = self._run_eager(batch, mm, prompt_rows, fill)
             return None if prompt is None else PendingSample.of_prompt_logprobs(prompt)
         # image rows and 3-D positions, or prompt log-probs (logits of more rows than a graph has): eager
         size = None if mm is not None or prompt_rows is not None else self._graph_size(batch)
         prompt = None
         with torch.inference_mode():
             if size is not None:
-                self._stage_inputs(batch, size)
+                self._fill_tokens(self._stage_inputs(batch, size), fill)
                 self._graphs[size].graph.replay()
                 n = batch.num_seqs
                 needs = batch.needs_sample
@@ -348,18 +348,28 @@ class GPUModelRunner:
                     rows = torch.from_numpy(np.nonzero(needs)[0]).pin_memory().to(self.device, non_blocking=True)
                     logits = self._logits.index_select(0, rows)
             else:
-                logits, prompt = self._run_eager(batch, mm, prompt_rows)
+                logits, prompt = self._run_eager(batch, mm, prompt_rows, fill)
                 if logits is None:
                     return None if prompt is None else PendingSample.of_prompt_logprobs(prompt)
             pending = sample_async(logits, sampling)
             pending.prompt_logprobs = prompt
             return pending
 
-    def _run_eager(self, batch, mm=None, prompt_rows: PromptRows | None = None
+    def _fill_tokens(self, inputs: _StepInputs, fill: TokenFill | None) -> None:
+        """The placeholders among the staged input ids, from the previous step's sampled ids (queued
+        after that step on the stream: the host never waits for them)."""
+        if fill is None:
+            return
+        k = len(fill.rows)
+        index = torch.from_numpy(np.concatenate((fill.rows, fill.src))).pin_memory().to(self.device, non_blocking=True)
+        inputs.input_ids.index_copy_(0, index[:k], fill.tokens.index_select(0, index[k:]))
+
+    def _run_eager(self, batch, mm=None, prompt_rows: PromptRows | None = None, fill: TokenFill | None = None
                    ) -> tuple[torch.Tensor | None, PendingPromptLogprobs | None]:
         """(logits of the rows to sample or None, the prompt log-probs of ``prompt_rows`` or None)."""
         with torch.inference_mode():
             inputs = self._stage_inputs(batch, None)
+            self._fill_tokens(inputs, fill)
             positions, inputs_embeds = inputs.positions, None
             if mm is not None:
                 positions, inputs_embeds = multimodal_inputs(self.model, inputs.input_ids, positions, mm)

@@ -50,6 +50,13 @@ class LLM:
     enforce_eager : bool
         Run every step eagerly; by default decode steps on a GPU replay CUDA graphs captured at
         start-up for padded batch sizes 1, 2, 4, 8, 16, ..., ``max_num_seqs``.
+    async_scheduling : bool
+        Plan and launch each step before the previous step's tokens reach the host (vLLM's name):
+        a step's inputs take those tokens on the device, so the GPU does not wait on the host
+        between steps. Stop tokens then end a request one step late (that step's extra token is
+        discarded, never returned). Steps fall back to synchronous ones while a request with
+        repetition, frequency or presence penalties, prompt log-probs or images runs, and under
+        tensor parallelism or disaggregated serving.
     encoder_cache_bytes : int
         For a vision-language model: the bound of the cache of image and video embeddings, keyed by
         content hash, so an image seen again skips the vision encoder.
@@ -80,7 +87,7 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs",
                  enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
                  tokenizer: str | None = None, encoder_cache_bytes: int = 1 << 30, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1):
+                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, async_scheduling: bool = False):
         if gpu_memory_utilization is not None:
             kv_cache_memory_fraction = gpu_memory_utilization
         self.engine = LLMEngine(EngineConfig(
@@ -89,7 +96,8 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, seed=seed, scheduling_policy=scheduling_policy,
             enforce_eager=enforce_eager, tokenizer=tokenizer, encoder_cache_bytes=encoder_cache_bytes,
-            quantization=quantization, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size))
+            quantization=quantization, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
+            async_scheduling=async_scheduling))
         self._ids = itertools.count()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ import math
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from tidal.models.attention import AttentionMetadata
@@ -28,6 +29,15 @@ from tidal.serve.sampler import PendingSample, SequenceSampling, sample_async
 # NOTE(tidal): on the CPU the KV cache competes with everything else in host memory, so the default
 # budget is capped (vLLM's CPU backend caps it too); num_kv_blocks overrides it.
 _CPU_KV_CACHE_CAP_BYTES = 4 << 30
+
+
+class TokenFill(NamedTuple):
+    """Asynchronous scheduling: the step's input tokens not yet on the host, taken from the previous
+    step's sampled ids where they were drawn: ``input_ids[rows] = tokens[src]``."""
+
+    tokens: torch.Tensor  # the previous step's sampled ids (int64, on the runner's device)
+    rows: np.ndarray  # int64: token rows of this step whose input id is a placeholder
+    src: np.ndarray  # int64: the row of ``tokens`` each takes
 
 
 def kv_cache_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
@@ -162,7 +172,7 @@ class CPUModelRunner:
             self.tp_driver.init_caches(num_blocks, config.block_size, cache_dtype == torch.uint8)
 
     def execute(self, batch, sampling: list[SequenceSampling], mm=None,
-                prompt_rows: PromptRows | None = None) -> PendingSample | None:
+                prompt_rows: PromptRows | None = None, fill: TokenFill | None = None) -> PendingSample | None:
         cu_seqlens_q = torch.from_numpy(batch.cu_seqlens_q)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(batch.slot_mapping),
@@ -173,6 +183,9 @@ class CPUModelRunner:
             max_seqlen_k=batch.max_seqlen_k,
         )
         input_ids = torch.from_numpy(batch.input_ids).to(torch.long)
+        if fill is not None:
+            input_ids = input_ids.clone()
+            input_ids[torch.from_numpy(fill.rows)] = fill.tokens[torch.from_numpy(fill.src)]
         positions = torch.from_numpy(batch.positions)
         with torch.inference_mode():
             inputs_embeds = None

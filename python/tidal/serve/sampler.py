@@ -159,6 +159,9 @@ class PendingSample:
     def __init__(self, host: torch.Tensor, event, seqs: list[SequenceSampling], wanted: list[int], top_k: int):
         self._host, self._event, self._seqs, self._wanted, self._top_k = host, event, seqs, wanted, top_k
         self.prompt_logprobs: "PendingPromptLogprobs | None" = None  # attached by the runner
+        # the sampled ids where they were drawn (int64 [num_rows]): asynchronous scheduling feeds
+        # them to the next step's inputs without a round trip through the host
+        self.tokens: torch.Tensor | None = None
 
     @classmethod
     def of_prompt_logprobs(cls, prompt_logprobs: "PendingPromptLogprobs") -> "PendingSample":
@@ -220,7 +223,9 @@ def sample_async(logits: torch.Tensor, seqs: list[SequenceSampling]) -> PendingS
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not wanted:
         host, event = _to_host(tokens)
-        return PendingSample(host, event, seqs, wanted, 0)
+        pending = PendingSample(host, event, seqs, wanted, 0)
+        pending.tokens = tokens
+        return pending
     index = _to_device(np.asarray(wanted, dtype=np.int64), raw.device)
     log_probs = raw[index].float().log_softmax(dim=-1)
     k = max(seqs[i].params.logprobs for i in wanted)
@@ -229,7 +234,9 @@ def sample_async(logits: torch.Tensor, seqs: list[SequenceSampling]) -> PendingS
     # One copy back: tokens, then per wanted row its chosen logprob, top ids and top values.
     packed = torch.cat((tokens.double(), chosen.double(), top.indices.double().flatten(), top.values.double().flatten()))
     host, event = _to_host(packed)
-    return PendingSample(host, event, seqs, wanted, top.indices.shape[1])
+    pending = PendingSample(host, event, seqs, wanted, top.indices.shape[1])
+    pending.tokens = tokens
+    return pending
 
 
 def sample(logits: torch.Tensor, seqs: list[SequenceSampling]) -> SampleResult:

@@ -137,6 +137,22 @@ class Scheduler {
   std::vector<FinishedRequest> update(const SchedulerOutput& output,
                                       std::span<const int32_t> sampled_token_ids);
 
+  /// Asynchronous scheduling: update() for a step whose sampled tokens are still on the device, so
+  /// the next schedule() can plan while it runs. Each sequence that samples gets a placeholder
+  /// token (-1, its input in the next step's batch, which the engine fills from the device), length
+  /// stops (max_tokens, max_model_len) apply now, stop tokens and EOS when resolve_tokens() gives the
+  /// tokens. The next schedule() may run before resolve_tokens(); update() or update_pending() may
+  /// not (tidal::Error). Same errors as update() otherwise.
+  std::vector<FinishedRequest> update_pending(const SchedulerOutput& output);
+
+  /// The tokens of the step update_pending() applied ([num_seqs] of that step, read only where it
+  /// sampled): replaces the placeholders and applies stop tokens and EOS (a request preempted
+  /// meanwhile may stop too). Requests finished or aborted since are skipped. Returns the requests
+  /// it finished. tidal::Error when no step is unresolved, std::invalid_argument for a size mismatch
+  /// or a negative token where one is needed (nothing changed).
+  std::vector<FinishedRequest> resolve_tokens(std::span<const int32_t> sampled_token_ids);
+  bool has_unresolved_tokens() const { return !unresolved_.empty(); }
+
   /// Aborts a waiting, preempted or running request (FINISHED_ABORTED) and frees its blocks.
   /// False when the id is unknown or already finished.
   bool abort_request(int64_t request_id);
@@ -193,6 +209,11 @@ class Scheduler {
   void remove_finished();
   SchedulerOutput build_output(const std::vector<Scheduled>& scheduled,
                                std::vector<int64_t> preempted_ids) const;
+  std::vector<FinishedRequest> apply(const SchedulerOutput& output,
+                                     std::span<const int32_t> sampled_token_ids, bool pending);
+  /// FINISHED_STOPPED when `token` stops `r` (a stop token, or EOS unless ignored, once min_tokens
+  /// outputs exist), else kRunning.
+  static RequestStatus stop_status(const Request& r, int32_t token);
 
   SchedulerConfig config_;
   kv::KVCacheManager kv_;
@@ -211,6 +232,9 @@ class Scheduler {
   // NOTE(tidal): update() applies this copy of the plan, not the SchedulerOutput it is handed, so
   // the caller may reuse or modify the output's arrays freely.
   std::vector<Scheduled> pending_;
+  // update_pending()'s placeholders: per sequence of that step, (request id, index of its
+  // placeholder in token_ids_, or -1 where it did not sample); empty when every token is known.
+  std::vector<std::pair<int64_t, int32_t>> unresolved_;
 };
 
 }  // namespace tidal::sched
