@@ -33,6 +33,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the sample")
 
 
+def _add_async_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="plan each step while the previous one computes (its tokens taken on the device)")
+
+
 def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype; auto takes the checkpoint's (default)")
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text to complete")
     _add_sampling_args(gen)
     _add_engine_args(gen, serve=False)
+    _add_async_arg(gen)
 
     ppl = sub.add_parser("eval-ppl", help="print a model's perplexity on a text file",
                          description="Tokenize FILE with the model's tokenizer, score it in windows of at most "
@@ -180,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-transfer-timeout", type=float, default=30.0,
                        help="seconds a KV transfer may take before its request fails (default 30)")
     _add_engine_args(serve, serve=True)
+    _add_async_arg(serve)
     return parser
 
 
@@ -238,8 +245,9 @@ def cmd_generate(args) -> int:
         raise CLIError(str(e)) from None
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                          tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=1, num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
-                          enforce_eager=args.enforce_eager)
+                          tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=1,
+                          num_kv_blocks=_kv_blocks_for_one(args.model, args.max_model_len),
+                          enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     if _torchrun_worker(config):
         return _run_torchrun_worker(config)
     try:
@@ -358,6 +366,7 @@ def cmd_serve(args) -> int:
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                               seed=args.seed, enforce_eager=args.enforce_eager,
+                              async_scheduling=args.async_scheduling,
                               encoder_cache_bytes=args.encoder_cache_bytes, kv_role=args.role,
                               kv_connector=args.kv_connector, kv_host=args.kv_host or args.host,
                               kv_port=args.kv_port, kv_transfer_timeout=args.kv_transfer_timeout,

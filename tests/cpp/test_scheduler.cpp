@@ -488,6 +488,51 @@ void test_random(uint32_t seed, Policy policy, bool prefix_caching, RandomTotals
 
 }  // namespace
 
+// Asynchronous scheduling: update_pending() plans the next step over placeholder tokens,
+// resolve_tokens() gives them; length stops apply at once, stop tokens late (beating length, and
+// stopping a request preempted meanwhile); the order of calls is enforced.
+void test_pending_tokens() {
+  Scheduler s(config(16, 4, 64, 64));
+  StopParams p = stop_after(3);
+  p.stop_token_ids = {7};
+  s.add_request(1, Ids{3, 4, 5}, p);
+  s.add_request(2, Ids{6, 6}, stop_after(2));
+  SchedulerOutput out = s.schedule();
+  CHECK(s.update_pending(out).empty() && s.has_unresolved_tokens());
+  SchedulerOutput next = s.schedule();
+  check_batch(s, next);  // the placeholders are the decodes' inputs
+  CHECK(next.input_ids == Ids({-1, -1}));
+  CHECK_THROWS(tidal::Error, "cannot be applied before resolve_tokens", s.update_pending(next));
+  CHECK_THROWS(std::invalid_argument, "sampled_token_ids.size()=1 must equal num_seqs=2",
+               s.resolve_tokens(Ids{8}));
+  CHECK(s.resolve_tokens(Ids{8, 9}).empty());
+  CHECK(s.request(1).token_ids().back() == 8 && s.request(2).token_ids().back() == 9);
+  std::vector<FinishedRequest> f = s.update_pending(next);  // request 2 reaches max_tokens now
+  CHECK(f.size() == 1 && f[0].request_id == 2 && f[0].status == S::kFinishedLength);
+  SchedulerOutput third = s.schedule();
+  CHECK(third.request_ids == Ids64({1}));
+  f = s.resolve_tokens(Ids{7, 2});  // request 1 sampled its stop token; request 2's token stops nothing
+  CHECK(f.size() == 1 && f[0].request_id == 1 && f[0].status == S::kFinishedStopped);
+  s.update_pending(third);  // the stopped request's extra step is skipped
+  CHECK(!s.has_unresolved_tokens());
+  CHECK(s.schedule().num_seqs() == 0);
+  check_pool_whole(s);
+
+  // a stop token beats length; the request stays readable until its token is known
+  Scheduler t(config(16, 4, 64, 64));
+  StopParams one = stop_after(1);
+  one.eos_token_ids = {2};
+  t.add_request(1, Ids{3, 4}, one);
+  f = t.update_pending(t.schedule());
+  CHECK(f.size() == 1 && f[0].status == S::kFinishedLength);
+  CHECK(t.schedule().num_seqs() == 0 && t.request(1).status() == S::kFinishedLength);
+  f = t.resolve_tokens(Ids{2});
+  CHECK(f.size() == 1 && f[0].status == S::kFinishedStopped && t.request(1).status() == S::kFinishedStopped);
+  t.schedule();
+  CHECK(!t.has_request(1));
+  check_pool_whole(t);
+}
+
 int main() {
   test_chunked_prefill_and_decode();
   test_budget_mixed_and_seats();
@@ -499,6 +544,7 @@ int main() {
   test_abort_each_state();
   test_finish_request_and_transitions();
   test_errors();
+  test_pending_tokens();
   RandomTotals totals;
   for (uint32_t seed = 0; seed < 40; ++seed) {
     test_random(seed, seed % 2 ? Policy::kPriority : Policy::kFcfs, seed % 3 != 0, totals);

@@ -189,6 +189,23 @@ def test_scheduler_plans_over_placeholders():
     assert s.stats()["kv_blocks_free"] == s.stats()["kv_blocks_total"]
 
 
+def test_a_stop_token_beats_length_when_it_arrives_late():
+    """The last token a request may have (max_tokens) is a stop token: update() would say STOPPED, so
+    resolve_tokens() restates update_pending()'s length stop, and the request stays readable until then."""
+    s = _scheduler()
+    s.add_request(1, [3, 4], sched.StopParams(1, eos_token_ids=[2]))
+    out = s.schedule()
+    assert [(f.request_id, f.status) for f in s.update_pending(out)] == [(1, S.FINISHED_LENGTH)]
+    assert s.schedule().num_seqs == 0  # nothing to plan; the finished request is kept for its token
+    assert s.request(1).status == S.FINISHED_LENGTH
+    assert [(f.request_id, f.status, f.num_output_tokens) for f in s.resolve_tokens(np.array([2], dtype=np.int32))] \
+        == [(1, S.FINISHED_STOPPED, 1)]
+    assert s.request(1).status == S.FINISHED_STOPPED and s.request(1).output_token_ids == [2]
+    s.schedule()
+    assert not s.has_request(1)
+    assert s.stats()["kv_blocks_free"] == s.stats()["kv_blocks_total"]
+
+
 def test_a_preempted_request_may_stop_on_its_late_token():
     """A request preempted by the step planned over its placeholder can still stop when the token
     turns out to be a stop token (PREEMPTED -> FINISHED_STOPPED), freeing nothing twice."""

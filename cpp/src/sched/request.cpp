@@ -42,8 +42,9 @@ bool is_valid_transition(RequestStatus from, RequestStatus to) {
     case S::kRunning:
       return to == S::kPreempted || is_finished(to);
     // NOTE(tidal): a preempted request is a waiting one, so it may fail like one (FINISHED_ERROR);
-    // it may also stop (FINISHED_STOPPED): under asynchronous scheduling its last token, a stop
-    // token, becomes known after the step that preempted it was planned.
+    // it may also stop (FINISHED_STOPPED): the engine reads its last token's text (stop strings),
+    // and under asynchronous scheduling learns the token itself, after the step that preempted it
+    // was planned.
     case S::kPreempted:
       return to == S::kWaiting || to == S::kFinishedAborted || to == S::kFinishedError ||
              to == S::kFinishedStopped;

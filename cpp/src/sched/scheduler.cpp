@@ -235,8 +235,19 @@ void Scheduler::finish(Request& r, RequestStatus status) {
 }
 
 void Scheduler::remove_finished() {
-  for (int64_t id : finished_) requests_.erase(id);
-  finished_.clear();
+  // A request whose last token is still a placeholder stays readable until resolve_tokens():
+  // its token may turn its length stop into a stop-token stop.
+  std::vector<int64_t> kept;
+  for (int64_t id : finished_) {
+    const bool placeholder = std::any_of(unresolved_.begin(), unresolved_.end(),
+                                         [id](const auto& u) { return u.first == id && u.second >= 0; });
+    if (placeholder) {
+      kept.push_back(id);
+    } else {
+      requests_.erase(id);
+    }
+  }
+  finished_ = std::move(kept);
 }
 
 SchedulerOutput Scheduler::schedule() {
@@ -417,9 +428,14 @@ std::vector<FinishedRequest> Scheduler::resolve_tokens(std::span<const int32_t> 
     if (it == requests_.end()) continue;  // finished (by length, or by the engine) and removed
     Request& r = it->second;
     r.token_ids_[static_cast<size_t>(index)] = sampled_token_ids[i];
-    if (r.is_finished()) continue;
     // the placeholder is the request's last token: no step was applied after it
-    if (stop_status(r, sampled_token_ids[i]) == RequestStatus::kFinishedStopped) {
+    const bool stops = stop_status(r, sampled_token_ids[i]) == RequestStatus::kFinishedStopped;
+    if (stops && r.status() == RequestStatus::kFinishedLength) {
+      // NOTE(tidal): not a transition but the length stop update_pending() applied restated, as
+      // update() would have decided with the token in hand (a stop beats length).
+      r.status_ = RequestStatus::kFinishedStopped;
+      finished.push_back({r.request_id(), RequestStatus::kFinishedStopped, r.num_output_tokens()});
+    } else if (stops && !r.is_finished()) {
       finish(r, RequestStatus::kFinishedStopped);
       finished.push_back({r.request_id(), RequestStatus::kFinishedStopped, r.num_output_tokens()});
     }
