@@ -459,6 +459,9 @@ class LLMEngine:
         if self._requests:
             raise RuntimeError(f"sleep() with {len(self._requests)} requests unfinished; call it between "
                                "generate() calls")
+        if self._inflight is not None:  # every request aborted with a step in flight: let it end first
+            self._resolve(self._inflight)
+            self._inflight = None
         if not self.scheduler.reset_prefix_cache():
             raise RuntimeError("sleep(): the prefix cache could not be reset (blocks still in use)")
         self.runner.kv_pool.release()
