@@ -513,8 +513,9 @@ void test_pending_tokens() {
   CHECK(third.request_ids == Ids64({1}));
   f = s.resolve_tokens(Ids{7, 2});  // request 1 sampled its stop token; request 2's token stops nothing
   CHECK(f.size() == 1 && f[0].request_id == 1 && f[0].status == S::kFinishedStopped);
-  s.update_pending(third);  // the stopped request's extra step is skipped
-  CHECK(!s.has_unresolved_tokens());
+  s.update_pending(third);  // the stopped request's extra step is skipped, but still owes its resolve
+  CHECK(s.has_unresolved_tokens());
+  CHECK(s.resolve_tokens(Ids{-1}).empty() && !s.has_unresolved_tokens());
   CHECK(s.schedule().num_seqs() == 0);
   check_pool_whole(s);
 

@@ -89,6 +89,15 @@ def test_stop_strings_and_eos(model_dir, device):
     b, _ = _generate(model_dir, device, True, prompts, params)
     assert [[c[:4] for c in o] for o in a] == [[c[:4] for c in o] for o in b]
     assert any(c[1] == "stop" and c[2] == text[3:6] for o in a for c in o)
+    # one request alone: the step after its stop string has no live sequence that samples
+    hit = next(i for i, o in enumerate(a) if o[0][2] == text[3:6])
+    alone_sync, _ = _generate(model_dir, device, False, [prompts[hit]], [params[hit]])
+    llm = tidal.LLM(model_dir, device=device, dtype="float32", max_num_seqs=8, max_model_len=96, block_size=4,
+                    num_kv_blocks=24, async_scheduling=True)
+    alone = llm.generate([{"prompt_token_ids": prompts[hit]}], [params[hit]], use_tqdm=False)[0].outputs[0]
+    assert (list(alone.token_ids), alone.finish_reason, alone.stop_reason, alone.text) == alone_sync[0][0][:4]
+    assert alone.finish_reason == "stop"
+    assert_pool_whole(llm)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -183,8 +192,25 @@ def test_scheduler_plans_over_placeholders():
     stopped = s.resolve_tokens(np.array([7, 11], dtype=np.int32))  # request 1 sampled its stop token
     assert [(f.request_id, f.status) for f in stopped] == [(1, S.FINISHED_STOPPED)]
     assert s.request(1).output_token_ids == [8, 7]
-    s.update_pending(third)  # the stopped request's extra step is skipped
-    assert not s.has_unresolved_tokens
+    s.update_pending(third)  # the stopped request's extra step is skipped, but still owes its resolve
+    assert s.has_unresolved_tokens
+    assert s.resolve_tokens(np.array([-1], dtype=np.int32)) == [] and not s.has_unresolved_tokens
+    assert s.schedule().num_seqs == 0
+    assert s.stats()["kv_blocks_free"] == s.stats()["kv_blocks_total"]
+
+
+def test_every_pending_step_is_resolved_even_with_nothing_sampled():
+    """The engine finished a step's only sampling request before update_pending() (a stop string):
+    the step still owes its resolve_tokens(), which changes nothing."""
+    s = _scheduler()
+    s.add_request(1, [3, 4, 5], sched.StopParams(8))
+    s.update(s.schedule(), np.array([6], dtype=np.int32))
+    out = s.schedule()
+    s.finish_request(1, S.FINISHED_STOPPED)
+    assert s.update_pending(out) == [] and s.has_unresolved_tokens
+    with pytest.raises(RuntimeError, match="cannot be applied before resolve_tokens"):
+        s.update(s.schedule(), np.array([], dtype=np.int32))
+    assert s.resolve_tokens(np.array([-1], dtype=np.int32)) == [] and not s.has_unresolved_tokens
     assert s.schedule().num_seqs == 0
     assert s.stats()["kv_blocks_free"] == s.stats()["kv_blocks_total"]
 

@@ -353,7 +353,7 @@ std::vector<FinishedRequest> Scheduler::apply(const SchedulerOutput& output,
   TIDAL_CHECK_STATE(pending_step_ >= 0 && output.step == pending_step_, "output of step ",
                     output.step, " is not the pending step ", pending_step_,
                     " (stale, already applied, or schedule() was called again)");
-  TIDAL_CHECK_STATE(unresolved_.empty(), "step ", output.step, " cannot be applied before "
+  TIDAL_CHECK_STATE(!tokens_pending_, "step ", output.step, " cannot be applied before "
                     "resolve_tokens() gives the tokens of the step update_pending() applied");
   const size_t num_seqs = pending_.size();
   auto live = [this](int64_t id) -> Request* {
@@ -374,7 +374,10 @@ std::vector<FinishedRequest> Scheduler::apply(const SchedulerOutput& output,
   pending_step_ = -1;
   const std::vector<Scheduled> plan = std::move(pending_);
   pending_.clear();
-  if (pending) unresolved_.assign(num_seqs, {-1, -1});
+  if (pending) {
+    unresolved_.assign(num_seqs, {-1, -1});
+    tokens_pending_ = true;
+  }
 
   std::vector<FinishedRequest> finished;
   for (size_t i = 0; i < num_seqs; ++i) {
@@ -401,15 +404,11 @@ std::vector<FinishedRequest> Scheduler::apply(const SchedulerOutput& output,
       finished.push_back({r->request_id(), status, num_out});
     }
   }
-  if (pending && std::all_of(unresolved_.begin(), unresolved_.end(),
-                             [](const auto& u) { return u.second < 0; })) {
-    unresolved_.clear();  // nothing sampled: nothing to resolve
-  }
   return finished;
 }
 
 std::vector<FinishedRequest> Scheduler::resolve_tokens(std::span<const int32_t> sampled_token_ids) {
-  TIDAL_CHECK_STATE(!unresolved_.empty(), "resolve_tokens() without a step applied by update_pending()");
+  TIDAL_CHECK_STATE(tokens_pending_, "resolve_tokens() without a step applied by update_pending()");
   const size_t num_seqs = unresolved_.size();
   TIDAL_CHECK(sampled_token_ids.size() == num_seqs, "sampled_token_ids.size()=",
               sampled_token_ids.size(), " must equal num_seqs=", num_seqs);
@@ -420,6 +419,7 @@ std::vector<FinishedRequest> Scheduler::resolve_tokens(std::span<const int32_t> 
   }
   const std::vector<std::pair<int64_t, int32_t>> unresolved = std::move(unresolved_);
   unresolved_.clear();
+  tokens_pending_ = false;
   std::vector<FinishedRequest> finished;
   for (size_t i = 0; i < num_seqs; ++i) {
     const auto [request_id, index] = unresolved[i];

@@ -141,8 +141,9 @@ class Scheduler {
   /// the next schedule() can plan while it runs. Each sequence that samples gets a placeholder
   /// token (-1, its input in the next step's batch, which the engine fills from the device), length
   /// stops (max_tokens, max_model_len) apply now, stop tokens and EOS when resolve_tokens() gives the
-  /// tokens. The next schedule() may run before resolve_tokens(); update() or update_pending() may
-  /// not (tidal::Error). Same errors as update() otherwise.
+  /// tokens. Each call is followed by one resolve_tokens() (also when no live sequence sampled); the
+  /// next schedule() may run before it, update() or update_pending() may not (tidal::Error). Same
+  /// errors as update() otherwise.
   std::vector<FinishedRequest> update_pending(const SchedulerOutput& output);
 
   /// The tokens of the step update_pending() applied ([num_seqs] of that step, read only where it
@@ -151,7 +152,7 @@ class Scheduler {
   /// it finished. tidal::Error when no step is unresolved, std::invalid_argument for a size mismatch
   /// or a negative token where one is needed (nothing changed).
   std::vector<FinishedRequest> resolve_tokens(std::span<const int32_t> sampled_token_ids);
-  bool has_unresolved_tokens() const { return !unresolved_.empty(); }
+  bool has_unresolved_tokens() const { return tokens_pending_; }
 
   /// Aborts a waiting, preempted or running request (FINISHED_ABORTED) and frees its blocks.
   /// False when the id is unknown or already finished.
@@ -233,8 +234,9 @@ class Scheduler {
   // the caller may reuse or modify the output's arrays freely.
   std::vector<Scheduled> pending_;
   // update_pending()'s placeholders: per sequence of that step, (request id, index of its
-  // placeholder in token_ids_, or -1 where it did not sample); empty when every token is known.
+  // placeholder in token_ids_, or -1 where it did not sample); empty once resolve_tokens() ran.
   std::vector<std::pair<int64_t, int32_t>> unresolved_;
+  bool tokens_pending_ = false;  // between update_pending() and its resolve_tokens()
 };
 
 }  // namespace tidal::sched
