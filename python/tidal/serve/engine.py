@@ -508,8 +508,7 @@ class LLMEngine:
             mm = gather_step_inputs(batch, self._mm_prompts, self._encode_item, self.model.uses_mrope) \
                 if self._mm_prompts else None
             prompt_rows = plan_prompt_rows(batch, seq_ids, self._prompt_logprobs) if self._prompt_logprobs else None
-            seqs = self._seqs
-            pending = self.runner.execute(batch, [seqs[s].sampling for s in sample_ids], mm, prompt_rows)
+            pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], mm, prompt_rows)
             # NOTE(tidal): the last step's bookkeeping and its outputs run while the device computes
             # this step: between the sampled tokens' arrival and the next launch the device idles,
             # so only what the next step needs (update, schedule, staging) runs there.
@@ -521,14 +520,7 @@ class LLMEngine:
                 self._deliver_prompt_logprobs(prompt_rows, result)
         except Exception as e:  # the whole step failed: each of its sequences ends in error
             changed = set() if collected else changed | self._process_lagged() | arrived
-            for seq_id in seq_ids:
-                seq = self._seqs.get(seq_id)
-                if seq is None or seq.finish_reason is not None:
-                    continue
-                self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
-                self._fail(seq, f"{type(e).__name__}: {e}")
-                changed.add(seq.request.request_id)
-            return self._merge(outputs, changed, return_unfinished)
+            return self._merge(outputs, changed | self._fail_sequences(seq_ids, e), return_unfinished)
 
         sampled = np.full(len(seq_ids), -1, dtype=np.int32)
         if result is not None:  # None: only prompt chunks that end before their last token
@@ -586,23 +578,16 @@ class LLMEngine:
             seq_ids = batch.request_ids.tolist()
             self._mark_scheduled(seq_ids)
             sample_ids = batch.request_ids[batch.needs_sample].tolist()
-            seqs = self._seqs
             try:
                 fill = self._token_fill(batch, prev)
-                pending = self.runner.execute(batch, [seqs[s].sampling for s in sample_ids], fill=fill)
+                pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], fill=fill)
             except Exception as e:  # noqa: BLE001 - the step's sequences fail below, after step n's bookkeeping
                 error = e
         changed = self._process_lagged()  # a synchronous step's tokens, when this is the first async step
         if prev is not None:
             changed |= self._resolve(prev)
         if error is not None:
-            for seq_id in seq_ids:
-                seq = self._seqs.get(seq_id)
-                if seq is None or seq.finish_reason is not None:
-                    continue
-                self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
-                self._fail(seq, f"{type(error).__name__}: {error}")
-                changed.add(seq.request.request_id)
+            changed |= self._fail_sequences(seq_ids, error)
         elif batch.num_seqs and pending is None:  # prompt chunks only: no token to wait for
             self.scheduler.update(batch, np.full(len(seq_ids), -1, dtype=np.int32))
         elif batch.num_seqs:
@@ -627,13 +612,12 @@ class LLMEngine:
             return None
         owners = batch.request_ids[np.searchsorted(batch.cu_seqlens_q, rows, side="right") - 1]
         prev_ids = np.asarray(prev.sample_ids if prev is not None else [], dtype=np.int64)
-        order = np.argsort(prev_ids, kind="stable")
-        src = order[np.minimum(np.searchsorted(prev_ids, owners, sorter=order), max(len(order) - 1, 0))] \
-            if len(order) else np.zeros(0, dtype=np.int64)
+        order = np.argsort(prev_ids)
+        src = order[np.searchsorted(prev_ids, owners, sorter=order).clip(max=len(order) - 1)] if len(order) else order
         if len(src) != len(owners) or not np.array_equal(prev_ids[src], owners):
             raise RuntimeError(f"placeholder input tokens of sequences {owners.tolist()} that did not sample in the "
                                f"step in flight ({prev_ids.tolist()})")
-        return TokenFill(prev.pending.tokens, rows.astype(np.int64), src.astype(np.int64))
+        return TokenFill(prev.pending.tokens, rows.astype(np.int64), src)
 
     def _resolve(self, prev: _InFlight) -> set[str]:
         """Waits for ``prev``'s tokens, gives them to the scheduler (stop tokens and EOS apply) and
@@ -641,15 +625,7 @@ class LLMEngine:
         try:
             result = prev.pending.result()
         except Exception as e:  # the step failed on the device: its sequences end in error
-            changed = set()
-            for seq_id in prev.sample_ids:
-                seq = self._seqs.get(seq_id)
-                if seq is None or seq.finish_reason is not None:
-                    continue
-                if self.scheduler.has_request(seq_id) and not self.scheduler.request(seq_id).is_finished:
-                    self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
-                self._fail(seq, f"{type(e).__name__}: {e}")
-                changed.add(seq.request.request_id)
+            changed = self._fail_sequences(prev.sample_ids, e)
             self.scheduler.resolve_tokens(np.zeros(len(prev.batch.request_ids), dtype=np.int32))  # all finished
             return changed
         sampled = np.full(len(prev.batch.request_ids), -1, dtype=np.int32)
@@ -665,6 +641,21 @@ class LLMEngine:
             kept.append((seq, result.token_ids[row], result.logprobs[row], finished.get(seq_id)))
         self._lagged = (kept, time.monotonic())
         return self._process_lagged()
+
+    def _fail_sequences(self, seq_ids: list[int], error: Exception) -> set[str]:
+        """Ends the unfinished ones of ``seq_ids`` in error (a step that failed); returns their requests'
+        ids. A sequence the scheduler finished already (a length stop whose token was pending) keeps
+        that status there."""
+        changed = set()
+        for seq_id in seq_ids:
+            seq = self._seqs.get(seq_id)
+            if seq is None or seq.finish_reason is not None:
+                continue
+            if self.scheduler.has_request(seq_id) and not self.scheduler.request(seq_id).is_finished:
+                self.scheduler.finish_request(seq_id, _Status.FINISHED_ERROR)
+            self._fail(seq, f"{type(error).__name__}: {error}")
+            changed.add(seq.request.request_id)
+        return changed
 
     def _merge(self, outputs: list[RequestOutput], request_ids: set[str], return_unfinished: bool
                ) -> list[RequestOutput]:
