@@ -963,6 +963,9 @@ def main() -> int:
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="tidal.LLM(async_scheduling=True): each step planned while the previous one computes")
+    ap.add_argument("--attention-order", choices=["longest-first", "as-scheduled"], default=None,
+                    help="the order in which paged attention's grid takes a step's sequences (default: the "
+                         "runner's, longest first)")
     args = ap.parse_args()
     global ASYNC_SCHEDULING
     ASYNC_SCHEDULING = args.async_scheduling
@@ -972,6 +975,9 @@ def main() -> int:
     if args.split_merge is not None:
         from tidal.serve.gpu_model_runner import GPUModelRunner
         GPUModelRunner.merge_splits_in_kernel = args.split_merge == "kernel"
+    if args.attention_order is not None:
+        from tidal.serve import gpu_model_runner
+        gpu_model_runner.LONGEST_FIRST = args.attention_order == "longest-first"
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
     args.quantization = [q.strip() for q in args.quantization.split(",") if q.strip() and q.strip() != "none"]
     args.quantization_s3 = [q.strip() for q in args.quantization_s3.split(",") if q.strip()]

@@ -122,7 +122,7 @@ int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t 
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
-                     TensorView split_counters, Stream stream) {
+                     TensorView split_counters, TensorView seq_order, Stream stream) {
   const int64_t num_tokens = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t num_seqs = block_tables.size(0);
   if (num_tokens == 0 || num_seqs == 0) return;
@@ -166,6 +166,7 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
   p.block_table_stride = block_tables.stride(0);
   p.seq_lens = seq_lens.data_ptr<const int32_t>();
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<const int32_t>();
+  p.seq_order = seq_order.data != nullptr ? seq_order.data_ptr<const int32_t>() : nullptr;
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_heads = static_cast<int>(num_heads);
   p.num_kv_heads = static_cast<int>(key_cache.size(2));

@@ -23,6 +23,9 @@ struct PagedParams {
   int64_t block_table_stride;
   const int32_t* seq_lens;      // [num_seqs]
   const int32_t* cu_seqlens_q;  // [num_seqs + 1]
+  // [num_seqs] or nullptr: grid slice z takes sequence seq_order[z] (a permutation; longest first
+  // keeps the last wave short when contexts differ), else sequence z.
+  const int32_t* seq_order;
   int num_seqs, num_heads, num_kv_heads, head_dim, block_size;
   int block_shift;     // log2(block_size) when it is a power of two, else -1
   float scale_log2;    // scale * log2(e): scores live in base 2 (exp2)
@@ -34,6 +37,11 @@ struct PagedParams {
   // of a block's rows to finish merges them (store_rows). nullptr: launch_split_reduce merges instead.
   int* split_counters;
 };
+
+// The sequence of this block's grid slice z.
+__device__ __forceinline__ int block_seq(const PagedParams& p) {
+  return p.seq_order != nullptr ? p.seq_order[blockIdx.z] : static_cast<int>(blockIdx.z);
+}
 
 inline constexpr int kMaxSplits = 64;  // key splits per (sequence, KV head, row block) at most
 

@@ -42,6 +42,7 @@ __device__ __forceinline__ Vec<T, kVec> zero_vec() {
 // The query rows of one block and the keys of its split. Rows are (token, head of the group)
 // pairs of one sequence, flattened token-major.
 struct RowSpan {
+  int seq;        // the sequence (block_seq)
   int q_begin;    // the sequence's first query token
   int first_row;  // this block's first flat row
   int last_row;   // and last
@@ -53,7 +54,8 @@ struct RowSpan {
 // False when the block has no rows (the grid fits the longest sequence).
 template <int kRows>
 __device__ __forceinline__ bool row_span(const PagedParams& p, int split, RowSpan& s) {
-  const int seq = blockIdx.z;
+  const int seq = block_seq(p);
+  s.seq = seq;
   s.q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - s.q_begin;
   s.group = p.num_heads / p.num_kv_heads;
@@ -346,7 +348,7 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_simt_kernel(Page
   int row_pos[kRows];
   start_rows<T, kVec, kLanes, kChunks, kRows>(p, s, kv_head, sub, q, row_pos, m, l, acc);
 
-  const int32_t* table = p.block_tables + blockIdx.z * p.block_table_stride;
+  const int32_t* table = p.block_tables + s.seq * p.block_table_stride;
   const T* k_cache = static_cast<const T*>(p.key_cache);
   const T* v_cache = static_cast<const T*>(p.value_cache);
   for (int base = s.begin + warp * kStep; base < s.end; base += kSimtWarps * kStep) {
@@ -410,7 +412,7 @@ __global__ void __launch_bounds__(kSimtThreads) paged_attention_pipelined_kernel
   const int sub = lane % kLanes, grp = lane / kLanes;
   const int head_dim = p.head_dim;
 
-  const int32_t* table = p.block_tables + blockIdx.z * p.block_table_stride;
+  const int32_t* table = p.block_tables + s.seq * p.block_table_stride;
   const T* k_cache = static_cast<const T*>(p.key_cache);
   const T* v_cache = static_cast<const T*>(p.value_cache);
   const int num_tiles = s.end > s.begin ? (s.end - s.begin + kTile - 1) / kTile : 0;

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) paged_decode_kernel(PagedPara
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const C* k_cache = static_cast<const C*>(p.key_cache);
   const C* v_cache = static_cast<const C*>(p.value_cache);
-  const int32_t* table = p.block_tables + blockIdx.z * p.block_table_stride;
+  const int32_t* table = p.block_tables + s.seq * p.block_table_stride;
   const int num_rows = s.last_row - s.first_row + 1;
   const int num_tiles = s.end > s.begin ? (s.end - s.begin + kBlockN - 1) / kBlockN : 0;
 

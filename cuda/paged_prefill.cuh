@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
   using M = OperandType<T, C>;  // what the mma.sync instructions multiply
   M* s_convert = reinterpret_cast<M*>(s_v + 2 * kBlockN * kHeadDim);  // [K, V][kBlockN, kHeadDim], FP8 only
 
-  const int seq = blockIdx.z, kv_head = blockIdx.y;
+  const int seq = block_seq(p), kv_head = blockIdx.y;
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   const int group = p.num_heads / p.num_kv_heads;

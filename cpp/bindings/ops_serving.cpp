@@ -157,7 +157,8 @@ void bind_ops_serving(py::module_& m) {
       "paged_attention",
       [](py::handle out, py::handle query, py::handle key_cache, py::handle value_cache, py::handle block_tables,
          py::handle seq_lens, py::handle cu_seqlens_q, float scale, int64_t sliding_window, int64_t max_seqlen_q,
-         int64_t max_seqlen_k, py::handle workspace, py::handle split_counters, std::uintptr_t stream) {
+         int64_t max_seqlen_k, py::handle workspace, py::handle split_counters, py::handle seq_order,
+         std::uintptr_t stream) {
         const TensorView out_v = view_capsule(out, "out"), query_v = view_capsule(query, "query");
         const TensorView key_cache_v = view_capsule(key_cache, "key_cache");
         const TensorView value_cache_v = view_capsule(value_cache, "value_cache");
@@ -166,17 +167,19 @@ void bind_ops_serving(py::module_& m) {
         const TensorView cu_seqlens_q_v = view_capsule(cu_seqlens_q, "cu_seqlens_q");
         const TensorView workspace_v = view_optional_capsule(workspace, "workspace");
         const TensorView counters_v = view_optional_capsule(split_counters, "split_counters");
+        const TensorView order_v = view_optional_capsule(seq_order, "seq_order");
         // NOTE(tidal): a decode step over long contexts runs for milliseconds on the CPU; other
         // Python threads (the server's) keep running meanwhile.
         py::gil_scoped_release release;
         ops::paged_attention(out_v, query_v, key_cache_v, value_cache_v, block_tables_v, seq_lens_v, cu_seqlens_q_v,
                              scale, sliding_window, max_seqlen_q, max_seqlen_k, workspace_v, Stream::from_int(stream),
-                             counters_v);
+                             counters_v, order_v);
       },
       py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
       py::arg("seq_lens"), py::arg("cu_seqlens_q"), py::arg("scale"), py::arg("sliding_window"),
       py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1, py::arg("workspace") = py::none(),
-      py::arg("split_counters") = py::none(), py::arg("stream") = 0, "Causal paged attention of query over the KV cache into out (DLPack capsules).");
+      py::arg("split_counters") = py::none(), py::arg("seq_order") = py::none(), py::arg("stream") = 0,
+      "Causal paged attention of query over the KV cache into out (DLPack capsules).");
 }
 
 }  // namespace tidal::bindings

@@ -291,6 +291,8 @@ def test_opcheck(device):
         (Batch([(2, 9), (1, 1)], 4, 1, 32, 4, torch.bfloat16, seed=12).args(7, device), {}),
         (Batch([(7, 40), (1, 300)], 8, 2, 128, 16, torch.float16, seed=13).args(device=device),
          dict(max_seqlen_q=7, max_seqlen_k=4096)),
+        (Batch([(1, 20), (5, 5), (3, 19)], 4, 2, 64, 16, torch.bfloat16, seed=14).args(device=device),
+         dict(max_seqlen_q=5, max_seqlen_k=20, seq_order=torch.tensor([0, 2, 1], dtype=torch.int32, device=device))),
     ]
     for args, kwargs in samples:
         torch.library.opcheck(torch.ops.tidal.paged_attention.default, args, kwargs)
@@ -345,6 +347,42 @@ def test_chunked_steps_through_the_cache_match_one_dense_pass(fused, device):
 
 
 # ---- errors ------------------------------------------------------------------------------------
+
+def longest_first(batch: Batch) -> torch.Tensor:
+    """The GPU model runner's order: sequences by descending context length, ties in batch order."""
+    return torch.sort(batch.seq_lens.long(), descending=True, stable=True).indices.to(torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_seq_order_changes_no_output(kind, device):
+    """The order in which the kernels take the sequences changes no bit of the output: longest first,
+    a random permutation and the identity, each against the unordered call and the reference."""
+    batch = Batch(batch_kinds(16)[kind], 8, 2, 64, 16, torch.bfloat16, seed=21)
+    expected = batch.reference()
+    batch.poison_unread()
+    plain = batch.run(device=device)
+    assert_close(plain, expected)
+    num_seqs = batch.seq_lens.shape[0]
+    random = torch.randperm(num_seqs, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+    orders = (longest_first(batch), random, torch.arange(num_seqs, dtype=torch.int32))
+    for order in orders:
+        out = tidal.ops.paged_attention(*batch.args(device=device), seq_order=order.to(device))
+        assert torch.equal(out, plain), order
+
+
+def test_bad_seq_order_names_the_argument():
+    b = small_batch()
+    args = b.args()
+    with pytest.raises(ValueError, match=r"seq_order must be \[num_seqs\] = \[2\] torch.int32, got torch.int64"):
+        tidal.ops.paged_attention(*args, seq_order=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"seq_order must be \[num_seqs\] = \[2\] torch.int32, .* shape \(3,\)"):
+        tidal.ops.paged_attention(*args, seq_order=torch.tensor([1, 0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_order must be a permutation of 0 .. 1, but seq_order\[1\]=0 repeats"):
+        tidal.ops.paged_attention(*args, seq_order=torch.tensor([0, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_order\[0\]=2 is out of range"):
+        tidal.ops.paged_attention(*args, seq_order=torch.tensor([2, 0], dtype=torch.int32))
+
 
 def small_batch():
     return Batch([(2, 20), (1, 5)], 4, 2, 64, 16, torch.float32, seed=13)

@@ -13,7 +13,7 @@ import torch
 
 import tidal
 from conftest import GPU_MARKS, assert_close
-from test_paged_attention import Batch, batch_kinds, check
+from test_paged_attention import Batch, batch_kinds, check, longest_first
 
 pytestmark = GPU_MARKS
 
@@ -257,6 +257,52 @@ def test_mixed_graph_replayed_on_new_query_splits(dtype):
     graph, static_out = capture(static_args, max_seqlen_q=64, max_seqlen_k=1024)
     for seed, seqs in enumerate(layouts, start=21):
         replay_and_check(graph, static_out, static_args, Batch(seqs, seed=seed, **shape))
+
+
+# ---- seq_order: the grid takes the sequences longest first (the GPU model runner's order) ----
+
+ORDERED_BATCHES = dict(BATCHES, **{
+    "tensor_core_decode": lambda: Batch(decode_seqs([5, 2000, 17, 1100, 64, 1]), 16, 8, 128, 16, torch.bfloat16,
+                                        seed=30),
+    "many_decodes_gqa": lambda: Batch(decode_seqs(range(1, 1200, 7)), 16, 8, 128, 16, torch.bfloat16, seed=31),
+    "prefill_fp16": lambda: Batch([(40, 40), (1, 3000), (7, 900), (64, 64)], 8, 2, 128, 16, torch.float16, seed=32),
+})
+
+
+@pytest.mark.parametrize("name", list(ORDERED_BATCHES))
+def test_seq_order_every_kernel(name):
+    """Every GPU kernel (split and unsplit decode on tensor cores and SIMT, prefill, mixed) gives the
+    same bits with the sequences taken longest first or in a random order, in-kernel split merge
+    included."""
+    batch = ORDERED_BATCHES[name]()
+    expected = batch.reference()
+    batch.poison_unread()
+    args = batch.args(device="cuda")
+    num_seqs = batch.seq_lens.shape[0]
+    counters = torch.zeros(num_seqs * batch.query.shape[1], dtype=torch.int32, device="cuda")
+    plain = tidal.ops.paged_attention(*args, **batch.max_seqlens())
+    assert_close(plain, expected)
+    random = torch.randperm(num_seqs, generator=torch.Generator().manual_seed(4)).to(torch.int32)
+    for order in (longest_first(batch), random):
+        for split_counters in (None, counters):
+            out = tidal.ops.paged_attention(*args, **batch.max_seqlens(), split_counters=split_counters,
+                                            seq_order=order.cuda())
+            assert torch.equal(out, plain), (order, split_counters is not None)
+    assert not counters.any()  # every in-kernel merge left its counter at zero
+
+
+def test_seq_order_in_a_graph():
+    """A decode graph captured with an order buffer replays right as the order changes with the batch."""
+    shape = dict(num_heads=16, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16, num_blocks=900,
+                 max_num_blocks=256)
+    first = Batch(decode_seqs([4096, 1, 17, 300]), seed=33, **shape)
+    static_args = first.args(device="cuda")
+    order = longest_first(first).cuda()
+    graph, static_out = capture(static_args, max_seqlen_q=1, max_seqlen_k=4096, seq_order=order)
+    for seed, contexts in enumerate(([4096, 1, 17, 300], [5, 4000, 129, 2048], [1, 2, 3, 16]), start=34):
+        batch = Batch(decode_seqs(contexts), seed=seed, **shape)
+        order.copy_(longest_first(batch))
+        replay_and_check(graph, static_out, static_args, batch)
 
 
 @pytest.mark.parametrize("name", ["split_decode", "tensor_cores", "simt_fp32"])

@@ -113,10 +113,15 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
 /// batch. With them the last key split of each (sequence, KV head) to finish merges the splits
 /// itself, in the same kernel, and sets its counter back to zero; without them (or when a call needs
 /// more than there are) a second kernel merges the splits. The outputs are the same bits either way.
+/// seq_order (optional): [num_seqs] int32, a permutation of 0 .. num_seqs - 1: the order in which the
+/// GPU kernels take the sequences (the GPU model runner passes them longest context first, so the
+/// longest blocks start in the first wave rather than the last). The outputs are the same bits in
+/// any order. The GPU takes it on trust (a check would read it back); the CPU checks it and then
+/// ignores it (its threads balance by themselves).
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
-                     Stream stream, TensorView split_counters = TensorView{});
+                     Stream stream, TensorView split_counters = TensorView{}, TensorView seq_order = TensorView{});
 
 /// Bytes of workspace paged_attention needs for these shapes on `device` (always 0 on the CPU).
 int64_t paged_attention_workspace_size(Device device, DType dtype, int64_t num_tokens, int64_t num_seqs,

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "ops/checks.h"
 #include "ops/device_dispatch.h"
@@ -78,6 +79,18 @@ void check_slots(const TensorView& slot_mapping, int64_t num_slots) {
     const int64_t slot = element<int64_t>(slot_mapping, t);
     TIDAL_CHECK_INDEX(slot < num_slots, "slot_mapping[", t, "]=", slot, " is out of range: the cache holds ",
                       "num_blocks * block_size = ", num_slots, " slots (a negative slot means padding)");
+  }
+}
+
+// Each of 0 .. n - 1 once (n = order's length).
+void check_permutation(const TensorView& order, const char* name) {
+  const int64_t n = order.size(0);
+  std::vector<bool> seen(static_cast<size_t>(n), false);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = element<int32_t>(order, i);
+    TIDAL_CHECK(v >= 0 && v < n && !seen[static_cast<size_t>(v)], name, " must be a permutation of 0 .. ", n - 1,
+                ", but ", name, "[", i, "]=", v, v >= 0 && v < n ? " repeats an earlier entry" : " is out of range");
+    seen[static_cast<size_t>(v)] = true;
   }
 }
 
@@ -323,7 +336,7 @@ void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, T
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
-                     Stream stream, TensorView split_counters) {
+                     Stream stream, TensorView split_counters, TensorView seq_order) {
   TIDAL_CHECK(query.ndim == 3, "query must be 3-D [num_tokens, num_heads, head_dim], got shape ",
               query.shape_str());
   check_last_dim_contiguous(query, "query");
@@ -367,8 +380,14 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
   TIDAL_CHECK(!detail::overlaps(out, query) && !detail::overlaps(out, key_cache) &&
                   !detail::overlaps(out, value_cache),
               "out overlaps query or a cache in memory; pass a distinct out");
+  if (seq_order.data != nullptr) {
+    check_vector(seq_order, "seq_order", num_seqs, "num_seqs");
+    check_dtype(seq_order, "seq_order", DType::kInt32);
+    check_device(seq_order, "seq_order", query, "query");
+  }
   if (query.device.is_cpu()) {
     check_paged_metadata(block_tables, seq_lens, cu_seqlens_q, num_tokens, num_blocks, block_size, sliding_window);
+    if (seq_order.data != nullptr) check_permutation(seq_order, "seq_order");
   }
   if (num_tokens == 0 || num_heads == 0) return;
   if (!query.device.is_cpu()) {
@@ -393,7 +412,8 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
       },
       [&] {
         gpu::paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                             sliding_window, max_seqlen_q, max_seqlen_k, workspace, split_counters, stream);
+                             sliding_window, max_seqlen_q, max_seqlen_k, workspace, split_counters, seq_order,
+                             stream);
       });
 }
 

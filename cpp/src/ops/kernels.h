@@ -115,10 +115,11 @@ void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
 // max_seqlen_q, max_seqlen_k: the longest query run and context of the batch (host ints, they size
 // the grid). workspace: paged_attention_workspace_size bytes (0 when the plan does not split keys).
 // split_counters: int32 zeros for the in-kernel merge of the splits (empty: a separate kernel).
+// seq_order: the order in which the grid takes the sequences, a permutation (empty: 0, 1, ...).
 void paged_attention(TensorView out, TensorView query, TensorView key_cache, TensorView value_cache,
                      TensorView block_tables, TensorView seq_lens, TensorView cu_seqlens_q, float scale,
                      int64_t sliding_window, int64_t max_seqlen_q, int64_t max_seqlen_k, TensorView workspace,
-                     TensorView split_counters, Stream stream);
+                     TensorView split_counters, TensorView seq_order, Stream stream);
 int64_t paged_attention_workspace_size(DType dtype, int64_t num_tokens, int64_t num_seqs, int64_t num_heads,
                                        int64_t num_kv_heads, int64_t head_dim, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, int device);

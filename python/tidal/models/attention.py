@@ -34,6 +34,9 @@ class AttentionMetadata:
     split_counters : torch.Tensor or None
         CUDA: the int32 zeros of ``ops.paged_attention``'s in-kernel merge of key splits, owned by the
         model runner (one set per runner: its steps and layers run one after another on its stream).
+    seq_order : torch.Tensor or None
+        ``[num_seqs]`` int32: the order in which the attention kernels take the sequences (the GPU
+        model runner's: longest context first); None takes them as they come.
     """
 
     slot_mapping: torch.Tensor
@@ -43,6 +46,7 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     split_counters: torch.Tensor | None = None
+    seq_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

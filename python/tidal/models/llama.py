@@ -130,7 +130,7 @@ class LlamaAttention(nn.Module):
         out = ops.paged_attention(q, key_cache, value_cache, attn.block_tables, attn.seq_lens,
                                   attn.cu_seqlens_q, self.scale,
                                   -1 if self.sliding_window is None else self.sliding_window,
-                                  attn.max_seqlen_q, attn.max_seqlen_k, attn.split_counters)
+                                  attn.max_seqlen_q, attn.max_seqlen_k, attn.split_counters, attn.seq_order)
         return out.reshape(num_tokens, self.q_size)
 
     def forward_train(self, qkv: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],

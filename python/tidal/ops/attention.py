@@ -13,7 +13,7 @@ _MAX_HEAD_DIM = 256
 
 lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
            "Tensor seq_lens, Tensor cu_seqlens_q, float scale, int sliding_window, int max_seqlen_q=-1, "
-           "int max_seqlen_k=-1, Tensor(a!)? split_counters=None) -> Tensor")
+           "int max_seqlen_k=-1, Tensor(a!)? split_counters=None, Tensor? seq_order=None) -> Tensor")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -66,19 +66,24 @@ def _gpu_workspace(query, key_cache, num_seqs, max_seqlen_q, max_seqlen_k):
     return capsule(torch.empty(size, dtype=torch.uint8, device=query.device)) if size else None
 
 
-def _check_counters(split_counters, query) -> None:
-    if split_counters is None:
-        return
-    if split_counters.dtype != torch.int32 or not split_counters.is_contiguous():
-        raise ValueError(f"split_counters must be contiguous torch.int32, got {split_counters.dtype}")
-    if split_counters.device != query.device:
-        raise ValueError(f"split_counters is on {split_counters.device} but query is on {query.device}")
+def _check_counters(split_counters, seq_order, query, num_seqs) -> None:
+    if split_counters is not None:
+        if split_counters.dtype != torch.int32 or not split_counters.is_contiguous():
+            raise ValueError(f"split_counters must be contiguous torch.int32, got {split_counters.dtype}")
+        if split_counters.device != query.device:
+            raise ValueError(f"split_counters is on {split_counters.device} but query is on {query.device}")
+    if seq_order is not None:
+        if seq_order.dtype != torch.int32 or seq_order.shape != (num_seqs,):
+            raise ValueError(f"seq_order must be [num_seqs] = [{num_seqs}] torch.int32, got {seq_order.dtype} of "
+                             f"shape {tuple(seq_order.shape)}")
+        if seq_order.device != query.device:
+            raise ValueError(f"seq_order is on {seq_order.device} but query is on {query.device}")
 
 
 def _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                          sliding_window, max_seqlen_q=-1, max_seqlen_k=-1, split_counters=None):
+                          sliding_window, max_seqlen_q=-1, max_seqlen_k=-1, split_counters=None, seq_order=None):
     _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale)
-    _check_counters(split_counters, query)
+    _check_counters(split_counters, seq_order, query, block_tables.shape[0])
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     q = query if query.shape[-1] <= 1 or query.stride(-1) == 1 else query.contiguous()
     workspace = None
@@ -91,7 +96,7 @@ def _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens,
                            capsule(seq_lens), capsule(cu_seqlens_q), scale, sliding_window, max_seqlen_q,
                            max_seqlen_k, workspace,
                            None if split_counters is None or query.device.type != "cuda" else capsule(split_counters),
-                           stream_of(query))
+                           None if seq_order is None else capsule(seq_order), stream_of(query))
     return out
 
 
@@ -101,16 +106,16 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("tidal::paged_attention")
 def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                          max_seqlen_q=-1, max_seqlen_k=-1, split_counters=None):
+                          max_seqlen_q=-1, max_seqlen_k=-1, split_counters=None, seq_order=None):
     _check(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale)
-    _check_counters(split_counters, query)
+    _check_counters(split_counters, seq_order, query, block_tables.shape[0])
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
                     sliding_window: int = -1, max_seqlen_q: int = -1, max_seqlen_k: int = -1,
-                    split_counters: torch.Tensor | None = None) -> torch.Tensor:
+                    split_counters: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     r"""Causal attention of a flat batch of new query tokens over the paged KV cache.
 
     Sequence ``s`` owns query rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` (``q_len`` of them); its
@@ -160,6 +165,12 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         sequence's key splits to finish merges the splits in the same kernel (flash-decoding without
         a second kernel) and leaves its counter at zero again; without them, or when a call needs
         more of them, a second kernel merges the splits. The output is the same either way.
+    seq_order : torch.Tensor, optional
+        ``[num_seqs]`` int32 on ``query``'s device, a permutation of ``range(num_seqs)``: the order in
+        which the CUDA kernels take the sequences. When contexts differ, the longest first (the GPU
+        model runner's order) keeps the grid's last wave short. The output is the same in any order.
+        The CPU checks that it is a permutation and otherwise ignores it; CUDA takes it on trust (a
+        check would synchronise), and a tensor that is no permutation leaves some rows unwritten.
 
     Returns
     -------
@@ -168,6 +179,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """
     if is_eager_call(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q):
         return _paged_attention_impl(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                     sliding_window, max_seqlen_q, max_seqlen_k, split_counters)
+                                     sliding_window, max_seqlen_q, max_seqlen_k, split_counters, seq_order)
     return torch.ops.tidal.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                           scale, sliding_window, max_seqlen_q, max_seqlen_k, split_counters)
+                                           scale, sliding_window, max_seqlen_q, max_seqlen_k, split_counters,
+                                           seq_order)
