@@ -318,8 +318,9 @@ def decode_seconds(requests, kv_bytes: int, w_bytes: int, copy_bw: float) -> flo
 MAX_NUM_SEQS = {"qwen3": 256, "llama": 512, "mixtral": 64, "tiny": 256}
 
 
-# --async-scheduling: every engine of the run plans each step while the previous one computes
-ASYNC_SCHEDULING = False
+# --[no-]async-scheduling: every engine of the run plans each step while the previous one computes, or
+# none does; None leaves it to the engine (on for a GPU)
+ASYNC_SCHEDULING = None
 
 
 def make_engine(path: str, device, max_model_len: int, prefix_caching: bool, max_num_seqs: int = 256,
@@ -961,11 +962,12 @@ def main() -> int:
                     help="what --tensor-parallel serves: S2/S3's Llama-3-8B, or a 70B-architecture random checkpoint")
     ap.add_argument("--timeline", action="store_true",
                     help="after S1 (S2), one more untimed run split into host phases and GPU span per step")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="tidal.LLM(async_scheduling=True): each step planned while the previous one computes")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="tidal.LLM(async_scheduling=...): each step planned while the previous one computes "
+                         "(default: the engine's, on for a GPU)")
     ap.add_argument("--attention-order", choices=["longest-first", "as-scheduled"], default=None,
                     help="the order in which paged attention's grid takes a step's sequences (default: the "
-                         "runner's, longest first)")
+                         "runner's, as scheduled)")
     args = ap.parse_args()
     global ASYNC_SCHEDULING
     ASYNC_SCHEDULING = args.async_scheduling

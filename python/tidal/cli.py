@@ -34,8 +34,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_async_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="plan each step while the previous one computes (its tokens taken on the device)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan each step while the previous one computes (its tokens taken on the device); "
+                        "default: on for a GPU, off on the CPU")
 
 
 def _add_engine_args(p: argparse.ArgumentParser, serve: bool) -> None:

@@ -152,9 +152,26 @@ def test_abort_while_a_step_is_in_flight(model_dir, device):
     assert all(len(outputs[str(i)].outputs[0].token_ids) == 20 for i in (0, 2, 3, 5))
 
 
-def test_async_scheduling_must_be_a_bool(model_dir):
-    with pytest.raises(ValueError, match="async_scheduling=1 must be a bool"):
+def test_async_scheduling_must_be_none_or_a_bool(model_dir):
+    with pytest.raises(ValueError, match=r"async_scheduling=1 must be None \(on for a GPU\) or a bool"):
         tidal.LLM(model_dir, device="cpu", async_scheduling=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_is_on_for_a_gpu_and_off_on_the_cpu(model_dir, device):
+    """async_scheduling=None (the default) plans ahead where the device runs beside the host, and the
+    explicit values win on either device."""
+    params = tidal.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for setting, expected in ((None, device == "cuda"), (True, True), (False, False)):
+        llm = tidal.LLM(model_dir, device=device, dtype="float32", max_num_seqs=4, max_model_len=96, block_size=4,
+                        num_kv_blocks=24, async_scheduling=setting)
+        assert llm.engine.async_scheduling is expected
+        engine, resolved = llm.engine, []
+        resolve = engine._resolve
+        engine._resolve = lambda prev: resolved.append(prev) or resolve(prev)
+        llm.generate([{"prompt_token_ids": p} for p in _prompts(3, seed=11)], params, use_tqdm=False)
+        assert bool(resolved) is expected  # steps ran ahead of their tokens only when it is on
+        assert_pool_whole(llm)
 
 
 # ---- the scheduler's half: update_pending() and resolve_tokens() --------------------------------

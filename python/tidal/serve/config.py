@@ -24,7 +24,8 @@ class EngineConfig:
     ``kv_host:kv_port``, 0 picking a free port; "nixl": NIXL), and a transfer not done within
     ``kv_transfer_timeout`` seconds fails its request. ``quantization``, ``kv_cache_dtype`` and
     ``tensor_parallel_size``: as ``tidal.LLM`` says. ``async_scheduling`` plans each step while the
-    device still computes the previous one (see ``tidal.LLM``).
+    device still computes the previous one (see ``tidal.LLM``); None turns it on where the engine runs
+    on a GPU.
     """
 
     model: "str | torch.nn.Module"
@@ -50,7 +51,7 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -87,9 +88,10 @@ class EngineConfig:
         if self.quantization is not None and isinstance(self.model, torch.nn.Module):
             raise ValueError(f"quantization={self.quantization!r} applies to a model loaded from a directory; a "
                              f"model object is served as it is (tidal.quant.quantize_model_ quantizes one in place)")
-        for name in ("enforce_eager", "async_scheduling"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager={self.enforce_eager!r} must be a bool")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling={self.async_scheduling!r} must be None (on for a GPU) or a bool")
 
 
 def gpu_available() -> bool:

@@ -6,9 +6,8 @@
   torch's allocator and what the CUDA graphs will hold.
 - Step inputs: the scheduler's arrays are packed (numpy, vectorised) into one pinned host buffer and
   sent with one non-blocking copy into a persistent device buffer; the model reads views of it.
-  Among them the order in which the attention kernels take the sequences: longest context first
-  (``LONGEST_FIRST``), so when contexts differ the longest blocks start in the first wave instead of
-  holding the last one.
+  Among them the order in which the attention kernels take the sequences (as scheduled, or
+  longest context first with ``LONGEST_FIRST``).
 - CUDA graphs: pure decode steps replay graphs captured at start-up for padded batch sizes 1, 2, 4,
   8, then multiples of 8 up to ``max_num_seqs`` (forward and logits); ``enforce_eager=True`` turns
   them off. A captured graph reads its inputs from fixed offsets of the device buffer and its block
@@ -37,12 +36,14 @@ from tidal.serve.sampler import PendingSample, SequenceSampling, sample, sample_
 from tidal.serve.sampling_params import SamplingParams
 
 _GIB = 1 << 30
-# NOTE(tidal): the attention grid takes sequences longest context first. With contexts as different
-# as S1's (inputs and outputs uniform in [100, 1024]) a batch's blocks differ up to ~10x in length,
-# and taken in batch order the last wave waits on whichever long ones came last; simulated at S1's
-# batches on 132 SMs x 3 resident blocks, longest first cuts the makespan from 1.12-1.22x its lower
-# bound to 1.03-1.10x. False (bench/serve.py --attention-order as-scheduled) takes them as they come.
-LONGEST_FIRST = True
+# NOTE(tidal): the order in which the attention grid takes a step's sequences. With contexts as
+# different as S1's (inputs and outputs uniform in [100, 1024]) a batch's blocks differ up to ~10x in
+# length; simulated at S1's batches on 132 SMs x 3 resident blocks, longest first would cut the
+# attention makespan from 1.12-1.22x its lower bound to 1.03-1.10x. Measured on an H100 (S1, three
+# runs each, bench/RESULTS.md) it moved nothing beyond the run-to-run spread (17,797 against 17,851
+# tok/s), so steps take their sequences as scheduled; True (bench/serve.py --attention-order
+# longest-first) turns the ordering on.
+LONGEST_FIRST = False
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:

@@ -50,11 +50,12 @@ class LLM:
     enforce_eager : bool
         Run every step eagerly; by default decode steps on a GPU replay CUDA graphs captured at
         start-up for padded batch sizes 1, 2, 4, 8, 16, ..., ``max_num_seqs``.
-    async_scheduling : bool
+    async_scheduling : bool or None
         Plan and launch each step before the previous step's tokens reach the host (vLLM's name):
         a step's inputs take those tokens on the device, so the GPU does not wait on the host
-        between steps. Stop tokens then end a request one step late (that step's extra token is
-        discarded, never returned). Steps fall back to synchronous ones while a request with
+        between steps. None (the default) turns it on on a GPU and off on the CPU, where the model
+        runs on the planning thread and there is nothing to overlap. Stop tokens then end a request
+        one step late (that step's extra token is discarded, never returned). Steps fall back to synchronous ones while a request with
         repetition, frequency or presence penalties, prompt log-probs or images runs, and under
         tensor parallelism or disaggregated serving.
     encoder_cache_bytes : int
@@ -87,7 +88,7 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int = 0, scheduling_policy: str = "fcfs",
                  enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
                  tokenizer: str | None = None, encoder_cache_bytes: int = 1 << 30, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, async_scheduling: bool = False):
+                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, async_scheduling: bool | None = None):
         if gpu_memory_utilization is not None:
             kv_cache_memory_fraction = gpu_memory_utilization
         self.engine = LLMEngine(EngineConfig(
