@@ -55,9 +55,9 @@ class LLM:
         a step's inputs take those tokens on the device, so the GPU does not wait on the host
         between steps. None (the default) turns it on on a GPU and off on the CPU, where the model
         runs on the planning thread and there is nothing to overlap. Stop tokens then end a request
-        one step late (that step's extra token is discarded, never returned). Steps fall back to synchronous ones while a request with
-        repetition, frequency or presence penalties, prompt log-probs or images runs, and under
-        tensor parallelism or disaggregated serving.
+        one step late (that step's extra token is discarded, never returned). Steps fall back to
+        synchronous ones while a request with repetition, frequency or presence penalties, prompt
+        log-probs or images runs, and under tensor parallelism or disaggregated serving.
     encoder_cache_bytes : int
         For a vision-language model: the bound of the cache of image and video embeddings, keyed by
         content hash, so an image seen again skips the vision encoder.
