@@ -208,6 +208,57 @@ def test_encoder_cache_is_bounded_and_least_recently_used(llava):
     assert_pool_whole(llm)
 
 
+def _recording_encoder(llm) -> list[list[int]]:
+    """Wraps the engine's model's encode_multimodal; the list returned gets each call's rows per item."""
+    model, calls = llm.engine.model, []
+    encode = model.encode_multimodal
+
+    def recorded(modality, pixel_values, grid_thw=None):
+        out = encode(modality, pixel_values, grid_thw)
+        calls.append([e.shape[0] for e in out])
+        return out
+
+    model.encode_multimodal = recorded
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_steps_new_images_are_encoded_together(llava, qwen, family, device):
+    """The new images of one prefill step go through the vision tower in one call (Qwen2.5-VL's of
+    different sizes too), an image two requests of the step share is encoded once, the step's token
+    budget bounds a call's rows, and the tokens equal those of requests prefilled one at a time."""
+    if family == "llava":
+        path, _ = llava
+        images = [random_image(56, 56, seed=70 + i) for i in range(3)]
+        prompts = [[BOS, 60 + i, LLAVA_IMAGE, 61] for i in range(4)]
+    else:
+        path, _ = qwen
+        images = [random_image(56, 56, seed=70), random_image(70, 130, seed=71), random_image(200, 90, seed=72)]
+        prompts = [_qwen_prompt([60 + i, "image", 61]) for i in range(4)]
+    requests = [{"prompt_token_ids": p, "multi_modal_data": {"image": images[i % 3]}} for i, p in enumerate(prompts)]
+
+    def run(**kw):
+        llm = tidal.LLM(path, device=device, block_size=BLOCK, num_kv_blocks=256, enable_prefix_caching=False, **kw)
+        calls = _recording_encoder(llm)
+        outs = llm.generate(requests, greedy(6), use_tqdm=False)
+        assert_pool_whole(llm)
+        return [o.outputs[0].token_ids for o in outs], calls, llm.stats()
+
+    alone, calls, stats = run(max_num_seqs=1)  # one request per step: one image per call
+    assert [len(c) for c in calls] == [1, 1, 1] and stats["encoder_cache_hits"] == 1  # the 4th is the 1st's
+    rows = [c[0] for c in calls]
+    together, calls, stats = run(max_num_batched_tokens=1024)
+    assert together == alone
+    assert calls == [rows]  # three images in one call; the one two requests share encoded once
+    assert stats["encoder_runs"] == 3 and stats["encoder_calls"] == 1 and stats["encoder_cache_hits"] == 1
+    budget = max(rows) + 1  # chunked prefill; a call never takes more rows than the step's budget
+    split, calls, stats = run(max_num_batched_tokens=budget, encoder_cache_bytes=0)
+    assert split == alone
+    assert all(sum(c) <= budget for c in calls) and stats["encoder_calls"] == len(calls)
+    assert stats["encoder_runs"] == sum(len(c) for c in calls) >= 3
+
+
 def test_checkpoint_round_trip(llava, tmp_path):
     path, hf = llava
     model, _ = load_model(path)

@@ -21,7 +21,8 @@ from tidal.serve.config import EngineConfig, resolve_device
 from tidal.serve.disagg import KVTransfers
 from tidal.serve.host_memory import HostMemoryTrimmer
 from tidal.serve.model_runner import TokenFill, device_memory_baseline, make_model_runner
-from tidal.serve.multimodal import EncoderCache, MultiModalProcessor, MultiModalPrompt, gather_step_inputs
+from tidal.serve.multimodal import (EncoderCache, MultiModalItem, MultiModalProcessor, MultiModalPrompt,
+                                    gather_step_inputs)
 from tidal.serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tidal.serve.prompt_logprobs import PromptLogprobs, isolated_cache_keys, plan_prompt_rows
 from tidal.serve.sampler import PendingSample, SequenceSampling
@@ -249,7 +250,7 @@ class LLMEngine:
                 raise ValueError(f"kv_role={config.kv_role!r}: disaggregated serving of vision-language models is "
                                  f"not supported")
             self.transfers = KVTransfers(self, config)
-        self._mm_counts = {"encoder_runs": 0, "encoder_cache_hits": 0}
+        self._mm_counts = {"encoder_runs": 0, "encoder_calls": 0, "encoder_cache_hits": 0}
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -428,29 +429,67 @@ class LLMEngine:
 
     def stats(self) -> dict:
         stats = dict(self.scheduler.stats())
-        if self.is_multimodal:  # items encoded, items served from the encoder cache, its size
+        if self.is_multimodal:  # items encoded, encoder calls, items served from the encoder cache, its size
             stats.update(self._mm_counts, encoder_cache_entries=len(self.encoder_cache),
                          encoder_cache_bytes=self.encoder_cache.bytes)
         return stats
 
-    def _encode_item(self, prompt: MultiModalPrompt, index: int, item) -> torch.Tensor:
-        """An item's embeddings: held by its request, else from the encoder cache, else encoded
-        (counted in stats' encoder_runs) and cached. The request holds them until consumed."""
-        embeds = prompt.held.get(index)
-        if embeds is None:
+    def _encode_items(self, needs: list[tuple[MultiModalPrompt, int, MultiModalItem]]) -> list[torch.Tensor]:
+        """The embeddings of the items one step reads, in order: held by their request, else from the
+        encoder cache, else encoded and cached. The step's new items are encoded together: one encoder
+        call per modality (and, for a fixed-size encoder, per pixel shape) of at most
+        ``max_num_batched_tokens`` embedding rows, an item the step reads twice encoded once (the
+        second read counts as a cache hit). stats' encoder_runs counts items encoded, encoder_calls
+        the calls. A request holds its items' embeddings until its chunks have consumed them."""
+        new: dict[int, MultiModalItem] = {}  # content hash -> the item to encode
+        for prompt, index, item in needs:
+            if index in prompt.held:
+                continue
             embeds = self.encoder_cache.get(item.content_hash)
-            if embeds is not None:
+            if embeds is not None or item.content_hash in new:
                 self._mm_counts["encoder_cache_hits"] += 1
+                if embeds is not None:
+                    prompt.held[index] = embeds
             else:
-                grid = None if item.grid_thw is None else torch.tensor([item.grid_thw])
-                embeds = self.model.encode_multimodal(item.modality, item.pixel_values, grid)[0]
-                if embeds.shape[0] != item.num_tokens:
-                    raise RuntimeError(f"the encoder gave {embeds.shape[0]} rows for a {item.modality} that takes "
-                                       f"{item.num_tokens} placeholder tokens")
-                self._mm_counts["encoder_runs"] += 1
-                self.encoder_cache.put(item.content_hash, embeds)
-            prompt.held[index] = embeds
-        return embeds
+                new[item.content_hash] = item
+        encoded: dict[int, torch.Tensor] = {}
+        groups: dict[tuple, list[MultiModalItem]] = {}
+        for item in new.values():
+            shape = None if item.grid_thw is not None else tuple(item.pixel_values.shape[1:])
+            groups.setdefault((item.modality, shape), []).append(item)
+        budget = self.config.max_num_batched_tokens
+        for (modality, _), items in groups.items():
+            start = 0
+            while start < len(items):
+                end, rows = start + 1, items[start].num_tokens
+                while end < len(items) and rows + items[end].num_tokens <= budget:
+                    rows += items[end].num_tokens
+                    end += 1
+                self._encode_batch(modality, items[start:end], encoded)
+                start = end
+        for prompt, index, item in needs:
+            if index not in prompt.held:
+                prompt.held[index] = encoded[item.content_hash]
+        return [prompt.held[index] for prompt, index, _ in needs]
+
+    def _encode_batch(self, modality: str, items: list[MultiModalItem], encoded: dict[int, torch.Tensor]) -> None:
+        """One encoder call over ``items`` (one modality); each item's rows go into ``encoded`` and the
+        encoder cache."""
+        pixels = torch.cat([item.pixel_values for item in items])
+        grids = None if items[0].grid_thw is None else torch.tensor([item.grid_thw for item in items])
+        out = self.model.encode_multimodal(modality, pixels, grids)
+        if len(out) != len(items):
+            raise RuntimeError(f"the encoder gave {len(out)} embeddings for {len(items)} {modality} items")
+        for item, embeds in zip(items, out):
+            if embeds.shape[0] != item.num_tokens:
+                raise RuntimeError(f"the encoder gave {embeds.shape[0]} rows for a {modality} that takes "
+                                   f"{item.num_tokens} placeholder tokens")
+            # a view into the batch's output would keep all of it alive in the cache
+            embeds = embeds.clone() if len(items) > 1 else embeds
+            encoded[item.content_hash] = embeds
+            self.encoder_cache.put(item.content_hash, embeds)
+        self._mm_counts["encoder_runs"] += len(items)
+        self._mm_counts["encoder_calls"] += 1
 
     # ---- sleep ----------------------------------------------------------------------------------
 
@@ -510,7 +549,7 @@ class LLMEngine:
         changed: set[str] = set()
         collected = False
         try:
-            mm = gather_step_inputs(batch, self._mm_prompts, self._encode_item, self.model.uses_mrope) \
+            mm = gather_step_inputs(batch, self._mm_prompts, self._encode_items, self.model.uses_mrope) \
                 if self._mm_prompts else None
             prompt_rows = plan_prompt_rows(batch, seq_ids, self._prompt_logprobs) if self._prompt_logprobs else None
             pending = self.runner.execute(batch, [self._seqs[s].sampling for s in sample_ids], mm, prompt_rows)

@@ -7,8 +7,9 @@ prefix-cache keys and, step by step, the embedding rows the model reads at those
   hashes of the items whose placeholders fall in it: two prompts that differ only in an image share
   no block), and Qwen2.5-VL's 3-D rotary positions.
 - :class:`EncoderCache`: item embeddings by content hash, least recently used first out, bounded in
-  bytes. The vision encoder runs once per new item; a request holds its items' embeddings only
-  until its prompt's chunks have consumed them.
+  bytes. The vision encoder runs once per new item (the new items of one step in as few encoder calls
+  as their modalities and sizes allow); a request holds its items' embeddings only until its
+  prompt's chunks have consumed them.
 - :func:`gather_step_inputs`: for one scheduled batch, the flat-batch rows of placeholder tokens
   and their embeddings (a chunk boundary inside an image takes exactly the rows of its part), and
   the positions the model needs (3-D where a multimodal prompt is being prefilled, shifted 1-D for
@@ -242,8 +243,9 @@ def gather_step_inputs(batch, prompts: dict[int, MultiModalPrompt], encode, uses
     """The multimodal inputs of one scheduled batch, or None when it needs none.
 
     ``prompts`` maps the sequence id of every unfinished multimodal request's sample to its state;
-    ``encode(prompt, index, item) -> embeddings`` returns an item's embeddings (from the request's
-    hold, the encoder cache, or the encoder). Under M-RoPE, decode tokens of multimodal prompts get
+    ``encode([(prompt, index, item), ...]) -> [embeddings, ...]`` returns the embeddings of every
+    item the step reads (from the request's hold, the encoder cache, or the encoder), all at once so
+    the new ones can be encoded together. Under M-RoPE, decode tokens of multimodal prompts get
     their 1-D position shifted in ``batch.positions`` (in place, vectorised); only sequences whose
     chunk touches their prompt are looked at one by one.
     """
@@ -265,7 +267,7 @@ def gather_step_inputs(batch, prompts: dict[int, MultiModalPrompt], encode, uses
         rows = np.repeat(lo[dec], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
         positions[rows] += np.repeat(deltas, counts)
     rows_out: list[np.ndarray] = []
-    embeds: list[torch.Tensor] = []
+    uses: list[tuple[MultiModalPrompt, int, MultiModalItem, int, int]] = []  # (prompt, item index, item, a, b)
     mrope_rows: list[tuple[int, int, np.ndarray]] = []
     for k in np.flatnonzero(prefilling):
         prompt, a_lo, a_hi = states[k], int(lo[k]), int(hi[k])
@@ -274,11 +276,8 @@ def gather_step_inputs(batch, prompts: dict[int, MultiModalPrompt], encode, uses
             a, b = max(start, item.offset), min(end, item.offset + item.num_tokens)
             if a >= b:
                 continue
-            emb = encode(prompt, index, item)
             rows_out.append(np.arange(a_lo + a - start, a_lo + b - start, dtype=np.int64))
-            embeds.append(emb[a - item.offset:b - item.offset])
-            if b == item.offset + item.num_tokens:
-                prompt.held.pop(index, None)  # consumed: later needs (a preemption) go to the cache
+            uses.append((prompt, index, item, a, b))
         if uses_mrope:
             idx = positions[a_lo:a_hi].copy()
             decode = idx >= n_prompt[k]
@@ -293,5 +292,11 @@ def gather_step_inputs(batch, prompts: dict[int, MultiModalPrompt], encode, uses
             pos3[:, a_lo:a_hi] = p3
     if not rows_out and pos3 is None:
         return None
+    embeds = []
+    if uses:
+        for (prompt, index, item, a, b), emb in zip(uses, encode([u[:3] for u in uses])):
+            embeds.append(emb[a - item.offset:b - item.offset])
+            if b == item.offset + item.num_tokens:
+                prompt.held.pop(index, None)  # consumed: later needs (a preemption) go to the cache
     return MultiModalStep(np.concatenate(rows_out) if rows_out else np.zeros(0, dtype=np.int64),
                           torch.cat(embeds) if embeds else None, pos3)
