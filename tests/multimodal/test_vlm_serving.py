@@ -436,3 +436,19 @@ def test_encoded_images_are_decoded_once(llava, qwen, monkeypatch):
                  use_tqdm=False)
     assert len(opened) == 4  # one per frame
     assert_pool_whole(llm)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("num_tokens", [1, 40, 333])
+def test_the_memory_profiles_dummy_images(llava, qwen, family, num_tokens):
+    """What the GPU runner's memory profile encodes: images the encoder takes, at most num_tokens
+    embedding rows (one item's worth where num_tokens is less), no fewer than one item below it."""
+    path = (llava if family == "llava" else qwen)[0]
+    model, _ = load_model(path)
+    modality, pixels, grid = model.dummy_multimodal_input(num_tokens)
+    rows = sum(e.shape[0] for e in model.encode_multimodal(modality, pixels, grid))
+    if family == "llava":
+        per = model.num_placeholder_tokens("image")
+        assert rows == max(per, num_tokens // per * per)
+    else:
+        assert grid.shape == (1, 3) and num_tokens - int(num_tokens ** 0.5) <= rows <= num_tokens

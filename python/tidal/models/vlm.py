@@ -14,6 +14,7 @@ Checkpoints come in two naming layouts (transformers before and after 4.52 moved
 under ``model.``); both load, and :meth:`hf_state_dict` writes the one transformers writes today.
 """
 
+import math
 import re
 from collections.abc import Iterable, Iterator
 
@@ -58,6 +59,12 @@ class VisionLanguageModel(LlamaForCausalLM):
 
     def num_placeholder_tokens(self, modality: str, grid_thw: tuple[int, int, int] | None) -> int:
         """How many placeholder tokens (embedding rows) one item takes in the prompt."""
+        raise NotImplementedError
+
+    def dummy_multimodal_input(self, num_tokens: int) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """``(modality, pixel_values, grid_thw)`` of zero images the encoder turns into at most
+        ``num_tokens`` embedding rows and no fewer than one item's worth below it: what the GPU
+        runner's memory profile encodes, as the engine encodes a step's new items together."""
         raise NotImplementedError
 
     def prompt_placeholder(self, modality: str) -> list[int]:
@@ -185,6 +192,11 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     def num_placeholder_tokens(self, modality: str, grid_thw=None) -> int:
         return self.vision_tower.num_positions - int(self.drop_class_token)
 
+    def dummy_multimodal_input(self, num_tokens: int) -> tuple[str, torch.Tensor, None]:
+        count = max(1, num_tokens // self.num_placeholder_tokens("image"))
+        channels = self.vision_tower.embeddings.patch_embedding.in_channels
+        return "image", torch.zeros(count, channels, self.image_size, self.image_size), None
+
     def encode_multimodal(self, modality: str, pixel_values: torch.Tensor,
                           grid_thw: torch.Tensor | None = None) -> list[torch.Tensor]:
         if modality != "image":
@@ -241,6 +253,15 @@ class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
     def num_placeholder_tokens(self, modality: str, grid_thw) -> int:
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w // self.merge_size ** 2
+
+    def dummy_multimodal_input(self, num_tokens: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        # one image of about num_tokens merged cells, close to square: its full-attention layers
+        # attend over all of it, the most any batch of that many rows asks of them
+        rows = max(1, math.isqrt(num_tokens))
+        cols = max(1, num_tokens // rows)
+        grid = torch.tensor([[1, rows * self.merge_size, cols * self.merge_size]])
+        patches = int(grid.prod())
+        return "image", torch.zeros(patches, self.visual.patch_embed.patch_numel), grid
 
     def encode_multimodal(self, modality: str, pixel_values: torch.Tensor,
                           grid_thw: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -1,7 +1,8 @@
 """The GPU model runner: what is particular to serving on a CUDA device.
 
 - KV pool sizing: after the weights are loaded, a profiling forward at ``max_num_batched_tokens``
-  (plus the logits and sampler of ``max_num_seqs`` rows) measures peak activation memory; the pool
+  (plus the logits and sampler of ``max_num_seqs`` rows, and for a vision-language model its encoder
+  over as many embedding rows, as a step's new images go) measures peak activation memory; the pool
   takes ``kv_cache_memory_fraction`` of the card minus the weights, that peak, the memory outside
   torch's allocator and what the CUDA graphs will hold.
 - Step inputs: the scheduler's arrays are packed (numpy, vectorised) into one pinned host buffer and
@@ -194,7 +195,10 @@ class GPUModelRunner:
             del hidden
             params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
             sample(logits, [SequenceSampling(params, [0], [], seed=i) for i in range(rows)])
-        del caches, logits, attn
+            del logits
+            if hasattr(self.model, "dummy_multimodal_input"):  # the engine encodes a step's new items at once
+                self.model.encode_multimodal(*self.model.dummy_multimodal_input(num_tokens))
+        del caches, attn
         torch.cuda.synchronize(device)
         activations = torch.cuda.max_memory_allocated(device) - base.allocated - weights
         torch.cuda.empty_cache()
