@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tidal.serve.engine import EngineConfig, LLMEngine
-from tidal.serve.kv_transfer import nixl_available
+from tidal.serve.kv_transfer import TorchConnector, nixl_available
 from tidal.serve.sampling_params import SamplingParams
 from tiny_models import assert_pool_whole, build_model
 
@@ -80,7 +80,11 @@ def tokens(outputs: dict) -> list[list[int]]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("connector", CONNECTORS)
 @pytest.mark.parametrize("num_decode", [1, 3])
-def test_disaggregated_equals_colocated(model_path, connector, num_decode, device):
+@pytest.mark.parametrize("within_process", [True, False], ids=["copied", "sent"])
+def test_disaggregated_equals_colocated(model_path, connector, num_decode, device, within_process, monkeypatch):
+    if connector != "torch" and not within_process:
+        pytest.skip("only the torch connector copies blocks between engines of one process")
+    monkeypatch.setattr(TorchConnector, "copy_within_process", within_process)
     params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
               SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=1.2, top_k=20, seed=3, max_tokens=6, ignore_eos=True, logprobs=2),
@@ -97,9 +101,9 @@ def test_disaggregated_equals_colocated(model_path, connector, num_decode, devic
             for a, b in zip(got[k].outputs[0].logprobs, want[k].outputs[0].logprobs):
                 assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
     assert got["1"].num_cached_tokens == len(PROMPTS[1])  # the decode engine computed none of the prompt
-    if connector == "torch":  # pools on one card are copied on it; off the GPU the blocks travel the group
+    if connector == "torch":  # pools of one process on one device are copied; else the blocks travel the group
         pairs = [p for d in decodes for p in d.transfers.connector._pairs.values()]
-        assert pairs and all(p.direct == (device == "cuda") for p in pairs)
+        assert pairs and all(p.direct == within_process for p in pairs)
     for e in [prefill, *decodes]:
         assert_pool_whole(e)
 

@@ -12,8 +12,9 @@ one interface:
 - :class:`TorchConnector`: torch.distributed point-to-point (Gloo) over a two-rank group per engine
   pair, bootstrapped through a TCPStore the prefill engine hosts. The decode engine sends the
   transfer id and block ids; the prefill engine answers with the blocks (GPU blocks staged through
-  host memory), or, where both pools are on the same GPU in one process, the decode engine copies
-  the blocks on the device itself and the group carries only the request and its acknowledgement.
+  host memory), or, where both pools are on the same device in one process (one GPU, or the CPU),
+  the decode engine copies the blocks itself and the group carries only the request and its
+  acknowledgement.
   It is the test reference and the fallback where NIXL is not installed.
 
 Both copy the same bytes: the pool is one allocation ``[num_layers, 2, num_blocks, block_bytes]``
@@ -251,6 +252,9 @@ class TorchConnector(KVConnector):
 
     kind = "torch"
     _OK, _UNKNOWN = 0, 1
+    # Engines of one process on one device copy blocks between their pools; False sends them over
+    # the group as between processes (what the tests set to cover that path within one process).
+    copy_within_process = True
 
     def __init__(self, flat, layout, num_blocks, engine_id, timeout, host: str = "127.0.0.1", port: int = 0,
                  serve: bool = False):
@@ -284,15 +288,19 @@ class TorchConnector(KVConnector):
             info["device_uuid"] = str(torch.cuda.get_device_properties(self.flat.device).uuid)
         return info
 
-    def _same_gpu_view(self, remote: dict) -> torch.Tensor | None:
+    def _same_device_view(self, remote: dict) -> torch.Tensor | None:
         """The remote pool as ``[2 * num_layers, num_blocks, block_bytes]``, when it belongs to an
-        engine of this process on this engine's GPU; None otherwise (the blocks then come over the
-        group)."""
+        engine of this process on this engine's device (the same GPU, or both on the CPU); None
+        otherwise (the blocks then come over the group)."""
         # NOTE(tidal): engines of two processes on one card go through host memory: the pools are
         # driver-mapped allocations (sleep mode), which need an exported shareable handle rather
         # than a CUDA IPC handle of torch's allocator.
-        if (not self.flat.is_cuda or remote.get("node") != socket.gethostname() or remote.get("pid") != os.getpid()
-                or remote.get("device_uuid") != str(torch.cuda.get_device_properties(self.flat.device).uuid)):
+        if (not self.copy_within_process or remote.get("node") != socket.gethostname()
+                or remote.get("pid") != os.getpid()):
+            return None
+        if self.flat.is_cuda != ("device_uuid" in remote) or (
+                self.flat.is_cuda
+                and remote["device_uuid"] != str(torch.cuda.get_device_properties(self.flat.device).uuid)):
             return None
         peer = next((c for c in list(_OPEN) if c.engine_id == remote["engine_id"]), None)
         shape = (2 * self.layout.num_layers, int(remote["num_blocks"]), self.layout.block_bytes)
@@ -432,9 +440,9 @@ class _Pair:
                            f"{self.remote['host']}:{self.remote['port']}: {type(e).__name__}: {e}")
             return
         view = c.block_view()
-        remote_view = c._same_gpu_view(self.remote)
+        remote_view = c._same_device_view(self.remote)
         self.direct = remote_view is not None
-        stream = torch.cuda.Stream(c.flat.device) if self.direct else None
+        stream = torch.cuda.Stream(c.flat.device) if self.direct and c.flat.is_cuda else None
         while True:
             job = self.jobs.get()
             if job is None:
@@ -457,10 +465,14 @@ class _Pair:
                                                f"{transfer_id} (it timed out or was released)"))
                     continue
                 local = torch.tensor(local_blocks, device=c.flat.device)
-                if self.direct:  # one gather and one scatter on the card, then the acknowledgement
-                    with torch.cuda.stream(stream):
-                        view[:, local] = remote_view[:, torch.tensor(remote_blocks, device=c.flat.device)]
-                    stream.synchronize()
+                if self.direct:  # one gather and one scatter on the device, then the acknowledgement
+                    remote_ids = torch.tensor(remote_blocks, device=c.flat.device)
+                    if stream is None:
+                        view[:, local] = remote_view[:, remote_ids]
+                    else:
+                        with torch.cuda.stream(stream):
+                            view[:, local] = remote_view[:, remote_ids]
+                        stream.synchronize()
                     group.send([torch.zeros(1, dtype=torch.int64)], 0, 4).wait()
                 else:
                     payload = torch.empty(view.shape[0], len(remote_blocks), view.shape[2], dtype=torch.uint8)
