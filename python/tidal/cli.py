@@ -173,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-stop-length", type=int, default=256, help="characters of a stop string (default 256)")
     limits.add_argument("--max-concurrent-requests", type=int, default=1024,
                         help="requests in flight; past it a 429 with Retry-After (default 1024)")
-    serve.add_argument("--role", choices=["prefill", "decode", "router"], default=None,
-                       help="disaggregated serving: a prefill or decode engine, or the router in front of them")
+    serve.add_argument("--role", choices=["prefill", "decode", "router", "disaggregated"], default=None,
+                       help="disaggregated serving: a prefill or decode engine, the router in front of them, or "
+                            "all of them in this one process (disaggregated: KV blocks copied on the device)")
+    serve.add_argument("--num-decode", type=int, default=1,
+                       help="--role disaggregated: decode engines beside the prefill engine (default 1)")
+    serve.add_argument("--prefill-share", type=float, default=0.3,
+                       help="--role disaggregated: the prefill engine's share of the KV memory (default 0.3)")
     serve.add_argument("--prefill", action="append", default=[], metavar="URL",
                        help="router: a prefill engine's base URL (repeat for several)")
     serve.add_argument("--decode", action="append", default=[], metavar="URL",
@@ -350,6 +355,10 @@ def cmd_serve(args) -> int:
         return _serve_router(args)
     if args.prefill or args.decode:
         raise CLIError("--prefill and --decode are the router's (--role router)")
+    if args.role == "disaggregated" and args.num_decode < 1:
+        raise CLIError(f"--num-decode={args.num_decode} must be >= 1")
+    if args.role == "disaggregated" and not 0 < args.prefill_share < 1:
+        raise CLIError(f"--prefill-share={args.prefill_share} must be in (0, 1)")
     model = args.model
     if model is None:
         from tidal import demo
@@ -368,7 +377,8 @@ def cmd_serve(args) -> int:
                               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                               seed=args.seed, enforce_eager=args.enforce_eager,
                               async_scheduling=args.async_scheduling,
-                              encoder_cache_bytes=args.encoder_cache_bytes, kv_role=args.role,
+                              encoder_cache_bytes=args.encoder_cache_bytes,
+                              kv_role=None if args.role == "disaggregated" else args.role,
                               kv_connector=args.kv_connector, kv_host=args.kv_host or args.host,
                               kv_port=args.kv_port, kv_transfer_timeout=args.kv_transfer_timeout,
                               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
@@ -392,6 +402,17 @@ def cmd_serve(args) -> int:
                               max_concurrent_requests=args.max_concurrent_requests)
     except ValueError as e:
         raise CLIError(str(e).replace("max_", "--max-", 1).replace("_", "-")) from None
+    if args.role == "disaggregated":
+        from tidal.serve.disagg_local import DisaggregatedServer
+
+        try:
+            server = DisaggregatedServer(config, num_decode=args.num_decode, prefill_share=args.prefill_share,
+                                         host=args.host, port=args.port, api_key=args.api_key,
+                                         served_model_name=served, media=media, limits=limits)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        server.serve_forever()
+        return 0
     run_server(config, host=args.host, port=args.port, api_key=args.api_key, served_model_name=served, media=media,
                limits=limits)
     return 0

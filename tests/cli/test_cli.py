@@ -98,6 +98,9 @@ def test_serve_role_errors(tiny_model):
          "serves no model"),
         (("serve", "--role", "router", "--prefill", "a:1", "--decode", "http://b:1"), "must start with http://"),
         (("serve", tiny_model, "--prefill", "http://a:1"), "the router's"),
+        (("serve", tiny_model, "--role", "disaggregated", "--num-decode", "0"), "--num-decode=0 must be >= 1"),
+        (("serve", tiny_model, "--role", "disaggregated", "--prefill-share", "1.5"),
+         "--prefill-share=1.5 must be in (0, 1)"),
     ]
     for args, match in cases:
         r = _run(*args)

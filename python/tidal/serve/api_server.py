@@ -820,13 +820,20 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
                limits: ServerLimits | None = None) -> None:
     """Loads the model and serves until SIGINT or SIGTERM: then stops accepting connections, aborts the
     requests in flight (their clients get finish_reason / an error), shuts the engine down and returns."""
+    engine = AsyncLLMEngine.from_config(engine_config)
+    name = served_model_name or os.path.basename(os.path.normpath(engine_config.model))
+    engine_server(engine, name, host, port, api_key, media, limits).run()
+
+
+def engine_server(engine: AsyncLLMEngine, served_model_name: str, host: str, port: int, api_key: str | None = None,
+                  media: MediaOptions | None = None, limits: ServerLimits | None = None, log_level: str = "info"):
+    """A uvicorn server of :func:`build_app` over ``engine`` that shuts the engine down when it stops,
+    and on SIGINT / SIGTERM (or :meth:`stop`) first aborts the requests in flight."""
     import contextlib
 
     import uvicorn
 
-    engine = AsyncLLMEngine.from_config(engine_config)
-    name = served_model_name or os.path.basename(os.path.normpath(engine_config.model))
-    app = build_app(engine, name, api_key, media, limits)
+    app = build_app(engine, served_model_name, api_key, media, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -839,9 +846,17 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a graceful shutdown: return normally, do not re-raise
+            self.abort_all()
+
+        def abort_all(self) -> None:
             loop = getattr(self, "_tidal_loop", None)
             if loop is not None:
                 loop.call_soon_threadsafe(app.state.abort_all)
+
+        def stop(self) -> None:
+            """From another thread: abort what is in flight and stop serving."""
+            self.abort_all()
+            self.should_exit = True
 
         async def serve(self, sockets=None):
             self._tidal_loop = asyncio.get_running_loop()
@@ -850,7 +865,6 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
     # NOTE(tidal): idle keep-alive connections live 65 s (uvicorn's default is 5 s): a client pool
     # that reuses one the server has just closed sees a connection error, which 512 streaming
     # clients on a busy CPU met (bench/load.py)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
                             timeout_keep_alive=65)
-    server = _Server(config)
-    server.run()
+    return _Server(config)

@@ -12,20 +12,29 @@ import concurrent.futures
 import itertools
 from collections.abc import AsyncIterator
 
+import torch
+
 from tidal.serve.engine import EngineConfig, LLMEngine
 from tidal.serve.outputs import RequestOutput
 from tidal.serve.sampling_params import SamplingParams
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    """``stream``: a CUDA stream the engine's steps run on (engines sharing a GPU in one process
+    each take their own, so their work overlaps and a priority can favour one); None runs them on
+    the worker thread's default."""
+
+    def __init__(self, engine: LLMEngine, stream=None):
         self.engine = engine
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending_adds: list[tuple] = []
         self._pending_aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-engine")
+        # the current CUDA stream is per thread: the worker's is set once, every step runs on it
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tidal-engine",
+            initializer=None if stream is None else torch.cuda.set_stream, initargs=() if stream is None else (stream,))
         self._ids = itertools.count()
         self._stepping = False
 

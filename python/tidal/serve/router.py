@@ -560,11 +560,18 @@ def run_router(prefill_urls: list[str], decode_urls: list[str], host: str = "127
                request_timeout: float = 600.0, served_model_name: str | None = None) -> None:
     """Serves the router until SIGINT or SIGTERM: then it stops accepting connections, lets the
     requests in flight finish for up to 10 s, closes its engine connections and returns."""
+    router_server(prefill_urls, decode_urls, host, port, api_key=api_key, engine_api_key=engine_api_key,
+                  health_interval=health_interval, request_timeout=request_timeout,
+                  served_model_name=served_model_name).run()
+
+
+def router_server(prefill_urls: list[str], decode_urls: list[str], host: str, port: int, log_level: str = "info",
+                  **options):
+    """A uvicorn server of :func:`build_router_app` (``options`` are its keyword arguments) that
+    returns normally on SIGINT / SIGTERM."""
     import uvicorn
 
-    app = build_router_app(prefill_urls, decode_urls, api_key=api_key, health_interval=health_interval,
-                           request_timeout=request_timeout, served_model_name=served_model_name,
-                           engine_api_key=engine_api_key)
+    app = build_router_app(prefill_urls, decode_urls, **options)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -574,7 +581,6 @@ def run_router(prefill_urls: list[str], decode_urls: list[str], host: str = "127
     # NOTE(tidal): idle keep-alive connections live 65 s (uvicorn's default is 5 s): a client pool
     # that reuses one the server has just closed sees a connection error, which 512 streaming
     # clients on a busy CPU met (bench/load.py)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
                             timeout_keep_alive=65)
-    _Server(config).run()
-
+    return _Server(config)

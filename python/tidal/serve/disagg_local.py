@@ -1,0 +1,152 @@
+"""Disaggregated serving in one process (``tidal serve MODEL --role disaggregated``): a prefill engine,
+``num_decode`` decode engines and the router, over one copy of the weights on one device.
+
+Engines of one process hand a prompt's KV blocks over by copying them between their pools on the
+device (the torch connector's in-process path), where engines in separate processes on one GPU send
+them through host memory: the transfer that dominated the time to first token of two processes
+(bench/RESULTS.md, D1) becomes a gather and a scatter on the card. On a GPU each engine steps on a
+CUDA stream of its own, the decode engines' at a higher priority than the prefill engine's, so a
+decode step's kernels are scheduled ahead of a long prefill's as soon as the card has room, instead
+of the two processes' work taking turns on it.
+
+The KV memory the process may use (``kv_cache_memory_fraction`` of the card, less the weights)
+is split between the prefill engine (``prefill_share`` of it) and the decode engines (the rest,
+equally); with ``num_kv_blocks`` set, every engine gets that many. The prefill engine runs eagerly:
+it never decodes, so it captures no CUDA graph. The engines serve the OpenAI API on loopback ports
+behind the router, which alone listens where the user asked; they accept only the router (a key
+made at start-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import threading
+import time
+
+import torch
+
+from tidal.serve.config import EngineConfig, resolve_device
+
+
+def build_engines(config: EngineConfig, num_decode: int = 1, prefill_share: float = 0.3):
+    """The engines of one process: ``(prefill, [decode, ...])`` as :class:`~tidal.serve.engine.LLMEngine`,
+    sharing one model loaded from ``config.model`` (a checkpoint directory), each with
+    ``kv_role`` set and its part of the KV memory (see the module docstring)."""
+    from tidal.models import load_model
+    from tidal.serve.engine import LLMEngine
+
+    if not isinstance(num_decode, int) or num_decode < 1:
+        raise ValueError(f"num_decode={num_decode!r} must be an integer >= 1")
+    if not 0.0 < prefill_share < 1.0:
+        raise ValueError(f"prefill_share={prefill_share!r} must be in (0, 1)")
+    if not isinstance(config.model, str):
+        raise ValueError("disaggregated serving in one process loads its model from a checkpoint directory; "
+                         f"got model={type(config.model).__name__}")
+    if config.kv_role is not None:
+        raise ValueError(f"kv_role={config.kv_role!r}: the engines of one process take their roles themselves")
+    if config.tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size}: disaggregated serving in one "
+                         f"process runs on one device")
+    device = resolve_device(config.device)
+    fraction = config.kv_cache_memory_fraction
+    model, _ = load_model(config.model, dtype=config.dtype, device=device, quantization=config.quantization)
+    if device.type == "cuda":  # the weights come out of the process's share once, before it is split
+        fraction -= torch.cuda.memory_allocated(device) / torch.cuda.get_device_properties(device).total_memory
+        if fraction <= 0:
+            raise ValueError(f"kv_cache_memory_fraction={config.kv_cache_memory_fraction} of the card leaves no "
+                             f"room for KV blocks after the weights")
+    shared = dict(model=model, tokenizer=config.tokenizer or config.model, quantization=None, device=str(device),
+                  kv_host="127.0.0.1", kv_port=0)
+    prefill = dataclasses.replace(config, kv_role="prefill", enforce_eager=True,
+                                  kv_cache_memory_fraction=fraction * prefill_share, **shared)
+    decode = dataclasses.replace(config, kv_role="decode",
+                                 kv_cache_memory_fraction=fraction * (1 - prefill_share) / num_decode, **shared)
+    engines = [LLMEngine(prefill)]
+    try:
+        for _ in range(num_decode):
+            engines.append(LLMEngine(decode))
+    except BaseException:
+        for engine in engines:
+            engine.close()
+        raise
+    return engines[0], engines[1:]
+
+
+class DisaggregatedServer:
+    """The router on ``host:port`` in front of one process's prefill and decode engines, each engine
+    served on a loopback port from a thread of its own.
+
+    :meth:`start` serves the engines (and, with ``router_thread=True``, the router too) and returns
+    once they listen; :meth:`serve_forever` runs the router in the calling thread until SIGINT or
+    SIGTERM, then stops everything; :meth:`stop` stops whatever runs."""
+
+    def __init__(self, config: EngineConfig, num_decode: int = 1, prefill_share: float = 0.3,
+                 host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 served_model_name: str | None = None, media=None, limits=None, log_level: str = "info"):
+        from tidal.serve.api_server import engine_server
+        from tidal.serve.async_engine import AsyncLLMEngine
+        from tidal.serve.kv_transfer import free_port
+        from tidal.serve.router import router_server
+
+        prefill, decodes = build_engines(config, num_decode, prefill_share)
+        self.engines = [prefill, *decodes]
+        name = served_model_name or os.path.basename(os.path.normpath(config.model))
+        streams = [None] * len(self.engines)
+        if prefill.device.type == "cuda":  # a lower number is a higher priority
+            streams = [torch.cuda.Stream(prefill.device, priority=0)]
+            streams += [torch.cuda.Stream(prefill.device, priority=-1) for _ in decodes]
+            torch.cuda.synchronize(prefill.device)  # start-up's work on the default stream is done
+        key = secrets.token_urlsafe(24)
+        self._engine_servers = []
+        urls = []
+        for engine, stream in zip(self.engines, streams):
+            engine_port = free_port("127.0.0.1")
+            self._engine_servers.append(engine_server(AsyncLLMEngine(engine, stream), name, "127.0.0.1", engine_port,
+                                                      api_key=key, media=media, limits=limits, log_level=log_level))
+            urls.append(f"http://127.0.0.1:{engine_port}")
+        self.router = router_server(urls[:1], urls[1:], host, port, log_level=log_level, api_key=api_key,
+                                    engine_api_key=key, served_model_name=name)
+        self.url = f"http://{host}:{port}"
+        self._threads: list[threading.Thread] = []
+
+    def start(self, router_thread: bool = False, timeout: float = 60.0) -> "DisaggregatedServer":
+        # the engines listen before the router's first health check
+        self._run_in_threads(self._engine_servers, timeout)
+        if router_thread:
+            self._run_in_threads([self.router], timeout)
+        return self
+
+    def _run_in_threads(self, servers, timeout: float) -> None:
+        for server in servers:
+            thread = threading.Thread(target=server.run, name="tidal-disagg-server", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        deadline = time.monotonic() + timeout
+        while not all(s.started for s in servers):
+            if time.monotonic() > deadline or not all(t.is_alive() for t in self._threads):
+                self.stop()
+                raise RuntimeError("the disaggregated server's engines or router did not start")
+            time.sleep(0.01)
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            self.router.run()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.router.should_exit = True
+        for server in self._engine_servers:
+            server.stop()
+        for thread in self._threads:
+            thread.join(timeout=15)
+        self._threads.clear()
+
+    def __enter__(self) -> "DisaggregatedServer":
+        return self.start(router_thread=True)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,145 @@
+"""Disaggregated serving in one process (``tidal serve MODEL --role disaggregated``): the router in front
+of a prefill engine and decode engines of the same process, one copy of the weights, KV blocks copied
+between the engines' pools. Through the official ``openai`` client its completions and chat, streamed
+and not, equal a colocated server's; the engines share the model's parameters and copy blocks rather
+than send them; the engines accept only the router; every pool ends whole; bad settings name themselves."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+from tidal.serve.api_server import build_app  # noqa: E402
+from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
+from tidal.serve.disagg_local import DisaggregatedServer, build_engines  # noqa: E402
+from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
+from live_server import LiveServer, free_port  # noqa: E402
+from tiny_models import assert_pool_whole, build_model  # noqa: E402
+
+MODEL = "tiny"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("disagg_local"))
+    build_model(path, "llama", max_position_embeddings=128)
+    config_file = os.path.join(path, "tokenizer_config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config["chat_template"] = CHAT_TEMPLATE
+    with open(config_file, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def _config(path, **kw):
+    return EngineConfig(path, **{**dict(device="cpu", block_size=4, num_kv_blocks=256, max_model_len=128), **kw})
+
+
+def _client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _settle(engines, timeout=10.0):
+    deadline = time.time() + timeout
+    while any(e.has_pending_transfers for e in engines) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("num_decode", [1, 2])
+def test_one_process_equals_colocated(model_path, num_decode):
+    with LiveServer(build_app(AsyncLLMEngine(LLMEngine(_config(model_path))), MODEL)) as colocated, \
+            DisaggregatedServer(_config(model_path), num_decode=num_decode, port=free_port(),
+                                served_model_name=MODEL, log_level="warning") as server:
+        prefill, *decodes = server.engines
+        assert [e.config.kv_role for e in server.engines] == ["prefill"] + ["decode"] * num_decode
+        assert all(e.model is prefill.model for e in decodes)  # one copy of the weights
+        assert prefill.config.enforce_eager
+        alone, routed = _client(colocated.url), _client(server.url)
+        for prompt, kw in [("def add(a, b):", dict(temperature=0)),
+                           ("The quick brown fox", dict(temperature=0.8, seed=5, top_p=0.9)),
+                           ("for i in range(10):", dict(temperature=0, logprobs=2))]:
+            want = alone.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                            extra_body={"ignore_eos": True}, **kw)
+            got = routed.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                            extra_body={"ignore_eos": True}, **kw)
+            assert got.choices[0].text == want.choices[0].text
+            assert got.usage.completion_tokens == 12 and got.usage.prompt_tokens == want.usage.prompt_tokens
+            streamed = "".join(c.choices[0].text for c in routed.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=12, stream=True, extra_body={"ignore_eos": True}, **kw)
+                if c.choices)
+            assert streamed == want.choices[0].text
+        messages = [{"role": "user", "content": "hello there"}]
+        want = alone.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        got = routed.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        assert got.choices[0].message.content == want.choices[0].message.content
+        pairs = [p for d in decodes for p in d.transfers.connector._pairs.values()]
+        assert pairs and all(p.direct for p in pairs)  # blocks copied between the pools, not sent
+        # the engines listen on loopback for the router alone
+        engine_url = server._engine_servers[0].config
+        r = httpx.post(f"http://127.0.0.1:{engine_url.port}/v1/completions",
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 1}, timeout=10)
+        assert r.status_code == 401
+        _settle(server.engines)
+        for e in server.engines:
+            assert_pool_whole(e)
+
+
+def test_the_kv_memory_is_split(model_path):
+    prefill, decodes = build_engines(_config(model_path, num_kv_blocks=None, kv_cache_memory_fraction=0.5),
+                                     num_decode=3, prefill_share=0.4)
+    try:
+        assert prefill.config.kv_cache_memory_fraction == pytest.approx(0.5 * 0.4)
+        assert [d.config.kv_cache_memory_fraction for d in decodes] == pytest.approx([0.5 * 0.6 / 3] * 3)
+    finally:
+        for e in [prefill, *decodes]:
+            e.close()
+
+
+def test_bad_settings_name_themselves(model_path):
+    cases = [(dict(num_decode=0), "num_decode=0 must be an integer >= 1"),
+             (dict(prefill_share=1.0), r"prefill_share=1.0 must be in \(0, 1\)")]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            build_engines(_config(model_path), **kw)
+    with pytest.raises(ValueError, match="kv_role='decode': the engines of one process take their roles"):
+        build_engines(_config(model_path, kv_role="decode"))
+
+
+def test_the_command_line_serves(model_path):
+    port = free_port()
+    command = [sys.executable, "-m", "tidal", "serve", model_path, "--role", "disaggregated", "--num-decode", "2",
+               "--port", str(port), "--device", "cpu", "--block-size", "4", "--max-model-len", "128",
+               "--served-model-name", MODEL]
+    server = subprocess.Popen(command, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server never became healthy"
+            time.sleep(0.2)
+        reply = _client(url).completions.create(model=MODEL, prompt="class Engine:", max_tokens=6, temperature=0,
+                                                extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 6
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0
