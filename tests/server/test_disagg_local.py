@@ -21,6 +21,7 @@ from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.disagg_local import DisaggregatedServer, build_engines  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
+from conftest import DEVICES  # noqa: E402
 from live_server import LiveServer, free_port  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
@@ -56,11 +57,14 @@ def _settle(engines, timeout=10.0):
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_decode", [1, 2])
-def test_one_process_equals_colocated(model_path, num_decode):
-    with LiveServer(build_app(AsyncLLMEngine(LLMEngine(_config(model_path))), MODEL)) as colocated, \
-            DisaggregatedServer(_config(model_path), num_decode=num_decode, port=free_port(),
-                                served_model_name=MODEL, log_level="warning") as server:
+def test_one_process_equals_colocated(model_path, num_decode, device):
+    """On a GPU each engine steps on a CUDA stream of its own (decode graphs replayed there)."""
+    config = _config(model_path, device=device)
+    with LiveServer(build_app(AsyncLLMEngine(LLMEngine(config)), MODEL)) as colocated, \
+            DisaggregatedServer(config, num_decode=num_decode, port=free_port(), served_model_name=MODEL,
+                                log_level="warning") as server:
         prefill, *decodes = server.engines
         assert [e.config.kv_role for e in server.engines] == ["prefill"] + ["decode"] * num_decode
         assert all(e.model is prefill.model for e in decodes)  # one copy of the weights
