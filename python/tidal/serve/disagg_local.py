@@ -98,13 +98,24 @@ class DisaggregatedServer:
     def __init__(self, config: EngineConfig, num_decode: int = 1, prefill_share: float = 0.3,
                  host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  served_model_name: str | None = None, media=None, limits=None, log_level: str = "info"):
+        prefill, decodes = build_engines(config, num_decode, prefill_share)
+        self.engines = [prefill, *decodes]
+        try:
+            self._serve(config, host, port, api_key, served_model_name, media, limits, log_level)
+        except BaseException:
+            for engine in self.engines:
+                engine.close()
+            raise
+        self._threads: list[threading.Thread] = []
+
+    def _serve(self, config, host, port, api_key, served_model_name, media, limits, log_level) -> None:
+        """The engines' servers and the router's, not yet running."""
         from tidal.serve.api_server import engine_server
         from tidal.serve.async_engine import AsyncLLMEngine
         from tidal.serve.kv_transfer import free_port
         from tidal.serve.router import router_server
 
-        prefill, decodes = build_engines(config, num_decode, prefill_share)
-        self.engines = [prefill, *decodes]
+        prefill, decodes = self.engines[0], self.engines[1:]
         name = served_model_name or os.path.basename(os.path.normpath(config.model))
         streams = [None] * len(self.engines)
         if prefill.device.type == "cuda":  # a lower number is a higher priority
@@ -122,7 +133,6 @@ class DisaggregatedServer:
         self.router = router_server(urls[:1], urls[1:], host, port, log_level=log_level, api_key=api_key,
                                     engine_api_key=key, served_model_name=name)
         self.url = f"http://{host}:{port}"
-        self._threads: list[threading.Thread] = []
 
     def start(self, router_thread: bool = False, timeout: float = 60.0) -> "DisaggregatedServer":
         # the engines listen before the router's first health check
