@@ -511,3 +511,20 @@ def test_content_hash_errors():
         content_hash([np.zeros((4, 4, 3), np.uint8), 2.5])
     with pytest.raises(ValueError, match="item: an empty list"):
         content_hash([])
+
+
+@pytest.mark.parametrize("config", [{}, {"do_normalize": False},
+                                    {"do_rescale": False, "image_mean": 0.3, "image_std": 7.0},
+                                    {"rescale_factor": 0.0041, "image_mean": [0.1, 0.9, 0.5], "image_std": [3, 0.25, 1]}])
+def test_pixel_lookup_equals_the_arithmetic(config):
+    """Rescale and normalise go through a per-channel table of the 256 uint8 values: every output
+    bit equals the arithmetic on the whole image (the rounding transformers' processors have)."""
+    from tidal.multimodal import processing
+
+    settings = Qwen2VLImageProcessor(config).settings
+    rng = np.random.default_rng(0)
+    for shape in [(56, 84, 3), (37, 91, 3), (1, 1, 3)]:
+        rgb = rng.integers(0, 256, shape, dtype=np.uint8)
+        want, got = processing._rescale_normalize_values(rgb, settings), processing._rescale_normalize(rgb, settings)
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape == (3,) + shape[:2]
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

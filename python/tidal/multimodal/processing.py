@@ -220,13 +220,27 @@ def _pil_resize(rgb: np.ndarray, height: int, width: int, resample: Image.Resamp
     return np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample))
 
 
-def _rescale_normalize(rgb: np.ndarray, s: _Settings) -> np.ndarray:
+def _rescale_normalize_values(rgb: np.ndarray, s: _Settings) -> np.ndarray:
     """float32 ``[3, H, W]`` from uint8 ``[H, W, 3]``: ``(x * rescale_factor - mean) / std``, the
     product in float64 cast to float32, the rest in float32 (transformers' rounding)."""
     x = (rgb.astype(np.float64) * s.rescale_factor).astype(np.float32) if s.do_rescale else rgb.astype(np.float32)
     if s.do_normalize:
         x = (x - s.image_mean) / s.image_std
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _rescale_normalize(rgb: np.ndarray, s: _Settings) -> np.ndarray:
+    """:func:`_rescale_normalize_values` of every pixel, looked up: a uint8 channel has 256 values, so
+    each channel's results are computed once per settings (by that same function, so every value is
+    the same bits) and an image is three table lookups, written straight in ``[3, H, W]`` order."""
+    table = s.__dict__.get("_pixel_table")
+    if table is None:  # [3, 256]: channel c's result for each uint8 value
+        ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # [256, 1, 3]
+        table = s._pixel_table = np.ascontiguousarray(_rescale_normalize_values(ramp, s)[:, :, 0])
+    out = np.empty((3,) + rgb.shape[:2], dtype=table.dtype)
+    for c in range(3):
+        np.take(table[c], rgb[..., c], out=out[c])
+    return out
 
 
 # ---- CLIP / SigLIP -----------------------------------------------------------------------------------
