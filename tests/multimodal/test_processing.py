@@ -515,7 +515,8 @@ def test_content_hash_errors():
 
 @pytest.mark.parametrize("config", [{}, {"do_normalize": False},
                                     {"do_rescale": False, "image_mean": 0.3, "image_std": 7.0},
-                                    {"rescale_factor": 0.0041, "image_mean": [0.1, 0.9, 0.5], "image_std": [3, 0.25, 1]}])
+                                    {"rescale_factor": 0.0041, "image_mean": [0.1, 0.9, 0.5],
+                                     "image_std": [3, 0.25, 1]}])
 def test_pixel_lookup_equals_the_arithmetic(config):
     """Rescale and normalise go through a per-channel table of the 256 uint8 values: every output
     bit equals the arithmetic on the whole image (the rounding transformers' processors have)."""
