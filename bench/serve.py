@@ -448,7 +448,9 @@ def step_timeline(llm, requests, device, kv_bytes: int, w_bytes: int, copy_bw: f
         for k in ("wall", "sched", "launch", "wait", "update", "gpu"):
             acc[k] = acc.get(k, 0.0) + s.get(k, 0.0)
     total = sum(a["wall"] for a in rows.values())
-    lines = [f"step timeline: generate {generate_s:.3f} s, {len(steps)} steps, {total:.3f} s in steps",
+    mode = ("asynchronous scheduling: a step's wait is for the previous step's tokens"
+            if engine.async_scheduling else "synchronous scheduling")
+    lines = [f"step timeline ({mode}): generate {generate_s:.3f} s, {len(steps)} steps, {total:.3f} s in steps",
              "| steps | n | tokens | wall s | share | schedule ms/step | launch ms/step | wait ms/step | "
              "update ms/step | other ms/step | GPU span ms/step | GPU idle share | floor ms/step | GPU span / floor |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
