@@ -529,3 +529,15 @@ def test_pixel_lookup_equals_the_arithmetic(config):
         want, got = processing._rescale_normalize_values(rgb, settings), processing._rescale_normalize(rgb, settings)
         assert got.dtype == want.dtype == np.float32 and got.shape == want.shape == (3,) + shape[:2]
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("config", [{}, {"temporal_patch_size": 3, "merge_size": 1}, {"patch_size": 7}])
+def test_a_still_images_patches_equal_its_stacked_frames(config):
+    """An image's patches, cut without stacking its repeated frames, equal those of the stack."""
+    from tidal.multimodal import processing
+
+    settings = Qwen2VLImageProcessor(config).settings
+    step = settings.patch_size * settings.merge_size
+    frame = np.random.default_rng(1).standard_normal((3, 2 * step, 3 * step)).astype(np.float32)
+    want = processing._patchify(np.stack([frame] * settings.temporal_patch_size), settings)
+    assert np.array_equal(processing._patchify_still(frame, settings), want)

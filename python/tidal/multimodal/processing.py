@@ -509,6 +509,17 @@ def _patchify(frames: np.ndarray, s: _Settings) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(gt * gh * gw, c * t * p * p)
 
 
+def _patchify_still(frame: np.ndarray, s: _Settings) -> np.ndarray:
+    """:func:`_patchify` of one float32 ``[C, H, W]`` image repeated to ``temporal_patch_size``
+    frames (how an image enters Qwen2-VL), without stacking the copies first."""
+    c, h, w = frame.shape
+    t, p, m = s.temporal_patch_size, s.patch_size, s.merge_size
+    gh, gw = h // p, w // p
+    x = frame.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, c, p, p]
+    x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t, p, p))
+    return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p)
+
+
 class Qwen2VLImageProcessor(ImageProcessor):
     """Qwen2-VL / Qwen2.5-VL processing: each image resized by :func:`smart_resize` (factor
     ``patch_size * merge_size``, area within ``min_pixels`` / ``max_pixels``), normalised like CLIP,
@@ -570,9 +581,8 @@ class Qwen2VLImageProcessor(ImageProcessor):
         patches, grids = [], []
         for i, rgb in enumerate(rgbs):
             x = _rescale_normalize(self._resized(rgb, s, s.size["longest_edge"], f"images[{i}]"), s)
-            flat, grid = self._result([x] * s.temporal_patch_size, s)
-            patches.append(flat)
-            grids.append(grid)
+            patches.append(_patchify_still(x, s))
+            grids.append([1, x.shape[1] // s.patch_size, x.shape[2] // s.patch_size])
         m2 = s.merge_size ** 2
         return ProcessedImages(torch.from_numpy(np.concatenate(patches)), torch.tensor(grids, dtype=torch.int64),
                                [t * h * w // m2 for t, h, w in grids])
