@@ -1,7 +1,6 @@
 """The OpenAI-compatible server, live on a free loopback port: the official ``openai`` client for the
 happy paths, raw httpx for bad requests, and a client that walks away mid-stream."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -17,25 +16,18 @@ import openai  # noqa: E402
 from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
-from live_server import LiveServer, free_port  # noqa: E402
+from live_server import LiveServer, add_chat_template, free_port  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
 MODEL = "tiny-llama"
 KEY = "sk-test"
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("api"))
     build_model(path, "llama", max_position_embeddings=128)
-    config_file = f"{path}/tokenizer_config.json"
-    with open(config_file) as f:
-        config = json.load(f)
-    config["chat_template"] = CHAT_TEMPLATE
-    with open(config_file, "w") as f:
-        json.dump(config, f)
+    add_chat_template(path)
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(path, block_size=4, num_kv_blocks=512, max_model_len=96)))
     app = build_app(engine, MODEL, api_key=KEY)
     with LiveServer(app) as live:

@@ -4,7 +4,6 @@ between the engines' pools. Through the official ``openai`` client its completio
 and not, equal a colocated server's; the engines share the model's parameters and copy blocks rather
 than send them; the engines accept only the router; every pool ends whole; bad settings name themselves."""
 
-import json
 import os
 import subprocess
 import sys
@@ -22,25 +21,17 @@ from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.disagg_local import DisaggregatedServer, build_engines  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
 from conftest import DEVICES  # noqa: E402
-from live_server import LiveServer, free_port  # noqa: E402
+from live_server import LiveServer, add_chat_template, assert_serves_as, free_port  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
 MODEL = "tiny"
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("disagg_local"))
     build_model(path, "llama", max_position_embeddings=128)
-    config_file = os.path.join(path, "tokenizer_config.json")
-    with open(config_file) as f:
-        config = json.load(f)
-    config["chat_template"] = CHAT_TEMPLATE
-    with open(config_file, "w") as f:
-        json.dump(config, f)
-    return path
+    return add_chat_template(path)
 
 
 def _config(path, **kw):
@@ -69,26 +60,7 @@ def test_one_process_equals_colocated(model_path, num_decode, device):
         assert [e.config.kv_role for e in server.engines] == ["prefill"] + ["decode"] * num_decode
         assert all(e.model is prefill.model for e in decodes)  # one copy of the weights
         assert prefill.config.enforce_eager
-        alone, routed = _client(colocated.url), _client(server.url)
-        for prompt, kw in [("def add(a, b):", dict(temperature=0)),
-                           ("The quick brown fox", dict(temperature=0.8, seed=5, top_p=0.9)),
-                           ("for i in range(10):", dict(temperature=0, logprobs=2))]:
-            want = alone.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
-                                            extra_body={"ignore_eos": True}, **kw)
-            got = routed.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
-                                            extra_body={"ignore_eos": True}, **kw)
-            assert got.choices[0].text == want.choices[0].text
-            assert got.usage.completion_tokens == 12 and got.usage.prompt_tokens == want.usage.prompt_tokens
-            streamed = "".join(c.choices[0].text for c in routed.completions.create(
-                model=MODEL, prompt=prompt, max_tokens=12, stream=True, extra_body={"ignore_eos": True}, **kw)
-                if c.choices)
-            assert streamed == want.choices[0].text
-        messages = [{"role": "user", "content": "hello there"}]
-        want = alone.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
-                                             extra_body={"ignore_eos": True})
-        got = routed.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
-                                             extra_body={"ignore_eos": True})
-        assert got.choices[0].message.content == want.choices[0].message.content
+        assert_serves_as(colocated.url, server.url, MODEL)
         pairs = [p for d in decodes for p in d.transfers.connector._pairs.values()]
         assert pairs and all(p.direct for p in pairs)  # blocks copied between the pools, not sent
         # the engines listen on loopback for the router alone

@@ -4,7 +4,6 @@ not, through the official ``openai`` client equal one colocated server's; a deco
 mid-stream fails its client's stream within seconds and leaks no block on the prefill side, and the
 same engine restarted takes new requests."""
 
-import json
 import os
 import signal
 import subprocess
@@ -22,12 +21,10 @@ from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
 from tidal.serve.router import build_router_app  # noqa: E402
-from live_server import LiveServer, free_port  # noqa: E402
+from live_server import LiveServer, add_chat_template, assert_serves_as, free_port  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
 MODEL = "tiny"
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def _engine(path, role=None):
@@ -51,13 +48,7 @@ def _wait_healthy(url: str, timeout: float = 60.0) -> None:
 def model_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("disagg_server"))
     build_model(path, "llama", max_position_embeddings=128)
-    config_file = os.path.join(path, "tokenizer_config.json")
-    with open(config_file) as f:
-        config = json.load(f)
-    config["chat_template"] = CHAT_TEMPLATE
-    with open(config_file, "w") as f:
-        json.dump(config, f)
-    return path
+    return add_chat_template(path)
 
 
 @pytest.fixture(scope="module")
@@ -78,26 +69,8 @@ def _client(url):
 
 
 def test_completions_and_chat_equal_colocated(cluster):
-    alone, routed = _client(cluster["colocated"]), _client(cluster["router"])
-    for prompt, kw in [("def add(a, b):", dict(temperature=0)),
-                       ("The quick brown fox", dict(temperature=0.8, seed=5, top_p=0.9)),
-                       ("for i in range(10):", dict(temperature=0, logprobs=2))]:
-        want = alone.completions.create(model=MODEL, prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True},
-                                        **kw)
-        got = routed.completions.create(model=MODEL, prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True},
-                                        **kw)
-        assert got.choices[0].text == want.choices[0].text
-        assert got.usage.completion_tokens == 12 and got.usage.prompt_tokens == want.usage.prompt_tokens
-        streamed = "".join(c.choices[0].text for c in routed.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=12, stream=True, extra_body={"ignore_eos": True}, **kw)
-            if c.choices)
-        assert streamed == want.choices[0].text
-    messages = [{"role": "user", "content": "hello there"}]
-    want = alone.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
-                                         extra_body={"ignore_eos": True})
-    got = routed.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
-                                         extra_body={"ignore_eos": True})
-    assert got.choices[0].message.content == want.choices[0].message.content
+    assert_serves_as(cluster["colocated"], cluster["router"], MODEL)
+    routed = _client(cluster["router"])
     one = routed.completions.create(model=MODEL, prompt="def add", max_tokens=1, temperature=0)
     assert one.usage.completion_tokens == 1  # answered by the prefill engine alone
     deadline = time.time() + 10
