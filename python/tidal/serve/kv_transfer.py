@@ -285,8 +285,12 @@ class TorchConnector(KVConnector):
                 "num_blocks": self.num_blocks, "host": self.host, "port": self.port,
                 "node": socket.gethostname(), "pid": os.getpid()}
         if self.flat.is_cuda:
-            info["device_uuid"] = str(torch.cuda.get_device_properties(self.flat.device).uuid)
+            info["device_uuid"] = self._device_uuid()
         return info
+
+    def _device_uuid(self) -> str | None:
+        """The pool's GPU, or None for a pool in host memory."""
+        return str(torch.cuda.get_device_properties(self.flat.device).uuid) if self.flat.is_cuda else None
 
     def _same_device_view(self, remote: dict) -> torch.Tensor | None:
         """The remote pool as ``[2 * num_layers, num_blocks, block_bytes]``, when it belongs to an
@@ -296,11 +300,7 @@ class TorchConnector(KVConnector):
         # driver-mapped allocations (sleep mode), which need an exported shareable handle rather
         # than a CUDA IPC handle of torch's allocator.
         if (not self.copy_within_process or remote.get("node") != socket.gethostname()
-                or remote.get("pid") != os.getpid()):
-            return None
-        if self.flat.is_cuda != ("device_uuid" in remote) or (
-                self.flat.is_cuda
-                and remote["device_uuid"] != str(torch.cuda.get_device_properties(self.flat.device).uuid)):
+                or remote.get("pid") != os.getpid() or remote.get("device_uuid") != self._device_uuid()):
             return None
         peer = next((c for c in list(_OPEN) if c.engine_id == remote["engine_id"]), None)
         shape = (2 * self.layout.num_layers, int(remote["num_blocks"]), self.layout.block_bytes)
