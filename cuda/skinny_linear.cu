@@ -7,9 +7,11 @@
 // to `out` (x's dtype or fp32) or is added into `residual` in place. A Llama layer at batch 1 is
 // then four of these (qkv with the input norm, o_proj + residual, gate_up with the post-attention
 // norm, down_proj with silu_and_mul + residual) plus rotary and attention, instead of ten kernels.
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "ops/kernels.h"
 
@@ -68,9 +70,10 @@ __device__ __forceinline__ V load_weight(const V* ptr) {
   return *ptr;
 }
 
-// f(x) for rows [0, m) into xs ([kM, k] in T); rows m .. kM-1 are zeros. All threads take part.
-template <typename T, int kM, int kVec>
-__device__ void prologue(const Params& p, T* xs, float* scratch) {
+// f(x) for rows [0, m) into xs ([kM, k] in T); rows m .. kM-1 are zeros. Threads [0, num_threads)
+// take part (a whole number of warps); sync() synchronises exactly them. scratch: kM floats per warp.
+template <typename T, int kM, int kVec, typename Sync>
+__device__ void prologue(const Params& p, T* xs, float* scratch, int tid, int num_threads, Sync sync) {
   using V = Vec<T, kVec>;
   const int num_vecs = p.k / kVec;
   const T* x = static_cast<const T*>(p.x);
@@ -81,7 +84,7 @@ __device__ void prologue(const Params& p, T* xs, float* scratch) {
     float ss[kM];
 #pragma unroll
     for (int r = 0; r < kM; ++r) ss[r] = 0.0f;
-    for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    for (int i = tid; i < num_vecs; i += num_threads) {
 #pragma unroll
       for (int r = 0; r < kM; ++r) {
         if (r >= p.m) continue;
@@ -93,14 +96,14 @@ __device__ void prologue(const Params& p, T* xs, float* scratch) {
         }
       }
     }
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-    const int num_warps = blockDim.x / kWarpSize;
+    const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+    const int num_warps = num_threads / kWarpSize;
 #pragma unroll
     for (int r = 0; r < kM; ++r) {
       const float s = warp_sum(ss[r]);
       if (lane == 0) scratch[r * num_warps + warp] = s;
     }
-    __syncthreads();
+    sync();
 #pragma unroll
     for (int r = 0; r < kM; ++r) {
       float s = 0.0f;
@@ -109,7 +112,7 @@ __device__ void prologue(const Params& p, T* xs, float* scratch) {
     }
   }
   const T* nw = static_cast<const T*>(p.norm_weight);
-  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+  for (int i = tid; i < num_vecs; i += num_threads) {
     V w;
     if (p.prologue == kRmsNorm) w = load_vec_readonly<T, kVec>(nw + static_cast<int64_t>(i) * kVec);
 #pragma unroll
@@ -141,7 +144,42 @@ __device__ void prologue(const Params& p, T* xs, float* scratch) {
       store_vec(xs + r * p.k + static_cast<int64_t>(i) * kVec, o);
     }
   }
-  __syncthreads();
+  sync();
+}
+
+#if !defined(TIDAL_USE_HIP)
+// NOTE(tidal): programmatic dependent launch (sm_90): the blocks start while the previous kernel
+// drains, load their first weights, and wait in wait_for_prior_grid for its results. Inside a
+// CUDA graph this removes most of the gap between the dependent kernels of a decode step.
+template <typename... KernelArgs, typename... Args>
+void launch_programmatic(void (*kernel)(KernelArgs...), unsigned grid, int threads, size_t smem, cudaStream_t stream,
+                         Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  TIDAL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+#endif
+
+// Output row `row` for input row `r` (< m): value + bias, written to out or added into residual.
+template <typename T>
+__device__ __forceinline__ void store_result(const Params& p, int64_t row, int r, float value) {
+  if (p.bias != nullptr) value += to_float(static_cast<const T*>(p.bias)[row]);
+  if (p.residual != nullptr) {
+    T* res = static_cast<T*>(p.residual) + r * p.residual_stride + row;
+    *res = from_float<T>(to_float(*res) + value);
+  } else if (p.out_fp32) {
+    static_cast<float*>(p.out)[r * p.out_stride + row] = value;
+  } else {
+    static_cast<T*>(p.out)[r * p.out_stride + row] = from_float<T>(value);
+  }
 }
 
 // Grid: enough blocks to fill the GPU once. Warp g of the grid takes rows g, g + warps, ... .
@@ -186,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
   if (row < p.n) load_group(cur, row, base);
 
   wait_for_prior_grid();
-  prologue<T, kM, kVec>(p, xs, scratch);
+  prologue<T, kM, kVec>(p, xs, scratch, threadIdx.x, blockDim.x, [] { __syncthreads(); });
 
   float acc[kM];
 #pragma unroll
@@ -221,17 +259,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
         if (lane == r) mine = acc[r];
         acc[r] = 0.0f;
       }
-      if (lane < p.m) {
-        if (p.bias != nullptr) mine += to_float(static_cast<const T*>(p.bias)[row]);
-        if (p.residual != nullptr) {
-          T* res = static_cast<T*>(p.residual) + lane * p.residual_stride + row;
-          *res = from_float<T>(to_float(*res) + mine);
-        } else if (p.out_fp32) {
-          static_cast<float*>(p.out)[lane * p.out_stride + row] = mine;
-        } else {
-          static_cast<T*>(p.out)[lane * p.out_stride + row] = from_float<T>(mine);
-        }
-      }
+      if (lane < p.m) store_result<T>(p, row, lane, mine);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
@@ -239,6 +267,194 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
     base = next_base;
   }
 }
+
+#if !defined(TIDAL_USE_HIP)
+// ---- the streamed kernel (sm_90) --------------------------------------------------------------------
+// NOTE(tidal): the register-streamed kernel above keeps ~4 KB per warp in flight and walks its rows
+// one group after another, so each projection pays the DRAM latency a few times over at its start
+// and tail: the small projections of a Llama-3-8B layer ran at 43-50% of the copy ceiling (qkv 18
+// us, o_proj 13 us in a graph, against 12 and 8 at the ceiling) and a layer lost ~27 us a step. Here
+// one block per SM streams its share of the weight through a ring of 32 KB shared-memory stages
+// filled by bulk copies (one producer lane, an mbarrier per stage): 128 KB per SM is in flight from
+// the kernel's first instruction, before the previous kernel has even finished (its results, x, are
+// only read after wait_for_prior_grid), so the ramp overlaps the kernel before. Eight consumer
+// warps compute f(x) into shared memory once, then take a tile's rows (one row each; a row longer
+// than a tile is split into segments of one group's consecutive tiles, its sum kept in registers).
+// Blocks take contiguous runs of row groups (groups of 8 rows: at most 1/8 of a group of imbalance
+// per block for a Llama layer's shapes).
+constexpr int kStreamConsumerWarps = 8;
+constexpr int kStreamConsumers = kStreamConsumerWarps * kWarpSize;
+constexpr int kStreamThreads = kStreamConsumers + kWarpSize;  // plus the producer warp
+constexpr int64_t kStageBytes = 32 * 1024;
+constexpr int kMaxStages = 4;
+constexpr int64_t kStreamSmemBudget = 220 * 1024;  // dynamic shared memory: stages + f(x)
+
+struct StreamPlan {
+  int rows;      // weight rows per tile: kStreamConsumerWarps, or a multiple of it when segments == 1
+  int cols;      // columns per tile (a multiple of the vector width); a row's last tile may be shorter
+  int segments;  // tiles per group of `rows` rows, ceil(k / cols)
+  int stages;    // ring depth
+};
+
+template <typename T, int kM>
+__global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kernel(const Params p, const StreamPlan plan) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kVec = 16 / sizeof(T);
+  using V = Vec<T, kVec>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full[kMaxStages];   // a stage's bytes have landed
+  __shared__ __align__(8) uint64_t empty[kMaxStages];  // every consumer warp is done with a stage
+  __shared__ float scratch[kM * kStreamConsumerWarps];
+  T* xs = reinterpret_cast<T*>(smem_raw + plan.stages * kStageBytes);
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
+  const int64_t first_group = groups * blockIdx.x / gridDim.x;
+  const int64_t num_tiles = (groups * (blockIdx.x + 1) / gridDim.x - first_group) * plan.segments;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < plan.stages; ++s) {
+      mbarrier_init(shared_address(&full[s]), 1);
+      mbarrier_init(shared_address(&empty[s]), kStreamConsumerWarps);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (warp == kStreamConsumerWarps) {
+    // The producer lane: the weights do not depend on the previous kernel, so the first stages are
+    // filled before waiting for it.
+    if (lane == 0) {
+      const char* weight = static_cast<const char*>(p.weight);
+      const bool contiguous = plan.segments == 1 && p.w_stride == p.k;  // a tile is one run of bytes
+      for (int64_t t = 0; t < num_tiles; ++t) {
+        const int s = static_cast<int>(t % plan.stages);
+        const int64_t round = t / plan.stages;
+        if (round > 0) mbarrier_wait(shared_address(&empty[s]), static_cast<uint32_t>((round - 1) & 1));
+        const int64_t row0 = (first_group + t / plan.segments) * plan.rows;
+        const int seg = static_cast<int>(t % plan.segments);
+        const int rows = static_cast<int>(min(static_cast<int64_t>(plan.rows), p.n - row0));
+        const int cols = min(plan.cols, p.k - seg * plan.cols);
+        const uint32_t row_bytes = static_cast<uint32_t>(cols * sizeof(T));
+        const uint32_t bar = shared_address(&full[s]);
+        const uint32_t stage = shared_address(smem_raw + s * kStageBytes);
+        const char* src = weight + (row0 * p.w_stride + static_cast<int64_t>(seg) * plan.cols) * sizeof(T);
+        mbarrier_arrive_expect_tx(bar, row_bytes * rows);
+        if (contiguous) {
+          bulk_copy_to_shared(stage, src, row_bytes * rows, bar);
+        } else {
+          for (int r = 0; r < rows; ++r) {
+            bulk_copy_to_shared(stage + static_cast<uint32_t>(r * plan.cols * sizeof(T)), src + r * p.w_stride * sizeof(T),
+                                row_bytes, bar);
+          }
+        }
+      }
+      allow_dependents();
+    }
+    return;
+  }
+
+  wait_for_prior_grid();
+  prologue<T, kM, kVec>(p, xs, scratch, threadIdx.x, kStreamConsumers,
+                        [] { asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumers) : "memory"); });
+
+  float acc[kM];
+#pragma unroll
+  for (int r = 0; r < kM; ++r) acc[r] = 0.0f;
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const int s = static_cast<int>(t % plan.stages);
+    mbarrier_wait(shared_address(&full[s]), static_cast<uint32_t>((t / plan.stages) & 1));
+    const int64_t row0 = (first_group + t / plan.segments) * plan.rows;
+    const int seg = static_cast<int>(t % plan.segments);
+    const int vecs = min(plan.cols, p.k - seg * plan.cols) / kVec;
+    const T* stage = reinterpret_cast<const T*>(smem_raw + s * kStageBytes);
+    const T* x_seg = xs + seg * plan.cols;
+    for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
+      const V* w = reinterpret_cast<const V*>(stage + rl * plan.cols);
+#pragma unroll 4
+      for (int i = lane; i < vecs; i += kWarpSize) {
+        const V wv = w[i];
+        float wf[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
+#pragma unroll
+        for (int r = 0; r < kM; ++r) {
+          const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
+        }
+      }
+      if (seg == plan.segments - 1) {  // the row is done: lane r writes input row r's result
+        float mine = 0.0f;
+#pragma unroll
+        for (int r = 0; r < kM; ++r) {
+          const float sum = warp_sum(acc[r]);
+          if (lane == r) mine = sum;
+          acc[r] = 0.0f;
+        }
+        if (lane < p.m) store_result<T>(p, row0 + rl, lane, mine);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
+  }
+#else
+  (void)p, (void)plan;
+  __trap();
+#endif
+}
+
+StreamPlan stream_plan(int64_t k, int64_t element_size, int64_t xs_bytes) {
+  const int64_t elements = kStageBytes / element_size, vec = 16 / element_size;
+  StreamPlan plan{};
+  if (k * kStreamConsumerWarps <= elements) {  // whole rows, a multiple of the consumer warps a tile
+    plan.cols = static_cast<int>(k);
+    plan.rows = static_cast<int>(elements / k / kStreamConsumerWarps * kStreamConsumerWarps);
+    plan.segments = 1;
+  } else {  // one row per consumer warp, split into segments
+    plan.rows = kStreamConsumerWarps;
+    plan.cols = static_cast<int>(elements / kStreamConsumerWarps / vec * vec);
+    plan.segments = static_cast<int>((k + plan.cols - 1) / plan.cols);
+  }
+  plan.stages = static_cast<int>(std::min<int64_t>(kMaxStages, (kStreamSmemBudget - xs_bytes) / kStageBytes));
+  return plan;
+}
+
+// Whether the streamed kernel runs on `device`: sm_90 or later, with code compiled for it.
+bool streamed_kernel_runs(int device) {
+  constexpr int kMaxDevices = 64;
+  static int state[kMaxDevices] = {};  // 0: not read yet, 1: yes, 2: no
+  if (device < 0 || device >= kMaxDevices) return false;
+  if (state[device] == 0) {
+    int major = 0;
+    TIDAL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    bool runs = major >= 9;
+    if (runs) {
+      cudaFuncAttributes attributes{};
+      TIDAL_CUDA_CHECK(cudaFuncGetAttributes(&attributes, skinny_linear_streamed_kernel<float, 1>));
+      runs = attributes.ptxVersion >= 90;
+    }
+    state[device] = runs ? 1 : 2;
+  }
+  return state[device] == 1;
+}
+
+template <typename T, int kM>
+void launch_streamed(const Params& p, int device, cudaStream_t stream) {
+  const auto kernel = skinny_linear_streamed_kernel<T, kM>;
+  const int64_t xs_bytes = kM * static_cast<int64_t>(p.k) * sizeof(T);
+  const StreamPlan plan = stream_plan(p.k, sizeof(T), xs_bytes);
+  static bool raised[64] = {};
+  if (device >= 0 && device < 64 && !raised[device]) {
+    TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kStreamSmemBudget)));
+    raised[device] = true;
+  }
+  const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
+  const int64_t sms = multiprocessor_count(device);
+  launch_programmatic(kernel, static_cast<unsigned>(groups < sms ? groups : sms), kStreamThreads,
+                      static_cast<size_t>(plan.stages * kStageBytes + xs_bytes), stream, p, plan);
+}
+#endif  // !TIDAL_USE_HIP
 
 template <typename T, int kM>
 void launch(const Params& p, int device, cudaStream_t stream) {
@@ -264,28 +480,23 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
   const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
   const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
-  // NOTE(tidal): programmatic dependent launch (sm_90): the blocks start while the previous kernel
-  // drains, load their first weights, and wait in wait_for_prior_grid for its results. Inside a
-  // CUDA graph this removes most of the gap between the dependent kernels of a decode step.
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(smem);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  TIDAL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  launch_programmatic(kernel, grid, kThreads, static_cast<size_t>(smem), stream, p);
 #endif
+}
+
+template <typename T, int kM>
+void launch_best(const Params& p, int device, cudaStream_t stream) {
+#if !defined(TIDAL_USE_HIP)
+  if (streamed_kernel_runs(device)) return launch_streamed<T, kM>(p, device, stream);
+#endif
+  launch<T, kM>(p, device, stream);
 }
 
 template <typename T>
 void launch_rows(const Params& p, int device, cudaStream_t stream) {
-  if (p.m <= 1) return launch<T, 1>(p, device, stream);
-  if (p.m <= 2) return launch<T, 2>(p, device, stream);
-  return launch<T, 4>(p, device, stream);
+  if (p.m <= 1) return launch_best<T, 1>(p, device, stream);
+  if (p.m <= 2) return launch_best<T, 2>(p, device, stream);
+  return launch_best<T, 4>(p, device, stream);
 }
 
 int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : 4; }

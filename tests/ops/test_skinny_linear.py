@@ -132,6 +132,28 @@ def test_fused_kernel_runs(m, n, k, dtype, prologue):
 
 
 @gpu_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 300, 14336), (2, 77, 10248), (1, 1000, 64), (3, 2053, 200), (2, 8, 4104)])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_fused_kernel_weight_layouts(m, n, k, dtype, strided):
+    """Rows longer than one streamed tile (split into segments, the last one short), many short rows
+    to a tile (one copy per tile when the weight is contiguous, one per row when its row stride is
+    wider than k), and groups of rows cut off by n: each equal to the reference."""
+    x, w, b, nw = make(m, n, k, dtype, "silu_and_mul", True, seed=n)
+    if strided:
+        wide = torch.full((n, k + 24), float("nan"), dtype=dtype)
+        wide[:, :k] = w
+        w_dev = wide.cuda()[:, :k]
+    else:
+        w_dev = w.cuda()
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    assert fused_runs(x.cuda(), w_dev, b.cuda(), None, "silu_and_mul", out)
+    atol, rtol = tolerance(dtype, k)
+    expected = reference(x, w, b, None, "silu_and_mul").to(dtype)
+    torch.testing.assert_close(out.cpu().float(), expected.float(), atol=atol, rtol=rtol)
+
+
+@gpu_only
 def test_unsupported_shapes_fall_back():
     """Rows past 4, widths that are not whole 16-byte vectors and f(x) past shared memory: the kernel
     declines (writing nothing) and the op still gives the right answer through the unfused ops."""
