@@ -10,6 +10,10 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
@@ -285,15 +289,41 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
 constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamConsumers = kStreamConsumerWarps * kWarpSize;
 constexpr int kStreamThreads = kStreamConsumers + kWarpSize;  // plus the producer warp
-constexpr int64_t kStageBytes = 32 * 1024;
-constexpr int kMaxStages = 4;
+constexpr int kMaxStages = 8;
 constexpr int64_t kStreamSmemBudget = 220 * 1024;  // dynamic shared memory: stages + f(x)
+
+// The ring: `stages` stages of `stage_bytes`. 4 x 32 KB unless TIDAL_SKINNY_STAGES (STAGESxKIB, e.g.
+// 3x32) says otherwise: a knob for measuring the ring, read once.
+struct StreamRing {
+  int stages;
+  int64_t stage_bytes;
+};
+
+StreamRing stream_ring() {
+  static const StreamRing ring = [] {
+    StreamRing r{4, 32 * 1024};
+    const char* value = std::getenv("TIDAL_SKINNY_STAGES");
+    if (value == nullptr || *value == '\0') return r;
+    int stages = 0, kib = 0;
+    char tail = 0;
+    if (std::sscanf(value, "%dx%d%c", &stages, &kib, &tail) != 2 || stages < 2 || stages > kMaxStages ||
+        (kib != 8 && kib != 16 && kib != 32 && kib != 64)) {
+      throw std::invalid_argument(std::string("TIDAL_SKINNY_STAGES=") + value +
+                                  ": expected STAGESxKIB, 2 to 8 stages of 8, 16, 32 or 64 KiB (default 4x32)");
+    }
+    r.stages = stages;
+    r.stage_bytes = static_cast<int64_t>(kib) * 1024;
+    return r;
+  }();
+  return ring;
+}
 
 struct StreamPlan {
   int rows;      // weight rows per tile: kStreamConsumerWarps, or a multiple of it when segments == 1
   int cols;      // columns per tile (a multiple of the vector width); a row's last tile may be shorter
   int segments;  // tiles per group of `rows` rows, ceil(k / cols)
   int stages;    // ring depth
+  int stage_bytes;
 };
 
 template <typename T, int kM>
@@ -305,7 +335,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
   __shared__ __align__(8) uint64_t full[kMaxStages];   // a stage's bytes have landed
   __shared__ __align__(8) uint64_t empty[kMaxStages];  // every consumer warp is done with a stage
   __shared__ float scratch[kM * kStreamConsumerWarps];
-  T* xs = reinterpret_cast<T*>(smem_raw + plan.stages * kStageBytes);
+  T* xs = reinterpret_cast<T*>(smem_raw + plan.stages * plan.stage_bytes);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
@@ -336,7 +366,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
         const int cols = min(plan.cols, p.k - seg * plan.cols);
         const uint32_t row_bytes = static_cast<uint32_t>(cols * sizeof(T));
         const uint32_t bar = shared_address(&full[s]);
-        const uint32_t stage = shared_address(smem_raw + s * kStageBytes);
+        const uint32_t stage = shared_address(smem_raw + s * plan.stage_bytes);
         const char* src = weight + (row0 * p.w_stride + static_cast<int64_t>(seg) * plan.cols) * sizeof(T);
         mbarrier_arrive_expect_tx(bar, row_bytes * rows);
         if (contiguous) {
@@ -366,7 +396,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
     const int64_t row0 = (first_group + t / plan.segments) * plan.rows;
     const int seg = static_cast<int>(t % plan.segments);
     const int vecs = min(plan.cols, p.k - seg * plan.cols) / kVec;
-    const T* stage = reinterpret_cast<const T*>(smem_raw + s * kStageBytes);
+    const T* stage = reinterpret_cast<const T*>(smem_raw + s * plan.stage_bytes);
     const T* x_seg = xs + seg * plan.cols;
     for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
       const V* w = reinterpret_cast<const V*>(stage + rl * plan.cols);
@@ -404,7 +434,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
 }
 
 StreamPlan stream_plan(int64_t k, int64_t element_size, int64_t xs_bytes) {
-  const int64_t elements = kStageBytes / element_size, vec = 16 / element_size;
+  const StreamRing ring = stream_ring();
+  const int64_t elements = ring.stage_bytes / element_size, vec = 16 / element_size;
   StreamPlan plan{};
   if (k * kStreamConsumerWarps <= elements) {  // whole rows, a multiple of the consumer warps a tile
     plan.cols = static_cast<int>(k);
@@ -415,7 +446,8 @@ StreamPlan stream_plan(int64_t k, int64_t element_size, int64_t xs_bytes) {
     plan.cols = static_cast<int>(elements / kStreamConsumerWarps / vec * vec);
     plan.segments = static_cast<int>((k + plan.cols - 1) / plan.cols);
   }
-  plan.stages = static_cast<int>(std::min<int64_t>(kMaxStages, (kStreamSmemBudget - xs_bytes) / kStageBytes));
+  plan.stage_bytes = static_cast<int>(ring.stage_bytes);
+  plan.stages = static_cast<int>(std::min<int64_t>(ring.stages, (kStreamSmemBudget - xs_bytes) / ring.stage_bytes));
   return plan;
 }
 
@@ -452,7 +484,7 @@ void launch_streamed(const Params& p, int device, cudaStream_t stream) {
   const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
   const int64_t sms = multiprocessor_count(device);
   launch_programmatic(kernel, static_cast<unsigned>(groups < sms ? groups : sms), kStreamThreads,
-                      static_cast<size_t>(plan.stages * kStageBytes + xs_bytes), stream, p, plan);
+                      static_cast<size_t>(plan.stages * plan.stage_bytes + xs_bytes), stream, p, plan);
 }
 #endif  // !TIDAL_USE_HIP
 
