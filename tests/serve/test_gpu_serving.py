@@ -67,6 +67,21 @@ def family_model(request, tmp_path_factory):
     return request.param, path, build_model(path, request.param)
 
 
+def test_skinny_default_by_device(monkeypatch):
+    """The fused decode path's token limit: none on the CPU, an explicit SKINNY_MAX_TOKENS capped at
+    the kernel's rows, and by default 2 on a GPU of sm_90 or later (where the streamed kernel beats
+    cuBLAS), 0 before."""
+    assert llama.skinny_max_tokens(torch.device("cpu")) == 0
+    monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", 9)
+    assert llama.skinny_max_tokens(torch.device("cuda")) == tidal.ops.linear.MAX_ROWS
+    monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", 0)
+    assert llama.skinny_max_tokens(torch.device("cuda")) == 0
+    if torch.cuda.is_available():
+        monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", None)
+        major = torch.cuda.get_device_capability()[0]
+        assert llama.skinny_max_tokens(torch.device("cuda")) == (2 if major >= 9 else 0)
+
+
 @needs_gpu
 @pytest.mark.parametrize("skinny", [0, 4], ids=["cublas", "skinny_linear"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])

@@ -23,6 +23,7 @@ that order) of Hugging Face's three projections, ``gate_up_proj`` the gate then 
 Hugging Face's tensor names.
 """
 
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -40,14 +41,30 @@ from tidal.models.moe import SparseMoeBlock
 
 ACTIVATION_CHECKPOINTING_POLICIES = (None, "full", "attention", "mlp")
 # Serving steps of up to this many tokens run dense layers through ops.skinny_linear on a GPU (at most
-# ops.linear.MAX_ROWS; 0 turns it off).
-# NOTE(tidal): off by default: on H200 a Llama-3-8B layer's four projections at batch 1 take
-# 124.6-133.7 us fused against 129.6-131.1 us as cuBLAS plus the separate norm and activation
-# kernels (graph of one layer, two runs), and S2 is 5.07 ms with it against 5.01 ms without: at
-# m = 1 the down projection (60-61% of the copy ceiling against cuBLAS's 65-67%) and lm_head
-# (91-93% against 96-100%) are slower, and at m = 2-4 it takes 1.06-1.30x cuBLAS's time. See
-# bench/bench_skinny_linear.py.
-SKINNY_MAX_TOKENS = 0
+# ops.linear.MAX_ROWS; 0 turns it off; None: skinny_max_tokens() decides by the card).
+# NOTE(tidal): on sm_90 the op streams the weight through shared memory by bulk copies (one block per
+# SM, 128 KB in flight each); on an H100 (bench/RESULTS.md, 2026-12-07) a Llama-3-8B layer's four
+# projections at batch 1 take 167.9 us that way against 176.6 us as cuBLAS plus the separate norm
+# and activation kernels, and S2 6.17 ms against 6.38; at m = 2 gate_up is even (99.2 against 100.5
+# us), at m = 4 slower (104.1 against 99.9). Before sm_90 the op's register-streamed kernel lost to
+# cuBLAS (S2 5.07 against 5.01 ms on an H200), so it is off there.
+SKINNY_MAX_TOKENS: int | None = None
+_SKINNY_SM90_TOKENS = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _skinny_tokens_for(device: torch.device) -> int:
+    return _SKINNY_SM90_TOKENS if torch.cuda.get_device_capability(device)[0] >= 9 else 0
+
+
+def skinny_max_tokens(device: torch.device) -> int:
+    """The most tokens a serving step may have to run its dense layers through ops.skinny_linear on
+    ``device``: SKINNY_MAX_TOKENS where set, else 2 on a GPU of sm_90 or later and 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    limit = SKINNY_MAX_TOKENS if SKINNY_MAX_TOKENS is not None else _skinny_tokens_for(device)
+    return min(limit, ops.linear.MAX_ROWS)
+
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -196,8 +213,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = SparseMoeBlock(config, dtype, device) if config.is_moe_layer(layer) else LlamaMLP(config, dtype, device)
-        # NOTE(tidal): with SKINNY_MAX_TOKENS > 0, dense layers run decode steps of that many tokens
-        # on the GPU through ops.skinny_linear (Llama-3-8B at batch 1: 6 instead of 10 kernels a layer).
+        # NOTE(tidal): dense layers run decode steps of up to skinny_max_tokens() tokens on the GPU
+        # through ops.skinny_linear (Llama-3-8B at batch 1: 6 instead of 10 kernels a layer).
         self.skinny_ok = isinstance(self.mlp, LlamaMLP)
 
     def forward(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache):
@@ -205,7 +222,7 @@ class LlamaDecoderLayer(nn.Module):
         ``residual`` and each norm adds the previous block's output into it in place; hidden None
         means nothing is pending (the skinny path below added it already)."""
         num_tokens = (hidden if hidden is not None else residual).shape[0]
-        if self.skinny_ok and num_tokens <= min(SKINNY_MAX_TOKENS, ops.linear.MAX_ROWS) and positions.device.type == "cuda":
+        if self.skinny_ok and num_tokens <= skinny_max_tokens(positions.device):
             return self._forward_skinny(hidden, residual, positions, cos_sin_cache, attn, kv_cache)
         norm = self.input_layernorm
         if residual is None:
@@ -437,8 +454,7 @@ class LlamaForCausalLM(nn.Module):
                 local = torch.nn.functional.linear(hidden, self.lm_head.weight, self.lm_head.bias)
                 logits = self.tp.all_gather(local, dim=1)[:, :self.config.vocab_size]
                 return logits.float() if out is None else out.copy_(logits)
-            if out is not None and hidden.shape[0] <= min(SKINNY_MAX_TOKENS, ops.linear.MAX_ROWS) \
-                    and hidden.device.type == "cuda":
+            if out is not None and hidden.shape[0] <= skinny_max_tokens(hidden.device):
                 return ops.skinny_linear(hidden, self.lm_head.weight, self.lm_head.bias, out=out)
             if out is not None:
                 bias = self.lm_head.bias
