@@ -100,6 +100,16 @@ __device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* sr
 #endif
 }
 
+/// Asks L2 to fetch `bytes` (a multiple of 16) of global memory from `src` (16-byte aligned); nothing
+/// waits for it.
+__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+#else
+  (void)src, (void)bytes;
+#endif
+}
+
 }  // namespace tidal::gpu
 
 #endif  // !TIDAL_USE_HIP

@@ -41,6 +41,9 @@ constexpr int64_t kMaxSmem = 100 * 1024;
 #endif
 constexpr int64_t kMaxRows = 4;
 
+// x's rows as the kernels hold them: 1, 2 or 4.
+int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : 4; }
+
 enum Prologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 
 struct Params {
@@ -318,6 +321,18 @@ StreamRing stream_ring() {
   return ring;
 }
 
+// The first bytes each block of a streamed skinny_linear over the next kernel's weight reads (its
+// first row group's start, as many bytes as its ring holds), prefetched into L2 by this kernel's
+// producers once their own copies are issued. base null: none.
+struct L2Prefetch {
+  const char* base;
+  int64_t extent;       // bytes from base to the end of the weight's last row
+  int64_t group_bytes;  // bytes between consecutive row groups of the next kernel
+  int64_t groups;       // the next kernel's row groups
+  int64_t bytes;        // per block of the next kernel
+  int blocks;           // the next kernel's grid
+};
+
 struct StreamPlan {
   int rows;      // weight rows per tile: kStreamConsumerWarps, or a multiple of it when segments == 1
   int cols;      // columns per tile (a multiple of the vector width); a row's last tile may be shorter
@@ -327,7 +342,8 @@ struct StreamPlan {
 };
 
 template <typename T, int kM>
-__global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kernel(const Params p, const StreamPlan plan) {
+__global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kernel(const Params p, const StreamPlan plan,
+                                                                                    const L2Prefetch next) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kVec = 16 / sizeof(T);
   using V = Vec<T, kVec>;
@@ -376,6 +392,16 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
             bulk_copy_to_shared(stage + static_cast<uint32_t>(r * plan.cols * sizeof(T)), src + r * p.w_stride * sizeof(T),
                                 row_bytes, bar);
           }
+        }
+      }
+      // NOTE(tidal): the next projection's first tiles, into L2 while this kernel drains and the kernels
+      // between the two (rotary, attention: latency-bound, DRAM mostly idle) run.
+      constexpr int64_t kChunk = 32 * 1024;
+      for (int64_t j = blockIdx.x; next.base != nullptr && j < next.blocks; j += gridDim.x) {
+        const int64_t start = next.groups * j / next.blocks * next.group_bytes;
+        const int64_t len = min(next.bytes, next.extent - start) / 16 * 16;
+        for (int64_t off = 0; off < len; off += kChunk) {
+          bulk_prefetch_l2(next.base + start + off, static_cast<uint32_t>(min(kChunk, len - off)));
         }
       }
       allow_dependents();
@@ -428,7 +454,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
     if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
   }
 #else
-  (void)p, (void)plan;
+  (void)p, (void)plan, (void)next;
   __trap();
 #endif
 }
@@ -470,8 +496,24 @@ bool streamed_kernel_runs(int device) {
   return state[device] == 1;
 }
 
+// Where the blocks of a streamed skinny_linear over `weight` (with m rows of x) start reading.
+L2Prefetch l2_prefetch(TensorView weight, int m, int device) {
+  L2Prefetch next{};
+  if (weight.data == nullptr || weight.size(0) == 0) return next;
+  const int64_t esize = dtype_size(weight.dtype), n = weight.size(0), k = weight.size(1);
+  const StreamPlan plan = stream_plan(k, esize, padded_rows(m) * k * esize);
+  if (plan.stages <= 0) return next;
+  next.base = static_cast<const char*>(weight.data);
+  next.extent = ((n - 1) * weight.stride(0) + k) * esize;
+  next.group_bytes = plan.rows * weight.stride(0) * esize;
+  next.groups = (n + plan.rows - 1) / plan.rows;
+  next.bytes = static_cast<int64_t>(plan.stages) * plan.stage_bytes;
+  next.blocks = static_cast<int>(std::min<int64_t>(next.groups, multiprocessor_count(device)));
+  return next;
+}
+
 template <typename T, int kM>
-void launch_streamed(const Params& p, int device, cudaStream_t stream) {
+void launch_streamed(const Params& p, const L2Prefetch& next, int device, cudaStream_t stream) {
   const auto kernel = skinny_linear_streamed_kernel<T, kM>;
   const int64_t xs_bytes = kM * static_cast<int64_t>(p.k) * sizeof(T);
   const StreamPlan plan = stream_plan(p.k, sizeof(T), xs_bytes);
@@ -484,7 +526,7 @@ void launch_streamed(const Params& p, int device, cudaStream_t stream) {
   const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
   const int64_t sms = multiprocessor_count(device);
   launch_programmatic(kernel, static_cast<unsigned>(groups < sms ? groups : sms), kStreamThreads,
-                      static_cast<size_t>(plan.stages * plan.stage_bytes + xs_bytes), stream, p, plan);
+                      static_cast<size_t>(plan.stages * plan.stage_bytes + xs_bytes), stream, p, plan, next);
 }
 #endif  // !TIDAL_USE_HIP
 
@@ -516,22 +558,22 @@ void launch(const Params& p, int device, cudaStream_t stream) {
 #endif
 }
 
+// The register-streamed kernel takes no prefetch (it runs where bulk prefetches do not exist).
 template <typename T, int kM>
-void launch_best(const Params& p, int device, cudaStream_t stream) {
+void launch_best(const Params& p, TensorView prefetch, int device, cudaStream_t stream) {
 #if !defined(TIDAL_USE_HIP)
-  if (streamed_kernel_runs(device)) return launch_streamed<T, kM>(p, device, stream);
+  if (streamed_kernel_runs(device)) return launch_streamed<T, kM>(p, l2_prefetch(prefetch, p.m, device), device, stream);
 #endif
+  (void)prefetch;
   launch<T, kM>(p, device, stream);
 }
 
 template <typename T>
-void launch_rows(const Params& p, int device, cudaStream_t stream) {
-  if (p.m <= 1) return launch_best<T, 1>(p, device, stream);
-  if (p.m <= 2) return launch_best<T, 2>(p, device, stream);
-  return launch_best<T, 4>(p, device, stream);
+void launch_rows(const Params& p, TensorView prefetch, int device, cudaStream_t stream) {
+  if (p.m <= 1) return launch_best<T, 1>(p, prefetch, device, stream);
+  if (p.m <= 2) return launch_best<T, 2>(p, prefetch, device, stream);
+  return launch_best<T, 4>(p, prefetch, device, stream);
 }
-
-int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : 4; }
 
 }  // namespace
 
@@ -545,7 +587,7 @@ bool skinny_linear_supported(TensorView x, TensorView weight) {
 }
 
 void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, int prologue_kind, float eps, Stream stream) {
+                   TensorView norm_weight, int prologue_kind, float eps, TensorView prefetch, Stream stream) {
   Params p{};
   p.x = x.data;
   p.weight = weight.data;
@@ -565,7 +607,7 @@ void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
   p.eps = eps;
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, x.device.index, s));
+  TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, prefetch, x.device.index, s));
 }
 
 }  // namespace tidal::gpu

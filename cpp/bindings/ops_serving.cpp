@@ -56,18 +56,20 @@ void bind_ops_serving(py::module_& m) {
   m.def(
       "skinny_linear",
       [](py::handle out, py::handle residual, py::handle x, py::handle weight, py::handle bias,
-         py::handle norm_weight, int prologue, float eps, std::uintptr_t stream) {
+         py::handle norm_weight, int prologue, float eps, std::uintptr_t stream, py::handle prefetch) {
         TIDAL_CHECK(prologue >= 0 && prologue <= 2, "prologue=", prologue,
                     " must be 0 (identity), 1 (rms_norm) or 2 (silu_and_mul)");
         return ops::skinny_linear(view_optional_capsule(out, "out"), view_optional_capsule(residual, "residual"),
                                   view_capsule(x, "x"), view_capsule(weight, "weight"),
                                   view_optional_capsule(bias, "bias"), view_optional_capsule(norm_weight, "norm_weight"),
-                                  static_cast<ops::SkinnyPrologue>(prologue), eps, Stream::from_int(stream));
+                                  static_cast<ops::SkinnyPrologue>(prologue), eps,
+                                  view_optional_capsule(prefetch, "prefetch"), Stream::from_int(stream));
       },
       py::arg("out"), py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("norm_weight"),
-      py::arg("prologue"), py::arg("eps"), py::arg("stream") = 0,
+      py::arg("prologue"), py::arg("eps"), py::arg("stream") = 0, py::arg("prefetch") = py::none(),
       "out = f(x) @ weight.T (+ bias), or residual += it, for a few rows on the GPU (DLPack capsules, None for "
-      "absent ones); False when the fused kernel does not take these shapes.");
+      "absent ones); False when the fused kernel does not take these shapes. prefetch: the next kernel's weight, "
+      "whose first bytes L2 is asked to fetch early.");
   m.def(
       "rotary_embedding",
       [](py::handle positions, py::handle query, py::handle key, int64_t head_dim, py::handle cos_sin_cache,

@@ -154,6 +154,36 @@ def test_fused_kernel_weight_layouts(m, n, k, dtype, strided):
 
 
 @gpu_only
+@pytest.mark.parametrize("shape,dtype,strided", [
+    ((37, 200), torch.float32, False), ((1000, 64), torch.bfloat16, True), ((5, 14336), torch.bfloat16, False),
+    ((4096, 4096), torch.float16, False), ((3, 16), torch.int8, False)])
+def test_prefetch_is_only_a_hint(shape, dtype, strided):
+    """An L2 prefetch of another weight (any dtype, strided rows, more or fewer rows than blocks) leaves
+    the result bit for bit what it is without one, and touches nothing it should not (the sanitizer
+    runs these)."""
+    x, w, b, nw = make(2, 300, 1024, torch.bfloat16, "rms_norm", True)
+    x, w, b, nw = x.cuda(), w.cuda(), b.cuda(), nw.cuda()
+    full = torch.ones(shape[0], shape[1] + (16 if strided else 0), device="cuda").to(dtype)
+    other = full[:, :shape[1]]
+    plain = tidal.ops.skinny_linear(x, w, b, norm_weight=nw)
+    hinted = tidal.ops.skinny_linear(x, w, b, norm_weight=nw, prefetch=other)
+    residual = torch.zeros(2, 300, dtype=torch.bfloat16, device="cuda")
+    tidal.ops.skinny_linear(x, w, b, norm_weight=nw, residual=residual, prefetch=other)
+    torch.cuda.synchronize()
+    assert torch.equal(plain, hinted) and torch.equal(residual, plain)
+    with pytest.raises(ValueError, match="prefetch: rows must start at 16-byte boundaries"):
+        tidal.ops.skinny_linear(x, w, b, norm_weight=nw, prefetch=torch.zeros(3, 8, dtype=torch.int8, device="cuda"))
+
+
+def test_bad_prefetch_names_itself():
+    x, w, b, nw = make(2, 8, 16, torch.float32, "rms_norm", True)
+    with pytest.raises(ValueError, match=r"prefetch must be a 2-D weight with contiguous rows, got shape=\(16,\)"):
+        tidal.ops.skinny_linear(x, w, norm_weight=nw, prefetch=torch.zeros(16))
+    with pytest.raises(ValueError, match="prefetch must be a 2-D weight with contiguous rows"):
+        tidal.ops.skinny_linear(x, w, norm_weight=nw, prefetch=torch.zeros(8, 16).t())
+
+
+@gpu_only
 def test_unsupported_shapes_fall_back():
     """Rows past 4, widths that are not whole 16-byte vectors and f(x) past shared memory: the kernel
     declines (writing nothing) and the op still gives the right answer through the unfused ops."""

@@ -32,11 +32,16 @@ enum class SkinnyPrologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 ///          norm_weight: [k] (kRmsNorm only); all of one float dtype and device, last dims contiguous.
 /// out:     [m, n] in x's dtype or float32, or empty; residual: [m, n] in x's dtype, or empty;
 ///          exactly one of them. Neither may overlap x or weight.
+/// prefetch: empty, or the 2-D weight (any dtype, last dim contiguous, 16-byte aligned rows) that the
+///          next kernel in the stream streams first, on x's device: once this kernel has issued its
+///          own weight reads it asks L2 to prefetch the first bytes each block of a skinny_linear
+///          over that weight would read, so the next projection's start does not wait on DRAM (a
+///          hint: results never depend on it; sm_90 only, ignored elsewhere).
 /// Returns false, writing nothing, when the kernel does not take these shapes or alignments
 /// (rows past 4, k not a multiple of 16 bytes, f(x) larger than shared memory): the caller runs the
 /// unfused ops instead.
 bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, SkinnyPrologue prologue, float eps, Stream stream);
+                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream);
 
 /// Rotary position embedding, in place on query and key. For each token t at p = positions[t] and
 /// each head, the first rotary_dim entries are rotated in pairs (x1, x2) by the angle of row p:

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -147,7 +148,7 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
 }
 
 bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, SkinnyPrologue prologue, float eps, Stream stream) {
+                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream) {
   detail::check_rows(x, "x");
   detail::check_rows(weight, "weight");
   check_float(x, "x");
@@ -184,12 +185,20 @@ bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
     check_device(norm_weight, "norm_weight", x, "x");
     TIDAL_CHECK(eps >= 0.0f && std::isfinite(eps), "eps=", eps, " must be finite and >= 0");
   }
+  if (prefetch.data != nullptr) {
+    detail::check_rows(prefetch, "prefetch");
+    check_device(prefetch, "prefetch", x, "x");
+    const int64_t row_bytes = prefetch.stride(0) * static_cast<int64_t>(dtype_size(prefetch.dtype));
+    TIDAL_CHECK(reinterpret_cast<std::uintptr_t>(prefetch.data) % 16 == 0 && row_bytes % 16 == 0,
+                "prefetch: rows must start at 16-byte boundaries (data and row stride), got a row stride of ",
+                row_bytes, " bytes");
+  }
   TIDAL_CHECK(x.device.type != DeviceType::kCPU, "skinny_linear has no CPU kernel (the tensors are on ",
               device_name(x.device), "); run the unfused ops there");
   if (m == 0 || n == 0) return true;
 #if TIDAL_WITH_CUDA
   if (x.device.type != DeviceType::kCUDA || !gpu::skinny_linear_supported(x, weight)) return false;
-  gpu::skinny_linear(out, residual, x, weight, bias, norm_weight, static_cast<int>(prologue), eps, stream);
+  gpu::skinny_linear(out, residual, x, weight, bias, norm_weight, static_cast<int>(prologue), eps, prefetch, stream);
   return true;
 #else
   (void)stream;

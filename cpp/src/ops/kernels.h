@@ -110,7 +110,7 @@ void seeded_exponential(TensorView out, TensorView seeds, TensorView offsets, St
 // GPU only (tidal::ops::skinny_linear). prologue: SkinnyPrologue's value.
 bool skinny_linear_supported(TensorView x, TensorView weight);
 void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, int prologue, float eps, Stream stream);
+                   TensorView norm_weight, int prologue, float eps, TensorView prefetch, Stream stream);
 
 // max_seqlen_q, max_seqlen_k: the longest query run and context of the batch (host ints, they size
 // the grid). workspace: paged_attention_workspace_size bytes (0 when the plan does not split keys).

@@ -121,13 +121,14 @@ class LlamaAttention(nn.Module):
 
     def forward_skinny(self, residual: torch.Tensor, norm: "RMSNorm", positions: torch.Tensor,
                        cos_sin_cache: torch.Tensor, attn: AttentionMetadata,
-                       kv_cache: tuple[torch.Tensor, torch.Tensor]) -> None:
+                       kv_cache: tuple[torch.Tensor, torch.Tensor], next_weight: torch.Tensor | None = None) -> None:
         """Serving at a few tokens on the GPU: ``residual += o_proj(attention(qkv_proj(norm(residual))))``,
-        the norm fused into the qkv projection and the add into o_proj (ops.skinny_linear)."""
+        the norm fused into the qkv projection and the add into o_proj (ops.skinny_linear); each
+        projection prefetches the next one's weight (o_proj's: ``next_weight``) into L2."""
         qkv = ops.skinny_linear(residual, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight,
-                                eps=norm.eps)
+                                eps=norm.eps, prefetch=self.o_proj.weight)
         out = self._attend(qkv, positions, cos_sin_cache, attn, kv_cache)
-        ops.skinny_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual)
+        ops.skinny_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual, prefetch=next_weight)
 
     def _attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -217,13 +218,15 @@ class LlamaDecoderLayer(nn.Module):
         # through ops.skinny_linear (Llama-3-8B at batch 1: 6 instead of 10 kernels a layer).
         self.skinny_ok = isinstance(self.mlp, LlamaMLP)
 
-    def forward(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache):
+    def forward(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache, next_weight=None):
         """Serving. Returns (hidden, residual): the residual stream stays un-normalised in
         ``residual`` and each norm adds the previous block's output into it in place; hidden None
-        means nothing is pending (the skinny path below added it already)."""
+        means nothing is pending (the skinny path below added it already). ``next_weight``: the
+        weight the model reads after this layer (the next layer's qkv projection), which the skinny
+        path prefetches into L2."""
         num_tokens = (hidden if hidden is not None else residual).shape[0]
         if self.skinny_ok and num_tokens <= skinny_max_tokens(positions.device):
-            return self._forward_skinny(hidden, residual, positions, cos_sin_cache, attn, kv_cache)
+            return self._forward_skinny(hidden, residual, positions, cos_sin_cache, attn, kv_cache, next_weight)
         norm = self.input_layernorm
         if residual is None:
             residual, hidden = hidden, norm(hidden)
@@ -236,7 +239,7 @@ class LlamaDecoderLayer(nn.Module):
         ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
         return self.mlp(hidden), residual
 
-    def _forward_skinny(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache):
+    def _forward_skinny(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache, next_weight):
         """The serving layer for a few tokens on the GPU: four ops.skinny_linear calls (norm into
         qkv, o_proj adding into the residual, norm into gate_up, silu_and_mul into down_proj adding
         into the residual) around rotary and attention. Returns (None, residual)."""
@@ -244,11 +247,13 @@ class LlamaDecoderLayer(nn.Module):
             residual = hidden  # the embeddings: a fresh tensor, accumulated into in place
         elif hidden is not None:
             residual.add_(hidden)
-        self.self_attn.forward_skinny(residual, self.input_layernorm, positions, cos_sin_cache, attn, kv_cache)
         mlp, norm = self.mlp, self.post_attention_layernorm
+        self.self_attn.forward_skinny(residual, self.input_layernorm, positions, cos_sin_cache, attn, kv_cache,
+                                      mlp.gate_up_proj.weight)
         gate_up = ops.skinny_linear(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm.weight,
-                                    eps=norm.eps)
-        ops.skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=residual)
+                                    eps=norm.eps, prefetch=mlp.down_proj.weight)
+        ops.skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=residual,
+                          prefetch=next_weight)
         return None, residual
 
     def forward_train(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
@@ -436,8 +441,12 @@ class LlamaForCausalLM(nn.Module):
             rope_positions, cos_sin_cache = self._rope_inputs(positions, attn)
             hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             residual = None
-            for layer, kv_cache in zip(self.model.layers, kv_caches):
-                hidden, residual = layer(hidden, residual, rope_positions, cos_sin_cache, attn, kv_cache)
+            layers = self.model.layers
+            for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
+                following = layers[i + 1].self_attn.qkv_proj if i + 1 < len(layers) else self.lm_head
+                next_weight = getattr(following, "weight", None)  # what the skinny path prefetches
+                hidden, residual = layer(hidden, residual, rope_positions, cos_sin_cache, attn, kv_cache,
+                                         next_weight if isinstance(next_weight, torch.Tensor) else None)
             norm = self.model.norm
             if hidden is None:
                 return ops.rms_norm(residual, norm.weight, norm.eps)

@@ -19,12 +19,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 4  # the fused kernel's limit; more rows take the unfused ops
 
 lib.define("skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float eps, bool gated, "
-           "ScalarType? out_dtype) -> Tensor")
+           "ScalarType? out_dtype, Tensor? prefetch=None) -> Tensor")
 lib.define("skinny_linear_add_(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float eps, bool gated, "
-           "Tensor(a!) residual) -> ()")
+           "Tensor(a!) residual, Tensor? prefetch=None) -> ()")
 
 
-def _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=None, residual=None):
+def _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=None, residual=None, prefetch=None):
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x.dtype={x.dtype} is not supported; expected float32, float16 or bfloat16")
     if x.dim() != 2 or weight.dim() != 2:
@@ -51,6 +51,12 @@ def _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=None, resid
             raise ValueError(f"eps={eps} must be finite and >= 0")
     if residual is not None and residual.shape != (x.shape[0], n):
         raise ValueError(f"residual.shape={tuple(residual.shape)} must be [m, n] = [{x.shape[0]}, {n}]")
+    if prefetch is not None:
+        if prefetch.dim() != 2 or prefetch.stride(-1) != 1:
+            raise ValueError(f"prefetch must be a 2-D weight with contiguous rows, got shape={tuple(prefetch.shape)} "
+                             f"strides={prefetch.stride()}")
+        if prefetch.device != x.device:
+            raise ValueError(f"prefetch is on {prefetch.device} but x is on {x.device}")
     if out_shape_dtype is not None and out_shape_dtype not in (x.dtype, torch.float32):
         raise ValueError(f"out_dtype={out_shape_dtype} must be x.dtype={x.dtype} or torch.float32")
 
@@ -59,14 +65,14 @@ def _prologue(norm_weight, gated) -> int:
     return 2 if gated else 1 if norm_weight is not None else 0
 
 
-def _fused(x, weight, bias, norm_weight, eps, gated, out, residual) -> bool:
+def _fused(x, weight, bias, norm_weight, eps, gated, out, residual, prefetch=None) -> bool:
     """Runs the fused kernel when it takes these tensors; False (nothing written) otherwise."""
     if x.device.type != "cuda" or x.shape[0] > MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1:
         return False
     opt = lambda t: None if t is None else capsule(t)  # noqa: E731
     return native.skinny_linear(opt(out), opt(residual), capsule(x), capsule(weight), opt(bias),
                                 opt(None if norm_weight is None else norm_weight.contiguous()),
-                                _prologue(norm_weight, gated), float(eps), stream_of(x))
+                                _prologue(norm_weight, gated), float(eps), stream_of(x), opt(prefetch))
 
 
 def _unfused(x, weight, bias, norm_weight, eps, gated, out_dtype=None) -> torch.Tensor:
@@ -76,21 +82,21 @@ def _unfused(x, weight, bias, norm_weight, eps, gated, out_dtype=None) -> torch.
     return F.linear(h, weight, bias)
 
 
-def _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype):
-    _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out_dtype)
+def _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype, prefetch=None):
+    _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out_dtype, prefetch=prefetch)
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    if _fused(x, weight, bias, norm_weight, eps, gated, out, None):
+    if _fused(x, weight, bias, norm_weight, eps, gated, out, None, prefetch):
         return out
     return out.copy_(_unfused(x, weight, bias, norm_weight, eps, gated, out_dtype))
 
 
-def _skinny_linear_add_impl(x, weight, bias, norm_weight, eps, gated, residual):
-    _check(x, weight, bias, norm_weight, eps, gated, residual=residual)
+def _skinny_linear_add_impl(x, weight, bias, norm_weight, eps, gated, residual, prefetch=None):
+    _check(x, weight, bias, norm_weight, eps, gated, residual=residual, prefetch=prefetch)
     if residual.numel() == 0:
         return
-    if residual.stride(-1) == 1 and _fused(x, weight, bias, norm_weight, eps, gated, None, residual):
+    if residual.stride(-1) == 1 and _fused(x, weight, bias, norm_weight, eps, gated, None, residual, prefetch):
         return
     residual.add_(_unfused(x, weight, bias, norm_weight, eps, gated))
 
@@ -101,20 +107,20 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("tidal::skinny_linear")
-def _skinny_linear_fake(x, weight, bias, norm_weight, eps, gated, out_dtype):
-    _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out_dtype)
+def _skinny_linear_fake(x, weight, bias, norm_weight, eps, gated, out_dtype, prefetch=None):
+    _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out_dtype, prefetch=prefetch)
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
 
 
 @torch.library.register_fake("tidal::skinny_linear_add_")
-def _skinny_linear_add_fake(x, weight, bias, norm_weight, eps, gated, residual):
-    _check(x, weight, bias, norm_weight, eps, gated, residual=residual)
+def _skinny_linear_add_fake(x, weight, bias, norm_weight, eps, gated, residual, prefetch=None):
+    _check(x, weight, bias, norm_weight, eps, gated, residual=residual, prefetch=prefetch)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
                   residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """``f(x) @ weight.T (+ bias)`` for ``x`` [m, k] (``gated``: [m, 2k]) and ``weight`` [n, k].
 
     f: ``rms_norm(x, norm_weight, eps)`` when ``norm_weight`` is given, ``silu_and_mul(x)`` when
@@ -122,25 +128,28 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ([m, n], x's dtype) the result is added into it in place and ``residual`` is returned; otherwise
     a new [m, n] tensor in ``out_dtype`` (x's dtype, the default, or float32: the fp32 sums
     unrounded). ``out`` ([m, n], x's dtype or float32): written instead of a new tensor, and
-    returned. Not differentiable (serving).
+    returned. ``prefetch``: the weight the next op in the stream reads (say the next projection's):
+    on sm_90 the kernel has L2 fetch its first bytes early; a hint that never changes the result.
+    Not differentiable (serving).
     """
     if out is not None:
         if residual is not None:
             raise ValueError("pass at most one of out and residual")
-        _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out.dtype)
+        _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=out.dtype, prefetch=prefetch)
         if out.shape != (x.shape[0], weight.shape[0]):
             raise ValueError(f"out.shape={tuple(out.shape)} must be [m, n] = [{x.shape[0]}, {weight.shape[0]}]")
         if out.device != x.device:
             raise ValueError(f"out is on {out.device} but x is on {x.device}")
-        if out.numel() and not (out.stride(-1) == 1 and _fused(x, weight, bias, norm_weight, eps, gated, out, None)):
+        if out.numel() and not (out.stride(-1) == 1 and
+                                _fused(x, weight, bias, norm_weight, eps, gated, out, None, prefetch)):
             out.copy_(_unfused(x, weight, bias, norm_weight, eps, gated, out.dtype))
         return out
     if residual is not None:
         if is_eager_call(x, weight, residual):
-            _skinny_linear_add_impl(x, weight, bias, norm_weight, eps, gated, residual)
+            _skinny_linear_add_impl(x, weight, bias, norm_weight, eps, gated, residual, prefetch)
         else:
-            torch.ops.tidal.skinny_linear_add_(x, weight, bias, norm_weight, eps, gated, residual)
+            torch.ops.tidal.skinny_linear_add_(x, weight, bias, norm_weight, eps, gated, residual, prefetch)
         return residual
     if is_eager_call(x, weight):
-        return _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype)
-    return torch.ops.tidal.skinny_linear(x, weight, bias, norm_weight, eps, gated, out_dtype)
+        return _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype, prefetch)
+    return torch.ops.tidal.skinny_linear(x, weight, bias, norm_weight, eps, gated, out_dtype, prefetch)
