@@ -967,15 +967,19 @@ def main() -> int:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="tidal.LLM(async_scheduling=...): each step planned while the previous one computes "
                          "(default: the engine's, on for a GPU)")
+    ap.add_argument("--skinny-prefetch", action="store_true",
+                    help="the skinny path's projections prefetch the next one's weight into L2 (llama.SKINNY_PREFETCH)")
     ap.add_argument("--attention-order", choices=["longest-first", "as-scheduled"], default=None,
                     help="the order in which paged attention's grid takes a step's sequences (default: the "
                          "runner's, as scheduled)")
     args = ap.parse_args()
     global ASYNC_SCHEDULING
     ASYNC_SCHEDULING = args.async_scheduling
-    if args.skinny is not None:
+    if args.skinny is not None or args.skinny_prefetch:
         from tidal.models import llama
-        llama.SKINNY_MAX_TOKENS = args.skinny
+        if args.skinny is not None:
+            llama.SKINNY_MAX_TOKENS = args.skinny
+        llama.SKINNY_PREFETCH = args.skinny_prefetch
     if args.split_merge is not None:
         from tidal.serve.gpu_model_runner import GPUModelRunner
         GPUModelRunner.merge_splits_in_kernel = args.split_merge == "kernel"

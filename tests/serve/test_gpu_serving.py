@@ -83,12 +83,15 @@ def test_skinny_default_by_device(monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("skinny", [0, 4], ids=["cublas", "skinny_linear"])
+@pytest.mark.parametrize("skinny,prefetch", [(0, False), (4, False), (4, True)],
+                         ids=["cublas", "skinny_linear", "skinny_linear_prefetch"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_greedy_matches_transformers_on_gpu(family_model, enforce_eager, skinny, monkeypatch):
+def test_greedy_matches_transformers_on_gpu(family_model, enforce_eager, skinny, prefetch, monkeypatch):
     """Decode steps of up to 4 tokens through cuBLAS or through ops.skinny_linear (norms, activation
-    and residual adds fused into the projections) give transformers' greedy tokens alike."""
+    and residual adds fused into the projections; with or without the L2 prefetch of each next
+    weight) give transformers' greedy tokens alike."""
     monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", skinny)
+    monkeypatch.setattr(llama, "SKINNY_PREFETCH", prefetch)
     _, path, hf = family_model
     prompts = _prompts([1, 3, 4, 5, 14, 23, 9, 2])
     expected = [hf_greedy(hf, p, 12) for p in prompts]

@@ -50,6 +50,15 @@ ACTIVATION_CHECKPOINTING_POLICIES = (None, "full", "attention", "mlp")
 # cuBLAS (S2 5.07 against 5.01 ms on an H200), so it is off there.
 SKINNY_MAX_TOKENS: int | None = None
 _SKINNY_SM90_TOKENS = 2
+# Whether each projection of the skinny path has L2 prefetch the next one's weight (ops.skinny_linear's
+# prefetch: qkv -> o_proj -> gate_up -> down -> the next layer's qkv or lm_head).
+# NOTE(tidal): off until a GPU run measures it against the path without (`bench/serve.py --workloads S2
+# --skinny-prefetch`, `bench/bench_skinny_linear.py`'s layer rows); the op and its tests are in place.
+SKINNY_PREFETCH = False
+
+
+def _prefetch(weight: torch.Tensor | None) -> torch.Tensor | None:
+    return weight if SKINNY_PREFETCH else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,12 +132,12 @@ class LlamaAttention(nn.Module):
                        cos_sin_cache: torch.Tensor, attn: AttentionMetadata,
                        kv_cache: tuple[torch.Tensor, torch.Tensor], next_weight: torch.Tensor | None = None) -> None:
         """Serving at a few tokens on the GPU: ``residual += o_proj(attention(qkv_proj(norm(residual))))``,
-        the norm fused into the qkv projection and the add into o_proj (ops.skinny_linear); each
-        projection prefetches the next one's weight (o_proj's: ``next_weight``) into L2."""
+        the norm fused into the qkv projection and the add into o_proj (ops.skinny_linear); with
+        SKINNY_PREFETCH each projection prefetches the next one's weight (o_proj's: ``next_weight``)."""
         qkv = ops.skinny_linear(residual, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight,
-                                eps=norm.eps, prefetch=self.o_proj.weight)
+                                eps=norm.eps, prefetch=_prefetch(self.o_proj.weight))
         out = self._attend(qkv, positions, cos_sin_cache, attn, kv_cache)
-        ops.skinny_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual, prefetch=next_weight)
+        ops.skinny_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual, prefetch=_prefetch(next_weight))
 
     def _attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -223,7 +232,7 @@ class LlamaDecoderLayer(nn.Module):
         ``residual`` and each norm adds the previous block's output into it in place; hidden None
         means nothing is pending (the skinny path below added it already). ``next_weight``: the
         weight the model reads after this layer (the next layer's qkv projection), which the skinny
-        path prefetches into L2."""
+        path prefetches into L2 under SKINNY_PREFETCH."""
         num_tokens = (hidden if hidden is not None else residual).shape[0]
         if self.skinny_ok and num_tokens <= skinny_max_tokens(positions.device):
             return self._forward_skinny(hidden, residual, positions, cos_sin_cache, attn, kv_cache, next_weight)
@@ -251,9 +260,9 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn.forward_skinny(residual, self.input_layernorm, positions, cos_sin_cache, attn, kv_cache,
                                       mlp.gate_up_proj.weight)
         gate_up = ops.skinny_linear(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm.weight,
-                                    eps=norm.eps, prefetch=mlp.down_proj.weight)
+                                    eps=norm.eps, prefetch=_prefetch(mlp.down_proj.weight))
         ops.skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=residual,
-                          prefetch=next_weight)
+                          prefetch=_prefetch(next_weight))
         return None, residual
 
     def forward_train(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
