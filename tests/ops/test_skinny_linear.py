@@ -5,6 +5,10 @@ output poisoned before each run, and against the CPU result. Every dtype, 1 to 4
 the unfused path), odd output counts, widths that end mid-vector (the unfused path), bias, out in fp32,
 and CUDA graph capture."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,6 +185,22 @@ def test_bad_prefetch_names_itself():
         tidal.ops.skinny_linear(x, w, norm_weight=nw, prefetch=torch.zeros(16))
     with pytest.raises(ValueError, match="prefetch must be a 2-D weight with contiguous rows"):
         tidal.ops.skinny_linear(x, w, norm_weight=nw, prefetch=torch.zeros(8, 16).t())
+
+
+@gpu_only
+@pytest.mark.parametrize("ring", ["5x7", "1x32", "4x32x", "four"])
+def test_bad_stream_ring_names_itself(ring):
+    """TIDAL_SKINNY_STAGES (the streamed kernel's ring, read once per process) rejects a malformed or
+    unsupported value by name on the first fused call."""
+    code = ("import torch, tidal.ops; x = torch.ones(1, 64, device='cuda'); w = torch.ones(8, 64, device='cuda'); "
+            "tidal.ops.skinny_linear(x, w); torch.cuda.synchronize()")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TIDAL_SKINNY_STAGES": ring},
+                          capture_output=True, text=True, timeout=300)
+    if torch.cuda.get_device_capability()[0] < 9:  # the register kernel has no ring
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode != 0
+    assert f"TIDAL_SKINNY_STAGES={ring}: expected STAGESxKIB" in done.stderr
 
 
 @gpu_only
