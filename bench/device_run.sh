@@ -29,8 +29,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 # Pass TIDAL_COMMIT from the machine that made the tree: a copy may carry another .git.
 export TIDAL_COMMIT="${TIDAL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
-# What the image lacks, carried as wheels under .whl/peers: the training peers (DeepSpeed and its
-# pure-Python dependencies; BENCHMARKS.md), the server's and the load test's packages, auditwheel.
+# What the image lacks, carried as wheels under .whl/peers (bench/peer_wheels.sh downloads them on a
+# machine with an index): the training peers (DeepSpeed and its pure-Python dependencies;
+# BENCHMARKS.md), the server's and the load test's packages, auditwheel.
 if compgen -G ".whl/peers/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-deps --no-index .whl/peers/*.whl >"$OUT/peers_install.log" 2>&1 ||
     echo "the peer wheels did not install (see peers_install.log)"
