@@ -139,13 +139,13 @@ inline bool programmatic_launch(int device) {
 }
 
 /// kernel<<<grid, block, smem, stream>>>(args...), launched as a programmatic dependent of the kernel
-/// before it in the stream where programmatic_launch(device) holds. The kernel must call
+/// before it in the stream when `programmatic` (on CUDA; HIP launches plainly). The kernel must call
 /// wait_for_prior_grid() first.
 template <typename... Params, typename... Args>
-void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int device,
-                      Args&&... args) {
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   bool programmatic, Args&&... args) {
 #if defined(TIDAL_USE_HIP)
-  (void)device;
+  (void)programmatic;
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
 #else
   cudaLaunchConfig_t config = {};
@@ -157,10 +157,17 @@ void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = programmatic_launch(device) ? 1 : 0;
+  config.numAttrs = programmatic ? 1 : 0;
   TIDAL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 #endif
   TIDAL_CUDA_CHECK(cudaGetLastError());
+}
+
+/// launch_kernel, programmatic where programmatic_launch(device) holds.
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int device,
+                      Args&&... args) {
+  launch_kernel(kernel, grid, block, smem, stream, programmatic_launch(device), std::forward<Args>(args)...);
 }
 
 /// The device a launch goes to (the current one: launchers run under a DeviceGuard).

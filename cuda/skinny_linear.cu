@@ -40,6 +40,10 @@ constexpr int64_t kMaxSmem = 64 * 1024;
 constexpr int64_t kMaxSmem = 100 * 1024;
 #endif
 constexpr int64_t kMaxRows = 4;
+// NOTE(tidal): both kernels are always launched as programmatic dependents (sm_90): their blocks start
+// while the previous kernel drains, issue their first weight reads, and wait in wait_for_prior_grid
+// for its results. Inside a CUDA graph this removes most of the gap between a decode step's kernels.
+constexpr bool kProgrammatic = true;
 
 // x's rows as the kernels hold them: 1, 2 or 4.
 int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : 4; }
@@ -153,27 +157,6 @@ __device__ void prologue(const Params& p, T* xs, float* scratch, int tid, int nu
   }
   sync();
 }
-
-#if !defined(TIDAL_USE_HIP)
-// NOTE(tidal): programmatic dependent launch (sm_90): the blocks start while the previous kernel
-// drains, load their first weights, and wait in wait_for_prior_grid for its results. Inside a
-// CUDA graph this removes most of the gap between the dependent kernels of a decode step.
-template <typename... KernelArgs, typename... Args>
-void launch_programmatic(void (*kernel)(KernelArgs...), unsigned grid, int threads, size_t smem, cudaStream_t stream,
-                         Args... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  TIDAL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
-}
-#endif
 
 // Output row `row` for input row `r` (< m): value + bias, written to out or added into residual.
 template <typename T>
@@ -525,8 +508,8 @@ void launch_streamed(const Params& p, const L2Prefetch& next, int device, cudaSt
   }
   const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
   const int64_t sms = multiprocessor_count(device);
-  launch_programmatic(kernel, static_cast<unsigned>(groups < sms ? groups : sms), kStreamThreads,
-                      static_cast<size_t>(plan.stages * plan.stage_bytes + xs_bytes), stream, p, plan, next);
+  launch_kernel(kernel, dim3(static_cast<unsigned>(groups < sms ? groups : sms)), dim3(kStreamThreads),
+                static_cast<size_t>(plan.stages * plan.stage_bytes + xs_bytes), stream, kProgrammatic, p, plan, next);
 }
 #endif  // !TIDAL_USE_HIP
 
@@ -538,9 +521,6 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   const int64_t row_blocks = (p.n + warps_per_block - 1) / warps_per_block;
 #if defined(TIDAL_USE_HIP)
   const int64_t resident = 2 * static_cast<int64_t>(multiprocessor_count(device));
-  const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
-  kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(p);
-  TIDAL_CUDA_CHECK(cudaGetLastError());
 #else
   // NOTE(tidal): the dynamic size plus the static scratch must fit the kernel's limit, whose default
   // is 48 KB in all; raised once per device to what any k this kernel takes can need.
@@ -553,9 +533,9 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   int per_sm = 0;
   TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
   const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
-  const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
-  launch_programmatic(kernel, grid, kThreads, static_cast<size_t>(smem), stream, p);
 #endif
+  const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
+  launch_kernel(kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), stream, kProgrammatic, p);
 }
 
 // The register-streamed kernel takes no prefetch (it runs where bulk prefetches do not exist).

@@ -132,12 +132,13 @@ class LlamaAttention(nn.Module):
                        cos_sin_cache: torch.Tensor, attn: AttentionMetadata,
                        kv_cache: tuple[torch.Tensor, torch.Tensor], next_weight: torch.Tensor | None = None) -> None:
         """Serving at a few tokens on the GPU: ``residual += o_proj(attention(qkv_proj(norm(residual))))``,
-        the norm fused into the qkv projection and the add into o_proj (ops.skinny_linear); with
-        SKINNY_PREFETCH each projection prefetches the next one's weight (o_proj's: ``next_weight``)."""
+        the norm fused into the qkv projection and the add into o_proj (ops.skinny_linear). Under
+        SKINNY_PREFETCH qkv prefetches o_proj's weight into L2; o_proj prefetches ``next_weight``
+        (None: nothing)."""
         qkv = ops.skinny_linear(residual, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight,
                                 eps=norm.eps, prefetch=_prefetch(self.o_proj.weight))
         out = self._attend(qkv, positions, cos_sin_cache, attn, kv_cache)
-        ops.skinny_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual, prefetch=_prefetch(next_weight))
+        ops.skinny_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual, prefetch=next_weight)
 
     def _attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -231,8 +232,8 @@ class LlamaDecoderLayer(nn.Module):
         """Serving. Returns (hidden, residual): the residual stream stays un-normalised in
         ``residual`` and each norm adds the previous block's output into it in place; hidden None
         means nothing is pending (the skinny path below added it already). ``next_weight``: the
-        weight the model reads after this layer (the next layer's qkv projection), which the skinny
-        path prefetches into L2 under SKINNY_PREFETCH."""
+        weight the model reads after this layer, for the skinny path to prefetch into L2 (None:
+        nothing; the model passes it under SKINNY_PREFETCH)."""
         num_tokens = (hidden if hidden is not None else residual).shape[0]
         if self.skinny_ok and num_tokens <= skinny_max_tokens(positions.device):
             return self._forward_skinny(hidden, residual, positions, cos_sin_cache, attn, kv_cache, next_weight)
@@ -258,11 +259,11 @@ class LlamaDecoderLayer(nn.Module):
             residual.add_(hidden)
         mlp, norm = self.mlp, self.post_attention_layernorm
         self.self_attn.forward_skinny(residual, self.input_layernorm, positions, cos_sin_cache, attn, kv_cache,
-                                      mlp.gate_up_proj.weight)
+                                      _prefetch(mlp.gate_up_proj.weight))
         gate_up = ops.skinny_linear(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm.weight,
                                     eps=norm.eps, prefetch=_prefetch(mlp.down_proj.weight))
         ops.skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=residual,
-                          prefetch=_prefetch(next_weight))
+                          prefetch=next_weight)
         return None, residual
 
     def forward_train(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
@@ -450,17 +451,23 @@ class LlamaForCausalLM(nn.Module):
             rope_positions, cos_sin_cache = self._rope_inputs(positions, attn)
             hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             residual = None
-            layers = self.model.layers
-            for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
-                following = layers[i + 1].self_attn.qkv_proj if i + 1 < len(layers) else self.lm_head
-                next_weight = getattr(following, "weight", None)  # what the skinny path prefetches
+            for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
                 hidden, residual = layer(hidden, residual, rope_positions, cos_sin_cache, attn, kv_cache,
-                                         next_weight if isinstance(next_weight, torch.Tensor) else None)
+                                         self._weight_after(i) if SKINNY_PREFETCH else None)
             norm = self.model.norm
             if hidden is None:
                 return ops.rms_norm(residual, norm.weight, norm.eps)
             ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
             return hidden
+
+    def _weight_after(self, layer: int) -> torch.Tensor | None:
+        """The weight the serving forward reads after ``layer``'s (the next layer's qkv projection, or
+        the LM head after the last): what the skinny path prefetches. None where it is not a tensor
+        (a quantized projection)."""
+        layers = self.model.layers
+        following = layers[layer + 1].self_attn.qkv_proj if layer + 1 < len(layers) else self.lm_head
+        weight = getattr(following, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden`` [num_rows, hidden_size] -> logits [num_rows, vocab_size] fp32; or, with ``out``
