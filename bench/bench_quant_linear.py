@@ -7,7 +7,9 @@ Per Llama-3-8B projection and batch of 1, 4 and 8 rows: each format's decode ker
 dequantize-then-matmul fp32 reference first (exit status 1 on a mismatch), then timed with CUDA events,
 L2 flushed before each repeat. Bandwidth counts the bytes the kernel must read: codes, scales and zero
 points (what its floor is made of), next to the copy ceiling. Then the prefill path (2048 rows):
-dequantize + cuBLAS for int8/int4, FP8 tensor cores for fp8, against bf16 cuBLAS.
+dequantize + cuBLAS for int8/int4, FP8 tensor cores for fp8, against bf16 cuBLAS. Last, at 1 and 2
+rows, the decode kernel against ops.skinny_linear over the same codes (on sm_90 the codes streamed
+through shared memory by bulk copies), each checked the same way.
 
     python bench/bench_quant_linear.py [--out FILE.md] [--repeats 100]
     ncu --kernel-name regex:quant_linear python bench/bench_quant_linear.py --profile gate_up:1:int4
@@ -91,15 +93,42 @@ def main() -> int:
             t = time_us(lambda: _fp8_linear(x, codes, scales, None, None), args.repeats, flush)
             row.append(f"{t:.1f}")
             rows.append(row)
+    skinny_rows = []
+    for name, n, k in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(n + k)
+        w = (torch.randn(n, k, device="cuda", generator=g) * k ** -0.5).to(torch.bfloat16)
+        for m in (1, 2):
+            x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+            row = [name, f"{m}x{n}x{k}"]
+            for fmt, group in FORMATS:
+                codes, scales, zeros = quantize_weight(w, fmt, group)
+                expected = x.float() @ tidal.ops.dequantize_weight(codes, scales, zeros, fmt, torch.float32).t()
+                fused = lambda: tidal.ops.skinny_linear(x, codes, weight_format=fmt, scales=scales,  # noqa: E731
+                                                        zeros=zeros)
+                err = (fused().float() - expected).abs().max().item()
+                if not err <= 2e-2 * max(expected.abs().max().item(), 1.0):
+                    print(f"MISMATCH skinny_linear {name} m={m} {fmt}: max error {err:.3g}", file=sys.stderr)
+                    failed = True
+                nbytes = weight_bytes(codes, scales, zeros)
+                t_q = time_us(lambda: tidal.ops.quant_linear(x, codes, scales, zeros, None, fmt), args.repeats, flush)
+                t_s = time_us(fused, args.repeats, flush)
+                row += [f"{t_q:.1f} ({nbytes / t_q / 1e3 / copy:.0%})", f"{t_s:.1f} ({nbytes / t_s / 1e3 / copy:.0%})"]
+            skinny_rows.append(row)
+    skinny_header = ["projection", "m x n x k"]
+    for fmt, _ in FORMATS:
+        skinny_header += [f"{fmt} quant_linear us (% of copy)", f"{fmt} skinny_linear us (% of copy)"]
     header = ["projection", "m x n x k", "bf16 cuBLAS us"]
     for fmt, _ in FORMATS:
         header += [f"{fmt} us", f"{fmt} % of copy (m<=8) / speedup vs bf16"]
     header.append("fp8 scaled_mm us")
     print(f"copy ceiling {copy:,.0f} GB/s ({torch.cuda.get_device_name()})")
     print_table(header, rows)
+    print_table(skinny_header, skinny_rows)
     if args.out:
         write_markdown(args.out, f"quant_linear, {torch.cuda.get_device_name()}, copy ceiling {copy:,.0f} GB/s",
                        header, rows)
+        write_markdown(args.out.removesuffix(".md") + "_skinny.md", "quant_linear against skinny_linear over the same "
+                       f"codes, {torch.cuda.get_device_name()}", skinny_header, skinny_rows)
     return 1 if failed else 0
 
 

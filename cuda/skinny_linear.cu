@@ -14,9 +14,11 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
+#include "cuda/quant_linear.cuh"
 #include "ops/kernels.h"
 
 namespace tidal::gpu {
@@ -50,15 +52,23 @@ int padded_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : 4; }
 
 enum Prologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 
+// The weight's storage: x's dtype (kDense), or the codes of a quantized weight (quant::kInt8,
+// quant::kInt4, quant::kFp8: quant_linear's layouts and format codes; the streamed kernel only).
+constexpr int kDense = -1;
+
 struct Params {
   const void* x;          // [m, k] (kSiluMul: [m, 2k]), row stride x_stride
-  const void* weight;     // [n, k], row stride w_stride
+  const void* weight;     // [n, k] (quantized: its codes, [n, k / 2] for int4), row stride w_stride
   const void* bias;       // [n] or null
   const void* norm_weight;  // [k] (kRmsNorm)
   void* out;              // [m, n] x's dtype or fp32 (out_fp32), row stride out_stride; null with residual
   void* residual;         // [m, n] x's dtype, row stride residual_stride; null without
+  const float* scales;    // quantized: [n, num_groups], contiguous
+  const uint8_t* zeros;   // int4: [n, num_groups], contiguous
   int64_t x_stride, w_stride, out_stride, residual_stride;
   int m, n, k;
+  int num_groups;
+  int group_shift;  // quantized: log2 of a group's 16-byte chunks of codes; -1 when num_groups is 1
   int prologue;
   bool out_fp32;
   float eps;
@@ -272,6 +282,11 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
 // than a tile is split into segments of one group's consecutive tiles, its sum kept in registers).
 // Blocks take contiguous runs of row groups (groups of 8 rows: at most 1/8 of a group of imbalance
 // per block for a Llama layer's shapes).
+// A quantized weight streams the same way, as bytes: each stage also carries its rows' scales (and
+// int4 zero points), copied with the codes, and the consumers widen each 16-byte chunk of codes in
+// registers (quant::widen_code) and scale its sum once. The decode kernels of quant_linear read
+// their codes with loads each warp waits on (26-48% of the copy ceiling for int4 on a Llama-3-8B
+// layer at one row, H100) and leave the norm, activation and residual add to kernels of their own.
 constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamConsumers = kStreamConsumerWarps * kWarpSize;
 constexpr int kStreamThreads = kStreamConsumers + kWarpSize;  // plus the producer warp
@@ -317,26 +332,89 @@ struct L2Prefetch {
 };
 
 struct StreamPlan {
-  int rows;      // weight rows per tile: kStreamConsumerWarps, or a multiple of it when segments == 1
-  int cols;      // columns per tile (a multiple of the vector width); a row's last tile may be shorter
-  int segments;  // tiles per group of `rows` rows, ceil(k / cols)
-  int stages;    // ring depth
-  int stage_bytes;
+  int rows;         // weight rows per tile: kStreamConsumerWarps, or a multiple of it when segments == 1
+  int seg_bytes;    // bytes of a row per tile (a multiple of 16); a row's last tile may be shorter
+  int segments;     // tiles per group of `rows` rows, ceil(row bytes / seg_bytes)
+  int stages;       // ring depth
+  int stage_bytes;  // the weight bytes a stage holds
+  int stage_stride;  // bytes from one stage to the next: stage_bytes, plus a quantized weight's tail
+  // A quantized weight's tail of each stage: the tile's scales ([rows][scale_stride] fp32) at
+  // scale_offset and zero points ([rows][zero_stride] uint8) at zero_offset. whole_groups: a tile
+  // reads whole rows of them (one segment a row, or one group a row), copied at once; otherwise the
+  // groups segment `seg` covers (segment_groups), one copy per row.
+  int scale_offset, zero_offset, scale_stride, zero_stride;
+  bool whole_groups;
 };
 
-template <typename T, int kM>
+// Bytes of one weight row: k elements of T, or k codes of a quantized format.
+template <typename T, int kFormat>
+__host__ __device__ __forceinline__ int64_t weight_row_bytes(int64_t k) {
+  return kFormat == kDense ? k * static_cast<int64_t>(sizeof(T)) : kFormat == quant::kInt4 ? k / 2 : k;
+}
+
+// The groups [lo, hi) of scales that segment `seg` of a row reads (a quantized weight whose groups
+// are not whole per tile).
+__host__ __device__ __forceinline__ void segment_groups(const StreamPlan& plan, int64_t row_bytes, int group_shift,
+                                                        int seg, int& lo, int& hi) {
+  const int64_t first = static_cast<int64_t>(seg) * (plan.seg_bytes / 16);
+  const int64_t end = (row_bytes < static_cast<int64_t>(seg + 1) * plan.seg_bytes ? row_bytes
+                                                                                   : static_cast<int64_t>(seg + 1) * plan.seg_bytes) / 16;
+  lo = group_shift < 0 ? 0 : static_cast<int>(first >> group_shift);
+  hi = group_shift < 0 ? 1 : static_cast<int>(((end - 1) >> group_shift) + 1);
+}
+
+// One 16-byte chunk of a quantized row (quant::codes_per_chunk inputs, one group) against f(x):
+// acc[r] += scale * sum_j (code_j - zero) * x[r, j]. x: f(x) at the chunk's first input; rows r >= m
+// of it are zeros.
+template <typename T, int kM, int kFormat>
+__device__ __forceinline__ void quant_chunk(uint4 raw, const T* x, int x_stride, float scale, float zero,
+                                            float (&acc)[kM]) {
+  constexpr int kPerWord = quant::codes_per_chunk<kFormat>() / 4;
+  constexpr int kVec = kPerWord * sizeof(T) >= 16 ? 16 / static_cast<int>(sizeof(T)) : kPerWord;
+  const float offset = quant::kMagic + (kFormat == quant::kInt4 ? zero : kFormat == quant::kInt8 ? 128.f : 0.f);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  float dot[kM];
+#pragma unroll
+  for (int r = 0; r < kM; ++r) dot[r] = 0.0f;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    // int8 words have their sign bits flipped (each byte code + 128; see quant::widen_code)
+    const uint32_t word = kFormat == quant::kInt8 ? words[w] ^ 0x80808080u : words[w];
+    float wf[kPerWord];
+#pragma unroll
+    for (int j = 0; j < kPerWord; ++j) wf[j] = quant::widen_code<kFormat>(word, j, offset);
+#pragma unroll
+    for (int r = 0; r < kM; ++r) {
+#pragma unroll
+      for (int v = 0; v < kPerWord / kVec; ++v) {
+        const Vec<T, kVec> xv = load_vec<T, kVec>(x + r * x_stride + w * kPerWord + v * kVec);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dot[r] = fmaf(wf[v * kVec + j], element_to_float(xv, j), dot[r]);
+      }
+    }
+  }
+  // FP8 codes widen to value / 2^120 (quant::fp8_e4m3_unscaled)
+  const float s = kFormat == quant::kFp8 ? scale * 0x1p120f : scale;
+#pragma unroll
+  for (int r = 0; r < kM; ++r) acc[r] = fmaf(s, dot[r], acc[r]);
+}
+
+template <typename T, int kM, int kFormat>
 __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kernel(const Params p, const StreamPlan plan,
                                                                                     const L2Prefetch next) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kVec = 16 / sizeof(T);
   using V = Vec<T, kVec>;
+  // inputs of x one 16-byte chunk of the weight covers
+  constexpr int kChunkInputs = kFormat == kDense ? kVec : quant::codes_per_chunk<kFormat>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full[kMaxStages];   // a stage's bytes have landed
   __shared__ __align__(8) uint64_t empty[kMaxStages];  // every consumer warp is done with a stage
   __shared__ float scratch[kM * kStreamConsumerWarps];
-  T* xs = reinterpret_cast<T*>(smem_raw + plan.stages * plan.stage_bytes);
+  T* xs = reinterpret_cast<T*>(smem_raw + plan.stages * plan.stage_stride);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t row_bytes = weight_row_bytes<T, kFormat>(p.k);
   const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
   const int64_t first_group = groups * blockIdx.x / gridDim.x;
   const int64_t num_tiles = (groups * (blockIdx.x + 1) / gridDim.x - first_group) * plan.segments;
@@ -354,7 +432,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
     // filled before waiting for it.
     if (lane == 0) {
       const char* weight = static_cast<const char*>(p.weight);
-      const bool contiguous = plan.segments == 1 && p.w_stride == p.k;  // a tile is one run of bytes
+      const int64_t w_stride = p.w_stride * (kFormat == kDense ? static_cast<int64_t>(sizeof(T)) : 1);  // bytes
+      const bool contiguous = plan.segments == 1 && w_stride == row_bytes;  // a tile is one run of bytes
       for (int64_t t = 0; t < num_tiles; ++t) {
         const int s = static_cast<int>(t % plan.stages);
         const int64_t round = t / plan.stages;
@@ -362,18 +441,37 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
         const int64_t row0 = (first_group + t / plan.segments) * plan.rows;
         const int seg = static_cast<int>(t % plan.segments);
         const int rows = static_cast<int>(min(static_cast<int64_t>(plan.rows), p.n - row0));
-        const int cols = min(plan.cols, p.k - seg * plan.cols);
-        const uint32_t row_bytes = static_cast<uint32_t>(cols * sizeof(T));
+        const uint32_t seg_bytes = static_cast<uint32_t>(min(static_cast<int64_t>(plan.seg_bytes),
+                                                             row_bytes - static_cast<int64_t>(seg) * plan.seg_bytes));
         const uint32_t bar = shared_address(&full[s]);
-        const uint32_t stage = shared_address(smem_raw + s * plan.stage_bytes);
-        const char* src = weight + (row0 * p.w_stride + static_cast<int64_t>(seg) * plan.cols) * sizeof(T);
-        mbarrier_arrive_expect_tx(bar, row_bytes * rows);
+        const uint32_t stage = shared_address(smem_raw + s * plan.stage_stride);
+        const char* src = weight + row0 * w_stride + static_cast<int64_t>(seg) * plan.seg_bytes;
+        int lo = 0, hi = p.num_groups;  // the tile's groups of scales (quantized)
+        if (kFormat != kDense && !plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
+        const uint32_t group_bytes = kFormat == kDense ? 0u : (kFormat == quant::kInt4 ? 5u : 4u) * (hi - lo);
+        mbarrier_arrive_expect_tx(bar, (seg_bytes + group_bytes) * rows);
         if (contiguous) {
-          bulk_copy_to_shared(stage, src, row_bytes * rows, bar);
+          bulk_copy_to_shared(stage, src, seg_bytes * rows, bar);
         } else {
           for (int r = 0; r < rows; ++r) {
-            bulk_copy_to_shared(stage + static_cast<uint32_t>(r * plan.cols * sizeof(T)), src + r * p.w_stride * sizeof(T),
-                                row_bytes, bar);
+            bulk_copy_to_shared(stage + static_cast<uint32_t>(r * plan.seg_bytes), src + r * w_stride, seg_bytes, bar);
+          }
+        }
+        if constexpr (kFormat != kDense) {
+          const int64_t g0 = row0 * p.num_groups;
+          const uint32_t span = static_cast<uint32_t>(hi - lo);
+          if (plan.whole_groups) {
+            bulk_copy_to_shared(stage + plan.scale_offset, p.scales + g0, 4u * span * rows, bar);
+            if (kFormat == quant::kInt4) bulk_copy_to_shared(stage + plan.zero_offset, p.zeros + g0, span * rows, bar);
+          } else {
+            for (int r = 0; r < rows; ++r) {
+              const int64_t g = g0 + static_cast<int64_t>(r) * p.num_groups + lo;
+              bulk_copy_to_shared(stage + plan.scale_offset + 4u * r * plan.scale_stride, p.scales + g, 4u * span, bar);
+              if (kFormat == quant::kInt4) {
+                bulk_copy_to_shared(stage + plan.zero_offset + static_cast<uint32_t>(r * plan.zero_stride), p.zeros + g,
+                                    span, bar);
+              }
+            }
           }
         }
       }
@@ -404,22 +502,39 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
     mbarrier_wait(shared_address(&full[s]), static_cast<uint32_t>((t / plan.stages) & 1));
     const int64_t row0 = (first_group + t / plan.segments) * plan.rows;
     const int seg = static_cast<int>(t % plan.segments);
-    const int vecs = min(plan.cols, p.k - seg * plan.cols) / kVec;
-    const T* stage = reinterpret_cast<const T*>(smem_raw + s * plan.stage_bytes);
-    const T* x_seg = xs + seg * plan.cols;
+    const int chunks = static_cast<int>(min(static_cast<int64_t>(plan.seg_bytes),
+                                            row_bytes - static_cast<int64_t>(seg) * plan.seg_bytes) / 16);
+    const int first_chunk = seg * (plan.seg_bytes / 16);  // of the row
+    const unsigned char* stage = smem_raw + s * plan.stage_stride;
+    const T* x_seg = xs + static_cast<int64_t>(first_chunk) * kChunkInputs;
     for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
-      const V* w = reinterpret_cast<const V*>(stage + rl * plan.cols);
+      if constexpr (kFormat == kDense) {
+        const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
 #pragma unroll 4
-      for (int i = lane; i < vecs; i += kWarpSize) {
-        const V wv = w[i];
-        float wf[kVec];
+        for (int i = lane; i < chunks; i += kWarpSize) {
+          const V wv = w[i];
+          float wf[kVec];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
+          for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
 #pragma unroll
-        for (int r = 0; r < kM; ++r) {
-          const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
+          for (int r = 0; r < kM; ++r) {
+            const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
+            for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
+          }
+        }
+      } else {
+        const uint4* w = reinterpret_cast<const uint4*>(stage + rl * plan.seg_bytes);
+        int lo = 0, hi = 0;
+        if (!plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
+        // indexed by the group within the row
+        const float* scales = reinterpret_cast<const float*>(stage + plan.scale_offset) + rl * plan.scale_stride - lo;
+        const uint8_t* zeros = stage + plan.zero_offset + rl * plan.zero_stride - lo;
+#pragma unroll 2
+        for (int i = lane; i < chunks; i += kWarpSize) {
+          const int g = p.group_shift < 0 ? 0 : (first_chunk + i) >> p.group_shift;
+          const float zero = kFormat == quant::kInt4 ? static_cast<float>(zeros[g]) : 0.0f;
+          quant_chunk<T, kM, kFormat>(w[i], x_seg + i * kChunkInputs, p.k, scales[g], zero, acc);
         }
       }
       if (seg == plan.segments - 1) {  // the row is done: lane r writes input row r's result
@@ -442,22 +557,70 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
 #endif
 }
 
-StreamPlan stream_plan(int64_t k, int64_t element_size, int64_t xs_bytes) {
+// The ring's tiles for rows of `row_bytes` (the dense layout; a quantized weight adds its tail with
+// add_quant_tail). stages 0: f(x) leaves no room for two stages.
+StreamPlan stream_plan(int64_t row_bytes, int64_t xs_bytes) {
   const StreamRing ring = stream_ring();
-  const int64_t elements = ring.stage_bytes / element_size, vec = 16 / element_size;
   StreamPlan plan{};
-  if (k * kStreamConsumerWarps <= elements) {  // whole rows, a multiple of the consumer warps a tile
-    plan.cols = static_cast<int>(k);
-    plan.rows = static_cast<int>(elements / k / kStreamConsumerWarps * kStreamConsumerWarps);
+  if (row_bytes * kStreamConsumerWarps <= ring.stage_bytes) {  // whole rows, a multiple of the consumer warps a tile
+    plan.seg_bytes = static_cast<int>(row_bytes);
+    plan.rows = static_cast<int>(ring.stage_bytes / row_bytes / kStreamConsumerWarps * kStreamConsumerWarps);
     plan.segments = 1;
   } else {  // one row per consumer warp, split into segments
     plan.rows = kStreamConsumerWarps;
-    plan.cols = static_cast<int>(elements / kStreamConsumerWarps / vec * vec);
-    plan.segments = static_cast<int>((k + plan.cols - 1) / plan.cols);
+    plan.seg_bytes = static_cast<int>(ring.stage_bytes / kStreamConsumerWarps / 16 * 16);
+    plan.segments = static_cast<int>((row_bytes + plan.seg_bytes - 1) / plan.seg_bytes);
   }
-  plan.stage_bytes = static_cast<int>(ring.stage_bytes);
-  plan.stages = static_cast<int>(std::min<int64_t>(ring.stages, (kStreamSmemBudget - xs_bytes) / ring.stage_bytes));
+  plan.stage_bytes = plan.stage_stride = static_cast<int>(ring.stage_bytes);
+  plan.scale_offset = plan.zero_offset = plan.stage_bytes;
+  const int64_t room = kStreamSmemBudget - xs_bytes;
+  plan.stages = room < 2 * plan.stage_stride ? 0 : static_cast<int>(std::min<int64_t>(ring.stages, room / plan.stage_stride));
+  plan.whole_groups = true;
   return plan;
+}
+
+// Gives a quantized weight's plan its tail (scales, zero points) and checks that every copy of it is
+// whole 16-byte units at 16-byte boundaries (what bulk copies need); false when one is not, or when
+// the stages no longer fit. p: the launch's parameters (n, k, num_groups, group_shift, the pointers).
+bool add_quant_tail(StreamPlan& plan, const Params& p, int format, int64_t xs_bytes) {
+  const bool has_zeros = format == quant::kInt4;
+  const int64_t groups = p.num_groups, row_bytes = format == quant::kInt4 ? p.k / 2 : p.k;
+  const auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+  if (!is_aligned(p.scales, 16) || (has_zeros && !is_aligned(p.zeros, 16))) return false;
+  plan.whole_groups = plan.segments == 1 || groups == 1;
+  int64_t scale_bytes = 0, zero_bytes = 0;  // per stage
+  if (plan.whole_groups) {
+    // one copy of rows x groups at row0 x groups: every tile's row count (plan.rows, and the last
+    // group's remainder) must keep it whole
+    const int64_t last = p.n % plan.rows;
+    for (const int64_t rows : {static_cast<int64_t>(plan.rows), last}) {
+      if (rows == 0) continue;
+      if (!aligned(4 * rows * groups) || (has_zeros && !aligned(rows * groups))) return false;
+    }
+    plan.scale_stride = plan.zero_stride = static_cast<int>(groups);
+    scale_bytes = 4 * plan.rows * groups;
+    zero_bytes = has_zeros ? plan.rows * groups : 0;
+  } else {
+    // one copy per row and segment: its start and length whole units
+    if (!aligned(4 * groups) || (has_zeros && !aligned(groups))) return false;
+    int widest = 0;
+    for (int seg = 0; seg < plan.segments; ++seg) {
+      int lo = 0, hi = 0;
+      segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
+      if (!aligned(4 * static_cast<int64_t>(lo)) || !aligned(4 * static_cast<int64_t>(hi - lo))) return false;
+      if (has_zeros && (!aligned(lo) || !aligned(hi - lo))) return false;
+      widest = std::max(widest, hi - lo);
+    }
+    plan.scale_stride = plan.zero_stride = widest;  // whole units: checked above
+    scale_bytes = 4 * static_cast<int64_t>(plan.rows) * widest;
+    zero_bytes = has_zeros ? static_cast<int64_t>(plan.rows) * widest : 0;
+  }
+  plan.scale_offset = plan.stage_bytes;
+  plan.zero_offset = static_cast<int>(plan.scale_offset + scale_bytes);
+  plan.stage_stride = static_cast<int>((plan.zero_offset + zero_bytes + 15) / 16 * 16);
+  const int64_t room = kStreamSmemBudget - xs_bytes;
+  plan.stages = room < 2 * plan.stage_stride ? 0 : static_cast<int>(std::min<int64_t>(stream_ring().stages, room / plan.stage_stride));
+  return plan.stages >= 2;
 }
 
 // Whether the streamed kernel runs on `device`: sm_90 or later, with code compiled for it.
@@ -471,7 +634,7 @@ bool streamed_kernel_runs(int device) {
     bool runs = major >= 9;
     if (runs) {
       cudaFuncAttributes attributes{};
-      TIDAL_CUDA_CHECK(cudaFuncGetAttributes(&attributes, skinny_linear_streamed_kernel<float, 1>));
+      TIDAL_CUDA_CHECK(cudaFuncGetAttributes(&attributes, skinny_linear_streamed_kernel<float, 1, kDense>));
       runs = attributes.ptxVersion >= 90;
     }
     state[device] = runs ? 1 : 2;
@@ -479,12 +642,13 @@ bool streamed_kernel_runs(int device) {
   return state[device] == 1;
 }
 
-// Where the blocks of a streamed skinny_linear over `weight` (with m rows of x) start reading.
+// Where the blocks of a streamed skinny_linear over `weight` (with m rows of x) start reading: its
+// rows as bytes (a quantized weight's codes included; its tail does not move where they start).
 L2Prefetch l2_prefetch(TensorView weight, int m, int device) {
   L2Prefetch next{};
   if (weight.data == nullptr || weight.size(0) == 0) return next;
   const int64_t esize = dtype_size(weight.dtype), n = weight.size(0), k = weight.size(1);
-  const StreamPlan plan = stream_plan(k, esize, padded_rows(m) * k * esize);
+  const StreamPlan plan = stream_plan(k * esize, padded_rows(m) * k * esize);
   if (plan.stages <= 0) return next;
   next.base = static_cast<const char*>(weight.data);
   next.extent = ((n - 1) * weight.stride(0) + k) * esize;
@@ -495,11 +659,20 @@ L2Prefetch l2_prefetch(TensorView weight, int m, int device) {
   return next;
 }
 
-template <typename T, int kM>
-void launch_streamed(const Params& p, const L2Prefetch& next, int device, cudaStream_t stream) {
-  const auto kernel = skinny_linear_streamed_kernel<T, kM>;
+// The plan of a streamed launch of these parameters (x's rows held as kM, elements of esize bytes);
+// stages 0 when the kernel does not take them.
+StreamPlan launch_plan(const Params& p, int format, int64_t esize, int kM) {
+  const int64_t xs_bytes = kM * static_cast<int64_t>(p.k) * esize;
+  const int64_t row_bytes = format == kDense ? p.k * esize : format == quant::kInt4 ? p.k / 2 : p.k;
+  StreamPlan plan = stream_plan(row_bytes, xs_bytes);
+  if (format != kDense && plan.stages > 0 && !add_quant_tail(plan, p, format, xs_bytes)) plan.stages = 0;
+  return plan;
+}
+
+template <typename T, int kM, int kFormat>
+void launch_streamed(const Params& p, const StreamPlan& plan, const L2Prefetch& next, int device, cudaStream_t stream) {
+  const auto kernel = skinny_linear_streamed_kernel<T, kM, kFormat>;
   const int64_t xs_bytes = kM * static_cast<int64_t>(p.k) * sizeof(T);
-  const StreamPlan plan = stream_plan(p.k, sizeof(T), xs_bytes);
   static bool raised[64] = {};
   if (device >= 0 && device < 64 && !raised[device]) {
     TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -509,7 +682,8 @@ void launch_streamed(const Params& p, const L2Prefetch& next, int device, cudaSt
   const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
   const int64_t sms = multiprocessor_count(device);
   launch_kernel(kernel, dim3(static_cast<unsigned>(groups < sms ? groups : sms)), dim3(kStreamThreads),
-                static_cast<size_t>(plan.stages * plan.stage_bytes + xs_bytes), stream, kProgrammatic, p, plan, next);
+                static_cast<size_t>(static_cast<int64_t>(plan.stages) * plan.stage_stride + xs_bytes), stream, kProgrammatic,
+                p, plan, next);
 }
 #endif  // !TIDAL_USE_HIP
 
@@ -538,36 +712,39 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   launch_kernel(kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), stream, kProgrammatic, p);
 }
 
-// The register-streamed kernel takes no prefetch (it runs where bulk prefetches do not exist).
+// The kernel for these parameters: the streamed kernel where it runs (sm_90), else the
+// register-streamed one (dense weights only: skinny_linear_supported keeps quantized ones off it).
 template <typename T, int kM>
-void launch_best(const Params& p, TensorView prefetch, int device, cudaStream_t stream) {
+void launch_best(const Params& p, int format, TensorView prefetch, int device, cudaStream_t stream) {
 #if !defined(TIDAL_USE_HIP)
-  if (streamed_kernel_runs(device)) return launch_streamed<T, kM>(p, l2_prefetch(prefetch, p.m, device), device, stream);
+  if (streamed_kernel_runs(device)) {
+    const StreamPlan plan = launch_plan(p, format, sizeof(T), kM);
+    const L2Prefetch next = l2_prefetch(prefetch, p.m, device);
+    if constexpr (!std::is_same_v<T, float>) {  // quantized weights take 16-bit x only
+      switch (format) {
+        case quant::kInt8: return launch_streamed<T, kM, quant::kInt8>(p, plan, next, device, stream);
+        case quant::kInt4: return launch_streamed<T, kM, quant::kInt4>(p, plan, next, device, stream);
+        case quant::kFp8: return launch_streamed<T, kM, quant::kFp8>(p, plan, next, device, stream);
+        default: break;
+      }
+    }
+    return launch_streamed<T, kM, kDense>(p, plan, next, device, stream);
+  }
 #endif
-  (void)prefetch;
+  (void)format, (void)prefetch;
   launch<T, kM>(p, device, stream);
 }
 
 template <typename T>
-void launch_rows(const Params& p, TensorView prefetch, int device, cudaStream_t stream) {
-  if (p.m <= 1) return launch_best<T, 1>(p, prefetch, device, stream);
-  if (p.m <= 2) return launch_best<T, 2>(p, prefetch, device, stream);
-  return launch_best<T, 4>(p, prefetch, device, stream);
+void launch_rows(const Params& p, int format, TensorView prefetch, int device, cudaStream_t stream) {
+  if (p.m <= 1) return launch_best<T, 1>(p, format, prefetch, device, stream);
+  if (p.m <= 2) return launch_best<T, 2>(p, format, prefetch, device, stream);
+  return launch_best<T, 4>(p, format, prefetch, device, stream);
 }
 
-}  // namespace
-
-bool skinny_linear_supported(TensorView x, TensorView weight) {
-  const int64_t m = x.size(0), k = weight.size(1);
-  const int64_t vec = 16 / dtype_size(x.dtype);
-  if (m < 1 || m > kMaxRows || k < 1 || k % vec != 0 || weight.size(0) > INT_MAX || k > INT_MAX) return false;
-  if (padded_rows(m) * k * static_cast<int64_t>(dtype_size(x.dtype)) > kMaxSmem) return false;
-  return is_aligned(x.data, 16) && is_aligned(weight.data, 16) && x.stride(0) % vec == 0 &&
-         weight.stride(0) % vec == 0;
-}
-
-void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, int prologue_kind, float eps, TensorView prefetch, Stream stream) {
+// The kernel's parameters from the op's tensors (zeros and scales empty for a dense weight).
+Params make_params(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
+                   TensorView norm_weight, int prologue_kind, float eps, int format, TensorView scales, TensorView zeros) {
   Params p{};
   p.x = x.data;
   p.weight = weight.data;
@@ -575,19 +752,66 @@ void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
   p.norm_weight = norm_weight.data;
   p.out = out.data;
   p.residual = residual.data;
+  p.scales = static_cast<const float*>(scales.data);
+  p.zeros = static_cast<const uint8_t*>(zeros.data);
   p.x_stride = x.stride(0);
   p.w_stride = weight.stride(0);
   p.out_stride = out.data != nullptr ? out.stride(0) : 0;
   p.residual_stride = residual.data != nullptr ? residual.stride(0) : 0;
   p.m = static_cast<int>(x.size(0));
   p.n = static_cast<int>(weight.size(0));
-  p.k = static_cast<int>(weight.size(1));
+  p.k = static_cast<int>(format == quant::kInt4 ? 2 * weight.size(1) : weight.size(1));
+  p.group_shift = -1;
+  if (format != kDense) {
+    p.num_groups = static_cast<int>(scales.size(1));
+    // a group's 16-byte chunks, a power of two (else group_shift stays -1 and, with several groups,
+    // the quantized kernel does not take the weight)
+    const int64_t inputs = p.k / p.num_groups, chunk = format == quant::kInt4 ? 32 : 16;
+    if (p.num_groups > 1 && inputs % chunk == 0) {
+      const int64_t chunks = inputs / chunk;
+      for (int shift = 0; shift < 31; ++shift) {
+        if ((int64_t{1} << shift) == chunks) p.group_shift = shift;
+      }
+    }
+  }
   p.prologue = prologue_kind;
   p.out_fp32 = out.data != nullptr && out.dtype == DType::kFloat32 && x.dtype != DType::kFloat32;
   p.eps = eps;
+  return p;
+}
+
+}  // namespace
+
+bool skinny_linear_supported(TensorView x, TensorView weight, int format, TensorView scales, TensorView zeros) {
+  const int64_t m = x.size(0), k = format == quant::kInt4 ? 2 * weight.size(1) : weight.size(1);
+  const int64_t vec = 16 / dtype_size(x.dtype);
+  if (m < 1 || m > kMaxRows || k < 1 || k % vec != 0 || weight.size(0) > INT_MAX || k > INT_MAX) return false;
+  if (!is_aligned(x.data, 16) || !is_aligned(weight.data, 16) || x.stride(0) % vec != 0) return false;
+  if (format == kDense) {
+    return padded_rows(m) * k * static_cast<int64_t>(dtype_size(x.dtype)) <= kMaxSmem && weight.stride(0) % vec == 0;
+  }
+#if defined(TIDAL_USE_HIP)
+  (void)scales, (void)zeros;
+  return false;
+#else
+  // quantized: the streamed kernel only, for 16-bit x, rows of whole 16-byte chunks of codes, groups
+  // of a power of two of chunks (or one group a row)
+  if (x.dtype == DType::kFloat32 || !streamed_kernel_runs(x.device.index)) return false;
+  const int64_t chunk = format == quant::kInt4 ? 32 : 16;
+  if (k % chunk != 0 || weight.stride(0) % 16 != 0) return false;
+  const Params p = make_params({}, {}, x, weight, {}, {}, kIdentity, 0.0f, format, scales, zeros);
+  if (p.num_groups > 1 && p.group_shift < 0) return false;
+  return launch_plan(p, format, dtype_size(x.dtype), padded_rows(m)).stages > 0;
+#endif
+}
+
+void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
+                   TensorView norm_weight, int prologue_kind, float eps, int format, TensorView scales,
+                   TensorView zeros, TensorView prefetch, Stream stream) {
+  const Params p = make_params(out, residual, x, weight, bias, norm_weight, prologue_kind, eps, format, scales, zeros);
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, prefetch, x.device.index, s));
+  TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, format, prefetch, x.device.index, s));
 }
 
 }  // namespace tidal::gpu

@@ -56,20 +56,28 @@ void bind_ops_serving(py::module_& m) {
   m.def(
       "skinny_linear",
       [](py::handle out, py::handle residual, py::handle x, py::handle weight, py::handle bias,
-         py::handle norm_weight, int prologue, float eps, std::uintptr_t stream, py::handle prefetch) {
+         py::handle norm_weight, int prologue, float eps, std::uintptr_t stream, py::handle prefetch,
+         int weight_format, py::handle scales, py::handle zeros) {
         TIDAL_CHECK(prologue >= 0 && prologue <= 2, "prologue=", prologue,
                     " must be 0 (identity), 1 (rms_norm) or 2 (silu_and_mul)");
+        TIDAL_CHECK(weight_format >= -1 && weight_format <= 2, "weight_format=", weight_format,
+                    " must be -1 (a dense weight), 0 (int8), 1 (int4) or 2 (fp8_e4m3)");
+        ops::QuantizedWeight quant{static_cast<ops::WeightFormat>(weight_format < 0 ? 0 : weight_format),
+                                   view_optional_capsule(scales, "scales"), view_optional_capsule(zeros, "zeros")};
         return ops::skinny_linear(view_optional_capsule(out, "out"), view_optional_capsule(residual, "residual"),
                                   view_capsule(x, "x"), view_capsule(weight, "weight"),
                                   view_optional_capsule(bias, "bias"), view_optional_capsule(norm_weight, "norm_weight"),
                                   static_cast<ops::SkinnyPrologue>(prologue), eps,
-                                  view_optional_capsule(prefetch, "prefetch"), Stream::from_int(stream));
+                                  view_optional_capsule(prefetch, "prefetch"), Stream::from_int(stream),
+                                  weight_format < 0 ? nullptr : &quant);
       },
       py::arg("out"), py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("norm_weight"),
       py::arg("prologue"), py::arg("eps"), py::arg("stream") = 0, py::arg("prefetch") = py::none(),
+      py::arg("weight_format") = -1, py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
       "out = f(x) @ weight.T (+ bias), or residual += it, for a few rows on the GPU (DLPack capsules, None for "
       "absent ones); False when the fused kernel does not take these shapes. prefetch: the next kernel's weight, "
-      "whose first bytes L2 is asked to fetch early.");
+      "whose first bytes L2 is asked to fetch early. weight_format >= 0: weight holds a quantized weight's codes "
+      "(quant_linear's format codes and layouts) with its scales and zeros.");
   m.def(
       "rotary_embedding",
       [](py::handle positions, py::handle query, py::handle key, int64_t head_dim, py::handle cos_sin_cache,

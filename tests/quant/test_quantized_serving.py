@@ -15,7 +15,7 @@ import transformers
 
 import tidal
 from conftest import DEVICES
-from tidal.models import load_model, save_model
+from tidal.models import llama, load_model, save_model
 from tidal.quant import QuantConfig, QuantLinear, save_quantized_model
 from tidal.quant.formats import _pack_int32, _unpack_int32, quantization_config, read_tensors, write_tensors
 from tiny_models import assert_pool_whole, build_model, hf_greedy
@@ -59,7 +59,16 @@ def dequantized_reference(path, quantized, out_dir):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_greedy_equals_transformers_on_the_dequantized_weights(model_dir, fmt, device, tmp_path):
+@pytest.mark.parametrize("skinny", [False, True], ids=["unfused", "skinny"])
+def test_greedy_equals_transformers_on_the_dequantized_weights(model_dir, fmt, device, skinny, tmp_path,
+                                                               monkeypatch):
+    """skinny (GPU): decode steps of up to 4 tokens through ops.skinny_linear over the codes (norms,
+    activation and residual adds fused in; on sm_90 the codes streamed by bulk copies)."""
+    if skinny:
+        if device != "cuda":
+            pytest.skip("the fused decode path runs on a GPU")
+        monkeypatch.setattr(tidal.quant.linear, "SKINNY_DECODE", True)
+        monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", 4)
     hf = dequantized_reference(model_dir, load_model(model_dir, quantization=fmt)[0], str(tmp_path / "ref"))
     batch = prompts([3, 5, 8, 13, 21])
     expected = [hf_greedy(hf, p, 10) for p in batch]
@@ -72,6 +81,7 @@ def test_greedy_equals_transformers_on_the_dequantized_weights(model_dir, fmt, d
     assert [o.outputs[0].token_ids for o in outputs] == expected
     layers = quantized_layers(llm.engine.model)
     assert len(layers) == 4 * 2 and all(layer.format == fmt for layer in layers.values())
+    assert [layer.skinny_ok for layer in llm.engine.model.model.layers] == [skinny] * 2
     assert_pool_whole(llm)
 
 

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "tidal/ops_quant.h"
 #include "tidal/stream.h"
 #include "tidal/tensor_view.h"
 
@@ -24,6 +25,13 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream);
 /// What skinny_linear computes from x before the product.
 enum class SkinnyPrologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 
+/// A quantized weight's format and groups, for ops that take one beside its codes.
+struct QuantizedWeight {
+  WeightFormat format;
+  TensorView scales;  // float32 [n, num_groups], contiguous
+  TensorView zeros;   // uint8 [n, num_groups] for WeightFormat::kInt4, else empty
+};
+
 /// A linear layer over a few rows (decode at small batch) with its neighbours fused in, GPU only:
 ///   y = f(x) weight^T (+ bias),  then  out = y  or  residual += y  (in place),
 /// f = identity; rms_norm(x, norm_weight, eps) (rounded to the dtype, as rms_norm); or
@@ -37,11 +45,16 @@ enum class SkinnyPrologue : int { kIdentity = 0, kRmsNorm = 1, kSiluMul = 2 };
 ///          own weight reads it asks L2 to prefetch the first bytes each block of a skinny_linear
 ///          over that weight would read, so the next projection's start does not wait on DRAM (a
 ///          hint: results never depend on it; sm_90 only, ignored elsewhere).
+/// quant:   null for a dense weight; else `weight` holds a quantized weight's codes, in quant_linear's
+///          layouts and with its scales and zero points (tidal/ops_quant.h), x is float16 or
+///          bfloat16 and out (if given) in x's dtype. Computed as quant_linear computes it.
 /// Returns false, writing nothing, when the kernel does not take these shapes or alignments
-/// (rows past 4, k not a multiple of 16 bytes, f(x) larger than shared memory): the caller runs the
-/// unfused ops instead.
+/// (rows past 4, k not a multiple of 16 bytes, f(x) larger than shared memory; a quantized weight:
+/// GPUs before sm_90, groups that are not a power of two of 16-byte chunks of codes, scales whose
+/// slices are not whole 16-byte units): the caller runs the unfused ops instead.
 bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream);
+                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream,
+                   const QuantizedWeight* quant = nullptr);
 
 /// Rotary position embedding, in place on query and key. For each token t at p = positions[t] and
 /// each head, the first rotary_dim entries are rotated in pairs (x1, x2) by the angle of row p:

@@ -5,10 +5,15 @@
 
 #include <cmath>
 
+#include "tidal/ops_quant.h"
 #include "tidal/status.h"
 #include "tidal/tensor_view.h"
 
 namespace tidal::ops::detail {
+
+/// Checks a quantized weight's qweight, scales and zeros against each other (tidal/ops_quant.h's
+/// layouts); returns k, the number of inputs (ops/dispatch_quant.cpp).
+int64_t check_quant_weight(TensorView qweight, TensorView scales, TensorView zeros, WeightFormat format);
 
 /// `t` is [rows, cols] with a contiguous last dim and a row stride of at least cols.
 inline void check_rows(const TensorView& t, const char* name) {

@@ -18,8 +18,12 @@ const char* format_name(WeightFormat format) {
   return "?";
 }
 
+}  // namespace
+
+namespace detail {
+
 /// Checks qweight, scales and zeros; returns k, the number of inputs.
-int64_t check_weight(TensorView qweight, TensorView scales, TensorView zeros, WeightFormat format) {
+int64_t check_quant_weight(TensorView qweight, TensorView scales, TensorView zeros, WeightFormat format) {
   const int f = static_cast<int>(format);
   TIDAL_CHECK(f >= 0 && f <= 2, "format=", f, " must be 0 (int8), 1 (int4) or 2 (fp8_e4m3)");
   const DType code_dtype = format == WeightFormat::kInt8 ? DType::kInt8 : DType::kUInt8;
@@ -51,11 +55,11 @@ int64_t check_weight(TensorView qweight, TensorView scales, TensorView zeros, We
   return k;
 }
 
-}  // namespace
+}  // namespace detail
 
 bool quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
                   TensorView bias, WeightFormat format, Stream stream) {
-  const int64_t k = check_weight(qweight, scales, zeros, format);
+  const int64_t k = detail::check_quant_weight(qweight, scales, zeros, format);
   detail::check_rows(x, "x");
   detail::check_rows(out, "out");
   TIDAL_CHECK(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16, "x.dtype=",
@@ -92,7 +96,7 @@ bool quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView s
 
 void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, WeightFormat format,
                        Stream stream) {
-  const int64_t k = check_weight(qweight, scales, zeros, format);
+  const int64_t k = detail::check_quant_weight(qweight, scales, zeros, format);
   TIDAL_CHECK(out.dtype == DType::kFloat32 || out.dtype == DType::kFloat16 || out.dtype == DType::kBFloat16,
               "out.dtype=", dtype_name(out.dtype), " is not supported; expected float32, float16 or bfloat16");
   TIDAL_CHECK(out.ndim == 2 && out.is_contiguous() && out.size(0) == qweight.size(0) && out.size(1) == k,

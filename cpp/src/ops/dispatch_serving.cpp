@@ -148,13 +148,23 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
 }
 
 bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream) {
+                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream,
+                   const QuantizedWeight* quant) {
   detail::check_rows(x, "x");
   detail::check_rows(weight, "weight");
   check_float(x, "x");
-  check_dtype(weight, "weight", x.dtype, "x");
+  int64_t k = weight.size(1);
+  if (quant != nullptr) {
+    k = detail::check_quant_weight(weight, quant->scales, quant->zeros, quant->format);
+    TIDAL_CHECK(x.dtype != DType::kFloat32, "x.dtype=float32 is not supported with a quantized weight; expected "
+                "float16 or bfloat16");
+    TIDAL_CHECK(out.data == nullptr || out.dtype == x.dtype, "out.dtype=", dtype_name(out.dtype),
+                " must equal x.dtype=", dtype_name(x.dtype), " with a quantized weight");
+  } else {
+    check_dtype(weight, "weight", x.dtype, "x");
+  }
   check_device(weight, "weight", x, "x");
-  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
+  const int64_t m = x.size(0), n = weight.size(0);
   const int64_t x_width = prologue == SkinnyPrologue::kSiluMul ? 2 * k : k;
   TIDAL_CHECK(x.size(1) == x_width, "x.shape=", x.shape_str(), " must be [m, ", x_width, "] for weight.shape=",
               weight.shape_str(), prologue == SkinnyPrologue::kSiluMul ? " (silu_and_mul halves x)" : "");
@@ -197,8 +207,12 @@ bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
               device_name(x.device), "); run the unfused ops there");
   if (m == 0 || n == 0) return true;
 #if TIDAL_WITH_CUDA
-  if (x.device.type != DeviceType::kCUDA || !gpu::skinny_linear_supported(x, weight)) return false;
-  gpu::skinny_linear(out, residual, x, weight, bias, norm_weight, static_cast<int>(prologue), eps, prefetch, stream);
+  const int format = quant == nullptr ? -1 : static_cast<int>(quant->format);
+  const TensorView scales = quant == nullptr ? TensorView{} : quant->scales;
+  const TensorView zeros = quant == nullptr ? TensorView{} : quant->zeros;
+  if (x.device.type != DeviceType::kCUDA || !gpu::skinny_linear_supported(x, weight, format, scales, zeros)) return false;
+  gpu::skinny_linear(out, residual, x, weight, bias, norm_weight, static_cast<int>(prologue), eps, format, scales, zeros,
+                     prefetch, stream);
   return true;
 #else
   (void)stream;

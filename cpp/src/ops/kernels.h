@@ -107,10 +107,12 @@ void rotary_embedding_and_cache(TensorView positions, TensorView query, TensorVi
 void reshape_and_cache(TensorView key, TensorView value, TensorView key_cache, TensorView value_cache,
                        TensorView slot_mapping, Stream stream);
 void seeded_exponential(TensorView out, TensorView seeds, TensorView offsets, Stream stream);
-// GPU only (tidal::ops::skinny_linear). prologue: SkinnyPrologue's value.
-bool skinny_linear_supported(TensorView x, TensorView weight);
+// GPU only (tidal::ops::skinny_linear). prologue: SkinnyPrologue's value. format: -1 for a dense
+// weight, else a quantized one's WeightFormat value (weight: its codes; scales, zeros: its groups').
+bool skinny_linear_supported(TensorView x, TensorView weight, int format, TensorView scales, TensorView zeros);
 void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, int prologue, float eps, TensorView prefetch, Stream stream);
+                   TensorView norm_weight, int prologue, float eps, int format, TensorView scales, TensorView zeros,
+                   TensorView prefetch, Stream stream);
 
 // max_seqlen_q, max_seqlen_k: the longest query run and context of the batch (host ints, they size
 // the grid). workspace: paged_attention_workspace_size bytes (0 when the plan does not split keys).

@@ -57,8 +57,25 @@ _SKINNY_SM90_TOKENS = 2
 SKINNY_PREFETCH = False
 
 
-def _prefetch(weight: torch.Tensor | None) -> torch.Tensor | None:
-    return weight if SKINNY_PREFETCH else None
+def _prefetch(linear: nn.Module) -> torch.Tensor | None:
+    return _stored_weight(linear) if SKINNY_PREFETCH else None
+
+
+def _stored_weight(linear: nn.Module) -> torch.Tensor | None:
+    """The tensor a projection's weight is read from: its weight, or a quantized one's codes."""
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = getattr(linear, "qweight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _skinny_weight(linear: nn.Module) -> dict:
+    """ops.skinny_linear's weight arguments for a projection: its weight and bias, or a quantized
+    one's (tidal.quant.QuantLinear) codes, format, scales and zero points."""
+    if getattr(linear, "qweight", None) is None:
+        return dict(weight=linear.weight, bias=linear.bias)
+    return dict(weight=linear.qweight, bias=linear.bias, weight_format=linear.format, scales=linear.scales,
+                zeros=linear.zeros)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,10 +152,10 @@ class LlamaAttention(nn.Module):
         the norm fused into the qkv projection and the add into o_proj (ops.skinny_linear). Under
         SKINNY_PREFETCH qkv prefetches o_proj's weight into L2; o_proj prefetches ``next_weight``
         (None: nothing)."""
-        qkv = ops.skinny_linear(residual, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight,
-                                eps=norm.eps, prefetch=_prefetch(self.o_proj.weight))
+        qkv = ops.skinny_linear(residual, **_skinny_weight(self.qkv_proj), norm_weight=norm.weight, eps=norm.eps,
+                                prefetch=_prefetch(self.o_proj))
         out = self._attend(qkv, positions, cos_sin_cache, attn, kv_cache)
-        ops.skinny_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual, prefetch=next_weight)
+        ops.skinny_linear(out, **_skinny_weight(self.o_proj), residual=residual, prefetch=next_weight)
 
     def _attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -259,10 +276,10 @@ class LlamaDecoderLayer(nn.Module):
             residual.add_(hidden)
         mlp, norm = self.mlp, self.post_attention_layernorm
         self.self_attn.forward_skinny(residual, self.input_layernorm, positions, cos_sin_cache, attn, kv_cache,
-                                      _prefetch(mlp.gate_up_proj.weight))
-        gate_up = ops.skinny_linear(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm.weight,
-                                    eps=norm.eps, prefetch=_prefetch(mlp.down_proj.weight))
-        ops.skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=residual,
+                                      _prefetch(mlp.gate_up_proj))
+        gate_up = ops.skinny_linear(residual, **_skinny_weight(mlp.gate_up_proj), norm_weight=norm.weight,
+                                    eps=norm.eps, prefetch=_prefetch(mlp.down_proj))
+        ops.skinny_linear(gate_up, **_skinny_weight(mlp.down_proj), gated=True, residual=residual,
                           prefetch=next_weight)
         return None, residual
 
@@ -462,12 +479,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _weight_after(self, layer: int) -> torch.Tensor | None:
         """The weight the serving forward reads after ``layer``'s (the next layer's qkv projection, or
-        the LM head after the last): what the skinny path prefetches. None where it is not a tensor
-        (a quantized projection)."""
+        the LM head after the last, a quantized projection's codes): what the skinny path prefetches."""
         layers = self.model.layers
-        following = layers[layer + 1].self_attn.qkv_proj if layer + 1 < len(layers) else self.lm_head
-        weight = getattr(following, "weight", None)
-        return weight if isinstance(weight, torch.Tensor) else None
+        return _stored_weight(layers[layer + 1].self_attn.qkv_proj if layer + 1 < len(layers) else self.lm_head)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden`` [num_rows, hidden_size] -> logits [num_rows, vocab_size] fp32; or, with ``out``

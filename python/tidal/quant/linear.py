@@ -13,6 +13,12 @@ from tidal.ops.quant import FP8_MAX, dequantize_weight, fp8_matmul, fp8_weight_o
 from tidal.quant.config import QuantConfig
 
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Whether decode steps of a few tokens run quantized layers through ops.skinny_linear (norm, codes
+# streamed through shared memory, residual add in one kernel on sm_90; llama.skinny_max_tokens says
+# how few) instead of rms_norm + quant_linear + add. Read when a model is quantized or prepared.
+# NOTE(tidal): off until a GPU run measures it against quant_linear (`bench/serve.py --workloads S2
+# --quantization int4,int8,fp8 --skinny-quantized`, `bench/bench_quant_linear.py`'s layer rows).
+SKINNY_DECODE = False
 INT8_MAX = 127.0
 INT4_MAX = 15
 
@@ -226,12 +232,13 @@ def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return found
 
 
-def _serve_quantized(model: nn.Module) -> None:
-    """The model's paths that read float weights directly, turned off: the fused few-row layer of
-    serving, and the fused norm/projection functions of the whole-sequence forward (which then calls
-    each projection as a module)."""
+def _serve_quantized(model: nn.Module, config: QuantConfig) -> None:
+    """The model's paths that read float weights directly, turned off: the fused norm/projection
+    functions of the whole-sequence forward (which then calls each projection as a module), and,
+    unless SKINNY_DECODE, the fused few-row layer of serving (ops.skinny_linear, which takes
+    quantized weights; never with act-order groups, whose inputs are gathered first)."""
     for layer in model.model.layers:
-        layer.skinny_ok = False
+        layer.skinny_ok = layer.skinny_ok and SKINNY_DECODE and not config.act_order
     model.fuse_across_modules = False
 
 
@@ -251,7 +258,7 @@ def prepare_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         linear = getattr(parent, name)
         setattr(parent, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config,
                                           linear.weight.dtype, linear.weight.device))
-    _serve_quantized(model)
+    _serve_quantized(model, config)
     return model
 
 
@@ -262,7 +269,7 @@ def quantize_model_(model: nn.Module, config: QuantConfig) -> nn.Module:
         linear = getattr(parent, name)
         if isinstance(linear, nn.Linear):
             setattr(parent, name, QuantLinear.from_linear(linear, config))
-    _serve_quantized(model)
+    _serve_quantized(model, config)
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.empty_cache()  # the float weights' memory goes back, so the KV cache can take it
     return model
