@@ -16,8 +16,11 @@ QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Whether decode steps of a few tokens run quantized layers through ops.skinny_linear (norm, codes
 # streamed through shared memory, residual add in one kernel on sm_90; llama.skinny_max_tokens says
 # how few) instead of rms_norm + quant_linear + add. Read when a model is quantized or prepared.
-# NOTE(tidal): off until a GPU run measures it against quant_linear (`bench/serve.py --workloads S2
-# --quantization int4,int8,fp8 --skinny-quantized`, `bench/bench_quant_linear.py`'s layer rows).
+# NOTE(tidal): off: measured slower. On an H100 (bench/RESULTS.md, 2026-12-07, `bench/bench_quant_linear.py`'s
+# last table) the streamed kernel took Llama-3-8B's gate_up at one row in 63.6 / 55.2 / 64.0 us
+# (int8 / int4 / fp8) against quant_linear's 58.8 / 39.1 / 58.5, and fell further behind at two rows:
+# its consumers widen codes and bf16 inputs one by one and cannot keep up with the ring; quant_linear's
+# tensor-core kernel widens straight into mma fragments. `bench/serve.py --skinny-quantized` turns it on.
 SKINNY_DECODE = False
 INT8_MAX = 127.0
 INT4_MAX = 15
