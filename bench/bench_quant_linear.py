@@ -53,6 +53,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--skinny-only", action="store_true",
+                    help="only the last table: the decode kernel against skinny_linear at 1 and 2 rows")
     ap.add_argument("--profile", default=None, metavar="NAME:M:FORMAT",
                     help="only call that projection's kernel a few times (e.g. gate_up:1:int4), for a profiler")
     args = ap.parse_args()
@@ -65,7 +67,7 @@ def main() -> int:
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows, failed = [], False
     torch.inference_mode().__enter__()
-    for name, n, k in SHAPES:
+    for name, n, k in [] if args.skinny_only else SHAPES:
         g = torch.Generator(device="cuda").manual_seed(n + k)
         w = (torch.randn(n, k, device="cuda", generator=g) * k ** -0.5).to(torch.bfloat16)
         quantized = {fmt: quantize_weight(w, fmt, group) for fmt, group in FORMATS}
@@ -122,11 +124,13 @@ def main() -> int:
         header += [f"{fmt} us", f"{fmt} % of copy (m<=8) / speedup vs bf16"]
     header.append("fp8 scaled_mm us")
     print(f"copy ceiling {copy:,.0f} GB/s ({torch.cuda.get_device_name()})")
-    print_table(header, rows)
+    if rows:
+        print_table(header, rows)
     print_table(skinny_header, skinny_rows)
     if args.out:
-        write_markdown(args.out, f"quant_linear, {torch.cuda.get_device_name()}, copy ceiling {copy:,.0f} GB/s",
-                       header, rows)
+        if rows:
+            write_markdown(args.out, f"quant_linear, {torch.cuda.get_device_name()}, copy ceiling {copy:,.0f} GB/s",
+                           header, rows)
         write_markdown(args.out.removesuffix(".md") + "_skinny.md", "quant_linear against skinny_linear over the same "
                        f"codes, {torch.cuda.get_device_name()}", skinny_header, skinny_rows)
     return 1 if failed else 0

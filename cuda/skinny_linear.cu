@@ -19,6 +19,7 @@
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/quant_linear.cuh"
+#include "cuda/quant_mma.cuh"
 #include "ops/kernels.h"
 
 namespace tidal::gpu {
@@ -284,14 +285,19 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
 // per block for a Llama layer's shapes).
 // A quantized weight streams the same way, as bytes: each stage also carries its rows' scales (and
 // int4 zero points), copied with the codes, and the consumers widen each 16-byte chunk of codes in
-// registers (quant::widen_code) and scale its sum once. The decode kernels of quant_linear read
+// registers (quant::widen_code) and scale its sum once; int4 and int8 tiles are 16 rows, which the
+// consumer warps take as mma A fragments (quant::block_dot, x read once per 16 rows), each warp a
+// share of the tile's k blocks, their sums met in shared memory at each row group's end. The decode kernels of quant_linear read
 // their codes with loads each warp waits on (26-48% of the copy ceiling for int4 on a Llama-3-8B
 // layer at one row, H100) and leave the norm, activation and residual add to kernels of their own.
 constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamConsumers = kStreamConsumerWarps * kWarpSize;
 constexpr int kStreamThreads = kStreamConsumers + kWarpSize;  // plus the producer warp
 constexpr int kMaxStages = 8;
-constexpr int64_t kStreamSmemBudget = 220 * 1024;  // dynamic shared memory: stages + f(x)
+// dynamic shared memory: stages + f(x) (the int4/int8 consumers add 8 KB of static partial sums
+// within the 227 KB a block may have)
+constexpr int64_t kStreamSmemBudget = 216 * 1024;
+constexpr int kMmaRows = 16;  // weight rows per tile of the int4/int8 consumers (one mma A tile)
 
 // The ring: `stages` stages of `stage_bytes`. 4 x 32 KB unless TIDAL_SKINNY_STAGES (STAGESxKIB, e.g.
 // 3x32) says otherwise: a knob for measuring the ring, read once.
@@ -407,7 +413,10 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
   using V = Vec<T, kVec>;
   // inputs of x one 16-byte chunk of the weight covers
   constexpr int kChunkInputs = kFormat == kDense ? kVec : quant::codes_per_chunk<kFormat>();
+  // int4 and int8 take tensor cores (kMmaRows-row tiles, stream_plan's tile_rows)
+  constexpr bool kMma = kFormat == quant::kInt4 || kFormat == quant::kInt8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float partial[kMma ? 2 * 4 * kStreamConsumers : 1];  // kMma: the warps' sums, two buffers
   __shared__ __align__(8) uint64_t full[kMaxStages];   // a stage's bytes have landed
   __shared__ __align__(8) uint64_t empty[kMaxStages];  // every consumer warp is done with a stage
   __shared__ float scratch[kM * kStreamConsumerWarps];
@@ -497,6 +506,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
   float acc[kM];
 #pragma unroll
   for (int r = 0; r < kM; ++r) acc[r] = 0.0f;
+  float mma_acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // kMma: rows lane/4 and lane/4 + 8, tokens 2 (lane % 4) + {0, 1}
+  int parity = 0;
   for (int64_t t = 0; t < num_tiles; ++t) {
     const int s = static_cast<int>(t % plan.stages);
     mbarrier_wait(shared_address(&full[s]), static_cast<uint32_t>((t / plan.stages) & 1));
@@ -507,6 +518,59 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
     const int first_chunk = seg * (plan.seg_bytes / 16);  // of the row
     const unsigned char* stage = smem_raw + s * plan.stage_stride;
     const T* x_seg = xs + static_cast<int64_t>(first_chunk) * kChunkInputs;
+    if constexpr (kMma) {
+      // k block kb of the segment: 64 bytes of each of the 16 rows, lane (gid, tig) holding 16 bytes of
+      // rows gid and gid + 8
+      const int gid = lane / 4, tig = lane % 4;
+      int lo = 0, hi = 0;
+      if (!plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
+      const float* scales = reinterpret_cast<const float*>(stage + plan.scale_offset) - lo;
+      const uint8_t* zeros = stage + plan.zero_offset - lo;
+      for (int kb = warp; kb < chunks / 4; kb += kStreamConsumerWarps) {
+        const unsigned char* w = stage + kb * 64 + tig * 16;
+        const uint4 raw0 = *reinterpret_cast<const uint4*>(w + gid * plan.seg_bytes);
+        const uint4 raw1 = *reinterpret_cast<const uint4*>(w + (gid + 8) * plan.seg_bytes);
+        const int chunk = first_chunk + kb * 4;  // the k block's first chunk of the row
+        const int g = p.group_shift < 0 ? 0 : chunk >> p.group_shift;
+        const float s0 = scales[gid * plan.scale_stride + g], s1 = scales[(gid + 8) * plan.scale_stride + g];
+        uint32_t off0 = 0, off1 = 0;
+        if constexpr (kFormat == quant::kInt4) {
+          off0 = quant::offset_pair<T>(zeros[gid * plan.zero_stride + g]);
+          off1 = quant::offset_pair<T>(zeros[(gid + 8) * plan.zero_stride + g]);
+        }
+        float blk[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        quant::block_dot<T, kFormat, 1, true>(kM, p.k, xs, gid, (chunk + tig) * kChunkInputs, raw0, raw1, off0, off1,
+                                              blk);
+        mma_acc[0] = fmaf(s0, blk[0][0], mma_acc[0]);
+        mma_acc[1] = fmaf(s0, blk[0][1], mma_acc[1]);
+        mma_acc[2] = fmaf(s1, blk[0][2], mma_acc[2]);
+        mma_acc[3] = fmaf(s1, blk[0][3], mma_acc[3]);
+      }
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
+      if (seg == plan.segments - 1) {
+        // the row group is done: the warps' sums meet in shared memory (two buffers: one barrier a
+        // group), consumer thread (c, l) sums accumulator c of lane l
+        float* part = partial + parity * (kStreamConsumers * 4);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          part[c * kStreamConsumers + threadIdx.x] = mma_acc[c];
+          mma_acc[c] = 0.0f;
+        }
+        asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumers) : "memory");
+        const int c = threadIdx.x / kWarpSize, l = threadIdx.x % kWarpSize;
+        const int token = 2 * (l % 4) + (c & 1);
+        const int64_t row = row0 + l / 4 + (c < 2 ? 0 : 8);
+        if (c < 4 && token < p.m && row < p.n) {
+          float sum = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kStreamConsumerWarps; ++w) sum += part[c * kStreamConsumers + w * kWarpSize + l];
+          store_result<T>(p, row, token, sum);
+        }
+        parity ^= 1;
+      }
+      continue;
+    }
     for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
       if constexpr (kFormat == kDense) {
         const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
@@ -558,11 +622,16 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
 }
 
 // The ring's tiles for rows of `row_bytes` (the dense layout; a quantized weight adds its tail with
-// add_quant_tail). stages 0: f(x) leaves no room for two stages.
-StreamPlan stream_plan(int64_t row_bytes, int64_t xs_bytes) {
+// add_quant_tail). tile_rows > 0: tiles of exactly that many rows (the int4/int8 consumers'), each
+// row's segment a multiple of 64 bytes. stages 0: f(x) leaves no room for two stages.
+StreamPlan stream_plan(int64_t row_bytes, int64_t xs_bytes, int tile_rows = 0) {
   const StreamRing ring = stream_ring();
   StreamPlan plan{};
-  if (row_bytes * kStreamConsumerWarps <= ring.stage_bytes) {  // whole rows, a multiple of the consumer warps a tile
+  if (tile_rows > 0) {
+    plan.rows = tile_rows;
+    plan.seg_bytes = static_cast<int>(std::min<int64_t>(ring.stage_bytes / tile_rows / 64 * 64, row_bytes));
+    plan.segments = static_cast<int>((row_bytes + plan.seg_bytes - 1) / plan.seg_bytes);
+  } else if (row_bytes * kStreamConsumerWarps <= ring.stage_bytes) {  // whole rows, a multiple of the consumer warps a tile
     plan.seg_bytes = static_cast<int>(row_bytes);
     plan.rows = static_cast<int>(ring.stage_bytes / row_bytes / kStreamConsumerWarps * kStreamConsumerWarps);
     plan.segments = 1;
@@ -664,7 +733,8 @@ L2Prefetch l2_prefetch(TensorView weight, int m, int device) {
 StreamPlan launch_plan(const Params& p, int format, int64_t esize, int kM) {
   const int64_t xs_bytes = kM * static_cast<int64_t>(p.k) * esize;
   const int64_t row_bytes = format == kDense ? p.k * esize : format == quant::kInt4 ? p.k / 2 : p.k;
-  StreamPlan plan = stream_plan(row_bytes, xs_bytes);
+  const bool mma = format == quant::kInt4 || format == quant::kInt8;
+  StreamPlan plan = stream_plan(row_bytes, xs_bytes, mma ? kMmaRows : 0);
   if (format != kDense && plan.stages > 0 && !add_quant_tail(plan, p, format, xs_bytes)) plan.stages = 0;
   return plan;
 }
@@ -794,13 +864,15 @@ bool skinny_linear_supported(TensorView x, TensorView weight, int format, Tensor
   (void)scales, (void)zeros;
   return false;
 #else
-  // quantized: the streamed kernel only, for 16-bit x, rows of whole 16-byte chunks of codes, groups
-  // of a power of two of chunks (or one group a row)
+  // quantized: the streamed kernel only, for 16-bit x, rows of whole 16-byte chunks of codes (int4
+  // and int8, on tensor cores: whole 64-byte k blocks, groups of a power of two of them), groups of
+  // a power of two of chunks (or one group a row)
   if (x.dtype == DType::kFloat32 || !streamed_kernel_runs(x.device.index)) return false;
+  const bool mma = format == quant::kInt4 || format == quant::kInt8;
   const int64_t chunk = format == quant::kInt4 ? 32 : 16;
-  if (k % chunk != 0 || weight.stride(0) % 16 != 0) return false;
+  if (k % (mma ? 4 * chunk : chunk) != 0 || weight.stride(0) % 16 != 0) return false;
   const Params p = make_params({}, {}, x, weight, {}, {}, kIdentity, 0.0f, format, scales, zeros);
-  if (p.num_groups > 1 && p.group_shift < 0) return false;
+  if (p.num_groups > 1 && (p.group_shift < 0 || (mma && p.group_shift < 2))) return false;
   return launch_plan(p, format, dtype_size(x.dtype), padded_rows(m)).stages > 0;
 #endif
 }

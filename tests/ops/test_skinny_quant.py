@@ -1,5 +1,6 @@
 """skinny_linear over a quantized weight (int8, int4 with zero points, FP8 E4M3 codes: tidal.ops.quant's
-layouts) against a pure-torch fp32 reference: f(x) rounded as rms_norm / silu_and_mul round, the weight
+layouts) against a pure-torch fp32 reference (on sm_90 int4 and int8 on tensor cores, FP8 widened in
+registers): f(x) rounded as rms_norm / silu_and_mul round, the weight
 widened code by code from the layouts' definitions, a matmul, the residual add. On the CPU (the unfused
 ops: f(x), then quant_linear); on CUDA where there is a GPU, outputs poisoned first, with the fused
 kernel asserted to run on sm_90 for the shapes it takes: rows of codes whole in a tile and rows split
@@ -120,12 +121,13 @@ def test_residual_in_place(m, fmt, device):
 @pytest.mark.parametrize("m,n,k,group", [s for s in SHAPES if s[3] is not None] + [(4, 48, 1024, None)])
 def test_fused_kernel_runs(m, n, k, group, dtype, fmt):
     """On sm_90 the kernel takes these shapes (for int4 with one group a row, whole tiles of zero
-    points need a row count that is a multiple of 16: 48 is), and matches the reference."""
+    points need a row count that is a multiple of 16: 48 is; int4 groups of 64 inputs, half a
+    tensor-core k block, it declines), and matches the reference."""
     x, codes, scales, zeros, b, nw = make(m, n, k, dtype, fmt, group, "rms_norm", True, seed=k)
     dev = lambda t: None if t is None else t.cuda()  # noqa: E731
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
     ran = fused_runs(dev(x), dev(codes), dev(scales), dev(zeros), dev(b), dev(nw), "rms_norm", fmt, out)
-    assert ran == is_sm90()
+    assert ran == (is_sm90() and not (fmt == "int4" and group == 64))
     if ran:
         atol, rtol = tolerance(dtype, k)
         torch.testing.assert_close(out.float().cpu(), reference(x, codes, scales, zeros, fmt, b, nw, "rms_norm"),
@@ -136,6 +138,8 @@ def test_fused_kernel_runs(m, n, k, group, dtype, fmt):
 @pytest.mark.parametrize("fmt,n,k,group,why", [
     ("int4", 16, 96, 32, "rows of 48 bytes of codes (not whole 16-byte chunks)"),
     ("int4", 40, 1152, 192, "groups of 6 chunks (not a power of two)"),
+    ("int4", 130, 2048, 64, "groups of 64 inputs (half a tensor-core k block)"),
+    ("int8", 24, 1040, None, "rows of 1040 codes (not whole 64-byte k blocks)"),
     ("int4", 9, 512, None, "a last tile of 9 zero points (not a whole 16-byte unit)"),
     ("fp8", 9, 512, None, "a last tile of 9 scales (36 bytes)"),
 ])
@@ -170,8 +174,10 @@ def test_cuda_graph_capture(fmt):
     x, codes, scales, nw = x.cuda(), codes.cuda(), scales.cuda(), nw.cuda()
     zeros = None if zeros is None else zeros.cuda()
     out = torch.empty(2, 256, dtype=torch.bfloat16, device="cuda")
-    run = lambda: tidal.ops.skinny_linear(x, codes, norm_weight=nw, out=out, weight_format=fmt, scales=scales,  # noqa: E731
-                                          zeros=zeros)
+
+    def run():
+        tidal.ops.skinny_linear(x, codes, norm_weight=nw, out=out, weight_format=fmt, scales=scales, zeros=zeros)
+
     run()
     torch.cuda.synchronize()
     eager = out.clone()
