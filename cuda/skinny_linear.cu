@@ -284,12 +284,13 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
 // Blocks take contiguous runs of row groups (groups of 8 rows: at most 1/8 of a group of imbalance
 // per block for a Llama layer's shapes).
 // A quantized weight streams the same way, as bytes: each stage also carries its rows' scales (and
-// int4 zero points), copied with the codes, and the consumers widen each 16-byte chunk of codes in
-// registers (quant::widen_code) and scale its sum once; int4 and int8 tiles are 16 rows, which the
-// consumer warps take as mma A fragments (quant::block_dot, x read once per 16 rows), each warp a
-// share of the tile's k blocks, their sums met in shared memory at each row group's end. The decode kernels of quant_linear read
-// their codes with loads each warp waits on (26-48% of the copy ceiling for int4 on a Llama-3-8B
-// layer at one row, H100) and leave the norm, activation and residual add to kernels of their own.
+// int4 zero points), copied with the codes. FP8 consumers widen each 16-byte chunk of codes in
+// registers (quant::widen_code) and scale its sum once. int4 and int8 tiles are 16 rows, which the
+// consumer warps take as mma A fragments (quant::block_dot: x read once per 16 rows, two int4
+// codes widened in two instructions), each warp a share of the tile's k blocks, their sums met in
+// shared memory at each row group's end: widened in registers one code at a time, these formats
+// left the consumers behind the ring (H100, Llama-3-8B gate_up at one row: int4 at 38% of the copy
+// ceiling, int8 60%; bench/RESULTS.md).
 constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamConsumers = kStreamConsumerWarps * kWarpSize;
 constexpr int kStreamThreads = kStreamConsumers + kWarpSize;  // plus the producer warp

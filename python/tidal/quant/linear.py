@@ -19,8 +19,9 @@ QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # NOTE(tidal): off: measured slower. On an H100 (bench/RESULTS.md, 2026-12-07, `bench/bench_quant_linear.py`'s
 # last table) the streamed kernel took Llama-3-8B's gate_up at one row in 63.6 / 55.2 / 64.0 us
 # (int8 / int4 / fp8) against quant_linear's 58.8 / 39.1 / 58.5, and fell further behind at two rows:
-# its consumers widen codes and bf16 inputs one by one and cannot keep up with the ring; quant_linear's
-# tensor-core kernel widens straight into mma fragments. `bench/serve.py --skinny-quantized` turns it on.
+# its consumers widened codes and bf16 inputs one by one and could not keep up with the ring. Its int4
+# and int8 consumers now widen straight into mma fragments as quant_linear's tensor-core kernel does;
+# not yet measured (`bench/bench_quant_linear.py --skinny-only`; `bench/serve.py --skinny-quantized`).
 SKINNY_DECODE = False
 INT8_MAX = 127.0
 INT4_MAX = 15
