@@ -15,7 +15,7 @@
 namespace tidal::gpu {
 namespace {
 
-using quant::codes_per_chunk, quant::kFp8, quant::kInt4, quant::kInt8, quant::kMagic, quant::Params, quant::widen_code;
+using quant::codes_per_chunk, quant::fp8_e4m3_unscaled, quant::kFp8, quant::kInt4, quant::kInt8, quant::Params;
 constexpr int kWarps = 4;  // warps per block
 // NOTE(tidal): each warp owns kRowsPerWarp output rows and every lane walks the k chunks of all of
 // them at once, so one load and widening of x serves kRowsPerWarp rows. The codes are widened without
@@ -23,6 +23,20 @@ constexpr int kWarps = 4;  // warps per block
 // 2^23 is the float 2^23 + code, and one subtraction leaves code - zero exactly. Napkin math at m = 1
 // (int4): ~3 instructions to widen a code plus 1 FMA, 7e9 codes / (132 SMs x 128 lanes x 1.7 GHz) ~
 // 1.0 ms per Llama-3-8B token, next to the 0.73 ms its 3.5 GB take to read on an H200.
+constexpr float kMagic = 8388608.f;  // 2^23
+
+/// Code j (0..7 for int4, 0..3 otherwise) of one 32-bit word, minus the zero point, as a float;
+/// `offset` is 2^23 + zero (int4), 2^23 + 128 (int8, whose word arrives with its sign bits flipped).
+template <int kFormat>
+__device__ __forceinline__ float widen_code(uint32_t word, int j, float offset) {
+  if constexpr (kFormat == kInt4) {
+    return __uint_as_float(((word >> (4 * j)) & 0xfu) | 0x4b000000u) - offset;
+  } else if constexpr (kFormat == kInt8) {
+    return __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7650 + j)) - offset;
+  } else {
+    return fp8_e4m3_unscaled(word, j);
+  }
+}
 
 // kUnroll: chunks in flight per lane and output row.
 template <typename T, int kFormat, int kMaxRows, int kRowsPerWarp, int kUnroll>

@@ -43,11 +43,8 @@ inline Params make_params(const TensorView& out, const TensorView& x, const Tens
   return p;
 }
 
-// Widening codes to floats without integer-to-float conversions (a quarter-rate instruction): a
-// code placed under the exponent of 2^23 is the float 2^23 + code, and one subtraction leaves
-// code - zero exactly. Shared by quant_linear.cu and the streamed skinny_linear.
-constexpr float kMagic = 8388608.f;  // 2^23
-
+// Codes per 16-byte chunk, and FP8 codes widened by bits: shared by quant_linear.cu and the streamed
+// skinny_linear.
 template <int kFormat>
 constexpr int codes_per_chunk() { return kFormat == kInt4 ? 32 : 16; }
 
@@ -57,19 +54,6 @@ constexpr int codes_per_chunk() { return kFormat == kInt4 ? 32 : 16; }
 __device__ __forceinline__ float fp8_e4m3_unscaled(uint32_t word, int j) {
   const uint32_t b = word >> (8 * j);
   return __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20));
-}
-
-/// Code j (0..7 for int4, 0..3 otherwise) of one 32-bit word, minus the zero point, as a float;
-/// `offset` is 2^23 + zero (int4), 2^23 + 128 (int8, whose word arrives with its sign bits flipped).
-template <int kFormat>
-__device__ __forceinline__ float widen_code(uint32_t word, int j, float offset) {
-  if constexpr (kFormat == kInt4) {
-    return __uint_as_float(((word >> (4 * j)) & 0xfu) | 0x4b000000u) - offset;
-  } else if constexpr (kFormat == kInt8) {
-    return __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7650 + j)) - offset;
-  } else {
-    return fp8_e4m3_unscaled(word, j);
-  }
 }
 
 }  // namespace quant

@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
 // per block for a Llama layer's shapes).
 // A quantized weight streams the same way, as bytes: each stage also carries its rows' scales (and
 // int4 zero points), copied with the codes. FP8 consumers widen each 16-byte chunk of codes in
-// registers (quant::widen_code) and scale its sum once. int4 and int8 tiles are 16 rows, which the
+// registers (quant::fp8_e4m3_unscaled) and scale its sum once. int4 and int8 tiles are 16 rows, which the
 // consumer warps take as mma A fragments (quant::block_dot: x read once per 16 rows, two int4
 // codes widened in two instructions), each warp a share of the tile's k blocks, their sums met in
 // shared memory at each row group's end: widened in registers one code at a time, these formats
@@ -370,38 +370,28 @@ __host__ __device__ __forceinline__ void segment_groups(const StreamPlan& plan, 
   hi = group_shift < 0 ? 1 : static_cast<int>(((end - 1) >> group_shift) + 1);
 }
 
-// One 16-byte chunk of a quantized row (quant::codes_per_chunk inputs, one group) against f(x):
-// acc[r] += scale * sum_j (code_j - zero) * x[r, j]. x: f(x) at the chunk's first input; rows r >= m
-// of it are zeros.
-template <typename T, int kM, int kFormat>
-__device__ __forceinline__ void quant_chunk(uint4 raw, const T* x, int x_stride, float scale, float zero,
-                                            float (&acc)[kM]) {
-  constexpr int kPerWord = quant::codes_per_chunk<kFormat>() / 4;
-  constexpr int kVec = kPerWord * sizeof(T) >= 16 ? 16 / static_cast<int>(sizeof(T)) : kPerWord;
-  const float offset = quant::kMagic + (kFormat == quant::kInt4 ? zero : kFormat == quant::kInt8 ? 128.f : 0.f);
+// One 16-byte chunk of an FP8 row (16 codes, one group) against f(x): acc[r] += scale * sum_j code_j *
+// x[r, j]. x: f(x) at the chunk's first input; rows r >= m of it are zeros.
+template <typename T, int kM>
+__device__ __forceinline__ void fp8_chunk(uint4 raw, const T* x, int x_stride, float scale, float (&acc)[kM]) {
+  constexpr int kVec = 4;  // a word's inputs
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
   float dot[kM];
 #pragma unroll
   for (int r = 0; r < kM; ++r) dot[r] = 0.0f;
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
-    // int8 words have their sign bits flipped (each byte code + 128; see quant::widen_code)
-    const uint32_t word = kFormat == quant::kInt8 ? words[w] ^ 0x80808080u : words[w];
-    float wf[kPerWord];
+    float wf[kVec];
 #pragma unroll
-    for (int j = 0; j < kPerWord; ++j) wf[j] = quant::widen_code<kFormat>(word, j, offset);
+    for (int j = 0; j < kVec; ++j) wf[j] = quant::fp8_e4m3_unscaled(words[w], j);
 #pragma unroll
     for (int r = 0; r < kM; ++r) {
+      const Vec<T, kVec> xv = load_vec<T, kVec>(x + r * x_stride + w * kVec);
 #pragma unroll
-      for (int v = 0; v < kPerWord / kVec; ++v) {
-        const Vec<T, kVec> xv = load_vec<T, kVec>(x + r * x_stride + w * kPerWord + v * kVec);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) dot[r] = fmaf(wf[v * kVec + j], element_to_float(xv, j), dot[r]);
-      }
+      for (int j = 0; j < kVec; ++j) dot[r] = fmaf(wf[j], element_to_float(xv, j), dot[r]);
     }
   }
-  // FP8 codes widen to value / 2^120 (quant::fp8_e4m3_unscaled)
-  const float s = kFormat == quant::kFp8 ? scale * 0x1p120f : scale;
+  const float s = scale * 0x1p120f;  // the codes widen to value / 2^120
 #pragma unroll
   for (int r = 0; r < kM; ++r) acc[r] = fmaf(s, dot[r], acc[r]);
 }
@@ -547,8 +537,52 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
         mma_acc[2] = fmaf(s1, blk[0][2], mma_acc[2]);
         mma_acc[3] = fmaf(s1, blk[0][3], mma_acc[3]);
       }
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
+    } else {
+      for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
+        if constexpr (kFormat == kDense) {
+          const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
+#pragma unroll 4
+          for (int i = lane; i < chunks; i += kWarpSize) {
+            const V wv = w[i];
+            float wf[kVec];
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
+#pragma unroll
+            for (int r = 0; r < kM; ++r) {
+              const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
+#pragma unroll
+              for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
+            }
+          }
+        } else {
+          // FP8 (int4 and int8 take the branch above)
+          const uint4* w = reinterpret_cast<const uint4*>(stage + rl * plan.seg_bytes);
+          int lo = 0, hi = 0;
+          if (!plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
+          // indexed by the group within the row
+          const float* scales =
+              reinterpret_cast<const float*>(stage + plan.scale_offset) + rl * plan.scale_stride - lo;
+#pragma unroll 2
+          for (int i = lane; i < chunks; i += kWarpSize) {
+            const int g = p.group_shift < 0 ? 0 : (first_chunk + i) >> p.group_shift;
+            fp8_chunk<T, kM>(w[i], x_seg + i * kChunkInputs, p.k, scales[g], acc);
+          }
+        }
+        if (seg == plan.segments - 1) {  // the row is done: lane r writes input row r's result
+          float mine = 0.0f;
+#pragma unroll
+          for (int r = 0; r < kM; ++r) {
+            const float sum = warp_sum(acc[r]);
+            if (lane == r) mine = sum;
+            acc[r] = 0.0f;
+          }
+          if (lane < p.m) store_result<T>(p, row0 + rl, lane, mine);
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
+    if constexpr (kMma) {
       if (seg == plan.segments - 1) {
         // the row group is done: the warps' sums meet in shared memory (two buffers: one barrier a
         // group), consumer thread (c, l) sums accumulator c of lane l
@@ -570,51 +604,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
         }
         parity ^= 1;
       }
-      continue;
     }
-    for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
-      if constexpr (kFormat == kDense) {
-        const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
-#pragma unroll 4
-        for (int i = lane; i < chunks; i += kWarpSize) {
-          const V wv = w[i];
-          float wf[kVec];
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
-#pragma unroll
-          for (int r = 0; r < kM; ++r) {
-            const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
-          }
-        }
-      } else {
-        const uint4* w = reinterpret_cast<const uint4*>(stage + rl * plan.seg_bytes);
-        int lo = 0, hi = 0;
-        if (!plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
-        // indexed by the group within the row
-        const float* scales = reinterpret_cast<const float*>(stage + plan.scale_offset) + rl * plan.scale_stride - lo;
-        const uint8_t* zeros = stage + plan.zero_offset + rl * plan.zero_stride - lo;
-#pragma unroll 2
-        for (int i = lane; i < chunks; i += kWarpSize) {
-          const int g = p.group_shift < 0 ? 0 : (first_chunk + i) >> p.group_shift;
-          const float zero = kFormat == quant::kInt4 ? static_cast<float>(zeros[g]) : 0.0f;
-          quant_chunk<T, kM, kFormat>(w[i], x_seg + i * kChunkInputs, p.k, scales[g], zero, acc);
-        }
-      }
-      if (seg == plan.segments - 1) {  // the row is done: lane r writes input row r's result
-        float mine = 0.0f;
-#pragma unroll
-        for (int r = 0; r < kM; ++r) {
-          const float sum = warp_sum(acc[r]);
-          if (lane == r) mine = sum;
-          acc[r] = 0.0f;
-        }
-        if (lane < p.m) store_result<T>(p, row0 + rl, lane, mine);
-      }
-    }
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
   }
 #else
   (void)p, (void)plan, (void)next;

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tidal.ops._lib import capsule, is_eager_call, lib, native, stream_of
 from tidal.ops.activation import silu_and_mul
 from tidal.ops.norm import rms_norm
-from tidal.ops.quant import WEIGHT_FORMATS, quant_linear
+from tidal.ops.quant import _format_code, _in_features, _quant_linear_impl
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 4  # the fused kernel's limit; more rows take the unfused ops
@@ -28,10 +28,6 @@ lib.define("skinny_linear_add_(Tensor x, Tensor weight, Tensor? bias, Tensor? no
            "Tensor(a!) residual, Tensor? prefetch=None, int weight_format=-1, Tensor? scales=None, "
            "Tensor? zeros=None) -> ()")
 DENSE = -1  # weight_format of a dense weight in the ops' schemas
-
-
-def _in_features(weight, fmt) -> int:
-    return weight.shape[1] * 2 if fmt == WEIGHT_FORMATS["int4"] else weight.shape[1]
 
 
 def _check(x, weight, bias, norm_weight, eps, gated, out_shape_dtype=None, residual=None, prefetch=None,
@@ -106,8 +102,7 @@ def _unfused(x, weight, bias, norm_weight, eps, gated, out_dtype=None, fmt=DENSE
              zeros=None) -> torch.Tensor:
     h = silu_and_mul(x) if gated else rms_norm(x, norm_weight, eps) if norm_weight is not None else x
     if fmt != DENSE:
-        fmt_name = next(name for name, code in WEIGHT_FORMATS.items() if code == fmt)
-        return quant_linear(h, weight, scales, zeros, bias, fmt_name)
+        return _quant_linear_impl(h, weight, scales, zeros, bias, fmt, None)
     if out_dtype is not None and out_dtype != x.dtype:  # float32 out: the products unrounded, as fused
         return F.linear(h.to(out_dtype), weight.to(out_dtype), None if bias is None else bias.to(out_dtype))
     return F.linear(h, weight, bias)
@@ -175,7 +170,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     its ``scales`` and (int4) ``zeros``, in tidal.ops.quant's layouts; the product is
     ``quant_linear``'s (out in x's dtype). Not differentiable (serving).
     """
-    fmt = DENSE if weight_format is None else _format_code(weight_format)
+    fmt = DENSE if weight_format is None else _format_code(weight_format, "weight_format")
     q = dict(fmt=fmt, scales=scales, zeros=zeros)
     if out is not None:
         if residual is not None:
@@ -200,9 +195,3 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if is_eager_call(x, weight):
         return _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype, *args)
     return torch.ops.tidal.skinny_linear(x, weight, bias, norm_weight, eps, gated, out_dtype, *args)
-
-
-def _format_code(weight_format: str) -> int:
-    if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format={weight_format!r} must be one of {sorted(WEIGHT_FORMATS)} (or None: dense)")
-    return WEIGHT_FORMATS[weight_format]

@@ -38,9 +38,10 @@ lib.define("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros,
 lib.define("dequantize_weight(Tensor qweight, Tensor scales, Tensor? zeros, int format, ScalarType dtype) -> Tensor")
 
 
-def _format_code(format: str) -> int:
+def _format_code(format: str, name: str = "format") -> int:
+    """The op code of a format's name; ``name``: the argument the error message names."""
     if format not in WEIGHT_FORMATS:
-        raise ValueError(f"format={format!r} must be one of {sorted(WEIGHT_FORMATS)}")
+        raise ValueError(f"{name}={format!r} must be one of {sorted(WEIGHT_FORMATS)}")
     return WEIGHT_FORMATS[format]
 
 
