@@ -15,7 +15,7 @@
 namespace tidal::gpu {
 namespace {
 
-using quant::codes_per_chunk, quant::fp8_e4m3_unscaled, quant::kFp8, quant::kInt4, quant::kInt8, quant::Params;
+using quant::codes_per_chunk, quant::kFp8, quant::kInt4, quant::kInt8, quant::Params;
 constexpr int kWarps = 4;  // warps per block
 // NOTE(tidal): each warp owns kRowsPerWarp output rows and every lane walks the k chunks of all of
 // them at once, so one load and widening of x serves kRowsPerWarp rows. The codes are widened without
@@ -24,6 +24,14 @@ constexpr int kWarps = 4;  // warps per block
 // (int4): ~3 instructions to widen a code plus 1 FMA, 7e9 codes / (132 SMs x 128 lanes x 1.7 GHz) ~
 // 1.0 ms per Llama-3-8B token, next to the 0.73 ms its 3.5 GB take to read on an H200.
 constexpr float kMagic = 8388608.f;  // 2^23
+
+/// FP8 E4M3 (fn) bits of byte `j` of `word` as float / 2^120: the magnitude bits under float's
+/// exponent field (the 2^120 that rebiases them is folded into the row's scale; exact for normals and
+/// subnormals; the NaN pattern is never produced by a quantizer).
+__device__ __forceinline__ float fp8_e4m3_unscaled(uint32_t word, int j) {
+  const uint32_t b = word >> (8 * j);
+  return __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20));
+}
 
 /// Code j (0..7 for int4, 0..3 otherwise) of one 32-bit word, minus the zero point, as a float;
 /// `offset` is 2^23 + zero (int4), 2^23 + 128 (int8, whose word arrives with its sign bits flipped).

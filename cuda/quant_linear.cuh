@@ -43,18 +43,9 @@ inline Params make_params(const TensorView& out, const TensorView& x, const Tens
   return p;
 }
 
-// Codes per 16-byte chunk, and FP8 codes widened by bits: shared by quant_linear.cu and the streamed
-// skinny_linear.
+// Codes per 16-byte chunk: shared by quant_linear.cu and the streamed skinny_linear.
 template <int kFormat>
 constexpr int codes_per_chunk() { return kFormat == kInt4 ? 32 : 16; }
-
-/// FP8 E4M3 (fn) bits of byte `j` of `word` as float / 2^120: the magnitude bits under float's
-/// exponent field (the 2^120 that rebiases them is folded into the row's scale; exact for normals and
-/// subnormals; the NaN pattern is never produced by a quantizer).
-__device__ __forceinline__ float fp8_e4m3_unscaled(uint32_t word, int j) {
-  const uint32_t b = word >> (8 * j);
-  return __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20));
-}
 
 }  // namespace quant
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Quantized codes widened straight into mma.sync A fragments (int4 and int8, bf16 or fp16 operands)
+// Quantized codes widened straight into mma.sync A fragments (int4, int8 and FP8, bf16 or fp16 operands)
 // and multiplied with rows of x: the inner step of the tensor-core decode kernel (quant_linear_tc.cu)
-// and of the streamed skinny_linear's int4/int8 consumers. NVIDIA only (mma.sync).
+// and of the streamed skinny_linear's quantized consumers. NVIDIA only (mma.sync).
 #pragma once
 
 #include <cstdint>
@@ -48,6 +48,25 @@ __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
   return out;
 }
 
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+  uint32_t out;
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    __nv_bfloat162 va, vb;
+    memcpy(&va, &a, 4);
+    memcpy(&vb, &b, 4);
+    const __nv_bfloat162 r = __hmul2(va, vb);
+    memcpy(&out, &r, 4);
+  } else {
+    __half2 va, vb;
+    memcpy(&va, &a, 4);
+    memcpy(&vb, &b, 4);
+    const __half2 r = __hmul2(va, vb);
+    memcpy(&out, &r, 4);
+  }
+  return out;
+}
+
 /// (a & mask) | bits in one instruction: with both constants as immediates the compiler emits two
 /// LOP3s (an instruction holds one immediate), so they come in as registers.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
@@ -78,6 +97,24 @@ __device__ __forceinline__ uint32_t int8_pair(uint32_t biased, int j) {
   }
 }
 
+/// Codes 2j and 2j + 1 of an FP8 E4M3 word as two exact 16-bit floats. Each byte, sign-extended to 16
+/// bits (one byte permutation), lands its exponent and mantissa under the 16-bit float's low exponent
+/// bits (one shift, one mask: value / 2^120 in bf16, value / 2^8 in fp16, subnormals included), and one
+/// multiply by that power of two makes it exact: every E4M3 value is a 16-bit float of either kind.
+template <typename T>
+__device__ __forceinline__ uint32_t fp8_pair(uint32_t word, int j) {
+  // bytes: code 2j, its sign replicated, code 2j + 1, its sign replicated (prmt's sign mode: the
+  // byte selector's high bit)
+  const uint32_t select = j == 0 ? 0x9180u : 0xB3A2u;
+  uint32_t spread;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(spread) : "r"(word), "r"(select));
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    return mul2<T>((spread << 4) & 0x87f087f0u, 0x7b807b80u);  // 2^120
+  } else {
+    return mul2<T>((spread << 7) & 0xbf80bf80u, 0x5c005c00u);  // 2^8
+  }
+}
+
 /// The magic number plus a zero point (0..15) in both 16-bit halves: the zero lands in the low
 /// mantissa bits of 2^e, exactly (one integer instruction, no conversion).
 template <typename T>
@@ -100,7 +137,7 @@ __device__ __forceinline__ void block_dot(int m, int64_t x_stride, const T* x, i
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     // A fragments of the word's k-steps: int4, 2 steps (pairs (j, j+4) for j = 0,1 then 2,3);
-    // int8, 1 step (pairs (0,1) and (2,3))
+    // int8 and FP8, 1 step (pairs (0,1) and (2,3))
     uint32_t a[kSteps / 4][4];
 #pragma unroll
     for (int h = 0; h < kSteps / 4; ++h) {
@@ -109,11 +146,16 @@ __device__ __forceinline__ void block_dot(int m, int64_t x_stride, const T* x, i
         a[h][1] = int4_pair<T>(w1[w], 2 * h, off1);
         a[h][2] = int4_pair<T>(w0[w], 2 * h + 1, off0);
         a[h][3] = int4_pair<T>(w1[w], 2 * h + 1, off1);
-      } else {
+      } else if constexpr (kFormat == quant::kInt8) {
         a[h][0] = int8_pair<T>(w0[w], 0);
         a[h][1] = int8_pair<T>(w1[w], 0);
         a[h][2] = int8_pair<T>(w0[w], 1);
         a[h][3] = int8_pair<T>(w1[w], 1);
+      } else {
+        a[h][0] = fp8_pair<T>(w0[w], 0);
+        a[h][1] = fp8_pair<T>(w1[w], 0);
+        a[h][2] = fp8_pair<T>(w0[w], 1);
+        a[h][3] = fp8_pair<T>(w1[w], 1);
       }
     }
 #pragma unroll

@@ -284,21 +284,20 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const Params p)
 // Blocks take contiguous runs of row groups (groups of 8 rows: at most 1/8 of a group of imbalance
 // per block for a Llama layer's shapes).
 // A quantized weight streams the same way, as bytes: each stage also carries its rows' scales (and
-// int4 zero points), copied with the codes. FP8 consumers widen each 16-byte chunk of codes in
-// registers (quant::fp8_e4m3_unscaled) and scale its sum once. int4 and int8 tiles are 16 rows, which the
-// consumer warps take as mma A fragments (quant::block_dot: x read once per 16 rows, two int4
-// codes widened in two instructions), each warp a share of the tile's k blocks, their sums met in
-// shared memory at each row group's end: widened in registers one code at a time, these formats
-// left the consumers behind the ring (H100, Llama-3-8B gate_up at one row: int4 at 38% of the copy
-// ceiling, int8 60%; bench/RESULTS.md).
+// int4 zero points), copied with the codes. Its tiles are 16 rows, which the consumer warps take as
+// mma A fragments (quant::block_dot: x read once per 16 rows; two int4 codes widened in two
+// instructions, two FP8 codes in four), each warp a share of the tile's k blocks, their sums met in
+// shared memory at each row group's end. Widened in registers one code at a time, the quantized
+// formats left the consumers behind the ring (H100, Llama-3-8B gate_up at one row: int4 at 38% of
+// the copy ceiling, int8 and FP8 60%; bench/RESULTS.md).
 constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamConsumers = kStreamConsumerWarps * kWarpSize;
 constexpr int kStreamThreads = kStreamConsumers + kWarpSize;  // plus the producer warp
 constexpr int kMaxStages = 8;
-// dynamic shared memory: stages + f(x) (the int4/int8 consumers add 8 KB of static partial sums
+// dynamic shared memory: stages + f(x) (the quantized consumers add 8 KB of static partial sums
 // within the 227 KB a block may have)
 constexpr int64_t kStreamSmemBudget = 216 * 1024;
-constexpr int kMmaRows = 16;  // weight rows per tile of the int4/int8 consumers (one mma A tile)
+constexpr int kMmaRows = 16;  // weight rows per tile of the quantized consumers (one mma A tile)
 
 // The ring: `stages` stages of `stage_bytes`. 4 x 32 KB unless TIDAL_SKINNY_STAGES (STAGESxKIB, e.g.
 // 3x32) says otherwise: a knob for measuring the ring, read once.
@@ -370,32 +369,6 @@ __host__ __device__ __forceinline__ void segment_groups(const StreamPlan& plan, 
   hi = group_shift < 0 ? 1 : static_cast<int>(((end - 1) >> group_shift) + 1);
 }
 
-// One 16-byte chunk of an FP8 row (16 codes, one group) against f(x): acc[r] += scale * sum_j code_j *
-// x[r, j]. x: f(x) at the chunk's first input; rows r >= m of it are zeros.
-template <typename T, int kM>
-__device__ __forceinline__ void fp8_chunk(uint4 raw, const T* x, int x_stride, float scale, float (&acc)[kM]) {
-  constexpr int kVec = 4;  // a word's inputs
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-  float dot[kM];
-#pragma unroll
-  for (int r = 0; r < kM; ++r) dot[r] = 0.0f;
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    float wf[kVec];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) wf[j] = quant::fp8_e4m3_unscaled(words[w], j);
-#pragma unroll
-    for (int r = 0; r < kM; ++r) {
-      const Vec<T, kVec> xv = load_vec<T, kVec>(x + r * x_stride + w * kVec);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) dot[r] = fmaf(wf[j], element_to_float(xv, j), dot[r]);
-    }
-  }
-  const float s = scale * 0x1p120f;  // the codes widen to value / 2^120
-#pragma unroll
-  for (int r = 0; r < kM; ++r) acc[r] = fmaf(s, dot[r], acc[r]);
-}
-
 template <typename T, int kM, int kFormat>
 __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kernel(const Params p, const StreamPlan plan,
                                                                                     const L2Prefetch next) {
@@ -404,8 +377,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
   using V = Vec<T, kVec>;
   // inputs of x one 16-byte chunk of the weight covers
   constexpr int kChunkInputs = kFormat == kDense ? kVec : quant::codes_per_chunk<kFormat>();
-  // int4 and int8 take tensor cores (kMmaRows-row tiles, stream_plan's tile_rows)
-  constexpr bool kMma = kFormat == quant::kInt4 || kFormat == quant::kInt8;
+  // quantized weights take tensor cores (kMmaRows-row tiles, stream_plan's tile_rows)
+  constexpr bool kMma = kFormat != kDense;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float partial[kMma ? 2 * 4 * kStreamConsumers : 1];  // kMma: the warps' sums, two buffers
   __shared__ __align__(8) uint64_t full[kMaxStages];   // a stage's bytes have landed
@@ -539,33 +512,18 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
       }
     } else {
       for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
-        if constexpr (kFormat == kDense) {
-          const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
+        const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
 #pragma unroll 4
-          for (int i = lane; i < chunks; i += kWarpSize) {
-            const V wv = w[i];
-            float wf[kVec];
+        for (int i = lane; i < chunks; i += kWarpSize) {
+          const V wv = w[i];
+          float wf[kVec];
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
+          for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
 #pragma unroll
-            for (int r = 0; r < kM; ++r) {
-              const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
+          for (int r = 0; r < kM; ++r) {
+            const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
 #pragma unroll
-              for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
-            }
-          }
-        } else {
-          // FP8 (int4 and int8 take the branch above)
-          const uint4* w = reinterpret_cast<const uint4*>(stage + rl * plan.seg_bytes);
-          int lo = 0, hi = 0;
-          if (!plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
-          // indexed by the group within the row
-          const float* scales =
-              reinterpret_cast<const float*>(stage + plan.scale_offset) + rl * plan.scale_stride - lo;
-#pragma unroll 2
-          for (int i = lane; i < chunks; i += kWarpSize) {
-            const int g = p.group_shift < 0 ? 0 : (first_chunk + i) >> p.group_shift;
-            fp8_chunk<T, kM>(w[i], x_seg + i * kChunkInputs, p.k, scales[g], acc);
+            for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
           }
         }
         if (seg == plan.segments - 1) {  // the row is done: lane r writes input row r's result
@@ -613,7 +571,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
 }
 
 // The ring's tiles for rows of `row_bytes` (the dense layout; a quantized weight adds its tail with
-// add_quant_tail). tile_rows > 0: tiles of exactly that many rows (the int4/int8 consumers'), each
+// add_quant_tail). tile_rows > 0: tiles of exactly that many rows (the quantized consumers'), each
 // row's segment a multiple of 64 bytes. stages 0: f(x) leaves no room for two stages.
 StreamPlan stream_plan(int64_t row_bytes, int64_t xs_bytes, int tile_rows = 0) {
   const StreamRing ring = stream_ring();
@@ -724,8 +682,7 @@ L2Prefetch l2_prefetch(TensorView weight, int m, int device) {
 StreamPlan launch_plan(const Params& p, int format, int64_t esize, int kM) {
   const int64_t xs_bytes = kM * static_cast<int64_t>(p.k) * esize;
   const int64_t row_bytes = format == kDense ? p.k * esize : format == quant::kInt4 ? p.k / 2 : p.k;
-  const bool mma = format == quant::kInt4 || format == quant::kInt8;
-  StreamPlan plan = stream_plan(row_bytes, xs_bytes, mma ? kMmaRows : 0);
+  StreamPlan plan = stream_plan(row_bytes, xs_bytes, format == kDense ? 0 : kMmaRows);
   if (format != kDense && plan.stages > 0 && !add_quant_tail(plan, p, format, xs_bytes)) plan.stages = 0;
   return plan;
 }
@@ -855,15 +812,13 @@ bool skinny_linear_supported(TensorView x, TensorView weight, int format, Tensor
   (void)scales, (void)zeros;
   return false;
 #else
-  // quantized: the streamed kernel only, for 16-bit x, rows of whole 16-byte chunks of codes (int4
-  // and int8, on tensor cores: whole 64-byte k blocks, groups of a power of two of them), groups of
-  // a power of two of chunks (or one group a row)
+  // quantized: the streamed kernel only (on tensor cores), for 16-bit x, rows of whole 64-byte k
+  // blocks of codes, groups of a power of two of k blocks (or one group a row)
   if (x.dtype == DType::kFloat32 || !streamed_kernel_runs(x.device.index)) return false;
-  const bool mma = format == quant::kInt4 || format == quant::kInt8;
-  const int64_t chunk = format == quant::kInt4 ? 32 : 16;
-  if (k % (mma ? 4 * chunk : chunk) != 0 || weight.stride(0) % 16 != 0) return false;
+  const int64_t chunk = format == quant::kInt4 ? 32 : 16;  // codes per 16 bytes
+  if (k % (4 * chunk) != 0 || weight.stride(0) % 16 != 0) return false;
   const Params p = make_params({}, {}, x, weight, {}, {}, kIdentity, 0.0f, format, scales, zeros);
-  if (p.num_groups > 1 && (p.group_shift < 0 || (mma && p.group_shift < 2))) return false;
+  if (p.num_groups > 1 && p.group_shift < 2) return false;
   return launch_plan(p, format, dtype_size(x.dtype), padded_rows(m)).stages > 0;
 #endif
 }

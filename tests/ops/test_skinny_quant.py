@@ -1,6 +1,6 @@
 """skinny_linear over a quantized weight (int8, int4 with zero points, FP8 E4M3 codes: tidal.ops.quant's
-layouts) against a pure-torch fp32 reference (on sm_90 int4 and int8 on tensor cores, FP8 widened in
-registers): f(x) rounded as rms_norm / silu_and_mul round, the weight
+layouts) against a pure-torch fp32 reference (on sm_90 every format widened into tensor-core
+fragments): f(x) rounded as rms_norm / silu_and_mul round, the weight
 widened code by code from the layouts' definitions, a matmul, the residual add. On the CPU (the unfused
 ops: f(x), then quant_linear); on CUDA where there is a GPU, outputs poisoned first, with the fused
 kernel asserted to run on sm_90 for the shapes it takes: rows of codes whole in a tile and rows split
@@ -135,11 +135,41 @@ def test_fused_kernel_runs(m, n, k, group, dtype, fmt):
 
 
 @gpu_only
+@pytest.mark.parametrize("codes_kind", ["every", "subnormal"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_codes_widen_exactly(codes_kind, dtype):
+    """Every E4M3 code but NaN, and a weight of subnormal codes only (exponent bits zero), through the
+    fused kernel: a code widened wrongly, or a subnormal flushed to zero, moves the output by far more
+    than the tolerance (the scales make the outputs of order one)."""
+    n, k = 32, 512
+    j = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
+    if codes_kind == "every":
+        codes = (j * 7 + j // k) % 256
+        codes = torch.where((codes & 0x7F) == 0x7F, codes ^ 0x01, codes)
+    else:
+        codes = (j * 7 + j // k) % 256 & 0x87  # sign and mantissa bits only
+    codes = codes.to(torch.uint8)
+    scale = 2.0 if codes_kind == "every" else 2048.0
+    scales = scale * k ** -0.5 / 16 * (0.5 + torch.rand(n, 1, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = torch.full((2, n), float("nan"), dtype=dtype, device="cuda")
+    expected = reference(x, codes, scales, None, "fp8", None, None, "identity")
+    assert expected.abs().max() > 0.5
+    ran = fused_runs(x.cuda(), codes.cuda(), scales.cuda(), None, None, None, "identity", "fp8", out)
+    assert ran == is_sm90()
+    if not ran:
+        out = tidal.ops.skinny_linear(x.cuda(), codes.cuda(), weight_format="fp8", scales=scales.cuda())
+    atol, rtol = tolerance(dtype, k)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=atol, rtol=rtol)
+
+
+@gpu_only
 @pytest.mark.parametrize("fmt,n,k,group,why", [
     ("int4", 16, 96, 32, "rows of 48 bytes of codes (not whole 16-byte chunks)"),
     ("int4", 40, 1152, 192, "groups of 6 chunks (not a power of two)"),
     ("int4", 130, 2048, 64, "groups of 64 inputs (half a tensor-core k block)"),
     ("int8", 24, 1040, None, "rows of 1040 codes (not whole 64-byte k blocks)"),
+    ("fp8", 32, 1040, None, "rows of 1040 codes (not whole 64-byte k blocks)"),
     ("int4", 9, 512, None, "a last tile of 9 zero points (not a whole 16-byte unit)"),
     ("fp8", 9, 512, None, "a last tile of 9 scales (36 bytes)"),
 ])
