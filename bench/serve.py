@@ -969,9 +969,6 @@ def main() -> int:
                          "(default: the engine's, on for a GPU)")
     ap.add_argument("--skinny-prefetch", action="store_true",
                     help="the skinny path's projections prefetch the next one's weight into L2 (llama.SKINNY_PREFETCH)")
-    ap.add_argument("--skinny-chain", action=argparse.BooleanOptionalAction, default=None,
-                    help="dense layers' projections after attention (and the next qkv) as one "
-                         "ops.skinny_linear_chain kernel in skinny decode steps (llama.SKINNY_CHAIN; default: tidal's)")
     ap.add_argument("--skinny-quantized", action=argparse.BooleanOptionalAction, default=None,
                     help="quantized layers take the skinny path in decode steps too (tidal.quant.linear.SKINNY_DECODE; "
                          "default: tidal's)")
@@ -981,13 +978,11 @@ def main() -> int:
     args = ap.parse_args()
     global ASYNC_SCHEDULING
     ASYNC_SCHEDULING = args.async_scheduling
-    if args.skinny is not None or args.skinny_prefetch or args.skinny_chain is not None:
+    if args.skinny is not None or args.skinny_prefetch:
         from tidal.models import llama
         if args.skinny is not None:
             llama.SKINNY_MAX_TOKENS = args.skinny
         llama.SKINNY_PREFETCH = args.skinny_prefetch
-        if args.skinny_chain is not None:
-            llama.SKINNY_CHAIN = args.skinny_chain
     if args.skinny_quantized is not None:
         from tidal.quant import linear as quant_linear_module
         quant_linear_module.SKINNY_DECODE = args.skinny_quantized

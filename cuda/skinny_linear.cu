@@ -12,12 +12,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
-#include <utility>
 
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
@@ -372,65 +369,8 @@ __host__ __device__ __forceinline__ void segment_groups(const StreamPlan& plan, 
   hi = group_shift < 0 ? 1 : static_cast<int>(((end - 1) >> group_shift) + 1);
 }
 
-// Up to kMaxLinks streamed skinny_linear calls as one kernel (a chain; one call is a chain of one
-// link): link i + 1 may read what link i wrote (its x or its residual), so the consumers meet at a
-// grid barrier before each link's f(x), while the producers stream the next links' weights through
-// the ring regardless (weights do not depend on the barrier). Every link has the same ring (stages,
-// stage_stride) and the grid holds no more blocks than there are SMs, one block per SM (the ring
-// takes most of an SM's shared memory), so all blocks are resident together and the barrier cannot
-// wait on a block that never starts. barrier: two words, {arrived, generation}, zero between
-// launches (the last block to arrive resets them), private to the launch's stream; null for one link.
-constexpr int kMaxLinks = 4;
-struct Chain {
-  Params p[kMaxLinks];
-  StreamPlan plan[kMaxLinks];
-  int links;
-  unsigned* barrier;
-};
-
-// The row groups of a link that this block takes (contiguous runs), and its tiles.
-struct BlockTiles {
-  int64_t first_group;
-  int64_t count;
-};
-
-__device__ __forceinline__ BlockTiles block_tiles(const Params& p, const StreamPlan& plan) {
-  const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
-  const int64_t first = groups * blockIdx.x / gridDim.x;
-  return {first, (groups * (blockIdx.x + 1) / gridDim.x - first) * plan.segments};
-}
-
-// Every consumer of the grid waits here until all have arrived; their writes before it are visible to
-// every read after it. One thread a block arrives (after its block's consumers sync), with a gpu-scope
-// release, and spins on the generation word with acquire loads (cooperative groups' grid sync, over
-// the consumer threads only: the producer warp never waits on it).
-template <typename Sync>
-__device__ __forceinline__ void grid_barrier(unsigned* barrier, Sync consumers_sync) {
-  consumers_sync();
-  if (threadIdx.x == 0) {
-    unsigned* arrived = barrier;
-    unsigned* generation = barrier + 1;
-    unsigned gen;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(gen) : "l"(generation) : "memory");
-    __threadfence();
-    if (atomicAdd(arrived, 1u) == gridDim.x - 1) {
-      atomicExch(arrived, 0u);
-      __threadfence();
-      atomicAdd(generation, 1u);
-    } else {
-      unsigned now = gen;
-      while (now == gen) {
-        __nanosleep(32);
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(generation) : "memory");
-      }
-    }
-    __threadfence();
-  }
-  consumers_sync();
-}
-
 template <typename T, int kM, int kFormat>
-__global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kernel(const __grid_constant__ Chain chain,
+__global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kernel(const Params p, const StreamPlan plan,
                                                                                     const L2Prefetch next) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kVec = 16 / sizeof(T);
@@ -444,13 +384,15 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
   __shared__ __align__(8) uint64_t full[kMaxStages];   // a stage's bytes have landed
   __shared__ __align__(8) uint64_t empty[kMaxStages];  // every consumer warp is done with a stage
   __shared__ float scratch[kM * kStreamConsumerWarps];
-  // the ring, the same for every link (launch_streamed checks)
-  const int ring_stages = chain.plan[0].stages, stage_stride = chain.plan[0].stage_stride;
-  T* xs = reinterpret_cast<T*>(smem_raw + ring_stages * stage_stride);
+  T* xs = reinterpret_cast<T*>(smem_raw + plan.stages * plan.stage_stride);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t row_bytes = weight_row_bytes<T, kFormat>(p.k);
+  const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
+  const int64_t first_group = groups * blockIdx.x / gridDim.x;
+  const int64_t num_tiles = (groups * (blockIdx.x + 1) / gridDim.x - first_group) * plan.segments;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < ring_stages; ++s) {
+    for (int s = 0; s < plan.stages; ++s) {
       mbarrier_init(shared_address(&full[s]), 1);
       mbarrier_init(shared_address(&empty[s]), kStreamConsumerWarps);
     }
@@ -462,56 +404,45 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
     // The producer lane: the weights do not depend on the previous kernel, so the first stages are
     // filled before waiting for it.
     if (lane == 0) {
-      int64_t slot = 0;  // tiles through the ring so far, every link's
-      for (int link = 0; link < chain.links; ++link) {
-        const Params& p = chain.p[link];
-        const StreamPlan& plan = chain.plan[link];
-        const char* weight = static_cast<const char*>(p.weight);
-        const int64_t row_bytes = weight_row_bytes<T, kFormat>(p.k);
-        const int64_t w_stride = p.w_stride * (kFormat == kDense ? static_cast<int64_t>(sizeof(T)) : 1);  // bytes
-        const bool contiguous = plan.segments == 1 && w_stride == row_bytes;  // a tile is one run of bytes
-        const BlockTiles mine = block_tiles(p, plan);
-        for (int64_t t = 0; t < mine.count; ++t, ++slot) {
-          const int s = static_cast<int>(slot % ring_stages);
-          const int64_t round = slot / ring_stages;
-          if (round > 0) mbarrier_wait(shared_address(&empty[s]), static_cast<uint32_t>((round - 1) & 1));
-          const int64_t row0 = (mine.first_group + t / plan.segments) * plan.rows;
-          const int seg = static_cast<int>(t % plan.segments);
-          const int rows = static_cast<int>(min(static_cast<int64_t>(plan.rows), p.n - row0));
-          const uint32_t seg_bytes = static_cast<uint32_t>(min(static_cast<int64_t>(plan.seg_bytes),
-                                                               row_bytes - static_cast<int64_t>(seg) * plan.seg_bytes));
-          const uint32_t bar = shared_address(&full[s]);
-          const uint32_t stage = shared_address(smem_raw + s * stage_stride);
-          const char* src = weight + row0 * w_stride + static_cast<int64_t>(seg) * plan.seg_bytes;
-          int lo = 0, hi = p.num_groups;  // the tile's groups of scales (quantized)
-          if (kFormat != kDense && !plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
-          const uint32_t group_bytes = kFormat == kDense ? 0u : (kFormat == quant::kInt4 ? 5u : 4u) * (hi - lo);
-          mbarrier_arrive_expect_tx(bar, (seg_bytes + group_bytes) * rows);
-          if (contiguous) {
-            bulk_copy_to_shared(stage, src, seg_bytes * rows, bar);
+      const char* weight = static_cast<const char*>(p.weight);
+      const int64_t w_stride = p.w_stride * (kFormat == kDense ? static_cast<int64_t>(sizeof(T)) : 1);  // bytes
+      const bool contiguous = plan.segments == 1 && w_stride == row_bytes;  // a tile is one run of bytes
+      for (int64_t t = 0; t < num_tiles; ++t) {
+        const int s = static_cast<int>(t % plan.stages);
+        const int64_t round = t / plan.stages;
+        if (round > 0) mbarrier_wait(shared_address(&empty[s]), static_cast<uint32_t>((round - 1) & 1));
+        const int64_t row0 = (first_group + t / plan.segments) * plan.rows;
+        const int seg = static_cast<int>(t % plan.segments);
+        const int rows = static_cast<int>(min(static_cast<int64_t>(plan.rows), p.n - row0));
+        const uint32_t seg_bytes = static_cast<uint32_t>(min(static_cast<int64_t>(plan.seg_bytes),
+                                                             row_bytes - static_cast<int64_t>(seg) * plan.seg_bytes));
+        const uint32_t bar = shared_address(&full[s]);
+        const uint32_t stage = shared_address(smem_raw + s * plan.stage_stride);
+        const char* src = weight + row0 * w_stride + static_cast<int64_t>(seg) * plan.seg_bytes;
+        int lo = 0, hi = p.num_groups;  // the tile's groups of scales (quantized)
+        if (kFormat != kDense && !plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
+        const uint32_t group_bytes = kFormat == kDense ? 0u : (kFormat == quant::kInt4 ? 5u : 4u) * (hi - lo);
+        mbarrier_arrive_expect_tx(bar, (seg_bytes + group_bytes) * rows);
+        if (contiguous) {
+          bulk_copy_to_shared(stage, src, seg_bytes * rows, bar);
+        } else {
+          for (int r = 0; r < rows; ++r) {
+            bulk_copy_to_shared(stage + static_cast<uint32_t>(r * plan.seg_bytes), src + r * w_stride, seg_bytes, bar);
+          }
+        }
+        if constexpr (kFormat != kDense) {
+          const int64_t g0 = row0 * p.num_groups;
+          const uint32_t span = static_cast<uint32_t>(hi - lo);
+          if (plan.whole_groups) {
+            bulk_copy_to_shared(stage + plan.scale_offset, p.scales + g0, 4u * span * rows, bar);
+            if (kFormat == quant::kInt4) bulk_copy_to_shared(stage + plan.zero_offset, p.zeros + g0, span * rows, bar);
           } else {
             for (int r = 0; r < rows; ++r) {
-              bulk_copy_to_shared(stage + static_cast<uint32_t>(r * plan.seg_bytes), src + r * w_stride, seg_bytes,
-                                  bar);
-            }
-          }
-          if constexpr (kFormat != kDense) {
-            const int64_t g0 = row0 * p.num_groups;
-            const uint32_t span = static_cast<uint32_t>(hi - lo);
-            if (plan.whole_groups) {
-              bulk_copy_to_shared(stage + plan.scale_offset, p.scales + g0, 4u * span * rows, bar);
+              const int64_t g = g0 + static_cast<int64_t>(r) * p.num_groups + lo;
+              bulk_copy_to_shared(stage + plan.scale_offset + 4u * r * plan.scale_stride, p.scales + g, 4u * span, bar);
               if (kFormat == quant::kInt4) {
-                bulk_copy_to_shared(stage + plan.zero_offset, p.zeros + g0, span * rows, bar);
-              }
-            } else {
-              for (int r = 0; r < rows; ++r) {
-                const int64_t g = g0 + static_cast<int64_t>(r) * p.num_groups + lo;
-                bulk_copy_to_shared(stage + plan.scale_offset + 4u * r * plan.scale_stride, p.scales + g, 4u * span,
-                                    bar);
-                if (kFormat == quant::kInt4) {
-                  bulk_copy_to_shared(stage + plan.zero_offset + static_cast<uint32_t>(r * plan.zero_stride),
-                                      p.zeros + g, span, bar);
-                }
+                bulk_copy_to_shared(stage + plan.zero_offset + static_cast<uint32_t>(r * plan.zero_stride), p.zeros + g,
+                                    span, bar);
               }
             }
           }
@@ -533,116 +464,108 @@ __global__ void __launch_bounds__(kStreamThreads, 1) skinny_linear_streamed_kern
   }
 
   wait_for_prior_grid();
-  const auto consumers_sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumers) : "memory"); };
+  prologue<T, kM, kVec>(p, xs, scratch, threadIdx.x, kStreamConsumers,
+                        [] { asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumers) : "memory"); });
+
   float acc[kM];
 #pragma unroll
   for (int r = 0; r < kM; ++r) acc[r] = 0.0f;
   float mma_acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // kMma: rows lane/4 and lane/4 + 8, tokens 2 (lane % 4) + {0, 1}
   int parity = 0;
-  int64_t slot = 0;
-  for (int link = 0; link < chain.links; ++link) {
-    const Params& p = chain.p[link];
-    const StreamPlan& plan = chain.plan[link];
-    // a link's x may be what the links before it wrote, anywhere in the grid
-    if (link > 0) grid_barrier(chain.barrier, consumers_sync);
-    prologue<T, kM, kVec>(p, xs, scratch, threadIdx.x, kStreamConsumers, consumers_sync);
-    const int64_t row_bytes = weight_row_bytes<T, kFormat>(p.k);
-    const BlockTiles mine = block_tiles(p, plan);
-    for (int64_t t = 0; t < mine.count; ++t, ++slot) {
-      const int s = static_cast<int>(slot % ring_stages);
-      mbarrier_wait(shared_address(&full[s]), static_cast<uint32_t>((slot / ring_stages) & 1));
-      const int64_t row0 = (mine.first_group + t / plan.segments) * plan.rows;
-      const int seg = static_cast<int>(t % plan.segments);
-      const int chunks = static_cast<int>(min(static_cast<int64_t>(plan.seg_bytes),
-                                              row_bytes - static_cast<int64_t>(seg) * plan.seg_bytes) / 16);
-      const int first_chunk = seg * (plan.seg_bytes / 16);  // of the row
-      const unsigned char* stage = smem_raw + s * stage_stride;
-      const T* x_seg = xs + static_cast<int64_t>(first_chunk) * kChunkInputs;
-      if constexpr (kMma) {
-        // k block kb of the segment: 64 bytes of each of the 16 rows, lane (gid, tig) holding 16 bytes of
-        // rows gid and gid + 8
-        const int gid = lane / 4, tig = lane % 4;
-        int lo = 0, hi = 0;
-        if (!plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
-        const float* scales = reinterpret_cast<const float*>(stage + plan.scale_offset) - lo;
-        const uint8_t* zeros = stage + plan.zero_offset - lo;
-        for (int kb = warp; kb < chunks / 4; kb += kStreamConsumerWarps) {
-          const unsigned char* w = stage + kb * 64 + tig * 16;
-          const uint4 raw0 = *reinterpret_cast<const uint4*>(w + gid * plan.seg_bytes);
-          const uint4 raw1 = *reinterpret_cast<const uint4*>(w + (gid + 8) * plan.seg_bytes);
-          const int chunk = first_chunk + kb * 4;  // the k block's first chunk of the row
-          const int g = p.group_shift < 0 ? 0 : chunk >> p.group_shift;
-          const float s0 = scales[gid * plan.scale_stride + g], s1 = scales[(gid + 8) * plan.scale_stride + g];
-          uint32_t off0 = 0, off1 = 0;
-          if constexpr (kFormat == quant::kInt4) {
-            off0 = quant::offset_pair<T>(zeros[gid * plan.zero_stride + g]);
-            off1 = quant::offset_pair<T>(zeros[(gid + 8) * plan.zero_stride + g]);
-          }
-          float blk[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-          quant::block_dot<T, kFormat, 1, true>(kM, p.k, xs, gid, (chunk + tig) * kChunkInputs, raw0, raw1, off0, off1,
-                                                blk);
-          mma_acc[0] = fmaf(s0, blk[0][0], mma_acc[0]);
-          mma_acc[1] = fmaf(s0, blk[0][1], mma_acc[1]);
-          mma_acc[2] = fmaf(s1, blk[0][2], mma_acc[2]);
-          mma_acc[3] = fmaf(s1, blk[0][3], mma_acc[3]);
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const int s = static_cast<int>(t % plan.stages);
+    mbarrier_wait(shared_address(&full[s]), static_cast<uint32_t>((t / plan.stages) & 1));
+    const int64_t row0 = (first_group + t / plan.segments) * plan.rows;
+    const int seg = static_cast<int>(t % plan.segments);
+    const int chunks = static_cast<int>(min(static_cast<int64_t>(plan.seg_bytes),
+                                            row_bytes - static_cast<int64_t>(seg) * plan.seg_bytes) / 16);
+    const int first_chunk = seg * (plan.seg_bytes / 16);  // of the row
+    const unsigned char* stage = smem_raw + s * plan.stage_stride;
+    const T* x_seg = xs + static_cast<int64_t>(first_chunk) * kChunkInputs;
+    if constexpr (kMma) {
+      // k block kb of the segment: 64 bytes of each of the 16 rows, lane (gid, tig) holding 16 bytes of
+      // rows gid and gid + 8
+      const int gid = lane / 4, tig = lane % 4;
+      int lo = 0, hi = 0;
+      if (!plan.whole_groups) segment_groups(plan, row_bytes, p.group_shift, seg, lo, hi);
+      const float* scales = reinterpret_cast<const float*>(stage + plan.scale_offset) - lo;
+      const uint8_t* zeros = stage + plan.zero_offset - lo;
+      for (int kb = warp; kb < chunks / 4; kb += kStreamConsumerWarps) {
+        const unsigned char* w = stage + kb * 64 + tig * 16;
+        const uint4 raw0 = *reinterpret_cast<const uint4*>(w + gid * plan.seg_bytes);
+        const uint4 raw1 = *reinterpret_cast<const uint4*>(w + (gid + 8) * plan.seg_bytes);
+        const int chunk = first_chunk + kb * 4;  // the k block's first chunk of the row
+        const int g = p.group_shift < 0 ? 0 : chunk >> p.group_shift;
+        const float s0 = scales[gid * plan.scale_stride + g], s1 = scales[(gid + 8) * plan.scale_stride + g];
+        uint32_t off0 = 0, off1 = 0;
+        if constexpr (kFormat == quant::kInt4) {
+          off0 = quant::offset_pair<T>(zeros[gid * plan.zero_stride + g]);
+          off1 = quant::offset_pair<T>(zeros[(gid + 8) * plan.zero_stride + g]);
         }
-      } else {
-        for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
-          const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
+        float blk[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        quant::block_dot<T, kFormat, 1, true>(kM, p.k, xs, gid, (chunk + tig) * kChunkInputs, raw0, raw1, off0, off1,
+                                              blk);
+        mma_acc[0] = fmaf(s0, blk[0][0], mma_acc[0]);
+        mma_acc[1] = fmaf(s0, blk[0][1], mma_acc[1]);
+        mma_acc[2] = fmaf(s1, blk[0][2], mma_acc[2]);
+        mma_acc[3] = fmaf(s1, blk[0][3], mma_acc[3]);
+      }
+    } else {
+      for (int rl = warp; rl < plan.rows && row0 + rl < p.n; rl += kStreamConsumerWarps) {
+        const V* w = reinterpret_cast<const V*>(stage + rl * plan.seg_bytes);
 #pragma unroll 4
-          for (int i = lane; i < chunks; i += kWarpSize) {
-            const V wv = w[i];
-            float wf[kVec];
+        for (int i = lane; i < chunks; i += kWarpSize) {
+          const V wv = w[i];
+          float wf[kVec];
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
+          for (int j = 0; j < kVec; ++j) wf[j] = element_to_float(wv, j);
 #pragma unroll
-            for (int r = 0; r < kM; ++r) {
-              const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
+          for (int r = 0; r < kM; ++r) {
+            const V xv = load_vec<T, kVec>(x_seg + r * p.k + i * kVec);
 #pragma unroll
-              for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
-            }
+            for (int j = 0; j < kVec; ++j) acc[r] += wf[j] * element_to_float(xv, j);
           }
-          if (seg == plan.segments - 1) {  // the row is done: lane r writes input row r's result
-            float mine = 0.0f;
+        }
+        if (seg == plan.segments - 1) {  // the row is done: lane r writes input row r's result
+          float mine = 0.0f;
 #pragma unroll
-            for (int r = 0; r < kM; ++r) {
-              const float sum = warp_sum(acc[r]);
-              if (lane == r) mine = sum;
-              acc[r] = 0.0f;
-            }
-            if (lane < p.m) store_result<T>(p, row0 + rl, lane, mine);
+          for (int r = 0; r < kM; ++r) {
+            const float sum = warp_sum(acc[r]);
+            if (lane == r) mine = sum;
+            acc[r] = 0.0f;
           }
+          if (lane < p.m) store_result<T>(p, row0 + rl, lane, mine);
         }
       }
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
-      if constexpr (kMma) {
-        if (seg == plan.segments - 1) {
-          // the row group is done: the warps' sums meet in shared memory (two buffers: one barrier a
-          // group), consumer thread (c, l) sums accumulator c of lane l
-          float* part = partial + parity * (kStreamConsumers * 4);
+    }
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(shared_address(&empty[s]));
+    if constexpr (kMma) {
+      if (seg == plan.segments - 1) {
+        // the row group is done: the warps' sums meet in shared memory (two buffers: one barrier a
+        // group), consumer thread (c, l) sums accumulator c of lane l
+        float* part = partial + parity * (kStreamConsumers * 4);
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            part[c * kStreamConsumers + threadIdx.x] = mma_acc[c];
-            mma_acc[c] = 0.0f;
-          }
-          asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumers) : "memory");
-          const int c = threadIdx.x / kWarpSize, l = threadIdx.x % kWarpSize;
-          const int token = 2 * (l % 4) + (c & 1);
-          const int64_t row = row0 + l / 4 + (c < 2 ? 0 : 8);
-          if (c < 4 && token < p.m && row < p.n) {
-            float sum = 0.0f;
-#pragma unroll
-            for (int w = 0; w < kStreamConsumerWarps; ++w) sum += part[c * kStreamConsumers + w * kWarpSize + l];
-            store_result<T>(p, row, token, sum);
-          }
-          parity ^= 1;
+        for (int c = 0; c < 4; ++c) {
+          part[c * kStreamConsumers + threadIdx.x] = mma_acc[c];
+          mma_acc[c] = 0.0f;
         }
+        asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumers) : "memory");
+        const int c = threadIdx.x / kWarpSize, l = threadIdx.x % kWarpSize;
+        const int token = 2 * (l % 4) + (c & 1);
+        const int64_t row = row0 + l / 4 + (c < 2 ? 0 : 8);
+        if (c < 4 && token < p.m && row < p.n) {
+          float sum = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kStreamConsumerWarps; ++w) sum += part[c * kStreamConsumers + w * kWarpSize + l];
+          store_result<T>(p, row, token, sum);
+        }
+        parity ^= 1;
       }
     }
   }
 #else
-  (void)chain, (void)next;
+  (void)p, (void)plan, (void)next;
   __trap();
 #endif
 }
@@ -765,55 +688,20 @@ StreamPlan launch_plan(const Params& p, int format, int64_t esize, int kM) {
 }
 
 template <typename T, int kM, int kFormat>
-void launch_streamed(const Chain& chain, const L2Prefetch& next, int device, cudaStream_t stream) {
+void launch_streamed(const Params& p, const StreamPlan& plan, const L2Prefetch& next, int device, cudaStream_t stream) {
   const auto kernel = skinny_linear_streamed_kernel<T, kM, kFormat>;
+  const int64_t xs_bytes = kM * static_cast<int64_t>(p.k) * sizeof(T);
   static bool raised[64] = {};
   if (device >= 0 && device < 64 && !raised[device]) {
     TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(kStreamSmemBudget)));
     raised[device] = true;
   }
-  int64_t xs_bytes = 0, grid = multiprocessor_count(device);  // every link's blocks resident at once
-  for (int i = 0; i < chain.links; ++i) {
-    xs_bytes = std::max<int64_t>(xs_bytes, kM * static_cast<int64_t>(chain.p[i].k) * sizeof(T));
-    grid = std::min<int64_t>(grid, (chain.p[i].n + chain.plan[i].rows - 1) / chain.plan[i].rows);
-  }
-  const StreamPlan& ring = chain.plan[0];
-  launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(kStreamThreads),
-                static_cast<size_t>(static_cast<int64_t>(ring.stages) * ring.stage_stride + xs_bytes), stream,
-                kProgrammatic, chain, next);
-}
-
-// Barrier words of chain launches (Chain::barrier), zero when the module loads.
-constexpr int kBarrierSlots = 4096;
-__device__ unsigned chain_barriers[kBarrierSlots][2];
-
-// The barrier words of a chain launch on `stream` (of the current device): one pair per stream for
-// launches outside graph capture, a fresh pair for each launch a graph captures (a graph may replay
-// beside the stream it was captured on, or beside another graph captured on the same stream). Null
-// when every pair is taken (the caller runs the links one by one).
-unsigned* chain_barrier(int device, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
-  static std::mutex mutex;
-  static std::map<std::pair<int, cudaStream_t>, int> per_stream;
-  static int taken[kMaxDevices] = {};
-  static void* base[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) return nullptr;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TIDAL_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  std::lock_guard<std::mutex> lock(mutex);
-  if (base[device] == nullptr) TIDAL_CUDA_CHECK(cudaGetSymbolAddress(&base[device], chain_barriers));
-  int slot = -1;
-  if (capture == cudaStreamCaptureStatusNone) {
-    const auto found = per_stream.find({device, stream});
-    if (found != per_stream.end()) slot = found->second;
-  }
-  if (slot < 0) {
-    if (taken[device] == kBarrierSlots) return nullptr;
-    slot = taken[device]++;
-    if (capture == cudaStreamCaptureStatusNone) per_stream[{device, stream}] = slot;
-  }
-  return static_cast<unsigned*>(base[device]) + 2 * slot;
+  const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
+  const int64_t sms = multiprocessor_count(device);
+  launch_kernel(kernel, dim3(static_cast<unsigned>(groups < sms ? groups : sms)), dim3(kStreamThreads),
+                static_cast<size_t>(static_cast<int64_t>(plan.stages) * plan.stage_stride + xs_bytes), stream, kProgrammatic,
+                p, plan, next);
 }
 #endif  // !TIDAL_USE_HIP
 
@@ -848,20 +736,17 @@ template <typename T, int kM>
 void launch_best(const Params& p, int format, TensorView prefetch, int device, cudaStream_t stream) {
 #if !defined(TIDAL_USE_HIP)
   if (streamed_kernel_runs(device)) {
-    Chain chain{};
-    chain.p[0] = p;
-    chain.plan[0] = launch_plan(p, format, sizeof(T), kM);
-    chain.links = 1;
+    const StreamPlan plan = launch_plan(p, format, sizeof(T), kM);
     const L2Prefetch next = l2_prefetch(prefetch, p.m, device);
     if constexpr (!std::is_same_v<T, float>) {  // quantized weights take 16-bit x only
       switch (format) {
-        case quant::kInt8: return launch_streamed<T, kM, quant::kInt8>(chain, next, device, stream);
-        case quant::kInt4: return launch_streamed<T, kM, quant::kInt4>(chain, next, device, stream);
-        case quant::kFp8: return launch_streamed<T, kM, quant::kFp8>(chain, next, device, stream);
+        case quant::kInt8: return launch_streamed<T, kM, quant::kInt8>(p, plan, next, device, stream);
+        case quant::kInt4: return launch_streamed<T, kM, quant::kInt4>(p, plan, next, device, stream);
+        case quant::kFp8: return launch_streamed<T, kM, quant::kFp8>(p, plan, next, device, stream);
         default: break;
       }
     }
-    return launch_streamed<T, kM, kDense>(chain, next, device, stream);
+    return launch_streamed<T, kM, kDense>(p, plan, next, device, stream);
   }
 #endif
   (void)format, (void)prefetch;
@@ -945,62 +830,6 @@ void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
   TIDAL_DISPATCH_FLOAT(x.dtype, T, launch_rows<T>(p, format, prefetch, x.device.index, s));
-}
-
-#if !defined(TIDAL_USE_HIP)
-namespace {
-
-template <typename T, int kM>
-void launch_chain(const Chain& chain, int device, cudaStream_t stream) {
-  launch_streamed<T, kM, kDense>(chain, L2Prefetch{}, device, stream);
-}
-
-}  // namespace
-#endif
-
-bool skinny_linear_chain(const SkinnyLink* links, int count, Stream stream) {
-#if defined(TIDAL_USE_HIP)
-  (void)links, (void)count, (void)stream;
-  return false;
-#else
-  if (count < 1 || count > kMaxLinks) return false;
-  const TensorView& x = links[0].x;
-  const int device = x.device.index;
-  if (!streamed_kernel_runs(device)) return false;
-  const int64_t esize = dtype_size(x.dtype), rows = padded_rows(x.size(0));
-  int64_t xs_bytes = 0;
-  for (int i = 0; i < count; ++i) {
-    const SkinnyLink& link = links[i];
-    if (link.x.dtype != x.dtype || link.x.size(0) != x.size(0) ||
-        !skinny_linear_supported(link.x, link.weight, kDense, {}, {})) {
-      return false;
-    }
-    xs_bytes = std::max<int64_t>(xs_bytes, rows * link.weight.size(1) * esize);
-  }
-  Chain chain{};
-  chain.links = count;
-  for (int i = 0; i < count; ++i) {
-    const SkinnyLink& link = links[i];
-    chain.p[i] = make_params(link.out, link.residual, link.x, link.weight, link.bias, link.norm_weight, link.prologue,
-                             link.eps, kDense, {}, {});
-    // the ring is sized for the widest link's f(x), so every link has the same one
-    chain.plan[i] = stream_plan(link.weight.size(1) * esize, xs_bytes);
-    if (chain.plan[i].stages < 2) return false;
-  }
-  DeviceGuard guard(device);
-  const auto s = static_cast<cudaStream_t>(stream.handle);
-  if (count > 1 && (chain.barrier = chain_barrier(device, s)) == nullptr) return false;
-  TIDAL_DISPATCH_FLOAT(x.dtype, T, {
-    if (rows == 1) {
-      launch_chain<T, 1>(chain, device, s);
-    } else if (rows == 2) {
-      launch_chain<T, 2>(chain, device, s);
-    } else {
-      launch_chain<T, 4>(chain, device, s);
-    }
-  });
-  return true;
-#endif
 }
 
 }  // namespace tidal::gpu

@@ -4,7 +4,6 @@
 // Python caller.
 #include <cstdint>
 #include <string>
-#include <vector>
 
 #include <pybind11/pybind11.h>
 
@@ -79,29 +78,6 @@ void bind_ops_serving(py::module_& m) {
       "absent ones); False when the fused kernel does not take these shapes. prefetch: the next kernel's weight, "
       "whose first bytes L2 is asked to fetch early. weight_format >= 0: weight holds a quantized weight's codes "
       "(quant_linear's format codes and layouts) with its scales and zeros.");
-  m.def(
-      "skinny_linear_chain",
-      [](const py::list& links, std::uintptr_t stream) {
-        std::vector<ops::SkinnyLink> views;
-        for (size_t i = 0; i < links.size(); ++i) {
-          const auto link = links[i].cast<py::tuple>();
-          const std::string at = "links[" + std::to_string(i) + "]";
-          TIDAL_CHECK(link.size() == 8, at, ": expected (out, residual, x, weight, bias, norm_weight, prologue, eps), got ",
-                      link.size(), " items");
-          const int prologue = link[6].cast<int>();
-          TIDAL_CHECK(prologue >= 0 && prologue <= 2, at, ".prologue=", prologue,
-                      " must be 0 (identity), 1 (rms_norm) or 2 (silu_and_mul)");
-          views.push_back({view_optional_capsule(link[0], "out"), view_optional_capsule(link[1], "residual"),
-                           view_capsule(link[2], "x"), view_capsule(link[3], "weight"),
-                           view_optional_capsule(link[4], "bias"), view_optional_capsule(link[5], "norm_weight"),
-                           static_cast<ops::SkinnyPrologue>(prologue), link[7].cast<float>()});
-        }
-        return ops::skinny_linear_chain(views, Stream::from_int(stream));
-      },
-      py::arg("links"), py::arg("stream") = 0,
-      "skinny_linear over each link, a tuple (out, residual, x, weight, bias, norm_weight, prologue, eps) of "
-      "DLPack capsules (None where absent) and skinny_linear's prologue and eps, in order, as one kernel; a link "
-      "may read what the ones before it wrote. False, writing nothing, when that kernel does not take them.");
   m.def(
       "rotary_embedding",
       [](py::handle positions, py::handle query, py::handle key, int64_t head_dim, py::handle cos_sin_cache,

@@ -83,27 +83,15 @@ def test_skinny_default_by_device(monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("skinny,prefetch,chain",
-                         [(0, False, False), (4, False, False), (4, True, False), (4, False, True)],
-                         ids=["cublas", "skinny_linear", "skinny_linear_prefetch", "skinny_linear_chain"])
+@pytest.mark.parametrize("skinny,prefetch", [(0, False), (4, False), (4, True)],
+                         ids=["cublas", "skinny_linear", "skinny_linear_prefetch"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_greedy_matches_transformers_on_gpu(family_model, enforce_eager, skinny, prefetch, chain, monkeypatch):
+def test_greedy_matches_transformers_on_gpu(family_model, enforce_eager, skinny, prefetch, monkeypatch):
     """Decode steps of up to 4 tokens through cuBLAS or through ops.skinny_linear (norms, activation
     and residual adds fused into the projections; with or without the L2 prefetch of each next
-    weight; or each layer's projections after attention and the next qkv as one chain kernel) give
-    transformers' greedy tokens alike."""
+    weight) give transformers' greedy tokens alike."""
     monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", skinny)
     monkeypatch.setattr(llama, "SKINNY_PREFETCH", prefetch)
-    monkeypatch.setattr(llama, "SKINNY_CHAIN", chain)
-    fused_chains = 0
-    chain_kernel = tidal.ops.linear._chain_fused
-
-    def counted_chain(links):
-        nonlocal fused_chains
-        ran = chain_kernel(links)
-        fused_chains += ran
-        return ran
-    monkeypatch.setattr(tidal.ops.linear, "_chain_fused", counted_chain)
     _, path, hf = family_model
     prompts = _prompts([1, 3, 4, 5, 14, 23, 9, 2])
     expected = [hf_greedy(hf, p, 12) for p in prompts]
@@ -126,8 +114,6 @@ def test_greedy_matches_transformers_on_gpu(family_model, enforce_eager, skinny,
         assert out.outputs[0].token_ids == want
         assert out.outputs[0].finish_reason == ("stop" if want[-1] == EOS else "length")
     assert (replays > 0) != enforce_eager
-    # the chain kernel runs on sm_90 (elsewhere the links run one by one)
-    assert (fused_chains > 0) == (chain and torch.cuda.get_device_capability()[0] >= 9)
     assert_pool_whole(llm)
 
 

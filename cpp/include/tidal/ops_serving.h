@@ -8,7 +8,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "tidal/ops_quant.h"
 #include "tidal/stream.h"
@@ -56,23 +55,6 @@ struct QuantizedWeight {
 bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
                    TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream,
                    const QuantizedWeight* quant = nullptr);
-
-/// One link of skinny_linear_chain: skinny_linear's arguments for a dense weight.
-struct SkinnyLink {
-  TensorView out, residual, x, weight, bias, norm_weight;
-  SkinnyPrologue prologue;
-  float eps;
-};
-
-/// skinny_linear over each link in order, as one kernel on sm_90 GPUs: a link may read what the
-/// links before it wrote (its x, or the residual it adds into), so a Llama layer's o_proj, gate_up
-/// and down_proj and the next layer's qkv become one kernel whose weight stream does not pause
-/// between them (its blocks meet at a grid barrier before each link's f(x)). 1 to 4 links, each
-/// checked as skinny_linear checks it, every x of the same rows, dtype and device.
-/// Returns false, writing nothing, where the kernel does not take them (other GPUs, the CPU, a link
-/// skinny_linear's kernel would not take, f(x) too wide for the ring): the caller then runs
-/// skinny_linear link by link, which gives the same results bit for bit.
-bool skinny_linear_chain(const std::vector<SkinnyLink>& links, Stream stream);
 
 /// Rotary position embedding, in place on query and key. For each token t at p = positions[t] and
 /// each head, the first rotary_dim entries are rotated in pairs (x1, x2) by the angle of row p:

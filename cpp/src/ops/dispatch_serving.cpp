@@ -147,12 +147,9 @@ void silu_and_mul(TensorView out, TensorView x, Stream stream) {
       [&] { gpu::silu_and_mul(out, x, stream); });
 }
 
-namespace {
-
-// skinny_linear's argument checks, shared with skinny_linear_chain's links.
-void check_skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                         TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch,
-                         const QuantizedWeight* quant) {
+bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
+                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream,
+                   const QuantizedWeight* quant) {
   detail::check_rows(x, "x");
   detail::check_rows(weight, "weight");
   check_float(x, "x");
@@ -208,15 +205,7 @@ void check_skinny_linear(TensorView out, TensorView residual, TensorView x, Tens
   }
   TIDAL_CHECK(x.device.type != DeviceType::kCPU, "skinny_linear has no CPU kernel (the tensors are on ",
               device_name(x.device), "); run the unfused ops there");
-}
-
-}  // namespace
-
-bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
-                   TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream,
-                   const QuantizedWeight* quant) {
-  check_skinny_linear(out, residual, x, weight, bias, norm_weight, prologue, eps, prefetch, quant);
-  if (x.size(0) == 0 || weight.size(0) == 0) return true;
+  if (m == 0 || n == 0) return true;
 #if TIDAL_WITH_CUDA
   const int format = quant == nullptr ? -1 : static_cast<int>(quant->format);
   const TensorView scales = quant == nullptr ? TensorView{} : quant->scales;
@@ -225,30 +214,6 @@ bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView
   gpu::skinny_linear(out, residual, x, weight, bias, norm_weight, static_cast<int>(prologue), eps, format, scales, zeros,
                      prefetch, stream);
   return true;
-#else
-  (void)stream;
-  return false;
-#endif
-}
-
-bool skinny_linear_chain(const std::vector<SkinnyLink>& links, Stream stream) {
-  TIDAL_CHECK(!links.empty() && links.size() <= 4, "links: expected 1 to 4, got ", links.size());
-  std::vector<gpu::SkinnyLink> views;
-  for (size_t i = 0; i < links.size(); ++i) {
-    const SkinnyLink& link = links[i];
-    check_skinny_linear(link.out, link.residual, link.x, link.weight, link.bias, link.norm_weight, link.prologue,
-                        link.eps, TensorView{}, nullptr);
-    const TensorView& first = links[0].x;
-    TIDAL_CHECK(link.x.size(0) == first.size(0) && link.x.dtype == first.dtype && link.x.device == first.device,
-                "links[", i, "].x (shape ", link.x.shape_str(), ", ", dtype_name(link.x.dtype), ", ",
-                device_name(link.x.device), ") must have the rows, dtype and device of links[0].x (shape ",
-                first.shape_str(), ", ", dtype_name(first.dtype), ", ", device_name(first.device), ")");
-    views.push_back({link.out, link.residual, link.x, link.weight, link.bias, link.norm_weight,
-                     static_cast<int>(link.prologue), link.eps});
-  }
-#if TIDAL_WITH_CUDA
-  if (links[0].x.device.type != DeviceType::kCUDA || links[0].x.size(0) == 0) return false;
-  return gpu::skinny_linear_chain(views.data(), static_cast<int>(views.size()), stream);
 #else
   (void)stream;
   return false;

@@ -113,14 +113,6 @@ bool skinny_linear_supported(TensorView x, TensorView weight, int format, Tensor
 void skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
                    TensorView norm_weight, int prologue, float eps, int format, TensorView scales, TensorView zeros,
                    TensorView prefetch, Stream stream);
-// One link of tidal::ops::skinny_linear_chain (a dense weight; prologue: SkinnyPrologue's value).
-struct SkinnyLink {
-  TensorView out, residual, x, weight, bias, norm_weight;
-  int prologue;
-  float eps;
-};
-// The links as one kernel; false, launching nothing, where that kernel does not take them.
-bool skinny_linear_chain(const SkinnyLink* links, int count, Stream stream);
 
 // max_seqlen_q, max_seqlen_k: the longest query run and context of the batch (host ints, they size
 // the grid). workspace: paged_attention_workspace_size bytes (0 when the plan does not split keys).

@@ -55,13 +55,6 @@ _SKINNY_SM90_TOKENS = 2
 # NOTE(tidal): off until a GPU run measures it against the path without (`bench/serve.py --workloads S2
 # --skinny-prefetch`, `bench/bench_skinny_linear.py`'s layer rows); the op and its tests are in place.
 SKINNY_PREFETCH = False
-# Whether a skinny decode step runs each layer's projections after attention (o_proj, gate_up,
-# down_proj) and the next layer's qkv as one ops.skinny_linear_chain kernel (dense layers only).
-# NOTE(tidal): the layer's four projections ran at 86% of the copy ceiling as four kernels on an H100
-# (bench/RESULTS.md, 2026-12-07), the rest being each kernel's ramp and tail; the chain keeps the
-# weight stream going across three of those four boundaries. Off until a GPU run measures it
-# (`bench/serve.py --workloads S2 --skinny-chain`).
-SKINNY_CHAIN = False
 
 
 def _prefetch(linear: nn.Module) -> torch.Tensor | None:
@@ -290,37 +283,6 @@ class LlamaDecoderLayer(nn.Module):
                           prefetch=next_weight)
         return None, residual
 
-    def forward_chained(self, residual: torch.Tensor, qkv: torch.Tensor, positions: torch.Tensor,
-                        cos_sin_cache: torch.Tensor, attn: AttentionMetadata,
-                        kv_cache: tuple[torch.Tensor, torch.Tensor],
-                        next_layer: "LlamaDecoderLayer | None") -> torch.Tensor | None:
-        """The skinny layer (SKINNY_CHAIN) from its ``qkv`` (computed by the chain of the layer before):
-        attention, then o_proj adding into ``residual``, gate_up with the post-attention norm,
-        down_proj with silu_and_mul adding into ``residual``, and ``next_layer``'s qkv with its input
-        norm, as one ops.skinny_linear_chain. Returns ``next_layer``'s qkv (None after the last layer)."""
-        attention, mlp, norm = self.self_attn, self.mlp, self.post_attention_layernorm
-        out = attention._attend(qkv, positions, cos_sin_cache, attn, kv_cache)
-        m = residual.shape[0]
-        gate_up = residual.new_empty((m, mlp.gate_up_proj.weight.shape[0]))
-        links = [ops.SkinnyLink(out, attention.o_proj.weight, attention.o_proj.bias, residual=residual),
-                 ops.SkinnyLink(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm.weight,
-                                eps=norm.eps, out=gate_up),
-                 ops.SkinnyLink(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=residual)]
-        next_qkv = None
-        if next_layer is not None:
-            proj, next_norm = next_layer.self_attn.qkv_proj, next_layer.input_layernorm
-            next_qkv = residual.new_empty((m, proj.weight.shape[0]))
-            links.append(ops.SkinnyLink(residual, proj.weight, proj.bias, norm_weight=next_norm.weight,
-                                        eps=next_norm.eps, out=next_qkv))
-        ops.skinny_linear_chain(links)
-        return next_qkv
-
-    def chainable(self) -> bool:
-        """Whether forward_chained can run this layer: a dense MLP and every projection unquantized."""
-        attention = self.self_attn
-        return self.skinny_ok and all(getattr(linear, "qweight", None) is None for linear in (
-            attention.qkv_proj, attention.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj))
-
     def forward_train(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
                       recompute: str | None = None, fused: bool = True) -> torch.Tensor:
         """Training. ``recompute`` (see LlamaForCausalLM.set_activation_checkpointing): "attention" or
@@ -505,8 +467,6 @@ class LlamaForCausalLM(nn.Module):
         with torch.no_grad():
             rope_positions, cos_sin_cache = self._rope_inputs(positions, attn)
             hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            if self._chains(hidden):
-                return self._forward_chained(hidden, rope_positions, cos_sin_cache, attn, kv_caches)
             residual = None
             for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
                 hidden, residual = layer(hidden, residual, rope_positions, cos_sin_cache, attn, kv_cache,
@@ -516,26 +476,6 @@ class LlamaForCausalLM(nn.Module):
                 return ops.rms_norm(residual, norm.weight, norm.eps)
             ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
             return hidden
-
-    def _chains(self, hidden: torch.Tensor) -> bool:
-        """Whether this serving step runs the layers as skinny_linear chains (SKINNY_CHAIN)."""
-        if not SKINNY_CHAIN or self.tp is not None or hidden.shape[0] > skinny_max_tokens(hidden.device):
-            return False
-        return all(layer.chainable() for layer in self.model.layers)
-
-    def _forward_chained(self, hidden, positions, cos_sin_cache, attn, kv_caches) -> torch.Tensor:
-        """The serving forward as skinny_linear chains: the first layer's qkv, then each layer's
-        attention and one chain (LlamaDecoderLayer.forward_chained); the final norm."""
-        layers = self.model.layers
-        residual = hidden  # the embeddings: a fresh tensor, accumulated into in place
-        first = layers[0]
-        qkv = ops.skinny_linear(residual, **_skinny_weight(first.self_attn.qkv_proj),
-                                norm_weight=first.input_layernorm.weight, eps=first.input_layernorm.eps)
-        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
-            qkv = layer.forward_chained(residual, qkv, positions, cos_sin_cache, attn, kv_cache,
-                                        layers[i + 1] if i + 1 < len(layers) else None)
-        norm = self.model.norm
-        return ops.rms_norm(residual, norm.weight, norm.eps)
 
     def _weight_after(self, layer: int) -> torch.Tensor | None:
         """The weight the serving forward reads after ``layer``'s (the next layer's qkv projection, or

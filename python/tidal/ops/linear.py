@@ -1,6 +1,5 @@
 """A linear layer for a few rows with its neighbours fused in, as torch ops
-(``torch.ops.tidal.skinny_linear`` and ``torch.ops.tidal.skinny_linear_add_``), and a chain of them as
-one kernel (``skinny_linear_chain``).
+(``torch.ops.tidal.skinny_linear`` and ``torch.ops.tidal.skinny_linear_add_``).
 
 ``f(x) @ weight.T (+ bias)``, where f is the identity, ``rms_norm(x, norm_weight, eps)`` or
 ``silu_and_mul(x)`` (``gated``); the result is returned, or added into ``residual`` in place. On a GPU,
@@ -10,8 +9,6 @@ rounding of f(x), a matmul, an add. The weight may be quantized (``weight_format
 ``scales`` and ``zeros``: tidal.ops.quant's layouts), then computed as ``quant_linear`` computes it;
 on sm_90 GPUs the fused kernel streams its codes.
 """
-
-from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -198,68 +195,3 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if is_eager_call(x, weight):
         return _skinny_linear_impl(x, weight, bias, norm_weight, eps, gated, out_dtype, *args)
     return torch.ops.tidal.skinny_linear(x, weight, bias, norm_weight, eps, gated, out_dtype, *args)
-
-
-class SkinnyLink(NamedTuple):
-    """One projection of :func:`skinny_linear_chain`: :func:`skinny_linear`'s arguments for a dense
-    weight, with exactly one of ``out`` (written) and ``residual`` (added into in place)."""
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    norm_weight: torch.Tensor | None = None
-    eps: float = 1e-6
-    gated: bool = False
-    out: torch.Tensor | None = None
-    residual: torch.Tensor | None = None
-
-
-def skinny_linear_chain(links: Sequence[SkinnyLink]) -> None:
-    """:func:`skinny_linear` over each link in order, into its ``out`` or added into its ``residual``;
-    a link may read what the links before it wrote (its x, its residual). On sm_90 GPUs one kernel
-    runs them all: its weight stream does not pause between links, whose f(x) waits at a barrier
-    across the grid for the links before it (a Llama layer's o_proj, gate_up and down_proj with the
-    next layer's qkv: one kernel instead of four). Elsewhere, and for links that kernel does not take
-    (a quantized weight, more than 4 rows, f(x) wider than its ring leaves room for), the links run
-    one by one; the results are the same bit for bit. 1 to 4 links, every x with the same rows.
-    Not differentiable (serving).
-    """
-    links = list(links)
-    if not 1 <= len(links) <= 4:
-        raise ValueError(f"len(links)={len(links)}: expected 1 to 4 links")
-    for i, link in enumerate(links):
-        if not isinstance(link, SkinnyLink):
-            raise ValueError(f"links[{i}] is a {type(link).__name__}; expected a tidal.ops.SkinnyLink")
-        if (link.out is None) == (link.residual is None):
-            raise ValueError(f"links[{i}]: pass exactly one of out and residual")
-        if link.x.shape[0] != links[0].x.shape[0]:
-            raise ValueError(f"links[{i}].x.shape={tuple(link.x.shape)}: every link's x must have the "
-                             f"{links[0].x.shape[0]} rows of links[0].x")
-        dst = link.out if link.out is not None else link.residual
-        _check(link.x, link.weight, link.bias, link.norm_weight, link.eps, link.gated,
-               out_shape_dtype=None if link.out is None else link.out.dtype, residual=link.residual)
-        if dst.shape != (link.x.shape[0], link.weight.shape[0]):
-            name = "out" if link.out is not None else "residual"
-            raise ValueError(f"links[{i}].{name}.shape={tuple(dst.shape)} must be [m, n] = "
-                             f"[{link.x.shape[0]}, {link.weight.shape[0]}]")
-    if _chain_fused(links):
-        return
-    for link in links:
-        skinny_linear(link.x, link.weight, link.bias, norm_weight=link.norm_weight, eps=link.eps, gated=link.gated,
-                      residual=link.residual, out=link.out)
-
-
-def _chain_fused(links: list[SkinnyLink]) -> bool:
-    """Runs the chain kernel when it takes these links; False (nothing written) otherwise."""
-    x = links[0].x
-    if x.device.type != "cuda" or x.shape[0] > MAX_ROWS or x.shape[0] == 0:
-        return False
-    opt = lambda t: None if t is None else capsule(t)  # noqa: E731
-    views = []
-    for link in links:
-        dst = link.out if link.out is not None else link.residual
-        if any(t.device != x.device or t.stride(-1) != 1 for t in (link.x, link.weight, dst)):
-            return False
-        norm_weight = None if link.norm_weight is None else link.norm_weight.contiguous()
-        views.append((opt(link.out), opt(link.residual), capsule(link.x), capsule(link.weight), opt(link.bias),
-                      opt(norm_weight), _prologue(link.norm_weight, link.gated), float(link.eps)))
-    return native.skinny_linear_chain(views, stream_of(x))
