@@ -970,8 +970,8 @@ def main() -> int:
     ap.add_argument("--skinny-prefetch", action="store_true",
                     help="the skinny path's projections prefetch the next one's weight into L2 (llama.SKINNY_PREFETCH)")
     ap.add_argument("--skinny-quantized", action=argparse.BooleanOptionalAction, default=None,
-                    help="quantized layers take the skinny path in decode steps too (tidal.quant.linear.SKINNY_DECODE; "
-                         "default: tidal's)")
+                    help="every quantized format's layers take the skinny path in decode steps (or none: "
+                         "--no-skinny-quantized; tidal.quant.linear.SKINNY_DECODE; default: tidal's, int8 and fp8)")
     ap.add_argument("--attention-order", choices=["longest-first", "as-scheduled"], default=None,
                     help="the order in which paged attention's grid takes a step's sequences (default: the "
                          "runner's, as scheduled)")
@@ -985,7 +985,7 @@ def main() -> int:
         llama.SKINNY_PREFETCH = args.skinny_prefetch
     if args.skinny_quantized is not None:
         from tidal.quant import linear as quant_linear_module
-        quant_linear_module.SKINNY_DECODE = args.skinny_quantized
+        quant_linear_module.SKINNY_DECODE = ("int8", "int4", "fp8") if args.skinny_quantized else ()
     if args.split_merge is not None:
         from tidal.serve.gpu_model_runner import GPUModelRunner
         GPUModelRunner.merge_splits_in_kernel = args.split_merge == "kernel"

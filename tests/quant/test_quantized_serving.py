@@ -67,7 +67,9 @@ def test_greedy_equals_transformers_on_the_dequantized_weights(model_dir, fmt, d
     if skinny:
         if device != "cuda":
             pytest.skip("the fused decode path runs on a GPU")
-        monkeypatch.setattr(tidal.quant.linear, "SKINNY_DECODE", True)
+        monkeypatch.setattr(tidal.quant.linear, "SKINNY_DECODE", (fmt,))
+    else:
+        monkeypatch.setattr(tidal.quant.linear, "SKINNY_DECODE", ())
         monkeypatch.setattr(llama, "SKINNY_MAX_TOKENS", 4)
     hf = dequantized_reference(model_dir, load_model(model_dir, quantization=fmt)[0], str(tmp_path / "ref"))
     batch = prompts([3, 5, 8, 13, 21])

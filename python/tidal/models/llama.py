@@ -52,8 +52,10 @@ SKINNY_MAX_TOKENS: int | None = None
 _SKINNY_SM90_TOKENS = 2
 # Whether each projection of the skinny path has L2 prefetch the next one's weight (ops.skinny_linear's
 # prefetch: qkv -> o_proj -> gate_up -> down -> the next layer's qkv or lm_head).
-# NOTE(tidal): off until a GPU run measures it against the path without (`bench/serve.py --workloads S2
-# --skinny-prefetch`, `bench/bench_skinny_linear.py`'s layer rows); the op and its tests are in place.
+# NOTE(tidal): off: measured slower on an H100 (bench/RESULTS.md, 2026-12-07, late: S2 6.22 ms per token
+# with it against 6.10 and 6.10 without, one call, `bench/serve.py --workloads S2 --skinny-prefetch`);
+# programmatic launch already overlaps each projection's first reads with the kernel before. Not yet
+# measured on an H200.
 SKINNY_PREFETCH = False
 
 

@@ -13,16 +13,16 @@ from tidal.ops.quant import FP8_MAX, dequantize_weight, fp8_matmul, fp8_weight_o
 from tidal.quant.config import QuantConfig
 
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-# Whether decode steps of a few tokens run quantized layers through ops.skinny_linear (norm, codes
-# streamed through shared memory, residual add in one kernel on sm_90; llama.skinny_max_tokens says
-# how few) instead of rms_norm + quant_linear + add. Read when a model is quantized or prepared.
-# NOTE(tidal): off: measured slower. On an H100 (bench/RESULTS.md, 2026-12-07, `bench/bench_quant_linear.py`'s
-# last table) the streamed kernel took Llama-3-8B's gate_up at one row in 63.6 / 55.2 / 64.0 us
-# (int8 / int4 / fp8) against quant_linear's 58.8 / 39.1 / 58.5, and fell further behind at two rows:
-# its consumers widened codes and bf16 inputs one by one and could not keep up with the ring. Its int4
-# and int8 consumers now widen straight into mma fragments as quant_linear's tensor-core kernel does;
-# not yet measured (`bench/bench_quant_linear.py --skinny-only`; `bench/serve.py --skinny-quantized`).
-SKINNY_DECODE = False
+# The formats whose layers run decode steps of a few tokens through ops.skinny_linear (norm, codes
+# streamed through shared memory into tensor-core fragments, residual add in one kernel on sm_90;
+# llama.skinny_max_tokens says how few) instead of rms_norm + quant_linear + add. Read when a model
+# is quantized or prepared.
+# NOTE(tidal): measured on an H100 (bench/RESULTS.md, 2026-12-07, late): S2 (Llama-3-8B, batch 1) int8
+# 4.15 ms per token fused against 4.29 unfused, FP8 3.93 against 4.32, but int4 3.50 against 3.17:
+# for int4 the fused kernel's qkv, o_proj and down_proj at one row were 10-18% slower than
+# quant_linear's tensor-core kernel (`bench/bench_quant_linear.py --skinny-only`), more than the
+# fused norms and adds save.
+SKINNY_DECODE: tuple[str, ...] = ("int8", "fp8")
 INT8_MAX = 127.0
 INT4_MAX = 15
 
@@ -239,10 +239,10 @@ def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def _serve_quantized(model: nn.Module, config: QuantConfig) -> None:
     """The model's paths that read float weights directly, turned off: the fused norm/projection
     functions of the whole-sequence forward (which then calls each projection as a module), and,
-    unless SKINNY_DECODE, the fused few-row layer of serving (ops.skinny_linear, which takes
-    quantized weights; never with act-order groups, whose inputs are gathered first)."""
+    unless SKINNY_DECODE names the format, the fused few-row layer of serving (ops.skinny_linear,
+    which takes quantized weights; never with act-order groups, whose inputs are gathered first)."""
     for layer in model.model.layers:
-        layer.skinny_ok = layer.skinny_ok and SKINNY_DECODE and not config.act_order
+        layer.skinny_ok = layer.skinny_ok and config.format in SKINNY_DECODE and not config.act_order
     model.fuse_across_modules = False
 
 
