@@ -50,8 +50,9 @@ struct QuantizedWeight {
 ///          bfloat16 and out (if given) in x's dtype. Computed as quant_linear computes it.
 /// Returns false, writing nothing, when the kernel does not take these shapes or alignments
 /// (rows past 4, k not a multiple of 16 bytes, f(x) larger than shared memory; a quantized weight:
-/// GPUs before sm_90, groups that are not a power of two of 16-byte chunks of codes, scales whose
-/// slices are not whole 16-byte units): the caller runs the unfused ops instead.
+/// GPUs before sm_90, rows of codes that are not whole 64-byte blocks, groups that are not a power
+/// of two (at least 4) of 16-byte chunks of codes, scales whose slices are not whole 16-byte units):
+/// the caller runs the unfused ops instead.
 bool skinny_linear(TensorView out, TensorView residual, TensorView x, TensorView weight, TensorView bias,
                    TensorView norm_weight, SkinnyPrologue prologue, float eps, TensorView prefetch, Stream stream,
                    const QuantizedWeight* quant = nullptr);
