@@ -28,9 +28,10 @@ constexpr int kMaxTiles = 4;    // 8 rows of x per B tile: up to 32 rows
 // NOTE(tidal): k blocks and fragments as cuda/quant_mma.cuh says. Napkin math, int4 at m = 1: 2
 // instructions widen 2 codes, ~1 per weight, a third of the SIMT kernel's. An H200 streams ~32 GB/s
 // per SM at its copy ceiling, so with ~1 us of DRAM latency an SM needs ~32 KB in flight at all
-// times: kStages x 1 KB per warp x 8 warps x 3-4 blocks per SM is 96-128 KB. The first version of this kernel (one tile per block, each warp loading
-// its 4 k blocks, then widening, then exiting) kept loads in flight only part of each block's life:
-// 25% occupancy and 46% of DRAM bandwidth on H100 (ncu, Llama-3-8B gate_up at one row).
+// times: kStages x 1 KB per warp x 8 warps x 3-4 blocks per SM is 96-128 KB. The first version of
+// this kernel (one tile per block, each warp loading its 4 k blocks, then widening, then exiting)
+// kept loads in flight only part of each block's life: 25% occupancy and 46% of DRAM bandwidth on
+// H100 (ncu, Llama-3-8B gate_up at one row).
 
 // 16 bytes of shared memory; volatile, so it stays between the cp.async wait before it and the
 // cp.async that refills the slot after it.

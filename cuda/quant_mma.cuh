@@ -29,42 +29,27 @@ __device__ __forceinline__ uint32_t magic_pair<bf16_t>() { return 0x43004300u; }
 template <>
 __device__ __forceinline__ uint32_t magic_pair<half_t>() { return 0x64006400u; }  // 1024
 
-template <typename T>
-__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+/// op over two 16-bit float pairs held as 32-bit words (T's packed type: __nv_bfloat162 or __half2).
+template <typename T, typename Op>
+__device__ __forceinline__ uint32_t packed2(uint32_t a, uint32_t b, Op op) {
+  using Pair = std::conditional_t<std::is_same_v<T, bf16_t>, __nv_bfloat162, __half2>;
+  Pair va, vb;
+  memcpy(&va, &a, 4);
+  memcpy(&vb, &b, 4);
+  const Pair r = op(va, vb);
   uint32_t out;
-  if constexpr (std::is_same_v<T, bf16_t>) {
-    __nv_bfloat162 va, vb;
-    memcpy(&va, &a, 4);
-    memcpy(&vb, &b, 4);
-    const __nv_bfloat162 r = __hsub2(va, vb);
-    memcpy(&out, &r, 4);
-  } else {
-    __half2 va, vb;
-    memcpy(&va, &a, 4);
-    memcpy(&vb, &b, 4);
-    const __half2 r = __hsub2(va, vb);
-    memcpy(&out, &r, 4);
-  }
+  memcpy(&out, &r, 4);
   return out;
 }
 
 template <typename T>
+__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+  return packed2<T>(a, b, [](auto x, auto y) { return __hsub2(x, y); });
+}
+
+template <typename T>
 __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
-  uint32_t out;
-  if constexpr (std::is_same_v<T, bf16_t>) {
-    __nv_bfloat162 va, vb;
-    memcpy(&va, &a, 4);
-    memcpy(&vb, &b, 4);
-    const __nv_bfloat162 r = __hmul2(va, vb);
-    memcpy(&out, &r, 4);
-  } else {
-    __half2 va, vb;
-    memcpy(&va, &a, 4);
-    memcpy(&vb, &b, 4);
-    const __half2 r = __hmul2(va, vb);
-    memcpy(&out, &r, 4);
-  }
-  return out;
+  return packed2<T>(a, b, [](auto x, auto y) { return __hmul2(x, y); });
 }
 
 /// (a & mask) | bits in one instruction: with both constants as immediates the compiler emits two
@@ -124,8 +109,9 @@ __device__ __forceinline__ uint32_t offset_pair(uint32_t zero) {
 
 /// This lane's k block of codes, widened to A fragments and multiplied with x's rows (the B tiles):
 /// `blk` gets the block's unscaled dot products. x: m rows of x_stride elements, in global memory
-/// (read through the non-coherent path) or, kSharedX, in shared memory. `raw0`/`raw1`: the lane's 16 bytes of rows row0 and
-/// row1; `first`: the first of the lane's inputs; `off0`/`off1`: int4's magic number plus zero point.
+/// (read through the non-coherent path) or, kSharedX, in shared memory. `raw0`/`raw1`: the lane's
+/// 16 bytes of rows row0 and row1; `first`: the first of the lane's inputs; `off0`/`off1`: int4's
+/// magic number plus zero point.
 template <typename T, int kFormat, int kTiles, bool kSharedX = false>
 __device__ __forceinline__ void block_dot(int m, int64_t x_stride, const T* x, int group_id, int first, uint4 raw0,
                                           uint4 raw1, uint32_t off0, uint32_t off1, float (&blk)[kTiles][4]) {
