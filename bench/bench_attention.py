@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import tidal.ops
-from report import copy_ceiling_gbs, print_table, time_us, write_markdown
+from report import copy_ceiling_gbs, matmul_ceiling_tflops, print_table, time_us, write_markdown
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -159,11 +159,98 @@ def sweep(gen, repeats: int, flush, ceiling: float) -> None:
     print_table(header, rows)
 
 
+# ---- prefill ----------------------------------------------------------------------------------------
+
+PREFILL_SHAPES = [(16, 512, 16), (4, 2048, 32)]  # (num_seqs, prompt length, query heads); 8 KV heads
+
+
+def prefill_inputs(num_seqs: int, q_len: int, num_heads: int, gen, device) -> dict:
+    """Whole prompts of `q_len` tokens (no cached prefix) whose K/V the cache already holds, as a
+    serving step's rotary-and-cache write leaves them; the blocks of all prompts shuffled."""
+    blocks_per_seq = math.ceil(q_len / BLOCK_SIZE)
+    num_blocks = num_seqs * blocks_per_seq
+    cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    return dict(
+        query=torch.randn(num_seqs * q_len, num_heads, HEAD_DIM, generator=gen, device=device, dtype=DTYPE),
+        key_cache=torch.randn(cache_shape, generator=gen, device=device, dtype=DTYPE),
+        value_cache=torch.randn(cache_shape, generator=gen, device=device, dtype=DTYPE),
+        block_tables=torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32).view(num_seqs, -1),
+        seq_lens=torch.full((num_seqs,), q_len, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.arange(0, (num_seqs + 1) * q_len, q_len, dtype=torch.int32, device=device),
+        q_len=q_len)
+
+
+def run_prefill(inputs: dict) -> torch.Tensor:
+    return tidal.ops.paged_attention(
+        inputs["query"], inputs["key_cache"], inputs["value_cache"], inputs["block_tables"], inputs["seq_lens"],
+        inputs["cu_seqlens_q"], HEAD_DIM ** -0.5, sliding_window=-1, max_seqlen_q=inputs["q_len"],
+        max_seqlen_k=inputs["q_len"])
+
+
+def gather_kv(inputs: dict, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence `seq`'s keys and values, [num_kv_heads, q_len, head_dim], gathered through its table."""
+    n = inputs["q_len"]
+    blocks = inputs["block_tables"][seq, :math.ceil(n / BLOCK_SIZE)].long()
+    k = inputs["key_cache"][blocks].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:n]
+    v = inputs["value_cache"][blocks].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:n]
+    return k.transpose(0, 1), v.transpose(0, 1)
+
+
+def check_prefill(name: str, inputs: dict, out: torch.Tensor, seqs: list[int]) -> None:
+    """Causal attention in fp32 (torch SDPA on the gathered K/V) for `seqs`, against `out`."""
+    n = inputs["q_len"]
+    for s in seqs:
+        q = inputs["query"][s * n:(s + 1) * n].transpose(0, 1).float()
+        k, v = (t.float() for t in gather_kv(inputs, s))
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(0, 1)
+        got = out[s * n:(s + 1) * n]
+        if not torch.isfinite(got).all():
+            raise SystemExit(f"FAIL prefill {name}: non-finite output")
+        try:
+            torch.testing.assert_close(got.float(), want, atol=ATOL, rtol=RTOL)
+        except AssertionError as e:
+            raise SystemExit(f"FAIL prefill {name}: paged_attention differs from the fp32 reference: {e}")
+
+
+def bench_prefill(gen, repeats: int, flush, matmul_tflops: float) -> list[list[str]]:
+    """Causal prefill of whole prompts through the paged cache against torch SDPA (its flash kernel) on
+    contiguous q/k/v of the same shapes: TFLOP/s counting the causal half (4 x L (L + 1) / 2 x
+    head_dim per head), and the share of the measured matmul rate."""
+    rows = []
+    for num_seqs, q_len, num_heads in PREFILL_SHAPES:
+        name = f"{num_seqs} x {q_len}, {num_heads} / {NUM_KV_HEADS} heads"
+        inputs = prefill_inputs(num_seqs, q_len, num_heads, gen, "cuda")
+        out = run_prefill(inputs)
+        check_prefill(name, inputs, out, [0, num_seqs - 1])
+        flops = num_seqs * num_heads * 4 * q_len * (q_len + 1) / 2 * HEAD_DIM
+        ours = time_us(lambda: run_prefill(inputs), repeats, flush)
+        q = inputs["query"].view(num_seqs, q_len, num_heads, HEAD_DIM).transpose(1, 2).contiguous()
+        kv = [gather_kv(inputs, s) for s in range(num_seqs)]
+        k = torch.stack([a for a, _ in kv]).contiguous()
+        v = torch.stack([b for _, b in kv]).contiguous()
+        del inputs, out, kv
+        try:
+            peer = time_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                           repeats, flush)
+            peer_cells = [f"{peer:.1f}", f"{flops / peer / 1e6:.0f}", f"{ours / peer:.2f}x"]
+        except Exception as e:  # a peer failure is a row, not a failed benchmark
+            print(f"SDPA prefill {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            peer_cells = ["failed", "-", "-"]
+        del q, k, v
+        torch.cuda.empty_cache()
+        tflops = flops / ours / 1e6
+        rows.append([name, f"{ours:.1f}", f"{tflops:.0f}", f"{100 * tflops / matmul_tflops:.0f}%"] + peer_cells)
+        print("  ".join(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the table as markdown to this file")
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per case (median)")
     ap.add_argument("--sweep", action="store_true", help="also S1's head geometry over batch sizes and split caps")
+    ap.add_argument("--prefill", action="store_true",
+                    help="only causal prefill (whole prompts through the paged cache) against torch SDPA")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device", file=sys.stderr)
@@ -178,6 +265,14 @@ def main() -> int:
           "match the fp32 reference (checked before each shape's timing)", flush=True)
 
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    if args.prefill:
+        tflops = matmul_ceiling_tflops()
+        print(f"matmul ceiling {tflops:.0f} TFLOP/s", flush=True)
+        rows = bench_prefill(gen, args.repeats, flush, tflops)
+        print()
+        print_table(["prefill (causal, bf16, head_dim 128)", "tidal us", "tidal TFLOP/s", "% matmul", "SDPA us",
+                     "SDPA TFLOP/s", "tidal / SDPA time"], rows)
+        return 0
     header = ["num_seqs x context", "KV MiB", "tidal us", "tidal GB/s", "% copy", "SDPA us", "SDPA GB/s",
               "SDPA % copy", "tidal vs SDPA"]
     rows = []

@@ -63,3 +63,15 @@ def copy_ceiling_gbs() -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n * 2 / (us * 1e-6) / 1e9
+
+
+def matmul_ceiling_tflops(n: int = 8192) -> float:
+    """The bf16 matmul ceiling in TFLOP/s (an n x n x n ``a @ b``, median of 20)."""
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    us = time_us(lambda: a @ b, 20)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / (us * 1e-6) / 1e12

@@ -376,11 +376,22 @@ class _TimedScheduler:
         self._log["context"] = int(batch.seq_lens.sum()) if batch.num_seqs else 0
         return batch
 
-    def update(self, batch, sampled):
+    def _timed_update(self, name, *args):
         t0 = time.perf_counter()
-        out = self._inner.update(batch, sampled)
-        self._log["update"] = time.perf_counter() - t0
+        out = getattr(self._inner, name)(*args)
+        self._log["update"] = self._log.get("update", 0.0) + time.perf_counter() - t0
         return out
+
+    def update(self, batch, sampled):
+        return self._timed_update("update", batch, sampled)
+
+    # Under asynchronous scheduling a step's tokens reach the scheduler in two calls: update_pending()
+    # when the step is planned, resolve_tokens() when its tokens arrive (during the next step).
+    def update_pending(self, batch):
+        return self._timed_update("update_pending", batch)
+
+    def resolve_tokens(self, sampled):
+        return self._timed_update("resolve_tokens", sampled)
 
 
 def step_timeline(llm, requests, device, kv_bytes: int, w_bytes: int, copy_bw: float) -> str:
@@ -396,11 +407,11 @@ def step_timeline(llm, requests, device, kv_bytes: int, w_bytes: int, copy_bw: f
     steps: list[dict] = []
     execute = runner.execute
 
-    def timed_execute(batch, sampling, *args):
+    def timed_execute(batch, sampling, *args, **kwargs):
         t0 = time.perf_counter()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        pending = execute(batch, sampling, *args)
+        pending = execute(batch, sampling, *args, **kwargs)
         end.record()
         log_["launch"], log_["events"] = time.perf_counter() - t0, (start, end)
         if pending is not None:
@@ -428,12 +439,15 @@ def step_timeline(llm, requests, device, kv_bytes: int, w_bytes: int, copy_bw: f
     llm.reset_prefix_cache()  # as the timed runs: every prompt computed
     try:
         t0 = time.perf_counter()
-        llm.generate([p for p, _ in requests], [greedy(m) for _, m in requests], use_tqdm=False)
+        outputs = llm.generate([p for p, _ in requests], [greedy(m) for _, m in requests], use_tqdm=False)
         torch.cuda.synchronize(device)
         generate_s = time.perf_counter() - t0
     finally:
         engine.scheduler, engine.step = scheduler, step
         del runner.execute
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if tokens != sum(m for _, m in requests):  # a wrapper that broke the engine's steps fails them
+        raise RuntimeError(f"the timed generate made {tokens} tokens, {sum(m for _, m in requests)} were asked for")
     rows: dict = {}
     for s in steps:
         if "events" not in s:

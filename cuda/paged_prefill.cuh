@@ -57,7 +57,10 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   const int group = p.num_heads / p.num_kv_heads;
-  const int first_row = blockIdx.x * kBlockM;
+  // NOTE(tidal): the row blocks of a (sequence, KV head) run last-first: under the causal mask a
+  // block's keys grow with its rows, so the longest blocks start in the first wave and the short
+  // ones fill the tail.
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (first_row >= q_len * group) return;
   const int num_rows = min(kBlockM, q_len * group - first_row);
   const int seq_len = p.seq_lens[seq];
@@ -91,9 +94,10 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
       const bool valid = j >= kv_lo && j < kv_hi;  // blocks outside [kv_lo, kv_hi) are never read
       int64_t offset = 0;
       if (valid) {
-        const int64_t block = table[j / p.block_size];
-        offset = ((block * p.block_size + j % p.block_size) * p.num_kv_heads + kv_head) * kHeadDim +
-                 chunk * kChunkElems;
+        const bool shift = p.block_shift >= 0;
+        const int64_t block = table[shift ? j >> p.block_shift : j / p.block_size];
+        const int in_block = shift ? j & (p.block_size - 1) : j % p.block_size;
+        offset = ((block * p.block_size + in_block) * p.num_kv_heads + kv_head) * kHeadDim + chunk * kChunkElems;
       }
       const int dst = buf * kBlockN * kHeadDim +
                       (kFp8 ? row * kHeadDim + chunk * kChunkElems : swizzle<kHeadDim>(row, chunk));

@@ -9,6 +9,7 @@
 // and saturated at +-448, as the CPU twin writes it.
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -160,6 +161,179 @@ __global__ void __launch_bounds__(kWarps * kWarpSize) rotary_kernel(RopeArgs a) 
   }
 }
 
+// NOTE(tidal): the serving step's kernel (caches given, full rotary, head_dim a multiple of 2 x
+// kWarpSize). Measured on H200 (bench/profile_step.py, Qwen3-0.6B prefill of 16 x 512 tokens), the
+// warp-per-head kernel above took 143 us a layer for ~100 MB moved, ~6x its floor: each warp moved
+// 256 bytes through a chain of three dependent memory latencies (position, then the head, then
+// cos/sin after a shared-memory round trip). Here a warp takes one head job for kRegTokens tokens
+// with every element in registers: a lane holds kV consecutive elements of each half of the head
+// (Neox pairs x[i], x[i + half]) or 2 kV consecutive ones (GPT-J pairs x[2i], x[2i + 1]); the
+// positions, slots and heads of all its tokens are requested before any is used.
+constexpr int kRegTokens = 4;
+
+template <int kHeadDim, bool kNeox>
+struct RegLayout {
+  static constexpr int kV = kHeadDim / (2 * kWarpSize);  // rotary pairs per lane
+  static constexpr int kN = 2 * kV;                      // elements per lane
+  static_assert(kV >= 1 && kHeadDim % (2 * kWarpSize) == 0, "head_dim must be a multiple of 2 x kWarpSize");
+  // The lane's elements e < kV (first members of its pairs) and kV + e (second members) start at:
+  __device__ static int first(int lane) { return kNeox ? lane * kV : lane * kN; }
+};
+
+// This lane's kN elements of a head (first members, then second members) in fp32.
+template <typename T, int kHeadDim, bool kNeox>
+__device__ __forceinline__ void load_head(const T* head, int lane, float (&x)[2 * (kHeadDim / (2 * kWarpSize))]) {
+  using L = RegLayout<kHeadDim, kNeox>;
+  if constexpr (kNeox) {
+    const Vec<T, L::kV> lo = load_vec<T, L::kV>(head + L::first(lane));
+    const Vec<T, L::kV> hi = load_vec<T, L::kV>(head + kHeadDim / 2 + L::first(lane));
+#pragma unroll
+    for (int j = 0; j < L::kV; ++j) {
+      x[j] = to_float(lo.v[j]);
+      x[L::kV + j] = to_float(hi.v[j]);
+    }
+  } else {
+    const Vec<T, L::kN> v = load_vec<T, L::kN>(head + L::first(lane));
+#pragma unroll
+    for (int j = 0; j < L::kV; ++j) {
+      x[j] = to_float(v.v[2 * j]);
+      x[L::kV + j] = to_float(v.v[2 * j + 1]);
+    }
+  }
+}
+
+// Stores x (in load_head's order) as elements of D: T, or FP8 E4M3 codes.
+template <typename T, typename D, int kHeadDim, bool kNeox>
+__device__ __forceinline__ void store_head(D* head, int lane, const float (&x)[2 * (kHeadDim / (2 * kWarpSize))]) {
+  using L = RegLayout<kHeadDim, kNeox>;
+  if constexpr (kNeox) {
+    Vec<D, L::kV> lo, hi;
+#pragma unroll
+    for (int j = 0; j < L::kV; ++j) {
+      lo.v[j] = cache_element<D, T>(x[j]);
+      hi.v[j] = cache_element<D, T>(x[L::kV + j]);
+    }
+    store_vec(head + L::first(lane), lo);
+    store_vec(head + kHeadDim / 2 + L::first(lane), hi);
+  } else {
+    Vec<D, L::kN> v;
+#pragma unroll
+    for (int j = 0; j < L::kV; ++j) {
+      v.v[2 * j] = cache_element<D, T>(x[j]);
+      v.v[2 * j + 1] = cache_element<D, T>(x[L::kV + j]);
+    }
+    store_vec(head + L::first(lane), v);
+  }
+}
+
+template <typename T, int kHeadDim, bool kNeox>
+__global__ void __launch_bounds__(kWarps * kWarpSize) rotary_cache_reg_kernel(RopeArgs a, int num_tokens) {
+  wait_for_prior_grid();  // launched by launch_dependent
+  allow_dependents();
+  using L = RegLayout<kHeadDim, kNeox>;
+  constexpr int kV = L::kV, kN = L::kN;
+  const int lane = threadIdx.x % kWarpSize;
+  const int job = blockIdx.y * kWarps + threadIdx.x / kWarpSize;
+  if (job >= a.num_heads + 2 * a.num_kv_heads) return;
+  const int t0 = blockIdx.x * kRegTokens;
+  const bool is_query = job < a.num_heads, is_key = !is_query && job < a.num_heads + a.num_kv_heads;
+  const int h = is_query ? job : is_key ? job - a.num_heads : job - a.num_heads - a.num_kv_heads;
+
+  // Positions and slots of the warp's tokens; a token whose slot is out of range writes no cache
+  // (checked on the CPU only), one past the last token does nothing.
+  int64_t pos[kRegTokens], slot[kRegTokens];
+#pragma unroll
+  for (int r = 0; r < kRegTokens; ++r) {
+    const int t = t0 + r;
+    pos[r] = t < num_tokens && (is_query || is_key) ? a.positions[t * a.positions_stride] : -1;
+    slot[r] = t < num_tokens && !is_query ? a.slot_mapping[t * a.slot_stride] : -1;
+    if (slot[r] >= a.num_slots) slot[r] = -1;
+  }
+  const int64_t head_offset = static_cast<int64_t>(h) * kHeadDim;
+
+  if (!is_query && !is_key) {  // a value head: copied into its slot
+#pragma unroll
+    for (int r = 0; r < kRegTokens; ++r) {
+      if (slot[r] < 0) continue;
+      float x[kN];
+      load_head<T, kHeadDim, false>(static_cast<const T*>(a.value) + (t0 + r) * a.v_token_stride + h * a.v_head_stride,
+                                    lane, x);
+      const int64_t offset = slot[r] * a.num_kv_heads * kHeadDim + head_offset;
+      if (a.fp8_cache) {
+        store_head<T, uint8_t, kHeadDim, false>(static_cast<uint8_t*>(a.value_cache) + offset, lane, x);
+      } else {
+        store_head<T, T, kHeadDim, false>(static_cast<T*>(a.value_cache) + offset, lane, x);
+      }
+    }
+    return;
+  }
+
+  // A query head (rotated in place, padding tokens included) or a key head (into its slot).
+  const T* src[kRegTokens];
+  bool active[kRegTokens];
+#pragma unroll
+  for (int r = 0; r < kRegTokens; ++r) {
+    const int t = t0 + r;
+    active[r] = t < num_tokens && (is_query || slot[r] >= 0);
+    src[r] = is_query ? static_cast<const T*>(a.query) + t * a.q_token_stride + h * a.q_head_stride
+                      : static_cast<const T*>(a.key) + t * a.k_token_stride + h * a.k_head_stride;
+  }
+  float x[kRegTokens][kN];
+#pragma unroll
+  for (int r = 0; r < kRegTokens; ++r) {
+    if (active[r]) load_head<T, kHeadDim, kNeox>(src[r], lane, x[r]);
+  }
+  float cs[kRegTokens][kV], sn[kRegTokens][kV];
+#pragma unroll
+  for (int r = 0; r < kRegTokens; ++r) {
+    if (!active[r] || pos[r] < 0 || pos[r] >= a.max_position) continue;  // NOTE(tidal): checked on the CPU only
+    const float* row = a.cos_sin + pos[r] * a.cos_sin_stride + lane * kV;
+    const Vec<float, kV> c = load_vec<float, kV>(row), s = load_vec<float, kV>(row + kHeadDim / 2);
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      cs[r][j] = c.v[j];
+      sn[r][j] = s.v[j];
+    }
+  }
+  const void* norm_weight = is_query ? a.q_norm_weight : a.k_norm_weight;
+  if (norm_weight != nullptr) {
+    float w[kN];
+    load_head<T, kHeadDim, kNeox>(static_cast<const T*>(norm_weight), lane, w);
+#pragma unroll
+    for (int r = 0; r < kRegTokens; ++r) {
+      if (!active[r]) continue;  // warp-uniform
+      float sum_sq = 0.0f;
+#pragma unroll
+      for (int e = 0; e < kN; ++e) sum_sq += x[r][e] * x[r][e];
+      const float inv_rms = rsqrtf(warp_sum(sum_sq) / static_cast<float>(kHeadDim) + a.eps);
+#pragma unroll
+      for (int e = 0; e < kN; ++e) x[r][e] = x[r][e] * inv_rms * w[e];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRegTokens; ++r) {
+    if (!active[r]) continue;
+    if (pos[r] >= 0 && pos[r] < a.max_position) {
+#pragma unroll
+      for (int j = 0; j < kV; ++j) {
+        const float u = x[r][j], v = x[r][kV + j];
+        x[r][j] = u * cs[r][j] - v * sn[r][j];
+        x[r][kV + j] = v * cs[r][j] + u * sn[r][j];
+      }
+    }
+    if (is_query) {
+      store_head<T, T, kHeadDim, kNeox>(const_cast<T*>(src[r]), lane, x[r]);
+    } else {
+      const int64_t offset = slot[r] * a.num_kv_heads * kHeadDim + head_offset;
+      if (a.fp8_cache) {
+        store_head<T, uint8_t, kHeadDim, kNeox>(static_cast<uint8_t*>(a.key_cache) + offset, lane, x[r]);
+      } else {
+        store_head<T, T, kHeadDim, kNeox>(static_cast<T*>(a.key_cache) + offset, lane, x[r]);
+      }
+    }
+  }
+}
+
 // NOTE(tidal): Llama-3.2-1B training, micro-batch 4 x 2048: q and k of a layer are 8192 tokens x
 // 40 heads x 64 x 2 bytes = 42 MB read and written, 20 us at 4.2 TB/s. The warp-per-head kernel
 // above took 150 us there (2-byte accesses, a staging round trip and two warp barriers per head).
@@ -212,6 +386,33 @@ bool can_rotate_vectorized(const RopeArgs& a, int element_size) {
   return is_aligned(a.query, 16) && is_aligned(a.key, 16);
 }
 
+// Whether rotary_cache_reg_kernel can take `a`: caches given, full rotary, head_dim 64, 128 or 256,
+// and every head of q, k and v, the norm weights and the cos/sin rows aligned for its accesses (a
+// lane's head_dim / kWarpSize elements, its cos/sin pairs).
+bool can_use_register_kernel(const RopeArgs& a, int element_size) {
+  if (a.key_cache == nullptr || a.rotary_dim != a.head_dim) return false;
+  if ((a.head_dim != 64 && a.head_dim != 128 && a.head_dim != 256) || a.head_dim % (2 * kWarpSize) != 0) return false;
+  const int per_lane = a.head_dim / kWarpSize;
+  for (int64_t stride : {a.q_token_stride, a.q_head_stride, a.k_token_stride, a.k_head_stride, a.v_token_stride,
+                         a.v_head_stride}) {
+    if (stride % per_lane != 0) return false;
+  }
+  for (const void* ptr : std::initializer_list<const void*>{a.query, a.key, a.value, a.q_norm_weight, a.k_norm_weight}) {
+    if (ptr != nullptr && !is_aligned(ptr, static_cast<std::uintptr_t>(per_lane * element_size))) return false;
+  }
+  return a.cos_sin_stride % (per_lane / 2) == 0 && is_aligned(a.cos_sin, per_lane / 2 * sizeof(float));
+}
+
+template <typename T, int kHeadDim>
+void launch_register_kernel(const RopeArgs& a, int64_t num_tokens, cudaStream_t stream) {
+  const int num_jobs = a.num_heads + 2 * a.num_kv_heads;
+  const dim3 grid(static_cast<unsigned>((num_tokens + kRegTokens - 1) / kRegTokens),
+                  static_cast<unsigned>((num_jobs + kWarps - 1) / kWarps));
+  auto kernel = a.is_neox ? rotary_cache_reg_kernel<T, kHeadDim, true> : rotary_cache_reg_kernel<T, kHeadDim, false>;
+  launch_dependent(kernel, grid, dim3(kWarps * kWarpSize), 0, stream, current_device(), a,
+                   static_cast<int>(num_tokens));
+}
+
 RopeArgs common_args(const TensorView& positions, const TensorView& query, const TensorView& key,
                      const TensorView& cos_sin_cache, bool is_neox) {
   RopeArgs a{};
@@ -244,6 +445,19 @@ void launch(const RopeArgs& a, DType dtype, int64_t num_tokens, Stream stream) {
       const auto blocks = static_cast<unsigned>(std::min<int64_t>((total + kVecThreads - 1) / kVecThreads, 132 * 16));
       launch_dependent(rotary_neox_vec_kernel<T, kVec>, dim3(blocks), dim3(kVecThreads), 0,
                        static_cast<cudaStream_t>(stream.handle), current_device(), a, num_tokens);
+    });
+    return;
+  }
+  if (can_use_register_kernel(a, dtype_size(dtype))) {
+    const auto s = static_cast<cudaStream_t>(stream.handle);
+    TIDAL_DISPATCH_FLOAT(dtype, T, {
+      if (a.head_dim == 256) {
+        launch_register_kernel<T, 256>(a, num_tokens, s);
+      } else if (a.head_dim == 128) {
+        launch_register_kernel<T, 128>(a, num_tokens, s);
+      } else if constexpr (64 % (2 * kWarpSize) == 0) {  // not with 64-lane warps (HIP)
+        launch_register_kernel<T, 64>(a, num_tokens, s);
+      }
     });
     return;
   }

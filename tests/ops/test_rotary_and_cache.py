@@ -44,15 +44,17 @@ def randn(*shape, dtype, seed, scale=1.0):
 class Case:
     """One step's inputs, built on the CPU. layout: "contiguous" tensors, "fused_qkv" (q, k, v strided
     views of one [num_tokens, (nh + 2 nkv) hd + spare] buffer whose spare columns are NaN),
-    "partial_rotary" (rotary_dim = head_dim / 2). The caches are NaN except the blocks of even id."""
+    "partial_rotary" (rotary_dim = head_dim / 2). The caches are NaN except the blocks of even id.
+    ``spare``: the fused buffer's spare columns (7 leaves the heads unaligned for vector accesses, 8
+    keeps every head 16-byte aligned as a serving step's qkv projection does)."""
 
     def __init__(self, layout, dtype, norm="qk", num_tokens=11, num_heads=4, num_kv_heads=2, head_dim=64,
-                 num_blocks=6, block_size=16, num_padding=2, seed=0, scale=1.0):
+                 num_blocks=6, block_size=16, num_padding=2, seed=0, scale=1.0, spare=7):
         self.layout, self.dtype = layout, dtype
         self.shape = (num_tokens, num_heads, num_kv_heads, head_dim)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         if layout == "fused_qkv":
-            self.qkv = randn(num_tokens, q_size + 2 * kv_size + 7, dtype=dtype, seed=seed, scale=scale)
+            self.qkv = randn(num_tokens, q_size + 2 * kv_size + spare, dtype=dtype, seed=seed, scale=scale)
             self.qkv[:, q_size + 2 * kv_size:] = float("nan")
         else:
             self.qkv = None
@@ -142,6 +144,20 @@ def run_and_check(case: Case, device: str, is_neox=True, eps=1e-6):
 def test_rotary_and_cache(dtype, is_neox, layout, norm, device):
     case = Case(layout, dtype, norm, head_dim=128 if layout == "partial_rotary" else 64,
                 num_kv_heads=1 if layout == "partial_rotary" else 2, seed=len(norm) + is_neox)
+    run_and_check(case, device, is_neox)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("num_tokens", [1, 6, 13])
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_fused_heads(dtype, is_neox, num_tokens, head_dim, device):
+    """The serving step's layout: full rotary over 16-byte aligned q/k/v views of one qkv buffer, which
+    the GPU runs with a head's elements in registers and a warp per head for up to four tokens; token
+    counts that leave a warp's last tokens empty, Qwen3's q/k norm, padding slots."""
+    case = Case("fused_qkv", dtype, "qk", num_tokens=num_tokens, num_heads=6, num_kv_heads=2, head_dim=head_dim,
+                num_padding=min(2, num_tokens - 1), seed=head_dim + num_tokens + is_neox, spare=8)
     run_and_check(case, device, is_neox)
 
 
@@ -292,10 +308,12 @@ def test_cuda_large_shapes_and_unchecked_slots():
 
 
 @gpu_only
-def test_cuda_side_stream_and_graph_replay():
+@pytest.mark.parametrize("spare", [7, 8], ids=["unaligned", "aligned"])
+def test_cuda_side_stream_and_graph_replay(spare):
     """The serving step captures this op in a CUDA graph: replays use the positions, slots, q/k/v and
-    cache contents the static tensors hold at replay time."""
-    static, _ = Case("fused_qkv", torch.bfloat16, "qk", num_tokens=8, seed=60).args("cuda")
+    cache contents the static tensors hold at replay time (both kernels: unaligned heads take the
+    warp-per-head one, aligned heads the register one)."""
+    static, _ = Case("fused_qkv", torch.bfloat16, "qk", num_tokens=8, seed=60, spare=spare).args("cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # a side stream, and the warm-up before capture
@@ -305,7 +323,7 @@ def test_cuda_side_stream_and_graph_replay():
     with torch.cuda.graph(graph):
         tidal.ops.rotary_embedding_and_cache_(*static)
     for seed in (61, 62):
-        case = Case("fused_qkv", torch.bfloat16, "qk", num_tokens=8, num_padding=3, seed=seed)
+        case = Case("fused_qkv", torch.bfloat16, "qk", num_tokens=8, num_padding=3, seed=seed, spare=spare)
         case.q_norm_weight, case.k_norm_weight = static[9].cpu(), static[10].cpu()  # captured: fixed
         fresh, _ = case.args("cuda")
         for i in (0, 1, 2, 3, 4, 5, 6):  # positions, query, key, value, caches, slots
