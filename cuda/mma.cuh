@@ -104,12 +104,12 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
 }
 
 // A [kRows, kHeadDim] tile of FP8 codes (row-major, unswizzled, as cp.async landed it) converted
-// into fp16 in the swizzled layout the ldmatrix loads read; all 128 threads of the block take part.
-template <int kHeadDim, int kRows>
+// into fp16 in the swizzled layout the ldmatrix loads read; all kThreads threads of the block take part.
+template <int kHeadDim, int kRows, int kThreads = 128>
 __device__ __forceinline__ void convert_fp8_tile(const uint8_t* src, half_t* dst, int tid) {
   constexpr int kCodeChunks = kHeadDim / 16;  // 16 codes become two 16-byte chunks of fp16
 #pragma unroll
-  for (int i = tid; i < kRows * kCodeChunks; i += 128) {
+  for (int i = tid; i < kRows * kCodeChunks; i += kThreads) {
     const int row = i / kCodeChunks, c = i % kCodeChunks;
     const uint4 codes = *reinterpret_cast<const uint4*>(src + row * kHeadDim + c * 16);
     uint4 first, second;

@@ -60,8 +60,8 @@ Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_
   const int64_t rows = std::max<int64_t>(max_seqlen_q, 1) * group;
   if (allow_tensor_cores && max_seqlen_q > 1 && has_tensor_core_kernel(dtype, head_dim)) {
     plan.tensor_cores = true;
-    plan.rows_per_block = kPrefillRows;
-    plan.row_blocks = static_cast<int>((rows + kPrefillRows - 1) / kPrefillRows);
+    plan.rows_per_block = prefill_rows();
+    plan.row_blocks = static_cast<int>((rows + plan.rows_per_block - 1) / plan.rows_per_block);
     return plan;
   }
   // NOTE(tidal): decode with a KV head per 2 or more query heads goes to tensor cores (see

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/common.cuh"
 
@@ -85,16 +87,26 @@ void launch_decode_fp8(const PagedParams& p, const Plan& plan, DType dtype, cuda
 void launch_prefill_fp8(const PagedParams& p, const Plan& plan, DType dtype, cudaStream_t stream);
 
 inline constexpr int kSimtThreads = 128;  // 4 warps (CUDA) per block
-inline constexpr int kPrefillRows = 64;   // query rows per block of the tensor-core prefill kernel
+// Query rows per block of the tensor-core prefill kernel: 64 (4 warps), or 128 (8 warps) where the
+// environment sets TIDAL_PREFILL_ROWS=128 (an experiment until measured; bench_attention.py --prefill).
+inline int prefill_rows() {
+  static const int rows = [] {
+    const char* value = std::getenv("TIDAL_PREFILL_ROWS");
+    return value != nullptr && std::strcmp(value, "128") == 0 ? 128 : 64;
+  }();
+  return rows;
+}
 inline constexpr int kDecodeRows = 16;    // and of the tensor-core decode kernel
 
 #if !defined(TIDAL_USE_HIP)
-/// Launches a 128-thread attention kernel over `grid` with `smem_bytes` of dynamic shared memory,
-/// raising the kernel's shared-memory limit first (the kernels that tile K/V need more than 48 KB).
+/// Launches an attention kernel of `threads` threads (128 unless given) over `grid` with `smem_bytes`
+/// of dynamic shared memory, raising the kernel's shared-memory limit first (the kernels that tile
+/// K/V need more than 48 KB).
 template <typename Kernel>
-void launch_with_smem(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const PagedParams& p) {
+void launch_with_smem(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const PagedParams& p,
+                      int threads = 128) {
   TIDAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  launch_dependent(kernel, grid, dim3(128), static_cast<size_t>(smem_bytes), stream, current_device(), p);
+  launch_dependent(kernel, grid, dim3(threads), static_cast<size_t>(smem_bytes), stream, current_device(), p);
 }
 #endif
 

@@ -27,19 +27,20 @@ namespace tidal::gpu::attn {
 // stages of K and V (64 KB) = 80 KB of shared memory: two blocks per SM.
 
 // Shared memory: Q, the K and V double buffers of C, and for an FP8 cache one converted K and V tile.
-template <typename T, typename C, int kHeadDim, int kBlockN>
+template <typename T, typename C, int kHeadDim, int kBlockN, int kWarps>
 constexpr int prefill_smem_bytes() {
   const int converted = std::is_same_v<C, uint8_t> ? 2 * kBlockN * kHeadDim * static_cast<int>(sizeof(T)) : 0;
-  return kPrefillRows * kHeadDim * static_cast<int>(sizeof(T)) +
+  return 16 * kWarps * kHeadDim * static_cast<int>(sizeof(T)) +
          4 * kBlockN * kHeadDim * static_cast<int>(sizeof(C)) + converted;
 }
 
-template <typename T, typename C, int kHeadDim, int kBlockN>
-__global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
+// kWarps warps of 16 query rows each: kBlockM = 16 kWarps rows a block.
+template <typename T, typename C, int kHeadDim, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedParams p) {
   wait_for_prior_grid();  // launched by launch_dependent
   allow_dependents();
   constexpr bool kFp8 = std::is_same_v<C, uint8_t>;
-  constexpr int kBlockM = kPrefillRows;
+  constexpr int kBlockM = 16 * kWarps, kThreads = 32 * kWarps;
   constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks of T per row
   constexpr int kChunkElems = 16 / static_cast<int>(sizeof(C));  // cache elements per 16-byte chunk
   constexpr int kCacheChunks = kHeadDim / kChunkElems;            // and such chunks per K (or V) row
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
   const C* v_cache = static_cast<const C*>(p.value_cache);
   const int32_t* table = p.block_tables + seq * p.block_table_stride;
 
-  for (int i = tid; i < kBlockM * kChunks; i += 128) {
+  for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
     const int row = i / kChunks, chunk = i % kChunks;
     const bool valid = row < num_rows;
     const int flat = first_row + row;
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
   }
   auto load_kv = [&](int tile, int buf) {
     const int n0 = tile * kBlockN;
-    for (int i = tid; i < kBlockN * kCacheChunks; i += 128) {
+    for (int i = tid; i < kBlockN * kCacheChunks; i += kThreads) {
       const int row = i / kCacheChunks, chunk = i % kCacheChunks, j = n0 + row;
       const bool valid = j >= kv_lo && j < kv_hi;  // blocks outside [kv_lo, kv_hi) are never read
       int64_t offset = 0;
@@ -137,8 +138,9 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(PagedParams p) {
     const M* k_tile;
     const M* v_tile;
     if constexpr (kFp8) {
-      convert_fp8_tile<kHeadDim, kBlockN>(s_k + buf * kBlockN * kHeadDim, s_convert, tid);
-      convert_fp8_tile<kHeadDim, kBlockN>(s_v + buf * kBlockN * kHeadDim, s_convert + kBlockN * kHeadDim, tid);
+      convert_fp8_tile<kHeadDim, kBlockN, kThreads>(s_k + buf * kBlockN * kHeadDim, s_convert, tid);
+      convert_fp8_tile<kHeadDim, kBlockN, kThreads>(s_v + buf * kBlockN * kHeadDim, s_convert + kBlockN * kHeadDim,
+                                                    tid);
       __syncthreads();  // the converted tiles are whole (the barrier closing the last tile kept their readers)
       k_tile = s_convert;
       v_tile = s_convert + kBlockN * kHeadDim;
@@ -230,8 +232,13 @@ template <typename T, typename C, int kHeadDim, int kBlockN>
 void launch_prefill_tile(const PagedParams& p, const Plan& plan, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.num_seqs));
-  launch_with_smem(paged_prefill_kernel<T, C, kHeadDim, kBlockN>, grid, prefill_smem_bytes<T, C, kHeadDim, kBlockN>(),
-                   stream, p);
+  if (plan.rows_per_block == 128) {
+    launch_with_smem(paged_prefill_kernel<T, C, kHeadDim, kBlockN, 8>, grid,
+                     prefill_smem_bytes<T, C, kHeadDim, kBlockN, 8>(), stream, p, 256);
+  } else {
+    launch_with_smem(paged_prefill_kernel<T, C, kHeadDim, kBlockN, 4>, grid,
+                     prefill_smem_bytes<T, C, kHeadDim, kBlockN, 4>(), stream, p, 128);
+  }
 }
 
 template <typename T, typename C = T>
