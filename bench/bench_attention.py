@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -267,7 +268,9 @@ def main() -> int:
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     if args.prefill:
         tflops = matmul_ceiling_tflops()
-        print(f"matmul ceiling {tflops:.0f} TFLOP/s", flush=True)
+        rows_per_block = os.environ.get("TIDAL_PREFILL_ROWS", "64")
+        print(f"matmul ceiling {tflops:.0f} TFLOP/s; prefill kernel rows per block: {rows_per_block} "
+              "(TIDAL_PREFILL_ROWS)", flush=True)
         rows = bench_prefill(gen, args.repeats, flush, tflops)
         print()
         print_table(["prefill (causal, bf16, head_dim 128)", "tidal us", "tidal TFLOP/s", "% matmul", "SDPA us",

@@ -70,7 +70,7 @@ def main() -> int:
     rows = []
     for name, tokens, heads, kv_heads, norm in CASES:
         nbytes = 2 * tokens * (heads + 2 * kv_heads) * HEAD_DIM * DTYPE.itemsize
-        cells, outs = [f"{name}, {tokens} tokens"], []
+        cells, outs, times = [f"{name}, {tokens} tokens"], [], []
         for pad in (8, 1):  # aligned heads (register kernel), unaligned (warp-per-head kernel)
             case = make_case(tokens, heads, kv_heads, norm, pad, torch.Generator(device="cuda").manual_seed(tokens))
             run(case)
@@ -78,12 +78,14 @@ def main() -> int:
             us = time_us(lambda: run(case), args.repeats, flush)
             gbs = nbytes / us / 1e3
             cells += [f"{us:.1f}", f"{gbs:.0f}", f"{100 * gbs / ceiling:.0f}%"]
+            times.append(us)
         for a, b in zip(*outs):
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=1e-2)
-        rows.append(cells)
+        rows.append(cells + [f"{times[1] / times[0]:.2f}x"])
         print("  ".join(cells), flush=True)
     print()
-    print_table(["case", "register kernel us", "GB/s", "% copy", "warp-per-head kernel us", "GB/s", "% copy"], rows)
+    print_table(["case", "register kernel us", "GB/s", "% copy", "warp-per-head kernel us", "GB/s", "% copy",
+                 "speedup"], rows)
     return 0
 
 
