@@ -272,9 +272,14 @@ def main() -> int:
         print(f"matmul ceiling {tflops:.0f} TFLOP/s; prefill kernel rows per block: {rows_per_block} "
               "(TIDAL_PREFILL_ROWS)", flush=True)
         rows = bench_prefill(gen, args.repeats, flush, tflops)
+        header = ["prefill (causal, bf16, head_dim 128)", "tidal us", "tidal TFLOP/s", "% matmul", "SDPA us",
+                  "SDPA TFLOP/s", "tidal / SDPA time"]
         print()
-        print_table(["prefill (causal, bf16, head_dim 128)", "tidal us", "tidal TFLOP/s", "% matmul", "SDPA us",
-                     "SDPA TFLOP/s", "tidal / SDPA time"], rows)
+        print_table(header, rows)
+        if args.out:
+            write_markdown(args.out, f"paged prefill attention ({rows_per_block} rows per block), {card}, torch "
+                           f"{torch.__version__}, matmul ceiling {tflops:.0f} TFLOP/s, "
+                           f"`python bench/bench_attention.py --prefill --repeats {args.repeats}`", header, rows)
         return 0
     header = ["num_seqs x context", "KV MiB", "tidal us", "tidal GB/s", "% copy", "SDPA us", "SDPA GB/s",
               "SDPA % copy", "tidal vs SDPA"]

@@ -14,7 +14,7 @@ order), then each is timed with CUDA events, L2 flushed before each repeat, medi
 Bytes counted: q read and written, k and v read, their cache slots written (positions, slots and
 cos/sin rows left out).
 
-    python bench/bench_rotary.py [--repeats 50]
+    python bench/bench_rotary.py [--out FILE.md] [--repeats 50]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import sys
 import torch
 
 import tidal.ops
-from report import copy_ceiling_gbs, print_table, time_us
+from report import copy_ceiling_gbs, print_table, time_us, write_markdown
 from tidal.models import rope
 
 HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
@@ -59,6 +59,7 @@ def run(case: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per case (median)")
+    ap.add_argument("--out", help="also write the table as markdown to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_rotary: no CUDA device", file=sys.stderr)
@@ -83,9 +84,13 @@ def main() -> int:
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=1e-2)
         rows.append(cells + [f"{times[1] / times[0]:.2f}x"])
         print("  ".join(cells), flush=True)
+    header = ["case", "register kernel us", "GB/s", "% copy", "warp-per-head kernel us", "GB/s", "% copy", "speedup"]
     print()
-    print_table(["case", "register kernel us", "GB/s", "% copy", "warp-per-head kernel us", "GB/s", "% copy",
-                 "speedup"], rows)
+    print_table(header, rows)
+    if args.out:
+        write_markdown(args.out, f"rotary_embedding_and_cache_ (bf16, head_dim 128), {card}, "
+                       f"torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s, `python bench/bench_rotary.py --repeats {args.repeats}`",
+                       header, rows)
     return 0
 
 
