@@ -89,7 +89,8 @@ def main() -> int:
     print_table(header, rows)
     if args.out:
         write_markdown(args.out, f"rotary_embedding_and_cache_ (bf16, head_dim 128), {card}, "
-                       f"torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s, `python bench/bench_rotary.py --repeats {args.repeats}`",
+                       f"torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s, "
+                       f"`python bench/bench_rotary.py --repeats {args.repeats}`",
                        header, rows)
     return 0
 
