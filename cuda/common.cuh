@@ -268,4 +268,21 @@ __device__ __forceinline__ float block_row_sum(float value,
   return value;
 }
 
+/// block_row_sum's maximum: the largest `value` over the blockDim.x threads of each row, returned to
+/// all of them (the same layout rules and barriers).
+__device__ __forceinline__ float block_row_max(float value, float* scratch /* [kMaxWarpsPerBlock] */) {
+  const int width = blockDim.x < kWarpSize ? blockDim.x : kWarpSize;
+  for (int mask = width / 2; mask > 0; mask /= 2) value = fmaxf(value, TIDAL_SHFL_XOR(value, mask));
+  if (blockDim.x <= kWarpSize) return value;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warps_per_row = blockDim.x / kWarpSize;
+  const int first_warp = threadIdx.y * warps_per_row;
+  if (lane == 0) scratch[first_warp + threadIdx.x / kWarpSize] = value;
+  __syncthreads();
+  value = lane < warps_per_row ? scratch[first_warp + lane] : 0.0f;
+  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) value = fmaxf(value, TIDAL_SHFL_XOR(value, mask));
+  __syncthreads();
+  return value;
+}
+
 }  // namespace tidal::gpu

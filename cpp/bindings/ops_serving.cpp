@@ -47,6 +47,18 @@ void bind_ops_serving(py::module_& m) {
       py::arg("codes"), py::arg("scales"), py::arg("x"), py::arg("static_scale"), py::arg("stream") = 0,
       "x [m, k] as FP8 E4M3 codes (uint8 bits) and per-row fp32 scales: max |x[t]| / 448, or static_scale.");
   m.def(
+      "fused_add_rms_norm_quant_fp8",
+      [](py::handle codes, py::handle scales, py::handle residual_out, py::handle x, py::handle residual,
+         py::handle weight, float eps, std::uintptr_t stream) {
+        ops::fused_add_rms_norm_quant_fp8(view_capsule(codes, "codes"), view_capsule(scales, "scales"),
+                                          view_capsule(residual_out, "residual_out"), view_capsule(x, "x"),
+                                          view_capsule(residual, "residual"), view_capsule(weight, "weight"), eps,
+                                          Stream::from_int(stream));
+      },
+      py::arg("codes"), py::arg("scales"), py::arg("residual_out"), py::arg("x"), py::arg("residual"),
+      py::arg("weight"), py::arg("eps"), py::arg("stream") = 0,
+      "residual_out = x + residual; its RMSNorm times weight as FP8 E4M3 codes with per-row scales (x is scratch).");
+  m.def(
       "silu_and_mul",
       [](py::handle out, py::handle x, std::uintptr_t stream) {
         ops::silu_and_mul(view_capsule(out, "out"), view_capsule(x, "x"), Stream::from_int(stream));

@@ -153,6 +153,14 @@ void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, T
   TIDAL_CPU_DISPATCH_FLOAT(x.dtype, T, quantize_fp8_impl<T>(codes, scales, x, static_scale));
 }
 
+// NOTE(tidal): on the CPU the two kernels run one after the other (x holds the normalised rows in
+// between): each is already one pass over its rows, so fusing saves no memory traffic worth the code.
+void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
+                                  TensorView residual, TensorView weight, float eps, Stream stream) {
+  fused_add_rms_norm(x, residual_out, x, residual, weight, eps, stream);
+  quantize_fp8_per_token(codes, scales, x, TensorView{}, stream);
+}
+
 void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
                   TensorView bias, int format, Stream /*stream*/) {
   TIDAL_CPU_DISPATCH_FLOAT(x.dtype, T, quant_linear_impl<T>(out, x, qweight, scales, zeros, bias, format));

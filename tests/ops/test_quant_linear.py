@@ -230,3 +230,54 @@ def test_fp8_conversion_of_every_float16(dtype, device):
     values = torch.cat((values, values.new_zeros(65536 - len(values)))).reshape(2048, 32).to(dtype)
     codes, _ = quantize_fp8_per_token(values.to(device), torch.tensor([1.0], device=device))
     assert torch.equal(codes.cpu().view(torch.uint8), values.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(1, 64), (3, 4096), (300, 128), (5, 100), (2, 20000), (2304, 256)])
+def test_fused_add_rms_norm_quant_fp8(rows, width, dtype, device):
+    """fused_add_rms_norm_quant_fp8_ against the two kernels it replaces (fused_add_rms_norm_, then
+    quantize_fp8_per_token), bit for bit, residual included; and against pure-torch fp32 math (the
+    residual add and the norm rounded to the dtype, torch's own FP8 cast) to FP8 resolution. On the
+    GPU: rows held in one block's registers (sub-warp rows, whole blocks, the warp-per-row quantizer's
+    row count), and the widths that run the two kernels (not a multiple of 16 bytes, too wide)."""
+    from tidal.ops.quant import fused_add_rms_norm_quant_fp8_, quantize_fp8_per_token
+
+    g = torch.Generator().manual_seed(rows + width)
+    x = (torch.randn(rows, width, generator=g) * 3).to(dtype)
+    residual = torch.randn(rows, width, generator=g).to(dtype)
+    weight = (torch.rand(width, generator=g) + 0.5).to(dtype)
+    x[0, :7] = 0  # a few zeros; a row of the sum stays non-zero
+    eps = 1e-6
+
+    x_two, residual_two = x.to(device, copy=True), residual.to(device, copy=True)  # both ops write in place
+    tidal.ops.fused_add_rms_norm_(x_two, residual_two, weight.to(device), eps)
+    want_codes, want_scale = quantize_fp8_per_token(x_two)
+    residual_one = residual.to(device, copy=True)
+    codes, scale = fused_add_rms_norm_quant_fp8_(x.to(device, copy=True), residual_one, weight.to(device), eps)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == (rows, width) and scale.shape == (rows, 1)
+    assert torch.equal(residual_one, residual_two)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+    summed = (x.float() + residual.float()).to(dtype).float()
+    normed = (summed * torch.rsqrt(summed.pow(2).mean(1, keepdim=True) + eps) * weight.float()).to(dtype).float()
+    ref_scale = (normed.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
+    torch.testing.assert_close(residual_one.cpu().float(), summed, atol=0, rtol=0)
+    torch.testing.assert_close(scale.cpu(), ref_scale, atol=0, rtol=2 ** -7)
+    # in code units: E4M3 rounds to 3 mantissa bits, subnormals to steps of 2^-9
+    torch.testing.assert_close(codes.cpu().float(), (normed / ref_scale).clamp(-448, 448), atol=2 ** -9, rtol=2 ** -3)
+
+
+def test_fused_add_rms_norm_quant_fp8_errors():
+    from tidal.ops.quant import fused_add_rms_norm_quant_fp8_
+
+    x, residual, weight = torch.randn(4, 64), torch.randn(4, 64), torch.ones(64)
+    with pytest.raises(ValueError, match=r"x must be 2-D \[m, k\], got shape \(256,\)"):
+        fused_add_rms_norm_quant_fp8_(x.view(-1), residual.view(-1), weight, 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        fused_add_rms_norm_quant_fp8_(x, torch.randn(4, 32), weight, 1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        fused_add_rms_norm_quant_fp8_(x, residual, torch.ones(32), 1e-6)
+    with pytest.raises(ValueError, match="eps"):
+        fused_add_rms_norm_quant_fp8_(x, residual, weight, -1.0)

@@ -87,6 +87,31 @@ def test_greedy_equals_transformers_on_the_dequantized_weights(model_dir, fmt, d
     assert_pool_whole(llm)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_fp8_norm_gives_the_same_tokens(model_dir, device, monkeypatch):
+    """llama.FUSED_FP8_NORM: the norms before the W8A8 qkv and gate_up projections write FP8 codes
+    themselves (ops.quant.fused_add_rms_norm_quant_fp8_) in steps of more than 8 rows, where FP8
+    quantizes activations; the same greedy tokens as the norm and the quantizer apart."""
+    real, calls = tidal.ops.quant.fused_add_rms_norm_quant_fp8_, []
+
+    def counted(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+    monkeypatch.setattr(tidal.ops.quant, "fused_add_rms_norm_quant_fp8_", counted)
+    batch, tokens = prompts([13, 21, 9, 30], seed=3), {}
+    for fused in (False, True):
+        monkeypatch.setattr(llama, "FUSED_FP8_NORM", fused)
+        llm = tidal.LLM(model_dir, device=device, quantization="fp8", block_size=4, num_kv_blocks=96, max_num_seqs=4,
+                        max_num_batched_tokens=32)
+        outputs = llm.generate(batch, tidal.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+        tokens[fused] = [o.outputs[0].token_ids for o in outputs]
+        assert_pool_whole(llm)
+        assert bool(calls) == fused
+    assert tokens[True] == tokens[False]
+    # two norms a layer after the first layer's input norm (which adds nothing), in the prompt steps
+    assert all(n > 8 for n in calls) and len(calls) % 3 == 0
+
+
 def test_int4_layers_use_groups_of_128_by_default(model_dir):
     model, _ = load_model(model_dir, quantization="int4")
     layer = model.model.layers[0].mlp.down_proj

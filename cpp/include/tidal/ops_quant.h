@@ -47,4 +47,13 @@ void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, Te
 /// contiguous; scales: [m] float32 (written); static_scale: [1] float32 or empty. One device.
 void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
 
+/// fused_add_rms_norm (residual_out = round(x + residual), then the row's RMSNorm times weight,
+/// rounded to x's dtype) with that normalised row quantized as quantize_fp8_per_token would (dynamic
+/// per-row scales): the same codes and scales, bit for bit, in one pass on the GPU where the row
+/// fits a block's registers. x, residual, residual_out: [m, k] of one float dtype, last dim
+/// contiguous (residual_out may be residual); weight: [k]; codes: [m, k] uint8, contiguous; scales:
+/// [m] float32. x is scratch: its contents afterwards are unspecified.
+void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
+                                  TensorView residual, TensorView weight, float eps, Stream stream);
+
 }  // namespace tidal::ops

@@ -134,4 +134,31 @@ void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, T
       [&] { gpu::quantize_fp8_per_token(codes, scales, x, static_scale, stream); });
 }
 
+void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
+                                  TensorView residual, TensorView weight, float eps, Stream stream) {
+  detail::check_rows(x, "x");
+  detail::check_rows(residual, "residual");
+  detail::check_rows(residual_out, "residual_out");
+  detail::check_like(residual, "residual", x, "x");
+  detail::check_like(residual_out, "residual_out", x, "x");
+  detail::check_norm_weight(weight, x);
+  detail::check_eps(eps);
+  TIDAL_CHECK(!detail::overlaps(x, residual_out), "x and residual_out overlap in memory; pass distinct tensors");
+  TIDAL_CHECK(codes.dtype == DType::kUInt8 && codes.ndim == 2 && codes.is_contiguous() && codes.size(0) == x.size(0) &&
+                  codes.size(1) == x.size(1),
+              "codes must be a contiguous uint8 [m, k] = [", x.size(0), ", ", x.size(1), "] tensor, got dtype ",
+              dtype_name(codes.dtype), " and shape ", codes.shape_str());
+  TIDAL_CHECK(scales.dtype == DType::kFloat32 && scales.numel() == x.size(0) && scales.is_contiguous(),
+              "scales must be a contiguous float32 tensor of m=", x.size(0), " values, got dtype ",
+              dtype_name(scales.dtype), " and shape ", scales.shape_str());
+  for (const auto& [t, name] : {std::pair{&codes, "codes"}, std::pair{&scales, "scales"}}) {
+    TIDAL_CHECK(t->device == x.device, name, " is on ", device_name(t->device), " but x is on ", device_name(x.device));
+  }
+  if (x.size(0) == 0) return;
+  detail::dispatch(
+      "fused_add_rms_norm_quant_fp8", x.device,
+      [&] { cpu::fused_add_rms_norm_quant_fp8(codes, scales, residual_out, x, residual, weight, eps, stream); },
+      [&] { gpu::fused_add_rms_norm_quant_fp8(codes, scales, residual_out, x, residual, weight, eps, stream); });
+}
+
 }  // namespace tidal::ops

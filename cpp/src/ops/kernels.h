@@ -184,6 +184,8 @@ void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView s
 void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format,
                        Stream stream);
 void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
+void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
+                                  TensorView residual, TensorView weight, float eps, Stream stream);
 
 }  // namespace tidal::cpu
 
@@ -196,5 +198,7 @@ void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView s
 void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, TensorView zeros, int format,
                        Stream stream);
 void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
+void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
+                                  TensorView residual, TensorView weight, float eps, Stream stream);
 
 }  // namespace tidal::gpu

@@ -25,6 +25,7 @@ Hugging Face's tensor names.
 
 import functools
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,41 @@ _SKINNY_SM90_TOKENS = 2
 # programmatic launch already overlaps each projection's first reads with the kernel before. Not yet
 # measured on an H200.
 SKINNY_PREFETCH = False
+
+
+# Whether a norm whose next projection quantizes its input to FP8 per token (W8A8 with dynamic scales:
+# the qkv and gate_up projections of a model served with quantization="fp8", at more rows than the
+# weight-only kernel takes) writes the codes itself (ops.fused_add_rms_norm_quant_fp8_: one kernel on
+# the GPU instead of the norm and the quantizer). The same codes either way; off until measured on a
+# GPU (`bench/serve.py --fused-fp8-norm`).
+FUSED_FP8_NORM = False
+
+
+class _Fp8Rows(NamedTuple):
+    """A norm's output as FP8 codes with per-row scales, for a W8A8 projection (FUSED_FP8_NORM)."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def _takes_fp8_rows(linear: nn.Module | None, x: torch.Tensor) -> bool:
+    quantizes = getattr(linear, "quantizes_activations", None)
+    return FUSED_FP8_NORM and quantizes is not None and x.dim() == 2 and quantizes(x)
+
+
+def _add_norm(hidden: torch.Tensor, residual: torch.Tensor, norm: "RMSNorm", linear: nn.Module | None):
+    """``residual += hidden``, then ``norm(residual)`` for ``linear``: in ``hidden`` (in place), or as
+    _Fp8Rows where the projection quantizes its input to FP8 and FUSED_FP8_NORM holds."""
+    if _takes_fp8_rows(linear, hidden):
+        return _Fp8Rows(*ops.quant.fused_add_rms_norm_quant_fp8_(hidden, residual, norm.weight, norm.eps), hidden.dtype)
+    ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
+    return hidden
+
+
+def _project(linear: nn.Module, x: "torch.Tensor | _Fp8Rows") -> torch.Tensor:
+    if isinstance(x, _Fp8Rows):
+        return linear.forward_fp8(x.codes, x.scale, x.dtype)
+    return linear(x)
 
 
 def _prefetch(linear: nn.Module) -> torch.Tensor | None:
@@ -143,8 +179,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Serving. ``hidden`` [num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
-        out = self._attend(self.qkv_proj(hidden), positions, cos_sin_cache, attn, kv_cache)
+        """Serving. ``hidden`` [num_tokens, hidden_size] (or those rows as FP8 codes for a W8A8 qkv_proj)
+        -> [num_tokens, hidden_size]."""
+        out = self._attend(_project(self.qkv_proj, hidden), positions, cos_sin_cache, attn, kv_cache)
         return self.o_proj(out)
 
     def forward_skinny(self, residual: torch.Tensor, norm: "RMSNorm", positions: torch.Tensor,
@@ -225,8 +262,8 @@ class LlamaMLP(nn.Module):
                                     dtype, device)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: "torch.Tensor | _Fp8Rows") -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(_project(self.gate_up_proj, x)))
 
     def forward_train(self, gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
         """Training, from the gate_up projection's output; ``fused``: silu_and_mul and down_proj as
@@ -262,10 +299,9 @@ class LlamaDecoderLayer(nn.Module):
         elif hidden is None:
             hidden = norm(residual)
         else:
-            ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
+            hidden = _add_norm(hidden, residual, norm, self.self_attn.qkv_proj)
         hidden = self.self_attn(hidden, positions, cos_sin_cache, attn, kv_cache)
-        norm = self.post_attention_layernorm
-        ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
+        hidden = _add_norm(hidden, residual, self.post_attention_layernorm, getattr(self.mlp, "gate_up_proj", None))
         return self.mlp(hidden), residual
 
     def _forward_skinny(self, hidden, residual, positions, cos_sin_cache, attn, kv_cache, next_weight):

@@ -92,6 +92,21 @@ def quantize_fp8_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = N
     return codes.view(torch.float8_e4m3fn), scale
 
 
+def fused_add_rms_norm_quant_fp8_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``residual += x`` (rounded to its dtype), then the sum's RMSNorm times ``weight`` as FP8 per row:
+    ``(codes, scale)`` equal bit for bit to ``fused_add_rms_norm_(x, residual, weight, eps)`` followed by
+    ``quantize_fp8_per_token(x)``, from one kernel on the GPU where a row fits a block's registers (the
+    W8A8 projections' inputs after a norm). ``x`` and ``residual``: [m, k] of one float dtype with
+    contiguous rows; ``x`` is consumed (its contents afterwards are unspecified)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [m, k], got shape {tuple(x.shape)}")
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    native.fused_add_rms_norm_quant_fp8(capsule(codes), capsule(scale), capsule(residual), capsule(x),
+                                        capsule(residual), capsule(weight), eps, stream_of(x))
+    return codes.view(torch.float8_e4m3fn), scale
+
+
 def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
