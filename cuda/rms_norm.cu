@@ -123,17 +123,60 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 }
 
+// The second pass of fused_add_rms_norm_kernel<kQuantize>: W8A8's per-row FP8 quantization of the
+// normalised row instead of writing it. Each element is rounded to T exactly as scale_row writes
+// it, the row's largest magnitude reduced over its threads, scale = max(amax / 448, 1e-12) and the
+// codes e4m3(clamp(v / scale, +-448)): what quantize_fp8_per_token makes of fused_add_rms_norm's
+// output, bit for bit. Every thread of the block calls it (the reduction synchronises the block).
+//   codes: [num_tokens, hidden_size] contiguous; scales: [num_tokens].
+template <typename T, int kWidth, int kVecs>
+__device__ __forceinline__ void quantize_normed_row(uint8_t* codes, float* scales, int64_t row, bool active,
+                                                    Vec<T, kWidth> (&cache)[kVecs], Vec<T, kWidth> (&w)[kVecs],
+                                                    int num_vecs, int hidden_size, float inv_rms, float* scratch) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int idx = i * blockDim.x + threadIdx.x;
+    if (active && idx < num_vecs) {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        const float v = element_to_float(cache[i], j) * inv_rms;
+        cache[i].v[j] = from_float<T>(v * element_to_float(w[i], j));
+        amax = fmaxf(amax, fabsf(to_float(cache[i].v[j])));
+      }
+    }
+  }
+  const float scale = fmaxf(block_row_max(amax, scratch) / 448.f, 1e-12f);
+  if (!active) return;
+  if (threadIdx.x == 0) scales[row] = scale;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int idx = i * blockDim.x + threadIdx.x;
+    if (idx < num_vecs) {
+      Vec<uint8_t, kWidth> out;
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        out.v[j] = fp8::from_float(fminf(fmaxf(to_float(cache[i].v[j]) / scale, -448.f), 448.f));
+      }
+      store_vec(codes + row * hidden_size + idx * kWidth, out);
+    }
+  }
+}
+
 // Same layout and launch shape as rms_norm_kernel. residual_out = round(x + residual) is written in
 // the first pass and is what the norm sees (cached, or re-read by this same thread when kReread).
+// With kQuantize (rows in registers only), the normalised row becomes FP8 codes and a scale
+// (quantize_normed_row) and out is not written.
 //   out, residual_out, x, residual: [num_tokens, hidden_size], each with its own row stride;
 //   out may be x and residual_out may be residual: every element is read before the thread that
 //   owns it writes it. weight: [hidden_size].
-template <typename T, int kWidth, int kVecs, bool kReread>
+template <typename T, int kWidth, int kVecs, bool kReread, bool kQuantize = false>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     fused_add_rms_norm_kernel(T* out, T* residual_out, const T* x, const T* residual,
                               const T* weight, int64_t num_tokens, int hidden_size,
                               int64_t out_stride, int64_t residual_out_stride, int64_t x_stride,
-                              int64_t residual_stride, float eps) {
+                              int64_t residual_stride, float eps, uint8_t* codes, float* scales) {
+  static_assert(!(kQuantize && kReread), "the quantizing kernel keeps its rows in registers");
   wait_for_prior_grid();  // launched by launch_dependent
   allow_dependents();
   using V = Vec<T, kWidth>;
@@ -183,88 +226,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     }
     const float inv_rms =
         rsqrtf(block_row_sum(sum_sq, scratch) / static_cast<float>(hidden_size) + eps);
-    if (active) {
+    if constexpr (kQuantize) {
+      quantize_normed_row<T, kWidth, kVecs>(codes, scales, row, active, cache, w, num_vecs, hidden_size, inv_rms,
+                                            scratch);
+    } else if (active) {
       scale_row<T, kWidth, kVecs, kReread>(out_row, residual_out_row, weight, cache, w, num_vecs, inv_rms);
-    }
-  }
-}
-
-// fused_add_rms_norm_kernel's first pass and norm, then W8A8's per-row FP8 quantization of the
-// normalised row without writing it: each element rounded to T exactly as scale_row writes it, the
-// row's largest magnitude reduced over its threads, scale = max(amax / 448, 1e-12) and the codes
-// e4m3(clamp(v / scale, +-448)), which is what quantize_fp8_per_token makes of fused_add_rms_norm's
-// output, bit for bit (the same launch shape, so the same sum-of-squares order). Rows that fit the
-// registers only (no kReread variant). codes: [num_tokens, hidden_size] contiguous; scales: [num_tokens].
-template <typename T, int kWidth, int kVecs>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    fused_add_rms_norm_fp8_kernel(uint8_t* codes, float* scales, T* residual_out, const T* x, const T* residual,
-                                  const T* weight, int64_t num_tokens, int hidden_size, int64_t residual_out_stride,
-                                  int64_t x_stride, int64_t residual_stride, float eps) {
-  wait_for_prior_grid();  // launched by launch_dependent
-  allow_dependents();
-  using V = Vec<T, kWidth>;
-  __shared__ float scratch[kMaxWarpsPerBlock];
-  const int num_vecs = hidden_size / kWidth;
-  const int64_t num_groups = (num_tokens + blockDim.y - 1) / blockDim.y;
-
-  for (int64_t group = blockIdx.x; group < num_groups; group += gridDim.x) {
-    const int64_t row = group * blockDim.y + threadIdx.y;
-    const bool active = row < num_tokens;
-    const int64_t r = active ? row : 0;
-    V cache[kVecs];
-    V w[kVecs];
-    V xv[kVecs];
-    float sum_sq = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int idx = i * blockDim.x + threadIdx.x;
-      if (active && idx < num_vecs) {
-        xv[i] = load_vec<T, kWidth>(x + r * x_stride + idx * kWidth);
-        cache[i] = load_vec<T, kWidth>(residual + r * residual_stride + idx * kWidth);
-        w[i] = load_vec_readonly<T, kWidth>(weight + idx * kWidth);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int idx = i * blockDim.x + threadIdx.x;
-      if (active && idx < num_vecs) {
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          const T sum = from_float<T>(element_to_float(xv[i], j) + element_to_float(cache[i], j));
-          cache[i].v[j] = sum;
-          const float v = to_float(sum);
-          sum_sq += v * v;
-        }
-        store_vec(residual_out + r * residual_out_stride + idx * kWidth, cache[i]);
-      }
-    }
-    const float inv_rms = rsqrtf(block_row_sum(sum_sq, scratch) / static_cast<float>(hidden_size) + eps);
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int idx = i * blockDim.x + threadIdx.x;
-      if (active && idx < num_vecs) {
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          const float v = element_to_float(cache[i], j) * inv_rms;
-          cache[i].v[j] = from_float<T>(v * element_to_float(w[i], j));
-          amax = fmaxf(amax, fabsf(to_float(cache[i].v[j])));
-        }
-      }
-    }
-    const float scale = fmaxf(block_row_max(amax, scratch) / 448.f, 1e-12f);
-    if (active && threadIdx.x == 0) scales[row] = scale;
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int idx = i * blockDim.x + threadIdx.x;
-      if (active && idx < num_vecs) {
-        Vec<uint8_t, kWidth> out;
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          out.v[j] = fp8::from_float(fminf(fmaxf(to_float(cache[i].v[j]) / scale, -448.f), 448.f));
-        }
-        store_vec(codes + row * hidden_size + idx * kWidth, out);
-      }
     }
   }
 }
@@ -447,7 +413,7 @@ void fused_add_rms_norm(TensorView out, TensorView residual_out, TensorView x, T
              static_cast<cudaStream_t>(stream.handle), out.data_ptr<T>(),
              residual_out.data_ptr<T>(), x.data_ptr<T>(), residual.data_ptr<T>(),
              weight.data_ptr<T>(), num_tokens, static_cast<int>(hidden_size), out.stride(0),
-             residual_out.stride(0), x.stride(0), residual.stride(0), eps);
+             residual_out.stride(0), x.stride(0), residual.stride(0), eps, nullptr, nullptr);
     };
     if (can_vectorize(hidden_size, 16 / sizeof(T),
                       {&out, &residual_out, &x, &residual, &weight})) {
@@ -475,11 +441,11 @@ void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorVie
     const int64_t num_vecs = hidden_size / kWidth;
     if (can_vectorize(hidden_size, kWidth, {&residual_out, &x, &residual, &weight}) &&
         num_vecs <= static_cast<int64_t>(kVecs) * kMaxThreadsPerBlock && is_aligned(codes.data, kWidth)) {
-      auto kernel = fused_add_rms_norm_fp8_kernel<T, kWidth, kVecs>;
+      auto kernel = fused_add_rms_norm_kernel<T, kWidth, kVecs, false, true>;  // x stands in for the unwritten out
       launch(kernel, kernel, num_tokens, static_cast<int>(num_vecs), kVecs, static_cast<cudaStream_t>(stream.handle),
-             static_cast<uint8_t*>(codes.data), static_cast<float*>(scales.data), residual_out.data_ptr<T>(),
-             x.data_ptr<T>(), residual.data_ptr<T>(), weight.data_ptr<T>(), num_tokens, static_cast<int>(hidden_size),
-             residual_out.stride(0), x.stride(0), residual.stride(0), eps);
+             x.data_ptr<T>(), residual_out.data_ptr<T>(), x.data_ptr<T>(), residual.data_ptr<T>(), weight.data_ptr<T>(),
+             num_tokens, static_cast<int>(hidden_size), x.stride(0), residual_out.stride(0), x.stride(0),
+             residual.stride(0), eps, static_cast<uint8_t*>(codes.data), static_cast<float*>(scales.data));
       fused = true;
     }
   });

@@ -397,7 +397,8 @@ bool can_use_register_kernel(const RopeArgs& a, int element_size) {
                          a.v_head_stride}) {
     if (stride % per_lane != 0) return false;
   }
-  for (const void* ptr : std::initializer_list<const void*>{a.query, a.key, a.value, a.q_norm_weight, a.k_norm_weight}) {
+  const std::initializer_list<const void*> pointers{a.query, a.key, a.value, a.q_norm_weight, a.k_norm_weight};
+  for (const void* ptr : pointers) {
     if (ptr != nullptr && !is_aligned(ptr, static_cast<std::uintptr_t>(per_lane * element_size))) return false;
   }
   return a.cos_sin_stride % (per_lane / 2) == 0 && is_aligned(a.cos_sin, per_lane / 2 * sizeof(float));
