@@ -109,10 +109,11 @@ void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, Te
       [&] { gpu::dequantize_weight(out, qweight, scales, zeros, static_cast<int>(format), stream); });
 }
 
-void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream) {
-  detail::check_rows(x, "x");
-  TIDAL_CHECK(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16, "x.dtype=",
-              dtype_name(x.dtype), " is not supported; expected float32, float16 or bfloat16");
+namespace {
+
+// The outputs of a per-row FP8 quantization of x [m, k]: codes a contiguous uint8 [m, k], scales a
+// contiguous float32 [m], both on x's device.
+void check_fp8_outputs(const TensorView& codes, const TensorView& scales, const TensorView& x) {
   TIDAL_CHECK(codes.dtype == DType::kUInt8 && codes.ndim == 2 && codes.is_contiguous() && codes.size(0) == x.size(0) &&
                   codes.size(1) == x.size(1),
               "codes must be a contiguous uint8 [m, k] = [", x.size(0), ", ", x.size(1), "] tensor, got dtype ",
@@ -120,12 +121,21 @@ void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, T
   TIDAL_CHECK(scales.dtype == DType::kFloat32 && scales.numel() == x.size(0) && scales.is_contiguous(),
               "scales must be a contiguous float32 tensor of m=", x.size(0), " values, got dtype ",
               dtype_name(scales.dtype), " and shape ", scales.shape_str());
-  TIDAL_CHECK(static_scale.data == nullptr || (static_scale.dtype == DType::kFloat32 && static_scale.numel() == 1),
-              "static_scale must be one float32 value, got dtype ", dtype_name(static_scale.dtype), " and shape ",
-              static_scale.shape_str());
   for (const auto& [t, name] : {std::pair{&codes, "codes"}, std::pair{&scales, "scales"}}) {
     TIDAL_CHECK(t->device == x.device, name, " is on ", device_name(t->device), " but x is on ", device_name(x.device));
   }
+}
+
+}  // namespace
+
+void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream) {
+  detail::check_rows(x, "x");
+  TIDAL_CHECK(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16, "x.dtype=",
+              dtype_name(x.dtype), " is not supported; expected float32, float16 or bfloat16");
+  TIDAL_CHECK(static_scale.data == nullptr || (static_scale.dtype == DType::kFloat32 && static_scale.numel() == 1),
+              "static_scale must be one float32 value, got dtype ", dtype_name(static_scale.dtype), " and shape ",
+              static_scale.shape_str());
+  check_fp8_outputs(codes, scales, x);
   TIDAL_CHECK(static_scale.data == nullptr || static_scale.device == x.device, "static_scale is on ",
               device_name(static_scale.device), " but x is on ", device_name(x.device));
   if (x.size(0) == 0) return;
@@ -144,16 +154,7 @@ void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorVie
   detail::check_norm_weight(weight, x);
   detail::check_eps(eps);
   TIDAL_CHECK(!detail::overlaps(x, residual_out), "x and residual_out overlap in memory; pass distinct tensors");
-  TIDAL_CHECK(codes.dtype == DType::kUInt8 && codes.ndim == 2 && codes.is_contiguous() && codes.size(0) == x.size(0) &&
-                  codes.size(1) == x.size(1),
-              "codes must be a contiguous uint8 [m, k] = [", x.size(0), ", ", x.size(1), "] tensor, got dtype ",
-              dtype_name(codes.dtype), " and shape ", codes.shape_str());
-  TIDAL_CHECK(scales.dtype == DType::kFloat32 && scales.numel() == x.size(0) && scales.is_contiguous(),
-              "scales must be a contiguous float32 tensor of m=", x.size(0), " values, got dtype ",
-              dtype_name(scales.dtype), " and shape ", scales.shape_str());
-  for (const auto& [t, name] : {std::pair{&codes, "codes"}, std::pair{&scales, "scales"}}) {
-    TIDAL_CHECK(t->device == x.device, name, " is on ", device_name(t->device), " but x is on ", device_name(x.device));
-  }
+  check_fp8_outputs(codes, scales, x);
   if (x.size(0) == 0) return;
   detail::dispatch(
       "fused_add_rms_norm_quant_fp8", x.device,

@@ -76,8 +76,10 @@ class _Fp8Rows(NamedTuple):
 
 
 def _takes_fp8_rows(linear: nn.Module | None, x: torch.Tensor) -> bool:
+    if not FUSED_FP8_NORM:  # checked first: the attribute lookup below raises inside nn.Module for a float layer
+        return False
     quantizes = getattr(linear, "quantizes_activations", None)
-    return FUSED_FP8_NORM and quantizes is not None and x.dim() == 2 and quantizes(x)
+    return quantizes is not None and x.dim() == 2 and quantizes(x)
 
 
 def _add_norm(hidden: torch.Tensor, residual: torch.Tensor, norm: "RMSNorm", linear: nn.Module | None):
