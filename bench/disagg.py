@@ -17,13 +17,15 @@ time from the first send to the last chunk.
   ``tidal serve --role router`` in front;
 - one process: ``tidal serve --role disaggregated`` (``--gpu-memory-utilization 0.9``): the router, a
   prefill engine and a decode engine in one process over one copy of the weights, KV blocks copied
-  on the card, decode steps on a higher-priority CUDA stream.
+  on the card, decode steps on a higher-priority CUDA stream;
+- SM groups (GPU only): one process with ``--prefill-sms N`` for each N of ``--prefill-sms`` (default
+  48): the prefill engine's kernels on N of the card's SMs, the decode engine's on the rest.
 
 Target (issue D1): the short requests' p99 TPOT at least 2x better disaggregated than colocated, at no
 more than 10% lower throughput. ``--tiny``: a tiny model and workload on the CPU, to check the script.
 
-    python bench/disagg.py --out DIR [--kv-connector torch|nixl] [--systems colocated,disaggregated,one-process]
-                           [--tiny]
+    python bench/disagg.py --out DIR [--kv-connector torch|nixl]
+                           [--systems colocated,disaggregated,one-process,sm-groups] [--prefill-sms 32,48,64] [--tiny]
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import torch
 import serve as base
 from report import print_table, write_markdown
 
-SYSTEMS = ("colocated", "disaggregated", "one-process")
+SYSTEMS = ("colocated", "disaggregated", "one-process", "sm-groups")
 FULL = dict(num_long=32, long_in=(4096, 8192), long_out=256, num_short=128, short_in=(64, 256), short_out=128,
             long_rate=1.0, short_rate=4.0, max_model_len=8448)
 TINY = dict(num_long=3, long_in=(200, 400), long_out=16, num_short=8, short_in=(8, 32), short_out=12,
@@ -162,14 +164,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--kv-connector", choices=["torch", "nixl"], default="torch")
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help=f"which of {', '.join(SYSTEMS)} to run, in that order (default all; colocated is the "
-                         f"baseline of the ratios)")
+    ap.add_argument("--systems", default=None,
+                    help=f"which of {', '.join(SYSTEMS)} to run, in that order (default all, sm-groups only on a "
+                         f"GPU; colocated is the baseline of the ratios)")
+    ap.add_argument("--prefill-sms", default="48",
+                    help="sm-groups: the prefill engine's SMs, one run per comma-separated value (default 48)")
     ap.add_argument("--tiny", action="store_true", help="tiny model and workload on the CPU")
     args = ap.parse_args()
+    if args.systems is None:
+        args.systems = ",".join(s for s in SYSTEMS if not (args.tiny and s == "sm-groups"))
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or not set(systems) <= set(SYSTEMS) or "colocated" not in systems:
         ap.error(f"--systems {args.systems!r}: a comma-separated subset of {', '.join(SYSTEMS)} with colocated")
+    if args.tiny and "sm-groups" in systems:
+        ap.error("--systems sm-groups splits a GPU's SMs; --tiny runs on the CPU")
+    try:
+        prefill_sms = [int(n) for n in args.prefill_sms.split(",")]
+    except ValueError:
+        ap.error(f"--prefill-sms {args.prefill_sms!r}: comma-separated SM counts")
     if not args.tiny and not torch.cuda.is_available():
         print("disagg.py: no CUDA device (use --tiny to check the script on the CPU)", file=sys.stderr)
         return 2
@@ -190,13 +202,16 @@ def main() -> int:
     servers = Servers(args.out)
     measured = {}
     try:
-        for system in [s for s in SYSTEMS if s in systems]:
+        runs = [(s, []) for s in SYSTEMS if s in systems and s != "sm-groups"]
+        if "sm-groups" in systems:
+            runs += [(f"sm-groups-{n}", ["--prefill-sms", str(n)]) for n in prefill_sms]
+        for system, extra in runs:
             if system == "colocated":
                 url = servers.start("colocated", common + ["--gpu-memory-utilization", "0.9"])
                 servers.wait(url)
-            elif system == "one-process":
-                url = servers.start("one_process", common + ["--gpu-memory-utilization", "0.9",
-                                                             "--role", "disaggregated"])
+            elif system == "one-process" or system.startswith("sm-groups"):
+                url = servers.start(system, common + ["--gpu-memory-utilization", "0.9",
+                                                      "--role", "disaggregated", *extra])
                 servers.wait(url)
             else:
                 share = ["--gpu-memory-utilization", "0.45", "--kv-connector", args.kv_connector]
@@ -214,12 +229,13 @@ def main() -> int:
             for metric, value in measured[system].items():
                 res.add("D1", f"tidal {system}", metric, value, "tok/s" if metric.endswith("per_s") else "ms",
                         note=f"kv_connector {args.kv_connector}" if system == "disaggregated" else
-                        "one process, KV blocks copied on the device" if system == "one-process" else "")
+                        "one process, KV blocks copied on the device" if system == "one-process" else
+                        f"one process, prefill on {extra[1]} SMs (rounded up), decode on the rest" if extra else "")
             servers.stop()
     finally:
         servers.stop()
         shutil.rmtree(root, ignore_errors=True)
-    others = [s for s in SYSTEMS[1:] if s in measured]
+    others = [s for s in measured if s != "colocated"]
     header = ["metric", "colocated"] + [f"{s} (ratio)" for s in others]
     table = []
     for metric in measured.get("colocated", {}):

@@ -29,6 +29,12 @@
 #define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
 #define cudaMemset hipMemset
 #define cudaDeviceSynchronize hipDeviceSynchronize
+#define cudaDevAttrClockRate hipDeviceAttributeClockRate
+#define cudaMalloc hipMalloc
+#define cudaFree hipFree
+#define cudaMemcpyAsync hipMemcpyAsync
+#define cudaMemcpyDeviceToHost hipMemcpyDeviceToHost
+#define cudaStreamSynchronize hipStreamSynchronize
 
 // NOTE(tidal): the wavefront size must be a constant in the host pass too (launchers size blocks
 // with it), where __AMDGCN_WAVEFRONT_SIZE does not exist. It is fixed per build: 64 for CDNA

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The _core module: registers tidal's exception types and the submodules (ops, kv, sched, zero,
-// comm). Exceptions map as std::invalid_argument -> ValueError, std::out_of_range -> IndexError,
+// comm, device). Exceptions map as std::invalid_argument -> ValueError, std::out_of_range -> IndexError,
 // tidal::OutOfMemory -> _core.OutOfMemoryError (a MemoryError), tidal::CudaError -> _core.CudaError
 // and tidal::Error -> _core.Error (both RuntimeErrors).
 #include <pybind11/pybind11.h>
@@ -19,6 +19,7 @@ void bind_sched(py::module_& m);
 void bind_ops_train(py::module_& m);
 void bind_zero(py::module_& m);
 void bind_comm(py::module_& m);
+void bind_device(py::module_& m);
 }  // namespace tidal::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -57,4 +58,6 @@ PYBIND11_MODULE(_core, m) {
   tidal::bindings::bind_zero(zero);
   auto comm = m.def_submodule("comm", "NCCL communicators held by the core (tidal.comm's NCCL backend)");
   tidal::bindings::bind_comm(comm);
+  auto device = m.def_submodule("device", "GPU device resources: SM partitions and their streams");
+  tidal::bindings::bind_device(device);
 }

@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--role disaggregated: decode engines beside the prefill engine (default 1)")
     serve.add_argument("--prefill-share", type=float, default=0.3,
                        help="--role disaggregated: the prefill engine's share of the KV memory (default 0.3)")
+    serve.add_argument("--prefill-sms", type=int, default=None, metavar="N",
+                       help="--role disaggregated on a GPU: run the prefill engine on N of the card's SMs (rounded "
+                            "up by the driver) and the decode engines on the rest, so a long prefill cannot slow "
+                            "decode steps (default: all engines share every SM, decode at a higher priority)")
     serve.add_argument("--prefill", action="append", default=[], metavar="URL",
                        help="router: a prefill engine's base URL (repeat for several)")
     serve.add_argument("--decode", action="append", default=[], metavar="URL",
@@ -359,6 +363,8 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--num-decode={args.num_decode} must be >= 1")
     if args.role == "disaggregated" and not 0 < args.prefill_share < 1:
         raise CLIError(f"--prefill-share={args.prefill_share} must be in (0, 1)")
+    if args.prefill_sms is not None and args.role != "disaggregated":
+        raise CLIError("--prefill-sms is --role disaggregated's (its engines share one GPU)")
     model = args.model
     if model is None:
         from tidal import demo
@@ -408,9 +414,14 @@ def cmd_serve(args) -> int:
         try:
             server = DisaggregatedServer(config, num_decode=args.num_decode, prefill_share=args.prefill_share,
                                          host=args.host, port=args.port, api_key=args.api_key,
-                                         served_model_name=served, media=media, limits=limits)
+                                         served_model_name=served, media=media, limits=limits,
+                                         prefill_sms=args.prefill_sms)
         except ValueError as e:
             raise CLIError(str(e)) from None
+        if server.sm_groups is not None:
+            prefill_count, decode_count = server.sm_groups.sm_counts
+            print(f"tidal: the prefill engine runs on {prefill_count} SMs, the decode engines on {decode_count}",
+                  file=sys.stderr)
         server.serve_forever()
         return 0
     run_server(config, host=args.host, port=args.port, api_key=args.api_key, served_model_name=served, media=media,

@@ -101,6 +101,9 @@ def test_serve_role_errors(tiny_model):
         (("serve", tiny_model, "--role", "disaggregated", "--num-decode", "0"), "--num-decode=0 must be >= 1"),
         (("serve", tiny_model, "--role", "disaggregated", "--prefill-share", "1.5"),
          "--prefill-share=1.5 must be in (0, 1)"),
+        (("serve", tiny_model, "--prefill-sms", "16"), "--prefill-sms is --role disaggregated's"),
+        (("serve", tiny_model, "--role", "disaggregated", "--prefill-sms", "16", "--device", "cpu"),
+         "prefill_sms=16 splits a GPU's SMs; device='cpu' is cpu"),
     ]
     for args, match in cases:
         r = _run(*args)

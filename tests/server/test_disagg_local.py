@@ -18,9 +18,11 @@ import openai  # noqa: E402
 
 from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
-from tidal.serve.disagg_local import DisaggregatedServer, build_engines  # noqa: E402
+import torch  # noqa: E402
+
+from tidal.serve.disagg_local import DisaggregatedServer, SmGroups, build_engines, sm_ids  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
-from conftest import DEVICES  # noqa: E402
+from conftest import GPU_MARKS, gpu_only  # noqa: E402
 from live_server import LiveServer, add_chat_template, assert_serves_as, free_port  # noqa: E402
 from tiny_models import assert_pool_whole, build_model  # noqa: E402
 
@@ -48,15 +50,23 @@ def _settle(engines, timeout=10.0):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, prefill_sms", [
+    pytest.param("cpu", None, id="cpu"),
+    pytest.param("cuda", None, marks=GPU_MARKS, id="cuda"),
+    pytest.param("cuda", 16, marks=GPU_MARKS, id="cuda-sm-groups")])
 @pytest.mark.parametrize("num_decode", [1, 2])
-def test_one_process_equals_colocated(model_path, num_decode, device):
-    """On a GPU each engine steps on a CUDA stream of its own (decode graphs replayed there)."""
+def test_one_process_equals_colocated(model_path, num_decode, device, prefill_sms):
+    """On a GPU each engine steps on a CUDA stream of its own (decode graphs replayed there); with
+    prefill_sms the streams belong to two SM groups."""
     config = _config(model_path, device=device)
     with LiveServer(build_app(AsyncLLMEngine(LLMEngine(config)), MODEL)) as colocated, \
             DisaggregatedServer(config, num_decode=num_decode, port=free_port(), served_model_name=MODEL,
-                                log_level="warning") as server:
+                                log_level="warning", prefill_sms=prefill_sms) as server:
         prefill, *decodes = server.engines
+        if prefill_sms is not None:
+            groups = server.sm_groups
+            assert server.streams == [groups.prefill_stream, *groups.decode_streams(num_decode)]
+            assert all(e.runner._graphs for e in decodes)  # graphs captured on the decode group's streams
         assert [e.config.kv_role for e in server.engines] == ["prefill"] + ["decode"] * num_decode
         assert all(e.model is prefill.model for e in decodes)  # one copy of the weights
         assert prefill.config.enforce_eager
@@ -74,8 +84,9 @@ def test_one_process_equals_colocated(model_path, num_decode, device):
 
 
 def test_the_kv_memory_is_split(model_path):
-    prefill, decodes = build_engines(_config(model_path, num_kv_blocks=None, kv_cache_memory_fraction=0.5),
-                                     num_decode=3, prefill_share=0.4)
+    prefill, decodes, streams, partition = build_engines(
+        _config(model_path, num_kv_blocks=None, kv_cache_memory_fraction=0.5), num_decode=3, prefill_share=0.4)
+    assert streams == [None] * 4 and partition is None  # on the CPU
     try:
         assert prefill.config.kv_cache_memory_fraction == pytest.approx(0.5 * 0.4)
         assert [d.config.kv_cache_memory_fraction for d in decodes] == pytest.approx([0.5 * 0.6 / 3] * 3)
@@ -86,12 +97,63 @@ def test_the_kv_memory_is_split(model_path):
 
 def test_bad_settings_name_themselves(model_path):
     cases = [(dict(num_decode=0), "num_decode=0 must be an integer >= 1"),
-             (dict(prefill_share=1.0), r"prefill_share=1.0 must be in \(0, 1\)")]
+             (dict(prefill_share=1.0), r"prefill_share=1.0 must be in \(0, 1\)"),
+             (dict(prefill_sms=0), r"prefill_sms=0 must be a positive integer"),
+             (dict(prefill_sms=8), r"prefill_sms=8 splits a GPU's SMs; device='cpu' is cpu")]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             build_engines(_config(model_path), **kw)
     with pytest.raises(ValueError, match="kv_role='decode': the engines of one process take their roles"):
         build_engines(_config(model_path, kv_role="decode"))
+
+
+@gpu_only
+def test_sm_groups_keep_their_sms():
+    """Each group's streams run kernels on that group's SMs only, launched directly and replayed from
+    a CUDA graph captured on the stream; a plain stream spreads over more SMs than either group has
+    (so the check can fail)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    groups = SmGroups.get(device, 16)
+    prefill_count, decode_count = groups.sm_counts
+    assert prefill_count >= 16 and prefill_count + decode_count == total
+    assert SmGroups.get(device, 16) is groups
+    prefill_ids = sm_ids(groups.prefill_stream)
+    decode_stream = groups.decode_streams(2)[1]
+    decode_ids = sm_ids(decode_stream)
+    assert len(prefill_ids) <= prefill_count and len(decode_ids) <= decode_count
+    assert not prefill_ids & decode_ids and -1 not in prefill_ids | decode_ids
+    assert len(sm_ids(torch.cuda.Stream(device))) > max(prefill_count, decode_count)
+
+    from tidal import _core
+
+    blocks = 4 * total
+    out = torch.full((blocks,), -1, dtype=torch.int32, device=device)
+    graph = torch.cuda.CUDAGraph()
+    decode_stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.graph(graph, stream=decode_stream):
+        _core.device.SmPartition.record_sm_ids(decode_stream.cuda_stream, blocks, out.data_ptr())
+    with torch.cuda.stream(decode_stream):
+        out.fill_(-1)
+        graph.replay()
+    decode_stream.synchronize()
+    replayed = set(out.tolist())
+    assert -1 not in replayed and not replayed & prefill_ids and len(replayed) <= decode_count
+
+
+@gpu_only
+def test_sm_groups_bad_sizes_name_themselves():
+    from tidal import _core
+
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    with pytest.raises(ValueError, match=f"first_sms={total} must be in \\[1, {total - 1}\\]"):
+        _core.device.SmPartition(device, total)
+    with pytest.raises(ValueError, match="first_sms=0 must be in"):
+        _core.device.SmPartition(device, 0)
+    partition = _core.device.SmPartition(device, 8)
+    with pytest.raises(IndexError, match=r"group=2 is not in \[0, 2\)"):
+        partition.create_stream(2)
 
 
 def test_the_command_line_serves(model_path):

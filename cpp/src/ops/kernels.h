@@ -4,6 +4,9 @@
 // cpp/src/ops (shapes, dtypes, devices, last dim contiguous), so kernels check nothing but launches.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "tidal/stream.h"
 #include "tidal/tensor_view.h"
 
@@ -171,6 +174,25 @@ void vmm_free(uintptr_t address, int64_t size);
 // and returns its handle; vmm_unmap (after the device's work is done) unmaps and frees it.
 unsigned long long vmm_map(int device, uintptr_t address, int64_t size);
 void vmm_unmap(int device, uintptr_t address, int64_t size, unsigned long long handle);
+
+}  // namespace tidal::gpu
+
+// ---- SM partitions (cuda/sm_partition.cu), behind tidal::SmPartition -----------------------------
+
+namespace tidal::gpu {
+
+// The device's SM count, the smallest group and the multiple groups are rounded up to.
+void sm_layout(int device, int* sm_count, int* min_group, int* alignment);
+// Two groups of `device`'s SMs, the first of at least `first_sms`, the second the rest: a handle per
+// group (a green context on CUDA), each group's SM count in `sm_counts`.
+std::vector<uintptr_t> sm_groups_create(int device, int first_sms, std::vector<int>& sm_counts);
+void sm_group_destroy(uintptr_t group);
+// A stream whose kernels run on `group`'s SMs only; destroyed by sm_group_stream_destroy.
+uintptr_t sm_group_stream(int device, uintptr_t group, int priority);
+void sm_group_stream_destroy(uintptr_t stream);
+// Launches `blocks` thread blocks on `stream` that stay resident ~100 us each and write the SM they
+// ran on to out[block] (int32 device memory); does not wait.
+void record_sm_ids(uintptr_t stream, int blocks, uintptr_t out);
 
 }  // namespace tidal::gpu
 

@@ -315,6 +315,11 @@ class GPUModelRunner:
         gc.collect()
         gc_was_enabled = gc.isenabled()
         gc.disable()
+        # NOTE(tidal): an engine built on a stream of its own captures there (torch would otherwise
+        # capture on a side stream of its own): a graph captured on a stream of an SM group
+        # (tidal.serve.disagg_local.SmGroups) runs its kernels on that group's SMs when replayed.
+        current = torch.cuda.current_stream(self.device)
+        capture_stream = None if current == torch.cuda.default_stream(self.device) else current
         try:
             with torch.inference_mode():
                 for size in reversed(sizes):  # largest first: the smaller ones reuse its pool memory
@@ -322,7 +327,7 @@ class GPUModelRunner:
                     self._forward_logits(inputs, size)  # warm-up outside the graph (cuBLAS handles, workspaces)
                     torch.cuda.synchronize(self.device)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
                         self._forward_logits(inputs, size)
                     self._graphs[size] = _Graph(graph, size)
         finally:
