@@ -76,6 +76,10 @@ inline int multiprocessor_count(int device) {
   return counts[device];
 }
 
+/// The SMs a kernel launched on `stream` may use (launchers size grids by it): its group's count for
+/// a stream of a tidal::SmPartition (registered by cuda/sm_partition.cu), else the device's.
+int multiprocessor_count(int device, cudaStream_t stream);
+
 // ---- programmatic dependent launch (sm_90 and up) -------------------------------------------------
 // NOTE(tidal): at batch 1 a decode step is ~300 kernels of a few microseconds each, and inside a CUDA
 // graph each dependent kernel still starts ~2 us after the one before it ends (bench/RESULTS.md). A

@@ -78,8 +78,10 @@ bool tensor_core_shapes(DType dtype, int64_t hidden, int64_t inter) {
 #endif
 }
 
+// `stream`: the launch's, whose SMs size the split of the down GEMM (null: the device's, an upper
+// bound of the workspace any stream needs).
 Plan make_plan(DType dtype, int64_t num_tokens, int64_t hidden, int64_t inter, int64_t num_experts, int64_t top_k,
-               int device) {
+               int device, cudaStream_t stream = nullptr) {
   Plan p;
   p.tensor_cores = tensor_core_shapes(dtype, hidden, inter);
   p.num_slots = num_tokens * top_k;
@@ -94,7 +96,7 @@ Plan make_plan(DType dtype, int64_t num_tokens, int64_t hidden, int64_t inter, i
   // it; the real count is often lower), keeping at least 2 k-steps per split.
   const int64_t block_k = p.tensor_cores ? kTcBlockK : kSimtBlockK;
   const int64_t down_blocks = p.max_tiles * ceil_div(hidden, p.tensor_cores ? kDownCols : kSimtDownCols);
-  const int64_t target = 2 * static_cast<int64_t>(multiprocessor_count(device));
+  const int64_t target = 2 * static_cast<int64_t>(multiprocessor_count(device, stream));
   while (p.splits < 16 && down_blocks * p.splits < target && inter >= 2 * p.splits * 2 * block_k) p.splits *= 2;
   p.split_k = align_up(ceil_div(inter, p.splits), block_k);
   int64_t at = 0;
@@ -589,7 +591,7 @@ void fused_moe(TensorView out, TensorView x, TensorView router_logits, TensorVie
               " must be < 2^31 for the GPU kernel");
   DeviceGuard guard(x.device.index);
   const auto s = static_cast<cudaStream_t>(stream.handle);
-  const Plan plan = make_plan(x.dtype, num_tokens, hidden, inter, num_experts, top_k, x.device.index);
+  const Plan plan = make_plan(x.dtype, num_tokens, hidden, inter, num_experts, top_k, x.device.index, s);
   const int64_t held = workspace.data == nullptr ? 0 : workspace.numel() * workspace.element_size();
   TIDAL_CHECK(held >= plan.bytes, "workspace holds ", held, " bytes but this call needs ", plan.bytes,
               " (fused_moe_workspace_size)");

@@ -54,7 +54,8 @@ bool has_tensor_core_kernel(DType dtype, int64_t head_dim) {
 }
 
 Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores, bool fp8_cache) {
+               int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores, bool fp8_cache,
+               cudaStream_t stream) {
   Plan plan;
   const int64_t group = num_heads / num_kv_heads;
   const int64_t rows = std::max<int64_t>(max_seqlen_q, 1) * group;
@@ -83,7 +84,7 @@ Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_
   // max_seqlen_k = max_model_len stays right for shorter contexts: the kernel sizes each split from
   // the sequence's own length.
   const int64_t blocks = num_seqs * num_kv_heads * plan.row_blocks;
-  const int64_t target = kBlocksPerSmTarget * multiprocessor_count(device);
+  const int64_t target = kBlocksPerSmTarget * multiprocessor_count(device, stream);
   if (blocks < target) {
     const int64_t wanted = (target + blocks - 1) / std::max<int64_t>(blocks, 1);
     const int64_t by_keys = (std::max<int64_t>(max_seqlen_k, 1) + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
@@ -132,7 +133,8 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
               "float16 or bfloat16 queries with head_dim 64, 128 or 256 on CUDA; got query.dtype=",
               dtype_name(query.dtype), ", head_dim=", head_dim);
   attn::Plan plan = attn::make_plan(query.dtype, num_seqs, num_heads, key_cache.size(2), head_dim, max_seqlen_q,
-                                    max_seqlen_k, query.device.index, /*allow_tensor_cores=*/true, fp8_cache);
+                                    max_seqlen_k, query.device.index, /*allow_tensor_cores=*/true, fp8_cache,
+                                    static_cast<cudaStream_t>(stream.handle));
   // The tensor-core kernels move Q in 16-byte chunks.
   const bool tensor_core_aligned = is_aligned(query.data, 16) && query.stride(0) % 8 == 0 &&
                                    query.stride(1) % 8 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 &&
@@ -145,7 +147,8 @@ void paged_attention(TensorView out, TensorView query, TensorView key_cache, Ten
     // keys): the SIMT plan may split into no more slices than that.
     const int sized_splits = plan.tensor_cores ? 1 : plan.num_splits;
     plan = attn::make_plan(query.dtype, num_seqs, num_heads, key_cache.size(2), head_dim, max_seqlen_q, max_seqlen_k,
-                           query.device.index, /*allow_tensor_cores=*/false);
+                           query.device.index, /*allow_tensor_cores=*/false, false,
+                           static_cast<cudaStream_t>(stream.handle));
     plan.num_splits = std::min(plan.num_splits, sized_splits);
   }
   const int64_t needed = attn::workspace_bytes(plan, num_tokens, num_heads, head_dim);

@@ -58,10 +58,11 @@ struct Plan {
 
 /// `allow_tensor_cores` false: the SIMT kernel for every case (inputs the tensor-core kernel cannot load).
 /// `fp8_cache`: the caches hold FP8 codes, which only the tensor-core kernels read; decode then takes
-/// the tensor-core kernel for every GQA group size, 1 included.
+/// the tensor-core kernel for every GQA group size, 1 included. `stream`: the launch's, whose SMs
+/// size the split-K grid (null: the device's, an upper bound of the workspace any stream needs).
 Plan make_plan(DType dtype, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                int64_t max_seqlen_q, int64_t max_seqlen_k, int device, bool allow_tensor_cores = true,
-               bool fp8_cache = false);
+               bool fp8_cache = false, cudaStream_t stream = nullptr);
 
 /// Whether the tensor-core kernels exist for these queries (fp16 / bf16, head_dim 64, 128 or 256, CUDA).
 bool has_tensor_core_kernel(DType dtype, int64_t head_dim);

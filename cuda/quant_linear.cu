@@ -257,7 +257,7 @@ void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, Te
     T* o = static_cast<T*>(out.data);
     const auto run = [&](auto kernel, int64_t threads) {
       const int64_t blocks = std::min<int64_t>((threads + kThreads - 1) / kThreads,
-                                               int64_t{multiprocessor_count(out.device.index)} * 32);
+                                               int64_t{multiprocessor_count(out.device.index, s)} * 32);
       kernel<<<blocks, kThreads, 0, s>>>(o, q, sc, z, n, k, num_groups);
     };
     if (format == kInt4) {

@@ -200,7 +200,7 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   }
   int per_sm = 0;
   TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * kWarpSize, kSmem));
-  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
+  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device, stream);
   const int64_t tiles = (p.n + 15) / 16;
   const dim3 grid(static_cast<unsigned>(tiles < resident ? tiles : resident)), block(kWarps * kWarpSize);
   launch_dependent(kernel, grid, block, kSmem, stream, device, p);

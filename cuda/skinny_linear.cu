@@ -663,7 +663,7 @@ bool streamed_kernel_runs(int device) {
 
 // Where the blocks of a streamed skinny_linear over `weight` (with m rows of x) start reading: its
 // rows as bytes (a quantized weight's codes included; its tail does not move where they start).
-L2Prefetch l2_prefetch(TensorView weight, int m, int device) {
+L2Prefetch l2_prefetch(TensorView weight, int m, int device, cudaStream_t stream) {
   L2Prefetch next{};
   if (weight.data == nullptr || weight.size(0) == 0) return next;
   const int64_t esize = dtype_size(weight.dtype), n = weight.size(0), k = weight.size(1);
@@ -674,7 +674,7 @@ L2Prefetch l2_prefetch(TensorView weight, int m, int device) {
   next.group_bytes = plan.rows * weight.stride(0) * esize;
   next.groups = (n + plan.rows - 1) / plan.rows;
   next.bytes = static_cast<int64_t>(plan.stages) * plan.stage_bytes;
-  next.blocks = static_cast<int>(std::min<int64_t>(next.groups, multiprocessor_count(device)));
+  next.blocks = static_cast<int>(std::min<int64_t>(next.groups, multiprocessor_count(device, stream)));
   return next;
 }
 
@@ -699,7 +699,7 @@ void launch_streamed(const Params& p, const StreamPlan& plan, const L2Prefetch& 
     raised[device] = true;
   }
   const int64_t groups = (p.n + plan.rows - 1) / plan.rows;
-  const int64_t sms = multiprocessor_count(device);
+  const int64_t sms = multiprocessor_count(device, stream);
   launch_kernel(kernel, dim3(static_cast<unsigned>(groups < sms ? groups : sms)), dim3(kStreamThreads),
                 static_cast<size_t>(static_cast<int64_t>(plan.stages) * plan.stage_stride + xs_bytes), stream, kProgrammatic,
                 p, plan, next);
@@ -713,7 +713,7 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   const int warps_per_block = kThreads / kWarpSize;
   const int64_t row_blocks = (p.n + warps_per_block - 1) / warps_per_block;
 #if defined(TIDAL_USE_HIP)
-  const int64_t resident = 2 * static_cast<int64_t>(multiprocessor_count(device));
+  const int64_t resident = 2 * static_cast<int64_t>(multiprocessor_count(device, stream));
 #else
   // NOTE(tidal): the dynamic size plus the static scratch must fit the kernel's limit, whose default
   // is 48 KB in all; raised once per device to what any k this kernel takes can need.
@@ -725,7 +725,7 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   }
   int per_sm = 0;
   TIDAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
-  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device);
+  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * multiprocessor_count(device, stream);
 #endif
   const unsigned grid = static_cast<unsigned>(row_blocks < resident ? row_blocks : resident);
   launch_kernel(kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), stream, kProgrammatic, p);
@@ -738,7 +738,7 @@ void launch_best(const Params& p, int format, TensorView prefetch, int device, c
 #if !defined(TIDAL_USE_HIP)
   if (streamed_kernel_runs(device)) {
     const StreamPlan plan = launch_plan(p, format, sizeof(T), kM);
-    const L2Prefetch next = l2_prefetch(prefetch, p.m, device);
+    const L2Prefetch next = l2_prefetch(prefetch, p.m, device, stream);
     if constexpr (!std::is_same_v<T, float>) {  // quantized weights take 16-bit x only
       switch (format) {
         case quant::kInt8: return launch_streamed<T, kM, quant::kInt8>(p, plan, next, device, stream);

@@ -3,8 +3,13 @@
 // run on one group only, and a kernel that reports the SM each of its blocks ran on. CUDA makes a
 // green context per group (driver API, reached through the runtime's entry-point lookup: the core
 // links no libcuda); HIP gives each group a contiguous range of compute units and its streams that
-// range as their CU mask.
+// range as their CU mask. Launchers size their grids by the SMs of the stream they launch on
+// (multiprocessor_count(device, stream)): a grid of one block per SM of the device would run in two
+// waves on a group's stream.
+#include <atomic>
 #include <cstdint>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -16,6 +21,29 @@
 
 namespace tidal::gpu {
 namespace {
+
+// The streams of SM groups and each one's SM count. Registrations are rare (a stream per engine);
+// lookups happen at every launch, so the common case of no group at all reads one atomic.
+std::atomic<int> group_streams{0};
+std::mutex group_streams_mutex;
+std::vector<std::pair<uintptr_t, int>> group_stream_sms;
+
+void register_group_stream(uintptr_t stream, int sms) {
+  std::lock_guard<std::mutex> lock(group_streams_mutex);
+  group_stream_sms.emplace_back(stream, sms);
+  group_streams.store(static_cast<int>(group_stream_sms.size()), std::memory_order_release);
+}
+
+void unregister_group_stream(uintptr_t stream) {
+  std::lock_guard<std::mutex> lock(group_streams_mutex);
+  for (size_t i = 0; i < group_stream_sms.size(); ++i) {
+    if (group_stream_sms[i].first == stream) {
+      group_stream_sms.erase(group_stream_sms.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  }
+  group_streams.store(static_cast<int>(group_stream_sms.size()), std::memory_order_release);
+}
 
 // Blocks of the SM-id kernel: at most two fit an SM (2,048 threads), so a launch of a few blocks
 // per SM covers every SM its stream may use instead of packing onto a few.
@@ -183,8 +211,19 @@ void sm_group_destroy(uintptr_t group) {
 #endif
 }
 
-uintptr_t sm_group_stream(int device, uintptr_t group, int priority) {
+int multiprocessor_count(int device, cudaStream_t stream) {
+  if (stream != nullptr && group_streams.load(std::memory_order_acquire) > 0) {
+    std::lock_guard<std::mutex> lock(group_streams_mutex);
+    for (const auto& [handle, sms] : group_stream_sms) {
+      if (handle == reinterpret_cast<uintptr_t>(stream)) return sms;
+    }
+  }
+  return multiprocessor_count(device);
+}
+
+uintptr_t sm_group_stream(int device, uintptr_t group, int sms, int priority) {
   DeviceGuard guard(device);
+  uintptr_t handle = 0;
 #if defined(TIDAL_USE_HIP)
   const int first = static_cast<int>(group >> 32), count = static_cast<int>(group & 0xffffffffu);
   std::vector<uint32_t> mask((cu_count(device) + 31) / 32, 0u);
@@ -194,16 +233,19 @@ uintptr_t sm_group_stream(int device, uintptr_t group, int priority) {
   (void)priority;
   check(hipExtStreamCreateWithCUMask(&stream, static_cast<uint32_t>(mask.size()), mask.data()),
         "hipExtStreamCreateWithCUMask");
-  return reinterpret_cast<uintptr_t>(stream);
+  handle = reinterpret_cast<uintptr_t>(stream);
 #else
   CUstream stream = nullptr;
   check(driver().stream_create(&stream, reinterpret_cast<CUgreenCtx>(group), CU_STREAM_NON_BLOCKING, priority),
         "cuGreenCtxStreamCreate");
-  return reinterpret_cast<uintptr_t>(stream);
+  handle = reinterpret_cast<uintptr_t>(stream);
 #endif
+  register_group_stream(handle, sms);
+  return handle;
 }
 
 void sm_group_stream_destroy(uintptr_t stream) {
+  unregister_group_stream(stream);
 #if defined(TIDAL_USE_HIP)
   check(hipStreamDestroy(reinterpret_cast<hipStream_t>(stream)), "hipStreamDestroy");
 #else

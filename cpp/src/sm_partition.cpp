@@ -38,7 +38,7 @@ SmPartition::~SmPartition() {
 
 uintptr_t SmPartition::create_stream(int group, int priority) {
   TIDAL_CHECK_INDEX(group >= 0 && group < num_groups(), "group=", group, " is not in [0, ", num_groups(), ")");
-  streams_.push_back(gpu::sm_group_stream(device_, groups_[group], priority));
+  streams_.push_back(gpu::sm_group_stream(device_, groups_[group], sm_counts_[group], priority));
   return streams_.back();
 }
 

@@ -142,6 +142,31 @@ def test_sm_groups_keep_their_sms():
 
 
 @gpu_only
+def test_kernels_on_a_group_stream_size_their_grids_by_its_sms():
+    """Launchers size their grids by the SMs of the stream's group (one block per SM of the device
+    would run in two waves there): the persistent skinny kernel gives the same bits on a group's
+    stream as on a plain one, eager and captured in a graph."""
+    from tidal import ops
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    groups = SmGroups.get(device, 16)
+    stream = groups.decode_streams(1)[0]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2, 1024, device=device, dtype=torch.bfloat16, generator=gen)
+    weight = torch.randn(8192, 1024, device=device, dtype=torch.bfloat16, generator=gen) / 32
+    want = ops.skinny_linear(x, weight)
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(stream):
+        got = ops.skinny_linear(x, weight)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            replayed = ops.skinny_linear(x, weight)
+        graph.replay()
+    stream.synchronize()
+    assert torch.equal(got, want) and torch.equal(replayed, want)
+
+
+@gpu_only
 def test_sm_groups_bad_sizes_name_themselves():
     from tidal import _core
 

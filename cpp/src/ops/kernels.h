@@ -187,8 +187,9 @@ void sm_layout(int device, int* sm_count, int* min_group, int* alignment);
 // group (a green context on CUDA), each group's SM count in `sm_counts`.
 std::vector<uintptr_t> sm_groups_create(int device, int first_sms, std::vector<int>& sm_counts);
 void sm_group_destroy(uintptr_t group);
-// A stream whose kernels run on `group`'s SMs only; destroyed by sm_group_stream_destroy.
-uintptr_t sm_group_stream(int device, uintptr_t group, int priority);
+// A stream whose kernels run on `group`'s `sms` SMs only (launchers size their grids by that count);
+// destroyed by sm_group_stream_destroy.
+uintptr_t sm_group_stream(int device, uintptr_t group, int sms, int priority);
 void sm_group_stream_destroy(uintptr_t stream);
 // Launches `blocks` thread blocks on `stream` that stay resident ~100 us each and write the SM they
 // ran on to out[block] (int32 device memory); does not wait.
