@@ -986,9 +986,9 @@ def main() -> int:
     ap.add_argument("--skinny-quantized", action=argparse.BooleanOptionalAction, default=None,
                     help="every quantized format's layers take the skinny path in decode steps (or none: "
                          "--no-skinny-quantized; tidal.quant.linear.SKINNY_DECODE; default: tidal's, int8 and fp8)")
-    ap.add_argument("--fused-fp8-norm", action=argparse.BooleanOptionalAction, default=None,
-                    help="the norms before W8A8 projections write the FP8 codes themselves (llama.FUSED_FP8_NORM; "
-                         "default: tidal's, off until measured)")
+    ap.add_argument("--fused-fp8-quant", action=argparse.BooleanOptionalAction, default=None,
+                    help="the norms and the activation before W8A8 projections write the FP8 codes themselves "
+                         "(llama.FUSED_FP8_QUANT; default: tidal's, off until measured)")
     ap.add_argument("--attention-order", choices=["longest-first", "as-scheduled"], default=None,
                     help="the order in which paged attention's grid takes a step's sequences (default: the "
                          "runner's, as scheduled)")
@@ -1000,9 +1000,9 @@ def main() -> int:
         if args.skinny is not None:
             llama.SKINNY_MAX_TOKENS = args.skinny
         llama.SKINNY_PREFETCH = args.skinny_prefetch
-    if args.fused_fp8_norm is not None:
+    if args.fused_fp8_quant is not None:
         from tidal.models import llama
-        llama.FUSED_FP8_NORM = args.fused_fp8_norm
+        llama.FUSED_FP8_QUANT = args.fused_fp8_quant
     if args.skinny_quantized is not None:
         from tidal.quant import linear as quant_linear_module
         quant_linear_module.SKINNY_DECODE = ("int8", "int4", "fp8") if args.skinny_quantized else ()

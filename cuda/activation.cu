@@ -44,8 +44,7 @@ __global__ void __launch_bounds__(kThreads)
     Vec<T, kWidth> o;
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      const float g = element_to_float(gate, j);
-      o.v[j] = from_float<T>(g / (1.0f + __expf(-g)) * element_to_float(up, j));
+      o.v[j] = from_float<T>(silu_mul(element_to_float(gate, j), element_to_float(up, j)));
     }
     store_vec(out + t * out_stride + c, o);
   });

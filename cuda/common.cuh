@@ -272,6 +272,10 @@ __device__ __forceinline__ float block_row_sum(float value,
   return value;
 }
 
+/// silu(g) * u in fp32: the one expression silu_and_mul's kernels round, so that a fused variant
+/// (silu_and_mul_quant_fp8) sees the same bits.
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
 /// block_row_sum's maximum: the largest `value` over the blockDim.x threads of each row, returned to
 /// all of them (the same layout rules and barriers).
 __device__ __forceinline__ float block_row_max(float value, float* scratch /* [kMaxWarpsPerBlock] */) {

@@ -59,6 +59,14 @@ void bind_ops_serving(py::module_& m) {
       py::arg("weight"), py::arg("eps"), py::arg("stream") = 0,
       "residual_out = x + residual; its RMSNorm times weight as FP8 E4M3 codes with per-row scales (x is scratch).");
   m.def(
+      "silu_and_mul_quant_fp8",
+      [](py::handle codes, py::handle scales, py::handle x, std::uintptr_t stream) {
+        ops::silu_and_mul_quant_fp8(view_capsule(codes, "codes"), view_capsule(scales, "scales"), view_capsule(x, "x"),
+                                    Stream::from_int(stream));
+      },
+      py::arg("codes"), py::arg("scales"), py::arg("x"), py::arg("stream") = 0,
+      "silu_and_mul(x) as FP8 E4M3 codes with per-row scales (x is scratch).");
+  m.def(
       "silu_and_mul",
       [](py::handle out, py::handle x, std::uintptr_t stream) {
         ops::silu_and_mul(view_capsule(out, "out"), view_capsule(x, "x"), Stream::from_int(stream));

@@ -161,6 +161,15 @@ void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorVie
   quantize_fp8_per_token(codes, scales, x, TensorView{}, stream);
 }
 
+// As above: the activation goes into x's gate half (each element read before it is written), then
+// the quantizer reads it from there.
+void silu_and_mul_quant_fp8(TensorView codes, TensorView scales, TensorView x, Stream stream) {
+  TensorView act = x;
+  act.shape[1] = x.size(1) / 2;
+  silu_and_mul(act, x, stream);
+  quantize_fp8_per_token(codes, scales, act, TensorView{}, stream);
+}
+
 void quant_linear(TensorView out, TensorView x, TensorView qweight, TensorView scales, TensorView zeros,
                   TensorView bias, int format, Stream /*stream*/) {
   TIDAL_CPU_DISPATCH_FLOAT(x.dtype, T, quant_linear_impl<T>(out, x, qweight, scales, zeros, bias, format));

@@ -269,6 +269,48 @@ def test_fused_add_rms_norm_quant_fp8(rows, width, dtype, device):
     torch.testing.assert_close(codes.cpu().float(), (normed / ref_scale).clamp(-448, 448), atol=2 ** -9, rtol=2 ** -3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d,pad", [(1, 64, 0), (3, 4096, 0), (300, 1024, 8), (2, 14336, 0), (5, 100, 0),
+                                        (2, 20000, 0), (2304, 256, 0), (4, 512, 3)])
+def test_silu_and_mul_quant_fp8(rows, d, pad, dtype, device):
+    """silu_and_mul_quant_fp8_ against the two kernels it replaces (silu_and_mul, then
+    quantize_fp8_per_token), bit for bit; and against pure-torch fp32 math (silu times up rounded to
+    the dtype, torch's own FP8 cast) to FP8 resolution. On the GPU: rows held in one block's
+    registers in one to eight passes (d = 14336 is Llama-3-8B's), rows of a padded view, and the cases
+    that run the two kernels (a width not a multiple of 16 bytes, a row too wide, an odd row stride),
+    the warp-per-row quantizer's row count among them."""
+    from tidal.ops.quant import quantize_fp8_per_token, silu_and_mul_quant_fp8_
+
+    g = torch.Generator().manual_seed(rows + d + pad)
+    x = (torch.randn(rows, 2 * d + pad, generator=g) * 3).to(dtype)[:, :2 * d]  # pad: rows of a wider tensor
+    x[0, :5] = 0  # a few zeros in the gate half
+    want_codes, want_scale = quantize_fp8_per_token(tidal.ops.silu_and_mul(x.to(device)))
+    x_dev = torch.empty(rows, 2 * d + pad, dtype=dtype, device=device)[:, :2 * d]
+    x_dev.copy_(x)
+    codes, scale = silu_and_mul_quant_fp8_(x_dev)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == (rows, d) and scale.shape == (rows, 1)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+    gate, up = x.float()[:, :d], x.float()[:, d:]
+    act = (F.silu(gate) * up).to(dtype).float()
+    ref_scale = (act.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
+    torch.testing.assert_close(scale.cpu(), ref_scale, atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(codes.cpu().float(), (act / ref_scale).clamp(-448, 448), atol=2 ** -9, rtol=2 ** -3)
+
+
+def test_silu_and_mul_quant_fp8_errors():
+    from tidal.ops.quant import silu_and_mul_quant_fp8_
+
+    with pytest.raises(ValueError, match=r"x must be 2-D \[m, 2d\], got shape \(64,\)"):
+        silu_and_mul_quant_fp8_(torch.randn(64))
+    with pytest.raises(ValueError, match=r"x.shape\[1\]=63 must be even"):
+        silu_and_mul_quant_fp8_(torch.randn(4, 63))
+    with pytest.raises(ValueError, match="x.dtype=int32 is not supported"):
+        silu_and_mul_quant_fp8_(torch.zeros(4, 64, dtype=torch.int32))
+
+
 def test_fused_add_rms_norm_quant_fp8_errors():
     from tidal.ops.quant import fused_add_rms_norm_quant_fp8_
 

@@ -88,28 +88,31 @@ def test_greedy_equals_transformers_on_the_dequantized_weights(model_dir, fmt, d
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_fp8_norm_gives_the_same_tokens(model_dir, device, monkeypatch):
-    """llama.FUSED_FP8_NORM: the norms before the W8A8 qkv and gate_up projections write FP8 codes
-    themselves (ops.quant.fused_add_rms_norm_quant_fp8_) in steps of more than 8 rows, where FP8
-    quantizes activations; the same greedy tokens as the norm and the quantizer apart."""
-    real, calls = tidal.ops.quant.fused_add_rms_norm_quant_fp8_, []
-
-    def counted(x, *args):
-        calls.append(x.shape[0])
-        return real(x, *args)
-    monkeypatch.setattr(tidal.ops.quant, "fused_add_rms_norm_quant_fp8_", counted)
+def test_fused_fp8_quant_gives_the_same_tokens(model_dir, device, monkeypatch):
+    """llama.FUSED_FP8_QUANT: the norms before the W8A8 qkv and gate_up projections and the activation
+    before down_proj write FP8 codes themselves (ops.quant.fused_add_rms_norm_quant_fp8_,
+    ops.quant.silu_and_mul_quant_fp8_) in steps of more than 8 rows, where FP8 quantizes activations;
+    the same greedy tokens as those kernels and the quantizer apart."""
+    calls = {"fused_add_rms_norm_quant_fp8_": [], "silu_and_mul_quant_fp8_": []}
+    for name, seen in calls.items():
+        def counted(x, *args, _real=getattr(tidal.ops.quant, name), _seen=seen):
+            _seen.append(x.shape[0])
+            return _real(x, *args)
+        monkeypatch.setattr(tidal.ops.quant, name, counted)
     batch, tokens = prompts([13, 21, 9, 30], seed=3), {}
     for fused in (False, True):
-        monkeypatch.setattr(llama, "FUSED_FP8_NORM", fused)
+        monkeypatch.setattr(llama, "FUSED_FP8_QUANT", fused)
         llm = tidal.LLM(model_dir, device=device, quantization="fp8", block_size=4, num_kv_blocks=96, max_num_seqs=4,
                         max_num_batched_tokens=32)
         outputs = llm.generate(batch, tidal.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
         tokens[fused] = [o.outputs[0].token_ids for o in outputs]
         assert_pool_whole(llm)
-        assert bool(calls) == fused
+        assert all(bool(seen) == fused for seen in calls.values())
     assert tokens[True] == tokens[False]
-    # two norms a layer after the first layer's input norm (which adds nothing), in the prompt steps
-    assert all(n > 8 for n in calls) and len(calls) % 3 == 0
+    # in the prompt steps: two norms a layer after the first layer's input norm (which adds nothing),
+    # and one activation a layer (the model has two)
+    norms, acts = calls.values()
+    assert all(n > 8 for n in norms + acts) and len(norms) % 3 == 0 and len(acts) == 2 * len(norms) // 3
 
 
 def test_int4_layers_use_groups_of_128_by_default(model_dir):

@@ -56,4 +56,11 @@ void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, T
 void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
                                   TensorView residual, TensorView weight, float eps, Stream stream);
 
+/// silu_and_mul (out[t, i] = silu(x[t, i]) * x[t, d + i], rounded to x's dtype) with that row
+/// quantized as quantize_fp8_per_token would (dynamic per-row scales): the same codes and scales,
+/// bit for bit, in one pass on the GPU where the row fits a block's registers (the input of a W8A8
+/// down projection). x: [m, 2d] float32, float16 or bfloat16, last dim contiguous; codes: [m, d]
+/// uint8, contiguous; scales: [m] float32. x is scratch: its contents afterwards are unspecified.
+void silu_and_mul_quant_fp8(TensorView codes, TensorView scales, TensorView x, Stream stream);
+
 }  // namespace tidal::ops

@@ -113,10 +113,11 @@ namespace {
 
 // The outputs of a per-row FP8 quantization of x [m, k]: codes a contiguous uint8 [m, k], scales a
 // contiguous float32 [m], both on x's device.
-void check_fp8_outputs(const TensorView& codes, const TensorView& scales, const TensorView& x) {
+// codes [m, k] and scales [m] for the rows of x ([m, k], or [m, 2k] for silu_and_mul's input).
+void check_fp8_outputs(const TensorView& codes, const TensorView& scales, const TensorView& x, int64_t k) {
   TIDAL_CHECK(codes.dtype == DType::kUInt8 && codes.ndim == 2 && codes.is_contiguous() && codes.size(0) == x.size(0) &&
-                  codes.size(1) == x.size(1),
-              "codes must be a contiguous uint8 [m, k] = [", x.size(0), ", ", x.size(1), "] tensor, got dtype ",
+                  codes.size(1) == k,
+              "codes must be a contiguous uint8 [m, k] = [", x.size(0), ", ", k, "] tensor, got dtype ",
               dtype_name(codes.dtype), " and shape ", codes.shape_str());
   TIDAL_CHECK(scales.dtype == DType::kFloat32 && scales.numel() == x.size(0) && scales.is_contiguous(),
               "scales must be a contiguous float32 tensor of m=", x.size(0), " values, got dtype ",
@@ -135,7 +136,7 @@ void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, T
   TIDAL_CHECK(static_scale.data == nullptr || (static_scale.dtype == DType::kFloat32 && static_scale.numel() == 1),
               "static_scale must be one float32 value, got dtype ", dtype_name(static_scale.dtype), " and shape ",
               static_scale.shape_str());
-  check_fp8_outputs(codes, scales, x);
+  check_fp8_outputs(codes, scales, x, x.size(1));
   TIDAL_CHECK(static_scale.data == nullptr || static_scale.device == x.device, "static_scale is on ",
               device_name(static_scale.device), " but x is on ", device_name(x.device));
   if (x.size(0) == 0) return;
@@ -154,12 +155,24 @@ void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorVie
   detail::check_norm_weight(weight, x);
   detail::check_eps(eps);
   TIDAL_CHECK(!detail::overlaps(x, residual_out), "x and residual_out overlap in memory; pass distinct tensors");
-  check_fp8_outputs(codes, scales, x);
+  check_fp8_outputs(codes, scales, x, x.size(1));
   if (x.size(0) == 0) return;
   detail::dispatch(
       "fused_add_rms_norm_quant_fp8", x.device,
       [&] { cpu::fused_add_rms_norm_quant_fp8(codes, scales, residual_out, x, residual, weight, eps, stream); },
       [&] { gpu::fused_add_rms_norm_quant_fp8(codes, scales, residual_out, x, residual, weight, eps, stream); });
+}
+
+void silu_and_mul_quant_fp8(TensorView codes, TensorView scales, TensorView x, Stream stream) {
+  detail::check_rows(x, "x");
+  TIDAL_CHECK(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16, "x.dtype=",
+              dtype_name(x.dtype), " is not supported; expected float32, float16 or bfloat16");
+  TIDAL_CHECK(x.size(1) % 2 == 0, "x.shape[1]=", x.size(1), " must be even: x is [m, 2 * d]");
+  check_fp8_outputs(codes, scales, x, x.size(1) / 2);
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  detail::dispatch(
+      "silu_and_mul_quant_fp8", x.device, [&] { cpu::silu_and_mul_quant_fp8(codes, scales, x, stream); },
+      [&] { gpu::silu_and_mul_quant_fp8(codes, scales, x, stream); });
 }
 
 }  // namespace tidal::ops

@@ -209,6 +209,7 @@ void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, Te
 void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
 void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
                                   TensorView residual, TensorView weight, float eps, Stream stream);
+void silu_and_mul_quant_fp8(TensorView codes, TensorView scales, TensorView x, Stream stream);
 
 }  // namespace tidal::cpu
 
@@ -223,5 +224,6 @@ void dequantize_weight(TensorView out, TensorView qweight, TensorView scales, Te
 void quantize_fp8_per_token(TensorView codes, TensorView scales, TensorView x, TensorView static_scale, Stream stream);
 void fused_add_rms_norm_quant_fp8(TensorView codes, TensorView scales, TensorView residual_out, TensorView x,
                                   TensorView residual, TensorView weight, float eps, Stream stream);
+void silu_and_mul_quant_fp8(TensorView codes, TensorView scales, TensorView x, Stream stream);
 
 }  // namespace tidal::gpu

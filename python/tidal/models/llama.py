@@ -60,23 +60,25 @@ _SKINNY_SM90_TOKENS = 2
 SKINNY_PREFETCH = False
 
 
-# Whether a norm whose next projection quantizes its input to FP8 per token (W8A8 with dynamic scales:
-# the qkv and gate_up projections of a model served with quantization="fp8", at more rows than the
-# weight-only kernel takes) writes the codes itself (ops.fused_add_rms_norm_quant_fp8_: one kernel on
-# the GPU instead of the norm and the quantizer). The same codes either way; off until measured on a
-# GPU (`bench/serve.py --fused-fp8-norm`).
-FUSED_FP8_NORM = False
+# Whether the kernel before a projection that quantizes its input to FP8 per token (W8A8 with dynamic
+# scales: a model served with quantization="fp8", at more rows than the weight-only kernel takes)
+# writes the codes itself: the norms before qkv and gate_up (ops.quant.fused_add_rms_norm_quant_fp8_)
+# and the activation before down_proj (ops.quant.silu_and_mul_quant_fp8_), one kernel each on the GPU
+# instead of that kernel and the quantizer. The same codes either way; off until measured on a GPU
+# (`bench/serve.py --fused-fp8-quant`).
+FUSED_FP8_QUANT = False
 
 
 class _Fp8Rows(NamedTuple):
-    """A norm's output as FP8 codes with per-row scales, for a W8A8 projection (FUSED_FP8_NORM)."""
+    """A norm's or the activation's output as FP8 codes with per-row scales, for a W8A8 projection
+    (FUSED_FP8_QUANT)."""
     codes: torch.Tensor
     scale: torch.Tensor
     dtype: torch.dtype
 
 
 def _takes_fp8_rows(linear: nn.Module | None, x: torch.Tensor) -> bool:
-    if not FUSED_FP8_NORM:  # checked first: the attribute lookup below raises inside nn.Module for a float layer
+    if not FUSED_FP8_QUANT:  # checked first: the attribute lookup below raises inside nn.Module for a float layer
         return False
     quantizes = getattr(linear, "quantizes_activations", None)
     return quantizes is not None and x.dim() == 2 and quantizes(x)
@@ -84,7 +86,7 @@ def _takes_fp8_rows(linear: nn.Module | None, x: torch.Tensor) -> bool:
 
 def _add_norm(hidden: torch.Tensor, residual: torch.Tensor, norm: "RMSNorm", linear: nn.Module | None):
     """``residual += hidden``, then ``norm(residual)`` for ``linear``: in ``hidden`` (in place), or as
-    _Fp8Rows where the projection quantizes its input to FP8 and FUSED_FP8_NORM holds."""
+    _Fp8Rows where the projection quantizes its input to FP8 and FUSED_FP8_QUANT holds."""
     if _takes_fp8_rows(linear, hidden):
         return _Fp8Rows(*ops.quant.fused_add_rms_norm_quant_fp8_(hidden, residual, norm.weight, norm.eps), hidden.dtype)
     ops.fused_add_rms_norm_(hidden, residual, norm.weight, norm.eps)
@@ -265,7 +267,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, device)
 
     def forward(self, x: "torch.Tensor | _Fp8Rows") -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(_project(self.gate_up_proj, x)))
+        gate_up = _project(self.gate_up_proj, x)
+        if _takes_fp8_rows(self.down_proj, gate_up):  # the activation writes down_proj's FP8 input itself
+            return _project(self.down_proj, _Fp8Rows(*ops.quant.silu_and_mul_quant_fp8_(gate_up), gate_up.dtype))
+        return self.down_proj(ops.silu_and_mul(gate_up))
 
     def forward_train(self, gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
         """Training, from the gate_up projection's output; ``fused``: silu_and_mul and down_proj as

@@ -107,6 +107,19 @@ def fused_add_rms_norm_quant_fp8_(x: torch.Tensor, residual: torch.Tensor, weigh
     return codes.view(torch.float8_e4m3fn), scale
 
 
+def silu_and_mul_quant_fp8_(x: torch.Tensor):
+    """``silu_and_mul(x)`` as FP8 per row: ``(codes, scale)`` equal bit for bit to ``silu_and_mul(x)``
+    followed by ``quantize_fp8_per_token``, from one kernel on the GPU where a row fits a block's
+    registers (the input of a W8A8 down projection). ``x``: [m, 2d] of a float dtype with contiguous
+    rows; it is consumed (its contents afterwards are unspecified)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [m, 2d], got shape {tuple(x.shape)}")
+    codes = torch.empty((x.shape[0], x.shape[1] // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    native.silu_and_mul_quant_fp8(capsule(codes), capsule(scale), capsule(x), stream_of(x))
+    return codes.view(torch.float8_e4m3fn), scale
+
+
 def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
