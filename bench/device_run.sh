@@ -94,7 +94,7 @@ fi
 
 [ "${BENCHES:-}" = none ] && { stamp "done (status $status)"; exit "$status"; }
 stamp "benchmarks"
-for bench in ${BENCHES:-bench/bench_attention.py bench/bench_rotary.py bench/bench_skinny_linear.py bench/bench_moe.py bench/bench_checkpoint.py bench/serve.py bench/train.py bench/rlhf.py bench/disagg.py}; do
+for bench in ${BENCHES:-bench/bench_attention.py bench/bench_rotary.py bench/bench_fp8_quant.py bench/bench_skinny_linear.py bench/bench_moe.py bench/bench_checkpoint.py bench/serve.py bench/train.py bench/rlhf.py bench/disagg.py}; do
   name="$(basename "$bench" .py)"
   stamp "$name"
   if [ "$name" = "serve" ]; then
