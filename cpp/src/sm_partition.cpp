@@ -2,6 +2,7 @@
 // tidal::SmPartition over the green-context calls of cuda/sm_partition.cu.
 #include "tidal/sm_partition.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "ops/kernels.h"
@@ -23,6 +24,14 @@ SmPartition::SmPartition(int device, int first_sms) : device_(device) {
   if (first_sms < 1 || first_sms >= layout.sm_count) {
     TIDAL_THROW_(std::invalid_argument, "first_sms=", first_sms, " must be in [1, ", layout.sm_count - 1,
                  "]: the device has ", layout.sm_count, " SMs and the second group needs at least one");
+  }
+  // The driver rounds a group up to its alignment and minimum size; say so before it refuses.
+  const int align = layout.alignment > 0 ? layout.alignment : 1;
+  const int rounded = std::max(layout.min_group, (first_sms + align - 1) / align * align);
+  if (rounded >= layout.sm_count) {
+    TIDAL_THROW_(std::invalid_argument, "first_sms=", first_sms, " rounds up to ", rounded, " SMs (groups are ",
+                 "multiples of ", align, ", at least ", layout.min_group, "), leaving none of the device's ",
+                 layout.sm_count, " for the second group");
   }
   groups_ = gpu::sm_groups_create(device, first_sms, sm_counts_);
 }

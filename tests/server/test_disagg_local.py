@@ -176,6 +176,12 @@ def test_sm_groups_bad_sizes_name_themselves():
         _core.device.SmPartition(device, total)
     with pytest.raises(ValueError, match="first_sms=0 must be in"):
         _core.device.SmPartition(device, 0)
+    layout = _core.device.sm_layout(device)
+    assert layout["sm_count"] == total and layout["min_group"] >= 1 and layout["alignment"] >= 1
+    align = layout["alignment"]
+    if max(layout["min_group"], -(-(total - 1) // align) * align) >= total:  # H100 / H200: 131 SMs round to 136
+        with pytest.raises(ValueError, match=f"first_sms={total - 1} rounds up to"):
+            _core.device.SmPartition(device, total - 1)
     partition = _core.device.SmPartition(device, 8)
     with pytest.raises(IndexError, match=r"group=2 is not in \[0, 2\)"):
         partition.create_stream(2)
