@@ -124,6 +124,15 @@ def test_sm_groups_keep_their_sms():
     assert len(prefill_ids) <= prefill_count and len(decode_ids) <= decode_count
     assert not prefill_ids & decode_ids and -1 not in prefill_ids | decode_ids
     assert len(sm_ids(torch.cuda.Stream(device))) > max(prefill_count, decode_count)
+    # torch's events (made in the device's primary context) record on a group's stream and order
+    # other streams after it, as the sampler's copy of the tokens to the host needs
+    event = torch.cuda.Event()
+    with torch.cuda.stream(decode_stream):
+        torch.cuda._sleep(1_000_000)
+        event.record()
+    torch.cuda.current_stream(device).wait_event(event)
+    event.synchronize()
+    assert event.query()
 
     from tidal import _core
 
