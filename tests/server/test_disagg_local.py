@@ -84,9 +84,9 @@ def test_one_process_equals_colocated(model_path, num_decode, device, prefill_sm
 
 
 def test_the_kv_memory_is_split(model_path):
-    prefill, decodes, streams, partition = build_engines(
+    prefill, decodes, streams, sm_groups = build_engines(
         _config(model_path, num_kv_blocks=None, kv_cache_memory_fraction=0.5), num_decode=3, prefill_share=0.4)
-    assert streams == [None] * 4 and partition is None  # on the CPU
+    assert streams == [None] * 4 and sm_groups is None  # on the CPU
     try:
         assert prefill.config.kv_cache_memory_fraction == pytest.approx(0.5 * 0.4)
         assert [d.config.kv_cache_memory_fraction for d in decodes] == pytest.approx([0.5 * 0.6 / 3] * 3)

@@ -39,11 +39,11 @@ from tidal.serve.config import EngineConfig, resolve_device
 
 class LocalEngines(NamedTuple):
     """What :func:`build_engines` makes: the engines and the CUDA stream each steps on (None on the
-    CPU), and the SM partition behind those streams (None without ``prefill_sms``)."""
+    CPU), and the SM groups behind those streams (None without ``prefill_sms``)."""
     prefill: "LLMEngine"  # noqa: F821
     decodes: list
     streams: list
-    partition: "SmGroups | None"
+    sm_groups: "SmGroups | None"
 
 
 class SmGroups:
@@ -194,7 +194,7 @@ class DisaggregatedServer:
         built = build_engines(config, num_decode, prefill_share, prefill_sms)
         self.engines = [built.prefill, *built.decodes]
         self.streams = built.streams
-        self.sm_groups = built.partition
+        self.sm_groups = built.sm_groups
         try:
             self._serve(config, host, port, api_key, served_model_name, media, limits, log_level)
         except BaseException:
