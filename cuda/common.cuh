@@ -76,6 +76,23 @@ inline int multiprocessor_count(int device) {
   return counts[device];
 }
 
+#if !defined(TIDAL_USE_HIP)
+/// Looks a CUDA driver function up through the runtime (the core links no libcuda) at the ABI of
+/// CUDA `version` (a CUDART_VERSION-style number); throws CudaError naming `symbol` and what needs it
+/// when the driver lacks it.
+template <typename Fn>
+void driver_function(const char* symbol, Fn& fn, unsigned int version, const char* needed_for) {
+  void* ptr = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  TIDAL_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &ptr, version, cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || ptr == nullptr) {
+    TIDAL_THROW_(CudaError, "the CUDA driver has no ", symbol, " (", needed_for, " needs a driver for CUDA ",
+                 version / 1000, ".", version % 1000 / 10, " or newer)");
+  }
+  fn = reinterpret_cast<Fn>(ptr);
+}
+#endif
+
 /// The SMs a kernel launched on `stream` may use (launchers size grids by it): its group's count for
 /// a stream of a tidal::SmPartition (registered by cuda/sm_partition.cu), else the device's.
 int multiprocessor_count(int device, cudaStream_t stream);

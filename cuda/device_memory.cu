@@ -52,13 +52,7 @@ struct Driver {
 
 template <typename Fn>
 void lookup(const char* symbol, Fn& fn) {
-  void* ptr = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  TIDAL_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &ptr, 12000, cudaEnableDefault, &found));
-  if (found != cudaDriverEntryPointSuccess || ptr == nullptr) {
-    TIDAL_THROW_(CudaError, "the CUDA driver has no ", symbol, " (virtual memory management needs CUDA >= 12)");
-  }
-  fn = reinterpret_cast<Fn>(ptr);
+  driver_function(symbol, fn, 12000, "virtual memory management");
 }
 
 const Driver& driver() {

@@ -98,14 +98,7 @@ struct Driver {
 
 template <typename Fn>
 void lookup(const char* symbol, Fn& fn) {
-  void* ptr = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  TIDAL_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &ptr, CUDART_VERSION, cudaEnableDefault, &found));
-  if (found != cudaDriverEntryPointSuccess || ptr == nullptr) {
-    TIDAL_THROW_(CudaError, "the CUDA driver has no ", symbol, " (SM partitions need green contexts: a driver for CUDA ",
-                 CUDART_VERSION / 1000, ".", CUDART_VERSION % 1000 / 10, " or newer)");
-  }
-  fn = reinterpret_cast<Fn>(ptr);
+  driver_function(symbol, fn, CUDART_VERSION, "an SM partition (green contexts)");
 }
 
 const Driver& driver() {
