@@ -16,18 +16,16 @@ place).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 import tidal.ops
-from report import copy_ceiling_gbs, print_table, time_us, write_markdown
+from report import print_table, start_bandwidth_bench, time_us, write_markdown
 from tidal.ops import quant
 
 HIDDEN, INTER, DTYPE = 4096, 14336, torch.bfloat16
 ROWS = (64, 256, 8192)
-L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
 def norm_case(rows: int, gen):
@@ -58,17 +56,10 @@ def act_case(rows: int, gen):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=50, help="timed calls per case (median)")
-    ap.add_argument("--out", help="also write the table as markdown to this file")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_fp8_quant: no CUDA device", file=sys.stderr)
+    started = start_bandwidth_bench("bench_fp8_quant", __doc__.splitlines()[0])
+    if started is None:
         return 2
-    card = torch.cuda.get_device_name()
-    ceiling = copy_ceiling_gbs()
-    print(f"card: {card}; torch {torch.__version__}; copy ceiling {ceiling:.0f} GB/s", flush=True)
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    args, card, ceiling, flush = started
     rows_out = []
     for name, make in (("norm -> qkv / gate_up", norm_case), ("silu_and_mul -> down", act_case)):
         for rows in ROWS:

@@ -18,19 +18,17 @@ cos/sin rows left out).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 import tidal.ops
-from report import copy_ceiling_gbs, print_table, time_us, write_markdown
+from report import print_table, start_bandwidth_bench, time_us, write_markdown
 from tidal.models import rope
 
 HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 CASES = [("Qwen3-0.6B prefill", 8192, 16, 8, True), ("Qwen3-0.6B decode", 256, 16, 8, True),
          ("Llama-3-8B prefill", 8192, 32, 8, False)]  # (name, tokens, q heads, kv heads, q/k norm)
-L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
 def make_case(num_tokens: int, heads: int, kv_heads: int, norm: bool, pad: int, gen) -> dict:
@@ -57,17 +55,10 @@ def run(case: dict) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=50, help="timed calls per case (median)")
-    ap.add_argument("--out", help="also write the table as markdown to this file")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_rotary: no CUDA device", file=sys.stderr)
+    started = start_bandwidth_bench("bench_rotary", __doc__.splitlines()[0])
+    if started is None:
         return 2
-    card = torch.cuda.get_device_name()
-    ceiling = copy_ceiling_gbs()
-    print(f"card: {card}; torch {torch.__version__}; copy ceiling {ceiling:.0f} GB/s", flush=True)
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    args, card, ceiling, flush = started
     rows = []
     for name, tokens, heads, kv_heads, norm in CASES:
         nbytes = 2 * tokens * (heads + 2 * kv_heads) * HEAD_DIM * DTYPE.itemsize

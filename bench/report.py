@@ -75,3 +75,28 @@ def matmul_ceiling_tflops(n: int = 8192) -> float:
     del a, b
     torch.cuda.empty_cache()
     return 2 * n ** 3 / (us * 1e-6) / 1e12
+
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # more than any card's L2: zeroing it evicts a bench's inputs
+
+
+def start_bandwidth_bench(name: str, description: str, repeats: int = 50):
+    """The start a bandwidth-bound kernel bench shares: its ``--repeats`` and ``--out`` arguments,
+    the card and its copy ceiling printed, and a buffer for time_us to zero between repeats.
+    Returns ``(args, card, ceiling_gbs, flush)``, or None (having said so) without a CUDA device."""
+    import argparse
+    import sys
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--repeats", type=int, default=repeats, help="timed calls per case (median)")
+    ap.add_argument("--out", help="also write the table as markdown to this file")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print(f"{name}: no CUDA device", file=sys.stderr)
+        return None
+    card = torch.cuda.get_device_name()
+    ceiling = copy_ceiling_gbs()
+    print(f"card: {card}; torch {torch.__version__}; copy ceiling {ceiling:.0f} GB/s", flush=True)
+    return args, card, ceiling, torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")

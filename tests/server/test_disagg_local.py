@@ -20,7 +20,7 @@ from tidal.serve.api_server import build_app  # noqa: E402
 from tidal.serve.async_engine import AsyncLLMEngine  # noqa: E402
 import torch  # noqa: E402
 
-from tidal.serve.disagg_local import DisaggregatedServer, SmGroups, build_engines, sm_ids  # noqa: E402
+from tidal.serve.disagg_local import DisaggregatedServer, SmGroups, build_engines  # noqa: E402
 from tidal.serve.engine import EngineConfig, LLMEngine  # noqa: E402
 from conftest import GPU_MARKS, gpu_only  # noqa: E402
 from live_server import LiveServer, add_chat_template, assert_serves_as, free_port  # noqa: E402
@@ -105,6 +105,18 @@ def test_bad_settings_name_themselves(model_path):
             build_engines(_config(model_path), **kw)
     with pytest.raises(ValueError, match="kv_role='decode': the engines of one process take their roles"):
         build_engines(_config(model_path, kv_role="decode"))
+
+
+def sm_ids(stream) -> set[int]:
+    """The SMs four resident thread blocks per SM of the card occupy when launched on ``stream``."""
+    from tidal import _core
+
+    blocks = 4 * torch.cuda.get_device_properties(stream.device).multi_processor_count
+    out = torch.full((blocks,), -1, dtype=torch.int32, device=stream.device)
+    stream.wait_stream(torch.cuda.current_stream(stream.device))  # `out` is written before the launch
+    _core.device.SmPartition.record_sm_ids(stream.cuda_stream, blocks, out.data_ptr())
+    stream.synchronize()
+    return set(out.tolist())
 
 
 @gpu_only

@@ -87,22 +87,6 @@ class SmGroups:
         return torch.cuda.ExternalStream(handle, device=self.device)
 
 
-def sm_ids(stream, blocks: int | None = None) -> set[int]:
-    """The SMs a launch of ``blocks`` resident thread blocks (default: four per SM of the device)
-    occupies on ``stream``: a check that a stream keeps to its SM group (waits for the stream)."""
-    from tidal import _core
-
-    device = stream.device
-    if blocks is None:
-        blocks = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    out = torch.full((blocks,), -1, dtype=torch.int32, device=device)
-    with torch.cuda.device(device):
-        stream.wait_stream(torch.cuda.current_stream(device))  # `out` is written before the launch
-        _core.device.SmPartition.record_sm_ids(stream.cuda_stream, blocks, out.data_ptr())
-        stream.synchronize()
-    return set(out.tolist())
-
-
 def build_engines(config: EngineConfig, num_decode: int = 1, prefill_share: float = 0.3,
                   prefill_sms: int | None = None) -> LocalEngines:
     """The engines of one process, sharing one model loaded from ``config.model`` (a checkpoint
